@@ -1,0 +1,110 @@
+//! The daemon's side of the control socket.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use super::AdminError;
+use super::protocol::{MAX_REQUEST_BYTES, Reply, Request, parse};
+
+/// Who may use the control socket: root, and the configured operators.
+#[derive(Debug, Clone, Default)]
+pub struct Authoriser {
+    pub uids: Vec<u32>,
+    pub gids: Vec<u32>,
+}
+
+impl Authoriser {
+    fn allows(&self, uid: u32, gid: u32) -> bool {
+        uid == 0 || self.uids.contains(&uid) || self.gids.contains(&gid)
+    }
+}
+
+/// Binds the socket (mode 0600, or 0660 when operator groups are set) and
+/// serves requests until the task is dropped. A stale socket file from an
+/// earlier agent is replaced.
+pub async fn serve<H>(path: &Path, auth: Authoriser, handler: H) -> Result<(), AdminError>
+where
+    H: Fn(Request) -> Reply + Send + Sync + 'static,
+{
+    let io = |source| AdminError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+        _ => {}
+    }
+    let listener = UnixListener::bind(path).map_err(io)?;
+    let mode = if auth.gids.is_empty() { 0o600 } else { 0o660 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io)?;
+    let handler = Arc::new(handler);
+    let auth = Arc::new(auth);
+    loop {
+        let (stream, _) = listener.accept().await.map_err(io)?;
+        let (handler, auth) = (handler.clone(), auth.clone());
+        tokio::spawn(async move {
+            if let Err(e) = connection(stream, &auth, &*handler).await {
+                tracing::debug!(error = %e, "control connection ended");
+            }
+        });
+    }
+}
+
+async fn connection<H>(stream: UnixStream, auth: &Authoriser, handler: &H) -> std::io::Result<()>
+where
+    H: Fn(Request) -> Reply,
+{
+    let cred = stream.peer_cred()?;
+    let (uid, gid, pid) = (cred.uid(), cred.gid(), cred.pid());
+    let (read, mut write) = stream.into_split();
+    if !auth.allows(uid, gid) {
+        tracing::warn!(uid, gid, ?pid, "control socket: refused a caller that is not an operator");
+        let reply = Reply::error(format!(
+            "permission denied: uid {uid} is not an operator of this agent"
+        ));
+        return send(&mut write, &reply).await;
+    }
+    let mut reader = BufReader::new(read).take(MAX_REQUEST_BYTES as u64 + 1);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = reader.read_until(b'\n', &mut line).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        if line.len() > MAX_REQUEST_BYTES || !line.ends_with(b"\n") {
+            let reply = if line.len() > MAX_REQUEST_BYTES {
+                Reply::error(format!("request larger than {MAX_REQUEST_BYTES} bytes"))
+            } else {
+                Reply::error("request not terminated by a newline")
+            };
+            tracing::warn!(uid, ?pid, "control socket: {}", reply.error.as_deref().unwrap_or(""));
+            return send(&mut write, &reply).await;
+        }
+        reader.set_limit(MAX_REQUEST_BYTES as u64 + 1);
+        let reply = match parse(&line) {
+            Ok(request) => {
+                tracing::info!(uid, ?pid, ?request, "control request");
+                handler(request)
+            }
+            Err(message) => {
+                tracing::warn!(uid, ?pid, %message, "control socket: bad request");
+                Reply::error(message)
+            }
+        };
+        send(&mut write, &reply).await?;
+    }
+}
+
+async fn send(write: &mut tokio::net::unix::OwnedWriteHalf, reply: &Reply) -> std::io::Result<()> {
+    let mut bytes = serde_json::to_vec(reply).map_err(std::io::Error::other)?;
+    bytes.push(b'\n');
+    write.write_all(&bytes).await
+}

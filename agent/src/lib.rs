@@ -1,0 +1,11 @@
+//! idgate: SPIFFE workload identities bound to cgroups, and egress judged
+//! by them in the kernel.
+
+pub mod admin;
+pub mod bpf;
+pub mod cgroup;
+pub mod config;
+pub mod daemon;
+pub mod identity;
+pub mod policy;
+pub mod privileges;

@@ -1,0 +1,32 @@
+//! Checks, before anything is touched, that the agent may do its work.
+
+/// CAP_NET_ADMIN: attach cgroup programs.
+const CAP_NET_ADMIN: u32 = 12;
+/// CAP_SYS_ADMIN: mount bpffs; stands in for CAP_BPF on older kernels.
+const CAP_SYS_ADMIN: u32 = 21;
+/// CAP_BPF: create maps and load programs.
+const CAP_BPF: u32 = 39;
+
+/// Says plainly which capabilities are missing, if any.
+pub fn check() -> Result<(), String> {
+    let status = procfs::process::Process::myself()
+        .and_then(|p| p.status())
+        .map_err(|e| format!("cannot read /proc/self/status: {e}"))?;
+    let effective = status.capeff;
+    let has = |cap: u32| effective & (1u64 << cap) != 0;
+    let mut missing = Vec::new();
+    if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_BPF");
+    }
+    if !has(CAP_NET_ADMIN) {
+        missing.push("CAP_NET_ADMIN");
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "idgate agent needs root or the capabilities {} (and CAP_SYS_ADMIN to mount bpffs); run it as root or from its systemd unit",
+            missing.join(", ")
+        ))
+    }
+}
