@@ -138,10 +138,7 @@ impl Config {
 /// A cgroup path must stay below where it is anchored.
 fn check_relative(what: &str, path: &Path) -> Result<(), String> {
     use std::path::Component;
-    if path
-        .components()
-        .all(|c| matches!(c, Component::Normal(_)))
-    {
+    if path.components().all(|c| matches!(c, Component::Normal(_))) {
         Ok(())
     } else {
         Err(format!(
@@ -158,7 +155,10 @@ mod tests {
     fn load_str(text: &str) -> Result<Config, ConfigError> {
         let dir = std::env::temp_dir().join(format!("idgate-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(format!("{:x}.toml", text.len() * 31 + text.as_bytes()[0] as usize));
+        let path = dir.join(format!(
+            "{:x}.toml",
+            text.len() * 31 + text.as_bytes()[0] as usize
+        ));
         std::fs::write(&path, text).unwrap();
         let r = Config::load(&path);
         std::fs::remove_file(&path).unwrap();

@@ -37,14 +37,22 @@ pub enum DaemonError {
     Signal(std::io::Error),
 }
 
+/// What one application of policy and bindings put in the kernel.
+struct Applied {
+    /// Slot and SPIFFE ID of every identity with a bound cgroup.
+    identities: Vec<(u32, SpiffeId)>,
+    /// Bound cgroup ids and their slots.
+    bound: BTreeMap<u64, u32>,
+    /// The policy generation now active.
+    generation: u32,
+}
+
 /// What the running agent knows, for the control socket.
 struct State {
     config: Config,
     scope_dir: PathBuf,
     enforcer: Enforcer,
-    generation: u32,
-    identities: Vec<(u32, SpiffeId)>,
-    bound: BTreeMap<u64, u32>,
+    applied: Applied,
     started: Instant,
 }
 
@@ -69,12 +77,11 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         "programs in place"
     );
 
-    let (identities, bound, generation) =
-        apply(&mut enforcer, &config, &scope_dir, &policy)?;
+    let applied = apply(&mut enforcer, &config, &scope_dir, &policy)?;
     tracing::info!(
-        generation,
-        identities = identities.len(),
-        workloads = bound.len(),
+        generation = applied.generation,
+        identities = applied.identities.len(),
+        workloads = applied.bound.len(),
         mode = ?policy.mode,
         "policy active"
     );
@@ -88,9 +95,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         config,
         scope_dir,
         enforcer,
-        generation,
-        identities,
-        bound,
+        applied,
         started: Instant::now(),
     }));
     let handler_state = state.clone();
@@ -120,14 +125,14 @@ fn apply(
     config: &Config,
     scope_dir: &Path,
     policy: &PolicySet,
-) -> Result<(Vec<(u32, SpiffeId)>, BTreeMap<u64, u32>, u32), DaemonError> {
+) -> Result<Applied, DaemonError> {
     let mut wanted: Vec<(u64, SpiffeId)> = Vec::new();
     for (rel, id) in config.bindings() {
+        // A statically bound cgroup is the operator's declaration: make it
+        // if it is missing, so workloads can be started in it.
         let dir = scope_dir.join(&rel);
-        match cgroup::cgroup_id(&dir) {
-            Ok(cg) => wanted.push((cg, id)),
-            Err(e) => tracing::warn!(cgroup = %dir.display(), error = %e, "workload cgroup not found; not bound"),
-        }
+        cgroup::ensure_dir(&dir)?;
+        wanted.push((cgroup::cgroup_id(&dir)?, id));
     }
     let ids: BTreeSet<SpiffeId> = wanted.iter().map(|(_, id)| id.clone()).collect();
     let slots = enforcer.slots.assign(&ids)?;
@@ -147,7 +152,11 @@ fn apply(
     enforcer
         .slots
         .retain(&slots.iter().map(|(s, _)| *s).collect())?;
-    Ok((slots, bound, generation))
+    Ok(Applied {
+        identities: slots,
+        bound,
+        generation,
+    })
 }
 
 fn handle(state: &State, request: Request) -> Reply {
@@ -158,9 +167,9 @@ fn handle(state: &State, request: Request) -> Reply {
             "scope": state.scope_dir,
             "pin_dir": state.config.pin_dir,
             "programs": state.enforcer.attachment,
-            "generation": state.generation,
-            "identities": state.identities.len(),
-            "workloads": state.bound.len(),
+            "generation": state.applied.generation,
+            "identities": state.applied.identities.len(),
+            "workloads": state.applied.bound.len(),
         })),
     }
 }

@@ -11,7 +11,11 @@ use idgate::config::Config;
 const DEFAULT_CONFIG: &str = "/etc/idgate/agent.toml";
 
 #[derive(Parser)]
-#[command(name = "idgate", version, about = "Workload-identity enforcement agent")]
+#[command(
+    name = "idgate",
+    version,
+    about = "Workload-identity enforcement agent"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -11,9 +11,9 @@ use aya_ebpf::{
 };
 use core::ptr::{addr_of, read_volatile};
 use idgate_common::{
-    DEST_FIXED_BITS, DestTables, DestV4, DestV6, GENERATIONS, MAX_BOUND_CGROUPS,
-    MAX_DEST_ENTRIES, MAX_PORT_ENTRIES, MAX_SLOTS, NO_TABLE, PORT_FIXED_BITS, PortKey,
-    RuleVerdict, SlotPolicy, UNKNOWN_SLOT, slot_policy, slot_policy_index, slot_state, verdict,
+    DEST_FIXED_BITS, DestTables, DestV4, DestV6, GENERATIONS, MAX_BOUND_CGROUPS, MAX_DEST_ENTRIES,
+    MAX_PORT_ENTRIES, MAX_SLOTS, NO_TABLE, PORT_FIXED_BITS, PortKey, RuleVerdict, SlotPolicy,
+    UNKNOWN_SLOT, slot_policy, slot_policy_index, slot_state, verdict,
 };
 
 #[map(name = "IDG_IDENTITIES")]
@@ -144,10 +144,24 @@ fn decide(ctx: &SockAddrContext, dest: Dest) -> i32 {
 
     let tables = match dest {
         Dest::V4(addr) => DEST_V4
-            .get(Key::new(DEST_FIXED_BITS + 32, DestV4 { generation, slot, addr }))
+            .get(Key::new(
+                DEST_FIXED_BITS + 32,
+                DestV4 {
+                    generation,
+                    slot,
+                    addr,
+                },
+            ))
             .copied(),
         Dest::V6(addr) => DEST_V6
-            .get(Key::new(DEST_FIXED_BITS + 128, DestV6 { generation, slot, addr }))
+            .get(Key::new(
+                DEST_FIXED_BITS + 128,
+                DestV6 {
+                    generation,
+                    slot,
+                    addr,
+                },
+            ))
             .copied(),
     };
     let table = match (tables, protocol) {
@@ -158,7 +172,12 @@ fn decide(ctx: &SockAddrContext, dest: Dest) -> i32 {
     let mut decided = policy.default_verdict;
     if table != NO_TABLE {
         let port = u16::from_be(user_port as u16).to_be_bytes();
-        let key = PortKey { generation, table, port, _pad: [0; 2] };
+        let key = PortKey {
+            generation,
+            table,
+            port,
+            _pad: [0; 2],
+        };
         if let Some(rule) = PORTS.get(Key::new(PORT_FIXED_BITS + 16, key)) {
             decided = rule.verdict;
         }

@@ -1,1 +1,110 @@
-fn main(){}
+//! `cargo xtask setup | build | test | run`: the commands the README shows.
+//!
+//! `setup` makes a fresh machine able to build the eBPF programs, and is
+//! run by the others whenever something is missing: the nightly
+//! toolchain's `rust-src` (for `-Z build-std=core`) and `bpf-linker` built
+//! from crates.io against the LLVM that the nightly rustc ships. Nothing is
+//! downloaded but crates.
+
+mod setup;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building the eBPF programs needs (idempotent).
+    Setup,
+    /// Build the agent (with its eBPF object) and the test programs.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Check formatting and lints, then run every test: unit tests and the
+    /// privileged end-to-end tests.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Run the agent on the example configuration (needs root).
+    Run {
+        #[arg(long, default_value = "deploy/examples/agent.toml")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> Result<()> {
+    let root = workspace_root();
+    std::env::set_current_dir(&root)?;
+    match Cli::parse().command {
+        Task::Setup => setup::run(),
+        Task::Build { release } => {
+            setup::run()?;
+            build(release)
+        }
+        Task::Test { args } => {
+            setup::run()?;
+            cargo(&["fmt", "--all", "--check"])?;
+            cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+            build(false)?;
+            cargo(&[&["test", "--no-fail-fast"][..], &as_strs(&args)].concat())
+        }
+        Task::Run { config } => {
+            setup::run()?;
+            build(false)?;
+            let status = Command::new(root.join("target/debug/idgate"))
+                .arg("agent")
+                .arg("--config")
+                .arg(&config)
+                .status()
+                .context("starting idgate")?;
+            if !status.success() {
+                bail!("idgate agent exited with {status}");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn build(release: bool) -> Result<()> {
+    let mut args = vec!["build", "--bins"];
+    if release {
+        args.push("--release");
+    }
+    cargo(&args)
+}
+
+fn as_strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// Runs cargo (the same one that runs xtask) in the workspace.
+fn cargo(args: &[&str]) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(&cargo)
+        .args(args)
+        .status()
+        .with_context(|| format!("running {cargo} {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("`cargo {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}

@@ -79,7 +79,10 @@ mod tests {
 
     #[test]
     fn parses_and_rejects() {
-        assert_eq!(parse(br#"{"version":1,"command":"status"}"#), Ok(Request::Status));
+        assert_eq!(
+            parse(br#"{"version":1,"command":"status"}"#),
+            Ok(Request::Status)
+        );
         for (line, want) in [
             (&br#"{"version":2,"command":"status"}"#[..], "version 2"),
             (br#"{"command":"status"}"#, "no `version`"),

@@ -65,7 +65,12 @@ where
     let (uid, gid, pid) = (cred.uid(), cred.gid(), cred.pid());
     let (read, mut write) = stream.into_split();
     if !auth.allows(uid, gid) {
-        tracing::warn!(uid, gid, ?pid, "control socket: refused a caller that is not an operator");
+        tracing::warn!(
+            uid,
+            gid,
+            ?pid,
+            "control socket: refused a caller that is not an operator"
+        );
         let reply = Reply::error(format!(
             "permission denied: uid {uid} is not an operator of this agent"
         ));
@@ -85,7 +90,12 @@ where
             } else {
                 Reply::error("request not terminated by a newline")
             };
-            tracing::warn!(uid, ?pid, "control socket: {}", reply.error.as_deref().unwrap_or(""));
+            tracing::warn!(
+                uid,
+                ?pid,
+                "control socket: {}",
+                reply.error.as_deref().unwrap_or("")
+            );
             return send(&mut write, &reply).await;
         }
         reader.set_limit(MAX_REQUEST_BYTES as u64 + 1);

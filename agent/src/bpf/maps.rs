@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap as StdHashMap};
 
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, lpm_trie::Key};
 use idgate_common::{
-    DEST_FIXED_BITS, DestTables, DestV4, DestV6, MAX_SLOTS, PORT_FIXED_BITS, PortKey,
-    RuleVerdict, SlotPolicy, UNKNOWN_SLOT, maps, slot_policy_index, slot_state,
+    DEST_FIXED_BITS, DestTables, DestV4, DestV6, MAX_SLOTS, PORT_FIXED_BITS, PortKey, RuleVerdict,
+    SlotPolicy, UNKNOWN_SLOT, maps, slot_policy_index, slot_state,
 };
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
@@ -138,7 +138,11 @@ impl PolicyMaps {
         };
         for slot in slots {
             self.slot_policy
-                .set(slot_policy_index(generation, slot), SlotPolicy::default(), 0)
+                .set(
+                    slot_policy_index(generation, slot),
+                    SlotPolicy::default(),
+                    0,
+                )
                 .map_err(map_err(maps::SLOT_POLICY))?;
         }
         let stale: Vec<_> = self

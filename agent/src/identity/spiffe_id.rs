@@ -22,7 +22,9 @@ pub enum SpiffeIdError {
     TrustDomainChar(char),
     #[error("the trust domain is longer than {MAX_TRUST_DOMAIN_LEN} bytes")]
     TrustDomainTooLong,
-    #[error("path segment {0:?} is not allowed (no empty, \".\" or \"..\" segments, no trailing '/')")]
+    #[error(
+        "path segment {0:?} is not allowed (no empty, \".\" or \"..\" segments, no trailing '/')"
+    )]
     Segment(String),
     #[error(
         "path character {0:?} is not allowed (only a-z, A-Z, 0-9, '.', '-', '_'; no query or fragment)"

@@ -1,0 +1,366 @@
+//! Harness for idgate's privileged end-to-end tests: real cgroups, the
+//! real agent binary, and a probe process that makes real connects.
+//!
+//! Every resource a test makes is owned by a guard whose `Drop` removes it
+//! (agent killed, pins removed, cgroups emptied and removed, files
+//! deleted), so a failing test cleans up too. Each test uses its own scope,
+//! pin directory and socket, so tests run in parallel.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Why these tests cannot run here, if they cannot.
+pub fn skip_reason() -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Some("needs root (CAP_BPF, CAP_NET_ADMIN, cgroup writes)".into());
+    }
+    if cgroup2_root().is_none() {
+        return Some("no cgroup v2 mount on this kernel".into());
+    }
+    None
+}
+
+/// Skips the calling test (with its reason printed) when the machine lacks
+/// what these tests need; everything else is a hard failure.
+#[macro_export]
+macro_rules! require_privileges {
+    () => {
+        if let Some(reason) = $crate::skip_reason() {
+            eprintln!("skipped: {reason}");
+            return;
+        }
+    };
+}
+
+/// The cgroup v2 mount point, from the kernel's mount table.
+pub fn cgroup2_root() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mounts.lines().find_map(|line| {
+        let (pre, post) = line.split_once(" - ")?;
+        post.starts_with("cgroup2 ")
+            .then(|| PathBuf::from(pre.split(' ').nth(4).expect("mount point")))
+    })
+}
+
+/// A unique tag for this test's resources.
+fn unique(tag: &str) -> String {
+    format!("idgate-test-{tag}-{}", std::process::id())
+}
+
+/// A path next to the test binaries: `target/<profile>/NAME`.
+pub fn target_bin(name: &str) -> PathBuf {
+    if let Ok(p) = std::env::var(format!("{}_BIN", name.to_uppercase().replace('-', "_"))) {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .ancestors()
+        .find(|d| d.join(name).is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} is not built next to {}: run `cargo xtask test`",
+                exe.display()
+            )
+        });
+    dir.join(name)
+}
+
+/// A test's cgroups: a scope for the agent, and cgroups inside or outside
+/// it. All are emptied and removed on drop, deepest first.
+pub struct Cgroups {
+    root: PathBuf,
+    scope: String,
+    made: Vec<PathBuf>,
+}
+
+impl Cgroups {
+    /// Makes the scope `<cgroup2>/idgate-test-<tag>-<pid>`.
+    pub fn new(tag: &str) -> Self {
+        let root = cgroup2_root().expect("cgroup v2");
+        let mut me = Self {
+            root,
+            scope: unique(tag),
+            made: Vec::new(),
+        };
+        let scope = me.root.join(&me.scope);
+        me.mkdir(scope);
+        me
+    }
+
+    /// The scope, relative to the cgroup v2 root (as the agent config has it).
+    pub fn scope_rel(&self) -> &str {
+        &self.scope
+    }
+
+    pub fn scope_dir(&self) -> PathBuf {
+        self.root.join(&self.scope)
+    }
+
+    /// Makes (or returns) a cgroup inside the scope.
+    pub fn inside(&mut self, rel: &str) -> PathBuf {
+        let dir = self.scope_dir().join(rel);
+        self.mkdir(dir.clone());
+        dir
+    }
+
+    /// Makes a cgroup outside the scope.
+    pub fn outside(&mut self, name: &str) -> PathBuf {
+        let dir = self.root.join(format!("{}-{name}", self.scope));
+        self.mkdir(dir.clone());
+        dir
+    }
+
+    fn mkdir(&mut self, dir: PathBuf) {
+        if !dir.exists() {
+            std::fs::create_dir_all(&dir)
+                .unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        }
+        if !self.made.contains(&dir) {
+            self.made.push(dir);
+        }
+    }
+}
+
+impl Drop for Cgroups {
+    fn drop(&mut self) {
+        let mut dirs = self.made.clone();
+        // Agents may have made more cgroups below ours: take them too.
+        for d in &self.made {
+            collect_subdirs(d, &mut dirs);
+        }
+        dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+        dirs.dedup();
+        for dir in dirs {
+            let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while std::fs::remove_dir(&dir).is_err() && dir.exists() {
+                if Instant::now() > deadline {
+                    eprintln!("warning: could not remove cgroup {}", dir.display());
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+fn collect_subdirs(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(read) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in read.flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            out.push(entry.path());
+            collect_subdirs(&entry.path(), out);
+        }
+    }
+}
+
+/// A running agent with its own config, policy, pin dir and socket. On
+/// drop it is killed and its pins and files are removed.
+pub struct Agent {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub socket: PathBuf,
+    pub pin_dir: PathBuf,
+    log: PathBuf,
+}
+
+impl Agent {
+    /// Writes the files for an agent on `cgroups`' scope, without starting it.
+    pub fn prepare(cgroups: &Cgroups, policy: &str, extra_config: &str) -> Self {
+        let name = cgroups.scope_rel().to_owned();
+        let dir = std::env::temp_dir().join(&name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("policy")).expect("temp dir");
+        let pin_dir = PathBuf::from("/sys/fs/bpf").join(&name);
+        let socket = dir.join("control.sock");
+        let config = dir.join("agent.toml");
+        std::fs::write(dir.join("policy/policy.toml"), policy).expect("policy");
+        std::fs::write(
+            &config,
+            format!(
+                "scope = {:?}\npin_dir = {:?}\ncontrol_socket = {:?}\npolicy = \"policy\"\n{extra_config}\n",
+                cgroups.scope_rel(),
+                pin_dir,
+                socket,
+            ),
+        )
+        .expect("config");
+        Self {
+            child: None,
+            log: dir.join("agent.log"),
+            dir,
+            config,
+            socket,
+            pin_dir,
+        }
+    }
+
+    /// Prepares and starts an agent, and waits until it serves its socket.
+    pub fn start(cgroups: &Cgroups, policy: &str, extra_config: &str) -> Self {
+        let mut agent = Self::prepare(cgroups, policy, extra_config);
+        agent.spawn();
+        agent.wait_ready();
+        agent
+    }
+
+    /// Starts the agent process (again).
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "agent already running");
+        let _ = std::fs::remove_file(&self.socket);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = Command::new(target_bin("idgate"))
+            .args(["agent", "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn idgate agent");
+        self.child = Some(child);
+    }
+
+    /// Waits (at most 60 s) until `idgate status` answers; panics with the
+    /// agent's log if it exits or never answers.
+    pub fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                panic!(
+                    "agent exited with {status} before it was ready:\n{}",
+                    self.log()
+                );
+            }
+            if self.socket.exists() && self.try_cli(&["status"]).is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent not ready after 60 s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs the agent to completion (for configurations that must fail) and
+    /// returns its exit success and its log.
+    pub fn run_to_exit(&mut self) -> (bool, String) {
+        self.spawn();
+        let status = self.child.take().expect("child").wait().expect("wait");
+        (status.success(), self.log())
+    }
+
+    /// Sends a signal to the agent and waits for it to exit.
+    pub fn stop(&mut self, signal: nix::sys::signal::Signal) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("agent running");
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, signal).expect("kill agent");
+        child.wait().expect("wait agent")
+    }
+
+    /// Runs an `idgate` subcommand against this agent's socket.
+    pub fn try_cli(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new(target_bin("idgate"))
+            .args(args)
+            .arg("--socket")
+            .arg(&self.socket)
+            .output()
+            .expect("run idgate");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        if out.status.success() {
+            Ok(stdout)
+        } else {
+            Err(format!("{stdout}{stderr}"))
+        }
+    }
+
+    /// `idgate status`, parsed.
+    pub fn status(&self) -> serde_json::Value {
+        let out = self.try_cli(&["status"]).expect("idgate status");
+        serde_json::from_str(&out).expect("status is JSON")
+    }
+
+    /// Link pins currently in the pin directory.
+    pub fn pinned_links(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&self.pin_dir)
+            .map(|r| {
+                r.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.contains('@'))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `idgate uninstall` for this agent's config.
+    pub fn uninstall(&self) -> Result<String, String> {
+        let out = Command::new(target_bin("idgate"))
+            .args(["uninstall", "--config"])
+            .arg(&self.config)
+            .output()
+            .expect("run idgate uninstall");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if out.status.success() {
+            Ok(text)
+        } else {
+            Err(text)
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Err(e) = self.uninstall() {
+            eprintln!("warning: uninstall failed: {e}");
+        }
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+        if std::thread::panicking() {
+            eprintln!("agent log ({}):\n{}", self.log.display(), self.log());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs the probe in `cgroup` (or where the test runs) and returns what the
+/// kernel answered: `ok` or an errno name.
+pub fn probe(cgroup: Option<&Path>, op: &str, addr: &str) -> String {
+    let mut cmd = Command::new(target_bin("idgate-probe"));
+    if let Some(dir) = cgroup {
+        cmd.arg("--cgroup").arg(dir);
+    }
+    let out = cmd.args([op, addr]).output().expect("run idgate-probe");
+    assert!(
+        out.status.success(),
+        "probe failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
