@@ -40,6 +40,9 @@ pub struct Config {
     /// A policy file, or a directory whose `*.toml` files together are the
     /// policy. Default `/etc/idgate/policy`.
     pub policy: PathBuf,
+    /// Where the agent keeps state that must outlive it (the revoked
+    /// identities). Default `/var/lib/idgate`.
+    pub state_dir: PathBuf,
     /// Trust domains this agent issues and enforces identities for.
     pub trust_domains: Vec<String>,
     /// Static bindings of cgroups (relative to the scope) to identities.
@@ -66,6 +69,7 @@ impl Default for Config {
             operator_uids: Vec::new(),
             operator_gids: Vec::new(),
             policy: PathBuf::from("/etc/idgate/policy"),
+            state_dir: PathBuf::from("/var/lib/idgate"),
             trust_domains: Vec::new(),
             workloads: Vec::new(),
         }
@@ -85,7 +89,11 @@ impl Config {
         };
         let mut config: Config = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut config.policy, &mut config.control_socket] {
+        for p in [
+            &mut config.policy,
+            &mut config.control_socket,
+            &mut config.state_dir,
+        ] {
             if p.is_relative() {
                 *p = base.join(&*p);
             }

@@ -182,7 +182,7 @@ impl Agent {
         std::fs::write(
             &config,
             format!(
-                "scope = {:?}\npin_dir = {:?}\ncontrol_socket = {:?}\npolicy = \"policy\"\n{extra_config}\n",
+                "scope = {:?}\npin_dir = {:?}\ncontrol_socket = {:?}\npolicy = \"policy\"\nstate_dir = \"state\"\n{extra_config}\n",
                 cgroups.scope_rel(),
                 pin_dir,
                 socket,
@@ -363,4 +363,30 @@ pub fn probe(cgroup: Option<&Path>, op: &str, addr: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Starts the probe making `count` calls in `cgroup` without waiting for
+/// it; [`repeat_counts`] collects its answer counts.
+pub fn spawn_repeat(cgroup: &Path, count: u32, op: &str, addr: &str) -> Child {
+    Command::new(target_bin("idgate-probe"))
+        .arg("--cgroup")
+        .arg(cgroup)
+        .args(["repeat", &count.to_string(), op, addr])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn idgate-probe")
+}
+
+/// The answer counts of a probe started by [`spawn_repeat`].
+pub fn repeat_counts(child: Child) -> std::collections::BTreeMap<String, u32> {
+    let out = child.wait_with_output().expect("probe output");
+    assert!(out.status.success(), "probe failed");
+    serde_json::from_slice(&out.stdout).expect("counts JSON")
+}
+
+impl Agent {
+    /// Replaces the agent's policy file (the agent sees it on reload).
+    pub fn write_policy(&self, policy: &str) {
+        std::fs::write(self.dir.join("policy/policy.toml"), policy).expect("write policy");
+    }
 }

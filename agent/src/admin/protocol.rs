@@ -13,7 +13,25 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
+    /// What the agent enforces now.
     Status,
+    /// Re-read, check and atomically apply the policy path.
+    PolicyReload,
+    /// The running policy and its generation.
+    PolicyShow,
+    /// Which rule of the running policy decides a connect.
+    Explain {
+        /// A SPIFFE ID, or `unknown`.
+        identity: String,
+        /// `ADDR:PORT`.
+        to: String,
+        /// `tcp` or `udp`.
+        protocol: String,
+    },
+    /// Deny every cgroup bound to an identity until `unrevoke`.
+    Revoke { identity: String },
+    /// Lift a revocation.
+    Unrevoke { identity: String },
 }
 
 /// A request on the wire: `{"version": 1, "command": ..., ...}`.

@@ -1,0 +1,96 @@
+//! Command-line front ends: one module per subcommand group, each a thin
+//! layer over the library.
+
+mod agent;
+mod explain;
+mod policy;
+mod revoke;
+mod status;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use idgate::admin::{self, Request};
+
+/// The default agent configuration.
+pub const DEFAULT_CONFIG: &str = "/etc/idgate/agent.toml";
+
+#[derive(Parser)]
+#[command(
+    name = "idgate",
+    version,
+    about = "Workload-identity enforcement agent"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent in the foreground.
+    Agent(agent::AgentArgs),
+    /// Remove every pinned program and map: enforcement stops.
+    Uninstall(agent::UninstallArgs),
+    /// Show what the running agent enforces.
+    Status(status::StatusArgs),
+    /// Check, reload or show policy.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
+    /// Which rule of the running policy decides a connect.
+    Explain(explain::ExplainArgs),
+    /// Deny every workload of an identity at once, until `unrevoke`.
+    Revoke(revoke::RevokeArgs),
+    /// Lift a revocation.
+    Unrevoke(revoke::RevokeArgs),
+}
+
+/// Where the running agent listens, and how to print its answers.
+#[derive(clap::Args)]
+pub struct Connection {
+    /// The agent's control socket.
+    #[arg(long, default_value = "/run/idgate/control.sock")]
+    pub socket: PathBuf,
+    /// Print the agent's reply as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl Connection {
+    /// Sends a request; the agent's error comes back as it is.
+    pub fn request(&self, request: Request) -> anyhow::Result<serde_json::Value> {
+        Ok(admin::request(&self.socket, request)?)
+    }
+
+    /// Prints a reply as JSON, or with `human` for a person.
+    pub fn print(&self, reply: &serde_json::Value, human: impl FnOnce(&serde_json::Value)) {
+        if self.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(reply).expect("JSON value")
+            );
+        } else {
+            human(reply);
+        }
+    }
+}
+
+pub fn execute(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Agent(args) => agent::run(args),
+        Command::Uninstall(args) => agent::uninstall(args),
+        Command::Status(args) => status::run(args),
+        Command::Policy(cmd) => policy::run(cmd),
+        Command::Explain(args) => explain::run(args),
+        Command::Revoke(args) => revoke::run(args, true),
+        Command::Unrevoke(args) => revoke::run(args, false),
+    }
+}
+
+/// A JSON value as plain text (strings without quotes).
+pub fn text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}

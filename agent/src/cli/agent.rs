@@ -1,0 +1,44 @@
+//! `idgate agent` and `idgate uninstall`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use idgate::config::Config;
+
+use super::DEFAULT_CONFIG;
+
+#[derive(clap::Args)]
+pub struct AgentArgs {
+    #[arg(long, default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub struct UninstallArgs {
+    #[arg(long, default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+}
+
+pub fn run(args: AgentArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(idgate::daemon::run(&args.config))?;
+    Ok(())
+}
+
+pub fn uninstall(args: UninstallArgs) -> anyhow::Result<()> {
+    let config = Config::load(&args.config)?;
+    let removed = idgate::bpf::uninstall(&config.pin_dir)?;
+    for path in &removed {
+        println!("removed {}", path.display());
+    }
+    println!(
+        "idgate uninstalled from {} ({} pins removed)",
+        config.pin_dir.display(),
+        removed.len()
+    );
+    Ok(())
+}

@@ -1,0 +1,64 @@
+//! `idgate policy check | reload | show`.
+
+use std::path::PathBuf;
+
+use idgate::admin::Request;
+
+use super::{Connection, text};
+
+#[derive(clap::Subcommand)]
+pub enum PolicyCommand {
+    /// Check a policy file or directory offline and summarise what it
+    /// allows; exits non-zero on any error.
+    Check {
+        path: PathBuf,
+        /// A trust domain the identities must belong to (repeatable).
+        #[arg(long = "trust-domain")]
+        trust_domains: Vec<String>,
+    },
+    /// Make the agent re-read, check and atomically apply its policy.
+    Reload {
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Show the running policy and its generation.
+    Show {
+        #[command(flatten)]
+        conn: Connection,
+    },
+}
+
+pub fn run(cmd: PolicyCommand) -> anyhow::Result<()> {
+    match cmd {
+        PolicyCommand::Check {
+            path,
+            trust_domains,
+        } => {
+            let policy = idgate::policy::load(&path, &trust_domains)?;
+            print!("{}", idgate::policy::summary(&policy));
+            println!("{}: ok", path.display());
+        }
+        PolicyCommand::Reload { conn } => {
+            let reply = conn.request(Request::PolicyReload)?;
+            conn.print(&reply, |r| {
+                println!(
+                    "policy reloaded: generation {} -> {}",
+                    r["previous_generation"], r["generation"]
+                );
+                println!("{}", text(&r["diff"]));
+            });
+        }
+        PolicyCommand::Show { conn } => {
+            let reply = conn.request(Request::PolicyShow)?;
+            conn.print(&reply, |r| {
+                println!(
+                    "generation {} from {}",
+                    r["generation"],
+                    text(&r["policy_path"])
+                );
+                print!("{}", text(&r["summary"]));
+            });
+        }
+    }
+    Ok(())
+}

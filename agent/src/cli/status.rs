@@ -1,0 +1,38 @@
+//! `idgate status`.
+
+use idgate::admin::Request;
+
+use super::{Connection, text};
+
+#[derive(clap::Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    conn: Connection,
+}
+
+pub fn run(args: StatusArgs) -> anyhow::Result<()> {
+    let reply = args.conn.request(Request::Status)?;
+    args.conn.print(&reply, |r| {
+        for key in [
+            "version",
+            "uptime_seconds",
+            "scope",
+            "pin_dir",
+            "mode",
+            "generation",
+            "identities",
+            "rules",
+            "workloads",
+            "reloads",
+            "reload_errors",
+        ] {
+            println!("{key:<15} {}", text(&r[key]));
+        }
+        let programs = &r["programs"];
+        for key in ["attached", "adopted", "detached"] {
+            println!("{:<15} {}", format!("programs.{key}"), programs[key]);
+        }
+        println!("{:<15} {}", "revoked", r["revoked"]);
+    });
+    Ok(())
+}

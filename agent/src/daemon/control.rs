@@ -1,0 +1,124 @@
+//! Answers control-socket requests from the running agent's state.
+
+use std::net::SocketAddr;
+
+use idgate_common::{UNKNOWN_SLOT, slot_policy, verdict};
+use serde_json::{Value, json};
+
+use super::state::State;
+use crate::admin::{Reply, Request};
+use crate::identity::SpiffeId;
+use crate::policy;
+
+/// The slot `explain` compiles a lone identity into.
+const EXPLAIN_SLOT: u32 = 1;
+
+pub fn handle(state: &mut State, request: Request) -> Reply {
+    match request {
+        Request::Status => Reply::ok(status(state)),
+        Request::PolicyReload => match state.reload() {
+            Ok(r) => Reply::ok(json!({
+                "previous_generation": r.previous,
+                "generation": r.generation,
+                "diff": r.diff,
+            })),
+            Err(e) => Reply::error(e),
+        },
+        Request::PolicyShow => Reply::ok(json!({
+            "generation": state.applied.generation,
+            "policy_path": state.config.policy,
+            "summary": policy::summary(&state.policy),
+        })),
+        Request::Explain {
+            identity,
+            to,
+            protocol,
+        } => explain(state, &identity, &to, &protocol).unwrap_or_else(Reply::error),
+        Request::Revoke { identity } => revoke(state, &identity, true),
+        Request::Unrevoke { identity } => revoke(state, &identity, false),
+    }
+}
+
+fn status(state: &State) -> Value {
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": state.started.elapsed().as_secs(),
+        "scope": state.scope_dir,
+        "pin_dir": state.config.pin_dir,
+        "programs": state.enforcer.attachment,
+        "generation": state.applied.generation,
+        "mode": format!("{:?}", state.policy.mode).to_lowercase(),
+        "identities": state.applied.identities.len(),
+        // Rule 0 is the default, not a rule.
+        "rules": state.applied.compiled.rules.len() - 1,
+        "workloads": state.applied.bound.len(),
+        "revoked": state.revocations.ids().iter().map(SpiffeId::as_str).collect::<Vec<_>>(),
+        "reloads": state.reloads,
+        "reload_errors": state.reload_errors,
+    })
+}
+
+fn parse_id(identity: &str) -> Result<SpiffeId, String> {
+    identity
+        .parse()
+        .map_err(|e| format!("identity {identity:?}: {e}"))
+}
+
+fn revoke(state: &mut State, identity: &str, revoked: bool) -> Reply {
+    let id = match parse_id(identity) {
+        Ok(id) => id,
+        Err(e) => return Reply::error(e),
+    };
+    match state.set_revoked(&id, revoked) {
+        Ok(changed) => Reply::ok(json!({
+            "identity": id.as_str(),
+            "revoked": revoked,
+            "changed": changed,
+            "slot": state.slot_of(&id),
+        })),
+        Err(e) => Reply::error(e.to_string()),
+    }
+}
+
+/// Which rule of the running policy decides a connect, as the kernel
+/// would. `identity` is a SPIFFE ID or `unknown`.
+fn explain(state: &State, identity: &str, to: &str, protocol: &str) -> Result<Reply, String> {
+    let addr: SocketAddr = to.parse().map_err(|_| {
+        format!("destination {to:?} is not ADDR:PORT (like 10.0.0.1:443 or [::1]:53)")
+    })?;
+    let tcp = match protocol {
+        "tcp" => true,
+        "udp" => false,
+        other => return Err(format!("protocol {other:?} is not tcp or udp")),
+    };
+    let (id, slot, compiled) = if identity == "unknown" {
+        (None, UNKNOWN_SLOT, policy::compile(&state.policy, &[]))
+    } else {
+        let id = parse_id(identity)?;
+        let compiled = policy::compile(&state.policy, &[(EXPLAIN_SLOT, id.clone())]);
+        (Some(id), EXPLAIN_SLOT, compiled)
+    };
+    let revoked = id.as_ref().is_some_and(|i| state.revocations.contains(i));
+    let (decided, rule_id) = policy::evaluate(&compiled, slot, addr.ip(), addr.port(), tcp);
+    let audit = compiled
+        .slots
+        .iter()
+        .any(|(s, p)| *s == slot && p.flags & slot_policy::AUDIT != 0);
+    let rule = &compiled.rules[rule_id as usize];
+    let outcome = match (revoked, decided, audit) {
+        (true, _, _) => "deny (revoked)",
+        (false, verdict::ALLOW, _) => "allow",
+        (false, _, true) => "allow (audit: would deny)",
+        (false, _, false) => "deny",
+    };
+    Ok(Reply::ok(json!({
+        "identity": identity,
+        "to": addr,
+        "protocol": protocol,
+        "verdict": outcome,
+        "rule": rule.name,
+        "rule_owner": rule.owner,
+        "bound": id.as_ref().is_some_and(|i| state.slot_of(i).is_some()),
+        "generation": state.applied.generation,
+    })))
+}

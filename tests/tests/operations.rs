@@ -1,0 +1,248 @@
+//! Operating a running agent: atomic reload under load, a refused reload,
+//! the control socket's authorisation, and revocation.
+
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+use idgate_tests::{
+    Agent, Cgroups, probe, repeat_counts, require_privileges, spawn_repeat, target_bin,
+};
+use nix::sys::signal::Signal;
+
+const WEB: &str = "spiffe://example.org/web";
+
+fn binding() -> String {
+    format!("[[workload]]\ncgroup = \"web\"\nidentity = \"{WEB}\"\n")
+}
+
+/// `web` may reach `port` on 127.0.0.1 (allow = true) or nothing.
+fn policy(port: u16, allow: bool) -> String {
+    let action = if allow { "allow" } else { "deny" };
+    format!(
+        "[[identity]]\nid = \"{WEB}\"\n[[identity.egress]]\nname = \"local-{action}\"\nto = [\"127.0.0.1/32\"]\nports = [{port}]\nprotocol = \"tcp\"\naction = \"{action}\"\n"
+    )
+}
+
+#[test]
+fn reloads_switch_atomically_under_a_connect_loop() {
+    require_privileges!();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // Accept and drop connections so the backlog never fills.
+    std::thread::spawn(move || {
+        for c in listener.incoming() {
+            drop(c);
+        }
+    });
+    let mut cg = Cgroups::new("reload");
+    let web = cg.inside("web");
+    let agent = Agent::start(&cg, &policy(port, true), &binding());
+    let dest = format!("127.0.0.1:{port}");
+    assert_eq!(probe(Some(&web), "tcp", &dest), "ok");
+
+    let looping = spawn_repeat(&web, 4000, "tcp", &dest);
+    let mut generations = Vec::new();
+    for i in 0..10 {
+        agent.write_policy(&policy(port, i % 2 == 1));
+        let out = agent
+            .try_cli(&["policy", "reload", "--json"])
+            .expect("reload");
+        let reply: serde_json::Value = serde_json::from_str(&out).unwrap();
+        generations.push(reply["generation"].as_u64().unwrap());
+    }
+    let counts = repeat_counts(looping);
+    // Every connect was judged by one of the two policies: allowed, or
+    // denied by policy; none failed for any other reason.
+    let other: u32 = counts
+        .iter()
+        .filter(|(k, _)| *k != "ok" && *k != "EPERM")
+        .map(|(_, v)| v)
+        .sum();
+    assert_eq!(other, 0, "{counts:?}");
+    assert_eq!(counts.values().sum::<u32>(), 4000, "{counts:?}");
+    // Generations alternate with every reload.
+    assert!(
+        generations.windows(2).all(|w| w[0] != w[1]),
+        "{generations:?}"
+    );
+    // The last reload (i = 9) allowed: the kernel agrees now.
+    assert_eq!(probe(Some(&web), "tcp", &dest), "ok");
+    let status = agent.status();
+    assert_eq!(status["reloads"], 10);
+    eprintln!("connect outcomes during 10 reloads: {counts:?}");
+}
+
+#[test]
+fn a_broken_policy_is_refused_and_the_running_one_stays() {
+    require_privileges!();
+    let mut cg = Cgroups::new("badreload");
+    let web = cg.inside("web");
+    let agent = Agent::start(&cg, &policy(9, false), &binding());
+    let before = agent.status();
+    assert_eq!(probe(Some(&web), "tcp", "127.0.0.1:9"), "EPERM");
+
+    agent.write_policy(&format!(
+        "[[identity]]\nid = \"{WEB}\"\n[[identity.egress]]\nname = \"x\"\nto = [\"127.0.0.1/32\"]\nports = [\"9-1\"]\naction = \"allow\"\n"
+    ));
+    let err = agent
+        .try_cli(&["policy", "reload"])
+        .expect_err("a broken policy must be refused");
+    assert!(err.contains("policy.toml"), "file not named: {err}");
+    assert!(err.contains("reversed"), "problem not named: {err}");
+    assert!(err.contains("line 6"), "line not named: {err}");
+
+    let after = agent.status();
+    assert_eq!(after["generation"], before["generation"]);
+    assert_eq!(after["reload_errors"], 1);
+    assert_eq!(probe(Some(&web), "tcp", "127.0.0.1:9"), "EPERM");
+    // The daemon is still serving, and a good policy goes through.
+    agent.write_policy(&policy(9, true));
+    agent.try_cli(&["policy", "reload"]).expect("reload");
+    assert_eq!(probe(Some(&web), "tcp", "127.0.0.1:9"), "ECONNREFUSED");
+}
+
+/// Runs `idgate ARGS --socket S` as `uid`.
+fn cli_as(uid: u32, agent: &Agent, args: &[&str]) -> (bool, String) {
+    let out = Command::new(target_bin("idgate"))
+        .args(args)
+        .arg("--socket")
+        .arg(&agent.socket)
+        .uid(uid)
+        .gid(uid)
+        .output()
+        .expect("run idgate");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn the_control_socket_authorises_by_peer_credentials() {
+    require_privileges!();
+    const NOBODY: u32 = 65534;
+    const OPERATOR: u32 = 4242;
+    let cg = Cgroups::new("peercred");
+    let agent = Agent::start(&cg, "", &format!("operator_uids = [{OPERATOR}]\n"));
+    let mode = std::fs::metadata(&agent.socket)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600, "socket mode {mode:o}");
+    // Open the directory and the socket to everyone, so that only the
+    // agent's own SO_PEERCRED check stands between a caller and it.
+    std::fs::set_permissions(&agent.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&agent.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+
+    let (ok, out) = cli_as(NOBODY, &agent, &["status"]);
+    assert!(!ok, "a non-operator was served: {out}");
+    assert!(out.contains("uid 65534 is not an operator"), "{out}");
+    let (ok, out) = cli_as(NOBODY, &agent, &["revoke", WEB]);
+    assert!(!ok && out.contains("not an operator"), "{out}");
+    assert!(agent.status()["revoked"].as_array().unwrap().is_empty());
+    assert!(
+        agent
+            .log()
+            .contains("refused a caller that is not an operator")
+    );
+
+    let (ok, out) = cli_as(OPERATOR, &agent, &["status"]);
+    assert!(ok, "the configured operator was refused: {out}");
+}
+
+#[test]
+fn malformed_and_oversized_requests_get_errors_and_the_daemon_keeps_serving() {
+    require_privileges!();
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    let cg = Cgroups::new("badrequest");
+    let agent = Agent::start(&cg, "", "");
+    let ask = |bytes: &[u8]| -> String {
+        let mut s = UnixStream::connect(&agent.socket).unwrap();
+        // The daemon may answer and close before reading everything.
+        let _ = s.write_all(bytes);
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).unwrap();
+        line
+    };
+    for (req, want) in [
+        (&b"{not json\n"[..], "malformed"),
+        (
+            b"{\"version\":1,\"command\":\"format_disk\"}\n",
+            "format_disk",
+        ),
+        (b"{\"version\":9,\"command\":\"status\"}\n", "version 9"),
+        (b"{\"command\":\"status\"}\n", "no `version`"),
+    ] {
+        let reply = ask(req);
+        assert!(
+            reply.contains("\"ok\":false") && reply.contains(want),
+            "{reply}"
+        );
+    }
+    let mut big = vec![b' '; 70 * 1024];
+    big.push(b'\n');
+    let reply = ask(&big);
+    assert!(reply.contains("larger than"), "{reply}");
+    assert!(agent.try_cli(&["status"]).is_ok());
+}
+
+#[test]
+fn revocation_denies_at_once_and_holds_across_reload_and_restart() {
+    require_privileges!();
+    let mut cg = Cgroups::new("revoke");
+    let web = cg.inside("web");
+    let web = Some(web.as_path());
+    let mut agent = Agent::start(&cg, &policy(9, true), &binding());
+    assert_eq!(probe(web, "tcp", "127.0.0.1:9"), "ECONNREFUSED");
+
+    let out = agent.try_cli(&["revoke", WEB]).expect("revoke");
+    assert!(out.contains("revoked"), "{out}");
+    assert_eq!(probe(web, "tcp", "127.0.0.1:9"), "EPERM");
+    let explain = agent
+        .try_cli(&["explain", "--identity", WEB, "--to", "127.0.0.1:9/tcp"])
+        .unwrap();
+    assert!(explain.contains("revoked"), "{explain}");
+
+    agent.try_cli(&["policy", "reload"]).expect("reload");
+    assert_eq!(probe(web, "tcp", "127.0.0.1:9"), "EPERM");
+
+    agent.stop(Signal::SIGTERM);
+    assert_eq!(probe(web, "tcp", "127.0.0.1:9"), "EPERM");
+    agent.spawn();
+    agent.wait_ready();
+    assert_eq!(probe(web, "tcp", "127.0.0.1:9"), "EPERM");
+    assert_eq!(agent.status()["revoked"][0], WEB);
+
+    agent.try_cli(&["unrevoke", WEB]).expect("unrevoke");
+    assert_eq!(probe(web, "tcp", "127.0.0.1:9"), "ECONNREFUSED");
+}
+
+#[test]
+fn explain_names_the_deciding_rule() {
+    require_privileges!();
+    let cg = Cgroups::new("explain");
+    let agent = Agent::start(&cg, &policy(443, true), &binding());
+    let run = |to: &str| {
+        agent
+            .try_cli(&["explain", "--identity", WEB, "--to", to, "--json"])
+            .map(|o| serde_json::from_str::<serde_json::Value>(&o).unwrap())
+    };
+    let r = run("127.0.0.1:443/tcp").unwrap();
+    assert_eq!(r["verdict"], "allow");
+    assert_eq!(r["rule"], "local-allow");
+    let r = run("127.0.0.1:443/udp").unwrap();
+    assert_eq!(r["verdict"], "deny");
+    assert_eq!(r["rule"], "default");
+    let r = run("[::ffff:127.0.0.1]:443").unwrap();
+    assert_eq!(r["verdict"], "allow");
+    let e = run("localhost:443").unwrap_err();
+    assert!(e.contains("not ADDR:PORT"), "{e}");
+}
