@@ -290,7 +290,7 @@ impl Agent {
 
     /// `idgate status`, parsed.
     pub fn status(&self) -> serde_json::Value {
-        let out = self.try_cli(&["status"]).expect("idgate status");
+        let out = self.try_cli(&["status", "--json"]).expect("idgate status");
         serde_json::from_str(&out).expect("status is JSON")
     }
 
