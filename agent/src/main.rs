@@ -7,6 +7,11 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // Output piped into `head` should end the command quietly, as it does
+    // for other Unix tools, not panic on EPIPE.
+    // SAFETY: restoring a signal's default disposition before any thread
+    // starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let args = cli::Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -43,8 +43,11 @@ fn reloads_switch_atomically_under_a_connect_loop() {
     assert_eq!(probe(Some(&web), "tcp", &dest), "ok");
 
     let looping = spawn_repeat(&web, 4000, "tcp", &dest);
+    // Let the loop get going, then switch every 100 ms while it runs.
+    std::thread::sleep(std::time::Duration::from_millis(200));
     let mut generations = Vec::new();
     for i in 0..10 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
         agent.write_policy(&policy(port, i % 2 == 1));
         let out = agent
             .try_cli(&["policy", "reload", "--json"])
@@ -62,6 +65,11 @@ fn reloads_switch_atomically_under_a_connect_loop() {
         .sum();
     assert_eq!(other, 0, "{counts:?}");
     assert_eq!(counts.values().sum::<u32>(), 4000, "{counts:?}");
+    // The loop ran across the reloads: it saw both policies.
+    assert!(
+        counts.contains_key("ok") && counts.contains_key("EPERM"),
+        "{counts:?}"
+    );
     // Generations alternate with every reload.
     assert!(
         generations.windows(2).all(|w| w[0] != w[1]),
