@@ -8,7 +8,7 @@ mod server;
 
 pub use client::request;
 pub use protocol::{PROTOCOL_VERSION, Reply, Request};
-pub use server::{Authoriser, serve};
+pub use server::{Authoriser, Peer, serve};
 
 /// Errors on the control socket.
 #[derive(Debug, thiserror::Error)]

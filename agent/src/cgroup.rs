@@ -50,6 +50,15 @@ pub fn ensure_dir(dir: &Path) -> Result<(), CgroupError> {
     })
 }
 
+/// Moves a process (all its threads) into a cgroup.
+pub fn move_process(dir: &Path, pid: u32) -> Result<(), CgroupError> {
+    let procs = dir.join("cgroup.procs");
+    std::fs::write(&procs, pid.to_string()).map_err(|source| CgroupError::Io {
+        path: procs,
+        source,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,7 +5,9 @@ mod agent;
 mod explain;
 mod policy;
 mod revoke;
+mod run;
 mod status;
+mod workloads;
 
 use std::path::PathBuf;
 
@@ -43,6 +45,10 @@ enum Command {
     Revoke(revoke::RevokeArgs),
     /// Lift a revocation.
     Unrevoke(revoke::RevokeArgs),
+    /// List the cgroups under the scope and their identities.
+    Workloads(workloads::WorkloadsArgs),
+    /// Run a command with an identity, in a cgroup of its own (operators).
+    Run(run::RunArgs),
 }
 
 /// Where the running agent listens, and how to print its answers.
@@ -84,6 +90,8 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Explain(args) => explain::run(args),
         Command::Revoke(args) => revoke::run(args, true),
         Command::Unrevoke(args) => revoke::run(args, false),
+        Command::Workloads(args) => workloads::run(args),
+        Command::Run(args) => run::run(args),
     }
 }
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::identity::SpiffeId;
+use crate::identity::{Entry, Origin};
 
 /// Errors reading or checking the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -43,21 +43,41 @@ pub struct Config {
     /// Where the agent keeps state that must outlive it (the revoked
     /// identities). Default `/var/lib/idgate`.
     pub state_dir: PathBuf,
-    /// Trust domains this agent issues and enforces identities for.
+    /// The registration entries: a file, or a directory whose `*.toml`
+    /// files together hold the `[[entry]]` tables that map selectors to
+    /// SPIFFE IDs. Default `/etc/idgate/entries`.
+    pub entries: PathBuf,
+    /// Trust domains this agent issues and enforces identities for; empty
+    /// means any.
     pub trust_domains: Vec<String>,
-    /// Static bindings of cgroups (relative to the scope) to identities.
+    /// Seconds between full re-attestations of the scope, on top of the
+    /// events that trigger one at once. Default 10.
+    pub resync_seconds: u64,
+    /// Shorthand registration entries: `[[workload]]` tables binding a
+    /// cgroup (relative to the scope, made if missing) to an identity.
+    /// Each is the entry `{ id = IDENTITY, selectors =
+    /// ["cgroup:path:/SCOPE/CGROUP"] }`.
     #[serde(rename = "workload")]
     pub workloads: Vec<WorkloadBinding>,
+    /// The entries the `[[workload]]` tables stand for.
+    #[serde(skip)]
+    pub workload_entries: Vec<Entry>,
+    /// `[events]`: audit log, standard output echo, allow sampling; see
+    /// `events::EventsConfig` for each key and its default.
+    pub events: crate::events::EventsConfig,
+    /// `[metrics]`: the Prometheus endpoint's loopback `address`; none by
+    /// default.
+    pub metrics: crate::metrics::MetricsConfig,
 }
 
-/// A cgroup under the scope bound to an identity by configuration.
+/// A cgroup under the scope bound to an identity by the configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkloadBinding {
     /// Cgroup path relative to the scope.
     pub cgroup: PathBuf,
     /// The SPIFFE ID the cgroup's workloads get.
-    pub identity: String,
+    pub identity: toml::Spanned<String>,
 }
 
 impl Default for Config {
@@ -70,8 +90,13 @@ impl Default for Config {
             operator_gids: Vec::new(),
             policy: PathBuf::from("/etc/idgate/policy"),
             state_dir: PathBuf::from("/var/lib/idgate"),
+            entries: PathBuf::from("/etc/idgate/entries"),
             trust_domains: Vec::new(),
+            resync_seconds: 10,
             workloads: Vec::new(),
+            workload_entries: Vec::new(),
+            events: Default::default(),
+            metrics: Default::default(),
         }
     }
 }
@@ -93,12 +118,15 @@ impl Config {
             &mut config.policy,
             &mut config.control_socket,
             &mut config.state_dir,
+            &mut config.entries,
         ] {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
         }
-        config.check().map_err(invalid)?;
+        config.events.resolve(base);
+        config.check().map_err(&invalid)?;
+        config.workload_entries = config.entries_of_workloads(path, &text).map_err(invalid)?;
         Ok(config)
     }
 
@@ -113,33 +141,59 @@ impl Config {
                 self.pin_dir.display()
             ));
         }
+        if self.resync_seconds == 0 {
+            return Err("`resync_seconds` must be at least 1".into());
+        }
+        for td in &self.trust_domains {
+            format!("spiffe://{td}")
+                .parse::<crate::identity::SpiffeId>()
+                .map_err(|e| format!("trust_domains: {td:?}: {e}"))?;
+        }
+        self.events.check()?;
+        self.metrics.check()
+    }
+}
+
+impl Config {
+    /// The registration entries that the `[[workload]]` tables stand for.
+    fn entries_of_workloads(&self, path: &Path, text: &str) -> Result<Vec<Entry>, String> {
+        let mut out = Vec::new();
         for (i, w) in self.workloads.iter().enumerate() {
-            check_relative(&format!("workload[{i}].cgroup"), &w.cgroup)?;
-            let id: SpiffeId = w
+            let what = format!("workload[{i}]");
+            check_relative(&format!("{what}.cgroup"), &w.cgroup)?;
+            let cgroup = format!("/{}/{}", self.scope.display(), w.cgroup.display());
+            if cgroup.contains(['*', '?', '[', ']', '{', '}', '\\']) {
+                return Err(format!("{what}.cgroup {cgroup:?} has glob characters"));
+            }
+            let id: crate::identity::SpiffeId = w
                 .identity
+                .get_ref()
                 .parse()
-                .map_err(|e| format!("workload[{i}].identity: {e}"))?;
+                .map_err(|e| format!("{what}.identity: {e}"))?;
             if !self.trust_domains.is_empty()
                 && !self.trust_domains.iter().any(|t| t == id.trust_domain())
             {
                 return Err(format!(
-                    "workload[{i}].identity {id}: trust domain {:?} is not in `trust_domains`",
+                    "{what}.identity {id}: trust domain {:?} is not in `trust_domains`",
                     id.trust_domain()
                 ));
             }
+            let selector = format!("cgroup:path:{cgroup}")
+                .parse()
+                .map_err(|e| format!("{what}.cgroup: {e}"))?;
+            let before = &text[..w.identity.span().start.min(text.len())];
+            out.push(Entry {
+                id,
+                selectors: vec![selector],
+                ttl: None,
+                origin: Origin {
+                    file: path.to_owned(),
+                    line: before.matches('\n').count() + 1,
+                    column: before.len() - before.rfind('\n').map_or(0, |n| n + 1) + 1,
+                },
+            });
         }
-        Ok(())
-    }
-
-    /// The identity of each statically bound cgroup.
-    pub fn bindings(&self) -> Vec<(PathBuf, SpiffeId)> {
-        self.workloads
-            .iter()
-            .map(|w| {
-                let id = w.identity.parse().expect("checked in Config::load");
-                (w.cgroup.clone(), id)
-            })
-            .collect()
+        Ok(out)
     }
 }
 
@@ -193,10 +247,13 @@ mod tests {
     }
 
     #[test]
-    fn bad_identity_is_named() {
-        let e = load_str("[[workload]]\ncgroup = \"a\"\nidentity = \"http://x/y\"\n")
+    fn bad_trust_domain_is_named() {
+        let e = load_str("trust_domains = [\"Example.org\"]\n")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("workload[0].identity"), "{e}");
+        assert!(
+            e.contains("trust_domains") && e.contains("Example.org"),
+            "{e}"
+        );
     }
 }

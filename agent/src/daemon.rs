@@ -4,11 +4,16 @@
 //! leaves every pin: enforcement goes on without the agent.
 
 mod control;
+mod discovery;
 mod revocations;
 mod state;
+mod telemetry;
+mod workloads;
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -27,6 +32,8 @@ pub enum DaemonError {
     Policy(#[from] crate::policy::PolicyError),
     #[error(transparent)]
     Revocations(#[from] RevocationError),
+    #[error(transparent)]
+    Entries(#[from] crate::identity::EntriesError),
     #[error("{0}")]
     Privileges(String),
     #[error(transparent)]
@@ -35,6 +42,12 @@ pub enum DaemonError {
     Bpf(#[from] crate::bpf::BpfError),
     #[error(transparent)]
     Admin(#[from] admin::AdminError),
+    #[error(transparent)]
+    Events(#[from] crate::events::EventsError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
+    #[error("watching the scope for new workloads: {0}")]
+    Discovery(std::io::Error),
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
 }
@@ -48,26 +61,78 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         gids: config.operator_gids.clone(),
     };
     let socket = config.control_socket.clone();
+    let telemetry = telemetry::prepare(&config)?;
     let state = Arc::new(Mutex::new(State::start(config)?));
+    let telemetry = Arc::new(telemetry.start(&state.lock().expect("state lock"))?);
 
     let handler_state = state.clone();
-    let server = admin::serve(&socket, auth, move |request| {
-        control::handle(&mut handler_state.lock().expect("state lock"), request)
+    let handler_telemetry = telemetry.clone();
+    let server = admin::serve(&socket, auth, move |peer, request| {
+        let mut state = handler_state.lock().expect("state lock");
+        let reply = control::handle(&mut state, peer, request);
+        handler_telemetry.publish(&state);
+        reply
     });
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
     let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signal)?;
+
+    // Discovery: inotify on the scope, then one pass over everything for
+    // whatever appeared between the first attestation and the watch.
+    let scope_dir = state.lock().expect("state lock").scope_dir.clone();
+    let resync_every = Duration::from_secs(state.lock().expect("state lock").config.resync_seconds);
+    let (found_tx, mut found) = tokio::sync::mpsc::unbounded_channel();
+    let watcher = tokio::spawn(discovery::watch(scope_dir.clone(), found_tx.clone()));
+    let _ = found_tx.send(scope_dir);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last_resync = Instant::now();
+
     tracing::info!(socket = %socket.display(), "ready");
     tokio::pin!(server);
+    tokio::pin!(watcher);
     let result = loop {
         tokio::select! {
             r = &mut server => break r.map_err(DaemonError::from),
+            Some(dir) = found.recv() => {
+                let mut dirs = BTreeSet::from([dir]);
+                while let Ok(more) = found.try_recv() {
+                    dirs.insert(more);
+                }
+                let mut state = state.lock().expect("state lock");
+                if let Err(e) = state.attest(&dirs) {
+                    tracing::error!(error = %e, "attestation pass failed; unbound workloads stay denied");
+                }
+                telemetry.publish(&state);
+            }
+            _ = tick.tick() => {
+                let mut state = state.lock().expect("state lock");
+                let pass = if last_resync.elapsed() >= resync_every {
+                    last_resync = Instant::now();
+                    state.resync()
+                } else {
+                    state.expire()
+                };
+                if let Err(e) = pass {
+                    tracing::error!(error = %e, "resync failed; unbound workloads stay denied");
+                }
+                telemetry.publish(&state);
+            }
+            r = &mut watcher => {
+                let e = match r {
+                    Ok(Ok(())) => std::io::Error::other("the watch ended"),
+                    Ok(Err(e)) => e,
+                    Err(e) => std::io::Error::other(e),
+                };
+                break Err(DaemonError::Discovery(e));
+            }
             _ = term.recv() => break Ok(()),
             _ = int.recv() => break Ok(()),
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: reloading policy");
                 // The outcome is logged by `reload`.
-                let _ = state.lock().expect("state lock").reload();
+                let mut state = state.lock().expect("state lock");
+                let _ = state.reload();
+                telemetry.publish(&state);
             }
         }
     };

@@ -1,4 +1,5 @@
-//! Workload identity: SPIFFE IDs and, later, attestation.
+//! Workload identity: SPIFFE IDs, registration entries and their
+//! selectors, the kernel's facts about a workload, and attestation.
 
 mod attest;
 mod entry;
@@ -8,7 +9,9 @@ mod selector;
 mod spiffe_id;
 
 pub use attest::{Attestation, Candidate, attest_cgroup};
-pub use entry::{Entry, EntryError, EntryErrors, EntryProblem, Origin, parse_entries};
+pub use entry::{
+    EntriesError, Entry, EntryError, EntryErrors, EntryProblem, Origin, load_entries, parse_entries,
+};
 pub use facts::{CgroupFacts, FactsError, ProcessFacts, systemd_unit};
 pub use selector::{CgroupGlob, Selector, SelectorError, SelectorProblem, Subject};
 pub use spiffe_id::{SpiffeId, SpiffeIdError};

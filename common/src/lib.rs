@@ -23,6 +23,13 @@
 //!    blocks, so the longest match is the answer.
 //!
 //! A miss in steps 5 or 6 falls to the slot's default verdict.
+//!
+//! # What a decision reports
+//!
+//! Every deny and every audit decision, and allow decisions as sampled by
+//! [`maps::EVENT_SETTINGS`], is written to [`maps::EVENTS`] as a
+//! [`DecisionRecord`]. A record that does not fit (the ring buffer is full)
+//! is counted in [`maps::EVENT_DROPS`] instead: none is lost silently.
 #![no_std]
 
 /// Names of the maps, as they appear in the object file and under the pin
@@ -39,9 +46,16 @@ pub mod maps {
     /// SPIFFE ID, all zero when free), pinned so that a restarted agent
     /// keeps every slot number and no binding points at the wrong policy.
     pub const SLOT_IDS: &str = "IDG_SLOT_IDS";
+    /// Ring buffer of [`DecisionRecord`](super::DecisionRecord)s, kernel to
+    /// agent. Pinned, so a restarted agent reads what was left in it.
+    pub const EVENTS: &str = "IDG_EVENTS";
+    /// One [`EventSettings`](super::EventSettings), written by the agent.
+    pub const EVENT_SETTINGS: &str = "IDG_EVENT_SETTINGS";
+    /// Per-CPU `u64` count of records that did not fit in [`EVENTS`].
+    pub const EVENT_DROPS: &str = "IDG_EVENT_DROPS";
 
     /// Every map, for pinning, adoption and uninstall.
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 11] = [
         IDENTITIES,
         SLOT_STATE,
         GENERATION,
@@ -50,6 +64,9 @@ pub mod maps {
         DEST_V6,
         PORTS,
         SLOT_IDS,
+        EVENTS,
+        EVENT_SETTINGS,
+        EVENT_DROPS,
     ];
 }
 
@@ -178,6 +195,128 @@ pub struct RuleVerdict {
     pub rule_id: u32,
 }
 
+/// Bytes of the [`maps::EVENTS`] ring buffer: a power-of-two multiple of
+/// the page size. About 9,000 records.
+pub const EVENTS_RING_BYTES: u32 = 1 << 20;
+
+/// Which hook made a decision ([`DecisionRecord::hook`]).
+pub mod hook {
+    pub const CONNECT4: u32 = 1;
+    pub const CONNECT6: u32 = 2;
+    pub const SENDMSG4: u32 = 3;
+    pub const SENDMSG6: u32 = 4;
+
+    /// The hook's name in events, or `None` for an unknown code.
+    pub const fn name(code: u32) -> Option<&'static str> {
+        match code {
+            CONNECT4 => Some("connect4"),
+            CONNECT6 => Some("connect6"),
+            SENDMSG4 => Some("sendmsg4"),
+            SENDMSG6 => Some("sendmsg6"),
+            _ => None,
+        }
+    }
+}
+
+/// Why a decision came out as it did ([`DecisionRecord::reason`]).
+pub mod reason {
+    /// A rule of the identity's policy matched.
+    pub const RULE: u32 = 1;
+    /// No rule matched: the identity's default decided.
+    pub const DEFAULT: u32 = 2;
+    /// The cgroup has no identity and no rule of the unknown-workload
+    /// policy matched: that policy's default decided.
+    pub const UNKNOWN_WORKLOAD: u32 = 3;
+    /// The identity is revoked: denied whatever the policy says.
+    pub const REVOKED: u32 = 4;
+    /// The active generation has no policy for the slot: denied.
+    pub const NO_POLICY: u32 = 5;
+    /// The policy (a rule, or the default) denied, but the identity is in
+    /// audit mode: let through and reported.
+    pub const AUDIT_ALLOWED: u32 = 6;
+
+    /// The reason's name in events, or `None` for an unknown code.
+    pub const fn name(code: u32) -> Option<&'static str> {
+        match code {
+            RULE => Some("rule"),
+            DEFAULT => Some("default"),
+            UNKNOWN_WORKLOAD => Some("unknown_workload"),
+            REVOKED => Some("revoked"),
+            NO_POLICY => Some("no_policy"),
+            AUDIT_ALLOWED => Some("audit_allowed"),
+            _ => None,
+        }
+    }
+}
+
+/// Flags in [`DecisionRecord::flags`].
+pub mod record_flags {
+    /// An IPv6 hook saw an IPv4-mapped address (`::ffff:a.b.c.d`); it was
+    /// judged by the IPv4 rules. The address is kept as the hook saw it.
+    pub const V4_MAPPED: u32 = 1;
+}
+
+/// [`DecisionRecord::layout`] of the record defined here. A reader skips
+/// records of another layout (left in the pinned ring buffer by programs of
+/// another version) instead of misreading them.
+pub const RECORD_LAYOUT: u32 = 1;
+
+/// One decision, as the kernel program saw it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DecisionRecord {
+    /// `bpf_ktime_get_ns`: `CLOCK_MONOTONIC`, for ordering and latency.
+    pub ktime_ns: u64,
+    /// `bpf_ktime_get_boot_ns`: `CLOCK_BOOTTIME`, which counts suspend, for
+    /// converting to wall-clock time in user space.
+    pub boot_ns: u64,
+    /// Cgroup of the task that made the call.
+    pub cgroup_id: u64,
+    /// `bpf_get_current_pid_tgid`: thread group (process) id in the upper
+    /// 32 bits, thread id in the lower.
+    pub pid_tgid: u64,
+    /// `bpf_get_current_uid_gid`: gid in the upper 32 bits, uid in the lower.
+    pub uid_gid: u64,
+    /// Identity slot ([`UNKNOWN_SLOT`] for a cgroup without identity).
+    pub slot: u32,
+    /// Policy generation the decision was made by (0 or 1).
+    pub generation: u32,
+    /// [`hook`] code.
+    pub hook: u32,
+    /// The socket's IP protocol number (6 TCP, 17 UDP, 262 MPTCP).
+    pub protocol: u32,
+    /// [`verdict`] as enforced.
+    pub verdict: u32,
+    /// [`reason`] code.
+    pub reason: u32,
+    /// The deciding rule ([`SlotPolicy::default_rule`] for a default);
+    /// 0 for revoked and no-policy decisions.
+    pub rule_id: u32,
+    /// [`record_flags`].
+    pub flags: u32,
+    /// Destination port, host order.
+    pub port: u32,
+    /// [`RECORD_LAYOUT`].
+    pub layout: u32,
+    /// Destination address in network order: an IPv4 address in the first
+    /// four bytes (the rest zero), or the IPv6 address as the hook saw it.
+    pub addr: [u8; 16],
+    /// `bpf_get_current_comm`: the thread's name, NUL-padded.
+    pub comm: [u8; 16],
+}
+
+/// Value of [`maps::EVENT_SETTINGS`] (one entry).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventSettings {
+    /// An allow decision is recorded when `bpf_get_prandom_u32()` is below
+    /// this: 0 records none, [`SAMPLE_ALL`] every one.
+    pub allow_sample: u64,
+}
+
+/// [`EventSettings::allow_sample`] that records every allow decision.
+pub const SAMPLE_ALL: u64 = 1 << 32;
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: every type is `repr(C)`, made of integers and byte arrays with
@@ -188,6 +327,8 @@ mod pod {
     unsafe impl aya::Pod for super::DestTables {}
     unsafe impl aya::Pod for super::PortKey {}
     unsafe impl aya::Pod for super::RuleVerdict {}
+    unsafe impl aya::Pod for super::DecisionRecord {}
+    unsafe impl aya::Pod for super::EventSettings {}
 }
 
 #[cfg(test)]
@@ -203,6 +344,36 @@ mod tests {
         assert_eq!(size_of::<DestTables>(), 8);
         assert_eq!(size_of::<PortKey>(), 12);
         assert_eq!(size_of::<RuleVerdict>(), 8);
+        assert_eq!(size_of::<DecisionRecord>(), 112);
+        assert_eq!(size_of::<EventSettings>(), 8);
+    }
+
+    #[test]
+    fn every_code_has_one_name() {
+        let hooks = [
+            hook::CONNECT4,
+            hook::CONNECT6,
+            hook::SENDMSG4,
+            hook::SENDMSG6,
+        ];
+        let reasons = [
+            reason::RULE,
+            reason::DEFAULT,
+            reason::UNKNOWN_WORKLOAD,
+            reason::REVOKED,
+            reason::NO_POLICY,
+            reason::AUDIT_ALLOWED,
+        ];
+        for (i, h) in hooks.iter().enumerate() {
+            let name = hook::name(*h).unwrap();
+            assert!(hooks[..i].iter().all(|o| hook::name(*o) != Some(name)));
+        }
+        for (i, r) in reasons.iter().enumerate() {
+            let name = reason::name(*r).unwrap();
+            assert!(reasons[..i].iter().all(|o| reason::name(*o) != Some(name)));
+        }
+        assert_eq!(hook::name(0), None);
+        assert_eq!(reason::name(0), None);
     }
 
     #[test]

@@ -4,16 +4,22 @@
 #![no_main]
 
 use aya_ebpf::{
-    helpers::bpf_get_current_cgroup_id,
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        generated::{
+            bpf_get_current_comm, bpf_get_prandom_u32, bpf_ktime_get_boot_ns, bpf_ktime_get_ns,
+        },
+    },
     macros::{cgroup_sock_addr, map},
-    maps::{Array, HashMap, LpmTrie, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::SockAddrContext,
 };
-use core::ptr::{addr_of, read_volatile};
+use core::ptr::{addr_of, addr_of_mut, read_volatile};
 use idgate_common::{
-    DEST_FIXED_BITS, DestTables, DestV4, DestV6, GENERATIONS, MAX_BOUND_CGROUPS, MAX_DEST_ENTRIES,
-    MAX_PORT_ENTRIES, MAX_SLOTS, NO_TABLE, PORT_FIXED_BITS, PortKey, RuleVerdict, SlotPolicy,
-    UNKNOWN_SLOT, slot_policy, slot_policy_index, slot_state, verdict,
+    DEST_FIXED_BITS, DecisionRecord, DestTables, DestV4, DestV6, EVENTS_RING_BYTES, EventSettings,
+    GENERATIONS, MAX_BOUND_CGROUPS, MAX_DEST_ENTRIES, MAX_PORT_ENTRIES, MAX_SLOTS, NO_TABLE,
+    PORT_FIXED_BITS, PortKey, RECORD_LAYOUT, RuleVerdict, SlotPolicy, UNKNOWN_SLOT, hook, reason,
+    record_flags, slot_policy, slot_policy_index, slot_state, verdict,
 };
 
 #[map(name = "IDG_IDENTITIES")]
@@ -41,34 +47,56 @@ static PORTS: LpmTrie<PortKey, RuleVerdict> = LpmTrie::pinned(MAX_PORT_ENTRIES, 
 #[map(name = "IDG_SLOT_IDS")]
 static SLOT_IDS: Array<[u8; 32]> = Array::pinned(MAX_SLOTS, 0);
 
+#[map(name = "IDG_EVENTS")]
+static EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
+
+#[map(name = "IDG_EVENT_SETTINGS")]
+static EVENT_SETTINGS: Array<EventSettings> = Array::pinned(1, 0);
+
+#[map(name = "IDG_EVENT_DROPS")]
+static EVENT_DROPS: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
+
 const IPPROTO_TCP: u32 = 6;
 const IPPROTO_UDP: u32 = 17;
 const IPPROTO_MPTCP: u32 = 262;
 
 /// A destination as the hook saw it, in network byte order.
-enum Dest {
-    V4([u8; 4]),
-    V6([u8; 16]),
+struct Dest {
+    /// An IPv4 address in the first four bytes, or an IPv6 address.
+    addr: [u8; 16],
+    /// Judged by the IPv4 rules: an IPv4 hook, or a mapped address.
+    v4: bool,
+    /// [`record_flags`] for the event.
+    flags: u32,
+}
+
+/// What [`decide`] found.
+struct Decision {
+    slot: u32,
+    generation: u32,
+    verdict: u32,
+    reason: u32,
+    rule_id: u32,
 }
 
 #[cgroup_sock_addr(connect4)]
 pub fn idgate_connect4(ctx: SockAddrContext) -> i32 {
-    decide(&ctx, dest_v4(&ctx))
+    judge(&ctx, hook::CONNECT4, dest_v4(&ctx))
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn idgate_connect6(ctx: SockAddrContext) -> i32 {
-    decide(&ctx, dest_v6(&ctx))
+    judge(&ctx, hook::CONNECT6, dest_v6(&ctx))
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn idgate_sendmsg4(ctx: SockAddrContext) -> i32 {
-    decide(&ctx, dest_v4(&ctx))
+    judge(&ctx, hook::SENDMSG4, dest_v4(&ctx))
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn idgate_sendmsg6(ctx: SockAddrContext) -> i32 {
-    decide(&ctx, dest_v6(&ctx))
+    judge(&ctx, hook::SENDMSG6, dest_v6(&ctx))
 }
 
 // Context fields are read one at a time with volatile loads: the verifier
@@ -77,7 +105,17 @@ pub fn idgate_sendmsg6(ctx: SockAddrContext) -> i32 {
 fn dest_v4(ctx: &SockAddrContext) -> Dest {
     // SAFETY: the pointer is the hook's context, valid for the whole call.
     let ip = unsafe { read_volatile(addr_of!((*ctx.sock_addr).user_ip4)) };
-    Dest::V4(ip.to_ne_bytes())
+    let mut addr = [0u8; 16];
+    let b = ip.to_ne_bytes();
+    addr[0] = b[0];
+    addr[1] = b[1];
+    addr[2] = b[2];
+    addr[3] = b[3];
+    Dest {
+        addr,
+        v4: true,
+        flags: 0,
+    }
 }
 
 fn dest_v6(ctx: &SockAddrContext) -> Dest {
@@ -90,10 +128,6 @@ fn dest_v6(ctx: &SockAddrContext) -> Dest {
             read_volatile(addr_of!((*ctx.sock_addr).user_ip6[3])),
         ]
     };
-    // `::ffff:a.b.c.d` reaches an IPv4 host: judge it by the IPv4 rules.
-    if w[0] == 0 && w[1] == 0 && w[2] == u32::from_be(0xffff) {
-        return Dest::V4(w[3].to_ne_bytes());
-    }
     let mut addr = [0u8; 16];
     let mut i = 0;
     while i < 4 {
@@ -104,14 +138,19 @@ fn dest_v6(ctx: &SockAddrContext) -> Dest {
         addr[i * 4 + 3] = b[3];
         i += 1;
     }
-    Dest::V6(addr)
+    // `::ffff:a.b.c.d` reaches an IPv4 host: judge it by the IPv4 rules.
+    let mapped = w[0] == 0 && w[1] == 0 && w[2] == u32::from_be(0xffff);
+    Dest {
+        addr,
+        v4: mapped,
+        flags: if mapped { record_flags::V4_MAPPED } else { 0 },
+    }
 }
 
-/// The verdict for one connect or send: 1 lets it through, 0 fails it with
-/// EPERM. Every miss on the way falls to a deny or to a default that user
-/// space chose; nothing falls open.
+/// Decides one connect or send, reports it, and returns what the hook
+/// answers: 1 lets the call through, 0 fails it with EPERM.
 #[inline(always)]
-fn decide(ctx: &SockAddrContext, dest: Dest) -> i32 {
+fn judge(ctx: &SockAddrContext, hook: u32, dest: Dest) -> i32 {
     // SAFETY: as in `dest_v4`.
     let (protocol, user_port) = unsafe {
         (
@@ -119,31 +158,60 @@ fn decide(ctx: &SockAddrContext, dest: Dest) -> i32 {
             read_volatile(addr_of!((*ctx.sock_addr).user_port)),
         )
     };
+    let port = u16::from_be(user_port as u16);
     // The identity is that of the task making the call, in the cgroup it is
     // in now (`bpf_sk_cgroup_id` is not allowed in these hooks). Which
     // programs run at all is decided by the socket's cgroup, so a socket
     // made outside the scope is not judged here: see docs/architecture.md.
     // SAFETY: helper without arguments.
     let cgroup = unsafe { bpf_get_current_cgroup_id() };
+    let d = decide(cgroup, protocol, port, &dest);
+    if d.verdict == verdict::DENY || d.reason == reason::AUDIT_ALLOWED || sampled() {
+        report(hook, cgroup, protocol, port, &dest, &d);
+    }
+    i32::from(d.verdict == verdict::ALLOW)
+}
 
+/// The verdict and why. Every miss on the way falls to a deny or to a
+/// default that user space chose; nothing falls open.
+#[inline(always)]
+fn decide(cgroup: u64, protocol: u32, port: u16, dest: &Dest) -> Decision {
     // SAFETY: plain value reads from maps owned by this program.
     let slot = unsafe { IDENTITIES.get(&cgroup) }
         .copied()
         .unwrap_or(UNKNOWN_SLOT);
+    let generation = GENERATION.get(0).copied().unwrap_or(0) & 1;
+    let mut d = Decision {
+        slot,
+        generation,
+        verdict: verdict::DENY,
+        reason: reason::REVOKED,
+        rule_id: 0,
+    };
     let state = SLOT_STATE.get(slot).copied().unwrap_or(slot_state::REVOKED);
     if state & slot_state::REVOKED != 0 {
-        return verdict::DENY as i32;
+        return d;
     }
-    let generation = GENERATION.get(0).copied().unwrap_or(0) & 1;
+    d.reason = reason::NO_POLICY;
     let Some(policy) = SLOT_POLICY.get(slot_policy_index(generation, slot)) else {
-        return verdict::DENY as i32;
+        return d;
     };
     if policy.flags & slot_policy::PRESENT == 0 {
-        return verdict::DENY as i32;
+        return d;
     }
 
-    let tables = match dest {
-        Dest::V4(addr) => DEST_V4
+    let tables = if dest.v4 {
+        let mut addr = [0u8; 4];
+        let from = if dest.flags & record_flags::V4_MAPPED != 0 {
+            12
+        } else {
+            0
+        };
+        addr[0] = dest.addr[from];
+        addr[1] = dest.addr[from + 1];
+        addr[2] = dest.addr[from + 2];
+        addr[3] = dest.addr[from + 3];
+        DEST_V4
             .get(Key::new(
                 DEST_FIXED_BITS + 32,
                 DestV4 {
@@ -152,41 +220,102 @@ fn decide(ctx: &SockAddrContext, dest: Dest) -> i32 {
                     addr,
                 },
             ))
-            .copied(),
-        Dest::V6(addr) => DEST_V6
+            .copied()
+    } else {
+        DEST_V6
             .get(Key::new(
                 DEST_FIXED_BITS + 128,
                 DestV6 {
                     generation,
                     slot,
-                    addr,
+                    addr: dest.addr,
                 },
             ))
-            .copied(),
+            .copied()
     };
     let table = match (tables, protocol) {
         (Some(t), IPPROTO_TCP | IPPROTO_MPTCP) => t.tcp,
         (Some(t), IPPROTO_UDP) => t.udp,
         _ => NO_TABLE,
     };
-    let mut decided = policy.default_verdict;
+    d.verdict = policy.default_verdict;
+    d.rule_id = policy.default_rule;
+    d.reason = if slot == UNKNOWN_SLOT {
+        reason::UNKNOWN_WORKLOAD
+    } else {
+        reason::DEFAULT
+    };
     if table != NO_TABLE {
-        let port = u16::from_be(user_port as u16).to_be_bytes();
         let key = PortKey {
             generation,
             table,
-            port,
+            port: port.to_be_bytes(),
             _pad: [0; 2],
         };
         if let Some(rule) = PORTS.get(Key::new(PORT_FIXED_BITS + 16, key)) {
-            decided = rule.verdict;
+            d.verdict = rule.verdict;
+            d.rule_id = rule.rule_id;
+            d.reason = reason::RULE;
         }
     }
-    if decided == verdict::ALLOW || policy.flags & slot_policy::AUDIT != 0 {
-        verdict::ALLOW as i32
-    } else {
-        verdict::DENY as i32
+    if d.verdict != verdict::ALLOW {
+        // Anything but allow is a deny.
+        d.verdict = verdict::DENY;
+        if policy.flags & slot_policy::AUDIT != 0 {
+            d.verdict = verdict::ALLOW;
+            d.reason = reason::AUDIT_ALLOWED;
+        }
     }
+    d
+}
+
+/// Whether this allow decision is one of the sample the agent asked for.
+#[inline(always)]
+fn sampled() -> bool {
+    let threshold = EVENT_SETTINGS.get(0).map_or(0, |s| s.allow_sample);
+    // SAFETY: helper without arguments.
+    threshold != 0 && u64::from(unsafe { bpf_get_prandom_u32() }) < threshold
+}
+
+/// Writes the decision record into the ring buffer, or counts it as
+/// dropped when the buffer is full.
+#[inline(always)]
+fn report(hook: u32, cgroup: u64, protocol: u32, port: u16, dest: &Dest, d: &Decision) {
+    let Some(mut entry) = EVENTS.reserve::<DecisionRecord>(0) else {
+        if let Some(drops) = EVENT_DROPS.get_ptr_mut(0) {
+            // SAFETY: this CPU's own slot; no other program runs on it
+            // meanwhile.
+            unsafe { *drops += 1 };
+        }
+        return;
+    };
+    let record = entry.as_mut_ptr();
+    // SAFETY: `record` points at reserved ring-buffer memory of the
+    // record's size; every field is written before the entry is submitted.
+    // The helpers take no arguments, or a buffer of the size they are told.
+    unsafe {
+        (*record).ktime_ns = bpf_ktime_get_ns();
+        (*record).boot_ns = bpf_ktime_get_boot_ns();
+        (*record).cgroup_id = cgroup;
+        (*record).pid_tgid = bpf_get_current_pid_tgid();
+        (*record).uid_gid = bpf_get_current_uid_gid();
+        (*record).slot = d.slot;
+        (*record).generation = d.generation;
+        (*record).hook = hook;
+        (*record).protocol = protocol;
+        (*record).verdict = d.verdict;
+        (*record).reason = d.reason;
+        (*record).rule_id = d.rule_id;
+        (*record).flags = dest.flags;
+        (*record).port = u32::from(port);
+        (*record).layout = RECORD_LAYOUT;
+        (*record).addr = dest.addr;
+        let comm = addr_of_mut!((*record).comm);
+        if bpf_get_current_comm(comm.cast(), (*record).comm.len() as u32) != 0 {
+            (*record).comm = [0; 16];
+        }
+    }
+    entry.submit(0);
 }
 
 #[cfg(not(test))]

@@ -175,6 +175,7 @@ impl Agent {
         let dir = std::env::temp_dir().join(&name);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("policy")).expect("temp dir");
+        std::fs::create_dir_all(dir.join("entries")).expect("temp dir");
         let pin_dir = PathBuf::from("/sys/fs/bpf").join(&name);
         let socket = dir.join("control.sock");
         let config = dir.join("agent.toml");
@@ -182,7 +183,7 @@ impl Agent {
         std::fs::write(
             &config,
             format!(
-                "scope = {:?}\npin_dir = {:?}\ncontrol_socket = {:?}\npolicy = \"policy\"\nstate_dir = \"state\"\n{extra_config}\n",
+                "scope = {:?}\npin_dir = {:?}\ncontrol_socket = {:?}\npolicy = \"policy\"\nentries = \"entries\"\nstate_dir = \"state\"\n{extra_config}\n",
                 cgroups.scope_rel(),
                 pin_dir,
                 socket,
@@ -389,4 +390,91 @@ impl Agent {
     pub fn write_policy(&self, policy: &str) {
         std::fs::write(self.dir.join("policy/policy.toml"), policy).expect("write policy");
     }
+}
+
+impl Agent {
+    /// Sends a signal to the running agent without waiting for it (e.g.
+    /// SIGSTOP and SIGCONT to stall its reader).
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let child = self.child.as_ref().expect("agent running");
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, signal).expect("signal agent");
+    }
+}
+
+/// Runs the probe once in `cgroup` and returns its pid and what the kernel
+/// answered.
+pub fn probe_with_pid(cgroup: &Path, op: &str, addr: &str) -> (u32, String) {
+    let child = Command::new(target_bin("idgate-probe"))
+        .arg("--cgroup")
+        .arg(cgroup)
+        .args([op, addr])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn idgate-probe");
+    let pid = child.id();
+    let out = child.wait_with_output().expect("probe output");
+    assert!(
+        out.status.success(),
+        "probe failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (pid, String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// A loopback TCP port nobody listens on at the moment.
+pub fn free_loopback_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("local addr").port()
+}
+
+/// Every JSON line of a file (none when it does not exist yet).
+pub fn json_lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, for at most
+/// `timeout`; panics naming `what` when it never does.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `GET /metrics` from a loopback endpoint: the body.
+pub fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to metrics");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .expect("send");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read metrics");
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_owned()
+}
+
+/// The value of one sample of a scraped metric, by its name and its
+/// labels as written (`identity="...",verdict="deny"`, in that order);
+/// `None` when there is no such sample.
+pub fn metric(text: &str, name: &str, labels: &str) -> Option<f64> {
+    let key = if labels.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{name}{{{labels}}}")
+    };
+    text.lines().find_map(|line| {
+        let (k, v) = line.rsplit_once(' ')?;
+        (k == key).then(|| v.parse().expect("a number"))
+    })
 }

@@ -32,6 +32,16 @@ pub enum Request {
     Revoke { identity: String },
     /// Lift a revocation.
     Unrevoke { identity: String },
+    /// Every cgroup under the scope and how it stands.
+    Workloads,
+    /// Make a cgroup under the scope bound to `identity` and move `pid`
+    /// (a child of the caller, waiting to exec the command) into it.
+    Run {
+        identity: String,
+        /// The binding expires after this many seconds.
+        ttl_seconds: Option<u64>,
+        pid: u32,
+    },
 }
 
 /// A request on the wire: `{"version": 1, "command": ..., ...}`.

@@ -10,6 +10,14 @@ use tokio::net::{UnixListener, UnixStream};
 use super::AdminError;
 use super::protocol::{MAX_REQUEST_BYTES, Reply, Request, parse};
 
+/// The kernel's credentials of a caller (SO_PEERCRED).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: Option<i32>,
+}
+
 /// Who may use the control socket: root, and the configured operators.
 #[derive(Debug, Clone, Default)]
 pub struct Authoriser {
@@ -28,7 +36,7 @@ impl Authoriser {
 /// earlier agent is replaced.
 pub async fn serve<H>(path: &Path, auth: Authoriser, handler: H) -> Result<(), AdminError>
 where
-    H: Fn(Request) -> Reply + Send + Sync + 'static,
+    H: Fn(Peer, Request) -> Reply + Send + Sync + 'static,
 {
     let io = |source| AdminError::Io {
         path: path.to_owned(),
@@ -59,7 +67,7 @@ where
 
 async fn connection<H>(stream: UnixStream, auth: &Authoriser, handler: &H) -> std::io::Result<()>
 where
-    H: Fn(Request) -> Reply,
+    H: Fn(Peer, Request) -> Reply,
 {
     let cred = stream.peer_cred()?;
     let (uid, gid, pid) = (cred.uid(), cred.gid(), cred.pid());
@@ -102,7 +110,7 @@ where
         let reply = match parse(&line) {
             Ok(request) => {
                 tracing::info!(uid, ?pid, ?request, "control request");
-                handler(request)
+                handler(Peer { uid, gid, pid }, request)
             }
             Err(message) => {
                 tracing::warn!(uid, ?pid, %message, "control socket: bad request");

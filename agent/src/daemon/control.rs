@@ -6,14 +6,14 @@ use idgate_common::{UNKNOWN_SLOT, slot_policy, verdict};
 use serde_json::{Value, json};
 
 use super::state::State;
-use crate::admin::{Reply, Request};
+use crate::admin::{Peer, Reply, Request};
 use crate::identity::SpiffeId;
 use crate::policy;
 
 /// The slot `explain` compiles a lone identity into.
 const EXPLAIN_SLOT: u32 = 1;
 
-pub fn handle(state: &mut State, request: Request) -> Reply {
+pub fn handle(state: &mut State, peer: Peer, request: Request) -> Reply {
     match request {
         Request::Status => Reply::ok(status(state)),
         Request::PolicyReload => match state.reload() {
@@ -36,6 +36,16 @@ pub fn handle(state: &mut State, request: Request) -> Reply {
         } => explain(state, &identity, &to, &protocol).unwrap_or_else(Reply::error),
         Request::Revoke { identity } => revoke(state, &identity, true),
         Request::Unrevoke { identity } => revoke(state, &identity, false),
+        Request::Workloads => Reply::ok(json!({
+            "scope": state.scope_dir,
+            "workloads": state.workloads.iter().collect::<Vec<_>>(),
+            "kubernetes": "no kubelet configured: k8s selectors match nothing",
+        })),
+        Request::Run {
+            identity,
+            ttl_seconds,
+            pid,
+        } => run(state, peer, &identity, ttl_seconds, pid).unwrap_or_else(Reply::error),
     }
 }
 
@@ -78,6 +88,38 @@ fn revoke(state: &mut State, identity: &str, revoked: bool) -> Reply {
         })),
         Err(e) => Reply::error(e.to_string()),
     }
+}
+
+/// `idgate run`: the process to move must be a child of the caller, so an
+/// operator's request cannot carry off someone else's process.
+fn run(
+    state: &mut State,
+    peer: Peer,
+    identity: &str,
+    ttl_seconds: Option<u64>,
+    pid: u32,
+) -> Result<Reply, String> {
+    let id = parse_id(identity)?;
+    let ttl = match ttl_seconds {
+        Some(0) => return Err("ttl must be at least one second".into()),
+        other => other.map(std::time::Duration::from_secs),
+    };
+    let parent = procfs::process::Process::new(pid as i32)
+        .and_then(|p| p.stat())
+        .map_err(|e| format!("process {pid}: {e}"))?
+        .ppid;
+    if Some(parent) != peer.pid {
+        return Err(format!(
+            "process {pid} is not a child of the caller (pid {:?})",
+            peer.pid
+        ));
+    }
+    let cgroup = state.run(id.clone(), ttl, pid).map_err(|e| e.to_string())?;
+    Ok(Reply::ok(json!({
+        "identity": id.as_str(),
+        "cgroup": cgroup,
+        "slot": state.slot_of(&id),
+    })))
 }
 
 /// Which rule of the running policy decides a connect, as the kernel

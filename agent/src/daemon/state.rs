@@ -1,26 +1,28 @@
 //! The running agent's state and the operations that change it: start,
-//! reload, revoke. Every operation checks its input fully before it
-//! touches the kernel, and the kernel switches policy atomically.
+//! attestation, reload, revocation, `run`. Every operation checks its
+//! input in full before it touches the kernel, and policy switches in the
+//! kernel atomically.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::bpf::{self, Enforcer};
 use crate::cgroup;
 use crate::config::Config;
-use crate::identity::SpiffeId;
+use crate::identity::{self, Entry, SpiffeId, k8s::Pods};
 use crate::policy::{self, CompiledPolicy, PolicySet};
 
 use super::DaemonError;
 use super::revocations::Revocations;
+use super::workloads::{RUN_PREFIX, Workloads};
 
-/// What one application of policy and bindings put in the kernel.
+/// What the kernel holds now.
 pub struct Applied {
     /// Slot and SPIFFE ID of every identity that holds a slot: those with a
     /// bound cgroup, and the revoked ones.
     pub identities: Vec<(u32, SpiffeId)>,
-    /// Bound cgroup ids and their slots.
+    /// Bound cgroup ids and their slots (the identities map, mirrored).
     pub bound: BTreeMap<u64, u32>,
     /// The policy generation now active.
     pub generation: u32,
@@ -31,27 +33,40 @@ pub struct Applied {
 /// The running agent.
 pub struct State {
     pub config: Config,
+    pub root: PathBuf,
     pub scope_dir: PathBuf,
     pub enforcer: Enforcer,
     pub policy: PolicySet,
+    pub entries: Vec<Entry>,
+    pub pods: Pods,
+    pub workloads: Workloads,
     pub revocations: Revocations,
     pub applied: Applied,
     pub started: Instant,
     pub reloads: u64,
     pub reload_errors: u64,
+    runs: u64,
 }
 
 impl State {
-    /// Checks the policy, the revocation file and the privileges, then puts
-    /// the programs in place (or adopts them) and applies everything.
+    /// Checks the policy, the entries, the revocation file and the
+    /// privileges, then puts the programs in place (or adopts them),
+    /// attests every cgroup of the scope and applies everything.
     pub fn start(config: Config) -> Result<Self, DaemonError> {
         let policy = policy::load(&config.policy, &config.trust_domains)?;
+        let entries = load_entries(&config)?;
         let revocations = Revocations::load(&config.state_dir)?;
         crate::privileges::check().map_err(DaemonError::Privileges)?;
 
-        let scope_dir = cgroup::cgroup2_root()?.join(&config.scope);
+        let root = cgroup::cgroup2_root()?;
+        let scope_dir = root.join(&config.scope);
         cgroup::ensure_dir(&scope_dir)?;
-        let mut enforcer = bpf::install(&config.pin_dir, &scope_dir)?;
+        // Cgroups the configuration declares are made, so workloads can be
+        // started in them.
+        for w in &config.workloads {
+            cgroup::ensure_dir(&scope_dir.join(&w.cgroup))?;
+        }
+        let enforcer = bpf::install(&config.pin_dir, &scope_dir)?;
         tracing::info!(
             scope = %scope_dir.display(),
             pin_dir = %config.pin_dir.display(),
@@ -59,52 +74,85 @@ impl State {
             attached = ?enforcer.attachment.attached,
             "programs in place"
         );
-        let applied = apply(&mut enforcer, &config, &scope_dir, &policy, &revocations)?;
-        tracing::info!(
-            generation = applied.generation,
-            identities = applied.identities.len(),
-            workloads = applied.bound.len(),
-            revoked = revocations.ids().len(),
-            mode = ?policy.mode,
-            "policy active"
-        );
-        Ok(Self {
+        let bound = enforcer.maps.bindings()?;
+        let mut state = Self {
+            workloads: Workloads::new(root.clone()),
             config,
+            root,
             scope_dir,
             enforcer,
             policy,
+            entries,
+            pods: Pods::default(),
             revocations,
-            applied,
+            applied: Applied {
+                identities: Vec::new(),
+                bound,
+                generation: 0,
+                compiled: CompiledPolicy::default(),
+            },
             started: Instant::now(),
             reloads: 0,
             reload_errors: 0,
-        })
+            runs: 0,
+        };
+        state.attest_all();
+        state.sync(true)?;
+        tracing::info!(
+            generation = state.applied.generation,
+            identities = state.applied.identities.len(),
+            workloads = state.applied.bound.len(),
+            revoked = state.revocations.ids().len(),
+            mode = ?state.policy.mode,
+            "policy active"
+        );
+        Ok(state)
     }
 
-    /// Re-reads the policy path; on any error the running policy stays
-    /// exactly as it was and the error is returned as it should be shown.
+    /// Attests the given cgroup directories (the scope itself means all of
+    /// them) and brings the kernel in line.
+    pub fn attest(&mut self, dirs: &BTreeSet<PathBuf>) -> Result<(), DaemonError> {
+        if dirs.contains(&self.scope_dir) {
+            self.attest_all();
+        } else {
+            let now = SystemTime::now();
+            for dir in dirs {
+                self.workloads.attest(dir, &self.entries, &self.pods, now);
+            }
+        }
+        self.remove_finished_runs();
+        self.sync(false)
+    }
+
+    /// The periodic pass: expire bindings, re-attest everything.
+    pub fn resync(&mut self) -> Result<(), DaemonError> {
+        self.workloads.expire(SystemTime::now());
+        self.attest_all();
+        self.remove_finished_runs();
+        self.sync(false)
+    }
+
+    /// Expires bindings whose TTL ran out.
+    pub fn expire(&mut self) -> Result<(), DaemonError> {
+        if self.workloads.expire(SystemTime::now()) {
+            self.sync(false)?;
+        }
+        Ok(())
+    }
+
+    fn attest_all(&mut self) {
+        self.workloads.prune();
+        let now = SystemTime::now();
+        for dir in Workloads::scan(&self.scope_dir) {
+            self.workloads.attest(&dir, &self.entries, &self.pods, now);
+        }
+    }
+
+    /// Re-reads the policy and the entries; on any error the running policy
+    /// and bindings stay exactly as they were and the error is returned as
+    /// it should be shown.
     pub fn reload(&mut self) -> Result<Reloaded, String> {
-        let result = policy::load(&self.config.policy, &self.config.trust_domains)
-            .map_err(|e| e.to_string())
-            .and_then(|new| {
-                let previous = self.applied.generation;
-                let applied = apply(
-                    &mut self.enforcer,
-                    &self.config,
-                    &self.scope_dir,
-                    &new,
-                    &self.revocations,
-                )
-                .map_err(|e| e.to_string())?;
-                let diff = policy::diff(&self.policy, &new);
-                self.policy = new;
-                self.applied = applied;
-                Ok(Reloaded {
-                    previous,
-                    generation: self.applied.generation,
-                    diff,
-                })
-            });
+        let result = self.try_reload();
         match &result {
             Ok(r) => {
                 self.reloads += 1;
@@ -118,20 +166,83 @@ impl State {
         result
     }
 
+    fn try_reload(&mut self) -> Result<Reloaded, String> {
+        let td = &self.config.trust_domains;
+        let new = policy::load(&self.config.policy, td).map_err(|e| e.to_string())?;
+        let entries = load_entries(&self.config).map_err(|e| e.to_string())?;
+        let previous = self.applied.generation;
+        let diff = policy::diff(&self.policy, &new);
+        let old_policy = std::mem::replace(&mut self.policy, new);
+        let old_entries = std::mem::replace(&mut self.entries, entries);
+        self.attest_all();
+        if let Err(e) = self.sync(true) {
+            // The kernel still holds the old generation: keep the old
+            // policy in memory to match it.
+            self.policy = old_policy;
+            self.entries = old_entries;
+            return Err(e.to_string());
+        }
+        Ok(Reloaded {
+            previous,
+            generation: self.applied.generation,
+            diff,
+        })
+    }
+
     /// Revokes or restores an identity: the file first, then one map
     /// update that denies (or releases) every cgroup bound to it.
     pub fn set_revoked(&mut self, id: &SpiffeId, revoked: bool) -> Result<bool, DaemonError> {
         let changed = self.revocations.set(id, revoked)?;
-        let applied = apply(
-            &mut self.enforcer,
-            &self.config,
-            &self.scope_dir,
-            &self.policy,
-            &self.revocations,
-        )?;
-        self.applied = applied;
+        self.sync(false)?;
+        if let Some(slot) = self.slot_of(id) {
+            self.enforcer.maps.set_revoked(slot, revoked)?;
+        }
         tracing::warn!(identity = %id, revoked, changed, "revocation changed");
         Ok(changed)
+    }
+
+    /// `idgate run`: makes a cgroup under the scope, binds it to `id`, and
+    /// moves `pid` (the caller's child, waiting to exec) into it. Returns
+    /// the cgroup's path relative to the cgroup v2 root.
+    pub fn run(
+        &mut self,
+        id: SpiffeId,
+        ttl: Option<Duration>,
+        pid: u32,
+    ) -> Result<String, DaemonError> {
+        self.runs += 1;
+        let dir = self
+            .scope_dir
+            .join(format!("{RUN_PREFIX}{pid}-{}", self.runs));
+        cgroup::ensure_dir(&dir)?;
+        self.workloads.bind_operator(&dir, id.clone(), ttl);
+        let moved = self
+            .sync(false)
+            .and_then(|()| cgroup::move_process(&dir, pid).map_err(DaemonError::from));
+        if let Err(e) = moved {
+            let _ = std::fs::remove_dir(&dir);
+            self.workloads.prune();
+            let _ = self.sync(false);
+            return Err(e);
+        }
+        tracing::info!(cgroup = %dir.display(), identity = %id, pid, ?ttl, "run: bound and started");
+        Ok(format!(
+            "/{}",
+            dir.strip_prefix(&self.root).unwrap_or(&dir).display()
+        ))
+    }
+
+    /// Removes the cgroups of `idgate run` whose command has exited.
+    fn remove_finished_runs(&mut self) {
+        for dir in self.workloads.finished_runs() {
+            match std::fs::remove_dir(&dir) {
+                Ok(()) => tracing::info!(cgroup = %dir.display(), "run finished; cgroup removed"),
+                Err(e) => {
+                    tracing::warn!(cgroup = %dir.display(), error = %e, "cannot remove a finished run's cgroup")
+                }
+            }
+        }
+        self.workloads.prune();
     }
 
     /// The slot an identity holds now, if any.
@@ -142,6 +253,72 @@ impl State {
             .find(|(_, i)| i == id)
             .map(|(s, _)| *s)
     }
+
+    /// Brings the kernel in line with the workload table. With `recompile`,
+    /// or when an identity without a slot is now needed, the policy is
+    /// compiled for every identity that needs a slot and switched to; then
+    /// revoked slots are marked, bindings written and removed, and slots
+    /// nobody needs freed. In this order a cgroup never points at a slot
+    /// without policy, and a freed slot number is never under a binding.
+    fn sync(&mut self, recompile: bool) -> Result<(), DaemonError> {
+        let wanted: BTreeMap<u64, SpiffeId> = self
+            .workloads
+            .bound()
+            .map(|(cg, id)| (cg, id.clone()))
+            .collect();
+        let mut ids: BTreeSet<SpiffeId> = wanted.values().cloned().collect();
+        ids.extend(self.revocations.ids().iter().cloned());
+        let have: BTreeSet<&SpiffeId> = self.applied.identities.iter().map(|(_, id)| id).collect();
+        if recompile || ids.iter().any(|id| !have.contains(id)) {
+            let slots = self.enforcer.slots.assign(&ids)?;
+            let compiled = policy::compile(&self.policy, &slots);
+            self.applied.generation = self.enforcer.maps.apply(&compiled)?;
+            for (slot, id) in &slots {
+                self.enforcer
+                    .maps
+                    .set_revoked(*slot, self.revocations.contains(id))?;
+            }
+            self.applied.identities = slots;
+            self.applied.compiled = compiled;
+        }
+        let slot_of: BTreeMap<&SpiffeId, u32> = self
+            .applied
+            .identities
+            .iter()
+            .map(|(s, id)| (id, *s))
+            .collect();
+        for (cg, id) in &wanted {
+            let slot = slot_of[id];
+            if self.applied.bound.get(cg) != Some(&slot) {
+                self.enforcer.maps.bind(*cg, slot)?;
+                self.applied.bound.insert(*cg, slot);
+            }
+        }
+        let stale: Vec<u64> = self
+            .applied
+            .bound
+            .keys()
+            .filter(|cg| !wanted.contains_key(cg))
+            .copied()
+            .collect();
+        for cg in stale {
+            self.enforcer.maps.unbind(cg)?;
+            self.applied.bound.remove(&cg);
+        }
+        if recompile {
+            let keep: BTreeSet<u32> = self.applied.identities.iter().map(|(s, _)| *s).collect();
+            self.enforcer.slots.retain(&keep)?;
+        }
+        Ok(())
+    }
+}
+
+/// The entries files' entries and those the configuration's
+/// `[[workload]]` tables stand for.
+fn load_entries(config: &Config) -> Result<Vec<Entry>, identity::EntriesError> {
+    let mut entries = identity::load_entries(&config.entries, &config.trust_domains)?;
+    entries.extend(config.workload_entries.iter().cloned());
+    Ok(entries)
 }
 
 /// What a successful reload did.
@@ -149,53 +326,4 @@ pub struct Reloaded {
     pub previous: u32,
     pub generation: u32,
     pub diff: policy::PolicyDiff,
-}
-
-/// Compiles the policy for every identity that needs a slot, switches the
-/// kernel to it, marks revoked slots, then brings the bindings in line and
-/// frees slots nobody holds. In this order a cgroup never points at a slot
-/// without policy, and a freed slot number is never under a binding.
-fn apply(
-    enforcer: &mut Enforcer,
-    config: &Config,
-    scope_dir: &std::path::Path,
-    policy: &PolicySet,
-    revocations: &Revocations,
-) -> Result<Applied, DaemonError> {
-    let mut wanted: Vec<(u64, SpiffeId)> = Vec::new();
-    for (rel, id) in config.bindings() {
-        // A statically bound cgroup is the operator's declaration: make it
-        // if it is missing, so workloads can be started in it.
-        let dir = scope_dir.join(&rel);
-        cgroup::ensure_dir(&dir)?;
-        wanted.push((cgroup::cgroup_id(&dir)?, id));
-    }
-    let mut ids: BTreeSet<SpiffeId> = wanted.iter().map(|(_, id)| id.clone()).collect();
-    ids.extend(revocations.ids().iter().cloned());
-    let slots = enforcer.slots.assign(&ids)?;
-    let compiled = policy::compile(policy, &slots);
-    let generation = enforcer.maps.apply(&compiled)?;
-    for (slot, id) in &slots {
-        enforcer.maps.set_revoked(*slot, revocations.contains(id))?;
-    }
-
-    let slot_of: BTreeMap<&SpiffeId, u32> = slots.iter().map(|(s, id)| (id, *s)).collect();
-    let bound: BTreeMap<u64, u32> = wanted.iter().map(|(cg, id)| (*cg, slot_of[id])).collect();
-    for (cg, slot) in &bound {
-        enforcer.maps.bind(*cg, *slot)?;
-    }
-    for cg in enforcer.maps.bindings()?.keys() {
-        if !bound.contains_key(cg) {
-            enforcer.maps.unbind(*cg)?;
-        }
-    }
-    enforcer
-        .slots
-        .retain(&slots.iter().map(|(s, _)| *s).collect())?;
-    Ok(Applied {
-        identities: slots,
-        bound,
-        generation,
-        compiled,
-    })
 }

@@ -81,6 +81,59 @@ pub enum EntryProblem {
     Selector(#[from] SelectorError),
     #[error("ttl {0:?}: expected a duration above zero such as 90s, 30m, 1h or 1h 30m")]
     Ttl(String),
+    #[error("id {id}: trust domain {domain:?} is not one this agent is configured for")]
+    TrustDomain { id: String, domain: String },
+}
+
+/// Why the registration entries could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum EntriesError {
+    #[error("cannot read entries {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(EntryErrors),
+}
+
+/// Reads the entries file, or every `*.toml` file of an entries
+/// directory, reporting every problem of every file at once. With
+/// `trust_domains` set, every entry's ID must be in one of them.
+pub fn load_entries(path: &Path, trust_domains: &[String]) -> Result<Vec<Entry>, EntriesError> {
+    let read_err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| EntriesError::Read { path, source }
+    };
+    let mut entries = Vec::new();
+    let mut errors = Vec::new();
+    for file in crate::files::toml_files(path).map_err(read_err(path))? {
+        let text = std::fs::read_to_string(&file).map_err(read_err(&file))?;
+        match parse_entries(&file, &text) {
+            Ok(parsed) => {
+                for entry in parsed {
+                    let domain = entry.id.trust_domain();
+                    if !trust_domains.is_empty() && !trust_domains.iter().any(|t| t == domain) {
+                        errors.push(EntryError {
+                            problem: EntryProblem::TrustDomain {
+                                id: entry.id.to_string(),
+                                domain: domain.to_owned(),
+                            },
+                            origin: entry.origin.clone(),
+                        });
+                    } else {
+                        entries.push(entry);
+                    }
+                }
+            }
+            Err(EntryErrors(e)) => errors.extend(e),
+        }
+    }
+    if errors.is_empty() {
+        Ok(entries)
+    } else {
+        Err(EntriesError::Invalid(EntryErrors(errors)))
+    }
 }
 
 /// Everything wrong in an entries file, one error a line.

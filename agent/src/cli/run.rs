@@ -1,0 +1,97 @@
+//! `idgate run --identity ID [--ttl D] -- CMD ARGS`: runs a command in a
+//! cgroup of its own, bound to an identity by the agent.
+//!
+//! The command is forked first and waits; the agent checks the caller is
+//! an operator and the waiting process is the caller's child, makes the
+//! cgroup, binds it and moves the process in; only then does the process
+//! exec the command, so its first connect is already judged by the
+//! identity. The agent removes the cgroup once the command has exited.
+
+use std::ffi::CString;
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use idgate::admin::Request;
+use nix::sys::wait::{WaitStatus, waitpid};
+use nix::unistd::{ForkResult, execvp, fork, pipe, read, write};
+
+use super::{Connection, text};
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// The SPIFFE ID the command runs as.
+    #[arg(long)]
+    identity: String,
+    /// The binding expires after this long (e.g. `90s`, `30m`, `2h`); the
+    /// command is denied every connect from then on.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    ttl: Option<Duration>,
+    #[command(flatten)]
+    conn: Connection,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    let argv: Vec<CString> = args
+        .command
+        .iter()
+        .map(|a| CString::new(a.as_str()))
+        .collect::<Result<_, _>>()
+        .context("the command has a NUL byte")?;
+    let (gate_read, gate_write) = pipe().context("pipe")?;
+    // SAFETY: the CLI is single-threaded here; the child only reads a pipe
+    // and execs (or exits).
+    match unsafe { fork() }.context("fork")? {
+        ForkResult::Child => {
+            drop(gate_write);
+            child(gate_read, &argv)
+        }
+        ForkResult::Parent { child } => {
+            drop(gate_read);
+            let started = args.conn.request(Request::Run {
+                identity: args.identity,
+                ttl_seconds: args.ttl.map(|t| t.as_secs().max(1)),
+                pid: child.as_raw() as u32,
+            });
+            let reply = match started {
+                Ok(reply) => reply,
+                Err(e) => {
+                    // Closing the gate unsent makes the child exit.
+                    drop(gate_write);
+                    let _ = waitpid(child, None);
+                    return Err(e);
+                }
+            };
+            if !args.conn.json {
+                eprintln!(
+                    "idgate: running as {} in {}",
+                    text(&reply["identity"]),
+                    text(&reply["cgroup"])
+                );
+            }
+            write(gate_write.as_fd(), b"go").context("starting the command")?;
+            drop(gate_write);
+            match waitpid(child, None).context("waiting for the command")? {
+                WaitStatus::Exited(_, 0) => Ok(()),
+                WaitStatus::Exited(_, code) => std::process::exit(code),
+                WaitStatus::Signaled(_, sig, _) => bail!("the command was killed by {sig}"),
+                other => bail!("the command ended: {other:?}"),
+            }
+        }
+    }
+}
+
+/// In the forked child: wait for the agent's go, then exec.
+fn child(gate: OwnedFd, argv: &[CString]) -> ! {
+    let mut buf = [0u8; 2];
+    if !matches!(read(gate.as_fd(), &mut buf), Ok(2)) {
+        std::process::exit(126);
+    }
+    drop(gate);
+    let e = execvp(&argv[0], argv).unwrap_err();
+    eprintln!("idgate run: cannot run {:?}: {e}", argv[0]);
+    std::process::exit(127);
+}

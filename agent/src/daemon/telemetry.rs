@@ -1,0 +1,188 @@
+//! The daemon's side of events and metrics: the audit log and metrics
+//! listener are opened before anything is put in the kernel; once the
+//! programs are in place the events reader and the metrics server start;
+//! after every change the agent applies, the names events are given and
+//! the policy metrics are brought up to date.
+
+use std::sync::Arc;
+
+use idgate_common::{
+    GENERATIONS, MAX_BOUND_CGROUPS, MAX_DEST_ENTRIES, MAX_PORT_ENTRIES, MAX_SLOTS, maps,
+};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use super::DaemonError;
+use super::state::State;
+use crate::config::Config;
+use crate::events::{self, EventMetrics, Names, Sinks};
+
+/// What is opened before the kernel is touched.
+pub struct Prepared {
+    sinks: Sinks,
+    listener: Option<std::net::TcpListener>,
+}
+
+/// Opens the audit log and binds the metrics listener: a path that cannot
+/// be written, or an address in use, stops the agent here.
+pub fn prepare(config: &Config) -> Result<Prepared, DaemonError> {
+    Ok(Prepared {
+        sinks: events::open_sinks(&config.events)?,
+        listener: config.metrics.bind()?,
+    })
+}
+
+impl Prepared {
+    /// Starts the events reader and the metrics server for the agent in
+    /// `state`, whose programs and maps are in place.
+    pub fn start(self, state: &State) -> Result<Telemetry, DaemonError> {
+        let mut registry = Registry::with_prefix("idgate");
+        let event_metrics = EventMetrics::new(&mut registry);
+        let telemetry = Telemetry {
+            names: Arc::new(Names::default()),
+            metrics: PolicyMetrics::new(&mut registry),
+        };
+        telemetry.publish(state);
+        events::start(
+            &state.config.pin_dir,
+            &state.config.events,
+            self.sinks,
+            telemetry.names.clone(),
+            event_metrics,
+        )?;
+        if let Some(listener) = self.listener {
+            crate::metrics::serve(listener, Arc::new(registry))?;
+        }
+        Ok(telemetry)
+    }
+}
+
+/// The running events reader's names, and the policy metrics.
+pub struct Telemetry {
+    names: Arc<Names>,
+    metrics: PolicyMetrics,
+}
+
+impl Telemetry {
+    /// Call after anything that may have changed what is applied.
+    pub fn publish(&self, state: &State) {
+        let applied = &state.applied;
+        self.names.publish(
+            applied.generation,
+            &applied.identities,
+            &applied.compiled.rules,
+        );
+        self.metrics.observe(state);
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabels {
+    map: &'static str,
+}
+
+/// Policy and map figures, read from the daemon's state.
+struct PolicyMetrics {
+    generation: Gauge,
+    reloads: Counter,
+    reload_errors: Counter,
+    identities: Gauge,
+    revoked: Gauge,
+    map_entries: Family<MapLabels, Gauge>,
+    map_capacity: Family<MapLabels, Gauge>,
+}
+
+impl PolicyMetrics {
+    fn new(registry: &mut Registry) -> Self {
+        let me = Self {
+            generation: Gauge::default(),
+            reloads: Counter::default(),
+            reload_errors: Counter::default(),
+            identities: Gauge::default(),
+            revoked: Gauge::default(),
+            map_entries: Family::default(),
+            map_capacity: Family::default(),
+        };
+        registry.register(
+            "policy_generation",
+            "The kernel's active policy generation (0 or 1)",
+            me.generation.clone(),
+        );
+        registry.register(
+            "policy_reloads",
+            "Policy reloads applied",
+            me.reloads.clone(),
+        );
+        registry.register(
+            "policy_reload_errors",
+            "Policy reloads refused (the running policy stayed)",
+            me.reload_errors.clone(),
+        );
+        registry.register(
+            "identities",
+            "Identities holding a slot (bound or revoked)",
+            me.identities.clone(),
+        );
+        registry.register(
+            "revoked_identities",
+            "Identities revoked",
+            me.revoked.clone(),
+        );
+        registry.register(
+            "map_entries",
+            "Entries the active policy and bindings use, by map",
+            me.map_entries.clone(),
+        );
+        registry.register(
+            "map_capacity",
+            "Entries one policy generation may use, by map (a reload needs room for two)",
+            me.map_capacity.clone(),
+        );
+        me
+    }
+
+    fn observe(&self, state: &State) {
+        let applied = &state.applied;
+        let compiled = &applied.compiled;
+        self.generation.set(i64::from(applied.generation));
+        self.reloads
+            .inc_by(state.reloads.saturating_sub(self.reloads.get()));
+        self.reload_errors
+            .inc_by(state.reload_errors.saturating_sub(self.reload_errors.get()));
+        self.identities.set(applied.identities.len() as i64);
+        self.revoked.set(state.revocations.ids().len() as i64);
+        let v4 = compiled
+            .dests
+            .iter()
+            .filter(|d| d.net.addr().is_ipv4())
+            .count();
+        let per_generation = |max: u32| max / GENERATIONS;
+        let fill = [
+            (maps::IDENTITIES, applied.bound.len(), MAX_BOUND_CGROUPS),
+            // Slot 0 is the unknown workload's, never handed out.
+            (maps::SLOT_IDS, applied.identities.len(), MAX_SLOTS - 1),
+            (maps::SLOT_POLICY, compiled.slots.len(), MAX_SLOTS),
+            (maps::DEST_V4, v4, per_generation(MAX_DEST_ENTRIES)),
+            (
+                maps::DEST_V6,
+                compiled.dests.len() - v4,
+                per_generation(MAX_DEST_ENTRIES),
+            ),
+            (
+                maps::PORTS,
+                compiled.ports.len(),
+                per_generation(MAX_PORT_ENTRIES),
+            ),
+        ];
+        for (map, entries, capacity) in fill {
+            let labels = MapLabels { map };
+            self.map_entries.get_or_create(&labels).set(entries as i64);
+            self.map_capacity
+                .get_or_create(&labels)
+                .set(i64::from(capacity));
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! What the events reader needs to name a record's slot and rule, per
+//! policy generation. The daemon publishes a new table after every change
+//! it applies; the reader takes a snapshot per batch.
+//!
+//! The kernel has two generations (0 and 1) and a record says which one
+//! decided it, so a record decided just before a reload is still named by
+//! the rule set that decided it. A record older than the reload before
+//! that (the reader was stalled over two reloads) would be named by the
+//! newer table of its generation: rule ids are only meaningful within one
+//! policy, so such a record's names may be wrong; its ids are not.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use idgate_common::UNKNOWN_SLOT;
+
+use crate::identity::SpiffeId;
+use crate::policy::RuleInfo;
+
+/// The names of one applied policy generation.
+#[derive(Debug, Default)]
+pub struct GenerationNames {
+    identities: HashMap<u32, SpiffeId>,
+    /// Indexed by rule id.
+    rules: Vec<RuleInfo>,
+}
+
+/// How a record's slot is named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotName<'a> {
+    /// The unknown-workload slot.
+    Unknown,
+    Identity(&'a SpiffeId),
+    /// A slot this agent has no name for (decided by a policy it did not
+    /// apply, e.g. left in the ring buffer by an earlier agent).
+    Unresolved,
+}
+
+impl GenerationNames {
+    pub fn slot(&self, slot: u32) -> SlotName<'_> {
+        if slot == UNKNOWN_SLOT {
+            return SlotName::Unknown;
+        }
+        self.identities
+            .get(&slot)
+            .map_or(SlotName::Unresolved, SlotName::Identity)
+    }
+
+    pub fn rule(&self, rule_id: u32) -> Option<&RuleInfo> {
+        self.rules.get(rule_id as usize)
+    }
+}
+
+/// The shared, swappable tables: one per kernel generation.
+#[derive(Debug, Default)]
+pub struct Names {
+    tables: RwLock<[Option<Arc<GenerationNames>>; 2]>,
+}
+
+/// A reader's view for one batch of records.
+pub type Snapshot = [Option<Arc<GenerationNames>>; 2];
+
+impl Names {
+    /// Publishes the names of the active generation.
+    pub fn publish(&self, generation: u32, identities: &[(u32, SpiffeId)], rules: &[RuleInfo]) {
+        let table = GenerationNames {
+            identities: identities.iter().cloned().collect(),
+            rules: rules.to_vec(),
+        };
+        self.tables.write().expect("names lock")[(generation & 1) as usize] = Some(Arc::new(table));
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        self.tables.read().expect("names lock").clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(name: &str) -> RuleInfo {
+        RuleInfo {
+            owner: "spiffe://example.org/a".into(),
+            name: name.into(),
+        }
+    }
+
+    #[test]
+    fn each_generation_keeps_its_own_names() {
+        let a: SpiffeId = "spiffe://example.org/a".parse().unwrap();
+        let names = Names::default();
+        names.publish(1, &[(3, a.clone())], &[rule("default"), rule("old")]);
+        names.publish(0, &[], &[rule("default"), rule("new")]);
+        let snap = names.snapshot();
+        let (g0, g1) = (snap[0].as_ref().unwrap(), snap[1].as_ref().unwrap());
+        assert_eq!(g1.slot(3), SlotName::Identity(&a));
+        assert_eq!(g0.slot(3), SlotName::Unresolved);
+        assert_eq!(g0.slot(UNKNOWN_SLOT), SlotName::Unknown);
+        assert_eq!(g1.rule(1).unwrap().name, "old");
+        assert_eq!(g0.rule(1).unwrap().name, "new");
+        assert!(g0.rule(2).is_none());
+    }
+}

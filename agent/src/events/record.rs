@@ -1,0 +1,356 @@
+//! Decoding a kernel decision record and naming what it refers to: the
+//! identity of its slot, its rule, the wall-clock time and the executable.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::{Duration, UNIX_EPOCH};
+
+use idgate_common::{DecisionRecord, RECORD_LAYOUT, hook, reason, record_flags, verdict};
+use nix::time::{ClockId, clock_gettime};
+use serde::Serialize;
+
+use super::names::{SlotName, Snapshot};
+
+/// `version` of the JSON events this agent writes (`docs/events.md`).
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Why a ring-buffer item is not a record this agent can read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("record of {0} bytes, expected {expected}", expected = size_of::<DecisionRecord>())]
+    Size(usize),
+    #[error("record layout {0}, this agent reads layout {RECORD_LAYOUT}")]
+    Layout(u32),
+    #[error("unknown {what} code {code}")]
+    Code { what: &'static str, code: u32 },
+}
+
+/// Reads one ring-buffer item as a [`DecisionRecord`].
+pub fn decode(bytes: &[u8]) -> Result<DecisionRecord, DecodeError> {
+    if bytes.len() != size_of::<DecisionRecord>() {
+        return Err(DecodeError::Size(bytes.len()));
+    }
+    // SAFETY: the length is the record's, and `DecisionRecord` is plain
+    // integers and byte arrays: every bit pattern is a value.
+    let record: DecisionRecord = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    if record.layout != RECORD_LAYOUT {
+        return Err(DecodeError::Layout(record.layout));
+    }
+    let code = |what, code| DecodeError::Code { what, code };
+    hook::name(record.hook).ok_or(code("hook", record.hook))?;
+    reason::name(record.reason).ok_or(code("reason", record.reason))?;
+    if record.verdict != verdict::ALLOW && record.verdict != verdict::DENY {
+        return Err(code("verdict", record.verdict));
+    }
+    Ok(record)
+}
+
+/// One decision with names: a line of the audit log. Field by field in
+/// `docs/events.md`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Event {
+    pub version: u32,
+    /// RFC 3339, UTC, nanoseconds.
+    pub time: String,
+    /// The kernel's `CLOCK_MONOTONIC` at the decision.
+    pub ktime_ns: u64,
+    pub verdict: &'static str,
+    pub reason: &'static str,
+    /// The SPIFFE ID, or `None` for the unknown workload and for a slot
+    /// this agent cannot name.
+    pub identity: Option<String>,
+    pub slot: u32,
+    pub generation: u32,
+    pub rule_id: u32,
+    /// The rule's name (`default` for a default decision), when known;
+    /// `None` for a revoked or policy-less slot.
+    pub rule: Option<String>,
+    pub hook: &'static str,
+    /// `tcp`, `udp`, `mptcp`, or the IP protocol number.
+    pub protocol: String,
+    pub dst_addr: IpAddr,
+    pub dst_port: u16,
+    pub v4_mapped: bool,
+    pub pid: u32,
+    pub tid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub comm: String,
+    /// The executable, when the thread still runs under the same name.
+    pub exe: Option<String>,
+    pub cgroup_id: u64,
+}
+
+/// Turns records into events.
+pub struct Enricher {
+    /// `CLOCK_REALTIME - CLOCK_BOOTTIME`, in nanoseconds.
+    boot_to_wall_ns: i128,
+    /// Executables looked up in this batch, by pid, tid and thread name.
+    exes: HashMap<(u32, u32, [u8; 16]), Option<String>>,
+}
+
+fn clock_ns(clock: ClockId) -> i128 {
+    let t = clock_gettime(clock).expect("clock_gettime of a clock the kernel has");
+    i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec())
+}
+
+impl Enricher {
+    pub fn new() -> Self {
+        let mut me = Self {
+            boot_to_wall_ns: 0,
+            exes: HashMap::new(),
+        };
+        me.begin_batch();
+        me
+    }
+
+    /// Call before each batch of records: takes the offset between boot
+    /// time and wall-clock time again (the clock may have been set), and
+    /// forgets the executables looked up (processes come and go).
+    pub fn begin_batch(&mut self) {
+        self.boot_to_wall_ns =
+            clock_ns(ClockId::CLOCK_REALTIME) - clock_ns(ClockId::CLOCK_BOOTTIME);
+        self.exes.clear();
+    }
+
+    /// The event of a record from [`decode`]. `names` is indexed by
+    /// generation.
+    pub fn event(&mut self, r: &DecisionRecord, names: &Snapshot) -> Event {
+        let table = names[(r.generation & 1) as usize].as_deref();
+        let identity = match table.map(|t| t.slot(r.slot)) {
+            Some(SlotName::Identity(id)) => Some(id.to_string()),
+            _ => None,
+        };
+        // A revoked or policy-less slot is denied before any rule is read.
+        let by_rule = !matches!(r.reason, reason::REVOKED | reason::NO_POLICY);
+        let rule = table
+            .filter(|_| by_rule)
+            .and_then(|t| t.rule(r.rule_id))
+            .map(|rule| rule.name.clone());
+        let (pid, tid) = ((r.pid_tgid >> 32) as u32, r.pid_tgid as u32);
+        let comm = comm(&r.comm);
+        let exe = self
+            .exes
+            .entry((pid, tid, r.comm))
+            .or_insert_with(|| exe_of(pid, tid, &comm))
+            .clone();
+        let wall_ns = i128::from(r.boot_ns) + self.boot_to_wall_ns;
+        let time = UNIX_EPOCH + Duration::from_nanos(u64::try_from(wall_ns).unwrap_or(0));
+        Event {
+            version: SCHEMA_VERSION,
+            time: humantime::format_rfc3339_nanos(time).to_string(),
+            ktime_ns: r.ktime_ns,
+            verdict: if r.verdict == verdict::ALLOW {
+                "allow"
+            } else {
+                "deny"
+            },
+            reason: reason::name(r.reason).expect("checked by decode"),
+            identity,
+            slot: r.slot,
+            generation: r.generation,
+            rule_id: r.rule_id,
+            rule,
+            hook: hook::name(r.hook).expect("checked by decode"),
+            protocol: protocol(r.protocol),
+            dst_addr: address(r),
+            dst_port: r.port as u16,
+            v4_mapped: r.flags & record_flags::V4_MAPPED != 0,
+            pid,
+            tid,
+            uid: r.uid_gid as u32,
+            gid: (r.uid_gid >> 32) as u32,
+            comm,
+            exe,
+            cgroup_id: r.cgroup_id,
+        }
+    }
+}
+
+fn address(r: &DecisionRecord) -> IpAddr {
+    match r.hook {
+        hook::CONNECT4 | hook::SENDMSG4 => {
+            IpAddr::V4(Ipv4Addr::new(r.addr[0], r.addr[1], r.addr[2], r.addr[3]))
+        }
+        _ => IpAddr::V6(Ipv6Addr::from(r.addr)),
+    }
+}
+
+fn protocol(number: u32) -> String {
+    match number {
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        262 => "mptcp".into(),
+        n => n.to_string(),
+    }
+}
+
+/// The kernel's NUL-padded thread name.
+fn comm(raw: &[u8; 16]) -> String {
+    let len = raw.iter().position(|b| *b == 0).unwrap_or(raw.len());
+    String::from_utf8_lossy(&raw[..len]).into_owned()
+}
+
+/// The executable of process `pid`, if its thread `tid` still exists under
+/// the name the record has: a process that exited, or a pid reused by
+/// another program, gives `None` rather than a wrong answer.
+fn exe_of(pid: u32, tid: u32, comm: &str) -> Option<String> {
+    let now = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).ok()?;
+    if now.strip_suffix('\n').unwrap_or(&now) != comm {
+        return None;
+    }
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+    Some(exe.to_string_lossy().into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use idgate_common::UNKNOWN_SLOT;
+
+    use super::*;
+    use crate::events::names::Names;
+    use crate::policy::RuleInfo;
+
+    fn bytes(r: &DecisionRecord) -> Vec<u8> {
+        // SAFETY: a plain `repr(C)` record without padding.
+        unsafe { std::slice::from_raw_parts((r as *const DecisionRecord).cast(), size_of_val(r)) }
+            .to_vec()
+    }
+
+    /// A deny by rule 1 of slot 3, made by this very thread.
+    fn sample() -> DecisionRecord {
+        let mut comm = [0u8; 16];
+        let me = std::fs::read_to_string("/proc/thread-self/comm").unwrap();
+        let me = me.trim_end().as_bytes();
+        comm[..me.len()].copy_from_slice(me);
+        let tid = nix::unistd::gettid().as_raw() as u64;
+        DecisionRecord {
+            ktime_ns: 5,
+            boot_ns: clock_ns(ClockId::CLOCK_BOOTTIME) as u64,
+            cgroup_id: 77,
+            pid_tgid: (u64::from(std::process::id()) << 32) | tid,
+            uid_gid: (1002 << 32) | 1001,
+            slot: 3,
+            generation: 1,
+            hook: hook::CONNECT6,
+            protocol: 6,
+            verdict: verdict::DENY,
+            reason: reason::RULE,
+            rule_id: 1,
+            flags: record_flags::V4_MAPPED,
+            port: 443,
+            layout: RECORD_LAYOUT,
+            addr: "::ffff:10.1.2.3".parse::<Ipv6Addr>().unwrap().octets(),
+            comm,
+        }
+    }
+
+    fn names() -> Names {
+        let names = Names::default();
+        let rules = [
+            RuleInfo {
+                owner: String::new(),
+                name: "default".into(),
+            },
+            RuleInfo {
+                owner: "spiffe://example.org/web".into(),
+                name: "no-metadata".into(),
+            },
+        ];
+        names.publish(
+            1,
+            &[(3, "spiffe://example.org/web".parse().unwrap())],
+            &rules,
+        );
+        names
+    }
+
+    #[test]
+    fn decodes_and_names_a_record() {
+        let r = sample();
+        let decoded = decode(&bytes(&r)).unwrap();
+        assert_eq!(decoded, r);
+        let e = Enricher::new().event(&decoded, &names().snapshot());
+        assert_eq!(e.version, SCHEMA_VERSION);
+        assert_eq!(e.identity.as_deref(), Some("spiffe://example.org/web"));
+        assert_eq!(e.rule.as_deref(), Some("no-metadata"));
+        assert_eq!((e.verdict, e.reason, e.hook), ("deny", "rule", "connect6"));
+        assert_eq!(e.protocol, "tcp");
+        assert_eq!(e.dst_addr.to_string(), "::ffff:10.1.2.3");
+        assert!(e.v4_mapped);
+        assert_eq!((e.dst_port, e.uid, e.gid), (443, 1001, 1002));
+        assert_eq!(e.pid, std::process::id());
+        assert_eq!(
+            e.exe,
+            Some(std::env::current_exe().unwrap().display().to_string())
+        );
+        // The wall-clock time is now, give or take.
+        let t = humantime::parse_rfc3339(&e.time).unwrap();
+        let skew = t.elapsed().unwrap_or_default();
+        assert!(
+            skew < Duration::from_secs(5),
+            "{} is off by {skew:?}",
+            e.time
+        );
+    }
+
+    #[test]
+    fn another_generation_or_a_gone_thread_is_not_named() {
+        let mut r = sample();
+        r.generation = 0;
+        r.comm = *b"someone-else\0\0\0\0";
+        r.hook = hook::SENDMSG4;
+        r.addr = [192, 0, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let e = Enricher::new().event(&r, &names().snapshot());
+        assert_eq!((e.identity, e.rule, e.exe), (None, None, None));
+        assert_eq!(e.dst_addr.to_string(), "192.0.2.1");
+        assert_eq!(e.comm, "someone-else");
+
+        r.slot = UNKNOWN_SLOT;
+        let none: Snapshot = [None, Some(Arc::default())];
+        assert_eq!(Enricher::new().event(&r, &none).identity, None);
+    }
+
+    #[test]
+    fn a_revoked_decision_names_no_rule() {
+        let mut r = sample();
+        r.reason = reason::REVOKED;
+        r.rule_id = 0;
+        let e = Enricher::new().event(&r, &names().snapshot());
+        assert_eq!((e.reason, e.rule), ("revoked", None));
+        assert_eq!(e.identity.as_deref(), Some("spiffe://example.org/web"));
+    }
+
+    #[test]
+    fn rejects_what_it_cannot_read() {
+        let r = sample();
+        assert_eq!(decode(&bytes(&r)[..50]), Err(DecodeError::Size(50)));
+        let mut other = r;
+        other.layout = 2;
+        assert_eq!(decode(&bytes(&other)), Err(DecodeError::Layout(2)));
+        let mut other = r;
+        other.reason = 99;
+        assert!(matches!(
+            decode(&bytes(&other)),
+            Err(DecodeError::Code { what: "reason", .. })
+        ));
+        let mut other = r;
+        other.verdict = 7;
+        assert!(matches!(
+            decode(&bytes(&other)),
+            Err(DecodeError::Code {
+                what: "verdict",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn protocol_names() {
+        assert_eq!(protocol(17), "udp");
+        assert_eq!(protocol(262), "mptcp");
+        assert_eq!(protocol(132), "132");
+    }
+}
