@@ -274,10 +274,13 @@ impl Agent {
 
     /// Runs an `idgate` subcommand against this agent's socket.
     pub fn try_cli(&self, args: &[&str]) -> Result<String, String> {
+        // `--socket` goes before a `--` that starts a command's arguments.
+        let split = args.iter().position(|a| *a == "--").unwrap_or(args.len());
         let out = Command::new(target_bin("idgate"))
-            .args(args)
+            .args(&args[..split])
             .arg("--socket")
             .arg(&self.socket)
+            .args(&args[split..])
             .output()
             .expect("run idgate");
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -477,4 +480,111 @@ pub fn metric(text: &str, name: &str, labels: &str) -> Option<f64> {
         let (k, v) = line.rsplit_once(' ')?;
         (k == key).then(|| v.parse().expect("a number"))
     })
+}
+
+/// A long-running workload: the probe in `serve` mode, steered line by
+/// line. Killed on drop.
+pub struct Workload {
+    child: Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Workload {
+    /// Starts the probe in `serve` mode, as `uid` when given, in the
+    /// cgroup of the test (move it with [`Workload::join`] or
+    /// [`Workload::move_to`]).
+    pub fn start(uid: Option<u32>) -> Self {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new(target_bin("idgate-probe"));
+        cmd.arg("serve")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        if let Some(uid) = uid {
+            cmd.uid(uid).gid(uid);
+        }
+        let mut child = cmd.spawn().expect("spawn idgate-probe serve");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        Self {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends one command and returns its answer.
+    pub fn ask(&mut self, command: &str) -> String {
+        use std::io::{BufRead, Write};
+        writeln!(self.stdin, "{command}").expect("probe stdin");
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("probe stdout");
+        assert!(!line.is_empty(), "the probe ended");
+        line.trim().to_owned()
+    }
+
+    /// One connect or send from the workload.
+    pub fn call(&mut self, op: &str, addr: &str) -> String {
+        self.ask(&format!("{op} {addr}"))
+    }
+
+    /// The workload moves itself into `dir` (it needs the right to).
+    pub fn join(&mut self, dir: &Path) -> String {
+        self.ask(&format!("join {}", dir.display()))
+    }
+
+    /// The test (root) moves the workload into `dir`.
+    pub fn move_to(&self, dir: &Path) {
+        std::fs::write(dir.join("cgroup.procs"), self.pid().to_string())
+            .unwrap_or_else(|e| panic!("moving {} into {}: {e}", self.pid(), dir.display()));
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Agent {
+    /// Writes the agent's registration entries (seen at start and on
+    /// reload).
+    pub fn write_entries(&self, entries: &str) {
+        std::fs::write(self.dir.join("entries/entries.toml"), entries).expect("write entries");
+    }
+
+    /// `idgate workloads --json`: the workloads array.
+    pub fn workloads(&self) -> Vec<serde_json::Value> {
+        let out = self
+            .try_cli(&["workloads", "--json"])
+            .expect("idgate workloads");
+        let v: serde_json::Value = serde_json::from_str(&out).expect("workloads JSON");
+        v["workloads"].as_array().expect("workloads array").clone()
+    }
+
+    /// The workload-table row of the cgroup at `dir`, once `pred` holds
+    /// for it (waits at most 10 s).
+    pub fn wait_workload(
+        &self,
+        dir: &Path,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let rel = format!(
+            "/{}",
+            dir.strip_prefix(cgroup2_root().expect("cgroup2"))
+                .expect("under cgroup2")
+                .display()
+        );
+        wait_for(what, Duration::from_secs(10), || {
+            self.workloads()
+                .into_iter()
+                .find(|w| w["path"] == rel.as_str() && pred(w))
+        })
+    }
 }

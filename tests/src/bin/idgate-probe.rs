@@ -4,6 +4,11 @@
 //!
 //! `idgate-probe [--cgroup DIR] tcp|udp-sendto|udp-connect ADDR:PORT`
 //!
+//! With `serve` it stays, reading commands from standard input, one a
+//! line: `OP ADDR:PORT` (answered with one line as above) or `join DIR`
+//! (moves itself into a cgroup; answered `ok` or the errno name). It ends
+//! at end of input.
+//!
 //! With `repeat N OP ADDR:PORT` it makes the call N times (bounded by N and
 //! by 60 s) and prints the count of each answer as JSON, e.g.
 //! `{"ok": 12, "EPERM": 30}`.
@@ -23,6 +28,21 @@ fn main() {
             .unwrap_or_else(|e| panic!("joining {procs}: {e}"));
     }
     match rest.as_slice() {
+        [serve] if serve == "serve" => {
+            use std::io::{BufRead, Write};
+            for line in std::io::stdin().lock().lines() {
+                let line = line.expect("stdin");
+                let answer = match line.split_once(' ') {
+                    Some(("join", dir)) => join(dir),
+                    Some((op, addr)) => once(op, &addr.parse().expect("ADDR:PORT")),
+                    None => panic!("bad command {line:?}"),
+                };
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "{answer}")
+                    .and_then(|()| out.flush())
+                    .expect("stdout");
+            }
+        }
         [op, addr] => println!("{}", once(op, &addr.parse().expect("ADDR:PORT"))),
         [repeat, n, op, addr] if repeat == "repeat" => {
             let n: u32 = n.parse().expect("repeat count");
@@ -46,6 +66,25 @@ fn main() {
     }
 }
 
+/// Moves this process into the cgroup at `dir`.
+fn join(dir: &str) -> String {
+    answer(std::fs::write(
+        format!("{dir}/cgroup.procs"),
+        std::process::id().to_string(),
+    ))
+}
+
+/// `ok`, or the errno name of the failure.
+fn answer(result: std::io::Result<()>) -> String {
+    match result {
+        Ok(()) => "ok".into(),
+        Err(e) => match e.raw_os_error() {
+            Some(code) => format!("{:?}", nix::errno::Errno::from_raw(code)),
+            None => format!("error {e}"),
+        },
+    }
+}
+
 /// One call: `ok` or the errno name.
 fn once(op: &str, addr: &SocketAddr) -> String {
     let addr = *addr;
@@ -55,13 +94,7 @@ fn once(op: &str, addr: &SocketAddr) -> String {
         "udp-connect" => local_udp(&addr).and_then(|s| s.connect(addr)),
         other => panic!("unknown operation {other}"),
     };
-    match result {
-        Ok(()) => "ok".into(),
-        Err(e) => match e.raw_os_error() {
-            Some(code) => format!("{:?}", nix::errno::Errno::from_raw(code)),
-            None => format!("error {e}"),
-        },
-    }
+    answer(result)
 }
 
 fn local_udp(dest: &SocketAddr) -> std::io::Result<UdpSocket> {
