@@ -8,6 +8,7 @@ mod discovery;
 mod revocations;
 mod state;
 mod telemetry;
+mod view;
 mod workloads;
 
 use std::collections::BTreeSet;
@@ -20,6 +21,23 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::admin::{self, Authoriser};
 use crate::config::Config;
 use state::State;
+use telemetry::Telemetry;
+use view::ViewPublisher;
+
+pub use view::IdentityView;
+
+/// Everything that follows the state: told after every change.
+struct Observers {
+    telemetry: Telemetry,
+    view: ViewPublisher,
+}
+
+impl Observers {
+    fn publish(&self, state: &State) {
+        self.telemetry.publish(state);
+        self.view.publish(state);
+    }
+}
 
 pub use revocations::RevocationError;
 
@@ -63,14 +81,22 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     let socket = config.control_socket.clone();
     let telemetry = telemetry::prepare(&config)?;
     let state = Arc::new(Mutex::new(State::start(config)?));
-    let telemetry = Arc::new(telemetry.start(&state.lock().expect("state lock"))?);
+    let (observers, _identities) = {
+        let state = state.lock().expect("state lock");
+        let (view, identities) = ViewPublisher::new(&state);
+        let observers = Observers {
+            telemetry: telemetry.start(&state)?,
+            view,
+        };
+        (Arc::new(observers), identities)
+    };
 
     let handler_state = state.clone();
-    let handler_telemetry = telemetry.clone();
+    let handler_observers = observers.clone();
     let server = admin::serve(&socket, auth, move |peer, request| {
         let mut state = handler_state.lock().expect("state lock");
         let reply = control::handle(&mut state, peer, request);
-        handler_telemetry.publish(&state);
+        handler_observers.publish(&state);
         reply
     });
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
@@ -102,7 +128,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
                 if let Err(e) = state.attest(&dirs) {
                     tracing::error!(error = %e, "attestation pass failed; unbound workloads stay denied");
                 }
-                telemetry.publish(&state);
+                observers.publish(&state);
             }
             _ = tick.tick() => {
                 let mut state = state.lock().expect("state lock");
@@ -115,7 +141,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
                 if let Err(e) = pass {
                     tracing::error!(error = %e, "resync failed; unbound workloads stay denied");
                 }
-                telemetry.publish(&state);
+                observers.publish(&state);
             }
             r = &mut watcher => {
                 let e = match r {
@@ -132,7 +158,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
                 // The outcome is logged by `reload`.
                 let mut state = state.lock().expect("state lock");
                 let _ = state.reload();
-                telemetry.publish(&state);
+                observers.publish(&state);
             }
         }
     };
