@@ -442,6 +442,15 @@ fn metrics_count_the_decisions_made() {
     assert_eq!(metric(&text, "idgate_policy_reloads_total", ""), Some(0.0));
     assert_eq!(metric(&text, "idgate_identities", ""), Some(2.0));
     assert_eq!(
+        metric(&text, "idgate_workloads", "state=\"attested\""),
+        Some(2.0)
+    );
+    // The stranger, and the scope cgroup itself.
+    assert_eq!(
+        metric(&text, "idgate_workloads", "state=\"unknown\""),
+        Some(2.0)
+    );
+    assert_eq!(
         metric(&text, "idgate_map_entries", "map=\"IDG_IDENTITIES\""),
         Some(2.0)
     );

@@ -2,9 +2,10 @@
 //! listener are opened before anything is put in the kernel; once the
 //! programs are in place the events reader and the metrics server start;
 //! after every change the agent applies, the names events are given and
-//! the policy metrics are brought up to date.
+//! the state's metrics are brought up to date.
 
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
 
 use idgate_common::{
     GENERATIONS, MAX_BOUND_CGROUPS, MAX_DEST_ENTRIES, MAX_PORT_ENTRIES, MAX_SLOTS, maps,
@@ -17,6 +18,7 @@ use prometheus_client::registry::Registry;
 
 use super::DaemonError;
 use super::state::State;
+use super::workloads::Binding;
 use crate::config::Config;
 use crate::events::{self, EventMetrics, Names, Sinks};
 
@@ -43,7 +45,7 @@ impl Prepared {
         let event_metrics = EventMetrics::new(&mut registry);
         let telemetry = Telemetry {
             names: Arc::new(Names::default()),
-            metrics: PolicyMetrics::new(&mut registry),
+            metrics: StateMetrics::new(&mut registry),
         };
         telemetry.publish(state);
         events::start(
@@ -63,7 +65,7 @@ impl Prepared {
 /// The running events reader's names, and the policy metrics.
 pub struct Telemetry {
     names: Arc<Names>,
-    metrics: PolicyMetrics,
+    metrics: StateMetrics,
 }
 
 impl Telemetry {
@@ -84,8 +86,13 @@ struct MapLabels {
     map: &'static str,
 }
 
-/// Policy and map figures, read from the daemon's state.
-struct PolicyMetrics {
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
+}
+
+/// Policy, map and workload figures, read from the daemon's state.
+struct StateMetrics {
     generation: Gauge,
     reloads: Counter,
     reload_errors: Counter,
@@ -93,9 +100,12 @@ struct PolicyMetrics {
     revoked: Gauge,
     map_entries: Family<MapLabels, Gauge>,
     map_capacity: Family<MapLabels, Gauge>,
+    workloads: Family<StateLabels, Gauge>,
+    /// Every workload state reported so far: one that empties shows 0.
+    workload_states: Mutex<BTreeSet<&'static str>>,
 }
 
-impl PolicyMetrics {
+impl StateMetrics {
     fn new(registry: &mut Registry) -> Self {
         let me = Self {
             generation: Gauge::default(),
@@ -105,6 +115,8 @@ impl PolicyMetrics {
             revoked: Gauge::default(),
             map_entries: Family::default(),
             map_capacity: Family::default(),
+            workloads: Family::default(),
+            workload_states: Mutex::default(),
         };
         registry.register(
             "policy_generation",
@@ -140,6 +152,11 @@ impl PolicyMetrics {
             "map_capacity",
             "Entries one policy generation may use, by map (a reload needs room for two)",
             me.map_capacity.clone(),
+        );
+        registry.register(
+            "workloads",
+            "Cgroups under the scope, by state (attested, operator, unknown, conflict, expired, unreadable)",
+            me.workloads.clone(),
         );
         me
     }
@@ -183,6 +200,60 @@ impl PolicyMetrics {
             self.map_capacity
                 .get_or_create(&labels)
                 .set(i64::from(capacity));
+        }
+        let mut by_state = BTreeMap::<&'static str, i64>::new();
+        for w in state.workloads.iter() {
+            *by_state.entry(state_name(&w.binding)).or_default() += 1;
+        }
+        let mut seen = self.workload_states.lock().expect("states lock");
+        seen.extend(by_state.keys());
+        for state in seen.iter() {
+            self.workloads
+                .get_or_create(&StateLabels { state })
+                .set(by_state.get(state).copied().unwrap_or(0));
+        }
+    }
+}
+
+/// A workload's state, as `idgate workloads` names it.
+fn state_name(binding: &Binding) -> &'static str {
+    match binding {
+        Binding::Attested { .. } => "attested",
+        Binding::Operator { .. } => "operator",
+        Binding::Unknown => "unknown",
+        Binding::Conflict { .. } => "conflict",
+        Binding::Expired { .. } => "expired",
+        Binding::Unreadable { .. } => "unreadable",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_names_are_the_ones_idgate_workloads_shows() {
+        let id: crate::identity::SpiffeId = "spiffe://example.org/a".parse().unwrap();
+        for b in [
+            Binding::Attested {
+                id: id.clone(),
+                selectors: Vec::new(),
+                expires: None,
+            },
+            Binding::Operator {
+                id: id.clone(),
+                expires: None,
+            },
+            Binding::Unknown,
+            Binding::Conflict {
+                candidates: Vec::new(),
+            },
+            Binding::Expired { id },
+            Binding::Unreadable {
+                error: String::new(),
+            },
+        ] {
+            assert_eq!(serde_json::to_value(&b).unwrap()["state"], state_name(&b));
         }
     }
 }
