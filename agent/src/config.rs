@@ -68,6 +68,10 @@ pub struct Config {
     /// `[metrics]`: the Prometheus endpoint's loopback `address`; none by
     /// default.
     pub metrics: crate::metrics::MetricsConfig,
+    /// `[svid]`: the Workload API, SVID lifetimes, the CAs, the bundle
+    /// endpoint and federation; see `svid::SvidConfig` for each key and
+    /// its default.
+    pub svid: crate::svid::SvidConfig,
 }
 
 /// A cgroup under the scope bound to an identity by the configuration.
@@ -97,6 +101,7 @@ impl Default for Config {
             workload_entries: Vec::new(),
             events: Default::default(),
             metrics: Default::default(),
+            svid: Default::default(),
         }
     }
 }
@@ -125,6 +130,7 @@ impl Config {
             }
         }
         config.events.resolve(base);
+        config.svid.resolve(base, &config.control_socket);
         config.check().map_err(&invalid)?;
         config.workload_entries = config.entries_of_workloads(path, &text).map_err(invalid)?;
         Ok(config)
@@ -150,7 +156,8 @@ impl Config {
                 .map_err(|e| format!("trust_domains: {td:?}: {e}"))?;
         }
         self.events.check()?;
-        self.metrics.check()
+        self.metrics.check()?;
+        self.svid.check(&self.trust_domains)
     }
 }
 

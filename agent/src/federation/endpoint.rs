@@ -1,0 +1,210 @@
+//! The bundle endpoint: `GET` (any path) answers this trust domain's
+//! SPIFFE bundle over HTTPS, with no client authentication.
+
+use std::convert::Infallible;
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::CONTENT_TYPE;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+
+use super::{EndpointConfig, FederationError, Profile, endpoint_id};
+use crate::identity::SpiffeId;
+use crate::svid::{Credentials, Parts, X509Svid, tls};
+
+/// A bound bundle endpoint, not yet serving.
+pub struct BundleEndpoint {
+    listener: TcpListener,
+    trust_domain: String,
+    tls: Arc<rustls::ServerConfig>,
+}
+
+/// Binds the endpoint's address and prepares its certificate. Call before
+/// anything is put in the kernel, so a bad address or file stops the
+/// agent cleanly.
+pub fn bind(
+    config: &EndpointConfig,
+    trust_domains: &[String],
+    creds: &Arc<Credentials>,
+) -> Result<BundleEndpoint, FederationError> {
+    let trust_domain = config
+        .trust_domain(trust_domains)
+        .expect("checked with the configuration");
+    let provider = tls::provider();
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default versions")
+        .with_no_client_auth();
+    let tls = match config.profile {
+        Profile::HttpsSpiffe => {
+            let resolver = SvidResolver {
+                creds: creds.clone(),
+                id: endpoint_id(&trust_domain),
+                provider,
+                current: Mutex::new(None),
+            };
+            // Issue now: a CA that cannot sign stops the agent here.
+            resolver.certified_key()?;
+            builder.with_cert_resolver(Arc::new(resolver))
+        }
+        Profile::HttpsWeb => {
+            let (cert, key) = (
+                config.cert.as_ref().expect("checked"),
+                config.key.as_ref().expect("checked"),
+            );
+            let bad = |path: &std::path::Path, message: String| FederationError::Identity {
+                path: path.to_owned(),
+                message,
+            };
+            let chain = crate::svid::pem_certs_file(cert)?;
+            let key_der = crate::svid::private_key_file(key)?;
+            let (chain, key_der) = tls::identity(&chain, &key_der);
+            builder
+                .with_single_cert(chain, key_der)
+                .map_err(|e| bad(cert, e.to_string()))?
+        }
+    };
+    let address = config.address;
+    let err = |source| FederationError::Listen { address, source };
+    let listener = TcpListener::bind(address).map_err(err)?;
+    listener.set_nonblocking(true).map_err(err)?;
+    Ok(BundleEndpoint {
+        listener,
+        trust_domain,
+        tls: Arc::new(tls),
+    })
+}
+
+impl BundleEndpoint {
+    /// Serves for as long as the runtime runs.
+    pub fn spawn(self, creds: Arc<Credentials>) -> Result<(), FederationError> {
+        let address = self
+            .listener
+            .local_addr()
+            .map_err(|source| FederationError::Listen {
+                address: ([0, 0, 0, 0], 0).into(),
+                source,
+            })?;
+        let listener = tokio::net::TcpListener::from_std(self.listener)
+            .map_err(|source| FederationError::Listen { address, source })?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.tls);
+        let td = Arc::new(self.trust_domain);
+        tracing::info!(%address, trust_domain = %td, "serving the bundle endpoint");
+        tokio::spawn(async move {
+            loop {
+                let stream = match listener.accept().await {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "bundle endpoint listener");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let (acceptor, creds, td) = (acceptor.clone(), creds.clone(), td.clone());
+                tokio::spawn(async move {
+                    let tls = match tokio::time::timeout(
+                        Duration::from_secs(10),
+                        acceptor.accept(stream),
+                    )
+                    .await
+                    {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "bundle endpoint: TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                    let service = service_fn(move |req| answer(req, creds.clone(), td.clone()));
+                    let conn = http1::Builder::new().serve_connection(TokioIo::new(tls), service);
+                    let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
+                });
+            }
+        });
+        Ok(())
+    }
+}
+
+async fn answer(
+    req: Request<Incoming>,
+    creds: Arc<Credentials>,
+    td: Arc<String>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let reply = |status, ctype: &str, body: String| {
+        Ok(Response::builder()
+            .status(status)
+            .header(CONTENT_TYPE, ctype)
+            .body(Full::new(Bytes::from(body)))
+            .expect("a valid response"))
+    };
+    if req.method() != Method::GET {
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET only\n".into(),
+        );
+    }
+    let set = creds.bundle_set();
+    match set.local.get(td.as_str()).map(|b| b.to_json(Parts::All)) {
+        Some(Ok(json)) => reply(StatusCode::OK, "application/json", json),
+        _ => reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "no bundle\n".into(),
+        ),
+    }
+}
+
+/// Presents the endpoint's current X.509-SVID, renewed with the others.
+struct SvidResolver {
+    creds: Arc<Credentials>,
+    id: SpiffeId,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    current: Mutex<Option<(Arc<X509Svid>, Arc<CertifiedKey>)>>,
+}
+
+impl std::fmt::Debug for SvidResolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SvidResolver")
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+impl SvidResolver {
+    fn certified_key(&self) -> Result<Arc<CertifiedKey>, FederationError> {
+        let svid = self.creds.x509_svid(&self.id, SystemTime::now())?;
+        let mut current = self.current.lock().expect("resolver lock");
+        if let Some((s, ck)) = current.as_ref()
+            && Arc::ptr_eq(s, &svid)
+        {
+            return Ok(ck.clone());
+        }
+        let (chain, key) = tls::identity(&svid.chain, &svid.key);
+        let ck = CertifiedKey::from_der(chain, key, &self.provider).map_err(|e| {
+            FederationError::Identity {
+                path: self.id.as_str().into(),
+                message: e.to_string(),
+            }
+        })?;
+        let ck = Arc::new(ck);
+        *current = Some((svid, ck.clone()));
+        Ok(ck)
+    }
+}
+
+impl ResolvesServerCert for SvidResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.certified_key()
+            .map_err(|e| tracing::error!(error = %e, "bundle endpoint: no SVID to present"))
+            .ok()
+    }
+}
