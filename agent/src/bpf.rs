@@ -5,7 +5,7 @@ mod bpffs;
 mod loader;
 mod maps;
 
-pub use loader::{Attachment, Enforcer, install, uninstall};
+pub use loader::{Attachment, Enforcer, ExecNotices, install, uninstall};
 pub use maps::{PolicyMaps, SlotTable};
 
 /// Errors from the kernel side.

@@ -7,6 +7,7 @@ mod policy;
 mod revoke;
 mod run;
 mod status;
+mod svid;
 mod workloads;
 
 use std::path::PathBuf;
@@ -49,6 +50,8 @@ enum Command {
     Workloads(workloads::WorkloadsArgs),
     /// Run a command with an identity, in a cgroup of its own (operators).
     Run(run::RunArgs),
+    /// Fetch your own SVID and bundles from the SPIFFE Workload API.
+    Svid(svid::SvidArgs),
 }
 
 /// Where the running agent listens, and how to print its answers.
@@ -92,6 +95,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Unrevoke(args) => revoke::run(args, false),
         Command::Workloads(args) => workloads::run(args),
         Command::Run(args) => run::run(args),
+        Command::Svid(args) => svid::run(args),
     }
 }
 

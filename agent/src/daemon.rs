@@ -64,6 +64,12 @@ pub enum DaemonError {
     Events(#[from] crate::events::EventsError),
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
+    #[error(transparent)]
+    Svid(#[from] crate::svid::SvidError),
+    #[error(transparent)]
+    WorkloadApi(#[from] crate::workload_api::WorkloadApiError),
+    #[error(transparent)]
+    Federation(#[from] crate::federation::FederationError),
     #[error("watching the scope for new workloads: {0}")]
     Discovery(std::io::Error),
     #[error("signal handler: {0}")]
@@ -80,8 +86,22 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     };
     let socket = config.control_socket.clone();
     let telemetry = telemetry::prepare(&config)?;
+    // SPIFFE credentials: CA files checked (or made) and listeners bound
+    // before anything is put in the kernel.
+    let credentials =
+        crate::svid::Credentials::load(&config.svid, &config.trust_domains, &config.state_dir)?;
+    let workload_socket = config.svid.socket().to_owned();
+    let workload_api_served = config.svid.workload_api;
+    let workload_api = match workload_api_served {
+        true => Some(crate::workload_api::bind(&workload_socket)?),
+        false => None,
+    };
+    let bundle_endpoint = match &config.svid.bundle_endpoint {
+        Some(e) => Some(crate::federation::bind(e, &config.trust_domains, &credentials)?),
+        None => None,
+    };
     let state = Arc::new(Mutex::new(State::start(config)?));
-    let (observers, _identities) = {
+    let (observers, identities) = {
         let state = state.lock().expect("state lock");
         let (view, identities) = ViewPublisher::new(&state);
         let observers = Observers {
@@ -90,6 +110,15 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         };
         (Arc::new(observers), identities)
     };
+    let cgroup_root = state.lock().expect("state lock").root.clone();
+    if let Some(listener) = workload_api {
+        crate::workload_api::spawn(listener, credentials.clone(), identities, cgroup_root)?;
+    }
+    if let Some(endpoint) = bundle_endpoint {
+        endpoint.spawn(credentials.clone())?;
+    }
+    crate::federation::run(&credentials);
+    tokio::spawn(credentials.clone().run_rotation());
 
     let handler_state = state.clone();
     let handler_observers = observers.clone();
@@ -109,7 +138,16 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     let resync_every = Duration::from_secs(state.lock().expect("state lock").config.resync_seconds);
     let (found_tx, mut found) = tokio::sync::mpsc::unbounded_channel();
     let watcher = tokio::spawn(discovery::watch(scope_dir.clone(), found_tx.clone()));
-    let _ = found_tx.send(scope_dir);
+    let exec_notices = state.lock().expect("state lock").enforcer.exec_notices.take();
+    if let Some(notices) = exec_notices {
+        let tx = found_tx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = discovery::exec_notices(notices, tx).await {
+                tracing::error!(error = %e, "exec notices stopped: attestation after exec waits for the periodic resync");
+            }
+        });
+    }
+    let _ = found_tx.send(discovery::Found::Dir(scope_dir));
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last_resync = Instant::now();
 
@@ -164,6 +202,9 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     };
     if let Err(e) = std::fs::remove_file(&socket) {
         tracing::warn!(socket = %socket.display(), error = %e, "cannot remove the control socket");
+    }
+    if workload_api_served && let Err(e) = std::fs::remove_file(&workload_socket) {
+        tracing::warn!(socket = %workload_socket.display(), error = %e, "cannot remove the Workload API socket");
     }
     tracing::info!("stopped; programs stay attached and pinned");
     result

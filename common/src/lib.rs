@@ -53,9 +53,15 @@ pub mod maps {
     pub const EVENT_SETTINGS: &str = "IDG_EVENT_SETTINGS";
     /// Per-CPU `u64` count of records that did not fit in [`EVENTS`].
     pub const EVENT_DROPS: &str = "IDG_EVENT_DROPS";
+    /// One [`Scope`](super::Scope): the managed cgroup, for the exec
+    /// tracepoint, which is not attached to it.
+    pub const SCOPE: &str = "IDG_SCOPE";
+    /// Ring buffer of [`ExecNotice`](super::ExecNotice)s: a process in the
+    /// scope ran `exec`, so its cgroup is attested again.
+    pub const EXEC_NOTICES: &str = "IDG_EXEC_NOTICES";
 
     /// Every map, for pinning, adoption and uninstall.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 13] = [
         IDENTITIES,
         SLOT_STATE,
         GENERATION,
@@ -67,6 +73,8 @@ pub mod maps {
         EVENTS,
         EVENT_SETTINGS,
         EVENT_DROPS,
+        SCOPE,
+        EXEC_NOTICES,
     ];
 }
 
@@ -76,10 +84,38 @@ pub mod programs {
     pub const CONNECT6: &str = "idgate_connect6";
     pub const SENDMSG4: &str = "idgate_sendmsg4";
     pub const SENDMSG6: &str = "idgate_sendmsg6";
+    /// `cgroup/sock_create`: raw sockets for managed workloads.
+    pub const SOCK_CREATE: &str = "idgate_sock_create";
+    /// Raw tracepoint `sched_process_exec`: exec notices.
+    pub const EXEC: &str = "idgate_exec";
 
-    /// Every socket hook program.
-    pub const ALL: [&str; 4] = [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6];
+    /// Every program whose link is pinned (enforcement without the agent).
+    pub const PINNED: [&str; 5] = [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6, SOCK_CREATE];
 }
+
+/// The managed scope, for programs not attached to it: a task is in the
+/// scope when its cgroup's ancestor at `level` is `cgroup_id`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Scope {
+    /// 0 until the agent has written it: then nothing is in scope.
+    pub cgroup_id: u64,
+    /// Depth of the scope below the cgroup v2 root (the root is 0).
+    pub level: u32,
+    pub _pad: u32,
+}
+
+/// A process in the scope ran `exec`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExecNotice {
+    pub cgroup_id: u64,
+    pub tgid: u32,
+    pub _pad: u32,
+}
+
+/// Bytes of the exec-notice ring buffer.
+pub const EXEC_RING_BYTES: u32 = 64 * 1024;
 
 /// Number of identity slots, [`UNKNOWN_SLOT`] included.
 pub const MAX_SLOTS: u32 = 65_536;
@@ -118,6 +154,9 @@ pub mod slot_policy {
     pub const PRESENT: u32 = 1;
     /// Denials are reported but let through.
     pub const AUDIT: u32 = 2;
+    /// The identity may create raw (`SOCK_RAW`) IPv4 and IPv6 sockets,
+    /// which bypass the connect and sendmsg hooks.
+    pub const RAW_SOCKETS: u32 = 4;
 }
 
 /// Per-slot policy of one generation.
@@ -329,6 +368,8 @@ mod pod {
     unsafe impl aya::Pod for super::RuleVerdict {}
     unsafe impl aya::Pod for super::DecisionRecord {}
     unsafe impl aya::Pod for super::EventSettings {}
+    unsafe impl aya::Pod for super::Scope {}
+    unsafe impl aya::Pod for super::ExecNotice {}
 }
 
 #[cfg(test)]
@@ -341,6 +382,8 @@ mod tests {
         assert_eq!(size_of::<SlotPolicy>(), 12);
         assert_eq!(size_of::<DestV4>(), 12);
         assert_eq!(size_of::<DestV6>(), 24);
+        assert_eq!(size_of::<Scope>(), 16);
+        assert_eq!(size_of::<ExecNotice>(), 16);
         assert_eq!(size_of::<DestTables>(), 8);
         assert_eq!(size_of::<PortKey>(), 12);
         assert_eq!(size_of::<RuleVerdict>(), 8);

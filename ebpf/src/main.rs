@@ -3,6 +3,9 @@
 #![no_std]
 #![no_main]
 
+mod exec;
+mod raw_sockets;
+
 use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,

@@ -197,10 +197,17 @@ fn a_binding_expires_after_its_ttl_and_stays_expired() {
     let f = Fixture::new();
     let mut cg = Cgroups::new("att-ttl");
     let t = cg.inside("t");
+    // The executable selector keeps the empty cgroup unbound: the TTL
+    // starts when the workload joins.
+    let probe = target_bin("idgate-probe");
     let agent = agent_with(
         &cg,
         &f.policy(),
-        &entry(ALPHA, &[path_sel(&cg, "t")], Some("2s")),
+        &entry(
+            ALPHA,
+            &[path_sel(&cg, "t"), format!("unix:path:{}", probe.display())],
+            Some("4s"),
+        ),
     );
     let mut w = Workload::start(None);
     w.move_to(&t);

@@ -1,4 +1,4 @@
-//! `cargo xtask setup | build | test | run`: the commands the README shows.
+//! `cargo xtask setup | build | test | run | bench`: the commands the README shows.
 //!
 //! `setup` makes a fresh machine able to build the eBPF programs, and is
 //! run by the others whenever something is missing: the nightly
@@ -6,6 +6,7 @@
 //! from crates.io against the LLVM that the nightly rustc ships. Nothing is
 //! downloaded but crates.
 
+mod bench;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -42,6 +43,8 @@ enum Task {
         #[arg(long, default_value = "deploy/examples/agent.toml")]
         config: PathBuf,
     },
+    /// Measure what idgate costs (needs root) and write docs/benchmarks.md.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> Result<()> {
@@ -73,6 +76,11 @@ fn main() -> Result<()> {
                 bail!("idgate agent exited with {status}");
             }
             Ok(())
+        }
+        Task::Bench(args) => {
+            setup::run()?;
+            build(true)?;
+            bench::run(args, &root)
         }
     }
 }

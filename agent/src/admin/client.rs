@@ -21,9 +21,14 @@ pub fn request(socket: &Path, request: Request) -> Result<serde_json::Value, Adm
     })
     .map_err(|e| AdminError::BadReply(e.to_string()))?;
     line.push(b'\n');
-    stream.write_all(&line).map_err(io)?;
+    // A caller the daemon refuses is answered at once and the connection
+    // closed, maybe before the request is written: read the answer anyway.
+    let written = stream.write_all(&line);
     let mut reply = String::new();
     BufReader::new(stream).read_line(&mut reply).map_err(io)?;
+    if reply.is_empty() {
+        written.map_err(io)?;
+    }
     let reply: Reply =
         serde_json::from_str(&reply).map_err(|e| AdminError::BadReply(e.to_string()))?;
     if reply.ok {

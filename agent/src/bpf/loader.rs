@@ -10,10 +10,12 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use aya::maps::{Array, MapData, RingBuf};
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr};
+use aya::programs::raw_trace_point::RawTracePointLink;
+use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, RawTracePoint};
 use aya::{Ebpf, EbpfLoader};
-use idgate_common::{maps, programs};
+use idgate_common::{Scope, maps, programs};
 
 use super::maps::{PolicyMaps, SlotTable};
 use super::{BpfError, bpffs};
@@ -31,6 +33,9 @@ pub struct Attachment {
     pub attached: Vec<&'static str>,
     /// Stale links (for another scope) that were detached.
     pub detached: Vec<String>,
+    /// Programs this kernel would not take, and why (enforcement of the
+    /// others goes on; `idgate status` shows this).
+    pub unavailable: Vec<(&'static str, String)>,
 }
 
 /// The programs in place and the maps that drive them.
@@ -38,15 +43,32 @@ pub struct Enforcer {
     pub maps: PolicyMaps,
     pub slots: SlotTable,
     pub attachment: Attachment,
+    /// Exec notices from the tracepoint, while the agent runs; `None` when
+    /// the tracepoint could not be attached (the periodic resync covers).
+    pub exec_notices: Option<ExecNotices>,
+}
+
+/// The exec tracepoint's link (detached when dropped) and its ring buffer.
+pub struct ExecNotices {
+    pub ring: RingBuf<MapData>,
+    _link: RawTracePointLink,
+}
+
+impl std::os::fd::AsRawFd for ExecNotices {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.ring.as_raw_fd()
+    }
 }
 
 fn link_name(program: &str, scope_id: u64) -> String {
     format!("{program}@{scope_id}")
 }
 
-/// Loads the object (reusing pinned maps), attaches every program that is
-/// not already attached to `scope_dir`, and pins it.
-pub fn install(pin_dir: &Path, scope_dir: &Path) -> Result<Enforcer, BpfError> {
+/// Loads the object (reusing pinned maps), tells the programs where the
+/// scope is (`scope_level`: its depth below the cgroup v2 root), attaches
+/// every program that is not already attached for `scope_dir`, and pins
+/// it.
+pub fn install(pin_dir: &Path, scope_dir: &Path, scope_level: u32) -> Result<Enforcer, BpfError> {
     bpffs::ensure(pin_dir)?;
     let scope_id = cgroup::cgroup_id(scope_dir).map_err(|e| BpfError::Io {
         path: scope_dir.to_owned(),
@@ -55,16 +77,39 @@ pub fn install(pin_dir: &Path, scope_dir: &Path) -> Result<Enforcer, BpfError> {
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pin_dir)
         .load(OBJECT)?;
+    let mut scope_map: Array<&mut MapData, Scope> = Array::try_from(
+        ebpf.map_mut(maps::SCOPE)
+            .ok_or(BpfError::MissingMap(maps::SCOPE))?,
+    )
+    .map_err(|source| BpfError::Map {
+        name: maps::SCOPE,
+        source,
+    })?;
+    scope_map
+        .set(
+            0,
+            Scope {
+                cgroup_id: scope_id,
+                level: scope_level,
+                _pad: 0,
+            },
+            0,
+        )
+        .map_err(|source| BpfError::Map {
+            name: maps::SCOPE,
+            source,
+        })?;
     let mut attachment = Attachment {
         adopted: Vec::new(),
         attached: Vec::new(),
         detached: Vec::new(),
+        unavailable: Vec::new(),
     };
     let scope = File::open(scope_dir).map_err(|source| BpfError::Io {
         path: scope_dir.to_owned(),
         source,
     })?;
-    for name in programs::ALL {
+    for name in programs::PINNED {
         let pin = pin_dir.join(link_name(name, scope_id));
         if pin.exists() {
             PinnedLink::from_pin(&pin).map_err(|e| BpfError::Link {
@@ -74,9 +119,21 @@ pub fn install(pin_dir: &Path, scope_dir: &Path) -> Result<Enforcer, BpfError> {
             attachment.adopted.push(name);
             continue;
         }
-        attach(&mut ebpf, name, &scope, &pin)?;
+        if name == programs::SOCK_CREATE {
+            attach_sock_create(&mut ebpf, &scope, &pin)?;
+        } else {
+            attach(&mut ebpf, name, &scope, &pin)?;
+        }
         attachment.attached.push(name);
     }
+    let exec_notices = match watch_exec(&mut ebpf) {
+        Ok(n) => Some(n),
+        Err(e) => {
+            tracing::warn!(error = %e, "exec is not watched: attestation after exec waits for the periodic resync");
+            attachment.unavailable.push((programs::EXEC, e.to_string()));
+            None
+        }
+    };
     attachment.detached = detach_stale(pin_dir, scope_id)?;
     let maps = PolicyMaps::new(|name| ebpf.take_map(name))?;
     let slots = SlotTable::new(
@@ -87,19 +144,78 @@ pub fn install(pin_dir: &Path, scope_dir: &Path) -> Result<Enforcer, BpfError> {
         maps,
         slots,
         attachment,
+        exec_notices,
     })
 }
 
-fn attach(ebpf: &mut Ebpf, name: &'static str, scope: &File, pin: &Path) -> Result<(), BpfError> {
-    let program_err = |source| BpfError::Program { name, source };
-    let program: &mut CgroupSockAddr = ebpf
-        .program_mut(name)
+fn pin_link(link: FdLink, pin: &Path) -> Result<(), BpfError> {
+    link.pin(pin).map_err(|e| BpfError::Link {
+        path: pin.to_owned(),
+        message: format!("cannot pin: {e}"),
+    })?;
+    Ok(())
+}
+
+fn link_err(pin: &Path) -> impl Fn(aya::programs::links::LinkError) -> BpfError {
+    let path = pin.to_owned();
+    move |e| BpfError::Link {
+        path: path.clone(),
+        message: e.to_string(),
+    }
+}
+
+fn program_mut<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, BpfError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
         .ok_or(BpfError::Program {
             name,
             source: aya::programs::ProgramError::UnexpectedProgramType,
         })?
         .try_into()
+        .map_err(|source| BpfError::Program { name, source })
+}
+
+/// Loads the raw-socket guard, attaches it to the scope and pins its link.
+fn attach_sock_create(ebpf: &mut Ebpf, scope: &File, pin: &Path) -> Result<(), BpfError> {
+    let name = programs::SOCK_CREATE;
+    let program_err = |source| BpfError::Program { name, source };
+    let program: &mut CgroupSock = program_mut(ebpf, name)?;
+    program.load().map_err(program_err)?;
+    let id = program
+        .attach(scope, CgroupAttachMode::Single)
         .map_err(program_err)?;
+    let link: FdLink = program
+        .take_link(id)
+        .map_err(program_err)?
+        .try_into()
+        .map_err(link_err(pin))?;
+    pin_link(link, pin)
+}
+
+/// Attaches the exec tracepoint for as long as the returned value lives.
+fn watch_exec(ebpf: &mut Ebpf) -> Result<ExecNotices, BpfError> {
+    let name = programs::EXEC;
+    let program_err = |source| BpfError::Program { name, source };
+    let program: &mut RawTracePoint = program_mut(ebpf, name)?;
+    program.load().map_err(program_err)?;
+    let id = program.attach("sched_process_exec").map_err(program_err)?;
+    let link = program.take_link(id).map_err(program_err)?;
+    let ring = RingBuf::try_from(
+        ebpf.take_map(maps::EXEC_NOTICES)
+            .ok_or(BpfError::MissingMap(maps::EXEC_NOTICES))?,
+    )
+    .map_err(|source| BpfError::Map {
+        name: maps::EXEC_NOTICES,
+        source,
+    })?;
+    Ok(ExecNotices { ring, _link: link })
+}
+
+fn attach(ebpf: &mut Ebpf, name: &'static str, scope: &File, pin: &Path) -> Result<(), BpfError> {
+    let program_err = |source| BpfError::Program { name, source };
+    let program: &mut CgroupSockAddr = program_mut(ebpf, name)?;
     program.load().map_err(program_err)?;
     // With bpf links only `Single` is accepted (the kernel attaches links
     // as multi-attach; a descendant's own programs can add denials, never
@@ -111,15 +227,8 @@ fn attach(ebpf: &mut Ebpf, name: &'static str, scope: &File, pin: &Path) -> Resu
         .take_link(id)
         .map_err(program_err)?
         .try_into()
-        .map_err(|e: aya::programs::links::LinkError| BpfError::Link {
-            path: pin.to_owned(),
-            message: e.to_string(),
-        })?;
-    link.pin(pin).map_err(|e| BpfError::Link {
-        path: pin.to_owned(),
-        message: format!("cannot pin: {e}"),
-    })?;
-    Ok(())
+        .map_err(link_err(pin))?;
+    pin_link(link, pin)
 }
 
 /// Unpins links of this agent's programs that belong to another scope.
@@ -153,7 +262,7 @@ fn pinned_links(pin_dir: &Path) -> Result<Vec<PathBuf>, BpfError> {
             p.file_name()
                 .and_then(|n| n.to_str())
                 .and_then(|n| n.split_once('@'))
-                .is_some_and(|(prog, _)| programs::ALL.contains(&prog))
+                .is_some_and(|(prog, _)| programs::PINNED.contains(&prog))
         })
         .collect())
 }

@@ -1,13 +1,14 @@
 //! Sees cgroups and processes come and go under the scope, so each is
 //! attested as it appears: inotify on every cgroup directory of the scope
 //! for new and removed cgroups, writes to `cgroup.procs` (a process moved
-//! in) and changes of `cgroup.events` (processes all gone). Each event
-//! sends the cgroup directory to attest; a lost event (queue overflow)
-//! sends the scope, which means "attest everything".
+//! in) and changes of `cgroup.events` (processes all gone); and the exec
+//! tracepoint's notices for a process that became another program. Each
+//! sends the cgroup to attest; a lost inotify event (queue overflow) sends
+//! the scope, which means "attest everything".
 //!
 //! A cgroup no event has reached yet is simply not bound: the kernel
-//! denies it as an unknown workload. The periodic resync in the daemon
-//! covers what inotify does not show (an `exec` inside a cgroup).
+//! denies it as an unknown workload. The daemon's periodic resync covers
+//! what is lost on the way (a full notice ring buffer).
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -18,6 +19,43 @@ use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask, Watches};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::workloads::Workloads;
+use crate::bpf::ExecNotices;
+
+/// A cgroup to attest.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Found {
+    Dir(PathBuf),
+    /// By id, from an exec notice.
+    Cgroup(u64),
+}
+
+/// Reads exec notices until the receiver is dropped or the ring buffer
+/// cannot be watched.
+pub async fn exec_notices(notices: ExecNotices, tx: UnboundedSender<Found>) -> std::io::Result<()> {
+    use idgate_common::ExecNotice;
+    // SAFETY: the descriptor is the ring buffer's, owned by `notices`,
+    // which the `AsyncFd` owns from now on and never replaces.
+    let mut fd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(notices, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| e.into_parts().1)?;
+    loop {
+        let mut guard = fd.readable_mut().await?;
+        let ring = &mut guard.get_inner_mut().ring;
+        while let Some(item) = ring.next() {
+            if item.len() < std::mem::size_of::<ExecNotice>() {
+                continue;
+            }
+            // SAFETY: the kernel wrote an `ExecNotice` (plain integers) at
+            // the start of the item; it may be unaligned.
+            let notice: ExecNotice = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            if tx.send(Found::Cgroup(notice.cgroup_id)).is_err() {
+                return Ok(());
+            }
+        }
+        guard.clear_ready();
+    }
+}
 
 const MASK: WatchMask = WatchMask::CREATE
     .union(WatchMask::DELETE)
@@ -25,7 +63,7 @@ const MASK: WatchMask = WatchMask::CREATE
     .union(WatchMask::ONLYDIR);
 
 /// Watches `scope` until the receiver is dropped or inotify fails.
-pub async fn watch(scope: PathBuf, tx: UnboundedSender<PathBuf>) -> std::io::Result<()> {
+pub async fn watch(scope: PathBuf, tx: UnboundedSender<Found>) -> std::io::Result<()> {
     let inotify = Inotify::init()?;
     let mut watches = inotify.watches();
     let mut dirs: HashMap<WatchDescriptor, PathBuf> = HashMap::new();
@@ -35,7 +73,7 @@ pub async fn watch(scope: PathBuf, tx: UnboundedSender<PathBuf>) -> std::io::Res
         let event = event?;
         if event.mask.contains(EventMask::Q_OVERFLOW) {
             tracing::warn!("inotify queue overflowed: attesting the whole scope");
-            if tx.send(scope.clone()).is_err() {
+            if tx.send(Found::Dir(scope.clone())).is_err() {
                 return Ok(());
             }
             continue;
@@ -54,7 +92,7 @@ pub async fn watch(scope: PathBuf, tx: UnboundedSender<PathBuf>) -> std::io::Res
                 // Cgroups made inside it before the watch was added are
                 // found by walking it now.
                 for sub in add_tree(&mut watches, &mut dirs, &child) {
-                    if tx.send(sub).is_err() {
+                    if tx.send(Found::Dir(sub)).is_err() {
                         return Ok(());
                     }
                 }
@@ -66,7 +104,7 @@ pub async fn watch(scope: PathBuf, tx: UnboundedSender<PathBuf>) -> std::io::Res
         } else {
             continue;
         };
-        if tx.send(target).is_err() {
+        if tx.send(Found::Dir(target)).is_err() {
             return Ok(());
         }
     }

@@ -14,6 +14,7 @@ use crate::identity::{self, Entry, SpiffeId, k8s::Pods};
 use crate::policy::{self, CompiledPolicy, PolicySet};
 
 use super::DaemonError;
+use super::discovery::Found;
 use super::revocations::Revocations;
 use super::workloads::{RUN_PREFIX, Workloads};
 
@@ -66,7 +67,8 @@ impl State {
         for w in &config.workloads {
             cgroup::ensure_dir(&scope_dir.join(&w.cgroup))?;
         }
-        let enforcer = bpf::install(&config.pin_dir, &scope_dir)?;
+        let level = config.scope.components().count() as u32;
+        let enforcer = bpf::install(&config.pin_dir, &scope_dir, level)?;
         tracing::info!(
             scope = %scope_dir.display(),
             pin_dir = %config.pin_dir.display(),
@@ -109,14 +111,26 @@ impl State {
         Ok(state)
     }
 
-    /// Attests the given cgroup directories (the scope itself means all of
-    /// them) and brings the kernel in line.
-    pub fn attest(&mut self, dirs: &BTreeSet<PathBuf>) -> Result<(), DaemonError> {
+    /// Attests the cgroups found (the scope itself means all of them) and
+    /// brings the kernel in line.
+    pub fn attest(&mut self, found: &BTreeSet<Found>) -> Result<(), DaemonError> {
+        let mut dirs = BTreeSet::new();
+        for f in found {
+            match f {
+                Found::Dir(dir) => dirs.insert(dir.clone()),
+                // A cgroup not in the table yet (made and exec'd into before
+                // its inotify event was handled) is found by a full pass.
+                Found::Cgroup(id) => match self.workloads.dir_of(*id) {
+                    Some(dir) => dirs.insert(dir.to_owned()),
+                    None => dirs.insert(self.scope_dir.clone()),
+                },
+            };
+        }
         if dirs.contains(&self.scope_dir) {
             self.attest_all();
         } else {
             let now = SystemTime::now();
-            for dir in dirs {
+            for dir in &dirs {
                 self.workloads.attest(dir, &self.entries, &self.pods, now);
             }
         }

@@ -90,6 +90,11 @@ impl Workloads {
         self.by_cgroup.values()
     }
 
+    /// The directory of a cgroup in the table.
+    pub fn dir_of(&self, cgroup_id: u64) -> Option<&Path> {
+        self.by_cgroup.get(&cgroup_id).map(|w| w.dir.as_path())
+    }
+
     /// Bound cgroups and their identities.
     pub fn bound(&self) -> impl Iterator<Item = (u64, &SpiffeId)> {
         self.by_cgroup

@@ -208,3 +208,80 @@ impl ResolvesServerCert for SvidResolver {
             .ok()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::federation::{ForeignDomain, fetch::fetch};
+    use crate::svid::{SvidConfig, certs_pem};
+
+    fn state(tag: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("idgate-fed-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[tokio::test]
+    async fn another_agent_fetches_the_bundle_over_https_spiffe_from_the_right_endpoint_only() {
+        let (state_a, state_b) = (state("a"), state("b"));
+        let a = Credentials::load(&SvidConfig::default(), &["a.test".into()], &state_a).unwrap();
+        let config = EndpointConfig {
+            address: ([127, 0, 0, 1], 0).into(),
+            trust_domain: None,
+            profile: Profile::HttpsSpiffe,
+            cert: None,
+            key: None,
+        };
+        let endpoint = bind(&config, &["a.test".into()], &a).unwrap();
+        let port = endpoint.listener.local_addr().unwrap().port();
+        endpoint.spawn(a.clone()).unwrap();
+
+        // b bootstraps with a's roots as PEM (as `idgate svid --write`
+        // leaves them).
+        let a_bundle = a.bundle_set().local["a.test"].clone();
+        let boot = state_b.join("a.test.pem");
+        std::fs::write(&boot, certs_pem(&a_bundle.x509_authorities)).unwrap();
+        let foreign = ForeignDomain {
+            trust_domain: "a.test".into(),
+            url: Some(format!("https://127.0.0.1:{port}/bundle")),
+            profile: Profile::HttpsSpiffe,
+            endpoint_id: Some("spiffe://a.test/idgate/bundle-endpoint".into()),
+            bundle: Some(boot),
+            ca: None,
+            refresh: None,
+        };
+        foreign.check().unwrap();
+        let config_b = SvidConfig {
+            federates_with: vec![foreign.clone()],
+            ..Default::default()
+        };
+        let b = Credentials::load(&config_b, &["b.test".into()], &state_b).unwrap();
+        // Before any fetch the bootstrap bundle is what b hands out.
+        assert_eq!(
+            b.bundle_set().federated["a.test"].x509_authorities,
+            a_bundle.x509_authorities
+        );
+        let got = fetch(&foreign, &b).await.unwrap();
+        assert_eq!(got, a_bundle);
+        assert!(!got.jwt_authorities.is_empty());
+        b.set_federated(got).unwrap();
+        assert!(crate::svid::federated_path(&state_b, "a.test").exists());
+
+        // The endpoint must present exactly the configured SPIFFE ID.
+        let mut wrong_id = foreign.clone();
+        wrong_id.endpoint_id = Some("spiffe://a.test/someone-else".into());
+        assert!(fetch(&wrong_id, &b).await.is_err());
+        // And its SVID must verify against a's bundle: a bundle that
+        // claims to be a's but holds other roots does not let it through.
+        let state_c = state("c");
+        let c = Credentials::load(&SvidConfig::default(), &["a.test".into()], &state_c).unwrap();
+        let c_roots = c.bundle_set().local["a.test"].clone();
+        b.set_federated(c_roots).unwrap();
+        let e = fetch(&foreign, &b).await.unwrap_err();
+        assert!(e.contains("TLS"), "{e}");
+        for d in [state_a, state_b, state_c] {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}

@@ -87,7 +87,7 @@ fn accept(f: &ForeignDomain, creds: &Credentials, bundle: Bundle) {
 
 /// One fetch: TLS per the profile, `GET`, and the body read as a SPIFFE
 /// bundle of the configured trust domain.
-async fn fetch(f: &ForeignDomain, creds: &Arc<Credentials>) -> Result<Bundle, String> {
+pub(super) async fn fetch(f: &ForeignDomain, creds: &Arc<Credentials>) -> Result<Bundle, String> {
     let uri = f.uri()?.ok_or("no url")?;
     let authority = uri.authority().ok_or("no host")?.clone();
     let host = authority

@@ -13,6 +13,8 @@
 //! by 60 s) and prints the count of each answer as JSON, e.g.
 //! `{"ok": 12, "EPERM": 30}`.
 
+mod bypass;
+
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
@@ -34,7 +36,7 @@ fn main() {
                 let line = line.expect("stdin");
                 let answer = match line.split_once(' ') {
                     Some(("join", dir)) => join(dir),
-                    Some((op, addr)) => once(op, &addr.parse().expect("ADDR:PORT")),
+                    Some((op, arg)) => once(op, arg),
                     None => panic!("bad command {line:?}"),
                 };
                 let mut out = std::io::stdout().lock();
@@ -43,17 +45,16 @@ fn main() {
                     .expect("stdout");
             }
         }
-        [op, addr] => println!("{}", once(op, &addr.parse().expect("ADDR:PORT"))),
+        [op, arg] => println!("{}", once(op, arg)),
         [repeat, n, op, addr] if repeat == "repeat" => {
             let n: u32 = n.parse().expect("repeat count");
-            let addr: SocketAddr = addr.parse().expect("ADDR:PORT");
             let deadline = std::time::Instant::now() + Duration::from_secs(60);
             let mut counts = std::collections::BTreeMap::<String, u32>::new();
             for _ in 0..n {
                 if std::time::Instant::now() > deadline {
                     break;
                 }
-                *counts.entry(once(op, &addr)).or_default() += 1;
+                *counts.entry(once(op, addr)).or_default() += 1;
             }
             println!("{}", serde_json::to_string(&counts).expect("counts"));
         }
@@ -85,13 +86,28 @@ fn answer(result: std::io::Result<()>) -> String {
     }
 }
 
-/// One call: `ok` or the errno name.
-fn once(op: &str, addr: &SocketAddr) -> String {
-    let addr = *addr;
+/// One call: `ok` or the errno name. `arg` is `ADDR:PORT`, but a pin path
+/// for `detach-link` and ignored by `raw4` and `packet`.
+fn once(op: &str, arg: &str) -> String {
+    let addr = || -> SocketAddr { arg.parse().expect("ADDR:PORT") };
     let result = match op {
-        "tcp" => TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map(drop),
-        "udp-sendto" => local_udp(&addr).and_then(|s| s.send_to(b"idgate", addr).map(drop)),
-        "udp-connect" => local_udp(&addr).and_then(|s| s.connect(addr)),
+        "tcp" => TcpStream::connect_timeout(&addr(), Duration::from_secs(3)).map(drop),
+        "udp-sendto" => {
+            let addr = addr();
+            local_udp(&addr).and_then(|s| s.send_to(b"idgate", addr).map(drop))
+        }
+        "udp-connect" => {
+            let addr = addr();
+            local_udp(&addr).and_then(|s| s.connect(addr))
+        }
+        "udp-connect-send" => bypass::udp_connect_send(&addr()),
+        "tfo-sendto" => bypass::tfo_sendto(&addr()),
+        "tfo-connect" => bypass::tfo_connect(&addr()),
+        "mptcp" => bypass::mptcp(&addr()),
+        "uring-connect" => bypass::uring_connect(&addr()),
+        "raw4" => bypass::raw4(),
+        "packet" => bypass::packet(),
+        "detach-link" => bypass::detach_pinned_link(arg),
         other => panic!("unknown operation {other}"),
     };
     answer(result)

@@ -1,0 +1,341 @@
+//! `cargo xtask bench`: what idgate costs, measured on this machine with
+//! the release binaries, written to `docs/benchmarks.md`.
+//!
+//! Four configurations of one workload cgroup, measured interleaved in
+//! the same run: (a) nothing attached; (b) an agent with one identity and
+//! one rule; (c) an agent with many identities and rules, each identity's
+//! cgroup bound; (d) the same rules as nftables `socket cgroupv2` rules.
+//! Then reload time and the agents' memory and CPU. Everything made here
+//! (cgroups, agents and their pins, the nft table, files) is removed at
+//! the end, on failure and on Ctrl-C too.
+
+mod agent;
+mod cgroups;
+mod cost;
+mod interrupt;
+mod loops;
+mod machine;
+mod nft;
+mod overhead;
+mod reload;
+mod report;
+mod rules;
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+
+use agent::Agent;
+use cost::{MapMemory, ProcSample};
+use loops::{Loop, Op};
+use machine::Machine;
+use overhead::{Config, Judge, Overhead};
+use reload::Reloads;
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Identities in the large policy, each with a cgroup bound to it.
+    #[arg(long, default_value_t = 10_000)]
+    identities: usize,
+    /// Rules in the large policy, spread evenly over its identities.
+    #[arg(long, default_value_t = 100_000)]
+    rules: usize,
+    /// Interleaved rounds of every configuration; figures are medians.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Most operations per loop run.
+    #[arg(long, default_value_t = 200_000)]
+    count: u64,
+    /// Most seconds per loop run.
+    #[arg(long, default_value_t = 1.0)]
+    seconds: f64,
+    /// Timed reloads of each kind.
+    #[arg(long, default_value_t = 5)]
+    reloads: usize,
+    /// Seconds the idle agents are watched.
+    #[arg(long, default_value_t = 30)]
+    idle_seconds: u64,
+    /// A remark put at the top of the report (e.g. how quiet the machine
+    /// was).
+    #[arg(long)]
+    note: Option<String>,
+    /// The report, relative to the workspace.
+    #[arg(long, default_value = "docs/benchmarks.md")]
+    out: std::path::PathBuf,
+}
+
+/// One agent's cost.
+pub struct AgentCost {
+    pub start_time: Duration,
+    /// After the idle window.
+    pub idle: ProcSample,
+    /// CPU over the idle window, seconds per second.
+    pub idle_cpu: f64,
+    pub maps: Vec<MapMemory>,
+}
+
+/// Everything a run measured.
+pub struct Results {
+    pub nft_version: String,
+    pub nft_load: Duration,
+    pub nft_excerpt: String,
+    pub overhead: Overhead,
+    pub small: AgentCost,
+    pub large: AgentCost,
+    pub reloads: Reloads,
+    /// The large agent after the reloads: memory, and its maps with both
+    /// policy generations filled.
+    pub large_after_reloads: (ProcSample, Vec<MapMemory>),
+}
+
+pub fn run(args: BenchArgs, root: &Path) -> Result<()> {
+    interrupt::install();
+    if !is_root() {
+        bail!("cargo xtask bench needs root: it loads BPF programs and makes cgroups");
+    }
+    let started = Instant::now();
+    let machine = Machine::describe();
+    let nft_version = nft::ensure_installed()?;
+    let results = measure(&args, root, nft_version)?;
+    let text = report::render(&args, &machine, &results, started.elapsed());
+    let out = root.join(&args.out);
+    std::fs::write(&out, text)?;
+    eprintln!(
+        "bench: wrote {} in {:.0} s",
+        out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Sets everything up, measures, and tears it down (the guards are
+/// dropped in reverse order: agents, nft table, cgroups).
+fn measure(args: &BenchArgs, root: &Path, nft_version: String) -> Result<Results> {
+    if args.identities == 0 || args.rules < args.identities {
+        bail!("--rules must be at least --identities, and both above 0");
+    }
+    let bins = root.join("target/release");
+    let idgate = bins.join("idgate");
+    let lp = Loop {
+        bin: bins.join("idgate-bench-loop"),
+        count: args.count,
+        seconds: args.seconds,
+    };
+    let ports = Ports::pick()?;
+    let first = rules::loopback_rule(ports.tcp, ports.udp);
+    let small_ids = rules::generate(1, 1, first.clone());
+    let mut large_ids = rules::generate(args.identities, args.rules, first);
+
+    let tag = format!("idgate-bench-{}", std::process::id());
+    let cgroup_root = cgroups::cgroup2_root()?;
+    let tree = cgroups::Tree::new(&cgroup_root, &tag)?;
+    let plain = tree.make("none")?;
+    eprintln!("bench: making {} cgroups for nftables", large_ids.len());
+    let mut nft_workloads = Vec::with_capacity(large_ids.len());
+    for identity in &large_ids {
+        interrupt::check()?;
+        nft_workloads.push((identity, tree.make(&format!("nft/{}", identity.cgroup))?));
+    }
+    let nft_name = tag.replace('-', "_");
+    eprintln!("bench: loading the nftables table");
+    let table = nft::Table::load(&nft_name, &cgroup_root, &nft_workloads)?;
+    let nft_excerpt = nft::excerpt(&nft_name, &cgroup_root, nft_workloads[0].clone())?;
+    drop(nft_workloads);
+
+    let start_agent = |name: &str, identities: &[rules::Identity]| {
+        eprintln!(
+            "bench: starting agent {name} ({} identities)",
+            identities.len()
+        );
+        Agent::start(
+            &idgate,
+            std::env::temp_dir().join(format!("{tag}-{name}")),
+            &format!("{tag}/{name}"),
+            Path::new("/sys/fs/bpf").join(format!("{tag}-{name}")),
+            identities,
+        )
+    };
+    let small = start_agent("small", &small_ids)?;
+    let large = start_agent("large", &large_ids)?;
+    let workload = &large_ids[0].cgroup;
+    let configs = [
+        Config {
+            name: "(a) no program attached".into(),
+            cgroup: plain,
+            judge: Judge::Nothing,
+        },
+        Config {
+            name: "(b) idgate, 1 identity, 1 rule".into(),
+            cgroup: tree.path(&format!("small/{workload}")),
+            judge: Judge::Idgate(&small),
+        },
+        Config {
+            name: format!(
+                "(c) idgate, {} identities, {} rules",
+                thousands(args.identities),
+                thousands(args.rules)
+            ),
+            cgroup: tree.path(&format!("large/{workload}")),
+            judge: Judge::Idgate(&large),
+        },
+        Config {
+            name: format!("(d) nftables, the same {} rules", thousands(args.rules)),
+            cgroup: tree.path(&format!("nft/{workload}")),
+            judge: Judge::Nftables(&table),
+        },
+    ];
+    check_in_force(&lp, &configs, ports.denied)?;
+
+    eprintln!("bench: watching the idle agents for {} s", args.idle_seconds);
+    let idle = Duration::from_secs(args.idle_seconds);
+    let before = [cost::sample(small.pid())?, cost::sample(large.pid())?];
+    interrupt::sleep(idle)?;
+    let agent_cost = |agent: &Agent, before: ProcSample| -> Result<AgentCost> {
+        let after = cost::sample(agent.pid())?;
+        Ok(AgentCost {
+            start_time: agent.start_time,
+            idle: after,
+            idle_cpu: (after.cpu_seconds - before.cpu_seconds) / idle.as_secs_f64(),
+            maps: cost::maps(agent.pid())?,
+        })
+    };
+    let small_cost = agent_cost(&small, before[0])?;
+    let large_cost = agent_cost(&large, before[1])?;
+
+    let overhead = overhead::measure(&lp, &configs, &ports.ops(), args.rounds)?;
+
+    eprintln!("bench: timing {} reloads of each kind", args.reloads);
+    let reloads = reload::measure(&large, &mut large_ids, args.reloads)?;
+    let large_after_reloads = (cost::sample(large.pid())?, cost::maps(large.pid())?);
+    Ok(Results {
+        nft_version,
+        nft_load: table.load_time,
+        nft_excerpt,
+        overhead,
+        small: small_cost,
+        large: large_cost,
+        reloads,
+        large_after_reloads,
+    })
+}
+
+/// Proof that each configuration judges its workload: a UDP send to a
+/// port no rule allows goes through with nothing attached and fails with
+/// EPERM under every judge.
+fn check_in_force(lp: &Loop, configs: &[Config<'_>], denied: [SocketAddr; 2]) -> Result<()> {
+    for config in configs {
+        let expect = match config.judge {
+            Judge::Nothing => "ok",
+            Judge::Idgate(_) | Judge::Nftables(_) => "eperm",
+        };
+        if let Judge::Nftables(table) = config.judge {
+            table.hook()?;
+        }
+        let checked = denied
+            .iter()
+            .filter(|addr| addr.is_ipv4() || has_ipv6())
+            .try_for_each(|addr| lp.check(&config.cgroup, *addr, expect));
+        if let Judge::Nftables(table) = config.judge {
+            table.unhook()?;
+        }
+        checked?;
+    }
+    Ok(())
+}
+
+/// Whether IPv6 loopback is usable here.
+fn has_ipv6() -> bool {
+    UdpSocket::bind((Ipv6Addr::LOCALHOST, 0)).is_ok()
+}
+
+/// Loopback ports for the loops: TCP and UDP ones the workload may reach,
+/// and a UDP one it may not. Free on IPv4 and IPv6 when they are picked.
+struct Ports {
+    tcp: u16,
+    udp: u16,
+    denied: [SocketAddr; 2],
+}
+
+impl Ports {
+    fn pick() -> Result<Self> {
+        let any: SocketAddr = if has_ipv6() {
+            (Ipv6Addr::UNSPECIFIED, 0).into()
+        } else {
+            (Ipv4Addr::UNSPECIFIED, 0).into()
+        };
+        let tcp = TcpListener::bind(any)?.local_addr()?.port();
+        let udp = UdpSocket::bind(any)?;
+        // Held while the next is picked, so it is not picked again; the
+        // denied port must not be the TCP one either (the loopback rule
+        // allows that port for UDP too).
+        let mut held = Vec::new();
+        let denied = loop {
+            let socket = UdpSocket::bind(any)?;
+            let port = socket.local_addr()?.port();
+            held.push(socket);
+            if port != tcp {
+                break port;
+            }
+            if held.len() > 10 {
+                bail!("no free UDP port apart from {tcp}");
+            }
+        };
+        Ok(Self {
+            tcp,
+            udp: udp.local_addr()?.port(),
+            denied: [
+                (Ipv4Addr::LOCALHOST, denied).into(),
+                (Ipv6Addr::LOCALHOST, denied).into(),
+            ],
+        })
+    }
+
+    /// Every operation with its destination: IPv4, then IPv6 if usable.
+    fn ops(&self) -> Vec<(Op, SocketAddr)> {
+        let mut hosts = vec![std::net::IpAddr::V4(Ipv4Addr::LOCALHOST)];
+        if has_ipv6() {
+            hosts.push(Ipv6Addr::LOCALHOST.into());
+        }
+        hosts
+            .into_iter()
+            .flat_map(|host| {
+                Op::ALL.map(|op| {
+                    let port = match op {
+                        Op::TcpConnect => self.tcp,
+                        Op::UdpConnect | Op::UdpSendto => self.udp,
+                    };
+                    (op, SocketAddr::new(host, port))
+                })
+            })
+            .collect()
+    }
+}
+
+/// `10000` as `10,000`.
+pub fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn thousands_separates() {
+        assert_eq!(super::thousands(100_000), "100,000");
+        assert_eq!(super::thousands(999), "999");
+    }
+}

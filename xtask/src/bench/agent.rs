@@ -1,0 +1,172 @@
+//! One idgate agent for the benchmark, run from the release binary with
+//! its own scope, pin directory, socket and files; on drop it is killed,
+//! `idgate uninstall` removes what it pinned, and its files are deleted.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use super::interrupt;
+use super::rules::{self, Identity};
+
+/// How long an agent may take to serve its socket.
+const READY_TIMEOUT: Duration = Duration::from_secs(300);
+
+pub struct Agent {
+    idgate: PathBuf,
+    dir: PathBuf,
+    pin_dir: PathBuf,
+    child: Option<Child>,
+    /// From spawn to the first answer on the control socket.
+    pub start_time: Duration,
+}
+
+impl Agent {
+    /// Writes the configuration (scope, pins and socket of its own, every
+    /// identity's cgroup bound by a `[[workload]]` table) and the policy
+    /// into `dir`, starts the agent and waits until it answers.
+    pub fn start(
+        idgate: &Path,
+        dir: PathBuf,
+        scope: &str,
+        pin_dir: PathBuf,
+        identities: &[Identity],
+    ) -> Result<Self> {
+        if dir.exists() || pin_dir.exists() {
+            bail!("{} or {} exists already", dir.display(), pin_dir.display());
+        }
+        let mut agent = Self {
+            idgate: idgate.to_owned(),
+            dir,
+            pin_dir,
+            child: None,
+            start_time: Duration::ZERO,
+        };
+        for sub in ["policy", "entries", "state"] {
+            std::fs::create_dir_all(agent.dir.join(sub))?;
+        }
+        for (name, text) in rules::idgate_policy(identities) {
+            agent.write_policy(&name, &text)?;
+        }
+        let config = format!(
+            "scope = {scope:?}\npin_dir = {:?}\ncontrol_socket = \"control.sock\"\npolicy = \"policy\"\nentries = \"entries\"\nstate_dir = \"state\"\n{}",
+            agent.pin_dir,
+            rules::workload_bindings(identities)
+        );
+        std::fs::write(agent.config(), config)?;
+        let log = std::fs::File::create(agent.log())?;
+        let started = Instant::now();
+        agent.child = Some(
+            Command::new(idgate)
+                .args(["agent", "--config"])
+                .arg(agent.config())
+                .env("RUST_LOG", "info")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .context("starting idgate agent")?,
+        );
+        agent.wait_ready()?;
+        agent.start_time = started.elapsed();
+        Ok(agent)
+    }
+
+    fn config(&self) -> PathBuf {
+        self.dir.join("agent.toml")
+    }
+
+    fn log(&self) -> PathBuf {
+        self.dir.join("agent.log")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("started").id()
+    }
+
+    /// Replaces (or adds) one file of the agent's policy directory.
+    pub fn write_policy(&self, name: &str, text: &str) -> Result<()> {
+        Ok(std::fs::write(self.dir.join("policy").join(name), text)?)
+    }
+
+    /// Runs an `idgate` operator command against this agent; its output.
+    pub fn cli(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(&self.idgate)
+            .args(args)
+            .arg("--socket")
+            .arg(self.dir.join("control.sock"))
+            .output()
+            .with_context(|| format!("running idgate {}", args.join(" ")))?;
+        if !out.status.success() {
+            bail!(
+                "idgate {} failed: {}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            interrupt::check()?;
+            let child = self.child.as_mut().expect("spawned");
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "idgate agent exited with {status} before it was ready; its log:\n{}",
+                    self.log_tail()
+                );
+            }
+            if self.cli(&["status"]).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "idgate agent not ready after {READY_TIMEOUT:?}; its log:\n{}",
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.log()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+            self.uninstall();
+        }
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Agent {
+    /// `idgate uninstall`: the pinned links and maps go.
+    fn uninstall(&self) {
+        let uninstall = Command::new(&self.idgate)
+            .args(["uninstall", "--config"])
+            .arg(self.config())
+            .output();
+        match uninstall {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => eprintln!(
+                "bench: warning: idgate uninstall: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            Err(e) => eprintln!("bench: warning: idgate uninstall: {e}"),
+        }
+    }
+}
