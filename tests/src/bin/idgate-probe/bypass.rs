@@ -157,3 +157,81 @@ pub fn detach_pinned_link(pin: &str) -> std::io::Result<()> {
     })
     .map(drop)
 }
+
+/// A socket made now and used later, or passed to another process: which
+/// cgroup judges its connect?
+#[derive(Default)]
+pub struct Held {
+    socket: Option<OwnedFd>,
+    listener: Option<std::os::unix::net::UnixListener>,
+}
+
+impl Held {
+    /// `hold`: makes a TCP socket (of `addr`'s family) and keeps it.
+    pub fn make(&mut self, addr: &SocketAddr) -> std::io::Result<()> {
+        self.socket = Some(socket(family(addr), libc::SOCK_STREAM, 0)?);
+        Ok(())
+    }
+
+    /// `connect-held`: connects the kept socket.
+    pub fn connect(&mut self, addr: &SocketAddr) -> std::io::Result<()> {
+        let fd = self
+            .socket
+            .take()
+            .ok_or_else(|| std::io::Error::other("no socket held"))?;
+        connect(&fd, addr)
+    }
+
+    /// `listen-fd PATH`: waits at a Unix socket for a passed descriptor.
+    pub fn listen(&mut self, path: &str) -> std::io::Result<()> {
+        self.listener = Some(std::os::unix::net::UnixListener::bind(path)?);
+        Ok(())
+    }
+
+    /// `accept-fd`: takes the descriptor passed to the listener.
+    pub fn accept(&mut self) -> std::io::Result<()> {
+        use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+        let listener = self
+            .listener
+            .take()
+            .ok_or_else(|| std::io::Error::other("not listening"))?;
+        let (stream, _) = listener.accept()?;
+        let mut buf = [0u8; 1];
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+        let msg = recvmsg::<()>(
+            stream.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::empty(),
+        )?;
+        for cmsg in msg.cmsgs()? {
+            if let ControlMessageOwned::ScmRights(fds) = cmsg {
+                // SAFETY: the kernel installed this descriptor for us.
+                self.socket = Some(unsafe { OwnedFd::from_raw_fd(fds[0]) });
+                return Ok(());
+            }
+        }
+        Err(std::io::Error::other("no descriptor came"))
+    }
+
+    /// `send-held PATH`: passes the kept socket over SCM_RIGHTS.
+    pub fn send(&mut self, path: &str) -> std::io::Result<()> {
+        use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+        let fd = self
+            .socket
+            .take()
+            .ok_or_else(|| std::io::Error::other("no socket held"))?;
+        let stream = std::os::unix::net::UnixStream::connect(path)?;
+        let fds = [fd.as_raw_fd()];
+        let iov = [std::io::IoSlice::new(b"x")];
+        sendmsg::<()>(
+            stream.as_raw_fd(),
+            &iov,
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        )?;
+        Ok(())
+    }
+}

@@ -5,9 +5,11 @@
 //! `idgate-probe [--cgroup DIR] tcp|udp-sendto|udp-connect ADDR:PORT`
 //!
 //! With `serve` it stays, reading commands from standard input, one a
-//! line: `OP ADDR:PORT` (answered with one line as above) or `join DIR`
-//! (moves itself into a cgroup; answered `ok` or the errno name). It ends
-//! at end of input.
+//! line, each answered with one line (`ok` or the errno name): `OP ARG` as
+//! above; `join DIR` (moves itself into a cgroup); `hold ADDR:PORT` (makes
+//! a TCP socket and keeps it), `connect-held ADDR:PORT`; `listen-fd PATH`,
+//! `accept-fd` (receives a socket over SCM_RIGHTS and keeps it),
+//! `send-held PATH` (passes the kept socket). It ends at end of input.
 //!
 //! With `repeat N OP ADDR:PORT` it makes the call N times (bounded by N and
 //! by 60 s) and prints the count of each answer as JSON, e.g.
@@ -32,12 +34,19 @@ fn main() {
     match rest.as_slice() {
         [serve] if serve == "serve" => {
             use std::io::{BufRead, Write};
+            let mut held = bypass::Held::default();
             for line in std::io::stdin().lock().lines() {
                 let line = line.expect("stdin");
-                let answer = match line.split_once(' ') {
-                    Some(("join", dir)) => join(dir),
-                    Some((op, arg)) => once(op, arg),
-                    None => panic!("bad command {line:?}"),
+                let answer = match line.split_once(' ').unwrap_or((line.as_str(), "")) {
+                    ("join", dir) => join(dir),
+                    ("hold", addr) => answer(held.make(&addr.parse().expect("ADDR:PORT"))),
+                    ("connect-held", addr) => {
+                        answer(held.connect(&addr.parse().expect("ADDR:PORT")))
+                    }
+                    ("listen-fd", path) => answer(held.listen(path)),
+                    ("accept-fd", _) => answer(held.accept()),
+                    ("send-held", path) => answer(held.send(path)),
+                    (op, arg) => once(op, arg),
                 };
                 let mut out = std::io::stdout().lock();
                 writeln!(out, "{answer}")
