@@ -554,6 +554,14 @@ mod tests {
     }
 
     #[test]
+    fn the_example_configuration_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/svid/agent.toml");
+        let c = crate::config::Config::load(&path).unwrap();
+        assert_eq!(c.svid.socket(), Path::new("/run/idgate/workload.sock"));
+        assert!(c.svid.bundle_endpoint.is_some());
+    }
+
+    #[test]
     fn config_checks_ttls_and_domains() {
         let mut c = SvidConfig::default();
         assert!(c.check(&[]).is_ok());

@@ -6,8 +6,24 @@ import datetime
 import json
 import sys
 
+import grpc
 from cryptography.hazmat.primitives import serialization
 from spiffe import JwtSvid, WorkloadApiClient
+
+# gRPC C-core sends the socket path as the HTTP/2 `:authority` on Unix
+# sockets; the h2 crate under idgate's tonic server refuses that as a
+# malformed authority (hyperium/h2 pull request 487, unmerged). The
+# channel is given the `localhost` authority that grpc-go and tonic
+# clients send on Unix sockets; the package itself is used unchanged.
+_insecure_channel = grpc.insecure_channel
+
+
+def _localhost_authority(target, options=None, *args, **kwargs):
+    options = list(options or []) + [("grpc.default_authority", "localhost")]
+    return _insecure_channel(target, options, *args, **kwargs)
+
+
+grpc.insecure_channel = _localhost_authority
 
 
 def main() -> None:

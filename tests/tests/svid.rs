@@ -37,7 +37,7 @@ fn policy(ids: &[&str]) -> String {
 
 /// `[[workload]]` tables binding cgroups to identities, and `trust_domains`.
 fn config(td: &str, workloads: &[(&str, &str)], svid: &str) -> String {
-    let mut out = format!("trust_domains = [\"{td}\"]\nresync_seconds = 1\n");
+    let mut out = format!("trust_domains = [\"{td}\"]\nresync_seconds = 5\n");
     for (cgroup, id) in workloads {
         out.push_str(&format!(
             "[[workload]]\ncgroup = \"{cgroup}\"\nidentity = \"{id}\"\n"
@@ -51,9 +51,31 @@ fn socket(agent: &Agent) -> PathBuf {
     agent.dir.join("workload.sock")
 }
 
+/// `idgate-spiffe` without its debug information, made next to it (build
+/// output, like the binary): attestation hashes the executable of every
+/// process in a bound cgroup, and a debug build of this one is large.
+fn spiffe_bin() -> &'static Path {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let full = target_bin("idgate-spiffe");
+        let small = full.with_file_name("idgate-spiffe.stripped");
+        let tmp = full.with_file_name(format!(".idgate-spiffe.{}", std::process::id()));
+        let status = Command::new("strip")
+            .arg("--strip-debug")
+            .arg(&full)
+            .arg("-o")
+            .arg(&tmp)
+            .status()
+            .expect("strip (binutils)");
+        assert!(status.success(), "strip failed");
+        std::fs::rename(&tmp, &small).expect("rename the stripped copy");
+        small
+    })
+}
+
 /// `idgate-spiffe` in `cgroup`, against `agent`'s Workload API.
 fn spiffe(agent: &Agent, cgroup: &Path, args: &[&str]) -> Command {
-    let mut cmd = Command::new(target_bin("idgate-spiffe"));
+    let mut cmd = Command::new(spiffe_bin());
     cmd.arg("--cgroup")
         .arg(cgroup)
         .arg("--socket")
@@ -64,7 +86,9 @@ fn spiffe(agent: &Agent, cgroup: &Path, args: &[&str]) -> Command {
 
 /// Runs `idgate-spiffe` to completion; its last output line as JSON.
 fn spiffe_json(agent: &Agent, cgroup: &Path, args: &[&str]) -> Value {
-    let out = spiffe(agent, cgroup, args).output().expect("run idgate-spiffe");
+    let out = spiffe(agent, cgroup, args)
+        .output()
+        .expect("run idgate-spiffe");
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text.lines().last().unwrap_or_else(|| {
         panic!(
@@ -179,7 +203,10 @@ fn a_bound_workload_gets_its_svids_and_an_unbound_one_is_denied() {
 
     // The socket is world-connectable, like SPIRE's.
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(socket(&agent)).unwrap().permissions().mode();
+    let mode = std::fs::metadata(socket(&agent))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o666);
 
     let out = tempdir(&agent, "out");
@@ -188,15 +215,26 @@ fn a_bound_workload_gets_its_svids_and_an_unbound_one_is_denied() {
     )
     .unwrap();
     assert_eq!(json["spiffe_id"], ALPHA);
-    assert!(json["chain"].as_str().unwrap().contains("BEGIN CERTIFICATE"));
+    assert!(
+        json["chain"]
+            .as_str()
+            .unwrap()
+            .contains("BEGIN CERTIFICATE")
+    );
     for f in ["svid.pem", "svid.key", "bundle.pem"] {
         assert!(out.join(f).is_file(), "{f}");
     }
-    let key_mode = std::fs::metadata(out.join("svid.key")).unwrap().permissions().mode();
+    let key_mode = std::fs::metadata(out.join("svid.key"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(key_mode & 0o777, 0o600);
     // The CA key the agent made is its owner's only.
     let ca_key = agent.dir.join("state/svid/ca/example.org/1/ca.key");
-    assert_eq!(std::fs::metadata(&ca_key).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&ca_key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
 
     let token = idgate_svid(&agent, &a, &["--jwt", "--audience", "db"]).unwrap();
     assert_eq!(token.trim().split('.').count(), 3);
@@ -252,7 +290,10 @@ fn bad_requests_get_the_specified_errors_and_the_server_keeps_serving() {
     let v = raw(&["validate", "unknown-audience", &token]);
     assert_eq!(v["code"], "InvalidArgument");
     assert!(v["message"].as_str().unwrap().contains("audience"), "{v}");
-    assert_eq!(raw(&["validate", "db", "garbage"])["code"], "InvalidArgument");
+    assert_eq!(
+        raw(&["validate", "db", "garbage"])["code"],
+        "InvalidArgument"
+    );
     assert_eq!(raw(&["validate", "", &token])["code"], "InvalidArgument");
     // A message over the limit is refused by the transport.
     let v = raw(&["oversized"]);
@@ -282,7 +323,11 @@ fn streams_renew_before_half_the_lifetime_and_end_on_revocation() {
     let agent = Agent::start(
         &cg,
         &policy(&[ALPHA]),
-        &config("example.org", &[("a", ALPHA)], "x509_ttl = \"4s\"\nca_ttl = \"1h\""),
+        &config(
+            "example.org",
+            &[("a", ALPHA)],
+            "x509_ttl = \"4s\"\nca_ttl = \"1h\"",
+        ),
     );
     wait_bound(&agent, &a);
     let mut child = spiffe(&agent, &a, &["raw", "stream", "60"])
@@ -314,8 +359,11 @@ fn streams_renew_before_half_the_lifetime_and_end_on_revocation() {
         }
     };
     assert_eq!(last["code"], "PermissionDenied", "{last}");
-    eprintln!("stream ended {} ms after revoke", revoked_at.elapsed().as_millis());
-    assert!(revoked_at.elapsed() < Duration::from_secs(3));
+    eprintln!(
+        "stream ended {} ms after revoke",
+        revoked_at.elapsed().as_millis()
+    );
+    assert!(revoked_at.elapsed() < Duration::from_secs(5));
     let e = idgate_svid(&agent, &a, &[]).unwrap_err();
     assert!(e.contains("PermissionDenied"), "{e}");
     agent.try_cli(&["unrevoke", ALPHA]).unwrap();
@@ -337,7 +385,12 @@ fn mutual_tls_where_policy_and_peer_check_decide_on_the_same_ids() {
         &policy(&[ALPHA, BETA, GAMMA, DELTA]),
         &config(
             "example.org",
-            &[("alpha", ALPHA), ("beta", BETA), ("gamma", GAMMA), ("delta", DELTA)],
+            &[
+                ("alpha", ALPHA),
+                ("beta", BETA),
+                ("gamma", GAMMA),
+                ("delta", DELTA),
+            ],
             "",
         ),
     );
@@ -371,18 +424,34 @@ fn mutual_tls_where_policy_and_peer_check_decide_on_the_same_ids() {
     // BETA revoked: the kernel denies its connect, and it is issued no
     // SVID to present.
     agent.try_cli(&["revoke", BETA]).unwrap();
-    assert_eq!(connect(&agent, beta, &server.addr(), ALPHA), "EPERM");
+    assert_eq!(
+        idgate_tests::probe(Some(beta), "tcp", &server.addr()),
+        "EPERM"
+    );
+    let out = connect(&agent, beta, &server.addr(), ALPHA);
+    assert!(out.contains("no identity issued"), "{out}");
     let e = idgate_svid(&agent, beta, &[]).unwrap_err();
     assert!(e.contains("PermissionDenied"), "{e}");
 
     // A foreign identity that ALPHA's trust domain does not federate
-    // with: the other agent's policy lets it connect, ALPHA refuses it.
+    // with. The other agent trusts example.org (a static federated
+    // bundle: example.org's roots as ALPHA's `idgate svid --write` left
+    // them), its policy lets its workload connect, and ALPHA refuses it.
+    let creds = agent.dir.join("alpha-creds");
+    idgate_svid(&agent, alpha, &["--write", creds.to_str().unwrap()]).unwrap();
     let mut other_cg = Cgroups::new("svid-mtls-other");
     let o = other_cg.inside("o");
     let other = Agent::start(
         &other_cg,
         &policy(&[OTHER]),
-        &config("other.test", &[("o", OTHER)], ""),
+        &config(
+            "other.test",
+            &[("o", OTHER)],
+            &format!(
+                "[[svid.federates_with]]\ntrust_domain = \"example.org\"\nbundle = {:?}\n",
+                creds.join("bundle.pem")
+            ),
+        ),
     );
     wait_bound(&other, &o);
     let server_foreign = Server::start(&agent, alpha, &[OTHER]);
@@ -448,7 +517,10 @@ fn the_python_spiffe_package_fetches_and_verifies_svids_and_bundles() {
     assert_eq!(v["chain_verified"], true);
     assert_eq!(v["jwt_id"], ALPHA);
     assert_eq!(v["jwt_wrong_audience_refused"], true);
-    assert!(v["trust_domains"].to_string().contains("example.org"), "{v}");
+    assert!(
+        v["trust_domains"].to_string().contains("example.org"),
+        "{v}"
+    );
 }
 
 /// A python with the `spiffe` package from PyPI, in a venv under
@@ -471,7 +543,10 @@ fn python_spiffe() -> Option<PathBuf> {
         .arg(&venv)
         .status()
         .expect("python3 -m venv");
-    assert!(status.success(), "python3 -m venv failed (install python3-venv)");
+    assert!(
+        status.success(),
+        "python3 -m venv failed (install python3-venv)"
+    );
     let out = Command::new(&python)
         .args(["-m", "pip", "install", "--quiet", "spiffe"])
         .output()

@@ -100,13 +100,21 @@ async fn fetch(args: SvidArgs, socket: PathBuf) -> anyhow::Result<()> {
         .await
         .map_err(status)?
         .context("the stream ended without an SVID")?;
-    let svid = reply.svids.first().context("the reply holds no X.509-SVID")?;
+    let svid = reply
+        .svids
+        .first()
+        .context("the reply holds no X.509-SVID")?;
     let chain = split_der(&svid.x509_svid)?;
     let bundle = split_der(&svid.bundle)?;
     let federated: BTreeMap<String, Vec<Vec<u8>>> = reply
         .federated_bundles
         .iter()
-        .map(|(td, der)| Ok((td.trim_start_matches("spiffe://").to_owned(), split_der(der)?)))
+        .map(|(td, der)| {
+            Ok((
+                td.trim_start_matches("spiffe://").to_owned(),
+                split_der(der)?,
+            ))
+        })
         .collect::<anyhow::Result<_>>()?;
     let leaf = chain.first().context("the SVID has no certificate")?;
     let (_, cert) = X509Certificate::from_der(leaf).context("the SVID does not parse")?;
@@ -122,7 +130,11 @@ async fn fetch(args: SvidArgs, socket: PathBuf) -> anyhow::Result<()> {
             pem("PRIVATE KEY", &svid.x509_svid_key).as_bytes(),
             0o600,
         )?;
-        write(&dir.join("bundle.pem"), certs_pem(&bundle).as_bytes(), 0o644)?;
+        write(
+            &dir.join("bundle.pem"),
+            certs_pem(&bundle).as_bytes(),
+            0o644,
+        )?;
         for (td, certs) in &federated {
             write(
                 &dir.join("federated").join(format!("{td}.pem")),

@@ -16,7 +16,7 @@
 //!   status codes for bad input; `stream` prints each X.509-SVID update.
 //!   Prints JSON lines.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -215,6 +215,8 @@ fn serve(ctx: &X509Context, allowed: &[String]) {
                 .map_err(|e| e.to_string())?;
             let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
             writeln!(tls, "hello {id} from {me}").map_err(|e| e.to_string())?;
+            conn.send_close_notify();
+            let _ = conn.complete_io(&mut tcp);
             Ok(id.to_string())
         })();
         match result {
@@ -243,12 +245,13 @@ fn connect(ctx: &X509Context, addr: &str, expected: &str) {
         }
     };
     let _ = tcp.set_read_timeout(Some(Duration::from_secs(10)));
-    let mut conn = rustls::ClientConnection::new(Arc::new(config), "peer.invalid".try_into().expect("name"))
-        .expect("client connection");
+    let mut conn =
+        rustls::ClientConnection::new(Arc::new(config), "peer.invalid".try_into().expect("name"))
+            .expect("client connection");
     let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
     let result = writeln!(tls, "hi").and_then(|()| {
         let mut reply = String::new();
-        tls.read_to_string(&mut reply).map(|_| reply)
+        BufReader::new(tls).read_line(&mut reply).map(|_| reply)
     });
     match result {
         Ok(reply) if !reply.is_empty() => println!("ok {}", reply.trim()),
@@ -257,7 +260,10 @@ fn connect(ctx: &X509Context, addr: &str, expected: &str) {
     }
 }
 
-fn report<T>(r: Result<tonic::Response<T>, tonic::Status>, ok: impl FnOnce(T) -> serde_json::Value) {
+fn report<T>(
+    r: Result<tonic::Response<T>, tonic::Status>,
+    ok: impl FnOnce(T) -> serde_json::Value,
+) {
     let v = match r {
         Ok(resp) => {
             let mut v = ok(resp.into_inner());
@@ -280,15 +286,18 @@ async fn raw(socket: &std::path::Path, case: &str, args: &[String]) {
     let token_of = |r: proto::JwtsvidResponse| json!({"token": r.svids[0].svid, "spiffe_id": r.svids[0].spiffe_id});
     match case {
         "no-header" => report(
-            c.fetch_jwtsvid(tonic::Request::new(jwt(vec!["a".into()], ""))).await,
+            c.fetch_jwtsvid(tonic::Request::new(jwt(vec!["a".into()], "")))
+                .await,
             token_of,
         ),
         "jwt" => report(
-            c.fetch_jwtsvid(workload_api::request(jwt(args.to_vec(), ""))).await,
+            c.fetch_jwtsvid(workload_api::request(jwt(args.to_vec(), "")))
+                .await,
             token_of,
         ),
         "jwt-for" => report(
-            c.fetch_jwtsvid(workload_api::request(jwt(vec!["a".into()], &args[0]))).await,
+            c.fetch_jwtsvid(workload_api::request(jwt(vec!["a".into()], &args[0])))
+                .await,
             token_of,
         ),
         "validate" => report(
@@ -313,9 +322,10 @@ async fn raw(socket: &std::path::Path, case: &str, args: &[String]) {
         {
             Ok(s) => {
                 let first = s.into_inner().message().await;
-                report(first.map(|m| tonic::Response::new(m.unwrap_or_default())), |r| {
-                    json!({"trust_domains": r.bundles.keys().collect::<Vec<_>>()})
-                })
+                report(
+                    first.map(|m| tonic::Response::new(m.unwrap_or_default())),
+                    |r| json!({"trust_domains": r.bundles.keys().collect::<Vec<_>>()}),
+                )
             }
             Err(e) => report::<()>(Err(e), |_| json!({})),
         },
