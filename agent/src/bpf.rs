@@ -4,9 +4,11 @@
 mod bpffs;
 mod loader;
 mod maps;
+mod pins;
 
 pub use loader::{Attachment, Enforcer, ExecNotices, install, uninstall};
 pub use maps::{PolicyMaps, SlotTable};
+pub use pins::Pins;
 
 /// Errors from the kernel side.
 #[derive(Debug, thiserror::Error)]

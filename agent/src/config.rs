@@ -53,6 +53,10 @@ pub struct Config {
     /// Seconds between full re-attestations of the scope, on top of the
     /// events that trigger one at once. Default 10.
     pub resync_seconds: u64,
+    /// Cgroups that can be bound at once (the size of the kernel's
+    /// identities map, fixed when it is first made). A workload beyond it
+    /// is denied and reported; none is evicted. Default 65536.
+    pub max_workloads: u32,
     /// Shorthand registration entries: `[[workload]]` tables binding a
     /// cgroup (relative to the scope, made if missing) to an identity.
     /// Each is the entry `{ id = IDENTITY, selectors =
@@ -97,6 +101,7 @@ impl Default for Config {
             entries: PathBuf::from("/etc/idgate/entries"),
             trust_domains: Vec::new(),
             resync_seconds: 10,
+            max_workloads: idgate_common::MAX_BOUND_CGROUPS,
             workloads: Vec::new(),
             workload_entries: Vec::new(),
             events: Default::default(),
@@ -149,6 +154,13 @@ impl Config {
         }
         if self.resync_seconds == 0 {
             return Err("`resync_seconds` must be at least 1".into());
+        }
+        if !(1..=1 << 20).contains(&self.max_workloads) {
+            return Err(format!(
+                "`max_workloads` must be between 1 and {}, got {}",
+                1 << 20,
+                self.max_workloads
+            ));
         }
         for td in &self.trust_domains {
             format!("spiffe://{td}")

@@ -18,6 +18,7 @@ use aya::{Ebpf, EbpfLoader};
 use idgate_common::{Scope, maps, programs};
 
 use super::maps::{PolicyMaps, SlotTable};
+use super::pins::Pins;
 use super::{BpfError, bpffs};
 use crate::cgroup;
 
@@ -46,6 +47,8 @@ pub struct Enforcer {
     /// Exec notices from the tracepoint, while the agent runs; `None` when
     /// the tracepoint could not be attached (the periodic resync covers).
     pub exec_notices: Option<ExecNotices>,
+    /// Handles that put back pins removed by hand.
+    pub pins: Pins,
 }
 
 /// The exec tracepoint's link (detached when dropped) and its ring buffer.
@@ -68,7 +71,12 @@ fn link_name(program: &str, scope_id: u64) -> String {
 /// scope is (`scope_level`: its depth below the cgroup v2 root), attaches
 /// every program that is not already attached for `scope_dir`, and pins
 /// it.
-pub fn install(pin_dir: &Path, scope_dir: &Path, scope_level: u32) -> Result<Enforcer, BpfError> {
+pub fn install(
+    pin_dir: &Path,
+    scope_dir: &Path,
+    scope_level: u32,
+    max_workloads: u32,
+) -> Result<Enforcer, BpfError> {
     bpffs::ensure(pin_dir)?;
     let scope_id = cgroup::cgroup_id(scope_dir).map_err(|e| BpfError::Io {
         path: scope_dir.to_owned(),
@@ -76,6 +84,7 @@ pub fn install(pin_dir: &Path, scope_dir: &Path, scope_level: u32) -> Result<Enf
     })?;
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pin_dir)
+        .map_max_entries(maps::IDENTITIES, max_workloads)
         .load(OBJECT)?;
     let mut scope_map: Array<&mut MapData, Scope> = Array::try_from(
         ebpf.map_mut(maps::SCOPE)
@@ -140,11 +149,16 @@ pub fn install(pin_dir: &Path, scope_dir: &Path, scope_level: u32) -> Result<Enf
         ebpf.take_map(maps::SLOT_IDS)
             .ok_or(BpfError::MissingMap(maps::SLOT_IDS))?,
     )?;
+    let links = programs::PINNED
+        .iter()
+        .map(|p| pin_dir.join(link_name(p, scope_id)))
+        .collect();
     Ok(Enforcer {
         maps,
         slots,
         attachment,
         exec_notices,
+        pins: Pins::open(pin_dir, links)?,
     })
 }
 

@@ -31,6 +31,13 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
 
 pub fn uninstall(args: UninstallArgs) -> anyhow::Result<()> {
     let config = Config::load(&args.config)?;
+    // A running agent holds its pins and puts back any that go.
+    if idgate::admin::request(&config.control_socket, idgate::admin::Request::Status).is_ok() {
+        anyhow::bail!(
+            "the agent is running (it answers on {}): stop it first",
+            config.control_socket.display()
+        );
+    }
     let removed = idgate::bpf::uninstall(&config.pin_dir)?;
     for path in &removed {
         println!("removed {}", path.display());

@@ -25,6 +25,9 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
             "workloads",
             "reloads",
             "reload_errors",
+            "pins_restored",
+            "bind_failures",
+            "max_workloads",
         ] {
             println!("{key:<15} {}", text(&r[key]));
         }

@@ -38,7 +38,13 @@ pub fn handle(state: &mut State, peer: Peer, request: Request) -> Reply {
         Request::Unrevoke { identity } => revoke(state, &identity, false),
         Request::Workloads => Reply::ok(json!({
             "scope": state.scope_dir,
-            "workloads": state.workloads.iter().collect::<Vec<_>>(),
+            "workloads": state.workloads.iter().map(|w| {
+                let mut row = serde_json::to_value(w).expect("workload row");
+                // Attested but not taken by the kernel (map full): denied.
+                row["enforced"] = json!(w.binding.bound_id().is_none()
+                    || state.applied.bound.contains_key(&w.cgroup_id));
+                row
+            }).collect::<Vec<_>>(),
             "kubernetes": "no kubelet configured: k8s selectors match nothing",
         })),
         Request::Run {
@@ -65,6 +71,9 @@ fn status(state: &State) -> Value {
         "revoked": state.revocations.ids().iter().map(SpiffeId::as_str).collect::<Vec<_>>(),
         "reloads": state.reloads,
         "reload_errors": state.reload_errors,
+        "pins_restored": state.pins_restored,
+        "bind_failures": state.bind_failures.len(),
+        "max_workloads": state.config.max_workloads,
     })
 }
 

@@ -46,6 +46,11 @@ pub struct State {
     pub started: Instant,
     pub reloads: u64,
     pub reload_errors: u64,
+    /// Pins found removed by hand, and put back.
+    pub pins_restored: u64,
+    /// Cgroups attested to an identity that the kernel map could not take
+    /// (full): denied, and reported here.
+    pub bind_failures: BTreeMap<u64, String>,
     runs: u64,
 }
 
@@ -68,7 +73,7 @@ impl State {
             cgroup::ensure_dir(&scope_dir.join(&w.cgroup))?;
         }
         let level = config.scope.components().count() as u32;
-        let enforcer = bpf::install(&config.pin_dir, &scope_dir, level)?;
+        let enforcer = bpf::install(&config.pin_dir, &scope_dir, level, config.max_workloads)?;
         tracing::info!(
             scope = %scope_dir.display(),
             pin_dir = %config.pin_dir.display(),
@@ -96,6 +101,8 @@ impl State {
             started: Instant::now(),
             reloads: 0,
             reload_errors: 0,
+            pins_restored: 0,
+            bind_failures: BTreeMap::new(),
             runs: 0,
         };
         state.attest_all();
@@ -138,8 +145,17 @@ impl State {
         self.sync(false)
     }
 
-    /// The periodic pass: expire bindings, re-attest everything.
+    /// The periodic pass: put back pins removed by hand, expire bindings,
+    /// re-attest everything.
     pub fn resync(&mut self) -> Result<(), DaemonError> {
+        let restored = self.enforcer.pins.restore()?;
+        if !restored.is_empty() {
+            tracing::error!(
+                ?restored,
+                "pins were removed by hand; put back (use `idgate uninstall` to remove idgate)"
+            );
+            self.pins_restored += restored.len() as u64;
+        }
         self.workloads.expire(SystemTime::now());
         self.attest_all();
         self.remove_finished_runs();
@@ -301,11 +317,24 @@ impl State {
             .iter()
             .map(|(s, id)| (id, *s))
             .collect();
+        self.bind_failures.retain(|cg, _| wanted.contains_key(cg));
         for (cg, id) in &wanted {
             let slot = slot_of[id];
             if self.applied.bound.get(cg) != Some(&slot) {
-                self.enforcer.maps.bind(*cg, slot)?;
-                self.applied.bound.insert(*cg, slot);
+                // A cgroup the map cannot take stays unbound (denied) and
+                // is reported; no other binding is evicted for it.
+                match self.enforcer.maps.bind(*cg, slot) {
+                    Ok(()) => {
+                        self.applied.bound.insert(*cg, slot);
+                        self.bind_failures.remove(cg);
+                    }
+                    Err(e) => {
+                        if !self.bind_failures.contains_key(cg) {
+                            tracing::error!(cgroup_id = cg, identity = %id, error = %e, "cannot bind: the workload is denied");
+                        }
+                        self.bind_failures.insert(*cg, e.to_string());
+                    }
+                }
             }
         }
         let stale: Vec<u64> = self

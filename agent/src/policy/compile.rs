@@ -140,10 +140,21 @@ pub fn compile(policy: &PolicySet, slots: &[(u32, SpiffeId)]) -> CompiledPolicy 
                 }
             }
         }
-        let prefixes: BTreeSet<IpNet> = flat.iter().map(|r| r.net).collect();
+        let mut by_net: HashMap<IpNet, Vec<&FlatRule>> = HashMap::new();
+        for r in &flat {
+            by_net.entry(r.net).or_default().push(r);
+        }
+        let prefixes: BTreeSet<IpNet> = by_net.keys().copied().collect();
         for net in prefixes {
-            let applicable: Vec<&FlatRule> =
-                flat.iter().filter(|r| r.net.contains(&net)).collect();
+            // The rules that apply within `net`: its own and those of every
+            // less specific prefix, found by walking up its prefix lengths
+            // (at most 129 lookups, however many rules there are).
+            let applicable: Vec<&FlatRule> = (0..=net.prefix_len())
+                .filter_map(|len| IpNet::new(net.network(), len).ok())
+                .filter_map(|n| by_net.get(&n.trunc()))
+                .flatten()
+                .copied()
+                .collect();
             let tcp = tables.intern(resolve(&applicable, Protocol::Tcp));
             let udp = tables.intern(resolve(&applicable, Protocol::Udp));
             out.dests.push(DestEntry {
@@ -344,11 +355,23 @@ mod tests {
             "#
         ));
         let c = compile(&p, &[(1, id(WEB))]);
-        assert_eq!(decide(&c, "10.1.2.3", 22, true), (verdict::DENY, "db-ssh".into()));
+        assert_eq!(
+            decide(&c, "10.1.2.3", 22, true),
+            (verdict::DENY, "db-ssh".into())
+        );
         // Port 80 in the /16 is not covered by the /16 rule: the /8 decides.
-        assert_eq!(decide(&c, "10.1.2.3", 80, true), (verdict::ALLOW, "lan".into()));
-        assert_eq!(decide(&c, "10.9.0.1", 22, true), (verdict::ALLOW, "lan".into()));
-        assert_eq!(decide(&c, "192.0.2.1", 80, true), (verdict::DENY, "default".into()));
+        assert_eq!(
+            decide(&c, "10.1.2.3", 80, true),
+            (verdict::ALLOW, "lan".into())
+        );
+        assert_eq!(
+            decide(&c, "10.9.0.1", 22, true),
+            (verdict::ALLOW, "lan".into())
+        );
+        assert_eq!(
+            decide(&c, "192.0.2.1", 80, true),
+            (verdict::DENY, "default".into())
+        );
     }
 
     #[test]
@@ -378,9 +401,18 @@ mod tests {
         ));
         let c = compile(&p, &[(1, id(WEB))]);
         assert_eq!(decide(&c, "127.0.0.1", 1000, true).1, "wide");
-        assert_eq!(decide(&c, "127.0.0.1", 1550, true), (verdict::ALLOW, "narrow".into()));
-        assert_eq!(decide(&c, "127.0.0.1", 1550, false), (verdict::DENY, "udp-only".into()));
-        assert_eq!(decide(&c, "127.0.0.1", 2001, true), (verdict::ALLOW, "default".into()));
+        assert_eq!(
+            decide(&c, "127.0.0.1", 1550, true),
+            (verdict::ALLOW, "narrow".into())
+        );
+        assert_eq!(
+            decide(&c, "127.0.0.1", 1550, false),
+            (verdict::DENY, "udp-only".into())
+        );
+        assert_eq!(
+            decide(&c, "127.0.0.1", 2001, true),
+            (verdict::ALLOW, "default".into())
+        );
     }
 
     #[test]
@@ -431,6 +463,9 @@ mod tests {
         assert_eq!(unknown.default_verdict, verdict::DENY);
         assert_ne!(unknown.flags & slot_policy::AUDIT, 0);
         // An identity without a block is deny-all.
-        assert_eq!(evaluate(&c, 2, "127.0.0.1".parse().unwrap(), 1, true).0, verdict::DENY);
+        assert_eq!(
+            evaluate(&c, 2, "127.0.0.1".parse().unwrap(), 1, true).0,
+            verdict::DENY
+        );
     }
 }

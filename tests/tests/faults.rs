@@ -1,0 +1,201 @@
+//! Faults: the agent killed mid-reload and restarted under load, pins
+//! removed by hand, a full identities map.
+
+use std::net::TcpListener;
+use std::time::Duration;
+
+use idgate_tests::{
+    Agent, Cgroups, probe, repeat_counts, require_privileges, spawn_repeat, wait_for,
+};
+use nix::sys::signal::Signal;
+
+const WEB: &str = "spiffe://example.org/web";
+
+fn binding(cgroups: &[&str]) -> String {
+    cgroups
+        .iter()
+        .map(|c| format!("[[workload]]\ncgroup = \"{c}\"\nidentity = \"{WEB}\"\n"))
+        .collect()
+}
+
+/// WEB may reach `port` on 127.0.0.1, and `extra` /32s on port 9 (to make
+/// the policy big); nothing else.
+fn policy(port: u16, extra: u32) -> String {
+    let mut p = format!(
+        "[[identity]]\nid = \"{WEB}\"\n[[identity.egress]]\nname = \"local\"\nto = [\"127.0.0.1/32\"]\nports = [{port}]\nprotocol = \"tcp\"\naction = \"allow\"\n"
+    );
+    for i in 0..extra {
+        p.push_str(&format!(
+            "[[identity.egress]]\nname = \"bulk-{i}\"\nto = [\"10.{}.{}.{}/32\"]\nports = [9]\naction = \"allow\"\n",
+            (i >> 16) & 255,
+            (i >> 8) & 255,
+            i & 255
+        ));
+    }
+    p
+}
+
+fn listener() -> (TcpListener, u16) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    // Accept and drop connections so the backlog never fills.
+    let accept = l.try_clone().unwrap();
+    std::thread::spawn(move || {
+        for c in accept.incoming() {
+            drop(c);
+        }
+    });
+    (l, port)
+}
+
+#[test]
+fn a_hundred_restarts_under_a_connect_loop_never_let_a_denied_connect_through() {
+    require_privileges!();
+    let (_l, port) = listener();
+    let mut cg = Cgroups::new("flt-restart");
+    let web = cg.inside("web");
+    let mut agent = Agent::start(&cg, &policy(port, 0), &binding(&["web"]));
+    let allowed = format!("127.0.0.1:{port}");
+    let denied = format!("127.0.0.2:{port}");
+    let (mut allowed_seen, mut denied_seen) = (0, 0);
+    for round in 0..100 {
+        let a = spawn_repeat(&web, 40, "tcp", &allowed);
+        let d = spawn_repeat(&web, 40, "tcp", &denied);
+        agent.stop(Signal::SIGKILL);
+        agent.spawn();
+        agent.wait_ready();
+        let (a, d) = (repeat_counts(a), repeat_counts(d));
+        assert_eq!(
+            d.get("EPERM"),
+            Some(&40),
+            "round {round}: denied loop {d:?}"
+        );
+        assert_eq!(a.get("ok"), Some(&40), "round {round}: allowed loop {a:?}");
+        allowed_seen += 40;
+        denied_seen += 40;
+    }
+    assert_eq!(
+        agent.status()["programs"]["adopted"]
+            .as_array()
+            .unwrap()
+            .len(),
+        5
+    );
+    eprintln!("{allowed_seen} allowed and {denied_seen} denied connects across 100 restarts");
+}
+
+#[test]
+fn sigkill_mid_reload_keeps_enforcement_and_a_consistent_generation() {
+    require_privileges!();
+    let (_l, port) = listener();
+    let mut cg = Cgroups::new("flt-reload");
+    let web = cg.inside("web");
+    let mut agent = Agent::start(&cg, &policy(port, 0), &binding(&["web"]));
+    let allowed = format!("127.0.0.1:{port}");
+    // The new policy is big (its reload takes a while) and still allows
+    // the same destination.
+    agent.write_policy(&policy(port, 30_000));
+    let socket = agent.socket.clone();
+    let reload = std::thread::spawn(move || {
+        std::process::Command::new(idgate_tests::target_bin("idgate"))
+            .args(["policy", "reload", "--socket"])
+            .arg(&socket)
+            .output()
+    });
+    std::thread::sleep(Duration::from_millis(150));
+    agent.stop(Signal::SIGKILL);
+    let _ = reload.join();
+    // Whichever generation is active, it is whole: the allowed destination
+    // connects, the rest is denied.
+    assert_eq!(probe(Some(&web), "tcp", &allowed), "ok");
+    assert_eq!(probe(Some(&web), "tcp", "127.0.0.2:9"), "EPERM");
+    // A restarted agent applies the files as they are.
+    agent.spawn();
+    agent.wait_ready();
+    assert_eq!(probe(Some(&web), "tcp", &allowed), "ok");
+    assert_eq!(probe(Some(&web), "tcp", "127.0.0.2:9"), "EPERM");
+    let rules = agent.status()["rules"].as_u64().unwrap();
+    assert_eq!(rules, 30_001);
+}
+
+#[test]
+fn pins_removed_by_hand_are_reported_and_put_back() {
+    require_privileges!();
+    let (_l, port) = listener();
+    let mut cg = Cgroups::new("flt-pins");
+    let web = cg.inside("web");
+    let agent = Agent::start(
+        &cg,
+        &policy(port, 0),
+        &format!("resync_seconds = 1\n{}", binding(&["web"])),
+    );
+    let links = agent.pinned_links();
+    let connect4 = links
+        .iter()
+        .find(|l| l.starts_with("idgate_connect4@"))
+        .unwrap();
+    std::fs::remove_file(agent.pin_dir.join(connect4)).unwrap();
+    std::fs::remove_file(agent.pin_dir.join("IDG_IDENTITIES")).unwrap();
+    // The agent still holds the link: enforcement never stopped.
+    assert_eq!(probe(Some(&web), "tcp", "127.0.0.2:9"), "EPERM");
+    let restored = wait_for("the pins to be put back", Duration::from_secs(10), || {
+        let n = agent.status()["pins_restored"].as_u64().unwrap();
+        (n >= 2).then_some(n)
+    });
+    assert_eq!(restored, 2);
+    assert_eq!(agent.pinned_links(), links);
+    assert!(agent.pin_dir.join("IDG_IDENTITIES").exists());
+    assert!(agent.log().contains("pins were removed by hand"));
+    // Uninstalling under a running agent is refused: it would put them back.
+    let err = agent.uninstall().expect_err("uninstall while running");
+    assert!(err.contains("stop it first"), "{err}");
+}
+
+#[test]
+fn a_full_identities_map_denies_new_workloads_and_evicts_none() {
+    require_privileges!();
+    let (_l, port) = listener();
+    let mut cg = Cgroups::new("flt-full");
+    let dirs: Vec<_> = ["w1", "w2", "w3"].iter().map(|c| cg.inside(c)).collect();
+    let agent = Agent::start(
+        &cg,
+        &policy(port, 0),
+        &format!("max_workloads = 2\n{}", binding(&["w1", "w2", "w3"])),
+    );
+    let allowed = format!("127.0.0.1:{port}");
+    let answers: Vec<String> = dirs
+        .iter()
+        .map(|d| probe(Some(d), "tcp", &allowed))
+        .collect();
+    assert_eq!(
+        answers.iter().filter(|a| *a == "ok").count(),
+        2,
+        "{answers:?}"
+    );
+    assert_eq!(
+        answers.iter().filter(|a| *a == "EPERM").count(),
+        1,
+        "{answers:?}"
+    );
+    let status = agent.status();
+    assert_eq!(status["bind_failures"], 1);
+    let not_enforced: Vec<_> = agent
+        .workloads()
+        .into_iter()
+        .filter(|w| w["enforced"] == false)
+        .collect();
+    assert_eq!(not_enforced.len(), 1);
+    let denied_dir = &dirs[answers.iter().position(|a| a == "EPERM").unwrap()];
+    assert!(
+        denied_dir.ends_with(
+            not_enforced[0]["path"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches('/')
+                .rsplit('/')
+                .next()
+                .unwrap()
+        )
+    );
+    assert!(agent.log().contains("cannot bind: the workload is denied"));
+}
