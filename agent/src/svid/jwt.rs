@@ -132,12 +132,15 @@ const ALGS: &[&str] = &[
     "ES256", "ES384", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
 ];
 
-/// Validates `token` for `audience`. `keys_of` gives the JWT authorities
-/// of a trust domain, `(kid, key)`, or `None` when there is no bundle.
+/// The JWT authorities of a trust domain, `(kid, key)`, or `None` when
+/// there is no bundle for it.
+pub type KeysOf<'a> = &'a dyn Fn(&str) -> Option<Vec<(String, PublicJwk)>>;
+
+/// Validates `token` for `audience` with the keys `keys_of` gives.
 pub fn validate(
     token: &str,
     audience: &str,
-    keys_of: &dyn Fn(&str) -> Option<Vec<(String, PublicJwk)>>,
+    keys_of: KeysOf<'_>,
     now: SystemTime,
 ) -> Result<Validated, JwtError> {
     let parts: Vec<&str> = token.split('.').collect();
