@@ -148,9 +148,49 @@ impl ProcessFacts {
 /// The path the kernel gives an open file, and the SHA-256 of its content.
 fn hash_file(mut file: File) -> io::Result<(PathBuf, [u8; 32])> {
     let path = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
+    let key = FileKey::of(&file)?;
+    if let Some(hash) = HASHES.lock().expect("hash cache").get(&key) {
+        return Ok((path, *hash));
+    }
     let mut hasher = Sha256::new();
     io::copy(&mut file, &mut hasher)?;
-    Ok((path, hasher.finalize().into()))
+    let hash: [u8; 32] = hasher.finalize().into();
+    let mut cache = HASHES.lock().expect("hash cache");
+    if cache.len() >= MAX_CACHED_HASHES {
+        cache.clear();
+    }
+    cache.insert(key, hash);
+    Ok((path, hash))
+}
+
+/// Executables hashed so far, so that attesting the same program again
+/// reads only its metadata.
+static HASHES: std::sync::LazyLock<std::sync::Mutex<std::collections::HashMap<FileKey, [u8; 32]>>> =
+    std::sync::LazyLock::new(Default::default);
+const MAX_CACHED_HASHES: usize = 4096;
+
+/// Which file, in which version: any write, truncation or replacement of
+/// the content changes the inode's change time (ctime), which no user can
+/// set back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct FileKey {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    ctime: (i64, i64),
+}
+
+impl FileKey {
+    fn of(file: &File) -> io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = file.metadata()?;
+        Ok(Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    }
 }
 
 /// A procfs result, with `None` when the process no longer exists.
@@ -255,6 +295,23 @@ mod tests {
 
     use super::*;
     use crate::cgroup::cgroup2_root;
+
+    #[test]
+    fn a_file_rewritten_in_place_is_hashed_anew_not_from_the_cache() {
+        use std::io::Write;
+        let path = std::env::temp_dir().join(format!("idgate-hash-{}", std::process::id()));
+        std::fs::write(&path, b"first version").unwrap();
+        let (_, first) = hash_file(File::open(&path).unwrap()).unwrap();
+        assert_eq!(first, sha256_of(&path));
+        // Same inode, same size, new content.
+        let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all(b"other version").unwrap();
+        drop(f);
+        let (_, second) = hash_file(File::open(&path).unwrap()).unwrap();
+        assert_eq!(second, sha256_of(&path));
+        assert_ne!(first, second);
+        std::fs::remove_file(&path).unwrap();
+    }
 
     fn sha256_of(path: &Path) -> [u8; 32] {
         Sha256::digest(std::fs::read(path).unwrap()).into()
