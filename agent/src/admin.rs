@@ -6,9 +6,9 @@ mod client;
 mod protocol;
 mod server;
 
-pub use client::request;
+pub use client::{request, request_stream};
 pub use protocol::{PROTOCOL_VERSION, Reply, Request};
-pub use server::{Authoriser, Peer, serve};
+pub use server::{Authoriser, Peer, Response, serve};
 
 /// Errors on the control socket.
 #[derive(Debug, thiserror::Error)]

@@ -2,6 +2,7 @@
 //! layer over the library.
 
 mod agent;
+mod events;
 mod explain;
 mod policy;
 mod revoke;
@@ -46,6 +47,8 @@ enum Command {
     Revoke(revoke::RevokeArgs),
     /// Lift a revocation.
     Unrevoke(revoke::RevokeArgs),
+    /// Show decisions: recent ones, or (--follow) as they are made.
+    Events(events::EventsArgs),
     /// List the cgroups under the scope and their identities.
     Workloads(workloads::WorkloadsArgs),
     /// Run a command with an identity, in a cgroup of its own (operators).
@@ -94,6 +97,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Revoke(args) => revoke::run(args, true),
         Command::Unrevoke(args) => revoke::run(args, false),
         Command::Workloads(args) => workloads::run(args),
+        Command::Events(args) => events::run(args),
         Command::Run(args) => run::run(args),
         Command::Svid(args) => svid::run(args),
     }

@@ -97,7 +97,11 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         false => None,
     };
     let bundle_endpoint = match &config.svid.bundle_endpoint {
-        Some(e) => Some(crate::federation::bind(e, &config.trust_domains, &credentials)?),
+        Some(e) => Some(crate::federation::bind(
+            e,
+            &config.trust_domains,
+            &credentials,
+        )?),
         None => None,
     };
     let state = Arc::new(Mutex::new(State::start(config)?));
@@ -124,7 +128,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     let handler_observers = observers.clone();
     let server = admin::serve(&socket, auth, move |peer, request| {
         let mut state = handler_state.lock().expect("state lock");
-        let reply = control::handle(&mut state, peer, request);
+        let reply = control::handle(&mut state, &handler_observers.telemetry.feed, peer, request);
         handler_observers.publish(&state);
         reply
     });
@@ -138,7 +142,12 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     let resync_every = Duration::from_secs(state.lock().expect("state lock").config.resync_seconds);
     let (found_tx, mut found) = tokio::sync::mpsc::unbounded_channel();
     let watcher = tokio::spawn(discovery::watch(scope_dir.clone(), found_tx.clone()));
-    let exec_notices = state.lock().expect("state lock").enforcer.exec_notices.take();
+    let exec_notices = state
+        .lock()
+        .expect("state lock")
+        .enforcer
+        .exec_notices
+        .take();
     if let Some(notices) = exec_notices {
         let tx = found_tx.clone();
         tokio::spawn(async move {

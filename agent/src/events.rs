@@ -13,6 +13,7 @@ mod metrics;
 mod names;
 mod reader;
 mod record;
+mod feed;
 mod sinks;
 
 use std::path::{Path, PathBuf};
@@ -21,6 +22,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 pub use audit_log::AuditLog;
+pub use feed::{EventFeed, Line};
 pub use kernel::EventMaps;
 pub use metrics::EventMetrics;
 pub use names::Names;

@@ -254,3 +254,58 @@ fn explain_names_the_deciding_rule() {
     let e = run("localhost:443").unwrap_err();
     assert!(e.contains("not ADDR:PORT"), "{e}");
 }
+
+#[test]
+fn idgate_events_shows_and_follows_decisions_with_filters() {
+    require_privileges!();
+    use std::io::{BufRead, BufReader};
+    let mut cg = Cgroups::new("evcli");
+    let web = cg.inside("web");
+    let stranger = cg.inside("stranger");
+    let agent = Agent::start(&cg, &policy(9, false), &binding());
+    assert_eq!(probe(Some(&web), "tcp", "127.0.0.1:9"), "EPERM");
+
+    // Following from now: recent decisions first, then new ones.
+    let mut follow = Command::new(target_bin("idgate"))
+        .args([
+            "events",
+            "--follow",
+            "--json",
+            "--verdict",
+            "deny",
+            "--socket",
+        ])
+        .arg(&agent.socket)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(follow.stdout.take().unwrap()).lines();
+    let first: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(first["identity"], WEB);
+    assert_eq!(first["verdict"], "deny");
+    assert_eq!(probe(Some(&stranger), "tcp", "127.0.0.1:9"), "EPERM");
+    let second: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert!(second["identity"].is_null(), "{second}");
+    assert_eq!(second["reason"], "unknown_workload");
+    follow.kill().unwrap();
+    follow.wait().unwrap();
+
+    // Without --follow: the recent ones, filtered, in a person's words.
+    let out = agent
+        .try_cli(&["events", "--identity", WEB])
+        .expect("idgate events");
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(
+        out.contains("deny") && out.contains(WEB) && out.contains("127.0.0.1:9/tcp"),
+        "{out}"
+    );
+    let out = agent.try_cli(&["events", "--identity", "unknown"]).unwrap();
+    assert!(
+        out.contains("reason=unknown_workload") && !out.contains(WEB),
+        "{out}"
+    );
+    let err = agent
+        .try_cli(&["events", "--verdict", "maybe"])
+        .unwrap_err();
+    assert!(err.contains("not allow or deny"), "{err}");
+}

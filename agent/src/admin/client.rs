@@ -10,6 +10,41 @@ use super::protocol::{Envelope, PROTOCOL_VERSION, Reply, Request};
 /// Sends one request and returns the daemon's result, or its error as
 /// [`AdminError::Refused`].
 pub fn request(socket: &Path, request: Request) -> Result<serde_json::Value, AdminError> {
+    let (result, _) = exchange(socket, request)?;
+    Ok(result)
+}
+
+/// Sends a request whose reply is followed by lines (`events`), and hands
+/// each line to `on_line` until the daemon ends the stream or `on_line`
+/// returns false.
+pub fn request_stream(
+    socket: &Path,
+    request: Request,
+    mut on_line: impl FnMut(&str) -> bool,
+) -> Result<serde_json::Value, AdminError> {
+    let (result, mut lines) = exchange(socket, request)?;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match lines.read_line(&mut line) {
+            Ok(0) => return Ok(result),
+            Ok(_) if on_line(line.trim_end()) => {}
+            Ok(_) => return Ok(result),
+            Err(source) => {
+                return Err(AdminError::Io {
+                    path: socket.to_owned(),
+                    source,
+                });
+            }
+        }
+    }
+}
+
+/// Sends the request and reads the reply line.
+fn exchange(
+    socket: &Path,
+    request: Request,
+) -> Result<(serde_json::Value, BufReader<UnixStream>), AdminError> {
     let io = |source| AdminError::Io {
         path: socket.to_owned(),
         source,
@@ -25,14 +60,15 @@ pub fn request(socket: &Path, request: Request) -> Result<serde_json::Value, Adm
     // closed, maybe before the request is written: read the answer anyway.
     let written = stream.write_all(&line);
     let mut reply = String::new();
-    BufReader::new(stream).read_line(&mut reply).map_err(io)?;
+    let mut reader = BufReader::new(stream);
+    reader.read_line(&mut reply).map_err(io)?;
     if reply.is_empty() {
         written.map_err(io)?;
     }
     let reply: Reply =
         serde_json::from_str(&reply).map_err(|e| AdminError::BadReply(e.to_string()))?;
     if reply.ok {
-        Ok(reply.result.unwrap_or(serde_json::Value::Null))
+        Ok((reply.result.unwrap_or(serde_json::Value::Null), reader))
     } else {
         Err(AdminError::Refused(reply.error.unwrap_or_default()))
     }

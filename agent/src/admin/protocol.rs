@@ -34,6 +34,16 @@ pub enum Request {
     Unrevoke { identity: String },
     /// Every cgroup under the scope and how it stands.
     Workloads,
+    /// Recent decision events, and with `follow` every new one until the
+    /// caller goes away: the reply, then one event (JSON) per line.
+    Events {
+        #[serde(default)]
+        follow: bool,
+        /// Only events of this SPIFFE ID (`unknown` for unknown workloads).
+        identity: Option<String>,
+        /// Only `allow` or `deny` events.
+        verdict: Option<String>,
+    },
     /// Make a cgroup under the scope bound to `identity` and move `pid`
     /// (a child of the caller, waiting to exec the command) into it.
     Run {

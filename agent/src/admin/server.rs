@@ -7,8 +7,30 @@ use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
+use tokio::sync::broadcast;
+
 use super::AdminError;
 use super::protocol::{MAX_REQUEST_BYTES, Reply, Request, parse};
+use crate::events::Line;
+
+/// What a handler answers: one reply, or a reply followed by lines.
+pub enum Response {
+    Reply(Reply),
+    /// The reply, then the `recent` lines and, with `live`, every later
+    /// one, each that `keep` passes, until the caller goes away.
+    Stream {
+        reply: Reply,
+        recent: Vec<Line>,
+        live: Option<broadcast::Receiver<Line>>,
+        keep: Box<dyn Fn(&str) -> bool + Send + Sync>,
+    },
+}
+
+impl From<Reply> for Response {
+    fn from(reply: Reply) -> Self {
+        Response::Reply(reply)
+    }
+}
 
 /// The kernel's credentials of a caller (SO_PEERCRED).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,7 +58,7 @@ impl Authoriser {
 /// earlier agent is replaced.
 pub async fn serve<H>(path: &Path, auth: Authoriser, handler: H) -> Result<(), AdminError>
 where
-    H: Fn(Peer, Request) -> Reply + Send + Sync + 'static,
+    H: Fn(Peer, Request) -> Response + Send + Sync + 'static,
 {
     let io = |source| AdminError::Io {
         path: path.to_owned(),
@@ -67,7 +89,7 @@ where
 
 async fn connection<H>(stream: UnixStream, auth: &Authoriser, handler: &H) -> std::io::Result<()>
 where
-    H: Fn(Peer, Request) -> Reply,
+    H: Fn(Peer, Request) -> Response,
 {
     let cred = stream.peer_cred()?;
     let (uid, gid, pid) = (cred.uid(), cred.gid(), cred.pid());
@@ -107,18 +129,62 @@ where
             return send(&mut write, &reply).await;
         }
         reader.set_limit(MAX_REQUEST_BYTES as u64 + 1);
-        let reply = match parse(&line) {
+        let response = match parse(&line) {
             Ok(request) => {
                 tracing::info!(uid, ?pid, ?request, "control request");
                 handler(Peer { uid, gid, pid }, request)
             }
             Err(message) => {
                 tracing::warn!(uid, ?pid, %message, "control socket: bad request");
-                Reply::error(message)
+                Reply::error(message).into()
             }
         };
-        send(&mut write, &reply).await?;
+        match response {
+            Response::Reply(reply) => send(&mut write, &reply).await?,
+            Response::Stream {
+                reply,
+                recent,
+                live,
+                keep,
+            } => return send_stream(&mut write, &reply, recent, live, keep).await,
+        }
     }
+}
+
+/// Sends the reply and the lines; ends when the caller goes away (a write
+/// fails) or, without `live`, after the recent lines.
+async fn send_stream(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    reply: &Reply,
+    recent: Vec<Line>,
+    live: Option<broadcast::Receiver<Line>>,
+    keep: Box<dyn Fn(&str) -> bool + Send + Sync>,
+) -> std::io::Result<()> {
+    send(write, reply).await?;
+    for line in recent.iter().filter(|l| keep(l)) {
+        write_line(write, line).await?;
+    }
+    let Some(mut live) = live else {
+        return Ok(());
+    };
+    loop {
+        match live.recv().await {
+            Ok(line) if keep(&line) => write_line(write, &line).await?,
+            Ok(_) => {}
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                write_line(write, &format!("{{\"missed\":{missed}}}")).await?;
+            }
+            Err(broadcast::error::RecvError::Closed) => return Ok(()),
+        }
+    }
+}
+
+async fn write_line(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    line: &str,
+) -> std::io::Result<()> {
+    write.write_all(line.as_bytes()).await?;
+    write.write_all(b"\n").await
 }
 
 async fn send(write: &mut tokio::net::unix::OwnedWriteHalf, reply: &Reply) -> std::io::Result<()> {

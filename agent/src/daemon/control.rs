@@ -6,15 +6,28 @@ use idgate_common::{UNKNOWN_SLOT, slot_policy, verdict};
 use serde_json::{Value, json};
 
 use super::state::State;
-use crate::admin::{Peer, Reply, Request};
+use crate::admin::{Peer, Reply, Request, Response};
+use crate::events::EventFeed;
 use crate::identity::SpiffeId;
 use crate::policy;
 
 /// The slot `explain` compiles a lone identity into.
 const EXPLAIN_SLOT: u32 = 1;
 
-pub fn handle(state: &mut State, peer: Peer, request: Request) -> Reply {
+pub fn handle(state: &mut State, feed: &EventFeed, peer: Peer, request: Request) -> Response {
     match request {
+        Request::Events {
+            follow,
+            identity,
+            verdict,
+        } => events(feed, follow, identity, verdict),
+        other => reply(state, peer, other).into(),
+    }
+}
+
+fn reply(state: &mut State, peer: Peer, request: Request) -> Reply {
+    match request {
+        Request::Events { .. } => unreachable!("answered by `handle`"),
         Request::Status => Reply::ok(status(state)),
         Request::PolicyReload => match state.reload() {
             Ok(r) => Reply::ok(json!({
@@ -96,6 +109,40 @@ fn revoke(state: &mut State, identity: &str, revoked: bool) -> Reply {
             "slot": state.slot_of(&id),
         })),
         Err(e) => Reply::error(e.to_string()),
+    }
+}
+
+/// `idgate events`: the recent events, and with `follow` the new ones,
+/// those of one identity (`unknown`: of unknown workloads) and verdict.
+fn events(
+    feed: &EventFeed,
+    follow: bool,
+    identity: Option<String>,
+    verdict: Option<String>,
+) -> Response {
+    if let Some(v) = verdict.as_deref()
+        && v != "allow"
+        && v != "deny"
+    {
+        return Reply::error(format!("verdict {v:?} is not allow or deny")).into();
+    }
+    let (recent, live) = feed.subscribe();
+    let keep = move |line: &str| {
+        let Ok(event) = serde_json::from_str::<Value>(line) else {
+            return false;
+        };
+        let identity_ok = match identity.as_deref() {
+            None => true,
+            Some("unknown") => event["identity"].is_null(),
+            Some(id) => event["identity"] == id,
+        };
+        identity_ok && verdict.as_deref().is_none_or(|v| event["verdict"] == v)
+    };
+    Response::Stream {
+        reply: Reply::ok(json!({ "follow": follow })),
+        recent,
+        live: follow.then_some(live),
+        keep: Box::new(keep),
     }
 }
 

@@ -20,7 +20,7 @@ use super::DaemonError;
 use super::state::State;
 use super::workloads::Binding;
 use crate::config::Config;
-use crate::events::{self, EventMetrics, Names, Sinks};
+use crate::events::{self, EventFeed, EventMetrics, Names, Sinks};
 
 /// What is opened before the kernel is touched.
 pub struct Prepared {
@@ -44,6 +44,7 @@ impl Prepared {
         let mut registry = Registry::with_prefix("idgate");
         let event_metrics = EventMetrics::new(&mut registry);
         let telemetry = Telemetry {
+            feed: self.sinks.feed(),
             names: Arc::new(Names::default()),
             metrics: StateMetrics::new(&mut registry),
         };
@@ -64,6 +65,8 @@ impl Prepared {
 
 /// The running events reader's names, and the policy metrics.
 pub struct Telemetry {
+    /// Decision events for `idgate events`.
+    pub feed: EventFeed,
     names: Arc<Names>,
     metrics: StateMetrics,
 }

@@ -4,6 +4,7 @@
 use std::io::Write;
 
 use super::audit_log::{AuditLog, AuditLogError};
+use super::feed::EventFeed;
 use super::record::Event;
 
 /// The configured destinations of events.
@@ -11,6 +12,8 @@ pub struct Sinks {
     audit_log: Option<AuditLog>,
     /// Lines queued for standard output, when it is a destination.
     stdout: Option<Vec<u8>>,
+    /// `idgate events` followers.
+    feed: EventFeed,
     line: Vec<u8>,
 }
 
@@ -19,14 +22,21 @@ impl Sinks {
         Self {
             audit_log,
             stdout: stdout.then(Vec::new),
+            feed: EventFeed::default(),
             line: Vec::new(),
         }
+    }
+
+    /// The feed of these sinks' events, for `idgate events`.
+    pub fn feed(&self) -> EventFeed {
+        self.feed.clone()
     }
 
     /// Queues one event for every destination.
     pub fn push(&mut self, event: &Event) -> Result<(), AuditLogError> {
         self.line.clear();
         serde_json::to_writer(&mut self.line, event).expect("an event serialises");
+        self.feed.publish(&self.line);
         self.line.push(b'\n');
         if let Some(out) = &mut self.stdout {
             out.extend_from_slice(&self.line);
