@@ -8,7 +8,6 @@ mod caller;
 pub mod proto;
 mod service;
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -48,16 +47,7 @@ pub fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, WorkloadApi
         path: path.to_owned(),
         source,
     };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io)?;
-    }
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
-        _ => {}
-    }
-    let listener = std::os::unix::net::UnixListener::bind(path).map_err(io)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(io)?;
-    listener.set_nonblocking(true).map_err(io)?;
+    let listener = crate::files::bind_unix_socket(path, 0o666).map_err(io)?;
     Ok(listener)
 }
 

@@ -1,6 +1,5 @@
 //! The daemon's side of the control socket.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -64,16 +63,10 @@ where
         path: path.to_owned(),
         source,
     };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io)?;
-    }
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
-        _ => {}
-    }
-    let listener = UnixListener::bind(path).map_err(io)?;
     let mode = if auth.gids.is_empty() { 0o600 } else { 0o660 };
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io)?;
+    let listener = crate::files::bind_unix_socket(path, mode)
+        .and_then(UnixListener::from_std)
+        .map_err(io)?;
     let handler = Arc::new(handler);
     let auth = Arc::new(auth);
     loop {
