@@ -2,27 +2,50 @@
 //! compilation to the entries of the kernel's policy maps.
 
 mod compile;
+mod diagnostic;
 mod diff;
+mod load;
 mod model;
+mod overlap;
+mod parse;
 mod ports;
+mod precedence;
+mod subject;
 mod summary;
 
-pub use compile::{CompiledPolicy, DestEntry, PortEntry, RuleInfo, compile, evaluate};
+pub use compile::{CompiledPolicy, DestEntry, PortEntry, compile, evaluate};
+pub use diagnostic::{Diagnostic, Location};
 pub use diff::{PolicyDiff, diff};
-pub use model::{Action, Mode, PolicySet, Protocol, load};
+pub use load::load;
+pub use model::{
+    Action, Destination, EgressRule, IdentityBlock, IdentityPolicy, Mode, PolicySet, PortSpec,
+    Protocol,
+};
+pub use precedence::RuleInfo;
+pub use subject::{Specificity, Subject};
 pub use summary::{describe_rule, summary};
 
-/// Errors reading or checking policy.
-#[derive(Debug, thiserror::Error)]
-pub enum PolicyError {
-    #[error("cannot read policy {path}: {source}")]
-    Read {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path}: {message}")]
-    Invalid {
-        path: std::path::PathBuf,
-        message: String,
-    },
+/// Why a policy was refused: every problem found, sorted by file, line
+/// and column. Displayed as a header line, then one `FILE:LINE:COL:
+/// error: MESSAGE` line per problem.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", render(.diagnostics))]
+pub struct PolicyError {
+    pub diagnostics: Vec<Diagnostic>,
 }
+
+fn render(diagnostics: &[Diagnostic]) -> String {
+    let n = diagnostics.len();
+    let mut out = format!(
+        "invalid policy ({n} error{}):",
+        if n == 1 { "" } else { "s" }
+    );
+    for d in diagnostics {
+        out.push('\n');
+        out.push_str(&d.to_string());
+    }
+    out
+}
+
+#[cfg(test)]
+mod testing;

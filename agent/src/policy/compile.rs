@@ -1,37 +1,21 @@
 //! Compiles a policy for a set of identity slots into map entries.
 //!
-//! Precedence, for one identity and one destination address, port and
-//! protocol (the most specific rule wins; see `docs/policy.md`):
-//! 1. the longer destination prefix;
-//! 2. then the narrower port range (fewer ports);
-//! 3. then a rule for one protocol over a rule for `any`;
-//! 4. then `deny` over `allow`.
-//!
-//! The kernel does no such ranking: for each destination prefix the
-//! compiler folds in the rules of every less specific prefix, and splits
-//! the port space into disjoint intervals each with one winner, so the
-//! kernel's longest-prefix match on address, then on port, is the answer.
+//! The kernel does no ranking: the precedence (see `precedence.rs` and
+//! `docs/policy.md`) is applied here. For each destination prefix the
+//! rules of every less specific prefix are folded in, and the port space
+//! is split into disjoint intervals each with one winner, so the kernel's
+//! longest-prefix match on address, then on port, is the answer.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use idgate_common::{SlotPolicy, UNKNOWN_SLOT, slot_policy, verdict};
 use ipnet::IpNet;
 
-use super::model::{Action, Destination, IdentityPolicy, Mode, PolicySet, Protocol};
+use super::model::{Action, PolicySet};
 use super::ports;
+use super::precedence::{Blocks, DEFAULT_RULE_ID, Interval, RuleInfo, UNKNOWN_BLOCK, decide};
 use crate::identity::SpiffeId;
-
-/// Rule id reported for a decision by an identity's default.
-pub const DEFAULT_RULE_ID: u32 = 0;
-
-/// What a rule id stands for, for events and `explain`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RuleInfo {
-    /// The identity (or `unknown`) whose rule it is.
-    pub owner: String,
-    pub name: String,
-}
 
 /// A destination-trie entry: `(slot, address prefix)` -> port tables.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,111 +43,62 @@ pub struct CompiledPolicy {
     pub slots: Vec<(u32, SlotPolicy)>,
     pub dests: Vec<DestEntry>,
     pub ports: Vec<PortEntry>,
-    /// Indexed by rule id; id 0 is the default.
+    /// Indexed by rule id: id 0 is the default, then every rule of the
+    /// policy in order (the unknown-workload policy's first), so a rule
+    /// keeps its id whichever identities are bound.
     pub rules: Vec<RuleInfo>,
 }
 
-/// One rule for one destination network, as the compiler ranks it.
-#[derive(Debug, Clone)]
-struct FlatRule {
-    id: u32,
-    net: IpNet,
-    ports: Vec<(u16, u16)>,
-    protocol: Protocol,
-    verdict: u32,
+/// One slot's entries, before the slot number is put in.
+struct SlotEntries {
+    policy: SlotPolicy,
+    /// (prefix, tcp table, udp table).
+    dests: Vec<(IpNet, u32, u32)>,
 }
 
 /// Compiles `policy` for the bound identities in `slots` (slot, id). The
-/// unknown-workload policy goes to [`UNKNOWN_SLOT`]. An identity with no
-/// policy block gets deny-all.
+/// unknown-workload policy goes to [`UNKNOWN_SLOT`]. An identity that no
+/// block matches gets deny-all.
 pub fn compile(policy: &PolicySet, slots: &[(u32, SpiffeId)]) -> CompiledPolicy {
+    let blocks = Blocks::new(policy);
     let mut out = CompiledPolicy {
-        rules: vec![RuleInfo {
-            owner: String::new(),
-            name: "default".into(),
-        }],
+        rules: blocks.rule_infos(),
         ..Default::default()
     };
     let mut tables = TableInterner::default();
-    let deny_all = IdentityPolicy::default();
-
-    let mut targets: Vec<(u32, String, &IdentityPolicy)> =
-        vec![(UNKNOWN_SLOT, "unknown".into(), &policy.unknown)];
-    for (slot, id) in slots {
-        let p = policy
-            .identities
+    // Identities matched by the same blocks get the same entries.
+    let mut done: HashMap<Vec<usize>, SlotEntries> = HashMap::new();
+    let targets = std::iter::once((UNKNOWN_SLOT, vec![UNKNOWN_BLOCK])).chain(
+        slots
             .iter()
-            .find(|(pid, _)| pid == id)
-            .map_or(&deny_all, |(_, p)| p);
-        targets.push((*slot, id.to_string(), p));
-    }
-
-    for (slot, owner, p) in targets {
-        let audit = p.audit.unwrap_or(policy.mode == Mode::Audit);
-        let flags = slot_policy::PRESENT | if audit { slot_policy::AUDIT } else { 0 };
-        out.slots.push((
-            slot,
-            SlotPolicy {
-                default_verdict: verdict_of(p.default),
-                default_rule: DEFAULT_RULE_ID,
-                flags,
-            },
-        ));
-        let mut flat = Vec::new();
-        for rule in &p.egress {
-            let id = out.rules.len() as u32;
-            out.rules.push(RuleInfo {
-                owner: owner.clone(),
-                name: rule.name.clone(),
-            });
-            let ports: Vec<(u16, u16)> = if rule.ports.is_empty() {
-                vec![(0, u16::MAX)]
-            } else {
-                rule.ports.iter().map(|p| (p.first, p.last)).collect()
-            };
-            for dest in &rule.to {
-                let nets: Vec<IpNet> = match dest {
-                    Destination::Any => vec![
-                        "0.0.0.0/0".parse().expect("valid"),
-                        "::/0".parse().expect("valid"),
-                    ],
-                    Destination::Net(n) => vec![*n],
-                };
-                for net in nets {
-                    flat.push(FlatRule {
-                        id,
-                        net,
-                        ports: ports.clone(),
-                        protocol: rule.protocol,
-                        verdict: verdict_of(rule.action),
-                    });
-                }
+            .map(|(slot, id)| (*slot, blocks.for_identity(id))),
+    );
+    for (slot, which) in targets {
+        let entries = done.entry(which).or_insert_with_key(|which| {
+            let settings = blocks.settings(which);
+            let flag = |set: bool, flag: u32| if set { flag } else { 0 };
+            SlotEntries {
+                policy: SlotPolicy {
+                    default_verdict: verdict_of(settings.default),
+                    default_rule: DEFAULT_RULE_ID,
+                    flags: slot_policy::PRESENT
+                        | flag(settings.audit, slot_policy::AUDIT)
+                        | flag(settings.raw_sockets, slot_policy::RAW_SOCKETS),
+                },
+                dests: decide(&blocks.rules(which))
+                    .into_iter()
+                    .map(|d| (d.net, tables.intern(d.tcp), tables.intern(d.udp)))
+                    .collect(),
             }
-        }
-        let mut by_net: HashMap<IpNet, Vec<&FlatRule>> = HashMap::new();
-        for r in &flat {
-            by_net.entry(r.net).or_default().push(r);
-        }
-        let prefixes: BTreeSet<IpNet> = by_net.keys().copied().collect();
-        for net in prefixes {
-            // The rules that apply within `net`: its own and those of every
-            // less specific prefix, found by walking up its prefix lengths
-            // (at most 129 lookups, however many rules there are).
-            let applicable: Vec<&FlatRule> = (0..=net.prefix_len())
-                .filter_map(|len| IpNet::new(net.network(), len).ok())
-                .filter_map(|n| by_net.get(&n.trunc()))
-                .flatten()
-                .copied()
-                .collect();
-            let tcp = tables.intern(resolve(&applicable, Protocol::Tcp));
-            let udp = tables.intern(resolve(&applicable, Protocol::Udp));
-            out.dests.push(DestEntry {
+        });
+        out.slots.push((slot, entries.policy));
+        out.dests
+            .extend(entries.dests.iter().map(|&(net, tcp, udp)| DestEntry {
                 slot,
                 net,
                 tcp_table: tcp,
                 udp_table: udp,
-            });
-        }
+            }));
     }
     out.ports = tables.into_entries();
     out
@@ -174,68 +109,6 @@ fn verdict_of(a: Action) -> u32 {
         Action::Allow => verdict::ALLOW,
         Action::Deny => verdict::DENY,
     }
-}
-
-/// A disjoint port interval and the rule that decides it.
-type Interval = (u16, u16, u32, u32); // first, last, verdict, rule id
-
-/// The winner for every port, as disjoint intervals, from the rules that
-/// apply to one destination prefix and protocol.
-fn resolve(rules: &[&FlatRule], proto: Protocol) -> Vec<Interval> {
-    struct Candidate {
-        first: u32,
-        last: u32,
-        rank: (u8, std::cmp::Reverse<u32>, bool, bool),
-        verdict: u32,
-        id: u32,
-    }
-    let mut cands = Vec::new();
-    for r in rules {
-        if r.protocol != proto && r.protocol != Protocol::Any {
-            continue;
-        }
-        for &(first, last) in &r.ports {
-            let (first, last) = (u32::from(first), u32::from(last));
-            cands.push(Candidate {
-                first,
-                last,
-                rank: (
-                    r.net.prefix_len(),
-                    std::cmp::Reverse(last - first),
-                    r.protocol != Protocol::Any,
-                    r.verdict == verdict::DENY,
-                ),
-                verdict: r.verdict,
-                id: r.id,
-            });
-        }
-    }
-    let mut bounds: BTreeSet<u32> = BTreeSet::new();
-    for c in &cands {
-        bounds.insert(c.first);
-        bounds.insert(c.last + 1);
-    }
-    let bounds: Vec<u32> = bounds.into_iter().collect();
-    let mut out: Vec<Interval> = Vec::new();
-    for w in bounds.windows(2) {
-        let (lo, hi) = (w[0], w[1] - 1);
-        let Some(win) = cands
-            .iter()
-            .filter(|c| c.first <= lo && hi <= c.last)
-            .max_by(|a, b| a.rank.cmp(&b.rank).then(b.id.cmp(&a.id)))
-        else {
-            continue;
-        };
-        match out.last_mut() {
-            Some(last)
-                if u32::from(last.1) + 1 == lo && last.2 == win.verdict && last.3 == win.id =>
-            {
-                last.1 = hi as u16;
-            }
-            _ => out.push((lo as u16, hi as u16, win.verdict, win.id)),
-        }
-    }
-    out
 }
 
 /// Gives each distinct interval list one table id (ids from 1).
@@ -259,14 +132,14 @@ impl TableInterner {
     fn into_entries(self) -> Vec<PortEntry> {
         let mut out = Vec::new();
         for (table, intervals) in self.order {
-            for (first, last, verdict, rule_id) in intervals {
-                for (port, prefix_len) in ports::blocks(first, last) {
+            for i in intervals {
+                for (port, prefix_len) in ports::blocks(i.first, i.last) {
                     out.push(PortEntry {
                         table,
                         port,
                         prefix_len,
-                        verdict,
-                        rule_id,
+                        verdict: verdict_of(i.action),
+                        rule_id: i.rule,
                     });
                 }
             }
@@ -310,21 +183,10 @@ pub fn evaluate(c: &CompiledPolicy, slot: u32, addr: IpAddr, port: u16, tcp: boo
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::collections::BTreeSet;
 
-    fn policy(text: &str) -> PolicySet {
-        let dir = std::env::temp_dir().join(format!(
-            "idgate-compile-{}-{}",
-            std::process::id(),
-            text.len()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let f = dir.join("p.toml");
-        std::fs::write(&f, text).unwrap();
-        let p = super::super::load(&f, &[]).unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
-        p
-    }
+    use super::*;
+    use crate::policy::testing::policy;
 
     fn id(s: &str) -> SpiffeId {
         s.parse().unwrap()
@@ -375,7 +237,7 @@ mod tests {
     }
 
     #[test]
-    fn narrower_ports_then_protocol_then_deny_win() {
+    fn narrower_ports_then_a_specific_protocol_win() {
         let p = policy(&format!(
             r#"
             [[identity]]
@@ -466,6 +328,209 @@ mod tests {
         assert_eq!(
             evaluate(&c, 2, "127.0.0.1".parse().unwrap(), 1, true).0,
             verdict::DENY
+        );
+    }
+
+    #[test]
+    fn compiles_to_exact_entries() {
+        let p = policy(&format!(
+            "[[identity]]\nid = \"{WEB}\"\n[[identity.egress]]\nname = \"http\"\nto = [\"10.0.0.0/8\"]\nports = [\"80-81\"]\nprotocol = \"tcp\"\naction = \"allow\"\n"
+        ));
+        let deny_all = SlotPolicy {
+            default_verdict: verdict::DENY,
+            default_rule: DEFAULT_RULE_ID,
+            flags: slot_policy::PRESENT,
+        };
+        assert_eq!(
+            compile(&p, &[(7, id(WEB))]),
+            CompiledPolicy {
+                slots: vec![(UNKNOWN_SLOT, deny_all), (7, deny_all)],
+                dests: vec![DestEntry {
+                    slot: 7,
+                    net: "10.0.0.0/8".parse().unwrap(),
+                    tcp_table: 1,
+                    udp_table: idgate_common::NO_TABLE,
+                }],
+                ports: vec![PortEntry {
+                    table: 1,
+                    port: 80,
+                    prefix_len: 15,
+                    verdict: verdict::ALLOW,
+                    rule_id: 1,
+                }],
+                rules: vec![
+                    RuleInfo {
+                        owner: String::new(),
+                        name: "default".into(),
+                    },
+                    RuleInfo {
+                        owner: WEB.into(),
+                        name: "http".into(),
+                    },
+                ],
+            }
+        );
+    }
+
+    /// Three blocks match `agents/coder`, two match `agents/other`, one
+    /// matches `web`: at equal prefix, ports and protocol the most
+    /// specific block decides, and each setting comes from the most
+    /// specific block that sets it.
+    #[test]
+    fn exact_blocks_outrank_patterns_and_longer_patterns_outrank_shorter() {
+        let p = policy(
+            r#"
+            [[identity]]
+            id = "spiffe://example.org/*"
+            default = "allow"
+            [[identity.egress]]
+            name = "td-https"
+            to = ["10.0.0.0/8"]
+            ports = [443]
+            protocol = "tcp"
+            action = "allow"
+            [[identity.egress]]
+            name = "td-narrow"
+            to = ["10.1.0.0/16"]
+            ports = [443]
+            protocol = "tcp"
+            action = "deny"
+
+            [[identity]]
+            id = "spiffe://example.org/agents/*"
+            audit = true
+            raw_sockets = true
+            [[identity.egress]]
+            name = "agents-https"
+            to = ["10.0.0.0/8"]
+            ports = [443]
+            protocol = "tcp"
+            action = "deny"
+
+            [[identity]]
+            id = "spiffe://example.org/agents/coder"
+            default = "deny"
+            raw_sockets = false
+            [[identity.egress]]
+            name = "coder-https"
+            to = ["10.0.0.0/8"]
+            ports = [443]
+            protocol = "tcp"
+            action = "allow"
+            "#,
+        );
+        let ids = [
+            "spiffe://example.org/agents/coder",
+            "spiffe://example.org/agents/other",
+            "spiffe://example.org/web",
+            "spiffe://example.org/agents",
+            "spiffe://other.org/agents/coder",
+        ];
+        let slots: Vec<(u32, SpiffeId)> = (1..).zip(ids.iter().map(|s| id(s))).collect();
+        let c = compile(&p, &slots);
+        let at = |slot: u32, addr: &str, port: u16| {
+            let (v, rule) = evaluate(&c, slot, addr.parse().unwrap(), port, true);
+            let r = &c.rules[rule as usize];
+            (v, format!("{}{}", r.owner, r.name))
+        };
+        let allow = |rule: &str| (verdict::ALLOW, rule.to_owned());
+        let deny = |rule: &str| (verdict::DENY, rule.to_owned());
+        // The exact block over both patterns, though its rule allows.
+        assert_eq!(
+            at(1, "10.2.0.1", 443),
+            allow("spiffe://example.org/agents/codercoder-https")
+        );
+        // The longer pattern over the shorter.
+        assert_eq!(
+            at(2, "10.2.0.1", 443),
+            deny("spiffe://example.org/agents/*agents-https")
+        );
+        assert_eq!(
+            at(3, "10.2.0.1", 443),
+            allow("spiffe://example.org/*td-https")
+        );
+        // A pattern does not match the ID before its `/*`.
+        assert_eq!(
+            at(4, "10.2.0.1", 443),
+            allow("spiffe://example.org/*td-https")
+        );
+        // No block for another trust domain: deny-all.
+        assert_eq!(at(5, "10.2.0.1", 443), deny("default"));
+        // A longer prefix ranks before the block.
+        assert_eq!(
+            at(1, "10.1.0.1", 443),
+            deny("spiffe://example.org/*td-narrow")
+        );
+        // Defaults: coder sets deny; other inherits allow from the
+        // trust-domain pattern.
+        assert_eq!(at(1, "192.0.2.1", 80), deny("default"));
+        assert_eq!(at(2, "192.0.2.1", 80), allow("default"));
+        let has = |slot: u32, flag: u32| {
+            let flags = c.slots.iter().find(|(s, _)| *s == slot).unwrap().1.flags;
+            flags & flag != 0
+        };
+        let audit = |slot: u32| has(slot, slot_policy::AUDIT);
+        // `audit = true` of agents/* reaches coder, which does not set it.
+        assert!(audit(1) && audit(2));
+        assert!(!audit(3) && !audit(4) && !audit(5) && !audit(UNKNOWN_SLOT));
+        // `raw_sockets = true` of agents/* does not: coder sets false.
+        let raw = |slot: u32| has(slot, slot_policy::RAW_SOCKETS);
+        assert!(!raw(1) && raw(2));
+        assert!(!raw(3) && !raw(4) && !raw(5) && !raw(UNKNOWN_SLOT));
+    }
+
+    #[test]
+    fn rule_ids_do_not_depend_on_the_bound_identities_and_pattern_members_share_entries() {
+        let p = policy(
+            r#"
+            [unknown]
+            [[unknown.egress]]
+            name = "dns"
+            to = ["127.0.0.53"]
+            ports = [53]
+            action = "allow"
+            [[identity]]
+            id = "spiffe://example.org/agents/*"
+            [[identity.egress]]
+            name = "api"
+            to = ["10.0.0.0/8", "fd00::/8"]
+            ports = [443]
+            action = "allow"
+            "#,
+        );
+        let a = id("spiffe://example.org/agents/a");
+        let b = id("spiffe://example.org/agents/b");
+        let none = compile(&p, &[]);
+        let both = compile(&p, &[(1, a.clone()), (2, b)]);
+        assert_eq!(none.rules, both.rules);
+        assert_eq!(both.rules[1].owner, "unknown");
+        assert_eq!(both.rules[2].owner, "spiffe://example.org/agents/*");
+        let tables = |slot: u32| -> Vec<(IpNet, u32, u32)> {
+            both.dests
+                .iter()
+                .filter(|d| d.slot == slot)
+                .map(|d| (d.net, d.tcp_table, d.udp_table))
+                .collect()
+        };
+        assert_eq!(tables(1).len(), 2);
+        assert_eq!(tables(1), tables(2));
+        // Same port entries as for one member alone: nothing duplicated.
+        assert_eq!(both.ports, compile(&p, &[(1, a)]).ports);
+        let (v, rule) = evaluate(&both, 2, "fd00::1".parse().unwrap(), 443, false);
+        assert_eq!(
+            (v, both.rules[rule as usize].name.as_str()),
+            (verdict::ALLOW, "api")
+        );
+        let (v, rule) = evaluate(
+            &both,
+            UNKNOWN_SLOT,
+            "127.0.0.53".parse().unwrap(),
+            53,
+            false,
+        );
+        assert_eq!(
+            (v, both.rules[rule as usize].name.as_str()),
+            (verdict::ALLOW, "dns")
         );
     }
 }

@@ -14,19 +14,19 @@ pub struct PolicyDiff {
     pub mode_changed: bool,
     pub identities_added: Vec<String>,
     pub identities_removed: Vec<String>,
-    /// Identities whose default or audit setting changed.
+    /// Identities whose `default`, `audit` or `raw_sockets` changed.
     pub identities_changed: Vec<String>,
     pub rules_added: Vec<String>,
     pub rules_removed: Vec<String>,
     pub rules_changed: Vec<String>,
 }
 
-/// Owner -> (default and audit, rule name -> rule description).
+/// Owner -> (settings, rule name -> rule description).
 type Flat = BTreeMap<String, (String, BTreeMap<String, String>)>;
 
 fn flatten(policy: &PolicySet) -> Flat {
     let one = |p: &IdentityPolicy| {
-        let settings = format!("{:?}/{:?}", p.default, p.audit);
+        let settings = format!("{:?}/{:?}/{:?}", p.default, p.audit, p.raw_sockets);
         let rules = p
             .egress
             .iter()
@@ -36,8 +36,8 @@ fn flatten(policy: &PolicySet) -> Flat {
     };
     let mut flat = Flat::new();
     flat.insert("unknown".into(), one(&policy.unknown));
-    for (id, p) in &policy.identities {
-        flat.insert(id.to_string(), one(p));
+    for block in &policy.identities {
+        flat.insert(block.subject.to_string(), one(&block.policy));
     }
     flat
 }
@@ -124,36 +124,26 @@ impl fmt::Display for PolicyDiff {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::model::{Action, Destination, EgressRule, Protocol};
+    use crate::policy::testing::policy;
 
-    fn rule(name: &str, port: u16) -> EgressRule {
-        EgressRule {
-            name: name.into(),
-            to: vec![Destination::Any],
-            ports: vec![crate::policy::model::PortSpec {
-                first: port,
-                last: port,
-            }],
-            protocol: Protocol::Tcp,
-            action: Action::Allow,
-        }
+    const WEB: &str = "[[identity]]\nid = \"spiffe://example.org/web\"\n";
+    const DB: &str = "[[identity]]\nid = \"spiffe://example.org/db\"\n";
+
+    fn rule(name: &str, port: u16) -> String {
+        format!(
+            "[[identity.egress]]\nname = \"{name}\"\nto = [\"any\"]\nports = [{port}]\nprotocol = \"tcp\"\naction = \"allow\"\n"
+        )
     }
 
     #[test]
     fn names_what_changed() {
-        let web = "spiffe://example.org/web".parse().unwrap();
-        let db = "spiffe://example.org/db".parse().unwrap();
-        let mut old = PolicySet::default();
-        old.identities.push((
-            web,
-            IdentityPolicy {
-                egress: vec![rule("a", 1), rule("b", 2)],
-                ..Default::default()
-            },
+        let old = policy(&format!("{WEB}{}{}", rule("a", 1), rule("b", 2)));
+        let new = policy(&format!(
+            "{DB}{WEB}{}{}{}",
+            rule("a", 1),
+            rule("b", 3),
+            rule("c", 4)
         ));
-        let mut new = old.clone();
-        new.identities[0].1.egress = vec![rule("a", 1), rule("b", 3), rule("c", 4)];
-        new.identities.push((db, IdentityPolicy::default()));
         let d = diff(&old, &new);
         assert_eq!(d.identities_added, vec!["spiffe://example.org/db"]);
         assert_eq!(d.rules_added, vec!["spiffe://example.org/web: c"]);
@@ -167,5 +157,9 @@ mod tests {
             d.to_string()
                 .starts_with("identities +1 -0 ~0; rules +1 -0 ~1")
         );
+        let audited = policy(&format!("mode = \"audit\"\n{WEB}default = \"allow\"\n"));
+        let d = diff(&old, &audited);
+        assert!(d.mode_changed);
+        assert_eq!(d.identities_changed, vec!["spiffe://example.org/web"]);
     }
 }

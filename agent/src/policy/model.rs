@@ -1,92 +1,74 @@
-//! The policy file format (TOML). See `docs/policy.md`.
+//! The policy as checked and merged from its files. See `docs/policy.md`.
 
-use std::path::{Path, PathBuf};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use ipnet::IpNet;
-use serde::Deserialize;
-
-use super::PolicyError;
-use crate::identity::SpiffeId;
+use super::diagnostic::Location;
+use super::subject::Subject;
 
 /// The whole policy: every file of a policy directory, merged.
 #[derive(Debug, Clone, Default)]
 pub struct PolicySet {
     pub mode: Mode,
+    /// The policy of workloads that have no identity.
     pub unknown: IdentityPolicy,
-    pub identities: Vec<(SpiffeId, IdentityPolicy)>,
+    /// Identity blocks, exact and patterns, in file order.
+    pub identities: Vec<IdentityBlock>,
 }
 
-/// `enforce` denies what policy does not allow; `audit` lets it through.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    #[default]
-    Enforce,
-    Audit,
+/// The rules for one SPIFFE ID or ID pattern.
+#[derive(Debug, Clone)]
+pub struct IdentityBlock {
+    pub subject: Subject,
+    /// Where its `id` is written.
+    pub at: Location,
+    pub policy: IdentityPolicy,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Action {
-    Allow,
-    #[default]
-    Deny,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    Tcp,
-    Udp,
-    #[default]
-    Any,
-}
-
-/// One policy file.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PolicyFile {
-    mode: Option<Mode>,
-    unknown: Option<IdentityPolicy>,
-    #[serde(default, rename = "identity")]
-    identities: Vec<IdentityBlock>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct IdentityBlock {
-    id: String,
-    #[serde(flatten)]
-    policy: IdentityPolicy,
-}
-
-/// What one identity (or the unknown workload) may reach.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// What one block (or the unknown workload) says. Unset settings come from
+/// a less specific block, or else the defaults: `deny`, the global mode.
+#[derive(Debug, Clone, Default)]
 pub struct IdentityPolicy {
-    /// The verdict when no rule matches. Default `deny`.
-    #[serde(default)]
-    pub default: Action,
-    /// Overrides the global mode for this identity: `true` reports denials
-    /// but lets them through.
+    /// The verdict when no rule matches.
+    pub default: Option<Action>,
+    /// Overrides the global mode: `true` reports denials but lets them
+    /// through; `false` enforces even in audit mode.
     pub audit: Option<bool>,
-    #[serde(default)]
+    /// Lets the identity make raw IPv4 and IPv6 sockets, which no egress
+    /// rule can judge. Only in identity blocks; unset, `false`.
+    pub raw_sockets: Option<bool>,
     pub egress: Vec<EgressRule>,
 }
 
 /// One egress rule.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct EgressRule {
     pub name: String,
-    /// CIDRs (v4 or v6), or `any`.
     pub to: Vec<Destination>,
-    /// Single ports and `"lo-hi"` ranges; none means every port.
-    #[serde(default)]
+    /// Single ports and ranges; none means every port.
     pub ports: Vec<PortSpec>,
-    #[serde(default)]
     pub protocol: Protocol,
     pub action: Action,
+    /// Where the rule's table starts.
+    pub at: Location,
+}
+
+impl EgressRule {
+    /// The inclusive port ranges it covers.
+    pub fn port_ranges(&self) -> Vec<(u16, u16)> {
+        if self.ports.is_empty() {
+            vec![(0, u16::MAX)]
+        } else {
+            self.ports.iter().map(|p| (p.first, p.last)).collect()
+        }
+    }
+
+    /// The networks it covers (`any` is both address families).
+    pub fn nets(&self) -> impl Iterator<Item = IpNet> + '_ {
+        self.to.iter().flat_map(|d| match d {
+            Destination::Any => vec![IpNet::V4(Ipv4Net::default()), IpNet::V6(Ipv6Net::default())],
+            Destination::Net(n) => vec![*n],
+        })
+    }
 }
 
 /// A destination network.
@@ -96,30 +78,6 @@ pub enum Destination {
     Net(IpNet),
 }
 
-impl<'de> Deserialize<'de> for Destination {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        if s == "any" {
-            return Ok(Self::Any);
-        }
-        let net: IpNet = s
-            .parse()
-            .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
-            .map_err(|_| {
-                serde::de::Error::custom(format!(
-                    "{s:?} is not a CIDR (like 10.0.0.0/8 or fd00::/8), an address, or \"any\""
-                ))
-            })?;
-        if net.trunc() != net {
-            return Err(serde::de::Error::custom(format!(
-                "{s:?} has host bits set beyond its prefix; did you mean {}?",
-                net.trunc()
-            )));
-        }
-        Ok(Self::Net(net))
-    }
-}
-
 /// Ports as written: `443` or `"8000-8080"`, inclusive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PortSpec {
@@ -127,162 +85,59 @@ pub struct PortSpec {
     pub last: u16,
 }
 
-impl<'de> Deserialize<'de> for PortSpec {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        use serde::de::Error;
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            One(i64),
-            Range(String),
-        }
-        let port = |v: i64| -> Result<u16, D::Error> {
-            match u16::try_from(v) {
-                Ok(p) if p > 0 => Ok(p),
-                _ => Err(Error::custom(format!("port {v} is not in 1-65535"))),
-            }
-        };
-        match Raw::deserialize(d)? {
-            Raw::One(p) => {
-                let p = port(p)?;
-                Ok(Self { first: p, last: p })
-            }
-            Raw::Range(s) => {
-                let (a, b) = s.split_once('-').ok_or_else(|| {
-                    Error::custom(format!("{s:?} is not a port range like \"8000-8080\""))
-                })?;
-                let parse = |x: &str| {
-                    x.trim()
-                        .parse::<i64>()
-                        .map_err(|_| Error::custom(format!("{s:?}: {x:?} is not a port")))
-                        .and_then(port)
-                };
-                let (first, last) = (parse(a)?, parse(b)?);
-                if first > last {
-                    return Err(Error::custom(format!("port range {s:?} is reversed")));
-                }
-                Ok(Self { first, last })
-            }
-        }
+/// A setting with a fixed set of values, each written as a word.
+pub trait Keyword: Copy + PartialEq + 'static {
+    /// Every value and its word.
+    const WORDS: &'static [(&'static str, Self)];
+
+    fn word(self) -> &'static str {
+        Self::WORDS
+            .iter()
+            .find(|(_, v)| *v == self)
+            .map(|(w, _)| *w)
+            .expect("every value has a word")
     }
 }
 
-/// Reads a policy file, or every `*.toml` file of a directory (in name
-/// order), and checks it.
-pub fn load(path: &Path, trust_domains: &[String]) -> Result<PolicySet, PolicyError> {
-    let read_err = |path: &Path| {
-        let path = path.to_owned();
-        move |source| PolicyError::Read { path, source }
-    };
-    let files: Vec<PathBuf> = if path.is_dir() {
-        let mut files = Vec::new();
-        for entry in std::fs::read_dir(path).map_err(read_err(path))? {
-            let p = entry.map_err(read_err(path))?.path();
-            if p.extension().is_some_and(|e| e == "toml") {
-                files.push(p);
-            }
-        }
-        files.sort();
-        files
-    } else {
-        vec![path.to_owned()]
-    };
-    let mut set = PolicySet::default();
-    let mut mode_from: Option<PathBuf> = None;
-    let mut unknown_from: Option<PathBuf> = None;
-    for file in files {
-        let text = std::fs::read_to_string(&file).map_err(read_err(&file))?;
-        let invalid = |message: String| PolicyError::Invalid {
-            path: file.clone(),
-            message,
-        };
-        let parsed: PolicyFile = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
-        if let Some(mode) = parsed.mode {
-            if let Some(first) = &mode_from {
-                return Err(invalid(format!(
-                    "`mode` is already set in {}",
-                    first.display()
-                )));
-            }
-            set.mode = mode;
-            mode_from = Some(file.clone());
-        }
-        if let Some(unknown) = parsed.unknown {
-            if let Some(first) = &unknown_from {
-                return Err(invalid(format!(
-                    "`[unknown]` is already set in {}",
-                    first.display()
-                )));
-            }
-            set.unknown = unknown;
-            unknown_from = Some(file.clone());
-        }
-        for block in parsed.identities {
-            let id: SpiffeId = block
-                .id
-                .parse()
-                .map_err(|e| invalid(format!("identity {:?}: {e}", block.id)))?;
-            if !trust_domains.is_empty() && !trust_domains.iter().any(|t| t == id.trust_domain()) {
-                return Err(invalid(format!(
-                    "identity {id}: trust domain {:?} is not one this agent is configured for",
-                    id.trust_domain()
-                )));
-            }
-            if set.identities.iter().any(|(other, _)| *other == id) {
-                return Err(invalid(format!("identity {id} is defined twice")));
-            }
-            set.identities.push((id, block.policy));
-        }
-    }
-    Ok(set)
+/// `enforce` denies what policy does not allow; `audit` lets it through.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Mode {
+    #[default]
+    Enforce,
+    Audit,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+impl Keyword for Mode {
+    const WORDS: &'static [(&'static str, Self)] =
+        &[("enforce", Self::Enforce), ("audit", Self::Audit)];
+}
 
-    fn parse(text: &str) -> Result<PolicyFile, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
-    }
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Action {
+    Allow,
+    Deny,
+}
 
-    #[test]
-    fn parses_a_rule() {
-        let f = parse(
-            r#"
-            mode = "audit"
-            [[identity]]
-            id = "spiffe://example.org/web"
-            [[identity.egress]]
-            name = "api"
-            to = ["127.0.0.1/32", "::1", "any"]
-            ports = [443, "8000-8080"]
-            protocol = "tcp"
-            action = "allow"
-            "#,
-        )
-        .unwrap();
-        assert_eq!(f.mode, Some(Mode::Audit));
-        let rule = &f.identities[0].policy.egress[0];
-        assert_eq!(rule.to.len(), 3);
-        assert_eq!(rule.to[2], Destination::Any);
-        assert_eq!(rule.ports[1], PortSpec { first: 8000, last: 8080 });
-    }
+impl Keyword for Action {
+    const WORDS: &'static [(&'static str, Self)] = &[("allow", Self::Allow), ("deny", Self::Deny)];
+}
 
-    #[test]
-    fn rejects_bad_values_with_their_line() {
-        let base = "[[identity]]\nid = \"spiffe://e.org/a\"\n[[identity.egress]]\nname = \"r\"\naction = \"allow\"\n";
-        for (extra, want) in [
-            ("to = [\"10.0.0.0/33\"]\n", "not a CIDR"),
-            ("to = [\"10.0.0.1/8\"]\n", "host bits"),
-            ("to = [\"any\"]\nports = [0]\n", "not in 1-65535"),
-            ("to = [\"any\"]\nports = [70000]\n", "not in 1-65535"),
-            ("to = [\"any\"]\nports = [\"90-80\"]\n", "reversed"),
-            ("to = [\"any\"]\nprotocol = \"icmp\"\n", "icmp"),
-            ("to = [\"any\"]\ncolour = 1\n", "colour"),
-        ] {
-            let e = parse(&format!("{base}{extra}")).unwrap_err();
-            assert!(e.contains(want), "{extra}: {e}");
-            assert!(e.contains("line 6") || e.contains("line 7"), "{extra}: {e}");
-        }
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Any,
+}
+
+impl Keyword for Protocol {
+    const WORDS: &'static [(&'static str, Self)] =
+        &[("tcp", Self::Tcp), ("udp", Self::Udp), ("any", Self::Any)];
+}
+
+impl Protocol {
+    /// Whether a rule for `self` applies to connects over `transport`
+    /// (`Tcp` or `Udp`).
+    pub fn covers(self, transport: Protocol) -> bool {
+        self == transport || self == Protocol::Any
     }
 }

@@ -40,10 +40,20 @@ mod tests {
 
     #[test]
     fn blocks_cover_exactly_the_range() {
-        for (a, b) in [(1, 1), (8000, 8080), (1000, 2000), (1, 65535), (65535, 65535), (3, 17)] {
+        for (a, b) in [
+            (1, 1),
+            (8000, 8080),
+            (1000, 2000),
+            (1, 65535),
+            (65535, 65535),
+            (3, 17),
+        ] {
             let bl = blocks(a, b);
             assert!(bl.len() <= 30);
-            assert_eq!(covered(&bl), (u32::from(a)..=u32::from(b)).collect::<Vec<_>>());
+            assert_eq!(
+                covered(&bl),
+                (u32::from(a)..=u32::from(b)).collect::<Vec<_>>()
+            );
         }
     }
 }

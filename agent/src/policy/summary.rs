@@ -2,20 +2,43 @@
 
 use std::fmt::Write;
 
-use super::model::{Action, Destination, EgressRule, IdentityPolicy, Mode, PolicySet, Protocol};
+use super::model::{Destination, EgressRule, Keyword, Mode, PolicySet, Protocol};
+use super::precedence::{Blocks, UNKNOWN_BLOCK};
 
-/// One rule in one line, e.g. `allow tcp to 10.0.0.0/8, ::1/128 ports 443`.
+/// `tcp`, `udp` or `tcp+udp`.
+pub fn protocol_text(protocol: Protocol) -> &'static str {
+    match protocol {
+        Protocol::Any => "tcp+udp",
+        p => p.word(),
+    }
+}
+
+/// `all ports`, `port 443` or `ports 443,8000-8080`.
+pub fn describe_ports(ranges: &[(u16, u16)]) -> String {
+    if ranges == [(0, u16::MAX)] {
+        return "all ports".into();
+    }
+    let list: Vec<String> = ranges
+        .iter()
+        .map(|&(first, last)| {
+            if first == last {
+                first.to_string()
+            } else {
+                format!("{first}-{last}")
+            }
+        })
+        .collect();
+    let noun = if list.len() == 1 && !list[0].contains('-') {
+        "port"
+    } else {
+        "ports"
+    };
+    format!("{noun} {}", list.join(","))
+}
+
+/// One rule in one line, e.g. `allow tcp to 10.0.0.0/8, ::1/128 port 443`.
 /// Two rules with the same line match the same connects the same way.
 pub fn describe_rule(rule: &EgressRule) -> String {
-    let action = match rule.action {
-        Action::Allow => "allow",
-        Action::Deny => "deny",
-    };
-    let protocol = match rule.protocol {
-        Protocol::Tcp => "tcp",
-        Protocol::Udp => "udp",
-        Protocol::Any => "tcp+udp",
-    };
     let to: Vec<String> = rule
         .to
         .iter()
@@ -24,26 +47,17 @@ pub fn describe_rule(rule: &EgressRule) -> String {
             Destination::Net(n) => n.to_string(),
         })
         .collect();
-    let ports = if rule.ports.is_empty() {
-        "all ports".to_owned()
-    } else {
-        let list: Vec<String> = rule
-            .ports
-            .iter()
-            .map(|p| {
-                if p.first == p.last {
-                    p.first.to_string()
-                } else {
-                    format!("{}-{}", p.first, p.last)
-                }
-            })
-            .collect();
-        format!("ports {}", list.join(","))
-    };
-    format!("{action} {protocol} to {} {ports}", to.join(", "))
+    format!(
+        "{} {} to {} {}",
+        rule.action.word(),
+        protocol_text(rule.protocol),
+        to.join(", "),
+        describe_ports(&rule.port_ranges())
+    )
 }
 
-/// The whole policy, one identity per paragraph.
+/// The whole policy: the mode, then one paragraph per block (the unknown
+/// workload first) with the settings its identities get and its rules.
 pub fn summary(policy: &PolicySet) -> String {
     let mut out = String::new();
     let mode = match policy.mode {
@@ -51,28 +65,89 @@ pub fn summary(policy: &PolicySet) -> String {
         Mode::Audit => "audit (denials are reported, not enforced)",
     };
     let _ = writeln!(out, "mode: {mode}");
-    paragraph(&mut out, "unknown workloads", &policy.unknown);
-    for (id, p) in &policy.identities {
-        paragraph(&mut out, id.as_str(), p);
+    let blocks = Blocks::new(policy);
+    for b in 0..blocks.len() {
+        let block = blocks.get(b);
+        let context = blocks.context(b);
+        let settings = blocks.settings(&context);
+        let who = if b == UNKNOWN_BLOCK {
+            "unknown workloads"
+        } else {
+            &block.owner
+        };
+        let audit = if settings.audit {
+            "audit only"
+        } else {
+            "enforced"
+        };
+        let _ = write!(out, "{who}: default {}, {audit}", settings.default.word());
+        if settings.raw_sockets {
+            out.push_str(", raw sockets allowed (no egress rule judges them)");
+        }
+        let also: Vec<&str> = context[..context.len() - 1]
+            .iter()
+            .map(|&o| blocks.get(o).owner.as_str())
+            .collect();
+        if !also.is_empty() {
+            let _ = write!(out, "; also the rules of {}", also.join(", "));
+        }
+        out.push('\n');
+        if block.policy.egress.is_empty() {
+            let _ = writeln!(out, "  (no rules)");
+        }
+        for rule in &block.policy.egress {
+            let _ = writeln!(out, "  {}  [{}]", describe_rule(rule), rule.name);
+        }
     }
     out
 }
 
-fn paragraph(out: &mut String, who: &str, p: &IdentityPolicy) {
-    let default = match p.default {
-        Action::Allow => "allow",
-        Action::Deny => "deny",
-    };
-    let audit = match p.audit {
-        Some(true) => ", audit",
-        Some(false) => ", enforce",
-        None => "",
-    };
-    let _ = writeln!(out, "{who}: default {default}{audit}");
-    if p.egress.is_empty() {
-        let _ = writeln!(out, "  (no rules)");
-    }
-    for rule in &p.egress {
-        let _ = writeln!(out, "  {}  [{}]", describe_rule(rule), rule.name);
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::testing::policy;
+
+    #[test]
+    fn says_what_each_block_allows_and_denies_and_what_it_inherits() {
+        let p = policy(
+            r#"
+            mode = "audit"
+            [[identity]]
+            id = "spiffe://example.org/agents/*"
+            raw_sockets = true
+            [[identity.egress]]
+            name = "llm-api"
+            to = ["192.0.2.10", "2001:db8::10"]
+            ports = [443]
+            protocol = "tcp"
+            action = "allow"
+            [[identity]]
+            id = "spiffe://example.org/agents/coder"
+            default = "allow"
+            audit = false
+            [[identity.egress]]
+            name = "git"
+            to = ["198.51.100.0/24"]
+            ports = [22, "9000-9010"]
+            action = "allow"
+            [[identity.egress]]
+            name = "no-metadata"
+            to = ["any"]
+            protocol = "udp"
+            action = "deny"
+            "#,
+        );
+        assert_eq!(
+            summary(&p),
+            "mode: audit (denials are reported, not enforced)
+unknown workloads: default deny, audit only
+  (no rules)
+spiffe://example.org/agents/*: default deny, audit only, raw sockets allowed (no egress rule judges them)
+  allow tcp to 192.0.2.10/32, 2001:db8::10/128 port 443  [llm-api]
+spiffe://example.org/agents/coder: default allow, enforced, raw sockets allowed (no egress rule judges them); also the rules of spiffe://example.org/agents/*
+  allow tcp+udp to 198.51.100.0/24 ports 22,9000-9010  [git]
+  deny udp to any all ports  [no-metadata]
+"
+        );
     }
 }

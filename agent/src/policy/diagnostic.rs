@@ -1,0 +1,127 @@
+//! Problems found in policy files, each with the place it was found.
+
+use std::fmt;
+use std::ops::Range;
+use std::path::Path;
+use std::sync::Arc;
+
+/// A place in a policy file: line and column, both from 1; the column
+/// counts characters.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Location {
+    pub file: Arc<Path>,
+    pub line: u32,
+    pub column: u32,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.file.display(), self.line, self.column)
+    }
+}
+
+/// One problem. Without a line and column it concerns the whole file
+/// (one that cannot be read).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub file: Arc<Path>,
+    /// Line and column.
+    pub position: Option<(u32, u32)>,
+    pub message: String,
+}
+
+impl Diagnostic {
+    pub fn at(location: &Location, message: impl Into<String>) -> Self {
+        Self {
+            file: location.file.clone(),
+            position: Some((location.line, location.column)),
+            message: message.into(),
+        }
+    }
+
+    pub fn whole_file(file: &Path, message: impl Into<String>) -> Self {
+        Self {
+            file: file.into(),
+            position: None,
+            message: message.into(),
+        }
+    }
+}
+
+/// `FILE:LINE:COL: error: MESSAGE`.
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some((line, column)) = self.position {
+            write!(f, ":{line}:{column}")?;
+        }
+        write!(f, ": error: {}", self.message)
+    }
+}
+
+/// The text of one policy file, and where its lines start.
+pub struct Source {
+    pub file: Arc<Path>,
+    pub text: String,
+    line_starts: Vec<usize>,
+}
+
+impl Source {
+    pub fn new(file: &Path, text: String) -> Self {
+        let line_starts = std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+            .collect();
+        Self {
+            file: file.into(),
+            text,
+            line_starts,
+        }
+    }
+
+    /// The location of a byte offset into the text.
+    pub fn locate(&self, offset: usize) -> Location {
+        let offset = offset.min(self.text.len());
+        let line = self.line_starts.partition_point(|&start| start <= offset) - 1;
+        let start = self.line_starts[line];
+        let column = self.text[start..offset].chars().count() + 1;
+        Location {
+            file: self.file.clone(),
+            line: line as u32 + 1,
+            column: column as u32,
+        }
+    }
+
+    /// A problem at the start of `span`.
+    pub fn error(&self, span: &Range<usize>, message: impl Into<String>) -> Diagnostic {
+        Diagnostic::at(&self.locate(span.start), message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_become_lines_and_character_columns() {
+        let s = Source::new(Path::new("p.toml"), "ab\n\né = 1\n".into());
+        let at = |o| {
+            let l = s.locate(o);
+            (l.line, l.column)
+        };
+        assert_eq!(at(0), (1, 1));
+        assert_eq!(at(2), (1, 3));
+        assert_eq!(at(3), (2, 1));
+        assert_eq!(at(4), (3, 1));
+        // `é` is two bytes and one column.
+        assert_eq!(at(7), (3, 3));
+        assert_eq!(at(100), (4, 1));
+        assert_eq!(
+            s.error(&(4..5), "bad").to_string(),
+            "p.toml:3:1: error: bad"
+        );
+        assert_eq!(
+            Diagnostic::whole_file(Path::new("q.toml"), "cannot read").to_string(),
+            "q.toml: error: cannot read"
+        );
+    }
+}

@@ -1,0 +1,281 @@
+//! Reading a policy file or directory: every file parsed, the files
+//! merged, and the whole checked, with every problem reported at once.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use super::diagnostic::{Diagnostic, Location, Source};
+use super::model::PolicySet;
+use super::parse::{FileContents, parse};
+use super::subject::Subject;
+use super::{PolicyError, overlap};
+
+/// Reads a policy file, or every `*.toml` file of a directory (in name
+/// order, not recursive), and checks it. Fails with every problem found
+/// in any of the files.
+pub fn load(path: &Path, trust_domains: &[String]) -> Result<PolicySet, PolicyError> {
+    let mut diagnostics = Vec::new();
+    let mut merged = Merged {
+        trust_domains,
+        ..Default::default()
+    };
+    for file in files(path, &mut diagnostics) {
+        match std::fs::read_to_string(&file) {
+            Ok(text) => {
+                let contents = parse(&Source::new(&file, text), &mut diagnostics);
+                merged.add(contents, &mut diagnostics);
+            }
+            Err(e) => diagnostics.push(Diagnostic::whole_file(
+                &file,
+                format!("cannot read this policy file: {e}"),
+            )),
+        }
+    }
+    overlap::check(&merged.set, &mut diagnostics);
+    if diagnostics.is_empty() {
+        return Ok(merged.set);
+    }
+    diagnostics.sort_by(|a, b| (&a.file, a.position).cmp(&(&b.file, b.position)));
+    Err(PolicyError { diagnostics })
+}
+
+/// The files of a policy path.
+fn files(path: &Path, diagnostics: &mut Vec<Diagnostic>) -> Vec<PathBuf> {
+    if !path.is_dir() {
+        return vec![path.to_owned()];
+    }
+    let entries = std::fs::read_dir(path).and_then(|entries| {
+        entries
+            .map(|e| e.map(|e| e.path()))
+            .collect::<Result<Vec<_>, _>>()
+    });
+    match entries {
+        Ok(mut files) => {
+            files.retain(|p| p.extension().is_some_and(|e| e == "toml") && !p.is_dir());
+            files.sort();
+            files
+        }
+        Err(e) => {
+            diagnostics.push(Diagnostic::whole_file(
+                path,
+                format!("cannot list this policy directory: {e}"),
+            ));
+            Vec::new()
+        }
+    }
+}
+
+/// The files read so far, merged: `mode` and `[unknown]` may each be set
+/// in one file only, and each identity or pattern has one block.
+#[derive(Default)]
+struct Merged<'t> {
+    trust_domains: &'t [String],
+    set: PolicySet,
+    mode_at: Option<Location>,
+    unknown_at: Option<Location>,
+    blocks_at: HashMap<Subject, Location>,
+}
+
+impl Merged<'_> {
+    fn add(&mut self, contents: FileContents, diagnostics: &mut Vec<Diagnostic>) {
+        if let Some((mode, at)) = contents.mode {
+            match &self.mode_at {
+                Some(first) => diagnostics.push(Diagnostic::at(
+                    &at,
+                    format!("`mode` is already set at {first}; set it in one file only"),
+                )),
+                None => {
+                    self.set.mode = mode;
+                    self.mode_at = Some(at);
+                }
+            }
+        }
+        if let Some((unknown, at)) = contents.unknown {
+            match &self.unknown_at {
+                Some(first) => diagnostics.push(Diagnostic::at(
+                    &at,
+                    format!("[unknown] is already defined at {first}; define it in one file only"),
+                )),
+                None => {
+                    self.set.unknown = unknown;
+                    self.unknown_at = Some(at);
+                }
+            }
+        }
+        for block in contents.identities {
+            let td = block.subject.trust_domain();
+            if !self.trust_domains.is_empty() && !self.trust_domains.iter().any(|t| t == td) {
+                diagnostics.push(Diagnostic::at(
+                    &block.at,
+                    format!(
+                        "trust domain {td:?} of {} is not one this agent is configured for ({}); fix the ID or add the domain to `trust_domains` in the agent's configuration",
+                        block.subject,
+                        self.trust_domains.join(", ")
+                    ),
+                ));
+                continue;
+            }
+            if let Some(first) = self.blocks_at.get(&block.subject) {
+                diagnostics.push(Diagnostic::at(
+                    &block.at,
+                    format!(
+                        "{} already has a block at {first}; merge the two blocks into one",
+                        block.subject
+                    ),
+                ));
+                continue;
+            }
+            self.blocks_at
+                .insert(block.subject.clone(), block.at.clone());
+            self.set.identities.push(block);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::model::Mode;
+    use crate::policy::testing::PolicyDir;
+
+    const WEB: &str = "[[identity]]\nid = \"spiffe://example.org/web\"\n";
+    const AGENTS: &str = "[[identity]]\nid = \"spiffe://example.org/agents/*\"\n";
+
+    /// (file name, line, message) of each problem.
+    fn problems(e: &PolicyError) -> Vec<(String, Option<u32>, String)> {
+        e.diagnostics
+            .iter()
+            .map(|d| {
+                let name = d.file.file_name().unwrap().to_string_lossy().into_owned();
+                (name, d.position.map(|p| p.0), d.message.clone())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn merges_the_toml_files_of_a_directory_in_name_order() {
+        let dir = PolicyDir::new(&[
+            ("20-web.toml", WEB),
+            (
+                "10-global.toml",
+                "mode = \"audit\"\n[unknown]\ndefault = \"allow\"\n",
+            ),
+            ("30-agents.toml", AGENTS),
+            ("notes.txt", "not a policy"),
+        ]);
+        std::fs::create_dir(dir.file("old.toml")).unwrap();
+        let p = dir.load(&["example.org"]).unwrap();
+        assert_eq!(p.mode, Mode::Audit);
+        assert!(p.unknown.default.is_some());
+        let ids: Vec<String> = p.identities.iter().map(|b| b.subject.to_string()).collect();
+        assert_eq!(
+            ids,
+            ["spiffe://example.org/web", "spiffe://example.org/agents/*"]
+        );
+        assert_eq!(p.identities[1].at.file, dir.file("30-agents.toml").into());
+        // One file is a policy too.
+        let one = load(&dir.file("20-web.toml"), &[]).unwrap();
+        assert_eq!(one.identities.len(), 1);
+        assert_eq!(one.mode, Mode::Enforce);
+    }
+
+    #[test]
+    fn settings_and_blocks_are_defined_once_across_files() {
+        let dir = PolicyDir::new(&[
+            (
+                "a.toml",
+                &format!("mode = \"audit\"\n[unknown]\n{WEB}{AGENTS}"),
+            ),
+            (
+                "b.toml",
+                &format!("mode = \"enforce\"\n[unknown]\n{AGENTS}{WEB}{WEB}"),
+            ),
+        ]);
+        let e = dir.load(&[]).unwrap_err();
+        let got = problems(&e);
+        let want = [
+            ("b.toml", 1, "`mode` is already set at "),
+            ("b.toml", 2, "[unknown] is already defined at "),
+            (
+                "b.toml",
+                4,
+                "spiffe://example.org/agents/* already has a block at ",
+            ),
+            (
+                "b.toml",
+                6,
+                "spiffe://example.org/web already has a block at ",
+            ),
+            (
+                "b.toml",
+                8,
+                "spiffe://example.org/web already has a block at ",
+            ),
+        ];
+        assert_eq!(got.len(), want.len(), "{got:#?}");
+        for ((file, line, message), (want_file, want_line, part)) in got.iter().zip(want) {
+            assert_eq!(
+                (file.as_str(), *line),
+                (want_file, Some(want_line)),
+                "{message}"
+            );
+            assert!(message.starts_with(part), "{message}");
+            assert!(message.contains("a.toml:"), "{message}");
+        }
+    }
+
+    #[test]
+    fn identities_must_be_in_a_configured_trust_domain() {
+        let dir = PolicyDir::new(&[(
+            "p.toml",
+            "[[identity]]\nid = \"spiffe://example.org/web\"\n[[identity]]\nid = \"spiffe://evil.org/*\"\n[[identity]]\nid = \"spiffe://other.org/x\"\n",
+        )]);
+        let e = dir.load(&["example.org", "other.org"]).unwrap_err();
+        let got = problems(&e);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].1, Some(4));
+        assert_eq!(
+            got[0].2,
+            "trust domain \"evil.org\" of spiffe://evil.org/* is not one this agent is configured for (example.org, other.org); fix the ID or add the domain to `trust_domains` in the agent's configuration"
+        );
+        // No configured trust domain: any.
+        assert_eq!(dir.load(&[]).unwrap().identities.len(), 3);
+    }
+
+    #[test]
+    fn reports_unreadable_files_with_the_problems_of_the_others() {
+        let dir = PolicyDir::new(&[("a.toml", "colour = 1\n"), ("b.toml", "")]);
+        std::fs::write(dir.file("b.toml"), [0xff, 0xfe]).unwrap();
+        let e = dir.load(&[]).unwrap_err();
+        let got = problems(&e);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!((got[0].0.as_str(), got[0].1), ("a.toml", Some(1)));
+        assert_eq!((got[1].0.as_str(), got[1].1), ("b.toml", None));
+        assert!(
+            got[1].2.starts_with("cannot read this policy file: "),
+            "{}",
+            got[1].2
+        );
+        let text = e.to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "invalid policy (2 errors):");
+        assert!(lines[1].ends_with("a.toml:1:1: error: unknown key `colour` in a policy file; expected one of: mode, unknown, identity"), "{text}");
+        assert!(
+            lines[2].ends_with(
+                "b.toml: error: cannot read this policy file: stream did not contain valid UTF-8"
+            ),
+            "{text}"
+        );
+        let missing = load(&dir.file("none.toml"), &[]).unwrap_err();
+        assert!(
+            missing
+                .to_string()
+                .starts_with("invalid policy (1 error):\n")
+        );
+        assert!(
+            missing
+                .to_string()
+                .contains("none.toml: error: cannot read this policy file: No such file")
+        );
+    }
+}

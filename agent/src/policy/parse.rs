@@ -1,0 +1,721 @@
+//! One policy file: from TOML (parsed with spans by the `toml` crate) to
+//! the model, reporting every problem with its place instead of stopping
+//! at the first. A rule or block with a problem is left out of the result.
+
+use std::collections::HashMap;
+use std::ops::Range;
+
+use ipnet::IpNet;
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+
+use super::diagnostic::{Diagnostic, Location, Source};
+use super::model::{
+    Destination, EgressRule, IdentityBlock, IdentityPolicy, Keyword, Mode, PortSpec, Protocol,
+};
+use super::subject::Subject;
+
+/// What one file sets.
+#[derive(Debug, Default)]
+pub struct FileContents {
+    pub mode: Option<(Mode, Location)>,
+    /// `[unknown]`, and where its header is.
+    pub unknown: Option<(IdentityPolicy, Location)>,
+    pub identities: Vec<IdentityBlock>,
+}
+
+/// Reads one file, adding every problem it finds to `diagnostics`. A file
+/// that is not valid TOML yields its syntax errors and nothing else.
+pub fn parse(source: &Source, diagnostics: &mut Vec<Diagnostic>) -> FileContents {
+    let (root, syntax) = DeTable::parse_recoverable(&source.text);
+    if !syntax.is_empty() {
+        diagnostics.extend(syntax.iter().map(|e| {
+            let span = e.span().unwrap_or(0..0);
+            source.error(&span, format!("invalid TOML: {}", e.message()))
+        }));
+        return FileContents::default();
+    }
+    let mut reader = Reader {
+        source,
+        diagnostics,
+    };
+    reader.file(root.get_ref())
+}
+
+type Value<'i> = Spanned<DeValue<'i>>;
+
+const TOP_KEYS: &[&str] = &["mode", "unknown", "identity"];
+const UNKNOWN_KEYS: &[&str] = &["default", "audit", "egress"];
+const IDENTITY_KEYS: &[&str] = &["id", "default", "audit", "raw_sockets", "egress"];
+const RULE_KEYS: &[&str] = &["name", "to", "ports", "protocol", "action"];
+
+const WANT_TO: &str =
+    "`to` must be an array of CIDRs, addresses or \"any\" (like to = [\"10.0.0.0/8\"])";
+const WANT_PORTS: &str =
+    "`ports` must be an array of ports and ranges (like ports = [443, \"8000-8080\"])";
+
+struct Reader<'a> {
+    source: &'a Source,
+    diagnostics: &'a mut Vec<Diagnostic>,
+}
+
+impl Reader<'_> {
+    fn error(&mut self, span: &Range<usize>, message: impl Into<String>) {
+        self.diagnostics.push(self.source.error(span, message));
+    }
+
+    fn file(&mut self, root: &DeTable) -> FileContents {
+        self.known_keys(root, "a policy file", TOP_KEYS);
+        let mut out = FileContents::default();
+        if let Some(v) = root.get("mode") {
+            out.mode = self
+                .keyword("mode", v)
+                .map(|m| (m, self.source.locate(v.span().start)));
+        }
+        if let Some(v) = root.get("unknown") {
+            match v.get_ref() {
+                DeValue::Table(t) => {
+                    let policy = self.policy(t, "[unknown]", UNKNOWN_KEYS, "[[unknown.egress]]");
+                    out.unknown = Some((policy, self.source.locate(v.span().start)));
+                }
+                other => self.error(
+                    &v.span(),
+                    format!("`unknown` must be a table ([unknown]), not {}", a(other)),
+                ),
+            }
+        }
+        if let Some(v) = root.get("identity") {
+            let want = "`identity` must be an array of tables ([[identity]])";
+            for (block, t) in self.tables(v, want) {
+                if let Some(b) = self.identity(block, t) {
+                    out.identities.push(b);
+                }
+            }
+        }
+        out
+    }
+
+    /// One `[[identity]]` table.
+    fn identity(&mut self, block: &Value, t: &DeTable) -> Option<IdentityBlock> {
+        let mut policy = self.policy(
+            t,
+            "an [[identity]] block",
+            IDENTITY_KEYS,
+            "[[identity.egress]]",
+        );
+        policy.raw_sockets = t
+            .get("raw_sockets")
+            .and_then(|v| self.boolean("raw_sockets", v));
+        let Some(id) = t.get("id") else {
+            self.error(
+                &block.span(),
+                "this [[identity]] block has no `id` (a SPIFFE ID like \"spiffe://example.org/web\", or a pattern like \"spiffe://example.org/agents/*\")",
+            );
+            return None;
+        };
+        let text = self.string("`id`", id)?;
+        match text.parse::<Subject>() {
+            Ok(subject) => Some(IdentityBlock {
+                subject,
+                at: self.source.locate(id.span().start),
+                policy,
+            }),
+            Err(e) => {
+                self.error(
+                    &id.span(),
+                    format!("{text:?} is not a SPIFFE ID or ID pattern: {e}"),
+                );
+                None
+            }
+        }
+    }
+
+    /// The settings and rules that `[unknown]` and identity blocks share.
+    fn policy(&mut self, t: &DeTable, what: &str, keys: &[&str], header: &str) -> IdentityPolicy {
+        self.known_keys(t, what, keys);
+        let mut policy = IdentityPolicy {
+            default: t.get("default").and_then(|v| self.keyword("default", v)),
+            audit: t.get("audit").and_then(|v| self.boolean("audit", v)),
+            raw_sockets: None,
+            egress: Vec::new(),
+        };
+        let Some(egress) = t.get("egress") else {
+            return policy;
+        };
+        let mut names: HashMap<String, Location> = HashMap::new();
+        let want = format!("`egress` must be an array of tables ({header})");
+        for (rule, table) in self.tables(egress, &want) {
+            let before = self.diagnostics.len();
+            let parsed = self.rule(rule, table);
+            if let Some(name) = table.get("name")
+                && let DeValue::String(n) = name.get_ref()
+            {
+                let here = self.source.locate(name.span().start);
+                if let Some(first) = names.get(n.as_ref()) {
+                    self.error(
+                        &name.span(),
+                        format!(
+                            "rule name {n:?} is already used in this block at {first}; rule names identify rules in events and must be unique per block"
+                        ),
+                    );
+                } else {
+                    names.insert(n.to_string(), here);
+                }
+            }
+            if self.diagnostics.len() == before {
+                policy.egress.extend(parsed);
+            }
+        }
+        policy
+    }
+
+    /// One egress rule table.
+    fn rule(&mut self, rule: &Value, t: &DeTable) -> Option<EgressRule> {
+        self.known_keys(t, "an egress rule", RULE_KEYS);
+        let name = self.rule_key(t, rule, "name", "one (it names the rule in events)");
+        let name = name.and_then(|v| {
+            let n = self.string("`name`", v)?;
+            if n.trim().is_empty() {
+                self.error(&v.span(), "a rule's `name` must not be empty");
+                return None;
+            }
+            Some(n.to_owned())
+        });
+        let to = self
+            .rule_key(
+                t,
+                rule,
+                "to",
+                "its destinations (CIDRs, addresses or \"any\")",
+            )
+            .and_then(|v| {
+                let items = self.array(v, WANT_TO)?;
+                if items.is_empty() {
+                    self.error(
+                        &v.span(),
+                        "`to` is empty, so the rule matches nothing; list destinations, or \"any\"",
+                    );
+                }
+                Some(
+                    items
+                        .iter()
+                        .filter_map(|d| self.destination(d))
+                        .collect::<Vec<_>>(),
+                )
+            });
+        let ports = match t.get("ports") {
+            None => Some(Vec::new()),
+            Some(v) => self.array(v, WANT_PORTS).map(|items| {
+                items
+                    .iter()
+                    .filter_map(|p| self.port_spec(p))
+                    .collect::<Vec<_>>()
+            }),
+        };
+        let protocol = match t.get("protocol") {
+            None => Some(Protocol::Any),
+            Some(v) => self.keyword("protocol", v),
+        };
+        let action = self
+            .rule_key(t, rule, "action", "one (\"allow\" or \"deny\")")
+            .and_then(|v| self.keyword("action", v));
+        Some(EgressRule {
+            name: name?,
+            to: to?,
+            ports: ports?,
+            protocol: protocol?,
+            action: action?,
+            at: self.source.locate(rule.span().start),
+        })
+    }
+
+    fn destination(&mut self, v: &Value) -> Option<Destination> {
+        let s = self.string("a destination in `to`", v)?;
+        if s == "any" {
+            return Some(Destination::Any);
+        }
+        let Ok(net) = s
+            .parse::<IpNet>()
+            .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+        else {
+            self.error(
+                &v.span(),
+                format!(
+                    "{s:?} is not a CIDR (like 10.0.0.0/8 or fd00::/8), an address, or \"any\""
+                ),
+            );
+            return None;
+        };
+        if net.trunc() != net {
+            self.error(
+                &v.span(),
+                format!(
+                    "{s:?} has host bits set beyond its /{} prefix; did you mean {}?",
+                    net.prefix_len(),
+                    net.trunc()
+                ),
+            );
+            return None;
+        }
+        Some(Destination::Net(net))
+    }
+
+    /// `443`, or `"8000-8080"` (a range, inclusive) or `"443"`.
+    fn port_spec(&mut self, v: &Value) -> Option<PortSpec> {
+        let (first, last) = match v.get_ref() {
+            DeValue::Integer(i) => {
+                let p = self.port(v, i.as_str(), i.radix())?;
+                (p, p)
+            }
+            DeValue::String(s) => match s.split_once('-') {
+                Some((a, b)) => (self.port(v, a.trim(), 10)?, self.port(v, b.trim(), 10)?),
+                None => {
+                    let p = self.port(v, s.trim(), 10)?;
+                    (p, p)
+                }
+            },
+            other => {
+                self.error(
+                    &v.span(),
+                    format!(
+                        "a port must be a number or a range like \"8000-8080\", not {}",
+                        a(other)
+                    ),
+                );
+                return None;
+            }
+        };
+        if first > last {
+            self.error(
+                &v.span(),
+                format!("port range \"{first}-{last}\" is reversed; write \"{last}-{first}\""),
+            );
+            return None;
+        }
+        Some(PortSpec { first, last })
+    }
+
+    fn port(&mut self, v: &Value, digits: &str, radix: u32) -> Option<u16> {
+        match i64::from_str_radix(digits, radix) {
+            Ok(p) if (1..=65535).contains(&p) => Some(p as u16),
+            Ok(0) => {
+                self.error(
+                    &v.span(),
+                    "port 0 is not a destination port; ports are 1-65535 (leave `ports` out for every port)",
+                );
+                None
+            }
+            Ok(p) => {
+                self.error(
+                    &v.span(),
+                    format!("port {p} is out of range: ports are 1-65535"),
+                );
+                None
+            }
+            Err(_) => {
+                self.error(
+                    &v.span(),
+                    format!(
+                        "{digits:?} is not a port number (1-65535) or a range like \"8000-8080\""
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    /// Reports every key of `t` not in `known`.
+    fn known_keys(&mut self, t: &DeTable, what: &str, known: &[&str]) {
+        for key in t.keys() {
+            if !known.contains(&key.get_ref().as_ref()) {
+                self.error(
+                    &key.span(),
+                    format!(
+                        "unknown key `{}` in {what}; expected one of: {}",
+                        key.get_ref(),
+                        known.join(", ")
+                    ),
+                );
+            }
+        }
+    }
+
+    /// The value of a key every rule must have; its absence is reported
+    /// at the rule.
+    fn rule_key<'v, 'i>(
+        &mut self,
+        t: &'v DeTable<'i>,
+        table: &Value,
+        key: &str,
+        want: &str,
+    ) -> Option<&'v Value<'i>> {
+        let v = t.get(key);
+        if v.is_none() {
+            self.error(
+                &table.span(),
+                format!("this rule has no `{key}`; every rule needs {want}"),
+            );
+        }
+        v
+    }
+
+    /// The tables of an array of tables (with their spans); `want` says
+    /// what it must be.
+    fn tables<'v, 'i>(
+        &mut self,
+        v: &'v Value<'i>,
+        want: &str,
+    ) -> Vec<(&'v Value<'i>, &'v DeTable<'i>)> {
+        let Some(items) = self.array(v, want) else {
+            return Vec::new();
+        };
+        items
+            .iter()
+            .filter_map(|item| match item.get_ref() {
+                DeValue::Table(t) => Some((item, t)),
+                other => {
+                    let message = format!("{want}, not an array of {}s", other.type_str());
+                    self.error(&item.span(), message);
+                    None
+                }
+            })
+            .collect()
+    }
+
+    /// The items of an array; `want` says what it must be.
+    fn array<'v, 'i>(&mut self, v: &'v Value<'i>, want: &str) -> Option<&'v [Value<'i>]> {
+        match v.get_ref() {
+            DeValue::Array(items) => Some(items),
+            other => {
+                self.error(&v.span(), format!("{want}, not {}", a(other)));
+                None
+            }
+        }
+    }
+
+    /// A string; `what` names it in the message.
+    fn string<'v>(&mut self, what: &str, v: &'v Value) -> Option<&'v str> {
+        match v.get_ref() {
+            DeValue::String(s) => Some(s),
+            other => {
+                self.error(
+                    &v.span(),
+                    format!("{what} must be a string, not {}", a(other)),
+                );
+                None
+            }
+        }
+    }
+
+    fn boolean(&mut self, key: &str, v: &Value) -> Option<bool> {
+        match v.get_ref() {
+            DeValue::Boolean(b) => Some(*b),
+            other => {
+                self.error(
+                    &v.span(),
+                    format!("`{key}` must be true or false, not {}", a(other)),
+                );
+                None
+            }
+        }
+    }
+
+    fn keyword<K: Keyword>(&mut self, key: &str, v: &Value) -> Option<K> {
+        let words: Vec<String> = K::WORDS.iter().map(|(w, _)| format!("{w:?}")).collect();
+        let words = words.join(", ");
+        let DeValue::String(s) = v.get_ref() else {
+            let message = format!("`{key}` must be one of {words}, not {}", a(v.get_ref()));
+            self.error(&v.span(), message);
+            return None;
+        };
+        let found = K::WORDS.iter().find(|(w, _)| w == s).map(|(_, k)| *k);
+        if found.is_none() {
+            self.error(&v.span(), format!("`{key}` {s:?} is not one of {words}"));
+        }
+        found
+    }
+}
+
+/// "a string", "an integer", ...
+fn a(v: &DeValue) -> String {
+    let t = v.type_str();
+    let article = if t.starts_with(['a', 'i']) { "an" } else { "a" };
+    format!("{article} {t}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::model::Action;
+    use crate::policy::testing::{errors, policy};
+
+    /// Checks that `text` yields exactly the problems `want`, as (line,
+    /// part of the message), in order.
+    fn assert_errors(text: &str, want: &[(u32, &str)]) {
+        let got = errors(text);
+        assert_eq!(got.len(), want.len(), "{got:#?}");
+        for ((line, message), (want_line, part)) in got.iter().zip(want) {
+            assert_eq!(line, want_line, "{message}");
+            assert!(message.contains(part), "{part:?} not in {message:?}");
+        }
+    }
+
+    #[test]
+    fn parses_every_setting() {
+        let p = policy(
+            r#"
+            mode = "audit"
+            [unknown]
+            default = "allow"
+            audit = false
+            [[unknown.egress]]
+            name = "dns"
+            to = ["127.0.0.53"]
+            ports = [53]
+            protocol = "udp"
+            action = "allow"
+            [[identity]]
+            id = "spiffe://example.org/web"
+            egress = [
+                { name = "api", to = ["127.0.0.1/32", "::1", "any"], ports = [443, "8000-8080", "9000", 0x50], protocol = "tcp", action = "deny" },
+            ]
+            [[identity]]
+            id = "spiffe://example.org/agents/*"
+            "#,
+        );
+        assert_eq!(p.mode, Mode::Audit);
+        assert_eq!(p.unknown.default, Some(Action::Allow));
+        assert_eq!(p.unknown.audit, Some(false));
+        assert_eq!(p.unknown.egress[0].protocol, Protocol::Udp);
+        let web = &p.identities[0];
+        assert_eq!(web.subject.to_string(), "spiffe://example.org/web");
+        assert_eq!(web.at.line, 13);
+        assert_eq!(web.policy.default, None);
+        let rule = &web.policy.egress[0];
+        assert_eq!(rule.at.line, 15);
+        assert_eq!(rule.action, Action::Deny);
+        assert_eq!(
+            rule.to,
+            [
+                Destination::Net("127.0.0.1/32".parse().unwrap()),
+                Destination::Net("::1/128".parse().unwrap()),
+                Destination::Any
+            ]
+        );
+        let ports: Vec<(u16, u16)> = rule.ports.iter().map(|p| (p.first, p.last)).collect();
+        assert_eq!(ports, [(443, 443), (8000, 8080), (9000, 9000), (80, 80)]);
+        assert!(matches!(p.identities[1].subject, Subject::Pattern(_)));
+        // Left out, a rule's protocol is `any` and its ports are all ports.
+        let p = policy(
+            "[[identity]]\nid = \"spiffe://e.org/a\"\n[[identity.egress]]\nname = \"r\"\nto = [\"any\"]\naction = \"allow\"\n",
+        );
+        let rule = &p.identities[0].policy.egress[0];
+        assert_eq!(rule.protocol, Protocol::Any);
+        assert_eq!(rule.port_ranges(), [(0, u16::MAX)]);
+    }
+
+    #[test]
+    fn reports_every_problem_with_its_line() {
+        let text = r#"mode = "strict"
+colour = "red"
+[unknown]
+default = "maybe"
+id = "spiffe://example.org/x"
+[[identity]]
+id = "spiffe://example.org/web"
+audit = "yes"
+[[identity.egress]]
+name = "bad-cidr"
+to = ["10.0.0.0/33"]
+action = "allow"
+[[identity.egress]]
+name = "host-bits"
+to = ["10.0.0.1/8"]
+action = "allow"
+[[identity.egress]]
+name = "port-zero"
+to = ["any"]
+ports = [0]
+action = "allow"
+[[identity.egress]]
+name = "port-big"
+to = ["any"]
+ports = [70000]
+action = "allow"
+[[identity.egress]]
+name = "reversed"
+to = ["any"]
+ports = ["90-80"]
+action = "allow"
+[[identity.egress]]
+name = "icmp"
+to = ["any"]
+protocol = "icmp"
+action = "allow"
+[[identity.egress]]
+name = "maybe"
+to = ["any"]
+action = "permit"
+[[identity.egress]]
+name = "typo"
+to = ["any"]
+action = "allow"
+port = [80]
+[[identity.egress]]
+to = "any"
+[[identity.egress]]
+name = "empty"
+to = []
+action = "deny"
+[[identity]]
+id = "spiffe://example.org/a*"
+[[identity]]
+default = "deny"
+[[identity]]
+id = "https://example.org/x"
+"#;
+        assert_errors(
+            text,
+            &[
+                (1, r#"`mode` "strict" is not one of "enforce", "audit""#),
+                (2, "unknown key `colour` in a policy file"),
+                (4, r#"`default` "maybe" is not one of "allow", "deny""#),
+                (
+                    5,
+                    "unknown key `id` in [unknown]; expected one of: default, audit, egress",
+                ),
+                (8, "`audit` must be true or false, not a string"),
+                (11, r#""10.0.0.0/33" is not a CIDR"#),
+                (
+                    15,
+                    r#""10.0.0.1/8" has host bits set beyond its /8 prefix; did you mean 10.0.0.0/8?"#,
+                ),
+                (20, "port 0 is not a destination port"),
+                (25, "port 70000 is out of range"),
+                (30, r#"port range "90-80" is reversed; write "80-90""#),
+                (35, r#"`protocol` "icmp" is not one of "tcp", "udp", "any""#),
+                (40, r#"`action` "permit" is not one of "allow", "deny""#),
+                (
+                    45,
+                    "unknown key `port` in an egress rule; expected one of: name, to, ports, protocol, action",
+                ),
+                (46, "this rule has no `name`"),
+                (46, "this rule has no `action`"),
+                (
+                    47,
+                    "`to` must be an array of CIDRs, addresses or \"any\" (like to = [\"10.0.0.0/8\"]), not a string",
+                ),
+                (50, "`to` is empty"),
+                (53, "`*` may only end a pattern"),
+                (54, "this [[identity]] block has no `id`"),
+                (
+                    57,
+                    r#""https://example.org/x" is not a SPIFFE ID or ID pattern: a SPIFFE ID starts with "spiffe://""#,
+                ),
+            ],
+        );
+    }
+
+    #[test]
+    fn reports_values_of_the_wrong_type() {
+        assert_errors(
+            "[identity]\nid = \"spiffe://e.org/a\"\n",
+            &[(
+                1,
+                "`identity` must be an array of tables ([[identity]]), not a table",
+            )],
+        );
+        assert_errors(
+            "unknown = 3\nidentity = [1]\n",
+            &[
+                (1, "`unknown` must be a table ([unknown]), not an integer"),
+                (
+                    2,
+                    "`identity` must be an array of tables ([[identity]]), not an array of integers",
+                ),
+            ],
+        );
+        assert_errors(
+            "[unknown]\negress = 5\n[[identity]]\nid = 7\nmode = \"audit\"\negress = [{ name = 1, to = [5, \"any\"], ports = \"80\", action = true }]\n",
+            &[
+                (
+                    2,
+                    "`egress` must be an array of tables ([[unknown.egress]]), not an integer",
+                ),
+                (4, "`id` must be a string, not an integer"),
+                (5, "unknown key `mode` in an [[identity]] block"),
+                (6, "`name` must be a string, not an integer"),
+                (6, "a destination in `to` must be a string, not an integer"),
+                (6, "`ports` must be an array of ports and ranges"),
+                (
+                    6,
+                    "`action` must be one of \"allow\", \"deny\", not a boolean",
+                ),
+            ],
+        );
+        assert_errors(
+            "[[identity]]\nid = \"spiffe://e.org/a\"\n[[identity.egress]]\nname = \"\"\nto = [\"any\"]\nports = [true, \"http\", \"1-x\", -4]\naction = \"deny\"\n",
+            &[
+                (4, "a rule's `name` must not be empty"),
+                (
+                    6,
+                    "a port must be a number or a range like \"8000-8080\", not a boolean",
+                ),
+                (6, "\"http\" is not a port number"),
+                (6, "\"x\" is not a port number"),
+                (6, "port -4 is out of range"),
+            ],
+        );
+    }
+
+    #[test]
+    fn raw_sockets_is_a_setting_of_identity_blocks_only() {
+        let p = policy("[[identity]]\nid = \"spiffe://e.org/a\"\nraw_sockets = true\n");
+        assert_eq!(p.identities[0].policy.raw_sockets, Some(true));
+        assert_errors(
+            "[unknown]\nraw_sockets = true\n[[identity]]\nid = \"spiffe://e.org/a\"\nraw_sockets = 1\n",
+            &[
+                (
+                    2,
+                    "unknown key `raw_sockets` in [unknown]; expected one of: default, audit, egress",
+                ),
+                (5, "`raw_sockets` must be true or false, not an integer"),
+            ],
+        );
+    }
+
+    #[test]
+    fn reports_syntax_errors_and_nothing_else_for_that_file() {
+        assert_errors(
+            "mode = \"audit\"\nmode = \"enforce\"\ncolour = \n",
+            &[
+                (2, "invalid TOML: duplicate key"),
+                (3, "invalid TOML: string values must be quoted"),
+            ],
+        );
+    }
+
+    #[test]
+    fn rule_names_are_unique_within_a_block() {
+        let rule = |name: &str, addr: &str| {
+            format!(
+                "[[identity.egress]]\nname = \"{name}\"\nto = [\"{addr}\"]\naction = \"allow\"\n"
+            )
+        };
+        let text = format!(
+            "[[identity]]\nid = \"spiffe://example.org/web\"\n{}{}[[identity]]\nid = \"spiffe://example.org/db\"\n{}",
+            rule("a", "10.0.0.1"),
+            rule("a", "10.0.0.2"),
+            rule("a", "10.0.0.1"),
+        );
+        let got = errors(&text);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].0, 8);
+        assert!(
+            got[0]
+                .1
+                .starts_with("rule name \"a\" is already used in this block at ")
+        );
+        assert!(got[0].1.contains("p.toml:4:8;"), "{}", got[0].1);
+    }
+}
