@@ -187,9 +187,9 @@ fn enforcement_outlives_a_killed_agent_and_a_restart_adopts_the_pins() {
     let denied = format!("127.0.0.1:{}", f.tcp_port + 1);
     let mut agent = Agent::start(&cg, &f.policy(), &web_binding());
     let first = agent.status();
-    assert_eq!(first["programs"]["attached"].as_array().unwrap().len(), 4);
+    assert_eq!(first["programs"]["attached"].as_array().unwrap().len(), 5);
     let links = agent.pinned_links();
-    assert_eq!(links.len(), 4, "{links:?}");
+    assert_eq!(links.len(), 5, "{links:?}");
 
     // SIGKILL: nothing runs in user space, the kernel still judges.
     agent.stop(Signal::SIGKILL);
@@ -200,7 +200,7 @@ fn enforcement_outlives_a_killed_agent_and_a_restart_adopts_the_pins() {
     agent.spawn();
     agent.wait_ready();
     let second = agent.status();
-    assert_eq!(second["programs"]["adopted"].as_array().unwrap().len(), 4);
+    assert_eq!(second["programs"]["adopted"].as_array().unwrap().len(), 5);
     assert!(
         second["programs"]["attached"]
             .as_array()

@@ -42,20 +42,49 @@ fn reloads_switch_atomically_under_a_connect_loop() {
     let dest = format!("127.0.0.1:{port}");
     assert_eq!(probe(Some(&web), "tcp", &dest), "ok");
 
-    let looping = spawn_repeat(&web, 4000, "tcp", &dest);
-    // Let the loop get going, then switch every 100 ms while it runs.
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    let mut generations = Vec::new();
-    for i in 0..10 {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        agent.write_policy(&policy(port, i % 2 == 1));
-        let out = agent
-            .try_cli(&["policy", "reload", "--json"])
-            .expect("reload");
-        let reply: serde_json::Value = serde_json::from_str(&out).unwrap();
-        generations.push(reply["generation"].as_u64().unwrap());
-    }
+    // A reloader switches between the two policies every 20 ms for as
+    // long as the connect loop runs, so the loop always spans reloads.
+    const CONNECTS: u32 = 20_000;
+    let looping = spawn_repeat(&web, CONNECTS, "tcp", &dest);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reloader = {
+        let (stop, dir, socket) = (stop.clone(), agent.dir.clone(), agent.socket.clone());
+        std::thread::spawn(move || {
+            let mut generations = Vec::new();
+            let mut allow = true;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                allow = !allow;
+                std::fs::write(dir.join("policy/policy.toml"), policy(port, allow)).unwrap();
+                let out = std::process::Command::new(target_bin("idgate"))
+                    .args(["policy", "reload", "--json", "--socket"])
+                    .arg(&socket)
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                generations.push(reply["generation"].as_u64().unwrap());
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            // End on the allowing policy.
+            if !allow {
+                std::fs::write(dir.join("policy/policy.toml"), policy(port, true)).unwrap();
+                let out = std::process::Command::new(target_bin("idgate"))
+                    .args(["policy", "reload", "--socket"])
+                    .arg(&socket)
+                    .output()
+                    .unwrap();
+                assert!(out.status.success());
+            }
+            generations
+        })
+    };
     let counts = repeat_counts(looping);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let generations = reloader.join().expect("reloader");
     // Every connect was judged by one of the two policies: allowed, or
     // denied by policy; none failed for any other reason.
     let other: u32 = counts
@@ -64,7 +93,8 @@ fn reloads_switch_atomically_under_a_connect_loop() {
         .map(|(_, v)| v)
         .sum();
     assert_eq!(other, 0, "{counts:?}");
-    assert_eq!(counts.values().sum::<u32>(), 4000, "{counts:?}");
+    assert_eq!(counts.values().sum::<u32>(), CONNECTS, "{counts:?}");
+    assert!(generations.len() >= 2, "{generations:?}");
     // The loop ran across the reloads: it saw both policies.
     assert!(
         counts.contains_key("ok") && counts.contains_key("EPERM"),
@@ -75,11 +105,14 @@ fn reloads_switch_atomically_under_a_connect_loop() {
         generations.windows(2).all(|w| w[0] != w[1]),
         "{generations:?}"
     );
-    // The last reload (i = 9) allowed: the kernel agrees now.
+    // The last reload allowed: the kernel agrees now.
     assert_eq!(probe(Some(&web), "tcp", &dest), "ok");
     let status = agent.status();
-    assert_eq!(status["reloads"], 10);
-    eprintln!("connect outcomes during 10 reloads: {counts:?}");
+    assert!(status["reloads"].as_u64().unwrap() >= generations.len() as u64);
+    eprintln!(
+        "connect outcomes during {} reloads: {counts:?}",
+        generations.len()
+    );
 }
 
 #[test]
@@ -99,7 +132,7 @@ fn a_broken_policy_is_refused_and_the_running_one_stays() {
         .expect_err("a broken policy must be refused");
     assert!(err.contains("policy.toml"), "file not named: {err}");
     assert!(err.contains("reversed"), "problem not named: {err}");
-    assert!(err.contains("line 6"), "line not named: {err}");
+    assert!(err.contains("policy.toml:6:"), "line not named: {err}");
 
     let after = agent.status();
     assert_eq!(after["generation"], before["generation"]);
