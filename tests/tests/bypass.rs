@@ -16,7 +16,7 @@ const BETA: &str = "spiffe://example.org/beta";
 const NOBODY: u32 = 65534;
 
 /// A TCP and a UDP listener on one port; ALPHA may reach them, BETA and
-/// unknown workloads may not.
+/// unknown workloads may not. BETA may make raw sockets.
 struct Fixture {
     _tcp: TcpListener,
     _udp: UdpSocket,
@@ -41,7 +41,8 @@ impl Fixture {
 
     fn policy(&self) -> String {
         format!(
-            "[[identity]]\nid = \"{ALPHA}\"\n[[identity.egress]]\nname = \"alpha-local\"\nto = [\"127.0.0.1/32\"]\nports = [{}]\naction = \"allow\"\n",
+            "[[identity]]\nid = \"{ALPHA}\"\n[[identity.egress]]\nname = \"alpha-local\"\nto = [\"127.0.0.1/32\"]\nports = [{}]\naction = \"allow\"\n\
+             [[identity]]\nid = \"{BETA}\"\nraw_sockets = true\n",
             self.port
         )
     }
@@ -114,12 +115,15 @@ fn raw_sockets_are_refused_and_packet_sockets_need_cap_net_raw() {
     let f = Fixture::new();
     let mut cg = Cgroups::new("bp-raw");
     let alpha = cg.inside("alpha");
+    let beta = cg.inside("beta");
     let outside = cg.outside("outside");
     let log = audit_log(&cg);
     let _agent = start(&cg, &f, &log);
     // Even a root workload may not make a raw inet socket in the scope.
     assert_eq!(probe(Some(&alpha), "raw4", "-"), "EPERM");
     assert_eq!(probe(Some(&outside), "raw4", "-"), "ok");
+    // Unless its identity's policy allows them.
+    assert_eq!(probe(Some(&beta), "raw4", "-"), "ok");
     // Packet sockets reach no cgroup socket hook (and BPF LSM programs do
     // not load on every kernel): the kernel refuses them to a workload
     // without CAP_NET_RAW, as managed workloads must run.
