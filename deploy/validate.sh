@@ -10,14 +10,15 @@
 #               in the manifest with its reason).
 #   container   checkov's Dockerfile checks on deploy/container/Containerfile
 #               (static only: no container engine runs here to build it).
-#   systemd     `systemd-analyze verify` of idgate.service and idgate.slice
+#   systemd     `systemd-analyze verify` of idgate.service, idgate-bpffs.service,
+#               idgate.slice
 #               and of a unit that runs in the slice (dependency cycles,
 #               unknown keys, missing executables: any message fails);
 #               `systemd-analyze security` with an exposure ceiling;
 #               systemd-sysusers and systemd-tmpfiles applying the
 #               sysusers.d and tmpfiles.d files to a scratch root.
 #   commands    the shell commands that mount bpffs (the DaemonSet's init
-#               container, the unit's ExecStartPre) run for real in a
+#               container, idgate-bpffs.service) run for real in a
 #               private mount namespace (root only).
 #   idgate      `idgate policy check` on the shipped policies, and the
 #               shipped TOML files parse (needs a built idgate binary).
@@ -178,7 +179,7 @@ if command -v systemd-analyze >/dev/null 2>&1; then
         printf '#!/bin/sh\n' >"$sroot/$exe"
         chmod 0755 "$sroot/$exe"
     done
-    cp "$SD/idgate.service" "$SD/idgate.slice" "$sroot/etc/systemd/system/"
+    cp "$SD/idgate.service" "$SD/idgate-bpffs.service" "$SD/idgate.slice" "$sroot/etc/systemd/system/"
     # A workload judged by idgate, as docs/install-host.md shows one.
     cat >"$sroot/etc/systemd/system/idgate-validate-workload.service" <<'EOF'
 [Unit]
@@ -191,8 +192,17 @@ EOF
         systemd-analyze verify --man=no --generators=no --root="$sroot" "$@"
     }
     check_silent "systemd: systemd-analyze verify idgate.service" verify idgate.service
+    check_silent "systemd: systemd-analyze verify idgate-bpffs.service" verify idgate-bpffs.service
     check_silent "systemd: systemd-analyze verify idgate.slice" verify idgate.slice
     check_silent "systemd: a unit with Slice=idgate.slice verifies (no ordering cycle)" verify idgate-validate-workload.service
+    # Found under a running systemd 252: ProtectKernelTunables=yes leaves
+    # /sys/fs/bpf read-only whatever ReadWritePaths= says, and the agent
+    # cannot pin. Keep it out, and keep the writable paths.
+    check "systemd: idgate.service leaves /sys/fs/bpf and /sys/fs/cgroup writable" sh -c "
+        ! grep -Eq '^ProtectKernelTunables=(yes|true|on|1)' '$SD/idgate.service' &&
+        ! grep -Eq '^ProtectControlGroups=(yes|true|on|1|strict)' '$SD/idgate.service' &&
+        grep -Eq '^ReadWritePaths=.*/sys/fs/bpf( |$)' '$SD/idgate.service' &&
+        grep -Eq '^ReadWritePaths=.*/sys/fs/cgroup( |$)' '$SD/idgate.service'"
     check "systemd: security exposure of idgate.service at most $((EXPOSURE_CEILING / 10)).$((EXPOSURE_CEILING % 10))" \
         systemd-analyze security --offline=yes --no-pager --root="$sroot" --threshold="$EXPOSURE_CEILING" idgate.service
 
@@ -234,9 +244,10 @@ assert c["command"][:2] == ["/bin/sh", "-c"], c["command"]
 print(c["command"][2])
 EOF
 )
-    # The unit's ExecStartPre, as systemd runs it: `+` stripped, `%%` -> `%`,
-    # the single-quoted argument of sh -c.
-    unit_cmd=$(sed -n "s/^ExecStartPre=+\/bin\/sh -c '\(.*\)'$/\1/p" "$SD/idgate.service" | sed 's/%%/%/g')
+    # idgate-bpffs.service's command, as systemd runs it: `%%` -> `%`, the
+    # single-quoted argument of sh -c.
+    unit_cmd=$(sed -n "s/^ExecStart=\/bin\/sh -c '\(.*\)'$/\1/p" "$SD/idgate-bpffs.service" | sed 's/%%/%/g')
+    [ -n "$unit_cmd" ] || { fail "commands: idgate-bpffs.service has its ExecStart=/bin/sh -c '...' line"; unit_cmd=false; }
     for which in init unit; do
         if [ "$which" = init ]; then cmd=$init_cmd; else cmd=$unit_cmd; fi
         check "commands: the $which bpffs command mounts bpffs over another file system" \
