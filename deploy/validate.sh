@@ -28,6 +28,9 @@
 # pins do not change. A check whose tool is missing here is skipped with
 # the reason printed, never counted as passed.
 #
+# The units under a running systemd (PID 1 of a container): a heavier,
+# manual check, deploy/systemd/check-in-nspawn.sh.
+#
 # Usage: deploy/validate.sh   (from anywhere; exit status 0 only if every
 # check run passed). The last line reads `deploy: N passed, M failed`.
 
