@@ -58,10 +58,23 @@ fn main() -> Result<()> {
         }
         Task::Test { args } => {
             setup::run()?;
+            // Without them deploy/validate.sh skips (and says so) the
+            // checks that need them; the rest of the run goes on.
+            if let Err(e) = setup::test_tools() {
+                eprintln!("setup: warning: {e:#}");
+            }
             cargo(&["fmt", "--all", "--check"])?;
             cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
             build(false)?;
-            cargo(&[&["test", "--no-fail-fast"][..], &as_strs(&args)].concat())
+            let tests = cargo(&[&["test", "--no-fail-fast"][..], &as_strs(&args)].concat());
+            // The deployment files are checked with real validators too
+            // (a full run only: a filtered one is about one test).
+            let deploy = if args.is_empty() {
+                setup::run_cmd(Command::new("bash").arg(root.join("deploy/validate.sh")))
+            } else {
+                Ok(())
+            };
+            tests.and(deploy)
         }
         Task::Run { config } => {
             setup::run()?;

@@ -31,6 +31,42 @@ pub fn run() -> Result<()> {
     install_bpf_linker(&sysroot, llvm_major)
 }
 
+/// Debian packages the test run's deployment checks use: `kubectl`
+/// (kustomize rendering) and `systemd` (`systemd-analyze verify`).
+const TEST_PACKAGES: [(&str, &str); 2] = [("kubectl", "kubectl"), ("systemd-analyze", "systemd")];
+
+/// Installs the test run's Debian packages that are missing (as root).
+pub fn test_tools() -> Result<()> {
+    let missing: Vec<&str> = TEST_PACKAGES
+        .iter()
+        .filter(|(command, _)| which(command).is_none())
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!(
+        "setup: installing {} from Debian's packages",
+        missing.join(" ")
+    );
+    run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
+    run_cmd(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+/// A command's path on `PATH`, if there is one.
+fn which(command: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(command))
+            .find(|p| p.is_file())
+    })
+}
+
 /// The LLVM major version the nightly rustc is built with.
 fn llvm_major() -> Result<u32> {
     let vv = output("rustc", &["+nightly", "-vV"])?;
@@ -129,7 +165,8 @@ fn output(program: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn run_cmd(cmd: &mut Command) -> Result<()> {
+/// Runs a command; its failure is an error naming it.
+pub fn run_cmd(cmd: &mut Command) -> Result<()> {
     let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed ({status})");
