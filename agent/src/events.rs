@@ -8,12 +8,12 @@
 //! (a full disk) is logged and counted; enforcement does not depend on it.
 
 mod audit_log;
+mod feed;
 mod kernel;
 mod metrics;
 mod names;
 mod reader;
 mod record;
-mod feed;
 mod sinks;
 
 use std::path::{Path, PathBuf};
