@@ -435,6 +435,18 @@ fn metrics_count_the_decisions_made() {
         metric(&text, "idgate_event_ring_drops_total", ""),
         Some(0.0)
     );
+    // Attestation: the start-up pass at least, over the scope and its two
+    // cgroups, each pass timed.
+    let passes = metric(&text, "idgate_attestation_passes_total", "").unwrap();
+    assert!(passes >= 1.0, "{text}");
+    assert!(
+        metric(&text, "idgate_attested_cgroups_total", "").unwrap() >= 3.0,
+        "{text}"
+    );
+    assert!(
+        metric(&text, "idgate_attestation_pass_seconds_count", "").unwrap() >= 1.0,
+        "{text}"
+    );
     assert_eq!(
         metric(&text, "idgate_audit_log_lost_records_total", ""),
         Some(0.0)

@@ -48,6 +48,8 @@ pub struct State {
     pub reload_errors: u64,
     /// Pins found removed by hand, and put back.
     pub pins_restored: u64,
+    /// Attestation work done so far.
+    pub attestation: AttestationStats,
     /// Cgroups attested to an identity that the kernel map could not take
     /// (full): denied, and reported here.
     pub bind_failures: BTreeMap<u64, String>,
@@ -102,6 +104,7 @@ impl State {
             reloads: 0,
             reload_errors: 0,
             pins_restored: 0,
+            attestation: AttestationStats::default(),
             bind_failures: BTreeMap::new(),
             runs: 0,
         };
@@ -136,10 +139,7 @@ impl State {
         if dirs.contains(&self.scope_dir) {
             self.attest_all();
         } else {
-            let now = SystemTime::now();
-            for dir in &dirs {
-                self.workloads.attest(dir, &self.entries, &self.pods, now);
-            }
+            self.attest_dirs(&dirs);
         }
         self.remove_finished_runs();
         self.sync(false)
@@ -172,10 +172,20 @@ impl State {
 
     fn attest_all(&mut self) {
         self.workloads.prune();
+        let dirs: BTreeSet<PathBuf> = Workloads::scan(&self.scope_dir).into_iter().collect();
+        self.attest_dirs(&dirs);
+    }
+
+    /// One attestation pass over `dirs`, counted and timed.
+    fn attest_dirs(&mut self, dirs: &BTreeSet<PathBuf>) {
+        let started = Instant::now();
         let now = SystemTime::now();
-        for dir in Workloads::scan(&self.scope_dir) {
-            self.workloads.attest(&dir, &self.entries, &self.pods, now);
+        for dir in dirs {
+            self.workloads.attest(dir, &self.entries, &self.pods, now);
         }
+        self.attestation.passes += 1;
+        self.attestation.cgroups += dirs.len() as u64;
+        self.attestation.last_pass = started.elapsed();
     }
 
     /// Re-reads the policy and the entries; on any error the running policy
@@ -362,6 +372,16 @@ fn load_entries(config: &Config) -> Result<Vec<Entry>, identity::EntriesError> {
     let mut entries = identity::load_entries(&config.entries, &config.trust_domains)?;
     entries.extend(config.workload_entries.iter().cloned());
     Ok(entries)
+}
+
+/// Attestation passes, for the metrics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AttestationStats {
+    pub passes: u64,
+    /// Cgroups attested, over all passes.
+    pub cgroups: u64,
+    /// How long the last pass took.
+    pub last_pass: Duration,
 }
 
 /// What a successful reload did.

@@ -7,13 +7,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
-use idgate_common::{
-    GENERATIONS, MAX_BOUND_CGROUPS, MAX_DEST_ENTRIES, MAX_PORT_ENTRIES, MAX_SLOTS, maps,
-};
+use idgate_common::{GENERATIONS, MAX_DEST_ENTRIES, MAX_PORT_ENTRIES, MAX_SLOTS, maps};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use super::DaemonError;
@@ -106,6 +105,9 @@ struct StateMetrics {
     workloads: Family<StateLabels, Gauge>,
     /// Every workload state reported so far: one that empties shows 0.
     workload_states: Mutex<BTreeSet<&'static str>>,
+    attested_cgroups: Counter,
+    attestation_passes: Counter,
+    attestation_seconds: Histogram,
 }
 
 impl StateMetrics {
@@ -120,6 +122,9 @@ impl StateMetrics {
             map_capacity: Family::default(),
             workloads: Family::default(),
             workload_states: Mutex::default(),
+            attested_cgroups: Counter::default(),
+            attestation_passes: Counter::default(),
+            attestation_seconds: Histogram::new(exponential_buckets(0.0001, 4.0, 10)),
         };
         registry.register(
             "policy_generation",
@@ -161,12 +166,37 @@ impl StateMetrics {
             "Cgroups under the scope, by state (attested, operator, unknown, conflict, expired, unreadable)",
             me.workloads.clone(),
         );
+        registry.register(
+            "attested_cgroups",
+            "Cgroups attested (each cgroup of each pass)",
+            me.attested_cgroups.clone(),
+        );
+        registry.register(
+            "attestation_passes",
+            "Attestation passes (an event's cgroups, or the whole scope)",
+            me.attestation_passes.clone(),
+        );
+        registry.register(
+            "attestation_pass_seconds",
+            "How long attestation passes take",
+            me.attestation_seconds.clone(),
+        );
         me
     }
 
     fn observe(&self, state: &State) {
         let applied = &state.applied;
         let compiled = &applied.compiled;
+        let stats = state.attestation;
+        // Called after every pass, so a new pass count means one new pass.
+        if stats.passes > self.attestation_passes.get() {
+            self.attestation_seconds
+                .observe(stats.last_pass.as_secs_f64());
+        }
+        self.attestation_passes
+            .inc_by(stats.passes.saturating_sub(self.attestation_passes.get()));
+        self.attested_cgroups
+            .inc_by(stats.cgroups.saturating_sub(self.attested_cgroups.get()));
         self.generation.set(i64::from(applied.generation));
         self.reloads
             .inc_by(state.reloads.saturating_sub(self.reloads.get()));
@@ -181,7 +211,11 @@ impl StateMetrics {
             .count();
         let per_generation = |max: u32| max / GENERATIONS;
         let fill = [
-            (maps::IDENTITIES, applied.bound.len(), MAX_BOUND_CGROUPS),
+            (
+                maps::IDENTITIES,
+                applied.bound.len(),
+                state.config.max_workloads,
+            ),
             // Slot 0 is the unknown workload's, never handed out.
             (maps::SLOT_IDS, applied.identities.len(), MAX_SLOTS - 1),
             (maps::SLOT_POLICY, compiled.slots.len(), MAX_SLOTS),
