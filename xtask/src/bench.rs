@@ -193,7 +193,10 @@ fn measure(args: &BenchArgs, root: &Path, nft_version: String) -> Result<Results
     ];
     check_in_force(&lp, &configs, ports.denied)?;
 
-    eprintln!("bench: watching the idle agents for {} s", args.idle_seconds);
+    eprintln!(
+        "bench: watching the idle agents for {} s",
+        args.idle_seconds
+    );
     let idle = Duration::from_secs(args.idle_seconds);
     let before = [cost::sample(small.pid())?, cost::sample(large.pid())?];
     interrupt::sleep(idle)?;

@@ -64,7 +64,10 @@ fn run() -> Result<(), String> {
         match (result, args.expect) {
             (Ok(()), Expect::Ok) => Ok(()),
             (Err(e), Expect::Eperm) if e.raw_os_error() == Some(libc::EPERM) => Ok(()),
-            (Ok(()), Expect::Eperm) => Err(format!("{} {}: allowed, expected EPERM", args.op, args.addr)),
+            (Ok(()), Expect::Eperm) => Err(format!(
+                "{} {}: allowed, expected EPERM",
+                args.op, args.addr
+            )),
             (Err(e), _) => Err(format!("{} {}: {e}", args.op, args.addr)),
         }
     };
@@ -148,9 +151,7 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut warmup = 1_000;
     let mut expect = Expect::Ok;
     while let Some(flag) = argv.next() {
-        let value = argv
-            .next()
-            .ok_or_else(|| format!("{flag} needs a value"))?;
+        let value = argv.next().ok_or_else(|| format!("{flag} needs a value"))?;
         let bad = |e: &dyn std::fmt::Display| format!("{flag} {value:?}: {e}");
         match flag.as_str() {
             "--cgroup" => cgroup = Some(PathBuf::from(&value)),

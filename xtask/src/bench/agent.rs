@@ -63,6 +63,7 @@ impl Agent {
                 .args(["agent", "--config"])
                 .arg(agent.config())
                 .env("RUST_LOG", "info")
+                .env("NO_COLOR", "1")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(log)
@@ -93,16 +94,38 @@ impl Agent {
 
     /// Runs an `idgate` operator command against this agent; its output.
     pub fn cli(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new(&self.idgate)
-            .args(args)
-            .arg("--socket")
-            .arg(self.dir.join("control.sock"))
+        let socket = self.dir.join("control.sock");
+        self.idgate(
+            Command::new(&self.idgate)
+                .args(args)
+                .arg("--socket")
+                .arg(socket),
+        )
+    }
+
+    /// `idgate policy check` of this agent's policy files: read and
+    /// validated offline, by the CLI alone.
+    pub fn check_policy(&self) -> Result<String> {
+        self.idgate(
+            Command::new(&self.idgate)
+                .args(["policy", "check"])
+                .arg(self.dir.join("policy"))
+                .args(["--trust-domain", rules::TRUST_DOMAIN]),
+        )
+    }
+
+    fn idgate(&self, command: &mut Command) -> Result<String> {
+        let args: Vec<String> = command
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let args = args.join(" ");
+        let out = command
             .output()
-            .with_context(|| format!("running idgate {}", args.join(" ")))?;
+            .with_context(|| format!("running idgate {args}"))?;
         if !out.status.success() {
             bail!(
-                "idgate {} failed: {}{}",
-                args.join(" "),
+                "idgate {args} failed: {}{}",
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
             );

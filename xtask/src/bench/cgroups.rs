@@ -13,8 +13,9 @@ pub fn cgroup2_root() -> Result<PathBuf> {
         .lines()
         .find_map(|line| {
             let (pre, post) = line.split_once(" - ")?;
+            let mount_point = pre.split(' ').nth(4)?;
             post.starts_with("cgroup2 ")
-                .then(|| PathBuf::from(pre.split(' ').nth(4)?))
+                .then(|| PathBuf::from(mount_point))
         })
         .context("no cgroup v2 hierarchy is mounted")
 }
@@ -72,7 +73,10 @@ impl Drop for Tree {
                     break;
                 }
                 if Instant::now() > deadline {
-                    eprintln!("bench: warning: cannot remove cgroup {}: {e}", dir.display());
+                    eprintln!(
+                        "bench: warning: cannot remove cgroup {}: {e}",
+                        dir.display()
+                    );
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(20));

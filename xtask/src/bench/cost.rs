@@ -79,7 +79,10 @@ pub fn maps(pid: u32) -> Result<Vec<MapMemory>> {
         by_id.insert(
             id,
             MapMemory {
-                name: names.get(&id).cloned().unwrap_or_else(|| format!("map {id}")),
+                name: names
+                    .get(&id)
+                    .cloned()
+                    .unwrap_or_else(|| format!("map {id}")),
                 max_entries: field("max_entries:").unwrap_or(0),
                 bytes,
             },

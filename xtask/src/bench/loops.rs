@@ -66,7 +66,12 @@ impl Loop {
     /// says (`ok` or `eperm`): proof that a configuration is in force.
     pub fn check(&self, cgroup: &Path, addr: SocketAddr, expect: &str) -> Result<()> {
         self.run(cgroup, Op::UdpSendto, addr, 1, 0, expect)
-            .with_context(|| format!("checking that a send to {addr} from {} is {expect}", cgroup.display()))
+            .with_context(|| {
+                format!(
+                    "checking that a send to {addr} from {} is {expect}",
+                    cgroup.display()
+                )
+            })
             .map(drop)
     }
 
@@ -96,13 +101,24 @@ impl Loop {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                bail!("{} {addr} in {} did not end in time", op.name(), cgroup.display());
+                bail!(
+                    "{} {addr} in {} did not end in time",
+                    op.name(),
+                    cgroup.display()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         let out = child.wait_with_output()?;
         if !out.status.success() {
-            bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
+            interrupt::check()?;
+            bail!(
+                "{} {addr} in {}: {}: {}",
+                op.name(),
+                cgroup.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         serde_json::from_slice(&out.stdout).context("the loop's answer is not JSON")
     }

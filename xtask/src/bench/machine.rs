@@ -47,7 +47,11 @@ impl Machine {
             commit: format!(
                 "{}{}",
                 output("git", &["rev-parse", "--short", "HEAD"]),
-                if dirty { " (with uncommitted changes)" } else { "" }
+                if dirty {
+                    " (with uncommitted changes)"
+                } else {
+                    ""
+                }
             ),
         }
     }

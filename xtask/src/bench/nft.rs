@@ -150,7 +150,10 @@ fn ruleset(name: &str, workloads: &[(&Identity, PathBuf)]) -> Result<String> {
             ));
         }
         chain.push("drop".into());
-        body.push_str(&format!("  chain id{n} {{\n    {}\n  }}\n", chain.join("\n    ")));
+        body.push_str(&format!(
+            "  chain id{n} {{\n    {}\n  }}\n",
+            chain.join("\n    ")
+        ));
     }
     Ok(format!(
         "table inet {name} {{\n  map workloads {{ type cgroupsv2 : verdict; elements = {{ {} }} }}\n{body}}}\n",
@@ -198,7 +201,13 @@ fn nft(script: &str) -> Result<()> {
         .write_all(script.as_bytes())?;
     let out = child.wait_with_output()?;
     if !out.status.success() {
-        let first: String = script.lines().next().unwrap_or_default().chars().take(200).collect();
+        let first: String = script
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .chars()
+            .take(200)
+            .collect();
         bail!(
             "nft -f failed on a script starting {first:?}: {}",
             String::from_utf8_lossy(&out.stderr)

@@ -10,6 +10,9 @@ use super::interrupt;
 use super::rules::{self, Identity};
 
 pub struct Reloads {
+    /// `idgate policy check` of the same files, for the share of reading
+    /// and validating in a reload.
+    pub check: Vec<Duration>,
     /// The whole policy again, unchanged.
     pub unchanged: Vec<Duration>,
     /// One rule's port changed (and back, alternately).
@@ -17,6 +20,13 @@ pub struct Reloads {
 }
 
 pub fn measure(agent: &Agent, identities: &mut [Identity], times: usize) -> Result<Reloads> {
+    let mut check = Vec::with_capacity(times);
+    for _ in 0..times {
+        interrupt::check()?;
+        let started = Instant::now();
+        agent.check_policy()?;
+        check.push(started.elapsed());
+    }
     let mut unchanged = Vec::with_capacity(times);
     for _ in 0..times {
         unchanged.push(reload(agent)?);
@@ -39,6 +49,7 @@ pub fn measure(agent: &Agent, identities: &mut [Identity], times: usize) -> Resu
         one_rule.push(reload(agent)?);
     }
     Ok(Reloads {
+        check,
         unchanged,
         one_rule,
     })

@@ -103,7 +103,7 @@ fn overhead(out: &mut String, args: &BenchArgs, r: &Results) {
         d = o.configs[3],
         ids = thousands(args.identities),
         rules = thousands(args.rules),
-        per = args.rules / args.identities + usize::from(args.rules % args.identities > 0),
+        per = args.rules.div_ceil(args.identities),
         load = seconds(r.nft_load),
     );
     let _ = writeln!(
@@ -172,10 +172,7 @@ fn overhead(out: &mut String, args: &BenchArgs, r: &Results) {
     );
     for (i, &(op, addr)) in o.ops.iter().enumerate() {
         for (c, runs) in o.ns[i].iter().enumerate() {
-            let runs: Vec<String> = runs
-                .iter()
-                .map(|v| thousands(v.round() as usize))
-                .collect();
+            let runs: Vec<String> = runs.iter().map(|v| thousands(v.round() as usize)).collect();
             let _ = writeln!(
                 out,
                 "| {} | {} | {} |",
@@ -221,7 +218,7 @@ fn reloads(out: &mut String, args: &BenchArgs, r: &Results) {
          re-reads and checks the policy and the entries, re-attests the scope, writes the \
          inactive generation and switches to it before it replies (the reply's generation \
          is checked to have changed). {n} reloads of each kind, in a row.\n\n\
-         | reload | median | every run |\n|---|---:|---|\n{unchanged}{one}\n\
+         | reload | median | every run |\n|---|---:|---|\n{unchanged}{one}{check}\n\
          For comparison, from the same run: agent (c) took {start} from its start to \
          its first answer (policy compiled and applied, {ids} cgroups attested and bound), \
          and `nft -f` took {nft} to load the same rules (d).\n",
@@ -230,8 +227,15 @@ fn reloads(out: &mut String, args: &BenchArgs, r: &Results) {
         n = args.reloads,
         unchanged = row("the same policy again", &r.reloads.unchanged),
         one = row(
-            "one rule's port changed (in one file of 1,000 identities)",
+            &format!(
+                "one rule's port changed (in one file of {} identities)",
+                thousands(super::rules::PER_FILE)
+            ),
             &r.reloads.one_rule
+        ),
+        check = row(
+            "for comparison: `idgate policy check` of the same files (read and validated by the CLI, no agent)",
+            &r.reloads.check
         ),
         start = seconds(r.large.start_time),
         nft = seconds(r.nft_load),
@@ -251,7 +255,7 @@ fn agent_cost(out: &mut String, args: &BenchArgs, r: &Results) {
             )
         })
     };
-    let mem = |s: &ProcSample| format!("{} / {}", mib(s.rss_kib * 1024), mib(s.hwm_kib * 1024));
+    let mem = |s: &ProcSample| format!("{} / {}", size(s.rss_kib * 1024), size(s.hwm_kib * 1024));
     let agents: [(&AgentCost, Option<&AgentUnderLoad>); 2] =
         [(&r.small, under(1)), (&r.large, under(2))];
     let cells = |f: &dyn Fn(&AgentCost, Option<&AgentUnderLoad>) -> String| {
@@ -266,7 +270,8 @@ fn agent_cost(out: &mut String, args: &BenchArgs, r: &Results) {
         "\n## 3. Agent cost\n\n\
          From `/proc/PID/status` (VmRSS, VmHWM) and `/proc/PID/stat` (utime + stime) of each \
          agent; kernel map memory is the sum of the `memlock:` lines in `/proc/PID/fdinfo` \
-         of the agent's map descriptors. Idle: {idle} s with no load. Under load: the \
+         of the agent's map descriptors. Idle: {idle} s with no load (the agent still \
+         re-attests its whole scope every `resync_seconds`, 10 s by default). Under load: the \
          agent's CPU time over the connect-path runs in its own cgroups (the programs run \
          in the workload's context; the agent only reads events, and allowed calls make \
          none by default).\n\n\
@@ -289,8 +294,8 @@ fn agent_cost(out: &mut String, args: &BenchArgs, r: &Results) {
         load_mem = cells(&|_, u| u.map_or("–".into(), |u| mem(&u.after))),
         n = args.reloads,
         reload_mem = mem(after),
-        maps = cells(&|a, _| mib(total(&a.maps))),
-        reload_maps = mib(total(after_maps)),
+        maps = cells(&|a, _| size(total(&a.maps))),
+        reload_maps = size(total(after_maps)),
     );
     let _ = write!(
         out,
@@ -304,13 +309,13 @@ fn agent_cost(out: &mut String, args: &BenchArgs, r: &Results) {
             .maps
             .iter()
             .find(|s| s.name == m.name)
-            .map_or("–".into(), |s| mib(s.bytes));
+            .map_or("–".into(), |s| size(s.bytes));
         let _ = writeln!(
             out,
             "| `{}` | {} | {at_start} | {} |",
             m.name,
             thousands(m.max_entries as usize),
-            mib(m.bytes)
+            size(m.bytes)
         );
     }
 }
@@ -319,8 +324,12 @@ fn total(maps: &[MapMemory]) -> u64 {
     maps.iter().map(|m| m.bytes).sum()
 }
 
-fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+fn size(bytes: u64) -> String {
+    if bytes < 1024 * 1024 {
+        format!("{:.0} KiB", bytes as f64 / 1024.0)
+    } else {
+        format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+    }
 }
 
 fn seconds(d: Duration) -> String {

@@ -6,9 +6,9 @@ use std::fmt::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// Trust domain of every benchmark identity.
-const TRUST_DOMAIN: &str = "bench.test";
+pub const TRUST_DOMAIN: &str = "bench.test";
 /// Identities per policy file.
-const PER_FILE: usize = 1_000;
+pub const PER_FILE: usize = 1_000;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
