@@ -164,19 +164,48 @@ fn cli_as(uid: u32, agent: &Agent, args: &[&str]) -> (bool, String) {
     )
 }
 
+/// Runs `idgate ARGS --socket S` as `uid` with primary group `uid` and
+/// the supplementary `groups`.
+fn cli_with_groups(uid: u32, groups: u32, agent: &Agent, args: &[&str]) -> (bool, String) {
+    let out = Command::new("setpriv")
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={uid}"))
+        .arg(format!("--groups={groups}"))
+        .arg(target_bin("idgate"))
+        .args(args)
+        .arg("--socket")
+        .arg(&agent.socket)
+        .output()
+        .expect("run setpriv idgate");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
 #[test]
 fn the_control_socket_authorises_by_peer_credentials() {
     require_privileges!();
     const NOBODY: u32 = 65534;
     const OPERATOR: u32 = 4242;
+    const OPERATORS_GROUP: u32 = 4444;
+    const MEMBER: u32 = 4343;
     let cg = Cgroups::new("peercred");
-    let agent = Agent::start(&cg, "", &format!("operator_uids = [{OPERATOR}]\n"));
+    let agent = Agent::start(
+        &cg,
+        "",
+        &format!("operator_uids = [{OPERATOR}]\noperator_gids = [{OPERATORS_GROUP}]\n"),
+    );
     let mode = std::fs::metadata(&agent.socket)
         .unwrap()
         .permissions()
         .mode()
         & 0o777;
-    assert_eq!(mode, 0o600, "socket mode {mode:o}");
+    assert_eq!(mode, 0o660, "socket mode {mode:o}");
     // Open the directory and the socket to everyone, so that only the
     // agent's own SO_PEERCRED check stands between a caller and it.
     std::fs::set_permissions(&agent.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -196,6 +225,17 @@ fn the_control_socket_authorises_by_peer_credentials() {
 
     let (ok, out) = cli_as(OPERATOR, &agent, &["status"]);
     assert!(ok, "the configured operator was refused: {out}");
+    // A member of an operator group is one whether the group is its
+    // primary group or a supplementary one; another group is not enough.
+    let (ok, out) = cli_as(OPERATORS_GROUP, &agent, &["status"]);
+    assert!(ok, "the operator group as primary group was refused: {out}");
+    let (ok, out) = cli_with_groups(MEMBER, OPERATORS_GROUP, &agent, &["status"]);
+    assert!(
+        ok,
+        "the operator group as supplementary group was refused: {out}"
+    );
+    let (ok, out) = cli_with_groups(MEMBER, NOBODY, &agent, &["status"]);
+    assert!(!ok && out.contains("uid 4343 is not an operator"), "{out}");
 }
 
 #[test]
@@ -205,6 +245,13 @@ fn malformed_and_oversized_requests_get_errors_and_the_daemon_keeps_serving() {
     use std::os::unix::net::UnixStream;
     let cg = Cgroups::new("badrequest");
     let agent = Agent::start(&cg, "", "");
+    // With no operator groups, only root (the agent's owner) opens it.
+    let mode = std::fs::metadata(&agent.socket)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600, "socket mode {mode:o}");
     let ask = |bytes: &[u8]| -> String {
         let mut s = UnixStream::connect(&agent.socket).unwrap();
         // The daemon may answer and close before reading everything.

@@ -47,8 +47,45 @@ pub struct Authoriser {
 }
 
 impl Authoriser {
-    fn allows(&self, uid: u32, gid: u32) -> bool {
-        uid == 0 || self.uids.contains(&uid) || self.gids.contains(&gid)
+    /// `groups` are the caller's supplementary groups.
+    fn allows(&self, uid: u32, gid: u32, groups: &[u32]) -> bool {
+        uid == 0
+            || self.uids.contains(&uid)
+            || self.gids.contains(&gid)
+            || groups.iter().any(|g| self.gids.contains(g))
+    }
+}
+
+/// The supplementary groups the peer had when it connected
+/// (SO_PEERGROUPS, Linux 4.13), so that an operator group works whether
+/// it is a member's primary group or not.
+fn peer_groups(stream: &UnixStream) -> std::io::Result<Vec<u32>> {
+    use std::os::fd::AsRawFd;
+    let mut groups = vec![0u32; 64];
+    loop {
+        let mut len = (groups.len() * size_of::<u32>()) as libc::socklen_t;
+        // SAFETY: the buffer is `len` bytes of writable memory that
+        // outlives the call, and the kernel writes at most `len` bytes.
+        let r = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let n = len as usize / size_of::<u32>();
+        if r == 0 {
+            groups.truncate(n);
+            return Ok(groups);
+        }
+        let err = std::io::Error::last_os_error();
+        // ERANGE: the buffer was too small; `len` says how big it must be.
+        if err.raw_os_error() != Some(libc::ERANGE) || n <= groups.len() {
+            return Err(err);
+        }
+        groups.resize(n, 0);
     }
 }
 
@@ -86,11 +123,13 @@ where
 {
     let cred = stream.peer_cred()?;
     let (uid, gid, pid) = (cred.uid(), cred.gid(), cred.pid());
+    let groups = peer_groups(&stream)?;
     let (read, mut write) = stream.into_split();
-    if !auth.allows(uid, gid) {
+    if !auth.allows(uid, gid, &groups) {
         tracing::warn!(
             uid,
             gid,
+            ?groups,
             ?pid,
             "control socket: refused a caller that is not an operator"
         );
