@@ -84,6 +84,59 @@ fn a_hundred_restarts_under_a_connect_loop_never_let_a_denied_connect_through() 
     eprintln!("{allowed_seen} allowed and {denied_seen} denied connects across 100 restarts");
 }
 
+/// An agent finds, where its connect4 link belongs, a link that holds
+/// another program (here its own connect6 program: what an upgrade that
+/// changed the programs looks like to the new agent). It does not adopt
+/// it: it attaches its own program and puts it in that pin's place.
+#[test]
+fn a_pinned_link_holding_another_program_is_replaced_not_adopted() {
+    require_privileges!();
+    let (_l, port) = listener();
+    let mut cg = Cgroups::new("flt-replace");
+    let web = cg.inside("web");
+    let mut agent = Agent::start(&cg, &policy(port, 0), &binding(&["web"]));
+    agent.stop(Signal::SIGTERM);
+    let links = agent.pinned_links();
+    let pin = |program: &str| {
+        let name = links
+            .iter()
+            .find(|l| l.starts_with(&format!("{program}@")))
+            .unwrap_or_else(|| panic!("no {program} link in {links:?}"));
+        agent.pin_dir.join(name)
+    };
+    std::fs::rename(pin("idgate_connect6"), pin("idgate_connect4")).unwrap();
+    // The connect4 program is detached: IPv4 goes unjudged; the connect6
+    // program is still attached (pinned under the other name).
+    assert_eq!(probe(Some(&web), "tcp", "127.0.0.2:9"), "ECONNREFUSED");
+    assert_eq!(probe(Some(&web), "tcp", "[::1]:9"), "EPERM");
+    // IPv6 stays judged while the agent starts and swaps the pins.
+    let v6 = spawn_repeat(&web, 200, "tcp", "[::1]:9");
+    agent.spawn();
+    agent.wait_ready();
+    assert_eq!(repeat_counts(v6).get("EPERM"), Some(&200));
+    assert_eq!(probe(Some(&web), "tcp", "127.0.0.2:9"), "EPERM");
+    assert_eq!(probe(Some(&web), "tcp", &format!("127.0.0.1:{port}")), "ok");
+    assert_eq!(probe(Some(&web), "tcp", "[::1]:9"), "EPERM");
+    let programs = &agent.status()["programs"];
+    assert_eq!(programs["replaced"], serde_json::json!(["idgate_connect4"]));
+    assert_eq!(programs["attached"], serde_json::json!(["idgate_connect6"]));
+    assert_eq!(agent.pinned_links(), links, "no staged pin is left");
+    assert!(
+        agent
+            .log()
+            .contains("replaced a pinned link that held another program")
+    );
+    // Restarted again, it adopts all of them.
+    agent.stop(Signal::SIGTERM);
+    agent.spawn();
+    agent.wait_ready();
+    let adopted = agent.status()["programs"]["adopted"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(adopted, 5);
+}
+
 #[test]
 fn sigkill_mid_reload_keeps_enforcement_and_a_consistent_generation() {
     require_privileges!();

@@ -3,9 +3,14 @@
 //!
 //! Pin layout under the pin directory: each map by its name, and each link
 //! as `<program>@<scope cgroup id>`. A restarted agent finds its links by
-//! that name and leaves them attached: enforcement has no gap. Links for
-//! another scope (the configuration changed) are detached only after the
-//! new scope's links are in place.
+//! that name and leaves them attached: enforcement has no gap. A pinned
+//! link whose program is not this agent's (an upgrade changed the
+//! program, or the pin was tampered with) is replaced the same way: every
+//! new program is attached and pinned under a staging name first, then
+//! each staged link is renamed over its old pin, which detaches the old
+//! one. Links for another scope (the
+//! configuration changed) are detached only after the new scope's links
+//! are in place.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -13,7 +18,7 @@ use std::path::{Path, PathBuf};
 use aya::maps::{Array, MapData, RingBuf};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::raw_trace_point::RawTracePointLink;
-use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, RawTracePoint};
+use aya::programs::{CgroupAttachMode, Program, RawTracePoint};
 use aya::{Ebpf, EbpfLoader};
 use idgate_common::{Scope, maps, programs};
 
@@ -30,6 +35,9 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/id
 pub struct Attachment {
     /// Programs that were already attached and pinned, and kept.
     pub adopted: Vec<&'static str>,
+    /// Pinned links that held another program (an older agent's), now
+    /// holding this agent's.
+    pub replaced: Vec<&'static str>,
     /// Programs attached now.
     pub attached: Vec<&'static str>,
     /// Stale links (for another scope) that were detached.
@@ -110,6 +118,7 @@ pub fn install(
         })?;
     let mut attachment = Attachment {
         adopted: Vec::new(),
+        replaced: Vec::new(),
         attached: Vec::new(),
         detached: Vec::new(),
         unavailable: Vec::new(),
@@ -118,22 +127,26 @@ pub fn install(
         path: scope_dir.to_owned(),
         source,
     })?;
+    let mut staged = Vec::new();
     for name in programs::PINNED {
         let pin = pin_dir.join(link_name(name, scope_id));
-        if pin.exists() {
-            PinnedLink::from_pin(&pin).map_err(|e| BpfError::Link {
-                path: pin.clone(),
-                message: format!("pinned but not a usable link: {e}"),
-            })?;
+        let tag = load(&mut ebpf, name)?;
+        if !pin.exists() {
+            pin_link(attach(&mut ebpf, name, &scope)?, &pin)?;
+            attachment.attached.push(name);
+        } else if pinned_tag(&pin)? == tag {
             attachment.adopted.push(name);
-            continue;
-        }
-        if name == programs::SOCK_CREATE {
-            attach_sock_create(&mut ebpf, &scope, &pin)?;
         } else {
-            attach(&mut ebpf, name, &scope, &pin)?;
+            staged.push((stage(attach(&mut ebpf, name, &scope)?, &pin)?, pin));
+            attachment.replaced.push(name);
         }
-        attachment.attached.push(name);
+    }
+    for (staged, pin) in staged {
+        std::fs::rename(&staged, &pin).map_err(|source| BpfError::Io {
+            path: pin.clone(),
+            source,
+        })?;
+        tracing::warn!(pin = %pin.display(), "replaced a pinned link that held another program");
     }
     let exec_notices = match watch_exec(&mut ebpf) {
         Ok(n) => Some(n),
@@ -170,14 +183,6 @@ fn pin_link(link: FdLink, pin: &Path) -> Result<(), BpfError> {
     Ok(())
 }
 
-fn link_err(pin: &Path) -> impl Fn(aya::programs::links::LinkError) -> BpfError {
-    let path = pin.to_owned();
-    move |e| BpfError::Link {
-        path: path.clone(),
-        message: e.to_string(),
-    }
-}
-
 fn program_mut<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, BpfError>
 where
     &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
@@ -189,23 +194,6 @@ where
         })?
         .try_into()
         .map_err(|source| BpfError::Program { name, source })
-}
-
-/// Loads the raw-socket guard, attaches it to the scope and pins its link.
-fn attach_sock_create(ebpf: &mut Ebpf, scope: &File, pin: &Path) -> Result<(), BpfError> {
-    let name = programs::SOCK_CREATE;
-    let program_err = |source| BpfError::Program { name, source };
-    let program: &mut CgroupSock = program_mut(ebpf, name)?;
-    program.load().map_err(program_err)?;
-    let id = program
-        .attach(scope, CgroupAttachMode::Single)
-        .map_err(program_err)?;
-    let link: FdLink = program
-        .take_link(id)
-        .map_err(program_err)?
-        .try_into()
-        .map_err(link_err(pin))?;
-    pin_link(link, pin)
 }
 
 /// Attaches the exec tracepoint for as long as the returned value lives.
@@ -227,22 +215,97 @@ fn watch_exec(ebpf: &mut Ebpf) -> Result<ExecNotices, BpfError> {
     Ok(ExecNotices { ring, _link: link })
 }
 
-fn attach(ebpf: &mut Ebpf, name: &'static str, scope: &File, pin: &Path) -> Result<(), BpfError> {
+/// Loads one of the cgroup programs; returns its tag (the kernel's hash
+/// of its instructions, map references left out), which tells this
+/// agent's program from another build's.
+fn load(ebpf: &mut Ebpf, name: &'static str) -> Result<u64, BpfError> {
     let program_err = |source| BpfError::Program { name, source };
-    let program: &mut CgroupSockAddr = program_mut(ebpf, name)?;
-    program.load().map_err(program_err)?;
+    let program = ebpf.program_mut(name).ok_or(BpfError::Program {
+        name,
+        source: aya::programs::ProgramError::UnexpectedProgramType,
+    })?;
+    match program {
+        Program::CgroupSockAddr(p) => p.load(),
+        Program::CgroupSock(p) => p.load(),
+        _ => Err(aya::programs::ProgramError::UnexpectedProgramType),
+    }
+    .map_err(program_err)?;
+    Ok(program.info().map_err(program_err)?.tag())
+}
+
+/// Attaches a loaded cgroup program to the scope; the link stays attached
+/// for as long as it is held or pinned.
+fn attach(ebpf: &mut Ebpf, name: &'static str, scope: &File) -> Result<FdLink, BpfError> {
+    let program_err = |source| BpfError::Program { name, source };
+    let link_err = |e: aya::programs::links::LinkError| BpfError::Link {
+        path: PathBuf::from(name),
+        message: e.to_string(),
+    };
     // With bpf links only `Single` is accepted (the kernel attaches links
     // as multi-attach; a descendant's own programs can add denials, never
     // lift ours).
-    let id = program
-        .attach(scope, CgroupAttachMode::Single)
-        .map_err(program_err)?;
-    let link: FdLink = program
-        .take_link(id)
-        .map_err(program_err)?
-        .try_into()
-        .map_err(link_err(pin))?;
-    pin_link(link, pin)
+    match ebpf.program_mut(name) {
+        Some(Program::CgroupSockAddr(p)) => {
+            let id = p
+                .attach(scope, CgroupAttachMode::Single)
+                .map_err(program_err)?;
+            p.take_link(id)
+                .map_err(program_err)?
+                .try_into()
+                .map_err(link_err)
+        }
+        Some(Program::CgroupSock(p)) => {
+            let id = p
+                .attach(scope, CgroupAttachMode::Single)
+                .map_err(program_err)?;
+            p.take_link(id)
+                .map_err(program_err)?
+                .try_into()
+                .map_err(link_err)
+        }
+        _ => Err(program_err(
+            aya::programs::ProgramError::UnexpectedProgramType,
+        )),
+    }
+}
+
+/// The tag of the program behind a pinned link.
+fn pinned_tag(pin: &Path) -> Result<u64, BpfError> {
+    let unusable = |message: String| BpfError::Link {
+        path: pin.to_owned(),
+        message: format!("pinned but not a usable link: {message}"),
+    };
+    let link = FdLink::from(PinnedLink::from_pin(pin).map_err(|e| unusable(e.to_string()))?);
+    let id = link
+        .info()
+        .map_err(|e| unusable(e.to_string()))?
+        .program_id();
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == id)
+        .map(|p| p.tag())
+        .ok_or_else(|| unusable(format!("its program {id} is gone")))
+}
+
+/// Pins `link` (already attached) under a staging name next to `pin`,
+/// and returns that path. Until it is renamed over `pin`, both programs
+/// run; a staged pin left by a crash is removed as a stale link.
+fn stage(link: FdLink, pin: &Path) -> Result<PathBuf, BpfError> {
+    // Not `.new`: bpffs refuses names with a dot.
+    let mut staged = pin.as_os_str().to_owned();
+    staged.push("-staged");
+    let staged = PathBuf::from(staged);
+    match std::fs::remove_file(&staged) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(BpfError::Io {
+                path: staged,
+                source: e,
+            });
+        }
+        _ => {}
+    }
+    pin_link(link, &staged)?;
+    Ok(staged)
 }
 
 /// Unpins links of this agent's programs that belong to another scope.

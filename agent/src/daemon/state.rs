@@ -15,6 +15,7 @@ use crate::policy::{self, CompiledPolicy, PolicySet};
 
 use super::DaemonError;
 use super::discovery::Found;
+use super::kubelet::{KubeletState, Outcome};
 use super::revocations::Revocations;
 use super::workloads::{RUN_PREFIX, Workloads};
 
@@ -39,7 +40,11 @@ pub struct State {
     pub enforcer: Enforcer,
     pub policy: PolicySet,
     pub entries: Vec<Entry>,
+    /// The kubelet's pods (empty off Kubernetes, and while the kubelet
+    /// cannot be reached).
     pub pods: Pods,
+    /// The kubelet's list as fetched, when `[kubernetes]` is configured.
+    pub kubelet: Option<KubeletState>,
     pub workloads: Workloads,
     pub revocations: Revocations,
     pub applied: Applied,
@@ -59,8 +64,12 @@ pub struct State {
 impl State {
     /// Checks the policy, the entries, the revocation file and the
     /// privileges, then puts the programs in place (or adopts them),
-    /// attests every cgroup of the scope and applies everything.
-    pub fn start(config: Config) -> Result<Self, DaemonError> {
+    /// attests every cgroup of the scope (with the kubelet's first pod
+    /// list, on Kubernetes) and applies everything.
+    pub fn start(
+        config: Config,
+        kubelet: Option<(KubeletState, Outcome)>,
+    ) -> Result<Self, DaemonError> {
         let policy = policy::load(&config.policy, &config.trust_domains)?;
         let entries = load_entries(&config)?;
         let revocations = Revocations::load(&config.state_dir)?;
@@ -80,10 +89,18 @@ impl State {
             scope = %scope_dir.display(),
             pin_dir = %config.pin_dir.display(),
             adopted = ?enforcer.attachment.adopted,
+            replaced = ?enforcer.attachment.replaced,
             attached = ?enforcer.attachment.attached,
             "programs in place"
         );
         let bound = enforcer.maps.bindings()?;
+        let (kubelet, pods) = match kubelet {
+            Some((mut k, first)) => {
+                let pods = k.record(first);
+                (Some(k), pods)
+            }
+            None => (None, Pods::default()),
+        };
         let mut state = Self {
             workloads: Workloads::new(root.clone()),
             config,
@@ -92,7 +109,8 @@ impl State {
             enforcer,
             policy,
             entries,
-            pods: Pods::default(),
+            pods,
+            kubelet,
             revocations,
             applied: Applied {
                 identities: Vec::new(),
@@ -162,6 +180,18 @@ impl State {
         self.sync(false)
     }
 
+    /// Takes a kubelet fetch's outcome (a failure empties the pod list)
+    /// and re-attests everything with it.
+    pub fn kubelet_fetched(&mut self, outcome: Outcome) -> Result<(), DaemonError> {
+        let Some(kubelet) = &mut self.kubelet else {
+            return Ok(());
+        };
+        self.pods = kubelet.record(outcome);
+        self.attest_all();
+        self.remove_finished_runs();
+        self.sync(false)
+    }
+
     /// Expires bindings whose TTL ran out.
     pub fn expire(&mut self) -> Result<(), DaemonError> {
         if self.workloads.expire(SystemTime::now()) {
@@ -186,6 +216,9 @@ impl State {
         self.attestation.passes += 1;
         self.attestation.cgroups += dirs.len() as u64;
         self.attestation.last_pass = started.elapsed();
+        if let Some(kubelet) = &mut self.kubelet {
+            kubelet.ask_for_unlisted(&self.workloads, &self.pods);
+        }
     }
 
     /// Re-reads the policy and the entries; on any error the running policy
