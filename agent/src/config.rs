@@ -76,6 +76,10 @@ pub struct Config {
     /// endpoint and federation; see `svid::SvidConfig` for each key and
     /// its default.
     pub svid: crate::svid::SvidConfig,
+    /// `[kubernetes]`: fetch the kubelet's pod list for `k8s:` selectors;
+    /// off when absent. See `identity::k8s::KubeletConfig` for each key
+    /// and its default.
+    pub kubernetes: Option<crate::identity::k8s::KubeletConfig>,
 }
 
 /// A cgroup under the scope bound to an identity by the configuration.
@@ -107,6 +111,7 @@ impl Default for Config {
             events: Default::default(),
             metrics: Default::default(),
             svid: Default::default(),
+            kubernetes: None,
         }
     }
 }
@@ -136,6 +141,9 @@ impl Config {
         }
         config.events.resolve(base);
         config.svid.resolve(base, &config.control_socket);
+        if let Some(k) = &mut config.kubernetes {
+            k.resolve(base);
+        }
         config.check().map_err(&invalid)?;
         config.workload_entries = config.entries_of_workloads(path, &text).map_err(invalid)?;
         Ok(config)
@@ -169,6 +177,9 @@ impl Config {
         }
         self.events.check()?;
         self.metrics.check()?;
+        if let Some(k) = &self.kubernetes {
+            k.check()?;
+        }
         self.svid.check(&self.trust_domains)
     }
 }
@@ -263,6 +274,34 @@ mod tests {
     fn scope_may_not_escape() {
         let e = load_str("scope = \"../etc\"\n").unwrap_err().to_string();
         assert!(e.contains("scope"), "{e}");
+    }
+
+    #[test]
+    fn kubernetes_is_off_unless_configured() {
+        assert!(load_str("policy = \"pol\"\n").unwrap().kubernetes.is_none());
+        let c =
+            load_str("[kubernetes]\nkubelet_ca_path = \"ca.crt\"\nrefresh = \"30s\"\n").unwrap();
+        let k = c.kubernetes.unwrap();
+        assert_eq!(k.kubelet_url, "https://127.0.0.1:10250");
+        assert!(k.kubelet_ca_path.is_absolute() && k.kubelet_ca_path.ends_with("ca.crt"));
+        assert_eq!(
+            k.token_path,
+            PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/token")
+        );
+        assert_eq!(k.refresh, std::time::Duration::from_secs(30));
+        assert!(!k.skip_kubelet_verification);
+    }
+
+    #[test]
+    fn kubernetes_keys_are_checked() {
+        let e = load_str("[kubernetes]\nkubelet_urll = \"https://x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("kubelet_urll") && e.contains("line 2"), "{e}");
+        let e = load_str("[kubernetes]\nkubelet_url = \"http://127.0.0.1:10255\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("kubelet_url") && e.contains("https"), "{e}");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 mod control;
 mod discovery;
+mod kubelet;
 mod revocations;
 mod state;
 mod telemetry;
@@ -104,7 +105,26 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         )?),
         None => None,
     };
-    let state = Arc::new(Mutex::new(State::start(config)?));
+    // The kubelet's pod list, fetched once before the first attestation
+    // (bounded by its timeout); the loop below takes the later fetches.
+    let (kubelet_tx, mut kubelet_rx) = tokio::sync::mpsc::unbounded_channel();
+    let kubelet = match &config.kubernetes {
+        Some(k) => {
+            let client = crate::identity::k8s::Kubelet::new(k.clone()).map_err(|message| {
+                crate::config::ConfigError::Invalid {
+                    path: config_path.to_owned(),
+                    message,
+                }
+            })?;
+            let wanted = Arc::new(tokio::sync::Notify::new());
+            let state = kubelet::KubeletState::new(&client, wanted.clone());
+            let first = client.fetch().await;
+            tokio::spawn(kubelet::run(client, wanted, kubelet_tx));
+            Some((state, first))
+        }
+        None => None,
+    };
+    let state = Arc::new(Mutex::new(State::start(config, kubelet)?));
     let (observers, identities) = {
         let state = state.lock().expect("state lock");
         let (view, identities) = ViewPublisher::new(&state);
@@ -174,6 +194,13 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
                 let mut state = state.lock().expect("state lock");
                 if let Err(e) = state.attest(&dirs) {
                     tracing::error!(error = %e, "attestation pass failed; unbound workloads stay denied");
+                }
+                observers.publish(&state);
+            }
+            Some(outcome) = kubelet_rx.recv() => {
+                let mut state = state.lock().expect("state lock");
+                if let Err(e) = state.kubelet_fetched(outcome) {
+                    tracing::error!(error = %e, "attestation after a kubelet fetch failed; unbound workloads stay denied");
                 }
                 observers.publish(&state);
             }

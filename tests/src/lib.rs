@@ -71,6 +71,8 @@ pub fn target_bin(name: &str) -> PathBuf {
 pub struct Cgroups {
     root: PathBuf,
     scope: String,
+    /// Unique to this test: names the agent's files and pins.
+    name: String,
     made: Vec<PathBuf>,
 }
 
@@ -81,11 +83,39 @@ impl Cgroups {
         let mut me = Self {
             root,
             scope: unique(tag),
+            name: unique(tag),
             made: Vec::new(),
         };
         let scope = me.root.join(&me.scope);
         me.mkdir(scope);
         me
+    }
+
+    /// Makes the scope at a fixed path below the cgroup v2 root, for
+    /// attestation that reads the path (e.g. the kubelet's
+    /// `kubepods.slice`). Panics when it exists already: a real one (or
+    /// another test's) is never taken over.
+    pub fn at(scope: &str, tag: &str) -> Self {
+        let root = cgroup2_root().expect("cgroup v2");
+        let dir = root.join(scope);
+        assert!(
+            !dir.exists(),
+            "{} exists already: this test makes and removes it, so it runs only where nothing else uses it",
+            dir.display()
+        );
+        let mut me = Self {
+            root,
+            scope: scope.to_owned(),
+            name: unique(tag),
+            made: Vec::new(),
+        };
+        me.mkdir(dir);
+        me
+    }
+
+    /// A name unique to this test, for files and pins beside the scope.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// The scope, relative to the cgroup v2 root (as the agent config has it).
@@ -171,7 +201,7 @@ pub struct Agent {
 impl Agent {
     /// Writes the files for an agent on `cgroups`' scope, without starting it.
     pub fn prepare(cgroups: &Cgroups, policy: &str, extra_config: &str) -> Self {
-        let name = cgroups.scope_rel().to_owned();
+        let name = cgroups.name().to_owned();
         let dir = std::env::temp_dir().join(&name);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("policy")).expect("temp dir");

@@ -301,3 +301,285 @@ fn idgate_run_starts_a_command_with_an_identity_and_cleans_up() {
         left.is_empty().then_some(())
     });
 }
+
+/// A fake kubelet: `GET /pods` over HTTPS on an ephemeral loopback port,
+/// with a serving certificate from a CA of its own, answering as
+/// `answer` says and recording every request head. One std thread; it
+/// stops (and the port closes) on `stop` or drop.
+struct FakeKubelet {
+    port: u16,
+    ca_pem: String,
+    /// 200: the pod list; anything else: that status.
+    answer: std::sync::Arc<std::sync::atomic::AtomicU16>,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FakeKubelet {
+    fn start(pods: &'static [u8]) -> Self {
+        use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+        use std::sync::{Arc, Mutex};
+
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        // A kubelet's certificate names its node.
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["node-1".to_owned()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        let config = Arc::new(
+            rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .unwrap(),
+        );
+
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let answer = Arc::new(AtomicU16::new(200));
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (answer, requests, stop) = (answer.clone(), requests.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    let tcp = match listener.accept() {
+                        Ok((tcp, _)) => tcp,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(10));
+                            continue;
+                        }
+                        Err(e) => panic!("fake kubelet accept: {e}"),
+                    };
+                    let status = answer.load(Ordering::SeqCst);
+                    if let Some(head) = Self::answer(&config, tcp, status, pods) {
+                        requests.lock().unwrap().push(head);
+                    }
+                }
+            })
+        };
+        Self {
+            port,
+            ca_pem: ca.pem(),
+            answer,
+            requests,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Serves one connection; returns the request head, if one came.
+    fn answer(
+        config: &std::sync::Arc<rustls::ServerConfig>,
+        tcp: std::net::TcpStream,
+        status: u16,
+        pods: &[u8],
+    ) -> Option<String> {
+        use std::io::{Read, Write};
+        tcp.set_nonblocking(false).ok()?;
+        tcp.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        let conn = rustls::ServerConnection::new(config.clone()).ok()?;
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        // A client that refuses the certificate ends here, unanswered.
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match tls.read(&mut buf) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        let body: &[u8] = if status == 200 { pods } else { b"fake failure" };
+        let _ = write!(
+            tls,
+            "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        let _ = tls.write_all(body);
+        tls.conn.send_close_notify();
+        let _ = tls.flush();
+        Some(String::from_utf8_lossy(&head).into_owned())
+    }
+
+    fn requests(&self) -> Vec<String> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    fn answer_with(&self, status: u16) {
+        self.answer
+            .store(status, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Stops answering: the thread ends and the port closes.
+    fn stop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().expect("fake kubelet thread");
+        }
+    }
+}
+
+impl Drop for FakeKubelet {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `k8s:` selectors match through the kubelet's pod list, fetched over
+/// HTTPS with the bearer token and the kubelet's certificate verified
+/// against the configured CA; when the kubelet fails, pod cgroups fall to
+/// deny and `idgate status` says why. Every fetch here is one a new pod
+/// cgroup asks for (the refresh interval is an hour).
+#[test]
+fn kubernetes_pods_attest_through_the_kubelet_pod_list() {
+    require_privileges!();
+    const CHECKOUT: &str = "spiffe://example.org/ns/payments/sa/checkout";
+    const POD: &str = "8a0c5b7e_4e2f_4a8b_9d51_3c6e2f7a1b09";
+    const SERVER: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+    const SIDECAR: &str = "6b86b273ff34fce19d6b804eff5a3f5747ada4eaa22f1d49c01e52ddb7875b4b";
+    const TOKEN: &str = "kubelet-test-token.abc";
+    let pods: &'static [u8] =
+        include_bytes!("../../agent/src/identity/k8s/testdata/kubelet-pods.json");
+
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dest = listener.local_addr().unwrap().to_string();
+    let port = dest.rsplit_once(':').unwrap().1;
+    let policy = format!(
+        "[[identity]]\nid = \"{CHECKOUT}\"\n[[identity.egress]]\nname = \"checkout-out\"\nto = [\"127.0.0.1/32\"]\nports = [{port}]\nprotocol = \"tcp\"\naction = \"allow\"\n"
+    );
+    let mut kubelet = FakeKubelet::start(pods);
+    // The kubelet's systemd-driver layout, which attestation reads from
+    // the top of the cgroup tree: the scope is the kubelet's root slice.
+    let mut cg = Cgroups::at("kubepods.slice", "att-k8s");
+    let pod_dir = |uid: &str| format!("kubepods-burstable.slice/kubepods-burstable-pod{uid}.slice");
+    let mut agent = Agent::prepare(
+        &cg,
+        &policy,
+        &format!(
+            "resync_seconds = 1\n[kubernetes]\nkubelet_url = \"https://127.0.0.1:{}\"\ntoken_path = \"token\"\nkubelet_ca_path = \"kubelet-ca.pem\"\nrefresh = \"1h\"\ntimeout = \"3s\"\n",
+            kubelet.port
+        ),
+    );
+    agent.write_entries(&entry(
+        CHECKOUT,
+        &[
+            "k8s:ns:payments".into(),
+            "k8s:sa:checkout".into(),
+            "k8s:container-name:server".into(),
+        ],
+        None,
+    ));
+    std::fs::write(agent.dir.join("token"), format!("{TOKEN}\n")).unwrap();
+    // First a CA that did not sign the kubelet's certificate.
+    let other_ca = FakeKubelet::start(pods);
+    std::fs::write(agent.dir.join("kubelet-ca.pem"), &other_ca.ca_pem).unwrap();
+    drop(other_ca);
+    agent.spawn();
+    agent.wait_ready();
+
+    let k8s_status = |agent: &Agent| agent.status()["kubernetes"].clone();
+    let status = k8s_status(&agent);
+    assert_eq!(status["state"], "error", "{status}");
+    assert!(
+        status["last_error"].as_str().unwrap().contains("TLS"),
+        "{status}"
+    );
+    assert_eq!(status["last_success"], serde_json::Value::Null);
+    assert!(kubelet.requests().is_empty(), "{:?}", kubelet.requests());
+
+    // The right CA (read again for every fetch); the container's cgroup
+    // appears and asks for a fetch.
+    std::fs::write(agent.dir.join("kubelet-ca.pem"), &kubelet.ca_pem).unwrap();
+    let server = cg.inside(&format!("{}/cri-containerd-{SERVER}.scope", pod_dir(POD)));
+    let mut w = Workload::start(None);
+    w.move_to(&server);
+    let row = state_of(&agent, &server, "attested");
+    assert_eq!(row["id"], CHECKOUT);
+    let selectors = row["selectors"].to_string();
+    assert!(
+        selectors.contains("k8s:container-name:server"),
+        "{selectors}"
+    );
+    assert_eq!(w.call("tcp", &dest), "ok");
+    let requests = kubelet.requests();
+    assert!(!requests.is_empty());
+    for head in &requests {
+        assert!(head.starts_with("GET /pods HTTP/1.1\r\n"), "{head}");
+        assert!(
+            head.to_ascii_lowercase().contains(&format!(
+                "authorization: bearer {}\r\n",
+                TOKEN.to_ascii_lowercase()
+            )),
+            "{head}"
+        );
+    }
+    let status = k8s_status(&agent);
+    assert_eq!(status["state"], "ok", "{status}");
+    assert_eq!(status["pods"], 4, "{status}");
+    assert!(status["last_success"].is_string(), "{status}");
+    let text = agent.try_cli(&["status"]).unwrap();
+    assert!(text.contains("k8s.state") && text.contains("ok"), "{text}");
+
+    // The sidecar in the same pod is not the server container.
+    let sidecar = cg.inside(&format!("{}/cri-containerd-{SIDECAR}.scope", pod_dir(POD)));
+    let mut s = Workload::start(None);
+    s.move_to(&sidecar);
+    state_of(&agent, &sidecar, "unknown");
+    assert_eq!(s.call("tcp", &dest), "EPERM");
+
+    // The kubelet fails: a new pod's cgroup asks for the list, gets a
+    // 500, and the pod facts are dropped.
+    kubelet.answer_with(500);
+    cg.inside(&pod_dir("0f0f0f0f_0000_4000_8000_000000000001"));
+    state_of(&agent, &server, "unknown");
+    assert_eq!(w.call("tcp", &dest), "EPERM");
+    let status = k8s_status(&agent);
+    assert_eq!(status["state"], "error", "{status}");
+    assert_eq!(status["pods"], 0, "{status}");
+    assert!(
+        status["last_error"].as_str().unwrap().contains("500"),
+        "{status}"
+    );
+
+    // Back: bound again.
+    kubelet.answer_with(200);
+    cg.inside(&pod_dir("0f0f0f0f_0000_4000_8000_000000000002"));
+    state_of(&agent, &server, "attested");
+    assert_eq!(w.call("tcp", &dest), "ok");
+
+    // Gone: nothing answers on the port any more.
+    kubelet.stop();
+    cg.inside(&pod_dir("0f0f0f0f_0000_4000_8000_000000000003"));
+    state_of(&agent, &server, "unknown");
+    assert_eq!(w.call("tcp", &dest), "EPERM");
+    let status = wait_for(
+        "the kubelet error in status",
+        Duration::from_secs(10),
+        || {
+            let s = k8s_status(&agent);
+            s["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("connect"))
+                .then_some(s)
+        },
+    );
+    assert_eq!(status["state"], "error", "{status}");
+    assert!(status["last_success"].is_string(), "{status}");
+    let text = agent.try_cli(&["status"]).unwrap();
+    assert!(text.contains("connect"), "{text}");
+    drop(listener);
+}

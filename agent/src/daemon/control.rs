@@ -58,7 +58,10 @@ fn reply(state: &mut State, peer: Peer, request: Request) -> Reply {
                     || state.applied.bound.contains_key(&w.cgroup_id));
                 row
             }).collect::<Vec<_>>(),
-            "kubernetes": "no kubelet configured: k8s selectors match nothing",
+            "kubernetes": match &state.kubelet {
+                Some(k) => k.summary(&state.pods),
+                None => "no kubelet configured: k8s selectors match nothing".into(),
+            },
         })),
         Request::Run {
             identity,
@@ -87,6 +90,7 @@ fn status(state: &State) -> Value {
         "pins_restored": state.pins_restored,
         "bind_failures": state.bind_failures.len(),
         "max_workloads": state.config.max_workloads,
+        "kubernetes": state.kubelet.as_ref().map(|k| k.status(&state.pods)),
     })
 }
 

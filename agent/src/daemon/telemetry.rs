@@ -108,6 +108,10 @@ struct StateMetrics {
     attested_cgroups: Counter,
     attestation_passes: Counter,
     attestation_seconds: Histogram,
+    kubelet_fetches: Counter,
+    kubelet_fetch_errors: Counter,
+    kubelet_pods: Gauge,
+    kubelet_up: Gauge,
 }
 
 impl StateMetrics {
@@ -125,6 +129,10 @@ impl StateMetrics {
             attested_cgroups: Counter::default(),
             attestation_passes: Counter::default(),
             attestation_seconds: Histogram::new(exponential_buckets(0.0001, 4.0, 10)),
+            kubelet_fetches: Counter::default(),
+            kubelet_fetch_errors: Counter::default(),
+            kubelet_pods: Gauge::default(),
+            kubelet_up: Gauge::default(),
         };
         registry.register(
             "policy_generation",
@@ -181,6 +189,26 @@ impl StateMetrics {
             "How long attestation passes take",
             me.attestation_seconds.clone(),
         );
+        registry.register(
+            "kubelet_fetches",
+            "Fetches of the kubelet's pod list (with [kubernetes])",
+            me.kubelet_fetches.clone(),
+        );
+        registry.register(
+            "kubelet_fetch_errors",
+            "Fetches of the kubelet's pod list that failed (the list was emptied)",
+            me.kubelet_fetch_errors.clone(),
+        );
+        registry.register(
+            "kubelet_pods",
+            "Pods in the kubelet's list as last fetched (0 after a failure)",
+            me.kubelet_pods.clone(),
+        );
+        registry.register(
+            "kubelet_up",
+            "1 when the last fetch of the kubelet's pod list succeeded",
+            me.kubelet_up.clone(),
+        );
         me
     }
 
@@ -202,6 +230,15 @@ impl StateMetrics {
             .inc_by(state.reloads.saturating_sub(self.reloads.get()));
         self.reload_errors
             .inc_by(state.reload_errors.saturating_sub(self.reload_errors.get()));
+        if let Some(k) = &state.kubelet {
+            self.kubelet_fetches
+                .inc_by(k.fetches.saturating_sub(self.kubelet_fetches.get()));
+            self.kubelet_fetch_errors
+                .inc_by(k.failures.saturating_sub(self.kubelet_fetch_errors.get()));
+            self.kubelet_pods.set(state.pods.len() as i64);
+            self.kubelet_up
+                .set(i64::from(!k.failing && k.last_success.is_some()));
+        }
         self.identities.set(applied.identities.len() as i64);
         self.revoked.set(state.revocations.ids().len() as i64);
         let v4 = compiled

@@ -1,0 +1,621 @@
+//! Fetching the kubelet's pod list: `GET {kubelet_url}/pods` over HTTPS
+//! with the service account's bearer token, as SPIRE's `k8s` workload
+//! attestor does.
+//!
+//! The token and the CA are read anew for every fetch (both rotate). The
+//! kubelet's serving certificate is verified against the configured CA:
+//! its chain always, its name only when `kubelet_server_name` is given,
+//! because a kubelet's certificate names the node, not the `127.0.0.1`
+//! the agent reaches it at (SPIRE verifies the same way). Every fetch is
+//! bounded in time and in size; any failure is an error, never a partial
+//! list.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{ServerCertVerifierBuilder, WebPkiServerVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
+use serde::Deserialize;
+
+use super::pods::{Pods, PodsError};
+
+/// The most a pod list may weigh: a full node (110 pods) lists a few MiB.
+pub const MAX_POD_LIST_BYTES: usize = 64 << 20;
+
+/// Errors fetching the pod list.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeletError {
+    #[error("kubelet token {path}: {message}")]
+    Token { path: PathBuf, message: String },
+    #[error("kubelet CA {path}: {message}")]
+    Ca { path: PathBuf, message: String },
+    #[error("kubelet {url}: connect: {message}")]
+    Connect { url: String, message: String },
+    #[error("kubelet {url}: TLS: {message}")]
+    Tls { url: String, message: String },
+    #[error("kubelet {url}: HTTP: {message}")]
+    Http { url: String, message: String },
+    #[error("kubelet {url}: HTTP status {status}")]
+    Status { url: String, status: u16 },
+    #[error("kubelet {url}: no answer within {timeout:?}")]
+    Timeout { url: String, timeout: Duration },
+    #[error("kubelet {url}: {source}")]
+    Pods { url: String, source: PodsError },
+}
+
+/// `[kubernetes]` in the agent configuration: where the kubelet is and how
+/// to talk to it. Absent means off: `k8s:` selectors match nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubeletConfig {
+    /// The kubelet's HTTPS endpoint. Default `https://127.0.0.1:10250`
+    /// (the node's kubelet, from a pod on the host network).
+    pub kubelet_url: String,
+    /// The bearer token, re-read for every fetch. Default
+    /// `/var/run/secrets/kubernetes.io/serviceaccount/token`.
+    pub token_path: PathBuf,
+    /// PEM CA certificates that verify the kubelet's serving certificate.
+    /// Default `/var/run/secrets/kubernetes.io/serviceaccount/ca.crt` (the
+    /// cluster CA, which signs kubelet serving certificates with
+    /// `serverTLSBootstrap`).
+    pub kubelet_ca_path: PathBuf,
+    /// Also check that the kubelet's certificate names this DNS name or IP
+    /// address. Default none: the chain is verified, the name is not.
+    pub kubelet_server_name: Option<String>,
+    /// Accept any kubelet certificate. Default false; only for test
+    /// clusters whose kubelet serves a self-signed certificate.
+    pub skip_kubelet_verification: bool,
+    /// How often the list is fetched, on top of the fetches a new pod's
+    /// cgroup asks for. Default 10s.
+    #[serde(deserialize_with = "duration")]
+    pub refresh: Duration,
+    /// The most one fetch may take. Default 5s.
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Duration,
+}
+
+fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s: String = Deserialize::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+impl Default for KubeletConfig {
+    fn default() -> Self {
+        Self {
+            kubelet_url: "https://127.0.0.1:10250".into(),
+            token_path: "/var/run/secrets/kubernetes.io/serviceaccount/token".into(),
+            kubelet_ca_path: "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt".into(),
+            kubelet_server_name: None,
+            skip_kubelet_verification: false,
+            refresh: Duration::from_secs(10),
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl KubeletConfig {
+    /// Makes relative paths relative to `base`.
+    pub fn resolve(&mut self, base: &Path) {
+        for p in [&mut self.token_path, &mut self.kubelet_ca_path] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+    }
+
+    /// Checks the values serde cannot.
+    pub fn check(&self) -> Result<(), String> {
+        Kubelet::new(self.clone())?;
+        if self.refresh < Duration::from_secs(1) {
+            return Err("`kubernetes.refresh` must be at least 1s".into());
+        }
+        if self.timeout.is_zero() || self.timeout > Duration::from_secs(60) {
+            return Err("`kubernetes.timeout` must be between 1ms and 60s".into());
+        }
+        if let Some(name) = &self.kubelet_server_name {
+            ServerName::try_from(name.as_str())
+                .map_err(|e| format!("`kubernetes.kubelet_server_name` {name:?}: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// A kubelet to fetch pod lists from.
+#[derive(Debug, Clone)]
+pub struct Kubelet {
+    config: KubeletConfig,
+    uri: hyper::Uri,
+}
+
+impl Kubelet {
+    /// Checks the URL: `https://HOST[:PORT]`, no user info, no path.
+    pub fn new(config: KubeletConfig) -> Result<Self, String> {
+        let url = &config.kubelet_url;
+        let bad = |why: &str| format!("`kubernetes.kubelet_url` {url:?}: {why}");
+        let base: hyper::Uri = url.parse().map_err(|e| bad(&format!("{e}")))?;
+        if base.scheme_str() != Some("https") {
+            return Err(bad("must be https (the token goes with every request)"));
+        }
+        match base.authority() {
+            Some(a) if !a.as_str().contains('@') && !a.host().is_empty() => {}
+            _ => return Err(bad("needs a host and no user info")),
+        }
+        if !matches!(base.path(), "" | "/") || base.query().is_some() {
+            return Err(bad("names the kubelet only, no path or query"));
+        }
+        let uri = format!("https://{}/pods", base.authority().expect("checked"))
+            .parse()
+            .map_err(|e| bad(&format!("{e}")))?;
+        Ok(Self { config, uri })
+    }
+
+    pub fn config(&self) -> &KubeletConfig {
+        &self.config
+    }
+
+    /// The URL the pod list is fetched from.
+    pub fn url(&self) -> String {
+        self.uri.to_string()
+    }
+
+    /// One fetch of the pod list, bounded by the configured timeout.
+    pub async fn fetch(&self) -> Result<Pods, KubeletError> {
+        let timeout = self.config.timeout;
+        match tokio::time::timeout(timeout, self.fetch_unbounded()).await {
+            Ok(r) => r,
+            Err(_) => Err(KubeletError::Timeout {
+                url: self.url(),
+                timeout,
+            }),
+        }
+    }
+
+    async fn fetch_unbounded(&self) -> Result<Pods, KubeletError> {
+        let url = self.url();
+        let token = read_token(&self.config.token_path)?;
+        let tls = self.tls_config()?;
+        let authority = self.uri.authority().expect("checked").clone();
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let port = authority.port_u16().unwrap_or(443);
+        let name = ServerName::try_from(host.to_owned()).map_err(|e| KubeletError::Tls {
+            url: url.clone(),
+            message: e.to_string(),
+        })?;
+        let tcp = tokio::net::TcpStream::connect((host, port))
+            .await
+            .map_err(|e| KubeletError::Connect {
+                url: url.clone(),
+                message: e.to_string(),
+            })?;
+        let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| KubeletError::Tls {
+                url: url.clone(),
+                message: e.to_string(),
+            })?;
+        let http = |e: hyper::Error| KubeletError::Http {
+            url: url.clone(),
+            message: e.to_string(),
+        };
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(http)?;
+        // Ends with the fetch: the connection is dropped with `sender`.
+        tokio::spawn(conn);
+        let request = hyper::Request::get("/pods")
+            .header(hyper::header::HOST, authority.as_str())
+            .header(hyper::header::AUTHORIZATION, format!("Bearer {token}"))
+            .header(hyper::header::ACCEPT, "application/json")
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| KubeletError::Http {
+                url: url.clone(),
+                message: e.to_string(),
+            })?;
+        let response = sender.send_request(request).await.map_err(http)?;
+        if !response.status().is_success() {
+            return Err(KubeletError::Status {
+                url,
+                status: response.status().as_u16(),
+            });
+        }
+        let body = Limited::new(response.into_body(), MAX_POD_LIST_BYTES)
+            .collect()
+            .await
+            .map_err(|e| KubeletError::Http {
+                url: url.clone(),
+                message: format!("reading the pod list: {e}"),
+            })?
+            .to_bytes();
+        Pods::from_kubelet_json(&body).map_err(|source| KubeletError::Pods { url, source })
+    }
+
+    fn tls_config(&self) -> Result<rustls::ClientConfig, KubeletError> {
+        let provider = crate::svid::tls::provider();
+        let verifier: Arc<dyn ServerCertVerifier> = if self.config.skip_kubelet_verification {
+            Arc::new(AnyCertificate {
+                provider: provider.clone(),
+            })
+        } else {
+            let path = &self.config.kubelet_ca_path;
+            let ca = |message: String| KubeletError::Ca {
+                path: path.clone(),
+                message,
+            };
+            let certs = crate::svid::pem_certs_file(path).map_err(|e| ca(e.to_string()))?;
+            let mut roots = rustls::RootCertStore::empty();
+            for c in certs {
+                roots.add(c.into()).map_err(|e| ca(e.to_string()))?;
+            }
+            let builder: ServerCertVerifierBuilder =
+                WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+            let inner = builder.build().map_err(|e| ca(e.to_string()))?;
+            let name = match &self.config.kubelet_server_name {
+                Some(n) => Some(
+                    ServerName::try_from(n.clone())
+                        .map_err(|e| ca(format!("kubelet_server_name: {e}")))?,
+                ),
+                None => None,
+            };
+            Arc::new(KubeletVerifier { inner, name })
+        };
+        Ok(rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| KubeletError::Tls {
+                url: self.url(),
+                message: e.to_string(),
+            })?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_no_client_auth())
+    }
+}
+
+/// The token file's content, trimmed; an empty or unreadable file is an
+/// error (no anonymous requests).
+fn read_token(path: &Path) -> Result<String, KubeletError> {
+    let err = |message: String| KubeletError::Token {
+        path: path.to_owned(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(err("empty".into()));
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(err("not a bearer token (non-printable characters)".into()));
+    }
+    Ok(token.to_owned())
+}
+
+/// Verifies the kubelet's chain against the CA, and its name only when
+/// one is configured.
+#[derive(Debug)]
+struct KubeletVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    name: Option<ServerName<'static>>,
+}
+
+impl ServerCertVerifier for KubeletVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let name = self.name.as_ref().unwrap_or(server_name);
+        match self
+            .inner
+            .verify_server_cert(end_entity, intermediates, name, ocsp_response, now)
+        {
+            // The chain is checked before the name: only the name failed.
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) if self.name.is_none() => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// `skip_kubelet_verification`: any certificate, but the handshake's
+/// signatures are still checked.
+#[derive(Debug)]
+struct AnyCertificate {
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use std::sync::Mutex;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const FIXTURE: &[u8] = include_bytes!("testdata/kubelet-pods.json");
+
+    /// A CA and a kubelet serving certificate it signed for `names`.
+    struct Pki {
+        ca_pem: String,
+        cert: CertificateDer<'static>,
+        key: rustls::pki_types::PrivateKeyDer<'static>,
+    }
+
+    fn pki(names: &[&str]) -> Pki {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let key = KeyPair::generate().unwrap();
+        let params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        Pki {
+            ca_pem: ca.pem(),
+            cert: cert.der().clone(),
+            key: rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        }
+    }
+
+    /// Serves one connection with `status` and `body`; returns the port
+    /// and the request head it saw.
+    async fn serve_once(pki: &Pki, status: u16, body: Vec<u8>) -> (u16, Arc<Mutex<String>>) {
+        let config = rustls::ServerConfig::builder_with_provider(crate::svid::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![pki.cert.clone()], pki.key.clone_key())
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen = Arc::new(Mutex::new(String::new()));
+        let out = seen.clone();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let Ok(mut tls) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = tls.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    return;
+                }
+                head.extend_from_slice(&buf[..n]);
+            }
+            *out.lock().unwrap() = String::from_utf8_lossy(&head).into_owned();
+            let reply = format!(
+                "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = tls.write_all(reply.as_bytes()).await;
+            let _ = tls.write_all(&body).await;
+            let _ = tls.shutdown().await;
+        });
+        (port, seen)
+    }
+
+    struct Files {
+        dir: PathBuf,
+    }
+
+    impl Files {
+        fn new(tag: &str, pki: &Pki) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("idgate-kubelet-{tag}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("token"), "tok-123\n").unwrap();
+            std::fs::write(dir.join("ca.crt"), &pki.ca_pem).unwrap();
+            Self { dir }
+        }
+
+        fn kubelet(&self, port: u16) -> Kubelet {
+            Kubelet::new(KubeletConfig {
+                kubelet_url: format!("https://127.0.0.1:{port}"),
+                token_path: self.dir.join("token"),
+                kubelet_ca_path: self.dir.join("ca.crt"),
+                ..Default::default()
+            })
+            .unwrap()
+        }
+    }
+
+    impl Drop for Files {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    #[tokio::test]
+    async fn fetches_the_pods_with_the_token_and_verifies_the_chain() {
+        // The certificate names the node, not 127.0.0.1: the chain counts.
+        let pki = pki(&["node-1.example"]);
+        let files = Files::new("ok", &pki);
+        let (port, seen) = serve_once(&pki, 200, FIXTURE.to_vec()).await;
+        let pods = files.kubelet(port).fetch().await.unwrap();
+        assert_eq!(pods.len(), 4);
+        let head = seen.lock().unwrap().clone();
+        assert!(head.starts_with("GET /pods HTTP/1.1\r\n"), "{head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("authorization: bearer tok-123\r\n"),
+            "{head}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_configured_server_name_must_match() {
+        let pki = pki(&["node-1.example"]);
+        let files = Files::new("name", &pki);
+        let (port, _) = serve_once(&pki, 200, FIXTURE.to_vec()).await;
+        let mut kubelet = files.kubelet(port);
+        kubelet.config.kubelet_server_name = Some("node-2.example".into());
+        let e = kubelet.fetch().await.unwrap_err();
+        assert!(matches!(e, KubeletError::Tls { .. }), "{e}");
+        let (port, _) = serve_once(&pki, 200, FIXTURE.to_vec()).await;
+        let mut kubelet = files.kubelet(port);
+        kubelet.config.kubelet_server_name = Some("node-1.example".into());
+        assert_eq!(kubelet.fetch().await.unwrap().len(), 4);
+    }
+
+    #[tokio::test]
+    async fn another_ca_fails_unless_verification_is_skipped() {
+        let pki = pki(&["127.0.0.1"]);
+        let other = self::pki(&["127.0.0.1"]);
+        let files = Files::new("ca", &other);
+        let (port, _) = serve_once(&pki, 200, FIXTURE.to_vec()).await;
+        let e = files.kubelet(port).fetch().await.unwrap_err();
+        assert!(matches!(e, KubeletError::Tls { .. }), "{e}");
+        assert!(e.to_string().contains("TLS"), "{e}");
+        let (port, _) = serve_once(&pki, 200, FIXTURE.to_vec()).await;
+        let mut kubelet = files.kubelet(port);
+        kubelet.config.skip_kubelet_verification = true;
+        assert_eq!(kubelet.fetch().await.unwrap().len(), 4);
+    }
+
+    #[tokio::test]
+    async fn http_errors_bad_json_missing_token_and_silence_fail() {
+        let pki = pki(&["127.0.0.1"]);
+        let files = Files::new("fail", &pki);
+        let (port, _) = serve_once(&pki, 500, b"oops".to_vec()).await;
+        let e = files.kubelet(port).fetch().await.unwrap_err();
+        assert!(matches!(e, KubeletError::Status { status: 500, .. }), "{e}");
+        let (port, _) = serve_once(&pki, 200, b"{\"items\": 3}".to_vec()).await;
+        let e = files.kubelet(port).fetch().await.unwrap_err();
+        assert!(matches!(e, KubeletError::Pods { .. }), "{e}");
+
+        std::fs::write(files.dir.join("token"), " \n").unwrap();
+        let (port, _) = serve_once(&pki, 200, FIXTURE.to_vec()).await;
+        let e = files.kubelet(port).fetch().await.unwrap_err();
+        assert!(matches!(e, KubeletError::Token { .. }), "{e}");
+        std::fs::write(files.dir.join("token"), "tok-123").unwrap();
+
+        // Accepts, never answers.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut kubelet = files.kubelet(port);
+        kubelet.config.timeout = Duration::from_millis(300);
+        let e = kubelet.fetch().await.unwrap_err();
+        assert!(matches!(e, KubeletError::Timeout { .. }), "{e}");
+        drop(listener);
+        let e = kubelet.fetch().await.unwrap_err();
+        assert!(matches!(e, KubeletError::Connect { .. }), "{e}");
+    }
+
+    #[test]
+    fn urls_and_durations_are_checked() {
+        let check = |url: &str| {
+            KubeletConfig {
+                kubelet_url: url.into(),
+                ..Default::default()
+            }
+            .check()
+        };
+        assert!(check("https://127.0.0.1:10250").is_ok());
+        assert!(check("https://[::1]:10250/").is_ok());
+        for bad in [
+            "http://127.0.0.1:10255",
+            "https://u:p@127.0.0.1:10250",
+            "https://127.0.0.1:10250/pods",
+            "127.0.0.1:10250",
+        ] {
+            let e = check(bad).unwrap_err();
+            assert!(e.contains("kubelet_url"), "{bad}: {e}");
+        }
+        let k = Kubelet::new(KubeletConfig::default()).unwrap();
+        assert_eq!(k.url(), "https://127.0.0.1:10250/pods");
+        let e = KubeletConfig {
+            refresh: Duration::from_millis(10),
+            ..Default::default()
+        }
+        .check()
+        .unwrap_err();
+        assert!(e.contains("refresh"), "{e}");
+    }
+}
