@@ -5,13 +5,16 @@
 //! the same run: (a) nothing attached; (b) an agent with one identity and
 //! one rule; (c) an agent with many identities and rules, each identity's
 //! cgroup bound; (d) the same rules as nftables `socket cgroupv2` rules.
-//! Then reload time and the agents' memory and CPU. Everything made here
-//! (cgroups, agents and their pins, the nft table, files) is removed at
-//! the end, on failure and on Ctrl-C too.
+//! Then reload time, the agents' memory and CPU, binding latency (new
+//! cgroup, and exec, to identity) and the event path's throughput.
+//! Everything made here (cgroups, agents and their pins, the nft table,
+//! files) is removed at the end, on failure and on Ctrl-C too.
 
 mod agent;
+mod binding;
 mod cgroups;
 mod cost;
+mod events;
 mod interrupt;
 mod loops;
 mod machine;
@@ -57,6 +60,13 @@ pub struct BenchArgs {
     /// Seconds the idle agents are watched.
     #[arg(long, default_value_t = 30)]
     idle_seconds: u64,
+    /// New workloads timed for binding latency, per agent and case (new
+    /// cgroup, exec).
+    #[arg(long, default_value_t = 1_000)]
+    workloads: usize,
+    /// Seconds of connects flat out for the event path.
+    #[arg(long, default_value_t = 5.0)]
+    event_seconds: f64,
     /// A remark put at the top of the report (e.g. how quiet the machine
     /// was).
     #[arg(long)]
@@ -88,6 +98,9 @@ pub struct Results {
     /// The large agent after the reloads: memory, and its maps with both
     /// policy generations filled.
     pub large_after_reloads: (ProcSample, Vec<MapMemory>),
+    /// Agents (b) and (c).
+    pub binding: Vec<binding::Latencies>,
+    pub events: events::EventPath,
 }
 
 pub fn run(args: BenchArgs, root: &Path) -> Result<()> {
@@ -121,6 +134,9 @@ fn measure(args: &BenchArgs, root: &Path, nft_version: String) -> Result<Results
     if args.identities == 0 || args.rules < args.identities {
         bail!("--rules must be at least --identities, and both above 0");
     }
+    if args.workloads == 0 || args.event_seconds <= 0.0 {
+        bail!("--workloads and --event-seconds must be above 0");
+    }
     let bins = root.join("target/release");
     let idgate = bins.join("idgate");
     let lp = Loop {
@@ -131,7 +147,7 @@ fn measure(args: &BenchArgs, root: &Path, nft_version: String) -> Result<Results
     let ports = Ports::pick()?;
     let first = rules::loopback_rule(ports.tcp, ports.udp);
     let small_ids = rules::generate(1, 1, first.clone());
-    let mut large_ids = rules::generate(args.identities, args.rules, first);
+    let mut large_ids = rules::generate(args.identities, args.rules, first.clone());
 
     let tag = format!("idgate-bench-{}", std::process::id());
     let cgroup_root = cgroups::cgroup2_root()?;
@@ -149,7 +165,7 @@ fn measure(args: &BenchArgs, root: &Path, nft_version: String) -> Result<Results
     let nft_excerpt = nft::excerpt(&nft_name, &cgroup_root, nft_workloads[0].clone())?;
     drop(nft_workloads);
 
-    let start_agent = |name: &str, identities: &[rules::Identity]| {
+    let start_agent = |name: &str, identities: &[rules::Identity], tables: &str| {
         eprintln!(
             "bench: starting agent {name} ({} identities)",
             identities.len()
@@ -160,15 +176,16 @@ fn measure(args: &BenchArgs, root: &Path, nft_version: String) -> Result<Results
             &format!("{tag}/{name}"),
             Path::new("/sys/fs/bpf").join(format!("{tag}-{name}")),
             identities,
+            tables,
         )
     };
-    let small = start_agent("small", &small_ids)?;
-    let large = start_agent("large", &large_ids)?;
+    let small = start_agent("small", &small_ids, "")?;
+    let large = start_agent("large", &large_ids, "")?;
     let workload = &large_ids[0].cgroup;
     let configs = [
         Config {
             name: "(a) no program attached".into(),
-            cgroup: plain,
+            cgroup: plain.clone(),
             judge: Judge::Nothing,
         },
         Config {
@@ -217,6 +234,33 @@ fn measure(args: &BenchArgs, root: &Path, nft_version: String) -> Result<Results
     eprintln!("bench: timing {} reloads of each kind", args.reloads);
     let reloads = reload::measure(&large, &mut large_ids, args.reloads)?;
     let large_after_reloads = (cost::sample(large.pid())?, cost::maps(large.pid())?);
+
+    let udp: SocketAddr = (Ipv4Addr::LOCALHOST, ports.udp).into();
+    let binding = [("(b)", &small), ("(c)", &large)]
+        .into_iter()
+        .map(|(name, agent)| {
+            binding::measure(
+                agent,
+                name,
+                &lp.bin,
+                &plain,
+                first.clone(),
+                udp,
+                args.workloads,
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+
+    let metrics = events::free_metrics_address()?;
+    let events_agent = start_agent("events", &small_ids, &events::agent_tables(metrics))?;
+    let events = events::measure(
+        &events_agent,
+        metrics,
+        &lp,
+        &tree.path(&format!("events/{}", small_ids[0].cgroup)),
+        udp,
+        args.event_seconds,
+    )?;
     Ok(Results {
         nft_version,
         nft_load: table.load_time,
@@ -226,6 +270,8 @@ fn measure(args: &BenchArgs, root: &Path, nft_version: String) -> Result<Results
         large: large_cost,
         reloads,
         large_after_reloads,
+        binding,
+        events,
     })
 }
 

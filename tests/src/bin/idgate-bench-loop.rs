@@ -19,13 +19,31 @@
 //! The loop stops after `--count` operations or `--seconds`, whichever
 //! comes first. Every operation must end as `--expect` says (default: it
 //! succeeds); the first that does not ends the program with an error.
+//!
+//! Three more ops time how long a new workload waits for its identity
+//! (they poll a UDP `connect()` to `ADDR` every [`POLL`] until the kernel
+//! allows it; `--seconds` is then the longest wait for one workload):
+//! - `bind-create --cgroup PARENT --home DIR`: `--count` times, makes the
+//!   cgroup `PARENT/cN`, moves itself into it and polls; then moves back
+//!   into `DIR`, removes `PARENT/cN` and waits `--gap-ms`. Prints the
+//!   nanoseconds from just before each `mkdir` to the first allowed
+//!   connect (`bound_ns`), and to the move into the cgroup (`joined_ns`).
+//! - `exec-wait --cgroup DIR --exec PROGRAM`: moves itself into `DIR`,
+//!   prints `joined`, waits for one byte on standard input, then reads the
+//!   clock and execs `PROGRAM` (a copy of this program) as `bind-probe`.
+//! - `bind-probe --since NS`: polls; prints the nanoseconds from `NS`
+//!   (`CLOCK_MONOTONIC`) to the first allowed connect (`bound_ns`).
 
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::path::PathBuf;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// How often (in operations) the clock is read to enforce `--seconds`.
 const CLOCK_EVERY: u64 = 256;
+/// Sleep between two polls of a workload waiting for its identity.
+const POLL: Duration = Duration::from_micros(50);
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Expect {
@@ -41,6 +59,10 @@ struct Args {
     seconds: f64,
     warmup: u64,
     expect: Expect,
+    home: Option<PathBuf>,
+    exec: Option<PathBuf>,
+    since: Option<u64>,
+    gap_ms: u64,
 }
 
 fn main() {
@@ -52,13 +74,15 @@ fn main() {
 
 fn run() -> Result<(), String> {
     let args = parse(std::env::args().skip(1))?;
+    match args.op.as_str() {
+        "bind-create" => return bind_create(&args),
+        "exec-wait" => return exec_wait(&args),
+        "bind-probe" => return bind_probe(&args),
+        _ => {}
+    }
     // Before any socket exists: a socket belongs to the cgroup it is
     // created in.
-    std::fs::write(
-        args.cgroup.join("cgroup.procs"),
-        std::process::id().to_string(),
-    )
-    .map_err(|e| format!("joining {}: {e}", args.cgroup.display()))?;
+    join(&args.cgroup)?;
     let mut op = operation(&args.op, args.addr)?;
     let check = |result: std::io::Result<()>| -> Result<(), String> {
         match (result, args.expect) {
@@ -94,6 +118,148 @@ fn run() -> Result<(), String> {
             "elapsed_ns": elapsed as u64,
             "ns_per_op": elapsed as f64 / done.max(1) as f64,
         })
+    );
+    Ok(())
+}
+
+/// Moves this process into `cgroup`.
+fn join(cgroup: &Path) -> Result<(), String> {
+    std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())
+        .map_err(|e| format!("joining {}: {e}", cgroup.display()))
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds (the same clock in every process).
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write to.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Sleeps as close to [`POLL`] as the kernel allows (the default timer
+/// slack would add 50 µs to every sleep).
+fn tight_timers() {
+    // SAFETY: PR_SET_TIMERSLACK takes one integer argument.
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
+}
+
+/// Polls a UDP `connect()` to `addr` from a socket made now (so in this
+/// process's cgroup now) until the kernel allows it; the polls it took,
+/// and the nanoseconds from the first to the last.
+fn wait_allowed(addr: SocketAddr, timeout: Duration) -> Result<(u64, u64), String> {
+    let deadline = Instant::now() + timeout;
+    let any_port: SocketAddr = match addr {
+        SocketAddr::V4(_) => "0.0.0.0:0".parse().expect("address"),
+        SocketAddr::V6(_) => "[::]:0".parse().expect("address"),
+    };
+    let socket = UdpSocket::bind(any_port).map_err(|e| format!("udp socket: {e}"))?;
+    let first = Instant::now();
+    let mut polls = 0;
+    loop {
+        polls += 1;
+        match socket.connect(addr) {
+            Ok(()) => return Ok((polls, first.elapsed().as_nanos() as u64)),
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
+            Err(e) => return Err(format!("udp connect {addr}: {e}")),
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "udp connect {addr}: still denied after {timeout:?} ({polls} polls)"
+            ));
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// `bind-create`: see the module documentation.
+fn bind_create(args: &Args) -> Result<(), String> {
+    tight_timers();
+    let home = args.home.as_ref().ok_or("bind-create needs --home")?;
+    let timeout = Duration::from_secs_f64(args.seconds);
+    let mut bound_ns = Vec::new();
+    let mut joined_ns = Vec::new();
+    let mut polls = Vec::new();
+    let mut polling_ns = Vec::new();
+    for i in 0..args.count {
+        let dir = args.cgroup.join(format!("c{i}"));
+        let t0 = Instant::now();
+        std::fs::create_dir(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+        join(&dir)?;
+        let joined = t0.elapsed();
+        let (n, polling) =
+            wait_allowed(args.addr, timeout).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let bound = t0.elapsed();
+        bound_ns.push(bound.as_nanos() as u64);
+        joined_ns.push(joined.as_nanos() as u64);
+        polls.push(n);
+        polling_ns.push(polling);
+        join(home)?;
+        remove_cgroup(&dir)?;
+        std::thread::sleep(Duration::from_millis(args.gap_ms));
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "bound_ns": bound_ns,
+            "joined_ns": joined_ns,
+            "polls": polls,
+            "polling_ns": polling_ns,
+        })
+    );
+    Ok(())
+}
+
+/// Removes an empty cgroup, waiting while the kernel still counts a
+/// process that just left it.
+fn remove_cgroup(dir: &Path) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => return Err(format!("rmdir {}: {e}", dir.display())),
+        }
+    }
+}
+
+/// `exec-wait`: see the module documentation.
+fn exec_wait(args: &Args) -> Result<(), String> {
+    let program = args.exec.as_ref().ok_or("exec-wait needs --exec")?;
+    join(&args.cgroup)?;
+    let mut stdout = std::io::stdout();
+    writeln!(stdout, "joined")
+        .and_then(|()| stdout.flush())
+        .map_err(|e| format!("stdout: {e}"))?;
+    let mut go = [0u8];
+    match std::io::stdin().read(&mut go) {
+        Ok(1) => {}
+        // Standard input closed: the benchmark is over.
+        Ok(_) => return Ok(()),
+        Err(e) => return Err(format!("stdin: {e}")),
+    }
+    let since = monotonic_ns();
+    let e = std::process::Command::new(program)
+        .args(["--op", "bind-probe", "--since", &since.to_string()])
+        .args(["--addr", &args.addr.to_string()])
+        .args(["--seconds", &args.seconds.to_string()])
+        .exec();
+    Err(format!("exec {}: {e}", program.display()))
+}
+
+/// `bind-probe`: see the module documentation.
+fn bind_probe(args: &Args) -> Result<(), String> {
+    tight_timers();
+    let since = args.since.ok_or("bind-probe needs --since")?;
+    let (polls, polling) = wait_allowed(args.addr, Duration::from_secs_f64(args.seconds))?;
+    let bound = monotonic_ns().saturating_sub(since);
+    println!(
+        "{}",
+        serde_json::json!({ "bound_ns": bound, "polls": polls, "polling_ns": polling })
     );
     Ok(())
 }
@@ -150,6 +316,10 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut seconds = 2.0;
     let mut warmup = 1_000;
     let mut expect = Expect::Ok;
+    let mut home = None;
+    let mut exec = None;
+    let mut since = None;
+    let mut gap_ms = 0;
     while let Some(flag) = argv.next() {
         let value = argv.next().ok_or_else(|| format!("{flag} needs a value"))?;
         let bad = |e: &dyn std::fmt::Display| format!("{flag} {value:?}: {e}");
@@ -160,6 +330,10 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
             "--count" => count = value.parse().map_err(|e| bad(&e))?,
             "--seconds" => seconds = value.parse().map_err(|e| bad(&e))?,
             "--warmup" => warmup = value.parse().map_err(|e| bad(&e))?,
+            "--home" => home = Some(PathBuf::from(&value)),
+            "--exec" => exec = Some(PathBuf::from(&value)),
+            "--since" => since = Some(value.parse().map_err(|e| bad(&e))?),
+            "--gap-ms" => gap_ms = value.parse().map_err(|e| bad(&e))?,
             "--expect" => {
                 expect = match value.as_str() {
                     "ok" => Expect::Ok,
@@ -170,13 +344,23 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
             _ => return Err(format!("unknown argument {flag:?}")),
         }
     }
+    let op: String = op.ok_or("--op is required")?;
     Ok(Args {
-        cgroup: cgroup.ok_or("--cgroup is required")?,
-        op: op.ok_or("--op is required")?,
+        // bind-probe runs where exec-wait left it.
+        cgroup: match cgroup {
+            Some(c) => c,
+            None if op == "bind-probe" => PathBuf::new(),
+            None => return Err("--cgroup is required".into()),
+        },
+        op,
         addr: addr.ok_or("--addr is required")?,
         count,
         seconds,
         warmup,
         expect,
+        home,
+        exec,
+        since,
+        gap_ms,
     })
 }

@@ -17,6 +17,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(300);
 pub struct Agent {
     idgate: PathBuf,
     dir: PathBuf,
+    /// The scope, relative to the cgroup v2 root.
+    pub scope: String,
     pin_dir: PathBuf,
     child: Option<Child>,
     /// From spawn to the first answer on the control socket.
@@ -25,14 +27,16 @@ pub struct Agent {
 
 impl Agent {
     /// Writes the configuration (scope, pins and socket of its own, every
-    /// identity's cgroup bound by a `[[workload]]` table) and the policy
-    /// into `dir`, starts the agent and waits until it answers.
+    /// identity's cgroup bound by a `[[workload]]` table, then `tables`,
+    /// TOML tables such as `[events]`) and the policy into `dir`, starts
+    /// the agent and waits until it answers.
     pub fn start(
         idgate: &Path,
         dir: PathBuf,
         scope: &str,
         pin_dir: PathBuf,
         identities: &[Identity],
+        tables: &str,
     ) -> Result<Self> {
         if dir.exists() || pin_dir.exists() {
             bail!("{} or {} exists already", dir.display(), pin_dir.display());
@@ -40,6 +44,7 @@ impl Agent {
         let mut agent = Self {
             idgate: idgate.to_owned(),
             dir,
+            scope: scope.to_owned(),
             pin_dir,
             child: None,
             start_time: Duration::ZERO,
@@ -51,7 +56,7 @@ impl Agent {
             agent.write_policy(&name, &text)?;
         }
         let config = format!(
-            "scope = {scope:?}\npin_dir = {:?}\ncontrol_socket = \"control.sock\"\npolicy = \"policy\"\nentries = \"entries\"\nstate_dir = \"state\"\n{}",
+            "scope = {scope:?}\npin_dir = {:?}\ncontrol_socket = \"control.sock\"\npolicy = \"policy\"\nentries = \"entries\"\nstate_dir = \"state\"\n{}\n{tables}",
             agent.pin_dir,
             rules::workload_bindings(identities)
         );
@@ -90,6 +95,16 @@ impl Agent {
     /// Replaces (or adds) one file of the agent's policy directory.
     pub fn write_policy(&self, name: &str, text: &str) -> Result<()> {
         Ok(std::fs::write(self.dir.join("policy").join(name), text)?)
+    }
+
+    /// Replaces (or adds) one file of the agent's entries directory.
+    pub fn write_entries(&self, name: &str, text: &str) -> Result<()> {
+        Ok(std::fs::write(self.dir.join("entries").join(name), text)?)
+    }
+
+    /// A path in the agent's own directory (removed with it).
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
     }
 
     /// Runs an `idgate` operator command against this agent; its output.

@@ -56,7 +56,7 @@ impl Loop {
     /// Runs `op` on `addr` in `cgroup` to its bounds: nanoseconds per
     /// operation. Every operation must succeed.
     pub fn measure(&self, cgroup: &Path, op: Op, addr: SocketAddr) -> Result<f64> {
-        let reply = self.run(cgroup, op, addr, self.count, WARMUP, "ok")?;
+        let reply = self.run(cgroup, op, addr, (self.count, self.seconds), WARMUP, "ok")?;
         reply["ns_per_op"]
             .as_f64()
             .with_context(|| format!("no ns_per_op in {reply}"))
@@ -65,7 +65,7 @@ impl Loop {
     /// One UDP send to `addr` from `cgroup`, which must end as `expect`
     /// says (`ok` or `eperm`): proof that a configuration is in force.
     pub fn check(&self, cgroup: &Path, addr: SocketAddr, expect: &str) -> Result<()> {
-        self.run(cgroup, Op::UdpSendto, addr, 1, 0, expect)
+        self.run(cgroup, Op::UdpSendto, addr, (1, self.seconds), 0, expect)
             .with_context(|| {
                 format!(
                     "checking that a send to {addr} from {} is {expect}",
@@ -75,12 +75,32 @@ impl Loop {
             .map(drop)
     }
 
+    /// Runs `op` on `addr` in `cgroup` for `seconds`, with no count limit
+    /// and no warm-up: the operations made, and the seconds they took.
+    pub fn flood(
+        &self,
+        cgroup: &Path,
+        op: Op,
+        addr: SocketAddr,
+        seconds: f64,
+    ) -> Result<(u64, f64)> {
+        let reply = self.run(cgroup, op, addr, (u64::MAX, seconds), 0, "ok")?;
+        let iterations = reply["iterations"]
+            .as_u64()
+            .with_context(|| format!("no iterations in {reply}"))?;
+        let elapsed = reply["elapsed_ns"]
+            .as_f64()
+            .with_context(|| format!("no elapsed_ns in {reply}"))?;
+        Ok((iterations, elapsed / 1e9))
+    }
+
+    /// One run, to `count` operations or `seconds`, whichever comes first.
     fn run(
         &self,
         cgroup: &Path,
         op: Op,
         addr: SocketAddr,
-        count: u64,
+        (count, seconds): (u64, f64),
         warmup: u64,
         expect: &str,
     ) -> Result<serde_json::Value> {
@@ -90,13 +110,13 @@ impl Loop {
             .arg(cgroup)
             .args(["--op", op.name(), "--addr", &addr.to_string()])
             .args(["--count", &count.to_string()])
-            .args(["--seconds", &self.seconds.to_string()])
+            .args(["--seconds", &seconds.to_string()])
             .args(["--warmup", &warmup.to_string(), "--expect", expect])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("starting {}", self.bin.display()))?;
-        let deadline = Instant::now() + Duration::from_secs_f64(self.seconds) + GRACE;
+        let deadline = Instant::now() + Duration::from_secs_f64(seconds) + GRACE;
         while child.try_wait()?.is_none() {
             if Instant::now() > deadline {
                 let _ = child.kill();

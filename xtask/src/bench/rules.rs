@@ -168,6 +168,12 @@ pub fn idgate_policy_file_of(identities: &[Identity], index: usize) -> (String, 
     (policy_file_name(n), policy_file(n == 0, chunk))
 }
 
+/// A policy file of `identities` alone, without the global settings:
+/// one more file beside [`idgate_policy`]'s.
+pub fn extra_policy_file(identities: &[Identity]) -> String {
+    policy_file(false, identities)
+}
+
 fn policy_file_name(n: usize) -> String {
     format!("identities-{n:04}.toml")
 }
