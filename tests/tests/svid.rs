@@ -5,6 +5,10 @@
 //! SPIFFE IDs; revoked, unbound and foreign identities are refused; bad
 //! requests get the specified status codes; clients others wrote (the
 //! Rust `spiffe` crate, the Python `spiffe` package) verify what they get.
+//! Federation between agents: two agents of two trust domains fetch each
+//! other's bundles from their bundle endpoints (https_spiffe, and
+//! https_web through a test CA), their workloads talk mutual TLS, and a
+//! foreign CA rotation reaches the other agent's workloads.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -570,4 +574,487 @@ fn tempdir(agent: &Agent, name: &str) -> PathBuf {
     let d = agent.dir.join(name);
     std::fs::create_dir_all(&d).unwrap();
     d
+}
+
+// Federation between agents: each agent is its own trust domain on its
+// own scope, serves its bundle at a bundle endpoint on loopback, and
+// fetches the other's.
+
+const A_SERVER: &str = "spiffe://a.test/server";
+const B_CLIENT: &str = "spiffe://b.test/client";
+const B_BLOCKED: &str = "spiffe://b.test/blocked";
+const C_CLIENT: &str = "spiffe://c.test/client";
+
+/// An identity whose every connect is denied.
+fn deny_all(id: &str) -> String {
+    format!("[[identity]]\nid = \"{id}\"\ndefault = \"deny\"\n")
+}
+
+/// `[svid.bundle_endpoint]` on 127.0.0.1:`port`, with `extra` keys.
+fn bundle_endpoint(port: u16, extra: &str) -> String {
+    format!("[svid.bundle_endpoint]\naddress = \"127.0.0.1:{port}\"\n{extra}\n")
+}
+
+/// `[[svid.federates_with]]`: the https_spiffe bundle endpoint of agent
+/// `td` on 127.0.0.1:`port`, bootstrapped (as the SPIFFE Federation spec
+/// requires for https_spiffe) with `td`'s roots in `bootstrap`.
+fn federates_spiffe(td: &str, port: u16, bootstrap: &Path) -> String {
+    format!(
+        "[[svid.federates_with]]\ntrust_domain = \"{td}\"\nurl = \"https://127.0.0.1:{port}/bundle\"\nprofile = \"https_spiffe\"\nendpoint_id = \"spiffe://{td}/idgate/bundle-endpoint\"\nbundle = {bootstrap:?}\n"
+    )
+}
+
+/// Two loopback ports nobody listens on, distinct.
+fn two_free_ports() -> (u16, u16) {
+    loop {
+        let (a, b) = (
+            idgate_tests::free_loopback_port(),
+            idgate_tests::free_loopback_port(),
+        );
+        if a != b {
+            return (a, b);
+        }
+    }
+}
+
+/// The base64 bodies of the PEM blocks in `text`, in order.
+fn pem_bodies(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut body: Option<String> = None;
+    for line in text.lines().map(str::trim) {
+        if line.starts_with("-----BEGIN ") {
+            body = Some(String::new());
+        } else if line.starts_with("-----END ") {
+            out.extend(body.take());
+        } else if let Some(b) = &mut body {
+            b.push_str(line);
+        }
+    }
+    out
+}
+
+/// `idgate svid --json` of the workload in `dir`.
+fn svid_json(agent: &Agent, dir: &Path) -> Value {
+    let out = idgate_svid(agent, dir, &["--json"]).unwrap_or_else(|e| panic!("idgate svid: {e}"));
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// The roots the workload in `dir` is handed for its own trust domain.
+fn own_roots(agent: &Agent, dir: &Path) -> Vec<String> {
+    pem_bodies(svid_json(agent, dir)["bundle"].as_str().expect("bundle"))
+}
+
+/// The roots the workload in `dir` is handed as `td`'s federated bundle
+/// (none when it has none).
+fn federated_roots(agent: &Agent, dir: &Path, td: &str) -> Vec<String> {
+    svid_json(agent, dir)["federated_bundles"][td]
+        .as_str()
+        .map(pem_bodies)
+        .unwrap_or_default()
+}
+
+/// A JWT-SVID of the workload in `from_dir`, validated by the Workload
+/// API of `to` for its workload in `to_dir`: the SPIFFE ID it validates
+/// to, or the error. Only JWT authorities validate it, and a PEM
+/// bootstrap bundle has none: `Ok` means a fetched bundle is held.
+fn jwt_validated_across(
+    from: &Agent,
+    from_dir: &Path,
+    to: &Agent,
+    to_dir: &Path,
+) -> Result<String, Value> {
+    let token = idgate_svid(from, from_dir, &["--jwt", "--audience", "partner"])
+        .unwrap_or_else(|e| panic!("JWT-SVID: {e}"));
+    let v = spiffe_json(to, to_dir, &["raw", "validate", "partner", token.trim()]);
+    match v["spiffe_id"].as_str() {
+        Some(id) if v["code"] == "Ok" => Ok(id.to_owned()),
+        _ => Err(v),
+    }
+}
+
+/// Lines of an agent's log that contain every one of `words`.
+fn log_lines(agent: &Agent, words: &[&str]) -> Vec<String> {
+    agent
+        .log()
+        .lines()
+        .filter(|l| words.iter().all(|w| l.contains(w)))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn two_agents_federate_over_https_spiffe_and_their_workloads_talk_mutual_tls() {
+    require_privileges!();
+    let (port_a, port_b) = two_free_ports();
+    let mut cg_a = Cgroups::new("svid-fed-a");
+    let a_dir = cg_a.inside("server");
+    let mut cg_b = Cgroups::new("svid-fed-b");
+    let b_dir = cg_b.inside("client");
+    let b_blocked = cg_b.inside("blocked");
+
+    // A (a.test) serves its bundle endpoint.
+    let mut a = Agent::start(
+        &cg_a,
+        &policy(&[A_SERVER]),
+        &config(
+            "a.test",
+            &[("server", A_SERVER)],
+            &bundle_endpoint(port_a, ""),
+        ),
+    );
+    wait_bound(&a, &a_dir);
+    // a.test's roots, as its workload writes them out: B's bootstrap.
+    let a_creds = tempdir(&a, "a-creds");
+    idgate_svid(&a, &a_dir, &["--write", a_creds.to_str().unwrap()]).unwrap();
+    let a_roots = own_roots(&a, &a_dir);
+    assert_eq!(a_roots.len(), 1);
+
+    // B (b.test) serves its own and fetches a.test's.
+    let b = Agent::start(
+        &cg_b,
+        &(policy(&[B_CLIENT]) + &deny_all(B_BLOCKED)),
+        &config(
+            "b.test",
+            &[("client", B_CLIENT), ("blocked", B_BLOCKED)],
+            &(bundle_endpoint(port_b, "")
+                + &federates_spiffe("a.test", port_a, &a_creds.join("bundle.pem"))),
+        ),
+    );
+    wait_bound(&b, &b_dir);
+    let b_creds = tempdir(&b, "b-creds");
+    idgate_svid(&b, &b_dir, &["--write", b_creds.to_str().unwrap()]).unwrap();
+    let b_roots = own_roots(&b, &b_dir);
+
+    // A learns b.test the same way: its configuration gains the
+    // federation and it restarts (its CA and bindings are kept).
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&a.config)
+        .and_then(|mut f| {
+            use std::io::Write;
+            f.write_all(federates_spiffe("b.test", port_b, &b_creds.join("bundle.pem")).as_bytes())
+        })
+        .expect("extend A's config");
+    a.stop(nix::sys::signal::Signal::SIGTERM);
+    a.spawn();
+    a.wait_ready();
+    wait_bound(&a, &a_dir);
+    assert_eq!(own_roots(&a, &a_dir), a_roots, "A kept its CA");
+
+    // Each agent fetched the other's bundle from its endpoint (TLS
+    // checked against the endpoint's SPIFFE ID and trust domain roots):
+    // kept in its state, handed to its workloads as a federated bundle,
+    // JWT authorities included (the PEM bootstrap had none).
+    let fetched = Instant::now();
+    let id = wait_for("B validates A's JWT-SVID", Duration::from_secs(20), || {
+        jwt_validated_across(&a, &a_dir, &b, &b_dir).ok()
+    });
+    assert_eq!(id, A_SERVER);
+    let id = wait_for("A validates B's JWT-SVID", Duration::from_secs(20), || {
+        jwt_validated_across(&b, &b_dir, &a, &a_dir).ok()
+    });
+    assert_eq!(id, B_CLIENT);
+    eprintln!("both fetched within {} ms", fetched.elapsed().as_millis());
+    for (agent, td) in [(&b, "a.test"), (&a, "b.test")] {
+        let kept = agent.dir.join(format!("state/svid/federated/{td}.json"));
+        assert!(kept.is_file(), "{} missing", kept.display());
+        assert!(
+            !log_lines(agent, &["federated bundle updated", td]).is_empty(),
+            "{}",
+            agent.log()
+        );
+    }
+    assert_eq!(federated_roots(&b, &b_dir, "a.test"), a_roots);
+    assert_eq!(federated_roots(&a, &a_dir, "b.test"), b_roots);
+    // FetchX509Bundles, and the Rust `spiffe` crate's X.509 context, hold
+    // both trust domains.
+    let sorted = |v: &Value| {
+        let mut tds: Vec<String> = v
+            .as_array()
+            .unwrap_or_else(|| panic!("{v}"))
+            .iter()
+            .map(|t| {
+                t.as_str()
+                    .unwrap()
+                    .trim_start_matches("spiffe://")
+                    .to_owned()
+            })
+            .collect();
+        tds.sort();
+        tds
+    };
+    let v = spiffe_json(&b, &b_dir, &["raw", "bundles"]);
+    assert_eq!(sorted(&v["trust_domains"]), ["a.test", "b.test"], "{v}");
+    let v = spiffe_json(&b, &b_dir, &["interop", "partner"]);
+    assert_eq!(v["x509_id"], B_CLIENT, "{v}");
+    assert_eq!(sorted(&v["trust_domains"]), ["a.test", "b.test"], "{v}");
+
+    // Mutual TLS, each side verifying the other's SVID through the
+    // federated bundle; the kernel allows both connects (policy: loopback).
+    let server = Server::start(&a, &a_dir, &[B_CLIENT, C_CLIENT]);
+    let out = connect(&b, &b_dir, &server.addr(), A_SERVER);
+    assert_eq!(out, format!("ok hello {B_CLIENT} from {A_SERVER}"));
+    assert_eq!(server.verdict(), format!("accepted {B_CLIENT}"));
+    let server_b = Server::start(&b, &b_dir, &[A_SERVER]);
+    let out = connect(&a, &a_dir, &server_b.addr(), B_CLIENT);
+    assert_eq!(out, format!("ok hello {A_SERVER} from {B_CLIENT}"));
+    assert_eq!(server_b.verdict(), format!("accepted {A_SERVER}"));
+
+    // The policy still decides: B's other workload holds a b.test SVID
+    // that A would accept through the same bundle, but its identity may
+    // connect nowhere, and the kernel says so.
+    assert!(idgate_svid(&b, &b_blocked, &[]).is_ok());
+    assert_eq!(connect(&b, &b_blocked, &server.addr(), A_SERVER), "EPERM");
+
+    // A third trust domain that neither federates with: C trusts a.test
+    // (a static bundle), its policy lets it connect, and A refuses it;
+    // A's workload refuses C's server likewise.
+    let mut cg_c = Cgroups::new("svid-fed-c");
+    let c_dir = cg_c.inside("client");
+    let c = Agent::start(
+        &cg_c,
+        &policy(&[C_CLIENT]),
+        &config(
+            "c.test",
+            &[("client", C_CLIENT)],
+            &format!(
+                "[[svid.federates_with]]\ntrust_domain = \"a.test\"\nbundle = {:?}\n",
+                a_creds.join("bundle.pem")
+            ),
+        ),
+    );
+    wait_bound(&c, &c_dir);
+    let out = connect(&c, &c_dir, &server.addr(), A_SERVER);
+    assert!(!out.starts_with("ok"), "{out}");
+    let v = server.verdict();
+    assert!(v.starts_with("refused") && v.contains("c.test"), "{v}");
+    let server_c = Server::start(&c, &c_dir, &[A_SERVER]);
+    let out = connect(&a, &a_dir, &server_c.addr(), C_CLIENT);
+    assert!(out.starts_with("refused"), "{out}");
+    assert!(federated_roots(&a, &a_dir, "c.test").is_empty());
+    assert!(jwt_validated_across(&c, &c_dir, &a, &a_dir).is_err());
+    // And B still talks to A.
+    let out = connect(&b, &b_dir, &server.addr(), A_SERVER);
+    assert_eq!(out, format!("ok hello {B_CLIENT} from {A_SERVER}"));
+    assert_eq!(server.verdict(), format!("accepted {B_CLIENT}"));
+    for agent in [&a, &b, &c] {
+        assert!(!agent.log().contains("panicked"), "{}", agent.log());
+    }
+}
+
+/// A test CA and, signed by it, a serving certificate for the IP address
+/// 127.0.0.1, written as PEM into `dir`: `ca.pem`, `endpoint.pem`,
+/// `endpoint.key` (0600). Another CA's `other-ca.pem` beside them.
+fn web_pki(dir: &Path) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).unwrap();
+    let ca = |name: &str| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let cert = params.self_signed(&key).unwrap();
+        (cert, Issuer::new(params, key))
+    };
+    let (ca_cert, issuer) = ca("idgate test web CA");
+    let (other_cert, _) = ca("another test CA");
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
+    std::fs::write(dir.join("other-ca.pem"), other_cert.pem()).unwrap();
+    std::fs::write(dir.join("endpoint.pem"), cert.pem()).unwrap();
+    let key_path = dir.join("endpoint.key");
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+#[test]
+fn an_https_web_bundle_endpoint_is_trusted_through_the_configured_ca_only() {
+    require_privileges!();
+    let port = idgate_tests::free_loopback_port();
+    let mut cg_a = Cgroups::new("svid-web-a");
+    let a_dir = cg_a.inside("server");
+    let mut cg_b = Cgroups::new("svid-web-b");
+    let b_dir = cg_b.inside("client");
+
+    // A serves a.test's bundle with a Web PKI certificate from a test CA
+    // (paths relative to its config, written before it starts).
+    let mut a = Agent::prepare(
+        &cg_a,
+        &policy(&[A_SERVER]),
+        &config(
+            "a.test",
+            &[("server", A_SERVER)],
+            &bundle_endpoint(
+                port,
+                "profile = \"https_web\"\ncert = \"pki/endpoint.pem\"\nkey = \"pki/endpoint.key\"",
+            ),
+        ),
+    );
+    let pki = a.dir.join("pki");
+    web_pki(&pki);
+    a.spawn();
+    a.wait_ready();
+    wait_bound(&a, &a_dir);
+
+    // B fetches it three times over, as three foreign trust domains (the
+    // body names no trust domain): trusting the test CA (a.test), another
+    // CA (wrong.test), the system's roots (system.test). No bootstrap
+    // bundle: https_web needs none.
+    let web = |td: &str, ca: Option<&Path>| {
+        let mut s = format!(
+            "[[svid.federates_with]]\ntrust_domain = \"{td}\"\nurl = \"https://127.0.0.1:{port}/\"\nprofile = \"https_web\"\n"
+        );
+        if let Some(ca) = ca {
+            s.push_str(&format!("ca = {ca:?}\n"));
+        }
+        s
+    };
+    let b = Agent::start(
+        &cg_b,
+        &policy(&[B_CLIENT]),
+        &config(
+            "b.test",
+            &[("client", B_CLIENT)],
+            &(web("a.test", Some(&pki.join("ca.pem")))
+                + &web("wrong.test", Some(&pki.join("other-ca.pem")))
+                + &web("system.test", None)),
+        ),
+    );
+    wait_bound(&b, &b_dir);
+    let id = wait_for("B validates A's JWT-SVID", Duration::from_secs(20), || {
+        jwt_validated_across(&a, &a_dir, &b, &b_dir).ok()
+    });
+    assert_eq!(id, A_SERVER);
+    assert_eq!(federated_roots(&b, &b_dir, "a.test"), own_roots(&a, &a_dir));
+
+    // The other two fail at the TLS handshake, are logged, and hand
+    // workloads nothing.
+    for td in ["wrong.test", "system.test"] {
+        let lines = wait_for("the failed fetch logged", Duration::from_secs(15), || {
+            let l = log_lines(&b, &["bundle fetch failed", td]);
+            (!l.is_empty()).then_some(l)
+        });
+        assert!(lines[0].contains("UnknownIssuer"), "{}", lines[0]);
+        assert!(federated_roots(&b, &b_dir, td).is_empty());
+        assert!(
+            !b.dir
+                .join(format!("state/svid/federated/{td}.json"))
+                .exists()
+        );
+    }
+    let v = svid_json(&b, &b_dir);
+    let tds: Vec<&String> = v["federated_bundles"].as_object().unwrap().keys().collect();
+    assert_eq!(tds, ["a.test"], "{v}");
+
+    assert!(!b.log().contains("panicked"), "{}", b.log());
+}
+
+/// The root certificate of generation `n` of `td`'s CA in `agent`'s
+/// state, once it exists (a generation's directory appears whole).
+fn ca_generation(agent: &Agent, td: &str, n: u32, within: Duration) -> String {
+    let path = agent.dir.join(format!("state/svid/ca/{td}/{n}/ca.crt"));
+    let pem = wait_for(&format!("CA generation {n}"), within, || {
+        std::fs::read_to_string(&path).ok()
+    });
+    pem_bodies(&pem).pop().expect("a certificate")
+}
+
+#[test]
+fn a_federated_bundle_follows_the_foreign_ca_rotation() {
+    require_privileges!();
+    let port = idgate_tests::free_loopback_port();
+    let mut cg_a = Cgroups::new("svid-rot-a");
+    let a_dir = cg_a.inside("server");
+    let mut cg_b = Cgroups::new("svid-rot-b");
+    let b_dir = cg_b.inside("client");
+
+    // A's CA lives T = 30 s: generation 2 is published at 15 s and signs
+    // from 25 s (the endpoint's SVID too); generation 1 expires at 30 s,
+    // when generation 3 is published. The refresh hint is T/12, 2 s.
+    let started = Instant::now();
+    let a = Agent::start(
+        &cg_a,
+        &policy(&[A_SERVER]),
+        &config(
+            "a.test",
+            &[("server", A_SERVER)],
+            &format!(
+                "ca_ttl = \"30s\"\nx509_ttl = \"5s\"\njwt_ttl = \"5s\"\n{}",
+                bundle_endpoint(port, "")
+            ),
+        ),
+    );
+    wait_bound(&a, &a_dir);
+    let gen1 = ca_generation(&a, "a.test", 1, Duration::from_secs(1));
+    let a_creds = tempdir(&a, "a-creds");
+    idgate_svid(&a, &a_dir, &["--write", a_creds.to_str().unwrap()]).unwrap();
+
+    // B bootstraps with generation 1 only and follows the refresh hint.
+    let b = Agent::start(
+        &cg_b,
+        &policy(&[B_CLIENT]),
+        &config(
+            "b.test",
+            &[("client", B_CLIENT)],
+            &federates_spiffe("a.test", port, &a_creds.join("bundle.pem")),
+        ),
+    );
+    wait_bound(&b, &b_dir);
+    wait_for("the first fetch", Duration::from_secs(10), || {
+        jwt_validated_across(&a, &a_dir, &b, &b_dir).ok()
+    });
+    assert!(
+        started.elapsed() < Duration::from_secs(22),
+        "the agents took {:?} to start: too slow for this test's 30 s CA",
+        started.elapsed()
+    );
+    assert_eq!(federated_roots(&b, &b_dir, "a.test")[0], gen1);
+
+    // Generation 2 is published by A, and B's workload is handed it
+    // within a few refresh hints.
+    let gen2 = ca_generation(&a, "a.test", 2, Duration::from_secs(20));
+    let published = Instant::now();
+    wait_for(
+        "B's workload gets generation 2",
+        Duration::from_secs(8),
+        || {
+            let roots = federated_roots(&b, &b_dir, "a.test");
+            (roots == [gen1.clone(), gen2.clone()]).then_some(())
+        },
+    );
+    eprintln!(
+        "generation 2 reached B's workload {} ms after A made it",
+        published.elapsed().as_millis()
+    );
+
+    // Generation 1 expires: B now verifies A's endpoint (presenting an SVID
+    // of generation 2) through the bundle it fetched, not its bootstrap
+    // file, and keeps following: generation 3 in, generation 1 out.
+    let gen3 = ca_generation(&a, "a.test", 3, Duration::from_secs(20));
+    wait_for(
+        "B's workload gets generation 3 without generation 1",
+        Duration::from_secs(10),
+        || {
+            let roots = federated_roots(&b, &b_dir, "a.test");
+            (roots == [gen2.clone(), gen3.clone()]).then_some(())
+        },
+    );
+    // And what it holds validates A's current JWT-SVIDs (generation 2's
+    // key signs them now).
+    assert_eq!(
+        jwt_validated_across(&a, &a_dir, &b, &b_dir).unwrap(),
+        A_SERVER
+    );
+    assert!(
+        log_lines(&b, &["bundle fetch failed"]).is_empty(),
+        "{}",
+        b.log()
+    );
 }
