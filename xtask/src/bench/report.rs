@@ -458,8 +458,10 @@ fn events(out: &mut String, args: &BenchArgs, machine: &Machine, r: &Results) {
         if share < 0.9 {
             let _ = writeln!(
                 out,
-                "\nThe agent used {:.0}% of one CPU meanwhile: it was not busy all the time \
-                 while the kernel dropped records, so it is not its CPU that sets this rate.",
+                "\nThe agent used {:.0}% of one CPU meanwhile: it was not running all the \
+                 time while the kernel dropped records. It waited for the ring buffer or for a \
+                 CPU (the loop, and anything else running, share them), so on a quieter or \
+                 larger machine it may write faster.",
                 share * 100.0
             );
         }
