@@ -3,6 +3,7 @@
 
 mod attest;
 mod entry;
+mod entry_set;
 mod facts;
 pub mod k8s;
 mod selector;
@@ -12,6 +13,7 @@ pub use attest::{Attestation, Candidate, attest_cgroup};
 pub use entry::{
     EntriesError, Entry, EntryError, EntryErrors, EntryProblem, Origin, load_entries, parse_entries,
 };
+pub use entry_set::EntrySet;
 pub use facts::{CgroupFacts, FactsError, ProcessFacts, systemd_unit};
 pub use selector::{CgroupGlob, Selector, SelectorError, SelectorProblem, Subject};
 pub use spiffe_id::{SpiffeId, SpiffeIdError};

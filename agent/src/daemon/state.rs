@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::bpf::{self, Enforcer};
 use crate::cgroup;
 use crate::config::Config;
-use crate::identity::{self, Entry, SpiffeId, k8s::Pods};
+use crate::identity::{self, EntrySet, SpiffeId, k8s::Pods};
 use crate::policy::{self, CompiledPolicy, PolicySet};
 
 use super::DaemonError;
@@ -39,7 +39,7 @@ pub struct State {
     pub scope_dir: PathBuf,
     pub enforcer: Enforcer,
     pub policy: PolicySet,
-    pub entries: Vec<Entry>,
+    pub entries: EntrySet,
     /// The kubelet's pods (empty off Kubernetes, and while the kubelet
     /// cannot be reached).
     pub pods: Pods,
@@ -401,10 +401,10 @@ impl State {
 
 /// The entries files' entries and those the configuration's
 /// `[[workload]]` tables stand for.
-fn load_entries(config: &Config) -> Result<Vec<Entry>, identity::EntriesError> {
+fn load_entries(config: &Config) -> Result<EntrySet, identity::EntriesError> {
     let mut entries = identity::load_entries(&config.entries, &config.trust_domains)?;
     entries.extend(config.workload_entries.iter().cloned());
-    Ok(entries)
+    Ok(EntrySet::new(entries))
 }
 
 /// Attestation passes, for the metrics.

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 
 use crate::cgroup;
-use crate::identity::{Attestation, CgroupFacts, Entry, SpiffeId, attest_cgroup, k8s::Pods};
+use crate::identity::{Attestation, CgroupFacts, EntrySet, SpiffeId, attest_cgroup, k8s::Pods};
 
 /// How a cgroup stands.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -129,7 +129,7 @@ impl Workloads {
 
     /// Attests the cgroup at `dir` anew. Returns whether its binding
     /// changed. A directory that is gone is forgotten.
-    pub fn attest(&mut self, dir: &Path, entries: &[Entry], pods: &Pods, now: SystemTime) -> bool {
+    pub fn attest(&mut self, dir: &Path, entries: &EntrySet, pods: &Pods, now: SystemTime) -> bool {
         let Ok(cgroup_id) = cgroup::cgroup_id(dir) else {
             let before = self.by_cgroup.len();
             self.by_cgroup.retain(|_, w| w.dir != dir);
@@ -250,7 +250,7 @@ fn populated(dir: &Path) -> bool {
 /// the TTL's start) while the identity stays the same.
 fn attested(
     facts: Result<CgroupFacts, crate::identity::FactsError>,
-    entries: &[Entry],
+    entries: &EntrySet,
     pods: &Pods,
     previous: Option<&Binding>,
     now: SystemTime,

@@ -33,7 +33,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::entry::Entry;
+use super::entry_set::EntrySet;
 use super::facts::{CgroupFacts, ProcessFacts};
 use super::k8s::Pods;
 use super::selector::{Selector, Subject};
@@ -76,7 +76,7 @@ pub struct Candidate {
 /// kubelet's pods (empty off Kubernetes), by the rule at the top of this
 /// module.
 pub fn attest_cgroup(
-    entries: &[Entry],
+    entries: &EntrySet,
     cgroup: &CgroupFacts,
     processes: &[ProcessFacts],
     pods: &Pods,
@@ -101,10 +101,12 @@ pub fn attest_cgroup(
     // Per ID: the entries giving it that matched, and the processes.
     let mut matched: BTreeMap<&SpiffeId, (BTreeSet<usize>, BTreeSet<u32>)> = BTreeMap::new();
     let mut unmatched_pids = Vec::new();
+    let indexed = entries.candidates(&cgroup.path);
     for subject in &subjects {
         let pid = subject.process.map(|p| p.pid);
         let mut any = false;
-        for (index, entry) in entries.iter().enumerate() {
+        for &index in &indexed {
+            let entry = &entries[index];
             if entry.selectors.iter().all(|s| s.matches(subject)) {
                 any = true;
                 let (by_entries, by_pids) = matched.entry(&entry.id).or_default();
@@ -186,8 +188,8 @@ id = "spiffe://example.org/ns/payments/sa/checkout"
 selectors = ["k8s:ns:payments", "k8s:sa:checkout", "k8s:container-name:server"]
 "#;
 
-    fn entries() -> Vec<Entry> {
-        parse_entries(Path::new("entries.toml"), ENTRIES).unwrap()
+    fn entries() -> EntrySet {
+        EntrySet::new(parse_entries(Path::new("entries.toml"), ENTRIES).unwrap())
     }
 
     fn id(s: &str) -> SpiffeId {
@@ -304,7 +306,7 @@ selectors = ["unix:uid:1001"]
 id = "spiffe://example.org/b"
 selectors = ["systemd:unit:agent-research.service"]
 "#;
-        let entries = parse_entries(Path::new("e.toml"), text).unwrap();
+        let entries = EntrySet::new(parse_entries(Path::new("e.toml"), text).unwrap());
         let cgroup = service();
         let processes = [process(10, 1001, "/usr/bin/curl", &cgroup)];
         let got = attest_cgroup(&entries, &cgroup, &processes, &Pods::default());

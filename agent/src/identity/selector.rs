@@ -61,6 +61,11 @@ impl CgroupGlob {
         self.0.glob().glob()
     }
 
+    /// The compiled glob (for indexing many of them at once).
+    pub fn glob(&self) -> &globset::Glob {
+        self.0.glob()
+    }
+
     /// Whether a cgroup path (relative to the v2 root, e.g.
     /// `/system.slice/x.service`) matches.
     pub fn is_match(&self, cgroup_path: &str) -> bool {
