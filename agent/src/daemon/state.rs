@@ -128,6 +128,7 @@ impl State {
         };
         state.attest_all();
         state.sync(true)?;
+        release_free_memory();
         tracing::info!(
             generation = state.applied.generation,
             identities = state.applied.identities.len(),
@@ -226,6 +227,7 @@ impl State {
     /// it should be shown.
     pub fn reload(&mut self) -> Result<Reloaded, String> {
         let result = self.try_reload();
+        release_free_memory();
         match &result {
             Ok(r) => {
                 self.reloads += 1;
@@ -423,3 +425,18 @@ pub struct Reloaded {
     pub generation: u32,
     pub diff: policy::PolicyDiff,
 }
+
+/// Gives the heap's free pages back to the system after a start or a
+/// reload. Reading a policy's files, and a reload's two policies and
+/// compiled forms at once, make a peak that the allocator would otherwise
+/// keep for the life of the process (measured: an agent with 20,000 rules
+/// stayed at four times its start size after reloads).
+#[cfg(target_env = "gnu")]
+fn release_free_memory() {
+    // SAFETY: glibc's malloc_trim only returns free memory to the system;
+    // it is safe to call at any time, from any thread.
+    unsafe { libc::malloc_trim(0) };
+}
+
+#[cfg(not(target_env = "gnu"))]
+fn release_free_memory() {}
