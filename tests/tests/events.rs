@@ -196,6 +196,30 @@ fn a_denied_connect_is_one_record_with_every_field() {
     );
 }
 
+/// Records are named by the policy that decided them: after each of
+/// three reloads (the kernel's two generations taking turns), a deny
+/// carries the rule name of the policy then active.
+#[test]
+fn records_name_the_rule_of_the_policy_that_decided_after_reloads() {
+    require_privileges!();
+    let f = Fixture::new();
+    let mut cg = Cgroups::new("ev-names");
+    let web = cg.inside("web");
+    let log = audit_log(&cg);
+    let _cleanup = Cleanup(log.clone());
+    let agent = Agent::start(&cg, &f.policy(), &config(&log, "", None));
+    let mut seen = 0;
+    for name in ["db-first", "db-second", "db-third"] {
+        agent.write_policy(&f.policy().replace("\"no-db\"", &format!("{name:?}")));
+        agent.try_cli(&["policy", "reload"]).expect("reload");
+        assert_eq!(probe(Some(&web), "tcp", &f.db()), "EPERM");
+        seen += 1;
+        let got = events(&log, seen);
+        assert_eq!(got.len(), seen, "{got:#?}");
+        assert_eq!(got[seen - 1]["rule"], name, "{:#}", got[seen - 1]);
+    }
+}
+
 #[test]
 fn every_hook_and_reason_is_reported_as_decided() {
     require_privileges!();

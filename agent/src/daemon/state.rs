@@ -28,6 +28,9 @@ pub struct Applied {
     pub bound: BTreeMap<u64, u32>,
     /// The policy generation now active.
     pub generation: u32,
+    /// Policies this agent has applied so far: tells one content of a
+    /// generation from the next.
+    pub applies: u64,
     /// The compiled policy now active.
     pub compiled: CompiledPolicy,
 }
@@ -116,6 +119,7 @@ impl State {
                 identities: Vec::new(),
                 bound,
                 generation: 0,
+                applies: 0,
                 compiled: CompiledPolicy::default(),
             },
             started: Instant::now(),
@@ -348,6 +352,7 @@ impl State {
             let slots = self.enforcer.slots.assign(&ids)?;
             let compiled = policy::compile(&self.policy, &slots);
             self.applied.generation = self.enforcer.maps.apply(&compiled)?;
+            self.applied.applies += 1;
             for (slot, id) in &slots {
                 self.enforcer
                     .maps

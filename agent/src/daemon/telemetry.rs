@@ -76,6 +76,7 @@ impl Telemetry {
         let applied = &state.applied;
         self.names.publish(
             applied.generation,
+            applied.applies,
             &applied.identities,
             &applied.compiled.rules,
         );

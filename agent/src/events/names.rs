@@ -20,6 +20,8 @@ use crate::policy::RuleInfo;
 /// The names of one applied policy generation.
 #[derive(Debug, Default)]
 pub struct GenerationNames {
+    /// Which applied policy (the daemon's count) these names are of.
+    applied: u64,
     identities: HashMap<u32, SpiffeId>,
     /// Indexed by rule id.
     rules: Vec<RuleInfo>,
@@ -62,12 +64,28 @@ pub type Snapshot = [Option<Arc<GenerationNames>>; 2];
 
 impl Names {
     /// Publishes the names of the active generation.
-    pub fn publish(&self, generation: u32, identities: &[(u32, SpiffeId)], rules: &[RuleInfo]) {
+    /// `applied` counts the policies the daemon has applied: publishing
+    /// the one already held is free. The daemon publishes after every
+    /// attestation, and copying a large policy's names each time would
+    /// cost more than the attestation itself.
+    pub fn publish(
+        &self,
+        generation: u32,
+        applied: u64,
+        identities: &[(u32, SpiffeId)],
+        rules: &[RuleInfo],
+    ) {
+        let index = (generation & 1) as usize;
+        let held = |tables: &Snapshot| tables[index].as_ref().is_some_and(|t| t.applied == applied);
+        if held(&self.tables.read().expect("names lock")) {
+            return;
+        }
         let table = GenerationNames {
+            applied,
             identities: identities.iter().cloned().collect(),
             rules: rules.to_vec(),
         };
-        self.tables.write().expect("names lock")[(generation & 1) as usize] = Some(Arc::new(table));
+        self.tables.write().expect("names lock")[index] = Some(Arc::new(table));
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -90,8 +108,8 @@ mod tests {
     fn each_generation_keeps_its_own_names() {
         let a: SpiffeId = "spiffe://example.org/a".parse().unwrap();
         let names = Names::default();
-        names.publish(1, &[(3, a.clone())], &[rule("default"), rule("old")]);
-        names.publish(0, &[], &[rule("default"), rule("new")]);
+        names.publish(1, 1, &[(3, a.clone())], &[rule("default"), rule("old")]);
+        names.publish(0, 2, &[], &[rule("default"), rule("new")]);
         let snap = names.snapshot();
         let (g0, g1) = (snap[0].as_ref().unwrap(), snap[1].as_ref().unwrap());
         assert_eq!(g1.slot(3), SlotName::Identity(&a));
@@ -100,5 +118,21 @@ mod tests {
         assert_eq!(g1.rule(1).unwrap().name, "old");
         assert_eq!(g0.rule(1).unwrap().name, "new");
         assert!(g0.rule(2).is_none());
+    }
+
+    #[test]
+    fn publishing_the_generation_held_changes_nothing() {
+        let names = Names::default();
+        names.publish(0, 1, &[], &[rule("first")]);
+        let before = names.snapshot()[0].clone().unwrap();
+        names.publish(0, 1, &[], &[rule("first")]);
+        assert!(Arc::ptr_eq(&before, names.snapshot()[0].as_ref().unwrap()));
+        // The policy applied after the next one has the same generation.
+        names.publish(1, 2, &[], &[rule("other")]);
+        names.publish(0, 3, &[], &[rule("second")]);
+        assert_eq!(
+            names.snapshot()[0].as_ref().unwrap().rule(0).unwrap().name,
+            "second"
+        );
     }
 }

@@ -261,6 +261,7 @@ mod tests {
         ];
         names.publish(
             1,
+            1,
             &[(3, "spiffe://example.org/web".parse().unwrap())],
             &rules,
         );
