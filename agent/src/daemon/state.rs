@@ -311,9 +311,15 @@ impl State {
         ))
     }
 
-    /// Removes the cgroups of `idgate run` whose command has exited.
+    /// Removes the cgroups of `idgate run` whose command has exited. The
+    /// table is pruned only when one was removed: pruning looks at every
+    /// cgroup's directory, too slow to do after each event on a big scope.
     fn remove_finished_runs(&mut self) {
-        for dir in self.workloads.finished_runs() {
+        let finished = self.workloads.finished_runs();
+        if finished.is_empty() {
+            return;
+        }
+        for dir in finished {
             match std::fs::remove_dir(&dir) {
                 Ok(()) => tracing::info!(cgroup = %dir.display(), "run finished; cgroup removed"),
                 Err(e) => {
