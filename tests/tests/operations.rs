@@ -144,39 +144,32 @@ fn a_broken_policy_is_refused_and_the_running_one_stays() {
     assert_eq!(probe(Some(&web), "tcp", "127.0.0.1:9"), "ECONNREFUSED");
 }
 
-/// Runs `idgate ARGS --socket S` as `uid`.
+/// Runs `idgate ARGS --socket S` as `uid` (primary group `uid`).
 fn cli_as(uid: u32, agent: &Agent, args: &[&str]) -> (bool, String) {
-    let out = Command::new(target_bin("idgate"))
-        .args(args)
-        .arg("--socket")
-        .arg(&agent.socket)
-        .uid(uid)
-        .gid(uid)
-        .output()
-        .expect("run idgate");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    let mut cmd = Command::new(target_bin("idgate"));
+    cmd.uid(uid).gid(uid);
+    run_cli(cmd, agent, args)
 }
 
 /// Runs `idgate ARGS --socket S` as `uid` with primary group `uid` and
 /// the supplementary `groups`.
 fn cli_with_groups(uid: u32, groups: u32, agent: &Agent, args: &[&str]) -> (bool, String) {
-    let out = Command::new("setpriv")
-        .arg(format!("--reuid={uid}"))
+    let mut cmd = Command::new("setpriv");
+    cmd.arg(format!("--reuid={uid}"))
         .arg(format!("--regid={uid}"))
         .arg(format!("--groups={groups}"))
-        .arg(target_bin("idgate"))
+        .arg(target_bin("idgate"));
+    run_cli(cmd, agent, args)
+}
+
+/// Runs `cmd ARGS --socket S`: whether it succeeded, and what it printed.
+fn run_cli(mut cmd: Command, agent: &Agent, args: &[&str]) -> (bool, String) {
+    let out = cmd
         .args(args)
         .arg("--socket")
         .arg(&agent.socket)
         .output()
-        .expect("run setpriv idgate");
+        .expect("run idgate");
     (
         out.status.success(),
         format!(
