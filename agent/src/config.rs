@@ -245,12 +245,12 @@ mod tests {
     use super::*;
 
     fn load_str(text: &str) -> Result<Config, ConfigError> {
+        // Tests run in parallel: every call gets a file of its own.
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("idgate-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(format!(
-            "{:x}.toml",
-            text.len() * 31 + text.as_bytes()[0] as usize
-        ));
+        let path = dir.join(format!("{call}.toml"));
         std::fs::write(&path, text).unwrap();
         let r = Config::load(&path);
         std::fs::remove_file(&path).unwrap();
