@@ -456,6 +456,39 @@ pub fn probe_with_pid(cgroup: &Path, op: &str, addr: &str) -> (u32, String) {
     (pid, String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
+/// Listeners a test's workloads connect to: TCP on 127.0.0.1 and ::1 at
+/// one port, UDP on 127.0.0.1 at another; they listen while this lives.
+pub struct Listeners {
+    _tcp4: std::net::TcpListener,
+    _tcp6: std::net::TcpListener,
+    _udp: std::net::UdpSocket,
+    pub tcp_port: u16,
+    pub udp_port: u16,
+}
+
+impl Listeners {
+    pub fn new() -> Self {
+        let tcp4 = std::net::TcpListener::bind("127.0.0.1:0").expect("bind tcp4");
+        let tcp_port = tcp4.local_addr().expect("local addr").port();
+        let tcp6 = std::net::TcpListener::bind(("::1", tcp_port)).expect("bind tcp6");
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+        let udp_port = udp.local_addr().expect("local addr").port();
+        Self {
+            _tcp4: tcp4,
+            _tcp6: tcp6,
+            _udp: udp,
+            tcp_port,
+            udp_port,
+        }
+    }
+}
+
+impl Default for Listeners {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// A loopback TCP port nobody listens on at the moment.
 pub fn free_loopback_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");

@@ -5,9 +5,7 @@
 //! "Allowed" is shown by `ok` (a listener accepted) or `ECONNREFUSED` (the
 //! kernel let the connect through to a closed port); "denied" by `EPERM`.
 
-use std::net::{TcpListener, UdpSocket};
-
-use idgate_tests::{Agent, Cgroups, probe, require_privileges};
+use idgate_tests::{Agent, Cgroups, Listeners, probe, require_privileges};
 use nix::sys::signal::Signal;
 
 const WEB: &str = "spiffe://example.org/web";
@@ -16,26 +14,18 @@ const WEB: &str = "spiffe://example.org/web";
 /// identity reach exactly them: TCP on 127.0.0.1 and ::1 at the TCP port,
 /// UDP on 127.0.0.1 at the UDP port.
 struct Fixture {
-    _tcp4: TcpListener,
-    _tcp6: TcpListener,
-    _udp: UdpSocket,
+    _listeners: Listeners,
     tcp_port: u16,
     udp_port: u16,
 }
 
 impl Fixture {
     fn new() -> Self {
-        let tcp4 = TcpListener::bind("127.0.0.1:0").unwrap();
-        let tcp_port = tcp4.local_addr().unwrap().port();
-        let tcp6 = TcpListener::bind(("::1", tcp_port)).unwrap();
-        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let udp_port = udp.local_addr().unwrap().port();
+        let listeners = Listeners::new();
         Self {
-            _tcp4: tcp4,
-            _tcp6: tcp6,
-            _udp: udp,
-            tcp_port,
-            udp_port,
+            tcp_port: listeners.tcp_port,
+            udp_port: listeners.udp_port,
+            _listeners: listeners,
         }
     }
 

@@ -2,14 +2,13 @@
 //! come out of the agent's audit log and metrics, field by field, counted
 //! one by one; a full ring buffer is counted, never silent.
 
-use std::net::{TcpListener, UdpSocket};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use idgate_tests::{
-    Agent, Cgroups, free_loopback_port, json_lines, metric, probe, probe_with_pid, repeat_counts,
-    require_privileges, scrape, spawn_repeat, wait_for,
+    Agent, Cgroups, Listeners, free_loopback_port, json_lines, metric, probe, probe_with_pid,
+    repeat_counts, require_privileges, scrape, spawn_repeat, wait_for,
 };
 use nix::sys::signal::Signal;
 use serde_json::Value;
@@ -22,26 +21,18 @@ const AUDITED: &str = "spiffe://example.org/audited";
 /// else falls to the deny default; `audited` is in audit mode with the
 /// same default.
 struct Fixture {
-    _tcp4: TcpListener,
-    _tcp6: TcpListener,
-    _udp: UdpSocket,
+    _listeners: Listeners,
     port: u16,
     udp_port: u16,
 }
 
 impl Fixture {
     fn new() -> Self {
-        let tcp4 = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = tcp4.local_addr().unwrap().port();
-        let tcp6 = TcpListener::bind(("::1", port)).unwrap();
-        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let udp_port = udp.local_addr().unwrap().port();
+        let listeners = Listeners::new();
         Self {
-            _tcp4: tcp4,
-            _tcp6: tcp6,
-            _udp: udp,
-            port,
-            udp_port,
+            port: listeners.tcp_port,
+            udp_port: listeners.udp_port,
+            _listeners: listeners,
         }
     }
 
