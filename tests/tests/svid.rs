@@ -131,6 +131,34 @@ fn wait_bound(agent: &Agent, dir: &Path) {
     });
 }
 
+/// An agent of trust domain `td` whose one workload (cgroup `workload`,
+/// bound to `id`, which policy lets connect) trusts `trusted` only through
+/// a static bundle file, fetching nothing; started and bound. The cgroups
+/// come back first so that, bound in that order, the agent goes before
+/// them.
+fn static_truster(
+    tag: &str,
+    td: &str,
+    id: &str,
+    workload: &str,
+    trusted: &str,
+    bundle: &Path,
+) -> (Cgroups, PathBuf, Agent) {
+    let mut cgroups = Cgroups::new(tag);
+    let dir = cgroups.inside(workload);
+    let agent = Agent::start(
+        &cgroups,
+        &policy(&[id]),
+        &config(
+            td,
+            &[(workload, id)],
+            &format!("[[svid.federates_with]]\ntrust_domain = {trusted:?}\nbundle = {bundle:?}\n"),
+        ),
+    );
+    wait_bound(&agent, &dir);
+    (cgroups, dir, agent)
+}
+
 /// A long-running mutual TLS server; killed on drop.
 struct Server {
     child: Child,
@@ -443,21 +471,14 @@ fn mutual_tls_where_policy_and_peer_check_decide_on_the_same_ids() {
     // them), its policy lets its workload connect, and ALPHA refuses it.
     let creds = agent.dir.join("alpha-creds");
     idgate_svid(&agent, alpha, &["--write", creds.to_str().unwrap()]).unwrap();
-    let mut other_cg = Cgroups::new("svid-mtls-other");
-    let o = other_cg.inside("o");
-    let other = Agent::start(
-        &other_cg,
-        &policy(&[OTHER]),
-        &config(
-            "other.test",
-            &[("o", OTHER)],
-            &format!(
-                "[[svid.federates_with]]\ntrust_domain = \"example.org\"\nbundle = {:?}\n",
-                creds.join("bundle.pem")
-            ),
-        ),
+    let (_other_cg, o, other) = static_truster(
+        "svid-mtls-other",
+        "other.test",
+        OTHER,
+        "o",
+        "example.org",
+        &creds.join("bundle.pem"),
     );
-    wait_bound(&other, &o);
     let server_foreign = Server::start(&agent, alpha, &[OTHER]);
     let out = connect(&other, &o, &server_foreign.addr(), ALPHA);
     assert!(!out.starts_with("ok"), "{out}");
@@ -809,21 +830,14 @@ fn two_agents_federate_over_https_spiffe_and_their_workloads_talk_mutual_tls() {
     // A third trust domain that neither federates with: C trusts a.test
     // (a static bundle), its policy lets it connect, and A refuses it;
     // A's workload refuses C's server likewise.
-    let mut cg_c = Cgroups::new("svid-fed-c");
-    let c_dir = cg_c.inside("client");
-    let c = Agent::start(
-        &cg_c,
-        &policy(&[C_CLIENT]),
-        &config(
-            "c.test",
-            &[("client", C_CLIENT)],
-            &format!(
-                "[[svid.federates_with]]\ntrust_domain = \"a.test\"\nbundle = {:?}\n",
-                a_creds.join("bundle.pem")
-            ),
-        ),
+    let (_cg_c, c_dir, c) = static_truster(
+        "svid-fed-c",
+        "c.test",
+        C_CLIENT,
+        "client",
+        "a.test",
+        &a_creds.join("bundle.pem"),
     );
-    wait_bound(&c, &c_dir);
     let out = connect(&c, &c_dir, &server.addr(), A_SERVER);
     assert!(!out.starts_with("ok"), "{out}");
     let v = server.verdict();
