@@ -131,32 +131,32 @@ fn wait_bound(agent: &Agent, dir: &Path) {
     });
 }
 
-/// An agent of trust domain `td` whose one workload (cgroup `workload`,
-/// bound to `id`, which policy lets connect) trusts `trusted` only through
-/// a static bundle file, fetching nothing; started and bound. The cgroups
-/// come back first so that, bound in that order, the agent goes before
-/// them.
-fn static_truster(
+/// An agent of trust domain `td` whose one workload (cgroup `workload`)
+/// is `id`, which policy lets connect, with `svid` in its `[svid]` table;
+/// started and bound. The cgroups come back first so that, bound in that
+/// order, the agent goes before them.
+fn bound_agent(
     tag: &str,
     td: &str,
-    id: &str,
     workload: &str,
-    trusted: &str,
-    bundle: &Path,
+    id: &str,
+    svid: &str,
 ) -> (Cgroups, PathBuf, Agent) {
     let mut cgroups = Cgroups::new(tag);
     let dir = cgroups.inside(workload);
     let agent = Agent::start(
         &cgroups,
         &policy(&[id]),
-        &config(
-            td,
-            &[(workload, id)],
-            &format!("[[svid.federates_with]]\ntrust_domain = {trusted:?}\nbundle = {bundle:?}\n"),
-        ),
+        &config(td, &[(workload, id)], svid),
     );
     wait_bound(&agent, &dir);
     (cgroups, dir, agent)
+}
+
+/// `[svid]` lines that trust `td` only through a static bundle file,
+/// fetching nothing.
+fn static_trust(td: &str, bundle: &Path) -> String {
+    format!("[[svid.federates_with]]\ntrust_domain = {td:?}\nbundle = {bundle:?}\n")
 }
 
 /// A long-running mutual TLS server; killed on drop.
@@ -286,14 +286,7 @@ fn a_bound_workload_gets_its_svids_and_an_unbound_one_is_denied() {
 #[test]
 fn bad_requests_get_the_specified_errors_and_the_server_keeps_serving() {
     require_privileges!();
-    let mut cg = Cgroups::new("svid-bad");
-    let a = cg.inside("a");
-    let agent = Agent::start(
-        &cg,
-        &policy(&[ALPHA]),
-        &config("example.org", &[("a", ALPHA)], ""),
-    );
-    wait_bound(&agent, &a);
+    let (_cg, a, agent) = bound_agent("svid-bad", "example.org", "a", ALPHA, "");
     let raw = |args: &[&str]| {
         let mut all = vec!["raw"];
         all.extend(args);
@@ -350,18 +343,13 @@ fn bad_requests_get_the_specified_errors_and_the_server_keeps_serving() {
 #[test]
 fn streams_renew_before_half_the_lifetime_and_end_on_revocation() {
     require_privileges!();
-    let mut cg = Cgroups::new("svid-stream");
-    let a = cg.inside("a");
-    let agent = Agent::start(
-        &cg,
-        &policy(&[ALPHA]),
-        &config(
-            "example.org",
-            &[("a", ALPHA)],
-            "x509_ttl = \"4s\"\nca_ttl = \"1h\"",
-        ),
+    let (_cg, a, agent) = bound_agent(
+        "svid-stream",
+        "example.org",
+        "a",
+        ALPHA,
+        "x509_ttl = \"4s\"\nca_ttl = \"1h\"",
     );
-    wait_bound(&agent, &a);
     let mut child = spiffe(&agent, &a, &["raw", "stream", "60"])
         .stdout(Stdio::piped())
         .spawn()
@@ -471,13 +459,12 @@ fn mutual_tls_where_policy_and_peer_check_decide_on_the_same_ids() {
     // them), its policy lets its workload connect, and ALPHA refuses it.
     let creds = agent.dir.join("alpha-creds");
     idgate_svid(&agent, alpha, &["--write", creds.to_str().unwrap()]).unwrap();
-    let (_other_cg, o, other) = static_truster(
+    let (_other_cg, o, other) = bound_agent(
         "svid-mtls-other",
         "other.test",
-        OTHER,
         "o",
-        "example.org",
-        &creds.join("bundle.pem"),
+        OTHER,
+        &static_trust("example.org", &creds.join("bundle.pem")),
     );
     let server_foreign = Server::start(&agent, alpha, &[OTHER]);
     let out = connect(&other, &o, &server_foreign.addr(), ALPHA);
@@ -489,14 +476,7 @@ fn mutual_tls_where_policy_and_peer_check_decide_on_the_same_ids() {
 #[test]
 fn the_rust_spiffe_crate_fetches_and_verifies_svids_and_bundles() {
     require_privileges!();
-    let mut cg = Cgroups::new("svid-rust");
-    let a = cg.inside("a");
-    let agent = Agent::start(
-        &cg,
-        &policy(&[ALPHA]),
-        &config("example.org", &[("a", ALPHA)], ""),
-    );
-    wait_bound(&agent, &a);
+    let (_cg, a, agent) = bound_agent("svid-rust", "example.org", "a", ALPHA, "");
     let v = spiffe_json(&agent, &a, &["interop", "db"]);
     assert_eq!(v["x509_id"], ALPHA, "{v}");
     assert_eq!(v["chain_verified"], true);
@@ -512,14 +492,7 @@ fn the_python_spiffe_package_fetches_and_verifies_svids_and_bundles() {
     let Some(python) = python_spiffe() else {
         return;
     };
-    let mut cg = Cgroups::new("svid-py");
-    let a = cg.inside("a");
-    let agent = Agent::start(
-        &cg,
-        &policy(&[ALPHA]),
-        &config("example.org", &[("a", ALPHA)], ""),
-    );
-    wait_bound(&agent, &a);
+    let (_cg, a, agent) = bound_agent("svid-py", "example.org", "a", ALPHA, "");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/spiffe_interop.py");
     let out = Command::new("sh")
         .arg("-c")
@@ -830,13 +803,12 @@ fn two_agents_federate_over_https_spiffe_and_their_workloads_talk_mutual_tls() {
     // A third trust domain that neither federates with: C trusts a.test
     // (a static bundle), its policy lets it connect, and A refuses it;
     // A's workload refuses C's server likewise.
-    let (_cg_c, c_dir, c) = static_truster(
+    let (_cg_c, c_dir, c) = bound_agent(
         "svid-fed-c",
         "c.test",
-        C_CLIENT,
         "client",
-        "a.test",
-        &a_creds.join("bundle.pem"),
+        C_CLIENT,
+        &static_trust("a.test", &a_creds.join("bundle.pem")),
     );
     let out = connect(&c, &c_dir, &server.addr(), A_SERVER);
     assert!(!out.starts_with("ok"), "{out}");
