@@ -12,6 +12,7 @@
 //! configuration changed) are detached only after the new scope's links
 //! are in place.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -128,13 +129,15 @@ pub fn install(
         source,
     })?;
     let mut staged = Vec::new();
+    // The kernel's programs, read once when a pin is first found.
+    let mut loaded = None;
     for name in programs::PINNED {
         let pin = pin_dir.join(link_name(name, scope_id));
         let tag = load(&mut ebpf, name)?;
         if !pin.exists() {
             pin_link(attach(&mut ebpf, name, &scope)?, &pin)?;
             attachment.attached.push(name);
-        } else if pinned_tag(&pin)? == tag {
+        } else if pinned_tag(&pin, loaded.get_or_insert_with(loaded_tags))? == tag {
             attachment.adopted.push(name);
         } else {
             staged.push((stage(attach(&mut ebpf, name, &scope)?, &pin)?, pin));
@@ -269,8 +272,16 @@ fn attach(ebpf: &mut Ebpf, name: &'static str, scope: &File) -> Result<FdLink, B
     }
 }
 
-/// The tag of the program behind a pinned link.
-fn pinned_tag(pin: &Path) -> Result<u64, BpfError> {
+/// The tag of every program loaded in the kernel, by program id.
+fn loaded_tags() -> HashMap<u32, u64> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .map(|p| (p.id(), p.tag()))
+        .collect()
+}
+
+/// The tag of the program behind a pinned link, found in `loaded`.
+fn pinned_tag(pin: &Path, loaded: &HashMap<u32, u64>) -> Result<u64, BpfError> {
     let unusable = |message: String| BpfError::Link {
         path: pin.to_owned(),
         message: format!("pinned but not a usable link: {message}"),
@@ -280,10 +291,9 @@ fn pinned_tag(pin: &Path) -> Result<u64, BpfError> {
         .info()
         .map_err(|e| unusable(e.to_string()))?
         .program_id();
-    aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .find(|p| p.id() == id)
-        .map(|p| p.tag())
+    loaded
+        .get(&id)
+        .copied()
         .ok_or_else(|| unusable(format!("its program {id} is gone")))
 }
 
