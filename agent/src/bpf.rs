@@ -2,6 +2,7 @@
 //! writing the maps.
 
 mod bpffs;
+mod detach;
 mod loader;
 mod maps;
 mod pins;

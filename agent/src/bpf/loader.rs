@@ -25,7 +25,7 @@ use idgate_common::{Scope, maps, programs};
 
 use super::maps::{PolicyMaps, SlotTable};
 use super::pins::Pins;
-use super::{BpfError, bpffs};
+use super::{BpfError, bpffs, detach};
 use crate::cgroup;
 
 /// The kernel programs, built by `build.rs`.
@@ -318,17 +318,14 @@ fn stage(link: FdLink, pin: &Path) -> Result<PathBuf, BpfError> {
     Ok(staged)
 }
 
-/// Unpins links of this agent's programs that belong to another scope.
+/// Detaches and unpins links of this agent's programs that belong to another scope.
 fn detach_stale(pin_dir: &Path, scope_id: u64) -> Result<Vec<String>, BpfError> {
     let mut detached = Vec::new();
     for path in pinned_links(pin_dir)? {
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
         let Some(name) = name else { continue };
         if !name.ends_with(&format!("@{scope_id}")) {
-            std::fs::remove_file(&path).map_err(|source| BpfError::Io {
-                path: path.clone(),
-                source,
-            })?;
+            remove_link(&path)?;
             tracing::warn!(link = %name, "detached a link left for another scope");
             detached.push(name);
         }
@@ -354,25 +351,40 @@ fn pinned_links(pin_dir: &Path) -> Result<Vec<PathBuf>, BpfError> {
         .collect())
 }
 
-/// Removes every pin idgate made: its links (which detaches the programs
-/// once no process holds them) and its maps. Returns what was removed.
+/// Detaches the link pinned at `path` and removes the pin; enforcement by
+/// its program has ended when this returns.
+fn remove_link(path: &Path) -> Result<(), BpfError> {
+    let io = |source| BpfError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    detach::detach_pinned(path).map_err(io)?;
+    std::fs::remove_file(path).map_err(io)
+}
+
+/// Removes every pin idgate made: its links, detached first, and its maps.
+/// Returns what was removed.
 pub fn uninstall(pin_dir: &Path) -> Result<Vec<PathBuf>, BpfError> {
     if !pin_dir.exists() {
         return Ok(Vec::new());
     }
-    let mut removed = pinned_links(pin_dir)?;
-    removed.extend(
-        maps::ALL
-            .iter()
-            .map(|m| pin_dir.join(m))
-            .filter(|p| p.exists()),
-    );
-    for path in &removed {
+    let links = pinned_links(pin_dir)?;
+    for path in &links {
+        remove_link(path)?;
+    }
+    let maps: Vec<PathBuf> = maps::ALL
+        .iter()
+        .map(|m| pin_dir.join(m))
+        .filter(|p| p.exists())
+        .collect();
+    for path in &maps {
         std::fs::remove_file(path).map_err(|source| BpfError::Io {
             path: path.clone(),
             source,
         })?;
     }
+    let mut removed = links;
+    removed.extend(maps);
     // Only an empty directory goes: anything else in it is not ours.
     if let Err(e) = std::fs::remove_dir(pin_dir) {
         tracing::warn!(path = %pin_dir.display(), error = %e, "pin directory left in place");
