@@ -2,10 +2,10 @@
 //! writing the maps.
 
 mod bpffs;
-mod detach;
 mod loader;
 mod maps;
 mod pins;
+mod syscall;
 
 pub use loader::{Attachment, Enforcer, ExecNotices, install, uninstall};
 pub use maps::{PolicyMaps, SlotTable};

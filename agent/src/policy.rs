@@ -13,7 +13,7 @@ mod precedence;
 mod subject;
 mod summary;
 
-pub use compile::{CompiledPolicy, DestEntry, PortEntry, compile, evaluate};
+pub use compile::{CompiledPolicy, RuleSet, SlotEntry, compile, evaluate};
 pub use diagnostic::{Diagnostic, Location};
 pub use diff::{PolicyDiff, diff};
 pub use load::load;

@@ -14,13 +14,21 @@
 //! 4. [`maps::SLOT_POLICY`]: `gen * MAX_SLOTS + slot` -> [`SlotPolicy`]. An
 //!    all-zero entry (no [`slot_policy::PRESENT`] flag) means the active
 //!    generation has no policy for the slot: deny.
-//! 5. [`maps::DEST_V4`] / [`maps::DEST_V6`]: LPM tries keyed by
-//!    `(gen, slot, address prefix)` -> [`DestTables`], one port table per
-//!    protocol. An IPv4-mapped IPv6 destination is looked up in `DEST_V4`.
-//! 6. [`maps::PORTS`]: LPM trie keyed by `(gen, table, port prefix)` ->
-//!    [`RuleVerdict`]. User space has already folded less specific prefixes
-//!    into each table and split overlapping port ranges into disjoint
-//!    blocks, so the longest match is the answer.
+//! 5. [`maps::SLOT_DESTS`]: the same index -> an LPM trie of that slot's
+//!    rule set, keyed by [`DestKey`] (address family, address prefix) ->
+//!    [`DestTables`], one port table per protocol. An IPv4-mapped IPv6
+//!    destination is looked up as IPv4. Each rule set has tries of its own,
+//!    as deep as its own rules need, whatever the size of the policy;
+//!    slots with the same rule set share them.
+//! 6. [`maps::SLOT_PORTS`]: the same index -> an LPM trie keyed by
+//!    [`PortKey`] (table, port prefix) -> [`RuleVerdict`]. User space has
+//!    already folded less specific prefixes into each table and split
+//!    overlapping port ranges into disjoint blocks, so the longest match is
+//!    the answer.
+//!
+//! The inner tries are never changed once they are in an outer array:
+//! a reload builds new ones for the inactive generation (or reuses the
+//! active generation's for rule sets that did not change).
 //!
 //! A miss in steps 5 or 6 falls to the slot's default verdict.
 //!
@@ -39,9 +47,12 @@ pub mod maps {
     pub const SLOT_STATE: &str = "IDG_SLOT_STATE";
     pub const GENERATION: &str = "IDG_GENERATION";
     pub const SLOT_POLICY: &str = "IDG_SLOT_POLICY";
-    pub const DEST_V4: &str = "IDG_DEST_V4";
-    pub const DEST_V6: &str = "IDG_DEST_V6";
-    pub const PORTS: &str = "IDG_PORTS";
+    /// Array of maps: [`slot_policy_index`](super::slot_policy_index) ->
+    /// the slot's destination trie.
+    pub const SLOT_DESTS: &str = "IDG_SLOT_DESTS";
+    /// Array of maps: [`slot_policy_index`](super::slot_policy_index) ->
+    /// the slot's port trie.
+    pub const SLOT_PORTS: &str = "IDG_SLOT_PORTS";
     /// User-side record of which identity holds each slot (SHA-256 of the
     /// SPIFFE ID, all zero when free), pinned so that a restarted agent
     /// keeps every slot number and no binding points at the wrong policy.
@@ -61,14 +72,13 @@ pub mod maps {
     pub const EXEC_NOTICES: &str = "IDG_EXEC_NOTICES";
 
     /// Every map, for pinning, adoption and uninstall.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 12] = [
         IDENTITIES,
         SLOT_STATE,
         GENERATION,
         SLOT_POLICY,
-        DEST_V4,
-        DEST_V6,
-        PORTS,
+        SLOT_DESTS,
+        SLOT_PORTS,
         SLOT_IDS,
         EVENTS,
         EVENT_SETTINGS,
@@ -123,10 +133,11 @@ pub const MAX_SLOTS: u32 = 65_536;
 pub const MAX_BOUND_CGROUPS: u32 = 65_536;
 /// Policy generations kept in the maps: the active one and the next.
 pub const GENERATIONS: u32 = 2;
-/// Address-prefix entries per family, over both generations.
-pub const MAX_DEST_ENTRIES: u32 = 524_288;
-/// Port-block entries, over both generations.
-pub const MAX_PORT_ENTRIES: u32 = 1_048_576;
+/// Address-prefix entries of one rule set's destination trie (both
+/// families).
+pub const MAX_SET_DESTS: u32 = 262_144;
+/// Port-block entries of one rule set's port trie (all its tables).
+pub const MAX_SET_PORT_BLOCKS: u32 = 262_144;
 
 /// The slot of every cgroup in the scope that has no identity: the
 /// unknown-workload policy is compiled into this slot.
@@ -171,35 +182,32 @@ pub struct SlotPolicy {
     pub flags: u32,
 }
 
-/// Index of a slot's policy in [`maps::SLOT_POLICY`].
+/// Index of a slot's entry in [`maps::SLOT_POLICY`], [`maps::SLOT_DESTS`] and
+/// [`maps::SLOT_PORTS`].
 #[inline(always)]
 pub const fn slot_policy_index(generation: u32, slot: u32) -> u32 {
     (generation & 1) * MAX_SLOTS + (slot % MAX_SLOTS)
 }
 
-/// LPM data of [`maps::DEST_V4`]. The first [`DEST_FIXED_BITS`] bits are
-/// always matched in full.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DestV4 {
-    pub generation: u32,
-    pub slot: u32,
-    /// Address bytes in network order.
-    pub addr: [u8; 4],
-}
+/// [`DestKey::family`] of an IPv4 prefix (and of an IPv4-mapped IPv6
+/// destination when it is looked up).
+pub const FAMILY_V4: u32 = 4;
+/// [`DestKey::family`] of an IPv6 prefix.
+pub const FAMILY_V6: u32 = 6;
 
-/// LPM data of [`maps::DEST_V6`].
+/// LPM data of a destination trie. The first [`DEST_FIXED_BITS`] bits
+/// (the family) are always matched in full.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DestV6 {
-    pub generation: u32,
-    pub slot: u32,
-    /// Address bytes in network order.
+pub struct DestKey {
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u32,
+    /// Address bytes in network order: an IPv4 address in the first four.
     pub addr: [u8; 16],
 }
 
-/// Bits of a destination key before the address: generation and slot.
-pub const DEST_FIXED_BITS: u32 = 64;
+/// Bits of a destination key before the address: the family.
+pub const DEST_FIXED_BITS: u32 = 32;
 
 /// Value of the destination tries: the port table for each protocol.
 #[repr(C)]
@@ -211,11 +219,11 @@ pub struct DestTables {
     pub udp: u32,
 }
 
-/// LPM data of [`maps::PORTS`].
+/// LPM data of a port trie.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PortKey {
-    pub generation: u32,
+    /// A table of the rule set (from 1; [`NO_TABLE`] is never stored).
     pub table: u32,
     /// Port in network order.
     pub port: [u8; 2],
@@ -223,10 +231,10 @@ pub struct PortKey {
     pub _pad: [u8; 2],
 }
 
-/// Bits of a port key before the port: generation and table.
-pub const PORT_FIXED_BITS: u32 = 64;
+/// Bits of a port key before the port: the table.
+pub const PORT_FIXED_BITS: u32 = 32;
 
-/// Value of [`maps::PORTS`]: what the matching rule says.
+/// Value of a port trie: what the matching rule says.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RuleVerdict {
@@ -361,8 +369,7 @@ mod pod {
     // SAFETY: every type is `repr(C)`, made of integers and byte arrays with
     // no implicit padding, so any bit pattern is a valid value.
     unsafe impl aya::Pod for super::SlotPolicy {}
-    unsafe impl aya::Pod for super::DestV4 {}
-    unsafe impl aya::Pod for super::DestV6 {}
+    unsafe impl aya::Pod for super::DestKey {}
     unsafe impl aya::Pod for super::DestTables {}
     unsafe impl aya::Pod for super::PortKey {}
     unsafe impl aya::Pod for super::RuleVerdict {}
@@ -380,12 +387,11 @@ mod tests {
     #[test]
     fn records_have_no_implicit_padding() {
         assert_eq!(size_of::<SlotPolicy>(), 12);
-        assert_eq!(size_of::<DestV4>(), 12);
-        assert_eq!(size_of::<DestV6>(), 24);
+        assert_eq!(size_of::<DestKey>(), 20);
         assert_eq!(size_of::<Scope>(), 16);
         assert_eq!(size_of::<ExecNotice>(), 16);
         assert_eq!(size_of::<DestTables>(), 8);
-        assert_eq!(size_of::<PortKey>(), 12);
+        assert_eq!(size_of::<PortKey>(), 8);
         assert_eq!(size_of::<RuleVerdict>(), 8);
         assert_eq!(size_of::<DecisionRecord>(), 112);
         assert_eq!(size_of::<EventSettings>(), 8);

@@ -7,22 +7,23 @@ mod exec;
 mod raw_sockets;
 
 use aya_ebpf::{
+    btf_maps::{ArrayOfMaps, LpmTrie},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         generated::{
             bpf_get_current_comm, bpf_get_prandom_u32, bpf_ktime_get_boot_ns, bpf_ktime_get_ns,
         },
     },
-    macros::{cgroup_sock_addr, map},
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
+    macros::{btf_map, cgroup_sock_addr, map},
+    maps::{Array, HashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::SockAddrContext,
 };
 use core::ptr::{addr_of, addr_of_mut, read_volatile};
 use idgate_common::{
-    DEST_FIXED_BITS, DecisionRecord, DestTables, DestV4, DestV6, EVENTS_RING_BYTES, EventSettings,
-    GENERATIONS, MAX_BOUND_CGROUPS, MAX_DEST_ENTRIES, MAX_PORT_ENTRIES, MAX_SLOTS, NO_TABLE,
-    PORT_FIXED_BITS, PortKey, RECORD_LAYOUT, RuleVerdict, SlotPolicy, UNKNOWN_SLOT, hook, reason,
-    record_flags, slot_policy, slot_policy_index, slot_state, verdict,
+    DEST_FIXED_BITS, DecisionRecord, DestKey, DestTables, EVENTS_RING_BYTES, EventSettings,
+    FAMILY_V4, FAMILY_V6, GENERATIONS, MAX_BOUND_CGROUPS, MAX_SET_DESTS, MAX_SET_PORT_BLOCKS,
+    MAX_SLOTS, NO_TABLE, PORT_FIXED_BITS, PortKey, RECORD_LAYOUT, RuleVerdict, SlotPolicy,
+    UNKNOWN_SLOT, hook, reason, record_flags, slot_policy, slot_policy_index, slot_state, verdict,
 };
 
 #[map(name = "IDG_IDENTITIES")]
@@ -37,14 +38,22 @@ static GENERATION: Array<u32> = Array::pinned(1, 0);
 #[map(name = "IDG_SLOT_POLICY")]
 static SLOT_POLICY: Array<SlotPolicy> = Array::pinned(GENERATIONS * MAX_SLOTS, 0);
 
-#[map(name = "IDG_DEST_V4")]
-static DEST_V4: LpmTrie<DestV4, DestTables> = LpmTrie::pinned(MAX_DEST_ENTRIES, 0);
+/// Entries of each outer array: one per slot and generation.
+const SLOT_ENTRIES: usize = (GENERATIONS * MAX_SLOTS) as usize;
 
-#[map(name = "IDG_DEST_V6")]
-static DEST_V6: LpmTrie<DestV6, DestTables> = LpmTrie::pinned(MAX_DEST_ENTRIES, 0);
+// Arrays of maps are BTF-defined (the inner trie is their template); the
+// agent pins them itself.
+#[btf_map(name = "IDG_SLOT_DESTS")]
+static SLOT_DESTS: ArrayOfMaps<
+    LpmTrie<DestKey, DestTables, { MAX_SET_DESTS as usize }>,
+    SLOT_ENTRIES,
+> = ArrayOfMaps::new();
 
-#[map(name = "IDG_PORTS")]
-static PORTS: LpmTrie<PortKey, RuleVerdict> = LpmTrie::pinned(MAX_PORT_ENTRIES, 0);
+#[btf_map(name = "IDG_SLOT_PORTS")]
+static SLOT_PORTS: ArrayOfMaps<
+    LpmTrie<PortKey, RuleVerdict, { MAX_SET_PORT_BLOCKS as usize }>,
+    SLOT_ENTRIES,
+> = ArrayOfMaps::new();
 
 /// Not read here: the agent keeps its slot table in it (see idgate-common).
 #[map(name = "IDG_SLOT_IDS")]
@@ -203,39 +212,32 @@ fn decide(cgroup: u64, protocol: u32, port: u16, dest: &Dest) -> Decision {
         return d;
     }
 
-    let tables = if dest.v4 {
-        let mut addr = [0u8; 4];
+    let index = slot_policy_index(generation, slot);
+    let mut key = DestKey {
+        family: FAMILY_V6,
+        addr: dest.addr,
+    };
+    let mut bits = 128;
+    if dest.v4 {
         let from = if dest.flags & record_flags::V4_MAPPED != 0 {
             12
         } else {
             0
         };
-        addr[0] = dest.addr[from];
-        addr[1] = dest.addr[from + 1];
-        addr[2] = dest.addr[from + 2];
-        addr[3] = dest.addr[from + 3];
-        DEST_V4
-            .get(Key::new(
-                DEST_FIXED_BITS + 32,
-                DestV4 {
-                    generation,
-                    slot,
-                    addr,
-                },
-            ))
-            .copied()
-    } else {
-        DEST_V6
-            .get(Key::new(
-                DEST_FIXED_BITS + 128,
-                DestV6 {
-                    generation,
-                    slot,
-                    addr: dest.addr,
-                },
-            ))
-            .copied()
-    };
+        key = DestKey {
+            family: FAMILY_V4,
+            addr: [0; 16],
+        };
+        key.addr[0] = dest.addr[from];
+        key.addr[1] = dest.addr[from + 1];
+        key.addr[2] = dest.addr[from + 2];
+        key.addr[3] = dest.addr[from + 3];
+        bits = 32;
+    }
+    let tables = SLOT_DESTS
+        .get(index)
+        .and_then(|trie| trie.get(&Key::new(DEST_FIXED_BITS + bits, key)))
+        .copied();
     let table = match (tables, protocol) {
         (Some(t), IPPROTO_TCP | IPPROTO_MPTCP) => t.tcp,
         (Some(t), IPPROTO_UDP) => t.udp,
@@ -250,12 +252,14 @@ fn decide(cgroup: u64, protocol: u32, port: u16, dest: &Dest) -> Decision {
     };
     if table != NO_TABLE {
         let key = PortKey {
-            generation,
             table,
             port: port.to_be_bytes(),
             _pad: [0; 2],
         };
-        if let Some(rule) = PORTS.get(Key::new(PORT_FIXED_BITS + 16, key)) {
+        let rule = SLOT_PORTS
+            .get(index)
+            .and_then(|trie| trie.get(&Key::new(PORT_FIXED_BITS + 16, key)));
+        if let Some(rule) = rule {
             d.verdict = rule.verdict;
             d.rule_id = rule.rule_id;
             d.reason = reason::RULE;

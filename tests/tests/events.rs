@@ -482,15 +482,15 @@ fn metrics_count_the_decisions_made() {
         Some(2.0)
     );
     assert_eq!(
-        metric(&text, "idgate_map_capacity", "map=\"IDG_PORTS\""),
-        Some(f64::from(idgate_common_ports_per_generation()))
+        metric(&text, "idgate_map_capacity", "map=\"IDG_SLOT_PORTS\""),
+        Some(f64::from(idgate_common_max_set_port_blocks()))
     );
 }
 
-/// `MAX_PORT_ENTRIES / GENERATIONS` from idgate-common (not a dependency
-/// of the tests: they see only what the agent shows).
-fn idgate_common_ports_per_generation() -> u32 {
-    1_048_576 / 2
+/// `MAX_SET_PORT_BLOCKS` from idgate-common (not a dependency of the
+/// tests: they see only what the agent shows).
+fn idgate_common_max_set_port_blocks() -> u32 {
+    262_144
 }
 
 #[test]

@@ -25,7 +25,7 @@ use idgate_common::{Scope, maps, programs};
 
 use super::maps::{PolicyMaps, SlotTable};
 use super::pins::Pins;
-use super::{BpfError, bpffs, detach};
+use super::{BpfError, bpffs, syscall};
 use crate::cgroup;
 
 /// The kernel programs, built by `build.rs`.
@@ -87,12 +87,16 @@ pub fn install(
     max_workloads: u32,
 ) -> Result<Enforcer, BpfError> {
     bpffs::ensure(pin_dir)?;
+    remove_retired_maps(pin_dir)?;
     let scope_id = cgroup::cgroup_id(scope_dir).map_err(|e| BpfError::Io {
         path: scope_dir.to_owned(),
         source: std::io::Error::other(e.to_string()),
     })?;
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pin_dir)
+        // BTF-defined maps carry no pinning of their own.
+        .map_pin_path(maps::SLOT_DESTS, pin_dir.join(maps::SLOT_DESTS))
+        .map_pin_path(maps::SLOT_PORTS, pin_dir.join(maps::SLOT_PORTS))
         .map_max_entries(maps::IDENTITIES, max_workloads)
         .load(OBJECT)?;
     let mut scope_map: Array<&mut MapData, Scope> = Array::try_from(
@@ -333,6 +337,31 @@ fn detach_stale(pin_dir: &Path, scope_id: u64) -> Result<Vec<String>, BpfError> 
     Ok(detached)
 }
 
+/// Removes pins of maps that an older agent made and this one no longer
+/// has (`IDG_` names not in [`maps::ALL`]), so that an upgrade does not
+/// leave their memory held.
+fn remove_retired_maps(pin_dir: &Path) -> Result<(), BpfError> {
+    let read = std::fs::read_dir(pin_dir).map_err(|source| BpfError::Io {
+        path: pin_dir.to_owned(),
+        source,
+    })?;
+    for entry in read.filter_map(Result::ok) {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with("IDG_") && !maps::ALL.contains(&name) {
+            std::fs::remove_file(entry.path()).map_err(|source| BpfError::Io {
+                path: entry.path(),
+                source,
+            })?;
+            tracing::warn!(
+                map = name,
+                "removed the pin of a map this version no longer has"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Every link pin of idgate's programs in `pin_dir`.
 fn pinned_links(pin_dir: &Path) -> Result<Vec<PathBuf>, BpfError> {
     let read = std::fs::read_dir(pin_dir).map_err(|source| BpfError::Io {
@@ -358,7 +387,7 @@ fn remove_link(path: &Path) -> Result<(), BpfError> {
         path: path.to_owned(),
         source,
     };
-    detach::detach_pinned(path).map_err(io)?;
+    syscall::detach_pinned(path).map_err(io)?;
     std::fs::remove_file(path).map_err(io)
 }
 

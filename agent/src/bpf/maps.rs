@@ -2,23 +2,140 @@
 //! table, and policy generations with their atomic switch.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap as StdHashMap};
+use std::os::fd::{AsFd, BorrowedFd};
 
-use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, lpm_trie::Key};
+use aya::Pod;
+use aya::maps::{Array, ArrayOfMaps, HashMap, LpmTrie, Map, MapData, MapError, lpm_trie::Key};
+use aya::sys::SyscallError;
+use aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_LPM_TRIE;
 use idgate_common::{
-    DEST_FIXED_BITS, DestTables, DestV4, DestV6, MAX_SLOTS, PORT_FIXED_BITS, PortKey, RuleVerdict,
-    SlotPolicy, UNKNOWN_SLOT, maps, slot_policy_index, slot_state,
+    DEST_FIXED_BITS, DestKey, DestTables, FAMILY_V4, FAMILY_V6, MAX_SET_DESTS, MAX_SET_PORT_BLOCKS,
+    MAX_SLOTS, PORT_FIXED_BITS, PortKey, RuleVerdict, SlotPolicy, UNKNOWN_SLOT, maps,
+    slot_policy_index, slot_state,
 };
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
 
-use super::BpfError;
+use super::{BpfError, syscall};
 use crate::identity::SpiffeId;
-use crate::policy::CompiledPolicy;
+use crate::policy::{CompiledPolicy, RuleSet, SlotEntry};
 
 type SlotHash = [u8; 32];
 
-fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> BpfError {
+/// `BPF_F_NO_PREALLOC`, which the kernel requires of LPM tries (the inner
+/// tries' template in the eBPF object has it too).
+const NO_PREALLOC: u32 = 1;
+
+/// Rule sets whose tries a reload holds open at once (two descriptors
+/// each) before it puts them into the outer arrays in one batch.
+const BATCH_SETS: usize = 512;
+
+fn map_err(name: &'static str) -> impl Fn(MapError) -> BpfError {
     move |source| BpfError::Map { name, source }
+}
+
+/// A new LPM trie of the inner template's type, named `name` (as
+/// `bpftool` shows it), holding `entries`.
+fn new_trie<K: Pod, V: Pod>(
+    outer: &'static str,
+    name: &str,
+    max_entries: u32,
+    entries: impl IntoIterator<Item = (Key<K>, V)>,
+) -> Result<MapData, BpfError> {
+    let obj = aya_obj::Map::new_from_params(
+        BPF_MAP_TYPE_LPM_TRIE as u32,
+        size_of::<Key<K>>() as u32,
+        size_of::<V>() as u32,
+        max_entries,
+        NO_PREALLOC,
+    );
+    let mut map = Map::LpmTrie(MapData::create(obj, name, None).map_err(map_err(outer))?);
+    let mut trie: LpmTrie<&mut MapData, K, V> =
+        LpmTrie::try_from(&mut map).map_err(map_err(outer))?;
+    for (key, value) in entries {
+        trie.insert(&key, value, 0).map_err(map_err(outer))?;
+    }
+    let Map::LpmTrie(data) = map else {
+        unreachable!("made as an LPM trie")
+    };
+    Ok(data)
+}
+
+/// The two tries of one rule set.
+struct Tries {
+    dests: MapData,
+    ports: MapData,
+}
+
+impl Tries {
+    /// New tries holding `set`.
+    fn build(set: &RuleSet) -> Result<Self, BpfError> {
+        let dests = set.dests.iter().map(|d| {
+            let (family, addr) = match d.net {
+                IpNet::V4(n) => {
+                    let mut addr = [0; 16];
+                    addr[..4].copy_from_slice(&n.network().octets());
+                    (FAMILY_V4, addr)
+                }
+                IpNet::V6(n) => (FAMILY_V6, n.network().octets()),
+            };
+            let plen = DEST_FIXED_BITS + u32::from(d.net.prefix_len());
+            let tables = DestTables {
+                tcp: d.tcp_table,
+                udp: d.udp_table,
+            };
+            (Key::new(plen, DestKey { family, addr }), tables)
+        });
+        let ports = set.ports.iter().map(|p| {
+            let key = PortKey {
+                table: p.table,
+                port: p.port.to_be_bytes(),
+                _pad: [0; 2],
+            };
+            let value = RuleVerdict {
+                verdict: p.verdict,
+                rule_id: p.rule_id,
+            };
+            (Key::new(PORT_FIXED_BITS + p.prefix_len, key), value)
+        });
+        Ok(Self {
+            dests: new_trie(maps::SLOT_DESTS, "idg_dests", MAX_SET_DESTS, dests)?,
+            ports: new_trie(maps::SLOT_PORTS, "idg_ports", MAX_SET_PORT_BLOCKS, ports)?,
+        })
+    }
+}
+
+/// One of the outer arrays of maps.
+struct Outer {
+    name: &'static str,
+    map: Map,
+}
+
+impl Outer {
+    fn new(name: &'static str, map: Map) -> Result<Self, BpfError> {
+        ArrayOfMaps::<&MapData, MapData>::try_from(&map).map_err(map_err(name))?;
+        Ok(Self { name, map })
+    }
+
+    /// The inner map at `index`.
+    fn get(&self, index: u32) -> Result<MapData, BpfError> {
+        ArrayOfMaps::<&MapData, MapData>::try_from(&self.map)
+            .and_then(|a| a.get(&index, 0))
+            .map_err(map_err(self.name))
+    }
+
+    /// Sets each of `keys` to the map of the same position in `inner`.
+    fn set_all(&self, keys: &[u32], inner: &[BorrowedFd<'_>]) -> Result<(), BpfError> {
+        let Map::ArrayOfMaps(data) = &self.map else {
+            unreachable!("checked in Outer::new")
+        };
+        syscall::set_inner_maps(data.fd().as_fd(), keys, inner).map_err(|io_error| {
+            map_err(self.name)(MapError::SyscallError(SyscallError {
+                call: "bpf_map_update_batch",
+                io_error,
+            }))
+        })
+    }
 }
 
 /// Handles on every map of a loaded or adopted object.
@@ -27,12 +144,17 @@ pub struct PolicyMaps {
     slot_state: Array<MapData, u32>,
     generation: Array<MapData, u32>,
     slot_policy: Array<MapData, SlotPolicy>,
-    dest_v4: LpmTrie<MapData, DestV4, DestTables>,
-    dest_v6: LpmTrie<MapData, DestV6, DestTables>,
-    ports: LpmTrie<MapData, PortKey, RuleVerdict>,
-    /// Slots that may have a policy entry in each generation; `None` when
-    /// not known (maps adopted from an earlier agent).
+    slot_dests: Outer,
+    slot_ports: Outer,
+    /// Empty tries, which the entries of slots without a policy point at
+    /// (so that no old tries are kept alive by them).
+    empty: Option<Tries>,
+    /// Slots that may have entries in each generation; `None` when not
+    /// known (maps adopted from an earlier agent).
     written: [Option<BTreeSet<u32>>; 2],
+    /// Each rule set of the active generation, with a slot whose entries
+    /// hold its tries: a reload reuses them for a set that did not change.
+    published: StdHashMap<RuleSet, u32>,
 }
 
 impl PolicyMaps {
@@ -48,10 +170,11 @@ impl PolicyMaps {
                 .map_err(map_err(maps::GENERATION))?,
             slot_policy: Array::try_from(get(maps::SLOT_POLICY)?)
                 .map_err(map_err(maps::SLOT_POLICY))?,
-            dest_v4: LpmTrie::try_from(get(maps::DEST_V4)?).map_err(map_err(maps::DEST_V4))?,
-            dest_v6: LpmTrie::try_from(get(maps::DEST_V6)?).map_err(map_err(maps::DEST_V6))?,
-            ports: LpmTrie::try_from(get(maps::PORTS)?).map_err(map_err(maps::PORTS))?,
+            slot_dests: Outer::new(maps::SLOT_DESTS, get(maps::SLOT_DESTS)?)?,
+            slot_ports: Outer::new(maps::SLOT_PORTS, get(maps::SLOT_PORTS)?)?,
+            empty: None,
             written: [None, None],
+            published: StdHashMap::new(),
         })
     }
 
@@ -68,112 +191,108 @@ impl PolicyMaps {
     /// with one map update. A program reads the generation once per
     /// decision, so every decision sees the old rule set or the new one.
     /// Returns the new active generation.
+    ///
+    /// Each rule set gets new tries, unless the active generation has the
+    /// same set: its tries (never changed once published) serve both.
     pub fn apply(&mut self, policy: &CompiledPolicy) -> Result<u32, BpfError> {
-        let next = self.active_generation()? ^ 1;
-        self.clear_generation(next)?;
-        let mut written = BTreeSet::new();
-        for (slot, sp) in &policy.slots {
-            self.slot_policy
-                .set(slot_policy_index(next, *slot), sp, 0)
-                .map_err(map_err(maps::SLOT_POLICY))?;
-            written.insert(*slot);
+        let active = self.active_generation()?;
+        let next = active ^ 1;
+        let mut slots_of: Vec<Vec<&SlotEntry>> = vec![Vec::new(); policy.rule_sets.len()];
+        for entry in &policy.slots {
+            slots_of[entry.rule_set].push(entry);
         }
-        for d in &policy.dests {
-            let tables = DestTables {
-                tcp: d.tcp_table,
-                udp: d.udp_table,
+        let mut written = BTreeSet::new();
+        let mut published = StdHashMap::with_capacity(policy.rule_sets.len());
+        let mut batch: Vec<(Tries, Vec<u32>)> = Vec::with_capacity(BATCH_SETS);
+        for (set, entries) in policy.rule_sets.iter().zip(&slots_of) {
+            let Some(first) = entries.first() else {
+                continue;
             };
-            let plen = DEST_FIXED_BITS + u32::from(d.net.prefix_len());
-            match d.net {
-                IpNet::V4(n) => {
-                    let data = DestV4 {
-                        generation: next,
-                        slot: d.slot,
-                        addr: n.network().octets(),
-                    };
-                    self.dest_v4
-                        .insert(&Key::new(plen, data), tables, 0)
-                        .map_err(map_err(maps::DEST_V4))?;
-                }
-                IpNet::V6(n) => {
-                    let data = DestV6 {
-                        generation: next,
-                        slot: d.slot,
-                        addr: n.network().octets(),
-                    };
-                    self.dest_v6
-                        .insert(&Key::new(plen, data), tables, 0)
-                        .map_err(map_err(maps::DEST_V6))?;
-                }
+            let tries = match self.published.get(set) {
+                Some(&slot) => self.tries_at(slot_policy_index(active, slot))?,
+                None => Tries::build(set)?,
+            };
+            let mut indices = Vec::with_capacity(entries.len());
+            for entry in entries {
+                let index = slot_policy_index(next, entry.slot);
+                self.slot_policy
+                    .set(index, entry.policy, 0)
+                    .map_err(map_err(maps::SLOT_POLICY))?;
+                indices.push(index);
+                written.insert(entry.slot);
+            }
+            published.insert(set.clone(), first.slot);
+            batch.push((tries, indices));
+            if batch.len() == BATCH_SETS {
+                self.point(&batch)?;
+                batch.clear();
             }
         }
-        for p in &policy.ports {
-            let key = PortKey {
-                generation: next,
-                table: p.table,
-                port: p.port.to_be_bytes(),
-                _pad: [0; 2],
-            };
-            let value = RuleVerdict {
-                verdict: p.verdict,
-                rule_id: p.rule_id,
-            };
-            self.ports
-                .insert(&Key::new(PORT_FIXED_BITS + p.prefix_len, key), value, 0)
-                .map_err(map_err(maps::PORTS))?;
-        }
+        self.point(&batch)?;
+        drop(batch);
+        self.clear_generation(next, &written)?;
         // The switch.
         self.generation
             .set(0, next, 0)
             .map_err(map_err(maps::GENERATION))?;
         self.written[next as usize] = Some(written);
+        self.published = published;
         Ok(next)
     }
 
-    /// Removes every entry of one (inactive) generation.
-    fn clear_generation(&mut self, generation: u32) -> Result<(), BpfError> {
-        let slots: Vec<u32> = match &self.written[generation as usize] {
-            Some(s) => s.iter().copied().collect(),
-            None => (0..MAX_SLOTS).collect(),
+    /// The tries the entries at `index` hold.
+    fn tries_at(&self, index: u32) -> Result<Tries, BpfError> {
+        Ok(Tries {
+            dests: self.slot_dests.get(index)?,
+            ports: self.slot_ports.get(index)?,
+        })
+    }
+
+    /// Points the outer entries at each `indices` at their `tries`, with
+    /// one batch update per outer array.
+    fn point(&self, batch: &[(Tries, Vec<u32>)]) -> Result<(), BpfError> {
+        let mut keys = Vec::new();
+        let mut dests = Vec::new();
+        let mut ports = Vec::new();
+        for (tries, indices) in batch {
+            for &index in indices {
+                keys.push(index);
+                dests.push(tries.dests.fd().as_fd());
+                ports.push(tries.ports.fd().as_fd());
+            }
+        }
+        self.slot_dests.set_all(&keys, &dests)?;
+        self.slot_ports.set_all(&keys, &ports)
+    }
+
+    /// Clears the entries of every slot of one (inactive) generation that
+    /// may have been written before and is not in `keep`: no policy, and
+    /// the empty tries.
+    fn clear_generation(&mut self, generation: u32, keep: &BTreeSet<u32>) -> Result<(), BpfError> {
+        let stale: Vec<u32> = match &self.written[generation as usize] {
+            Some(s) => s.difference(keep).copied().collect(),
+            None => (0..MAX_SLOTS).filter(|s| !keep.contains(s)).collect(),
         };
-        for slot in slots {
+        if stale.is_empty() {
+            return Ok(());
+        }
+        let mut indices = Vec::with_capacity(stale.len());
+        for slot in stale {
+            let index = slot_policy_index(generation, slot);
             self.slot_policy
-                .set(
-                    slot_policy_index(generation, slot),
-                    SlotPolicy::default(),
-                    0,
-                )
+                .set(index, SlotPolicy::default(), 0)
                 .map_err(map_err(maps::SLOT_POLICY))?;
+            indices.push(index);
         }
-        let stale: Vec<_> = self
-            .dest_v4
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.data().generation == generation)
-            .collect();
-        for k in stale {
-            self.dest_v4.remove(&k).map_err(map_err(maps::DEST_V4))?;
-        }
-        let stale: Vec<_> = self
-            .dest_v6
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.data().generation == generation)
-            .collect();
-        for k in stale {
-            self.dest_v6.remove(&k).map_err(map_err(maps::DEST_V6))?;
-        }
-        let stale: Vec<_> = self
-            .ports
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.data().generation == generation)
-            .collect();
-        for k in stale {
-            self.ports.remove(&k).map_err(map_err(maps::PORTS))?;
-        }
-        self.written[generation as usize] = Some(BTreeSet::new());
-        Ok(())
+        let empty = match self.empty.take() {
+            Some(t) => t,
+            None => Tries::build(&RuleSet::default())?,
+        };
+        let batch = [(empty, indices)];
+        let result = self.point(&batch);
+        let [(empty, _)] = batch;
+        self.empty = Some(empty);
+        result
     }
 
     /// Binds a cgroup to a slot (or moves it to another).

@@ -203,9 +203,8 @@ fn explain(state: &State, identity: &str, to: &str, protocol: &str) -> Result<Re
     let revoked = id.as_ref().is_some_and(|i| state.revocations.contains(i));
     let (decided, rule_id) = policy::evaluate(&compiled, slot, addr.ip(), addr.port(), tcp);
     let audit = compiled
-        .slots
-        .iter()
-        .any(|(s, p)| *s == slot && p.flags & slot_policy::AUDIT != 0);
+        .slot(slot)
+        .is_some_and(|e| e.policy.flags & slot_policy::AUDIT != 0);
     let rule = &compiled.rules[rule_id as usize];
     let outcome = match (revoked, decided, audit) {
         (true, _, _) => "deny (revoked)",

@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
-use idgate_common::{GENERATIONS, MAX_DEST_ENTRIES, MAX_PORT_ENTRIES, MAX_SLOTS, maps};
+use idgate_common::{MAX_SET_DESTS, MAX_SET_PORT_BLOCKS, MAX_SLOTS, maps};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -20,6 +20,7 @@ use super::state::State;
 use super::workloads::Binding;
 use crate::config::Config;
 use crate::events::{self, EventFeed, EventMetrics, Names, Sinks};
+use crate::policy::RuleSet;
 
 /// What is opened before the kernel is touched.
 pub struct Prepared {
@@ -162,12 +163,12 @@ impl StateMetrics {
         );
         registry.register(
             "map_entries",
-            "Entries the active policy and bindings use, by map",
+            "Entries the active policy and bindings use, by map (for IDG_SLOT_DESTS and IDG_SLOT_PORTS: the fullest rule set's trie)",
             me.map_entries.clone(),
         );
         registry.register(
             "map_capacity",
-            "Entries one policy generation may use, by map (a reload needs room for two)",
+            "Entries one policy generation may use, by map (for IDG_SLOT_DESTS and IDG_SLOT_PORTS: one rule set's trie)",
             me.map_capacity.clone(),
         );
         registry.register(
@@ -242,12 +243,10 @@ impl StateMetrics {
         }
         self.identities.set(applied.identities.len() as i64);
         self.revoked.set(state.revocations.ids().len() as i64);
-        let v4 = compiled
-            .dests
-            .iter()
-            .filter(|d| d.net.addr().is_ipv4())
-            .count();
-        let per_generation = |max: u32| max / GENERATIONS;
+        // The inner tries are one pair per rule set: what nears a limit is
+        // the fullest of them.
+        let fullest =
+            |len: fn(&RuleSet) -> usize| compiled.rule_sets.iter().map(len).max().unwrap_or(0);
         let fill = [
             (
                 maps::IDENTITIES,
@@ -257,16 +256,11 @@ impl StateMetrics {
             // Slot 0 is the unknown workload's, never handed out.
             (maps::SLOT_IDS, applied.identities.len(), MAX_SLOTS - 1),
             (maps::SLOT_POLICY, compiled.slots.len(), MAX_SLOTS),
-            (maps::DEST_V4, v4, per_generation(MAX_DEST_ENTRIES)),
+            (maps::SLOT_DESTS, fullest(|s| s.dests.len()), MAX_SET_DESTS),
             (
-                maps::DEST_V6,
-                compiled.dests.len() - v4,
-                per_generation(MAX_DEST_ENTRIES),
-            ),
-            (
-                maps::PORTS,
-                compiled.ports.len(),
-                per_generation(MAX_PORT_ENTRIES),
+                maps::SLOT_PORTS,
+                fullest(|s| s.ports.len()),
+                MAX_SET_PORT_BLOCKS,
             ),
         ];
         for (map, entries, capacity) in fill {

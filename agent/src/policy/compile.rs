@@ -6,7 +6,7 @@
 //! is split into disjoint intervals each with one winner, so the kernel's
 //! longest-prefix match on address, then on port, is the answer.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::IpAddr;
 
 use idgate_common::{SlotPolicy, UNKNOWN_SLOT, slot_policy, verdict};
@@ -14,20 +14,21 @@ use ipnet::IpNet;
 
 use super::model::{Action, PolicySet};
 use super::ports;
-use super::precedence::{Blocks, DEFAULT_RULE_ID, Interval, RuleInfo, UNKNOWN_BLOCK, decide};
+use super::precedence::{
+    Blocks, DEFAULT_RULE_ID, Decided, Interval, RuleInfo, UNKNOWN_BLOCK, decide,
+};
 use crate::identity::SpiffeId;
 
-/// A destination-trie entry: `(slot, address prefix)` -> port tables.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A destination-trie entry: address prefix -> the rule set's port tables.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct DestEntry {
-    pub slot: u32,
     pub net: IpNet,
     pub tcp_table: u32,
     pub udp_table: u32,
 }
 
 /// A port-trie entry: `(table, port block)` -> verdict and rule.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PortEntry {
     pub table: u32,
     pub port: u16,
@@ -37,23 +38,40 @@ pub struct PortEntry {
     pub rule_id: u32,
 }
 
+/// The trie entries of one rule set, which every slot with that set
+/// shares. Table ids count from 1 within the set.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct RuleSet {
+    pub dests: Vec<DestEntry>,
+    pub ports: Vec<PortEntry>,
+}
+
+/// One slot of a generation: its policy, and its rule set (an index into
+/// [`CompiledPolicy::rule_sets`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotEntry {
+    pub slot: u32,
+    pub policy: SlotPolicy,
+    pub rule_set: usize,
+}
+
 /// Everything one policy generation writes into the maps.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CompiledPolicy {
-    pub slots: Vec<(u32, SlotPolicy)>,
-    pub dests: Vec<DestEntry>,
-    pub ports: Vec<PortEntry>,
+    pub slots: Vec<SlotEntry>,
+    /// Each distinct rule set once.
+    pub rule_sets: Vec<RuleSet>,
     /// Indexed by rule id: id 0 is the default, then every rule of the
     /// policy in order (the unknown-workload policy's first), so a rule
     /// keeps its id whichever identities are bound.
     pub rules: Vec<RuleInfo>,
 }
 
-/// One slot's entries, before the slot number is put in.
-struct SlotEntries {
-    policy: SlotPolicy,
-    /// (prefix, tcp table, udp table).
-    dests: Vec<(IpNet, u32, u32)>,
+impl CompiledPolicy {
+    /// The entry of `slot`, if the generation has one.
+    pub fn slot(&self, slot: u32) -> Option<&SlotEntry> {
+        self.slots.iter().find(|e| e.slot == slot)
+    }
 }
 
 /// Compiles `policy` for the bound identities in `slots` (slot, id). The
@@ -65,77 +83,58 @@ pub fn compile(policy: &PolicySet, slots: &[(u32, SpiffeId)]) -> CompiledPolicy 
         rules: blocks.rule_infos(),
         ..Default::default()
     };
-    let mut tables = TableInterner::default();
-    // Identities matched by the same blocks get the same entries.
-    let mut done: HashMap<Vec<usize>, SlotEntries> = HashMap::new();
+    // Identities matched by the same blocks get the same entries; blocks
+    // that come to the same entries share one rule set.
+    let mut done: HashMap<Vec<usize>, (SlotPolicy, usize)> = HashMap::new();
+    let mut sets: HashMap<RuleSet, usize> = HashMap::new();
     let targets = std::iter::once((UNKNOWN_SLOT, vec![UNKNOWN_BLOCK])).chain(
         slots
             .iter()
             .map(|(slot, id)| (*slot, blocks.for_identity(id))),
     );
     for (slot, which) in targets {
-        let entries = done.entry(which).or_insert_with_key(|which| {
+        let &mut (policy, rule_set) = done.entry(which).or_insert_with_key(|which| {
             let settings = blocks.settings(which);
             let flag = |set: bool, flag: u32| if set { flag } else { 0 };
-            SlotEntries {
-                policy: SlotPolicy {
-                    default_verdict: verdict_of(settings.default),
-                    default_rule: DEFAULT_RULE_ID,
-                    flags: slot_policy::PRESENT
-                        | flag(settings.audit, slot_policy::AUDIT)
-                        | flag(settings.raw_sockets, slot_policy::RAW_SOCKETS),
-                },
-                dests: decide(&blocks.rules(which))
-                    .into_iter()
-                    .map(|d| (d.net, tables.intern(d.tcp), tables.intern(d.udp)))
-                    .collect(),
-            }
+            let policy = SlotPolicy {
+                default_verdict: verdict_of(settings.default),
+                default_rule: DEFAULT_RULE_ID,
+                flags: slot_policy::PRESENT
+                    | flag(settings.audit, slot_policy::AUDIT)
+                    | flag(settings.raw_sockets, slot_policy::RAW_SOCKETS),
+            };
+            let set = rule_set(decide(&blocks.rules(which)));
+            let next = out.rule_sets.len();
+            let index = *sets.entry(set).or_insert_with_key(|set| {
+                out.rule_sets.push(set.clone());
+                next
+            });
+            (policy, index)
         });
-        out.slots.push((slot, entries.policy));
-        out.dests
-            .extend(entries.dests.iter().map(|&(net, tcp, udp)| DestEntry {
-                slot,
-                net,
-                tcp_table: tcp,
-                udp_table: udp,
-            }));
+        out.slots.push(SlotEntry {
+            slot,
+            policy,
+            rule_set,
+        });
     }
-    out.ports = tables.into_entries();
     out
 }
 
-fn verdict_of(a: Action) -> u32 {
-    match a {
-        Action::Allow => verdict::ALLOW,
-        Action::Deny => verdict::DENY,
-    }
-}
-
-/// Gives each distinct interval list one table id (ids from 1).
-#[derive(Default)]
-struct TableInterner {
-    ids: HashMap<Vec<Interval>, u32>,
-    order: BTreeMap<u32, Vec<Interval>>,
-}
-
-impl TableInterner {
-    fn intern(&mut self, intervals: Vec<Interval>) -> u32 {
+/// The trie entries of one identity's decided prefixes: each distinct
+/// interval list becomes one port table.
+fn rule_set(decided: Vec<Decided>) -> RuleSet {
+    let mut ids: HashMap<Vec<Interval>, u32> = HashMap::new();
+    let mut set = RuleSet::default();
+    let mut intern = |intervals: Vec<Interval>, ports: &mut Vec<PortEntry>| -> u32 {
         if intervals.is_empty() {
             return idgate_common::NO_TABLE;
         }
-        let next = self.ids.len() as u32 + 1;
-        let id = *self.ids.entry(intervals.clone()).or_insert(next);
-        self.order.entry(id).or_insert(intervals);
-        id
-    }
-
-    fn into_entries(self) -> Vec<PortEntry> {
-        let mut out = Vec::new();
-        for (table, intervals) in self.order {
+        let next = ids.len() as u32 + 1;
+        *ids.entry(intervals).or_insert_with_key(|intervals| {
             for i in intervals {
                 for (port, prefix_len) in ports::blocks(i.first, i.last) {
-                    out.push(PortEntry {
-                        table,
+                    ports.push(PortEntry {
+                        table: next,
                         port,
                         prefix_len,
                         verdict: verdict_of(i.action),
@@ -143,8 +142,25 @@ impl TableInterner {
                     });
                 }
             }
-        }
-        out
+            next
+        })
+    };
+    for d in decided {
+        let tcp_table = intern(d.tcp, &mut set.ports);
+        let udp_table = intern(d.udp, &mut set.ports);
+        set.dests.push(DestEntry {
+            net: d.net,
+            tcp_table,
+            udp_table,
+        });
+    }
+    set
+}
+
+fn verdict_of(a: Action) -> u32 {
+    match a {
+        Action::Allow => verdict::ALLOW,
+        Action::Deny => verdict::DENY,
     }
 }
 
@@ -156,20 +172,21 @@ pub fn evaluate(c: &CompiledPolicy, slot: u32, addr: IpAddr, port: u16, tcp: boo
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr, IpAddr::V4),
         v4 => v4,
     };
-    let Some((_, sp)) = c.slots.iter().find(|(s, _)| *s == slot) else {
+    let Some(entry) = c.slot(slot) else {
         return (verdict::DENY, DEFAULT_RULE_ID);
     };
-    let default = (sp.default_verdict, sp.default_rule);
-    let Some(dest) = c
+    let default = (entry.policy.default_verdict, entry.policy.default_rule);
+    let set = &c.rule_sets[entry.rule_set];
+    let Some(dest) = set
         .dests
         .iter()
-        .filter(|d| d.slot == slot && d.net.contains(&addr))
+        .filter(|d| d.net.contains(&addr))
         .max_by_key(|d| d.net.prefix_len())
     else {
         return default;
     };
     let table = if tcp { dest.tcp_table } else { dest.udp_table };
-    c.ports
+    set.ports
         .iter()
         .filter(|p| {
             p.table == table && {
@@ -318,10 +335,18 @@ mod tests {
             "#
         ));
         let c = compile(&p, &[(1, id(WEB)), (2, id("spiffe://example.org/none"))]);
-        assert_eq!(c.dests.len(), 2);
-        let tables: BTreeSet<u32> = c.dests.iter().map(|d| d.tcp_table).collect();
+        let web = &c.rule_sets[c.slot(1).unwrap().rule_set];
+        assert_eq!(web.dests.len(), 2);
+        let tables: BTreeSet<u32> = web.dests.iter().map(|d| d.tcp_table).collect();
         assert_eq!(tables.len(), 2, "rules a and b differ by rule id");
-        let unknown = c.slots.iter().find(|(s, _)| *s == UNKNOWN_SLOT).unwrap().1;
+        // The unknown workload and the identity without a block both have
+        // no rules: one (empty) rule set serves both.
+        assert_eq!(c.rule_sets.len(), 2);
+        assert_eq!(
+            c.slot(UNKNOWN_SLOT).unwrap().rule_set,
+            c.slot(2).unwrap().rule_set
+        );
+        let unknown = c.slot(UNKNOWN_SLOT).unwrap().policy;
         assert_eq!(unknown.default_verdict, verdict::DENY);
         assert_ne!(unknown.flags & slot_policy::AUDIT, 0);
         // An identity without a block is deny-all.
@@ -344,20 +369,35 @@ mod tests {
         assert_eq!(
             compile(&p, &[(7, id(WEB))]),
             CompiledPolicy {
-                slots: vec![(UNKNOWN_SLOT, deny_all), (7, deny_all)],
-                dests: vec![DestEntry {
-                    slot: 7,
-                    net: "10.0.0.0/8".parse().unwrap(),
-                    tcp_table: 1,
-                    udp_table: idgate_common::NO_TABLE,
-                }],
-                ports: vec![PortEntry {
-                    table: 1,
-                    port: 80,
-                    prefix_len: 15,
-                    verdict: verdict::ALLOW,
-                    rule_id: 1,
-                }],
+                slots: vec![
+                    SlotEntry {
+                        slot: UNKNOWN_SLOT,
+                        policy: deny_all,
+                        rule_set: 0,
+                    },
+                    SlotEntry {
+                        slot: 7,
+                        policy: deny_all,
+                        rule_set: 1,
+                    },
+                ],
+                rule_sets: vec![
+                    RuleSet::default(),
+                    RuleSet {
+                        dests: vec![DestEntry {
+                            net: "10.0.0.0/8".parse().unwrap(),
+                            tcp_table: 1,
+                            udp_table: idgate_common::NO_TABLE,
+                        }],
+                        ports: vec![PortEntry {
+                            table: 1,
+                            port: 80,
+                            prefix_len: 15,
+                            verdict: verdict::ALLOW,
+                            rule_id: 1,
+                        }],
+                    },
+                ],
                 rules: vec![
                     RuleInfo {
                         owner: String::new(),
@@ -465,10 +505,7 @@ mod tests {
         // trust-domain pattern.
         assert_eq!(at(1, "192.0.2.1", 80), deny("default"));
         assert_eq!(at(2, "192.0.2.1", 80), allow("default"));
-        let has = |slot: u32, flag: u32| {
-            let flags = c.slots.iter().find(|(s, _)| *s == slot).unwrap().1.flags;
-            flags & flag != 0
-        };
+        let has = |slot: u32, flag: u32| c.slot(slot).unwrap().policy.flags & flag != 0;
         let audit = |slot: u32| has(slot, slot_policy::AUDIT);
         // `audit = true` of agents/* reaches coder, which does not set it.
         assert!(audit(1) && audit(2));
@@ -505,17 +542,11 @@ mod tests {
         assert_eq!(none.rules, both.rules);
         assert_eq!(both.rules[1].owner, "unknown");
         assert_eq!(both.rules[2].owner, "spiffe://example.org/agents/*");
-        let tables = |slot: u32| -> Vec<(IpNet, u32, u32)> {
-            both.dests
-                .iter()
-                .filter(|d| d.slot == slot)
-                .map(|d| (d.net, d.tcp_table, d.udp_table))
-                .collect()
-        };
-        assert_eq!(tables(1).len(), 2);
-        assert_eq!(tables(1), tables(2));
-        // Same port entries as for one member alone: nothing duplicated.
-        assert_eq!(both.ports, compile(&p, &[(1, a)]).ports);
+        let set = both.slot(1).unwrap().rule_set;
+        assert_eq!(both.slot(2).unwrap().rule_set, set);
+        assert_eq!(both.rule_sets[set].dests.len(), 2);
+        // The same rule sets as for one member alone: nothing duplicated.
+        assert_eq!(both.rule_sets, compile(&p, &[(1, a)]).rule_sets);
         let (v, rule) = evaluate(&both, 2, "fd00::1".parse().unwrap(), 443, false);
         assert_eq!(
             (v, both.rules[rule as usize].name.as_str()),
