@@ -1,7 +1,8 @@
 //! What a process costs, read from `/proc`: resident memory, CPU time,
-//! and the kernel memory of the BPF maps it holds open.
+//! and the kernel memory of the BPF maps it holds open (and of the maps
+//! those hold).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 
 use anyhow::{Context, Result};
@@ -50,56 +51,112 @@ pub fn sample(pid: u32) -> Result<ProcSample> {
     })
 }
 
-/// One BPF map a process holds, from its descriptor's fdinfo.
+/// One BPF map a process holds (from its descriptor's fdinfo), or every
+/// inner map of one of them.
 pub struct MapMemory {
-    /// The map's name from `bpftool` when it is installed, else its id.
+    /// The map's name (from `bpftool`); for inner maps, what they are.
     pub name: String,
     pub max_entries: u64,
-    /// The `memlock:` bytes the kernel reports for it.
+    /// The `memlock:` bytes the kernel reports (summed over inner maps).
     pub bytes: u64,
+    /// Maps counted: 1, or the number of distinct inner maps.
+    pub count: usize,
 }
 
-/// Every BPF map `pid` holds open (each once), largest first.
+/// A map as `bpftool -j map show` lists it.
+#[derive(serde::Deserialize)]
+struct Shown {
+    id: u64,
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    name: String,
+    max_entries: u64,
+    bytes_memlock: u64,
+}
+
+/// Every BPF map `pid` holds open (each once), and for each array of maps
+/// among them the maps its entries hold (which no process holds open:
+/// the agent's per-identity tries); largest first.
 pub fn maps(pid: u32) -> Result<Vec<MapMemory>> {
-    let names = bpftool_names();
-    let mut by_id = BTreeMap::new();
-    let dir = format!("/proc/{pid}/fdinfo");
-    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
-        let Ok(text) = std::fs::read_to_string(entry?.path()) else {
-            continue;
-        };
-        let field = |key: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(key))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-        };
-        let (Some(id), Some(bytes)) = (field("map_id:"), field("memlock:")) else {
-            continue;
-        };
-        by_id.insert(
-            id,
-            MapMemory {
-                name: names
-                    .get(&id)
-                    .cloned()
-                    .unwrap_or_else(|| format!("map {id}")),
-                max_entries: field("max_entries:").unwrap_or(0),
-                bytes,
-            },
-        );
+    super::machine::ensure_tool("bpftool", &["version"], "bpftool")?;
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "show"])
+        .output()?;
+    let shown: Vec<Shown> =
+        serde_json::from_slice(&out.stdout).context("parsing bpftool -j map show")?;
+    let by_id: BTreeMap<u64, &Shown> = shown.iter().map(|m| (m.id, m)).collect();
+    let mut maps = Vec::new();
+    for id in held_map_ids(pid)? {
+        let Some(m) = by_id.get(&id) else { continue };
+        maps.push(MapMemory {
+            name: m.name.clone(),
+            max_entries: m.max_entries,
+            bytes: m.bytes_memlock,
+            count: 1,
+        });
+        if m.kind == "array_of_maps" {
+            let inner: Vec<&Shown> = inner_map_ids(id)?
+                .iter()
+                .filter_map(|i| by_id.get(i).copied())
+                .collect();
+            if let Some(first) = inner.first() {
+                maps.push(MapMemory {
+                    name: format!("{}` in `{}", first.name, m.name),
+                    max_entries: first.max_entries,
+                    bytes: inner.iter().map(|i| i.bytes_memlock).sum(),
+                    count: inner.len(),
+                });
+            }
+        }
     }
-    let mut maps: Vec<MapMemory> = by_id.into_values().collect();
     maps.sort_by_key(|m| std::cmp::Reverse(m.bytes));
     Ok(maps)
 }
 
-/// Map names by id, from `bpftool -j map show`; empty without bpftool.
-fn bpftool_names() -> BTreeMap<u64, String> {
-    let Ok(out) = Command::new("bpftool").args(["-j", "map", "show"]).output() else {
-        return BTreeMap::new();
-    };
-    let maps: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    maps.iter()
-        .filter_map(|m| Some((m["id"].as_u64()?, m["name"].as_str()?.to_owned())))
+/// Ids of the BPF maps `pid` has descriptors of, each once.
+fn held_map_ids(pid: u32) -> Result<BTreeSet<u64>> {
+    let dir = format!("/proc/{pid}/fdinfo");
+    let mut ids = BTreeSet::new();
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+        let Ok(text) = std::fs::read_to_string(entry?.path()) else {
+            continue;
+        };
+        if let Some(id) = text
+            .lines()
+            .find_map(|l| l.strip_prefix("map_id:"))
+            .and_then(|v| v.trim().parse().ok())
+        {
+            ids.insert(id);
+        }
+    }
+    Ok(ids)
+}
+
+/// The distinct maps the entries of the array of maps `id` hold.
+fn inner_map_ids(id: u64) -> Result<BTreeSet<u64>> {
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        value: Vec<String>,
+    }
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "dump", "id", &id.to_string()])
+        .output()?;
+    let entries: Vec<Entry> = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("parsing bpftool -j map dump id {id}"))?;
+    entries
+        .iter()
+        .map(|e| {
+            // A little-endian u32 map id, as hex bytes.
+            let bytes: Vec<u8> = e
+                .value
+                .iter()
+                .map(|b| u8::from_str_radix(b.trim_start_matches("0x"), 16))
+                .collect::<Result<_, _>>()?;
+            let bytes: [u8; 4] = bytes
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("not a map id"))?;
+            Ok(u64::from(u32::from_le_bytes(bytes)))
+        })
         .collect()
 }

@@ -3,6 +3,8 @@
 
 use std::process::Command;
 
+use anyhow::{Context, Result, bail};
+
 pub struct Machine {
     pub cpu: String,
     pub cpus: usize,
@@ -66,4 +68,29 @@ fn output(program: &str, args: &[&str]) -> String {
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default()
+}
+
+/// Runs `tool args` and returns what it printed; when that fails (the tool
+/// is missing), installs the Debian `package` with apt first.
+pub fn ensure_tool(tool: &str, args: &[&str], package: &str) -> Result<String> {
+    let version = || -> Result<String> {
+        let out = Command::new(tool).args(args).output()?;
+        if !out.status.success() {
+            bail!("{tool} {} failed", args.join(" "));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    if let Ok(v) = version() {
+        return Ok(v);
+    }
+    eprintln!("bench: {tool} is missing: apt-get install -y {package}");
+    let status = Command::new("apt-get")
+        .args(["install", "-y", package])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("running apt-get")?;
+    if !status.success() {
+        bail!("apt-get install -y {package} failed ({status})");
+    }
+    version()
 }

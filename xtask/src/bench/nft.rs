@@ -23,30 +23,9 @@ use super::rules::Identity;
 /// `nft` resolves the path of a `cgroupsv2` value below this directory.
 const NFT_CGROUP_BASE: &str = "/sys/fs/cgroup";
 
-/// Installs nftables (the Debian package) when `nft` is missing; returns
-/// `nft --version`.
+/// Installs nftables when `nft` is missing; returns `nft --version`.
 pub fn ensure_installed() -> Result<String> {
-    if let Ok(version) = nft_version() {
-        return Ok(version);
-    }
-    eprintln!("bench: nft is missing: apt-get install -y nftables");
-    let status = Command::new("apt-get")
-        .args(["install", "-y", "nftables"])
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .status()
-        .context("running apt-get")?;
-    if !status.success() {
-        bail!("apt-get install -y nftables failed ({status})");
-    }
-    nft_version()
-}
-
-fn nft_version() -> Result<String> {
-    let out = Command::new("nft").arg("--version").output()?;
-    if !out.status.success() {
-        bail!("nft --version failed");
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    super::machine::ensure_tool("nft", &["--version"], "nftables")
 }
 
 /// The loaded table; deleted on drop.

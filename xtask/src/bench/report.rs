@@ -264,8 +264,9 @@ fn agent_cost(out: &mut String, args: &BenchArgs, r: &Results) {
         out,
         "\n## 3. Agent cost\n\n\
          From `/proc/PID/status` (VmRSS, VmHWM) and `/proc/PID/stat` (utime + stime) of each \
-         agent; kernel map memory is the sum of the `memlock:` lines in `/proc/PID/fdinfo` \
-         of the agent's map descriptors. Idle: {idle} s with no load (the agent still \
+         agent; kernel map memory is the sum of the `memlock:` figures (`bpftool map show`) \
+         of the maps the agent has descriptors of (`/proc/PID/fdinfo`) and of the tries \
+         their arrays of maps hold. Idle: {idle} s with no load (the agent still \
          re-attests its whole scope every `resync_seconds`, 10 s by default). Under load: the \
          agent's CPU time over the connect-path runs in its own cgroups (the programs run \
          in the workload's context; the agent only reads events, and allowed calls make \
@@ -294,23 +295,27 @@ fn agent_cost(out: &mut String, args: &BenchArgs, r: &Results) {
     );
     let _ = write!(
         out,
-        "\nAgent (c)'s maps, largest first (`memlock:` per map; names from `bpftool` when it \
-         is installed):\n\n\
-         | map | max entries | after start | after the reloads |\n|---|---:|---:|---:|\n"
+        "\nAgent (c)'s maps, largest first (`memlock:` per map; the per-identity tries summed, \
+         with how many distinct ones there are):\n\n\
+         | map | max entries (each) | after start | after the reloads |\n|---|---:|---:|---:|\n"
     );
+    let cell = |m: &MapMemory| match m.count {
+        1 => size(m.bytes),
+        n => format!("{} ({} maps)", size(m.bytes), thousands(n)),
+    };
     for m in after_maps {
         let at_start = r
             .large
             .maps
             .iter()
             .find(|s| s.name == m.name)
-            .map_or("–".into(), |s| size(s.bytes));
+            .map_or("–".into(), cell);
         let _ = writeln!(
             out,
             "| `{}` | {} | {at_start} | {} |",
             m.name,
             thousands(m.max_entries as usize),
-            size(m.bytes)
+            cell(m)
         );
     }
 }
