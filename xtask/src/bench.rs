@@ -20,6 +20,7 @@ mod loops;
 mod machine;
 mod nft;
 mod overhead;
+mod prog_time;
 mod reload;
 mod report;
 mod rules;
@@ -92,6 +93,8 @@ pub struct Results {
     pub nft_load: Duration,
     pub nft_excerpt: String,
     pub overhead: Overhead,
+    /// idgate's programs' own time per call, `[op][config]`.
+    pub prog_times: prog_time::ProgTimes,
     pub small: AgentCost,
     pub large: AgentCost,
     pub reloads: Reloads,
@@ -230,6 +233,7 @@ fn measure(args: &BenchArgs, root: &Path, nft_version: String) -> Result<Results
     let large_cost = agent_cost(&large, before[1])?;
 
     let overhead = overhead::measure(&lp, &configs, &ports.ops(), args.rounds)?;
+    let prog_times = prog_time::measure(&lp, &configs, &ports.ops())?;
 
     eprintln!("bench: timing {} reloads of each kind", args.reloads);
     let reloads = reload::measure(&large, &mut large_ids, args.reloads)?;
@@ -266,6 +270,7 @@ fn measure(args: &BenchArgs, root: &Path, nft_version: String) -> Result<Results
         nft_load: table.load_time,
         nft_excerpt,
         overhead,
+        prog_times,
         small: small_cost,
         large: large_cost,
         reloads,

@@ -192,6 +192,29 @@ impl Drop for Agent {
 }
 
 impl Agent {
+    /// The name and id of each program the agent's pinned links hold.
+    pub fn program_ids(&self) -> Result<Vec<(String, u64)>> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.pin_dir)? {
+            let path = entry?.path();
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+            let Some((program, _)) = name.as_deref().and_then(|n| n.split_once('@')) else {
+                continue;
+            };
+            let shown = Command::new("bpftool")
+                .args(["-j", "link", "show", "pinned"])
+                .arg(&path)
+                .output()?;
+            let link: serde_json::Value = serde_json::from_slice(&shown.stdout)
+                .with_context(|| format!("bpftool link show pinned {}", path.display()))?;
+            let id = link["prog_id"]
+                .as_u64()
+                .with_context(|| format!("no prog_id for {}", path.display()))?;
+            out.push((program.to_owned(), id));
+        }
+        Ok(out)
+    }
+
     /// `idgate uninstall`: the pinned links and maps go.
     fn uninstall(&self) {
         let uninstall = Command::new(&self.idgate)

@@ -163,6 +163,34 @@ fn overhead(out: &mut String, args: &BenchArgs, r: &Results) {
 
     let _ = write!(
         out,
+        "\nWhere the time of (b) and (c) goes: idgate's programs' own run time per call, from \
+         the kernel's BPF statistics (`kernel.bpf_stats_enabled`, each program's `run_time_ns` \
+         over the hook's `run_cnt`), in one more run of each loop after the rounds above, with \
+         the statistics on only then. They add two clock reads to every program run, which \
+         this figure includes, so it can come out above the difference measured without \
+         them; what it does not cover of that difference is the kernel's cgroup hook \
+         around the programs.\n\n\
+         | call | (b) − (a) | (b): idgate's programs | (c) − (a) | (c): idgate's programs |\n\
+         |---|---:|---:|---:|---:|\n"
+    );
+    for (i, &(op, addr)) in o.ops.iter().enumerate() {
+        let [a, b, c] = [0, 1, 2].map(|k| median(&o.ns[i][k]));
+        let prog = |k: usize| {
+            r.prog_times[i][k].map_or("–".into(), |ns| format!("{} ns", ns.round() as i64))
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} ns | {} | {} ns | {} |",
+            call_name(op, addr),
+            (b - a).round() as i64,
+            prog(1),
+            (c - a).round() as i64,
+            prog(2),
+        );
+    }
+
+    let _ = write!(
+        out,
         "\nEvery run, in round order (ns per call):\n\n| call | configuration | runs |\n|---|---|---|\n"
     );
     for (i, &(op, addr)) in o.ops.iter().enumerate() {
