@@ -197,6 +197,9 @@ impl PolicyMaps {
     pub fn apply(&mut self, policy: &CompiledPolicy) -> Result<u32, BpfError> {
         let active = self.active_generation()?;
         let next = active ^ 1;
+        // Until this write is whole, nobody knows what the inactive
+        // generation holds: a failed write leaves it to be cleared in full.
+        let before = self.written[next as usize].take();
         let mut slots_of: Vec<Vec<&SlotEntry>> = vec![Vec::new(); policy.rule_sets.len()];
         for entry in &policy.slots {
             slots_of[entry.rule_set].push(entry);
@@ -230,7 +233,7 @@ impl PolicyMaps {
         }
         self.point(&batch)?;
         drop(batch);
-        self.clear_generation(next, &written)?;
+        self.clear_generation(next, before.as_ref(), &written)?;
         // The switch.
         self.generation
             .set(0, next, 0)
@@ -266,10 +269,15 @@ impl PolicyMaps {
     }
 
     /// Clears the entries of every slot of one (inactive) generation that
-    /// may have been written before and is not in `keep`: no policy, and
-    /// the empty tries.
-    fn clear_generation(&mut self, generation: u32, keep: &BTreeSet<u32>) -> Result<(), BpfError> {
-        let stale: Vec<u32> = match &self.written[generation as usize] {
+    /// may have been written before (`before`; every slot when not known)
+    /// and is not in `keep`: no policy, and the empty tries.
+    fn clear_generation(
+        &mut self,
+        generation: u32,
+        before: Option<&BTreeSet<u32>>,
+        keep: &BTreeSet<u32>,
+    ) -> Result<(), BpfError> {
+        let stale: Vec<u32> = match before {
             Some(s) => s.difference(keep).copied().collect(),
             None => (0..MAX_SLOTS).filter(|s| !keep.contains(s)).collect(),
         };
