@@ -227,11 +227,11 @@ impl PolicyMaps {
             published.insert(set.clone(), first.slot);
             batch.push((tries, indices));
             if batch.len() == BATCH_SETS {
-                self.point(&batch)?;
+                self.point(batch.iter().map(|(t, i)| (t, i.as_slice())))?;
                 batch.clear();
             }
         }
-        self.point(&batch)?;
+        self.point(batch.iter().map(|(t, i)| (t, i.as_slice())))?;
         drop(batch);
         self.clear_generation(next, before.as_ref(), &written)?;
         // The switch.
@@ -253,7 +253,10 @@ impl PolicyMaps {
 
     /// Points the outer entries at each `indices` at their `tries`, with
     /// one batch update per outer array.
-    fn point(&self, batch: &[(Tries, Vec<u32>)]) -> Result<(), BpfError> {
+    fn point<'a>(
+        &self,
+        batch: impl IntoIterator<Item = (&'a Tries, &'a [u32])>,
+    ) -> Result<(), BpfError> {
         let mut keys = Vec::new();
         let mut dests = Vec::new();
         let mut ports = Vec::new();
@@ -292,15 +295,11 @@ impl PolicyMaps {
                 .map_err(map_err(maps::SLOT_POLICY))?;
             indices.push(index);
         }
-        let empty = match self.empty.take() {
-            Some(t) => t,
-            None => Tries::build(&RuleSet::default())?,
-        };
-        let batch = [(empty, indices)];
-        let result = self.point(&batch);
-        let [(empty, _)] = batch;
-        self.empty = Some(empty);
-        result
+        if self.empty.is_none() {
+            self.empty = Some(Tries::build(&RuleSet::default())?);
+        }
+        let empty = self.empty.as_ref().expect("built above");
+        self.point([(empty, indices.as_slice())])
     }
 
     /// Binds a cgroup to a slot (or moves it to another).
