@@ -6,6 +6,7 @@ mod loader;
 mod maps;
 mod pins;
 mod syscall;
+mod upgrade;
 
 pub use loader::{Attachment, Enforcer, ExecNotices, install, uninstall};
 pub use maps::{PolicyMaps, SlotTable};

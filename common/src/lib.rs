@@ -16,21 +16,27 @@
 //!    generation has no policy for the slot: deny.
 //! 5. [`maps::SLOT_DESTS`]: the same index -> an LPM trie of that slot's
 //!    rule set, keyed by [`DestKey`] (address family, address prefix) ->
-//!    [`DestTables`], one port table per protocol. An IPv4-mapped IPv6
+//!    [`DestTables`], one [`PortTable`] per protocol. An IPv4-mapped IPv6
 //!    destination is looked up as IPv4. Each rule set has tries of its own,
 //!    as deep as its own rules need, whatever the size of the policy;
-//!    slots with the same rule set share them.
-//! 6. [`maps::SLOT_PORTS`]: the same index -> an LPM trie keyed by
-//!    [`PortKey`] (table, port prefix) -> [`RuleVerdict`]. User space has
-//!    already folded less specific prefixes into each table and split
-//!    overlapping port ranges into disjoint blocks, so the longest match is
-//!    the answer.
+//!    slots with the same rule set share them. User space has already
+//!    folded less specific prefixes into each port table and split
+//!    overlapping port ranges into disjoint ones, so the longest prefix's
+//!    table is the whole answer.
+//! 6. A port table of up to [`INLINE_RANGES`] ranges is held in the
+//!    destination entry itself and scanned there: the common case costs
+//!    one trie lookup. A larger one is in [`maps::SLOT_PORTS`]: the same
+//!    index -> an LPM trie keyed by [`PortKey`] (table, port prefix) ->
+//!    [`RuleVerdict`], where the ranges are split into prefix blocks and
+//!    the longest match is the answer.
 //!
 //! The inner tries are never changed once they are in an outer array:
 //! a reload builds new ones for the inactive generation (or reuses the
 //! active generation's for rule sets that did not change).
 //!
-//! A miss in steps 5 or 6 falls to the slot's default verdict.
+//! A miss in steps 5 or 6 falls to the slot's default verdict. An absent
+//! trie (only in the moment after an upgrade made the arrays anew, before
+//! the agent's first write) is no policy: deny.
 //!
 //! # What a decision reports
 //!
@@ -209,14 +215,44 @@ pub struct DestKey {
 /// Bits of a destination key before the address: the family.
 pub const DEST_FIXED_BITS: u32 = 32;
 
+/// Port ranges a [`PortTable`] holds itself; a table with more is in the
+/// port trie.
+pub const INLINE_RANGES: usize = 4;
+
+/// One range of ports of an inline table, and what it says.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PortRange {
+    /// First port, host order.
+    pub first: u16,
+    /// Last port (inclusive), host order.
+    pub last: u16,
+    pub verdict: u32,
+    pub rule_id: u32,
+}
+
+/// What one protocol's ports decide under a destination prefix: the first
+/// `count` of `ranges` (disjoint), or else the port trie's `table`. With
+/// neither (`count` 0 and [`NO_TABLE`]), the slot's default decides, and
+/// so it does for a port in no range.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PortTable {
+    /// A table of [`maps::SLOT_PORTS`] when `count` is 0, or [`NO_TABLE`].
+    pub table: u32,
+    /// Ranges in use, at most [`INLINE_RANGES`].
+    pub count: u32,
+    pub ranges: [PortRange; INLINE_RANGES],
+}
+
 /// Value of the destination tries: the port table for each protocol.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DestTables {
-    /// Table for TCP (and MPTCP) sockets, or [`NO_TABLE`].
-    pub tcp: u32,
-    /// Table for UDP sockets, or [`NO_TABLE`].
-    pub udp: u32,
+    /// For TCP (and MPTCP) sockets.
+    pub tcp: PortTable,
+    /// For UDP sockets.
+    pub udp: PortTable,
 }
 
 /// LPM data of a port trie.
@@ -390,7 +426,9 @@ mod tests {
         assert_eq!(size_of::<DestKey>(), 20);
         assert_eq!(size_of::<Scope>(), 16);
         assert_eq!(size_of::<ExecNotice>(), 16);
-        assert_eq!(size_of::<DestTables>(), 8);
+        assert_eq!(size_of::<PortRange>(), 12);
+        assert_eq!(size_of::<PortTable>(), 8 + 12 * INLINE_RANGES);
+        assert_eq!(size_of::<DestTables>(), 2 * size_of::<PortTable>());
         assert_eq!(size_of::<PortKey>(), 8);
         assert_eq!(size_of::<RuleVerdict>(), 8);
         assert_eq!(size_of::<DecisionRecord>(), 112);

@@ -21,9 +21,10 @@ use aya_ebpf::{
 use core::ptr::{addr_of, addr_of_mut, read_volatile};
 use idgate_common::{
     DEST_FIXED_BITS, DecisionRecord, DestKey, DestTables, EVENTS_RING_BYTES, EventSettings,
-    FAMILY_V4, FAMILY_V6, GENERATIONS, MAX_BOUND_CGROUPS, MAX_SET_DESTS, MAX_SET_PORT_BLOCKS,
-    MAX_SLOTS, NO_TABLE, PORT_FIXED_BITS, PortKey, RECORD_LAYOUT, RuleVerdict, SlotPolicy,
-    UNKNOWN_SLOT, hook, reason, record_flags, slot_policy, slot_policy_index, slot_state, verdict,
+    FAMILY_V4, FAMILY_V6, GENERATIONS, INLINE_RANGES, MAX_BOUND_CGROUPS, MAX_SET_DESTS,
+    MAX_SET_PORT_BLOCKS, MAX_SLOTS, NO_TABLE, PORT_FIXED_BITS, PortKey, PortTable, RECORD_LAYOUT,
+    RuleVerdict, SlotPolicy, UNKNOWN_SLOT, hook, reason, record_flags, slot_policy,
+    slot_policy_index, slot_state, verdict,
 };
 
 #[map(name = "IDG_IDENTITIES")]
@@ -49,11 +50,10 @@ static SLOT_DESTS: ArrayOfMaps<
     SLOT_ENTRIES,
 > = ArrayOfMaps::new();
 
+type PortTrie = LpmTrie<PortKey, RuleVerdict, { MAX_SET_PORT_BLOCKS as usize }>;
+
 #[btf_map(name = "IDG_SLOT_PORTS")]
-static SLOT_PORTS: ArrayOfMaps<
-    LpmTrie<PortKey, RuleVerdict, { MAX_SET_PORT_BLOCKS as usize }>,
-    SLOT_ENTRIES,
-> = ArrayOfMaps::new();
+static SLOT_PORTS: ArrayOfMaps<PortTrie, SLOT_ENTRIES> = ArrayOfMaps::new();
 
 /// Not read here: the agent keeps its slot table in it (see idgate-common).
 #[map(name = "IDG_SLOT_IDS")]
@@ -213,6 +213,12 @@ fn decide(cgroup: u64, protocol: u32, port: u16, dest: &Dest) -> Decision {
     }
 
     let index = slot_policy_index(generation, slot);
+    // The agent sets both tries of every slot before it switches to a
+    // generation; none is there only in the moment after an upgrade
+    // made the arrays anew.
+    let (Some(dest_trie), Some(port_trie)) = (SLOT_DESTS.get(index), SLOT_PORTS.get(index)) else {
+        return d;
+    };
     let mut key = DestKey {
         family: FAMILY_V6,
         addr: dest.addr,
@@ -234,14 +240,11 @@ fn decide(cgroup: u64, protocol: u32, port: u16, dest: &Dest) -> Decision {
         key.addr[3] = dest.addr[from + 3];
         bits = 32;
     }
-    let tables = SLOT_DESTS
-        .get(index)
-        .and_then(|trie| trie.get(&Key::new(DEST_FIXED_BITS + bits, key)))
-        .copied();
-    let table = match (tables, protocol) {
-        (Some(t), IPPROTO_TCP | IPPROTO_MPTCP) => t.tcp,
-        (Some(t), IPPROTO_UDP) => t.udp,
-        _ => NO_TABLE,
+    let tables = dest_trie.get(&Key::new(DEST_FIXED_BITS + bits, key));
+    let ports = match (tables, protocol) {
+        (Some(t), IPPROTO_TCP | IPPROTO_MPTCP) => Some(&t.tcp),
+        (Some(t), IPPROTO_UDP) => Some(&t.udp),
+        _ => None,
     };
     d.verdict = policy.default_verdict;
     d.rule_id = policy.default_rule;
@@ -250,20 +253,10 @@ fn decide(cgroup: u64, protocol: u32, port: u16, dest: &Dest) -> Decision {
     } else {
         reason::DEFAULT
     };
-    if table != NO_TABLE {
-        let key = PortKey {
-            table,
-            port: port.to_be_bytes(),
-            _pad: [0; 2],
-        };
-        let rule = SLOT_PORTS
-            .get(index)
-            .and_then(|trie| trie.get(&Key::new(PORT_FIXED_BITS + 16, key)));
-        if let Some(rule) = rule {
-            d.verdict = rule.verdict;
-            d.rule_id = rule.rule_id;
-            d.reason = reason::RULE;
-        }
+    if let Some(rule) = ports.and_then(|t| port_rule(t, port_trie, port)) {
+        d.verdict = rule.verdict;
+        d.rule_id = rule.rule_id;
+        d.reason = reason::RULE;
     }
     if d.verdict != verdict::ALLOW {
         // Anything but allow is a deny.
@@ -274,6 +267,35 @@ fn decide(cgroup: u64, protocol: u32, port: u16, dest: &Dest) -> Decision {
         }
     }
     d
+}
+
+/// The rule of `table` that covers `port`: in the table's own ranges, or
+/// in the rule set's port trie.
+#[inline(always)]
+fn port_rule(table: &PortTable, trie: &PortTrie, port: u16) -> Option<RuleVerdict> {
+    if table.count != 0 {
+        let mut i = 0;
+        while i < INLINE_RANGES {
+            let r = &table.ranges[i];
+            if (i as u32) < table.count && r.first <= port && port <= r.last {
+                return Some(RuleVerdict {
+                    verdict: r.verdict,
+                    rule_id: r.rule_id,
+                });
+            }
+            i += 1;
+        }
+        return None;
+    }
+    if table.table == NO_TABLE {
+        return None;
+    }
+    let key = PortKey {
+        table: table.table,
+        port: port.to_be_bytes(),
+        _pad: [0; 2],
+    };
+    trie.get(&Key::new(PORT_FIXED_BITS + 16, key)).copied()
 }
 
 /// Whether this allow decision is one of the sample the agent asked for.

@@ -167,6 +167,63 @@ fn unknown_cgroups_are_denied_and_cgroups_outside_the_scope_are_untouched() {
     );
 }
 
+/// A destination entry holds a port list of up to four ranges itself
+/// (`INLINE_RANGES` in idgate-common); a longer list is looked up in the
+/// port trie. Both must judge every port alike: allowed exactly in the
+/// list, whatever its length and whichever of its ranges the port is in.
+#[test]
+fn short_and_long_port_lists_judge_every_port_alike() {
+    require_privileges!();
+    let f = Fixture::new();
+    let base = f.udp_port.min(u16::MAX - 16);
+    let (short, long) = (
+        [base, base + 2, base + 4, base + 6],
+        [base, base + 2, base + 4, base + 6, base + 8],
+    );
+    let list = |ports: &[u16]| {
+        let mut items: Vec<String> = ports[..ports.len() - 1]
+            .iter()
+            .map(u16::to_string)
+            .collect();
+        // The last one is a range of two ports.
+        let last = ports[ports.len() - 1];
+        items.push(format!("\"{last}-{}\"", last + 1));
+        items.join(", ")
+    };
+    let policy = format!(
+        r#"
+        [[identity]]
+        id = "{WEB}"
+        [[identity.egress]]
+        name = "short"
+        to = ["127.0.0.2/32"]
+        ports = [{}]
+        protocol = "udp"
+        action = "allow"
+        [[identity.egress]]
+        name = "long"
+        to = ["127.0.0.3/32"]
+        ports = [{}]
+        protocol = "udp"
+        action = "allow"
+        "#,
+        list(&short),
+        list(&long),
+    );
+    let mut cg = Cgroups::new("port-lists");
+    let web = cg.inside("web");
+    let _agent = Agent::start(&cg, &policy, &web_binding());
+    for (addr, ports) in [("127.0.0.2", &short[..]), ("127.0.0.3", &long[..])] {
+        let last = ports[ports.len() - 1];
+        for port in base..=base + 10 {
+            let allowed = ports.contains(&port) || port == last + 1;
+            let answer = probe(Some(&web), "udp-sendto", &format!("{addr}:{port}"));
+            let expected = if allowed { "ok" } else { "EPERM" };
+            assert_eq!(answer, expected, "{addr}:{port}");
+        }
+    }
+}
+
 #[test]
 fn enforcement_outlives_a_killed_agent_and_a_restart_adopts_the_pins() {
     require_privileges!();

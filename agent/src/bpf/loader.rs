@@ -25,7 +25,7 @@ use idgate_common::{Scope, maps, programs};
 
 use super::maps::{PolicyMaps, SlotTable};
 use super::pins::Pins;
-use super::{BpfError, bpffs, syscall};
+use super::{BpfError, bpffs, syscall, upgrade};
 use crate::cgroup;
 
 /// The kernel programs, built by `build.rs`.
@@ -87,7 +87,8 @@ pub fn install(
     max_workloads: u32,
 ) -> Result<Enforcer, BpfError> {
     bpffs::ensure(pin_dir)?;
-    remove_retired_maps(pin_dir)?;
+    upgrade::remove_retired_maps(pin_dir)?;
+    let tries_changed = upgrade::remove_changed_tries(pin_dir)?;
     let scope_id = cgroup::cgroup_id(scope_dir).map_err(|e| BpfError::Io {
         path: scope_dir.to_owned(),
         source: std::io::Error::other(e.to_string()),
@@ -141,7 +142,8 @@ pub fn install(
         if !pin.exists() {
             pin_link(attach(&mut ebpf, name, &scope)?, &pin)?;
             attachment.attached.push(name);
-        } else if pinned_tag(&pin, loaded.get_or_insert_with(loaded_tags))? == tag {
+        } else if !tries_changed && pinned_tag(&pin, loaded.get_or_insert_with(loaded_tags))? == tag
+        {
             attachment.adopted.push(name);
         } else {
             staged.push((stage(attach(&mut ebpf, name, &scope)?, &pin)?, pin));
@@ -335,31 +337,6 @@ fn detach_stale(pin_dir: &Path, scope_id: u64) -> Result<Vec<String>, BpfError> 
         }
     }
     Ok(detached)
-}
-
-/// Removes pins of maps that an older agent made and this one no longer
-/// has (`IDG_` names not in [`maps::ALL`]), so that an upgrade does not
-/// leave their memory held.
-fn remove_retired_maps(pin_dir: &Path) -> Result<(), BpfError> {
-    let read = std::fs::read_dir(pin_dir).map_err(|source| BpfError::Io {
-        path: pin_dir.to_owned(),
-        source,
-    })?;
-    for entry in read.filter_map(Result::ok) {
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        if name.starts_with("IDG_") && !maps::ALL.contains(&name) {
-            std::fs::remove_file(entry.path()).map_err(|source| BpfError::Io {
-                path: entry.path(),
-                source,
-            })?;
-            tracing::warn!(
-                map = name,
-                "removed the pin of a map this version no longer has"
-            );
-        }
-    }
-    Ok(())
 }
 
 /// Every link pin of idgate's programs in `pin_dir`.

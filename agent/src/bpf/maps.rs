@@ -26,6 +26,21 @@ type SlotHash = [u8; 32];
 /// tries' template in the eBPF object has it too).
 const NO_PREALLOC: u32 = 1;
 
+/// The layout of the tries in each array of maps: (array, key size, value
+/// size).
+pub(super) const TRIE_LAYOUTS: [(&str, u32, u32); 2] = [
+    (
+        maps::SLOT_DESTS,
+        size_of::<Key<DestKey>>() as u32,
+        size_of::<DestTables>() as u32,
+    ),
+    (
+        maps::SLOT_PORTS,
+        size_of::<Key<PortKey>>() as u32,
+        size_of::<RuleVerdict>() as u32,
+    ),
+];
+
 /// Rule sets whose tries a reload holds open at once (two descriptors
 /// each) before it puts them into the outer arrays in one batch.
 const BATCH_SETS: usize = 512;
@@ -81,8 +96,8 @@ impl Tries {
             };
             let plen = DEST_FIXED_BITS + u32::from(d.net.prefix_len());
             let tables = DestTables {
-                tcp: d.tcp_table,
-                udp: d.udp_table,
+                tcp: d.tcp,
+                udp: d.udp,
             };
             (Key::new(plen, DestKey { family, addr }), tables)
         });

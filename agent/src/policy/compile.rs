@@ -9,7 +9,9 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use idgate_common::{SlotPolicy, UNKNOWN_SLOT, slot_policy, verdict};
+use idgate_common::{
+    INLINE_RANGES, NO_TABLE, PortRange, PortTable, SlotPolicy, UNKNOWN_SLOT, slot_policy, verdict,
+};
 use ipnet::IpNet;
 
 use super::model::{Action, PolicySet};
@@ -19,12 +21,13 @@ use super::precedence::{
 };
 use crate::identity::SpiffeId;
 
-/// A destination-trie entry: address prefix -> the rule set's port tables.
+/// A destination-trie entry: address prefix -> the port table of each
+/// protocol, as the kernel reads it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct DestEntry {
     pub net: IpNet,
-    pub tcp_table: u32,
-    pub udp_table: u32,
+    pub tcp: PortTable,
+    pub udp: PortTable,
 }
 
 /// A port-trie entry: `(table, port block)` -> verdict and rule.
@@ -39,7 +42,7 @@ pub struct PortEntry {
 }
 
 /// The trie entries of one rule set, which every slot with that set
-/// shares. Table ids count from 1 within the set.
+/// shares. Port-trie table ids count from 1 within the set.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct RuleSet {
     pub dests: Vec<DestEntry>,
@@ -120,17 +123,28 @@ pub fn compile(policy: &PolicySet, slots: &[(u32, SpiffeId)]) -> CompiledPolicy 
     out
 }
 
-/// The trie entries of one identity's decided prefixes: each distinct
-/// interval list becomes one port table.
+/// The trie entries of one identity's decided prefixes. A prefix's
+/// interval list of up to [`INLINE_RANGES`] is held in its destination
+/// entry; each distinct longer one becomes one port-trie table.
 fn rule_set(decided: Vec<Decided>) -> RuleSet {
     let mut ids: HashMap<Vec<Interval>, u32> = HashMap::new();
     let mut set = RuleSet::default();
-    let mut intern = |intervals: Vec<Interval>, ports: &mut Vec<PortEntry>| -> u32 {
-        if intervals.is_empty() {
-            return idgate_common::NO_TABLE;
+    let mut table = |intervals: Vec<Interval>, ports: &mut Vec<PortEntry>| -> PortTable {
+        let mut out = PortTable::default();
+        if intervals.len() <= INLINE_RANGES {
+            out.count = intervals.len() as u32;
+            for (range, i) in out.ranges.iter_mut().zip(&intervals) {
+                *range = PortRange {
+                    first: i.first,
+                    last: i.last,
+                    verdict: verdict_of(i.action),
+                    rule_id: i.rule,
+                };
+            }
+            return out;
         }
         let next = ids.len() as u32 + 1;
-        *ids.entry(intervals).or_insert_with_key(|intervals| {
+        out.table = *ids.entry(intervals).or_insert_with_key(|intervals| {
             for i in intervals {
                 for (port, prefix_len) in ports::blocks(i.first, i.last) {
                     ports.push(PortEntry {
@@ -143,15 +157,16 @@ fn rule_set(decided: Vec<Decided>) -> RuleSet {
                 }
             }
             next
-        })
+        });
+        out
     };
     for d in decided {
-        let tcp_table = intern(d.tcp, &mut set.ports);
-        let udp_table = intern(d.udp, &mut set.ports);
+        let tcp = table(d.tcp, &mut set.ports);
+        let udp = table(d.udp, &mut set.ports);
         set.dests.push(DestEntry {
             net: d.net,
-            tcp_table,
-            udp_table,
+            tcp,
+            udp,
         });
     }
     set
@@ -165,7 +180,9 @@ fn verdict_of(a: Action) -> u32 {
 }
 
 /// What the compiled entries decide for one connect, as the kernel would:
-/// longest address prefix, then longest port block, then the default. Used
+/// longest address prefix, then the range of its inline table that holds
+/// the port, or else the longest block of its port-trie table, then the
+/// default. Used
 /// by tests and by `explain`.
 pub fn evaluate(c: &CompiledPolicy, slot: u32, addr: IpAddr, port: u16, tcp: bool) -> (u32, u32) {
     let addr = match addr {
@@ -185,11 +202,21 @@ pub fn evaluate(c: &CompiledPolicy, slot: u32, addr: IpAddr, port: u16, tcp: boo
     else {
         return default;
     };
-    let table = if tcp { dest.tcp_table } else { dest.udp_table };
+    let table = if tcp { &dest.tcp } else { &dest.udp };
+    let inline = &table.ranges[..table.count as usize];
+    if !inline.is_empty() {
+        return inline
+            .iter()
+            .find(|r| (r.first..=r.last).contains(&port))
+            .map_or(default, |r| (r.verdict, r.rule_id));
+    }
+    if table.table == NO_TABLE {
+        return default;
+    }
     set.ports
         .iter()
         .filter(|p| {
-            p.table == table && {
+            p.table == table.table && {
                 let span = 1u32 << (16 - p.prefix_len);
                 (u32::from(p.port)..u32::from(p.port) + span).contains(&u32::from(port))
             }
@@ -200,8 +227,6 @@ pub fn evaluate(c: &CompiledPolicy, slot: u32, addr: IpAddr, port: u16, tcp: boo
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeSet;
-
     use super::*;
     use crate::policy::testing::policy;
 
@@ -337,8 +362,10 @@ mod tests {
         let c = compile(&p, &[(1, id(WEB)), (2, id("spiffe://example.org/none"))]);
         let web = &c.rule_sets[c.slot(1).unwrap().rule_set];
         assert_eq!(web.dests.len(), 2);
-        let tables: BTreeSet<u32> = web.dests.iter().map(|d| d.tcp_table).collect();
-        assert_eq!(tables.len(), 2, "rules a and b differ by rule id");
+        assert_ne!(
+            web.dests[0].tcp, web.dests[1].tcp,
+            "a and b differ by rule id"
+        );
         // The unknown workload and the identity without a block both have
         // no rules: one (empty) rule set serves both.
         assert_eq!(c.rule_sets.len(), 2);
@@ -386,16 +413,24 @@ mod tests {
                     RuleSet {
                         dests: vec![DestEntry {
                             net: "10.0.0.0/8".parse().unwrap(),
-                            tcp_table: 1,
-                            udp_table: idgate_common::NO_TABLE,
+                            tcp: PortTable {
+                                table: NO_TABLE,
+                                count: 1,
+                                ranges: [
+                                    PortRange {
+                                        first: 80,
+                                        last: 81,
+                                        verdict: verdict::ALLOW,
+                                        rule_id: 1,
+                                    },
+                                    PortRange::default(),
+                                    PortRange::default(),
+                                    PortRange::default(),
+                                ],
+                            },
+                            udp: PortTable::default(),
                         }],
-                        ports: vec![PortEntry {
-                            table: 1,
-                            port: 80,
-                            prefix_len: 15,
-                            verdict: verdict::ALLOW,
-                            rule_id: 1,
-                        }],
+                        ports: vec![],
                     },
                 ],
                 rules: vec![
@@ -410,6 +445,54 @@ mod tests {
                 ],
             }
         );
+    }
+
+    /// Up to [`INLINE_RANGES`] intervals stay in the destination entry;
+    /// one more moves the list into the port trie, as prefix blocks, once
+    /// for every prefix that has the same list. Both decide alike.
+    #[test]
+    fn long_port_lists_go_to_the_port_trie_and_decide_alike() {
+        let rule = |name: &str, to: &str, ports: &str| {
+            format!(
+                "[[identity.egress]]\nname = \"{name}\"\nto = [{to}]\nports = [{ports}]\nprotocol = \"udp\"\naction = \"allow\"\n"
+            )
+        };
+        let p = policy(&format!(
+            "[[identity]]\nid = \"{WEB}\"\n{}{}",
+            rule("four", "\"10.0.0.1\"", "10, 20, 30, \"40-47\""),
+            rule(
+                "five",
+                "\"10.0.0.2\", \"10.0.0.3\"",
+                "10, 20, 30, 40, \"50-52\""
+            ),
+        ));
+        assert_eq!(INLINE_RANGES, 4);
+        let c = compile(&p, &[(1, id(WEB))]);
+        let set = &c.rule_sets[c.slot(1).unwrap().rule_set];
+        let udp = |addr: &str| {
+            let net: IpNet = format!("{addr}/32").parse().unwrap();
+            set.dests.iter().find(|d| d.net == net).unwrap().udp
+        };
+        assert_eq!(
+            (udp("10.0.0.1").count, udp("10.0.0.1").table),
+            (4, NO_TABLE)
+        );
+        assert_eq!((udp("10.0.0.2").count, udp("10.0.0.2").table), (0, 1));
+        assert_eq!(udp("10.0.0.3"), udp("10.0.0.2"), "one table for both");
+        // 10, 20, 30, 40 and 50-52 as blocks: 50/15 and 52/16.
+        assert_eq!(set.ports.len(), 6);
+        for (addr, name, ports) in [
+            ("10.0.0.1", "four", &[10, 20, 30, 40, 47][..]),
+            ("10.0.0.3", "five", &[10, 20, 30, 40, 50, 51, 52][..]),
+        ] {
+            for &port in ports {
+                assert_eq!(decide(&c, addr, port, false), (verdict::ALLOW, name.into()));
+            }
+            for port in [9, 11, 48, 53] {
+                assert_eq!(decide(&c, addr, port, false).1, "default", "{addr}:{port}");
+            }
+            assert_eq!(decide(&c, addr, 10, true).1, "default", "tcp {addr}");
+        }
     }
 
     /// Three blocks match `agents/coder`, two match `agents/other`, one
