@@ -271,6 +271,25 @@ fn enforcement_outlives_a_killed_agent_and_a_restart_adopts_the_pins() {
     assert_eq!(probe(web, "tcp", &denied), "ECONNREFUSED");
 }
 
+/// The scope cgroup removed under stopped agent (its links are then
+/// defunct): uninstall still removes every pin.
+#[test]
+fn uninstall_after_the_scope_is_gone_removes_every_pin() {
+    require_privileges!();
+    let f = Fixture::new();
+    let mut cg = Cgroups::new("gone");
+    let web = cg.inside("web");
+    let mut agent = Agent::start(&cg, &f.policy(), &web_binding());
+    assert_eq!(agent.pinned_links().len(), 5);
+    assert!(agent.stop(Signal::SIGTERM).success());
+    for dir in [web, cg.scope_dir()] {
+        std::fs::remove_dir(&dir).unwrap_or_else(|e| panic!("rmdir {}: {e}", dir.display()));
+    }
+    let out = agent.uninstall().expect("uninstall");
+    assert!(out.contains("uninstalled"), "{out}");
+    assert!(!agent.pin_dir.exists());
+}
+
 #[test]
 fn a_bad_config_or_policy_stops_the_agent_before_anything_is_attached() {
     require_privileges!();

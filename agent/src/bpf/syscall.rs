@@ -27,6 +27,10 @@ struct ObjGetAttr {
     bpf_fd: u32,
     file_flags: u32,
     path_fd: i32,
+    /// The struct's tail padding, made a field so that it is zero: the
+    /// kernel refuses (EINVAL) an attr with any byte set past the
+    /// command's last field, and padding holds whatever was on the stack.
+    _pad: u32,
 }
 
 /// The `batch` member of `union bpf_attr`.
@@ -48,6 +52,14 @@ struct BatchAttr {
 struct LinkDetachAttr {
     link_fd: u32,
 }
+
+// Every attr ends with its last field: no tail padding for the kernel to
+// read as a set byte.
+const _: () = assert!(
+    std::mem::offset_of!(ObjGetAttr, _pad) + 4 == size_of::<ObjGetAttr>()
+        && std::mem::offset_of!(BatchAttr, flags) + 8 == size_of::<BatchAttr>()
+        && size_of::<LinkDetachAttr>() == 4
+);
 
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a live `repr(C)` prefix of `union bpf_attr` for
@@ -80,6 +92,7 @@ pub fn detach_pinned(pin: &Path) -> io::Result<()> {
         bpf_fd: 0,
         file_flags: 0,
         path_fd: 0,
+        _pad: 0,
     };
     let fd = bpf(BPF_OBJ_GET, &mut get)?;
     // SAFETY: BPF_OBJ_GET returned a new descriptor that nothing else owns.
