@@ -1,10 +1,12 @@
 //! `cargo xtask bench`: what idgate costs, measured on this machine with
 //! the release binaries, written to `docs/benchmarks.md`.
 //!
-//! Four configurations of one workload cgroup, measured interleaved in
+//! Five configurations of one workload cgroup, measured interleaved in
 //! the same run: (a) nothing attached; (b) an agent with one identity and
 //! one rule; (c) an agent with many identities and rules, each identity's
-//! cgroup bound; (d) the same rules as nftables `socket cgroupv2` rules.
+//! cgroup bound; (d) the same rules as nftables `socket cgroupv2` rules;
+//! (e) programs that only allow, on idgate's hooks: the floor any policy
+//! engine on those hooks pays.
 //! Then reload time, the agents' memory and CPU, binding latency (new
 //! cgroup, and exec, to identity) and the event path's throughput.
 //! Everything made here (cgroups, agents and their pins, the nft table,
@@ -15,6 +17,7 @@ mod binding;
 mod cgroups;
 mod cost;
 mod events;
+mod floor;
 mod interrupt;
 mod loops;
 mod machine;
@@ -33,6 +36,7 @@ use anyhow::{Result, bail};
 
 use agent::Agent;
 use cost::{MapMemory, ProcSample};
+use floor::Floor;
 use loops::{Loop, Op};
 use machine::Machine;
 use overhead::{Config, Judge, Overhead};
@@ -93,6 +97,8 @@ pub struct Results {
     pub nft_load: Duration,
     pub nft_excerpt: String,
     pub overhead: Overhead,
+    /// (a) before anything was attached.
+    pub hooks_off: overhead::HooksOff,
     /// idgate's programs' own time per call, `[op][config]`.
     pub prog_times: prog_time::ProgTimes,
     pub small: AgentCost,
@@ -114,6 +120,9 @@ pub fn run(args: BenchArgs, root: &Path) -> Result<()> {
     let started = Instant::now();
     let machine = Machine::describe();
     let nft_version = nft::ensure_installed()?;
+    // Map memory, program statistics and the hooks' programs are read
+    // with it.
+    machine::ensure_tool("bpftool", &["version"], "bpftool")?;
     let results = measure(&args, root, nft_version)?;
     let text = report::render(&args, &machine, &results, started.elapsed());
     let out = root.join(&args.out);
@@ -140,7 +149,7 @@ fn measure(args: &BenchArgs, root: &Path, nft_version: String) -> Result<Results
     if args.workloads == 0 || args.event_seconds <= 0.0 {
         bail!("--workloads and --event-seconds must be above 0");
     }
-    let bins = root.join("target/release");
+    let bins = crate::target_dir(root).join("release");
     let idgate = bins.join("idgate");
     let lp = Loop {
         bin: bins.join("idgate-bench-loop"),
@@ -156,6 +165,7 @@ fn measure(args: &BenchArgs, root: &Path, nft_version: String) -> Result<Results
     let cgroup_root = cgroups::cgroup2_root()?;
     let tree = cgroups::Tree::new(&cgroup_root, &tag)?;
     let plain = tree.make("none")?;
+    let hooks_off = overhead::measure_hooks_off(&lp, &plain, &ports.ops(), args.rounds)?;
     eprintln!("bench: making {} cgroups for nftables", large_ids.len());
     let mut nft_workloads = Vec::with_capacity(large_ids.len());
     for identity in &large_ids {
@@ -184,6 +194,8 @@ fn measure(args: &BenchArgs, root: &Path, nft_version: String) -> Result<Results
     };
     let small = start_agent("small", &small_ids, "")?;
     let large = start_agent("large", &large_ids, "")?;
+    eprintln!("bench: attaching the empty programs");
+    let floor = Floor::attach(&tree.make("floor")?)?;
     let workload = &large_ids[0].cgroup;
     let configs = [
         Config {
@@ -210,6 +222,11 @@ fn measure(args: &BenchArgs, root: &Path, nft_version: String) -> Result<Results
             cgroup: tree.path(&format!("nft/{workload}")),
             judge: Judge::Nftables(&table),
         },
+        Config {
+            name: "(e) an empty program on the same hooks".into(),
+            cgroup: tree.path("floor"),
+            judge: Judge::Floor(&floor),
+        },
     ];
     check_in_force(&lp, &configs, ports.denied)?;
 
@@ -234,6 +251,8 @@ fn measure(args: &BenchArgs, root: &Path, nft_version: String) -> Result<Results
 
     let overhead = overhead::measure(&lp, &configs, &ports.ops(), args.rounds)?;
     let prog_times = prog_time::measure(&lp, &configs, &ports.ops())?;
+    // (e) is measured: its programs leave the hooks.
+    drop(floor);
 
     eprintln!("bench: timing {} reloads of each kind", args.reloads);
     let reloads = reload::measure(&large, &mut large_ids, args.reloads)?;
@@ -270,6 +289,7 @@ fn measure(args: &BenchArgs, root: &Path, nft_version: String) -> Result<Results
         nft_load: table.load_time,
         nft_excerpt,
         overhead,
+        hooks_off,
         prog_times,
         small: small_cost,
         large: large_cost,
@@ -281,14 +301,18 @@ fn measure(args: &BenchArgs, root: &Path, nft_version: String) -> Result<Results
 }
 
 /// Proof that each configuration judges its workload: a UDP send to a
-/// port no rule allows goes through with nothing attached and fails with
-/// EPERM under every judge.
+/// port no rule allows goes through with nothing attached and under the
+/// empty programs (which bpftool must show on the workload's cgroup), and
+/// fails with EPERM under idgate and nftables.
 fn check_in_force(lp: &Loop, configs: &[Config<'_>], denied: [SocketAddr; 2]) -> Result<()> {
     for config in configs {
         let expect = match config.judge {
-            Judge::Nothing => "ok",
+            Judge::Nothing | Judge::Floor(_) => "ok",
             Judge::Idgate(_) | Judge::Nftables(_) => "eperm",
         };
+        if let Judge::Floor(floor) = config.judge {
+            floor.check()?;
+        }
         if let Judge::Nftables(table) = config.judge {
             table.hook()?;
         }

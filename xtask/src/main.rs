@@ -79,7 +79,7 @@ fn main() -> Result<()> {
         Task::Run { config } => {
             setup::run()?;
             build(false)?;
-            let status = Command::new(root.join("target/debug/idgate"))
+            let status = Command::new(target_dir(&root).join("debug/idgate"))
                 .arg("agent")
                 .arg("--config")
                 .arg(&config)
@@ -121,6 +121,13 @@ fn cargo(args: &[&str]) -> Result<()> {
         bail!("`cargo {}` failed ({status})", args.join(" "));
     }
     Ok(())
+}
+
+/// Where cargo puts what it builds here: `CARGO_TARGET_DIR` if set (a
+/// relative one is below the workspace, where xtask runs cargo), else the
+/// workspace's `target`.
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |dir| root.join(dir))
 }
 
 fn workspace_root() -> PathBuf {

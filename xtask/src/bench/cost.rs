@@ -79,7 +79,6 @@ struct Shown {
 /// among them the maps its entries hold (which no process holds open:
 /// the agent's per-identity tries); largest first.
 pub fn maps(pid: u32) -> Result<Vec<MapMemory>> {
-    super::machine::ensure_tool("bpftool", &["version"], "bpftool")?;
     let out = Command::new("bpftool")
         .args(["-j", "map", "show"])
         .output()?;

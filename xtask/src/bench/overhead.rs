@@ -9,12 +9,15 @@ use anyhow::Result;
 
 use super::agent::Agent;
 use super::cost::{self, ProcSample};
+use super::floor::{self, Floor};
 use super::loops::{Loop, Op};
 use super::nft::Table;
 
 /// What judges the workload's calls.
 pub enum Judge<'a> {
     Nothing,
+    /// Programs that allow everything, on idgate's hooks: the floor.
+    Floor(&'a Floor),
     Idgate(&'a Agent),
     Nftables(&'a Table),
 }
@@ -46,6 +49,43 @@ pub struct Overhead {
     pub agents: Vec<Option<AgentUnderLoad>>,
 }
 
+/// (a) with these hooks off machine-wide, measured before anything of
+/// the run is attached.
+pub enum HooksOff {
+    /// `ns[op]`: one figure per round.
+    Measured(Vec<Vec<f64>>),
+    /// Some cgroup of the machine already has a program on one of the
+    /// hooks (the kernel then runs them for every cgroup): what and where.
+    Skipped(String),
+}
+
+/// Times every operation `rounds` times in `cgroup` with no program on
+/// idgate's hooks anywhere, so that the kernel skips them (each hook is a
+/// static branch, on for every cgroup once any cgroup has a program).
+pub fn measure_hooks_off(
+    lp: &Loop,
+    cgroup: &std::path::Path,
+    ops: &[(Op, SocketAddr)],
+    rounds: usize,
+) -> Result<HooksOff> {
+    let others = floor::attached_anywhere()?;
+    if !others.is_empty() {
+        let list: Vec<String> = others
+            .iter()
+            .map(|(cgroup, attach, name)| format!("`{name}` ({attach}) on {cgroup}"))
+            .collect();
+        return Ok(HooksOff::Skipped(list.join(", ")));
+    }
+    eprintln!("bench: connect path with the hooks off, {rounds} rounds");
+    let mut ns = vec![Vec::with_capacity(rounds); ops.len()];
+    for _ in 0..rounds {
+        for (o, &(op, addr)) in ops.iter().enumerate() {
+            ns[o].push(lp.measure(cgroup, op, addr)?);
+        }
+    }
+    Ok(HooksOff::Measured(ns))
+}
+
 pub fn measure(
     lp: &Loop,
     configs: &[Config<'_>],
@@ -66,7 +106,7 @@ pub fn measure(
                         table.hook()?;
                         None
                     }
-                    Judge::Nothing => None,
+                    Judge::Nothing | Judge::Floor(_) => None,
                 };
                 let started = std::time::Instant::now();
                 let measured = lp.measure(&config.cgroup, op, addr);
