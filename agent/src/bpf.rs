@@ -2,6 +2,7 @@
 //! writing the maps.
 
 mod bpffs;
+mod identity_index;
 mod loader;
 mod maps;
 mod pins;
@@ -43,6 +44,8 @@ pub enum BpfError {
         name: &'static str,
         source: aya::maps::MapError,
     },
+    #[error("map {name}: {message}")]
+    Unusable { name: &'static str, message: String },
     #[error("map {0} is missing from the eBPF object")]
     MissingMap(&'static str),
     #[error("no free identity slot: all {0} are in use")]

@@ -4,7 +4,9 @@
 //! # How a decision is looked up
 //!
 //! 1. [`maps::IDENTITIES`]: socket cgroup id (`u64`) -> identity slot (`u32`).
-//!    A cgroup that is not there is judged as [`UNKNOWN_SLOT`].
+//!    A cgroup that is not there is judged as [`UNKNOWN_SLOT`]. In front
+//!    of it, [`maps::IDENTITY_INDEX`] holds most bindings at a place given
+//!    by the id (see [`identity_index`]): one array read, no hashing.
 //! 2. [`maps::SLOT_STATE`]: slot -> [`slot_state`] flags. A revoked slot is
 //!    denied outright; this map is not part of a policy generation, so a
 //!    revocation survives reloads.
@@ -50,6 +52,9 @@
 /// directory.
 pub mod maps {
     pub const IDENTITIES: &str = "IDG_IDENTITIES";
+    /// Array of [`identity_index`](super::identity_index) entries, written
+    /// by the agent through a shared mapping.
+    pub const IDENTITY_INDEX: &str = "IDG_IDENTITY_INDEX";
     pub const SLOT_STATE: &str = "IDG_SLOT_STATE";
     pub const GENERATION: &str = "IDG_GENERATION";
     pub const SLOT_POLICY: &str = "IDG_SLOT_POLICY";
@@ -78,8 +83,9 @@ pub mod maps {
     pub const EXEC_NOTICES: &str = "IDG_EXEC_NOTICES";
 
     /// Every map, for pinning, adoption and uninstall.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         IDENTITIES,
+        IDENTITY_INDEX,
         SLOT_STATE,
         GENERATION,
         SLOT_POLICY,
@@ -137,6 +143,63 @@ pub const EXEC_RING_BYTES: u32 = 64 * 1024;
 pub const MAX_SLOTS: u32 = 65_536;
 /// Cgroups that can hold an identity at once.
 pub const MAX_BOUND_CGROUPS: u32 = 65_536;
+/// The direct-mapped index of bindings in front of [`maps::IDENTITIES`].
+///
+/// A cgroup's entry is at [`position`](identity_index::position), the low
+/// bits of its id (cgroup ids are handed out in sequence, so the bound
+/// cgroups of a host rarely share one). The entry holds the rest of the id
+/// and the slot in one `u64`, which the agent stores and a program loads in
+/// one access: a program sees the entry before or after a change, never a
+/// mix. An entry that is not this cgroup's sends the program to
+/// [`maps::IDENTITIES`], which holds every binding.
+///
+/// The agent keeps every entry equal to a binding of the hash: it binds in
+/// the hash first and then here, and unbinds here first.
+pub mod identity_index {
+    /// Entries of the index.
+    pub const ENTRIES: u32 = 1 << POSITION_BITS;
+    const POSITION_BITS: u32 = 16;
+    /// Set in every entry that holds a binding (0 is an empty entry).
+    const BOUND: u64 = 1 << 63;
+    const SLOT_MASK: u64 = (1 << 16) - 1;
+
+    /// Where `cgroup`'s entry is.
+    #[inline(always)]
+    pub const fn position(cgroup: u64) -> u32 {
+        (cgroup & (ENTRIES as u64 - 1)) as u32
+    }
+
+    /// The entry binding `cgroup` to `slot`, or `None` when the index cannot
+    /// hold it (an id of 63 bits or more, or a slot beyond 16 bits): then
+    /// the hash alone does.
+    pub const fn entry(cgroup: u64, slot: u32) -> Option<u64> {
+        let rest = cgroup >> POSITION_BITS;
+        if rest >= BOUND >> POSITION_BITS || slot as u64 > SLOT_MASK {
+            return None;
+        }
+        Some(BOUND | rest << POSITION_BITS | slot as u64)
+    }
+
+    /// The cgroup of `entry`, found at `position`, if it holds one.
+    pub const fn cgroup(entry: u64, position: u32) -> Option<u64> {
+        if entry & BOUND == 0 {
+            return None;
+        }
+        Some((entry & !BOUND) >> POSITION_BITS << POSITION_BITS | position as u64)
+    }
+
+    /// The slot that `entry` (read at `cgroup`'s position) binds `cgroup`
+    /// to, if it is that cgroup's.
+    #[inline(always)]
+    pub const fn slot(entry: u64, cgroup: u64) -> Option<u32> {
+        if entry & BOUND != 0 && (entry & !BOUND) >> POSITION_BITS == cgroup >> POSITION_BITS {
+            Some((entry & SLOT_MASK) as u32)
+        } else {
+            None
+        }
+    }
+}
+
 /// Policy generations kept in the maps: the active one and the next.
 pub const GENERATIONS: u32 = 2;
 /// Address-prefix entries of one rule set's destination trie (both
@@ -461,6 +524,28 @@ mod tests {
         }
         assert_eq!(hook::name(0), None);
         assert_eq!(reason::name(0), None);
+    }
+
+    #[test]
+    fn an_index_entry_is_its_own_cgroup_s_only() {
+        use identity_index::{cgroup, entry, position, slot};
+        let id = (1u64 << 32) | 0x0002_1234;
+        let e = entry(id, MAX_SLOTS - 1).unwrap();
+        assert_eq!(slot(e, id), Some(MAX_SLOTS - 1));
+        assert_eq!(cgroup(e, position(id)), Some(id));
+        // Another cgroup at the same position, or an empty entry: not found.
+        assert_eq!(position(id + 0x1_0000), position(id));
+        assert_eq!(slot(e, id + 0x1_0000), None);
+        assert_eq!(slot(0, id), None);
+        assert_eq!(slot(0, position(id) as u64), None);
+        assert_eq!(cgroup(0, 7), None);
+        // Slot 0 and small ids are held like any other.
+        assert_eq!(slot(entry(5, UNKNOWN_SLOT).unwrap(), 5), Some(UNKNOWN_SLOT));
+        // What does not fit stays in the hash alone.
+        assert_eq!(entry(1 << 63, 1), None);
+        assert_eq!(entry(u64::MAX, 1), None);
+        assert_eq!(entry(id, 1 << 16), None);
+        assert!(entry((1 << 63) - 1, 1).is_some());
     }
 
     #[test]

@@ -23,12 +23,18 @@ use idgate_common::{
     DEST_FIXED_BITS, DecisionRecord, DestKey, DestTables, EVENTS_RING_BYTES, EventSettings,
     FAMILY_V4, FAMILY_V6, GENERATIONS, INLINE_RANGES, MAX_BOUND_CGROUPS, MAX_SET_DESTS,
     MAX_SET_PORT_BLOCKS, MAX_SLOTS, NO_TABLE, PORT_FIXED_BITS, PortKey, PortTable, RECORD_LAYOUT,
-    RuleVerdict, SlotPolicy, UNKNOWN_SLOT, hook, reason, record_flags, slot_policy,
+    RuleVerdict, SlotPolicy, UNKNOWN_SLOT, hook, identity_index, reason, record_flags, slot_policy,
     slot_policy_index, slot_state, verdict,
 };
 
 #[map(name = "IDG_IDENTITIES")]
 static IDENTITIES: HashMap<u64, u32> = HashMap::pinned(MAX_BOUND_CGROUPS, 0);
+
+/// `BPF_F_MMAPABLE`: the agent writes the index through a shared mapping.
+const MMAPABLE: u32 = 1 << 10;
+
+#[map(name = "IDG_IDENTITY_INDEX")]
+static IDENTITY_INDEX: Array<u64> = Array::pinned(identity_index::ENTRIES, MMAPABLE);
 
 #[map(name = "IDG_SLOT_STATE")]
 static SLOT_STATE: Array<u32> = Array::pinned(MAX_SLOTS, 0);
@@ -188,10 +194,7 @@ fn judge(ctx: &SockAddrContext, hook: u32, dest: Dest) -> i32 {
 /// default that user space chose; nothing falls open.
 #[inline(always)]
 fn decide(cgroup: u64, protocol: u32, port: u16, dest: &Dest) -> Decision {
-    // SAFETY: plain value reads from maps owned by this program.
-    let slot = unsafe { IDENTITIES.get(&cgroup) }
-        .copied()
-        .unwrap_or(UNKNOWN_SLOT);
+    let slot = slot_of(cgroup);
     let generation = GENERATION.get(0).copied().unwrap_or(0) & 1;
     let mut d = Decision {
         slot,
@@ -296,6 +299,25 @@ fn port_rule(table: &PortTable, trie: &PortTrie, port: u16) -> Option<RuleVerdic
         _pad: [0; 2],
     };
     trie.get(&Key::new(PORT_FIXED_BITS + 16, key)).copied()
+}
+
+/// The identity slot `cgroup` is bound to: from its index entry when the
+/// entry is that cgroup's, else from the hash; [`UNKNOWN_SLOT`] when
+/// neither holds it.
+#[inline(always)]
+pub(crate) fn slot_of(cgroup: u64) -> u32 {
+    let indexed = IDENTITY_INDEX
+        .get_ptr(identity_index::position(cgroup))
+        // SAFETY: a pointer into the array, valid for the call; one
+        // aligned 8-byte load, which the agent's stores never tear.
+        .and_then(|entry| identity_index::slot(unsafe { read_volatile(entry) }, cgroup));
+    match indexed {
+        Some(slot) => slot,
+        // SAFETY: a plain value read from a map owned by this program.
+        None => unsafe { IDENTITIES.get(&cgroup) }
+            .copied()
+            .unwrap_or(UNKNOWN_SLOT),
+    }
 }
 
 /// Whether this allow decision is one of the sample the agent asked for.

@@ -6,9 +6,9 @@
 
 use aya_ebpf::{helpers::bpf_get_current_cgroup_id, macros::cgroup_sock, programs::SockContext};
 use core::ptr::{addr_of, read_volatile};
-use idgate_common::{UNKNOWN_SLOT, slot_policy, slot_policy_index, slot_state};
+use idgate_common::{slot_policy, slot_policy_index, slot_state};
 
-use crate::{GENERATION, IDENTITIES, SLOT_POLICY, SLOT_STATE};
+use crate::{GENERATION, SLOT_POLICY, SLOT_STATE, slot_of};
 
 const SOCK_RAW: u32 = 3;
 
@@ -24,11 +24,9 @@ pub fn idgate_sock_create(ctx: SockContext) -> i32 {
 /// its policy in the active generation says so.
 #[inline(always)]
 fn raw_sockets_allowed() -> bool {
-    // SAFETY: helper without arguments; plain value reads from maps.
+    // SAFETY: helper without arguments.
     let cgroup = unsafe { bpf_get_current_cgroup_id() };
-    let slot = unsafe { IDENTITIES.get(&cgroup) }
-        .copied()
-        .unwrap_or(UNKNOWN_SLOT);
+    let slot = slot_of(cgroup);
     let state = SLOT_STATE.get(slot).copied().unwrap_or(slot_state::REVOKED);
     if state & slot_state::REVOKED != 0 {
         return false;

@@ -16,6 +16,7 @@ use idgate_common::{
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
 
+use super::identity_index::IdentityIndex;
 use super::{BpfError, syscall};
 use crate::identity::SpiffeId;
 use crate::policy::{CompiledPolicy, RuleSet, SlotEntry};
@@ -156,6 +157,9 @@ impl Outer {
 /// Handles on every map of a loaded or adopted object.
 pub struct PolicyMaps {
     identities: HashMap<MapData, u64, u32>,
+    /// Most bindings of `identities` again, where a program finds them
+    /// without hashing.
+    index: IdentityIndex,
     slot_state: Array<MapData, u32>,
     generation: Array<MapData, u32>,
     slot_policy: Array<MapData, SlotPolicy>,
@@ -176,9 +180,10 @@ impl PolicyMaps {
     /// Takes the maps out of a loaded object, by their shared names.
     pub fn new(mut take: impl FnMut(&'static str) -> Option<Map>) -> Result<Self, BpfError> {
         let mut get = |name: &'static str| take(name).ok_or(BpfError::MissingMap(name));
-        Ok(Self {
+        let maps = Self {
             identities: HashMap::try_from(get(maps::IDENTITIES)?)
                 .map_err(map_err(maps::IDENTITIES))?,
+            index: IdentityIndex::new(get(maps::IDENTITY_INDEX)?)?,
             slot_state: Array::try_from(get(maps::SLOT_STATE)?)
                 .map_err(map_err(maps::SLOT_STATE))?,
             generation: Array::try_from(get(maps::GENERATION)?)
@@ -190,7 +195,11 @@ impl PolicyMaps {
             empty: None,
             written: [None, None],
             published: StdHashMap::new(),
-        })
+        };
+        // An earlier agent may have stopped between the two writes of a
+        // binding; the hash is the truth.
+        maps.index.rebuild(&maps.bindings()?);
+        Ok(maps)
     }
 
     /// The generation the kernel judges by now.
@@ -321,11 +330,14 @@ impl PolicyMaps {
     pub fn bind(&mut self, cgroup_id: u64, slot: u32) -> Result<(), BpfError> {
         self.identities
             .insert(cgroup_id, slot, 0)
-            .map_err(map_err(maps::IDENTITIES))
+            .map_err(map_err(maps::IDENTITIES))?;
+        self.index.bind(cgroup_id, slot);
+        Ok(())
     }
 
     /// Forgets a cgroup: it is judged as an unknown workload again.
     pub fn unbind(&mut self, cgroup_id: u64) -> Result<(), BpfError> {
+        self.index.unbind(cgroup_id);
         match self.identities.remove(&cgroup_id) {
             Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
             Err(e) => Err(map_err(maps::IDENTITIES)(e)),
