@@ -51,7 +51,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 100_000)]
     rules: usize,
     /// Interleaved rounds of every configuration; figures are medians.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 9)]
     rounds: usize,
     /// Most operations per loop run.
     #[arg(long, default_value_t = 200_000)]

@@ -117,12 +117,13 @@ fn overhead(out: &mut String, args: &BenchArgs, r: &Results) {
     );
     let _ = writeln!(
         out,
-        "Nanoseconds per call (median), and the ratio to (a):\n\n| call | {} |\n|---|{}",
+        "Nanoseconds per call (median), and the ratio to (a): the median of the rounds' \
+         ratios, each run over the same round's run of (a), so that drift of the machine \
+         from round to round falls out of it.\n\n| call | {} |\n|---|{}",
         o.configs.join(" | "),
         "---:|".repeat(o.configs.len())
     );
     for (i, &(op, addr)) in o.ops.iter().enumerate() {
-        let base = median(&o.ns[i][0]);
         let cells: Vec<String> = o.ns[i]
             .iter()
             .enumerate()
@@ -131,7 +132,11 @@ fn overhead(out: &mut String, args: &BenchArgs, r: &Results) {
                 let mut cell = if c == 0 {
                     format!("{} ns", thousands(m.round() as usize))
                 } else {
-                    format!("{} ns (×{:.3})", thousands(m.round() as usize), m / base)
+                    format!(
+                        "{} ns (×{:.3})",
+                        thousands(m.round() as usize),
+                        ratio(&o.ns[i], c, 0)
+                    )
                 };
                 if c == 3 && !op.sends_packets() {
                     cell.push_str(", no packet: not judged");
@@ -147,16 +152,18 @@ fn overhead(out: &mut String, args: &BenchArgs, r: &Results) {
     let _ = write!(
         out,
         "\nThe issue's targets: (c) within {tcp:.0}% of (a) for TCP and {udp:.0}% for UDP, \
-         and ahead of (d). The floor is (e) over (a): the part of the target that a program \
-         on idgate's hooks takes before it does anything.\n\n\
+         and ahead of (d), as ratios of the rounds like those above. The floor is (e) over \
+         (a): the part of the target that a program on idgate's hooks takes before it does \
+         anything.\n\n\
          | call | (c) over (a) | target | met | floor: empty program over (a) | (c) against (d) |\n\
          |---|---:|---:|---|---:|---|\n",
         tcp = TARGET_TCP * 100.0,
         udp = TARGET_UDP * 100.0,
     );
     for (i, &(op, addr)) in o.ops.iter().enumerate() {
-        let [a, c, d, e] = [0, 2, 3, 4].map(|k| median(&o.ns[i][k]));
-        let over = c / a - 1.0;
+        let over = ratio(&o.ns[i], 2, 0) - 1.0;
+        let floor = ratio(&o.ns[i], 4, 0) - 1.0;
+        let to_d = ratio(&o.ns[i], 2, 3);
         let target = if op == Op::TcpConnect {
             TARGET_TCP
         } else {
@@ -164,10 +171,10 @@ fn overhead(out: &mut String, args: &BenchArgs, r: &Results) {
         };
         let against = if !op.sends_packets() {
             "not comparable: (d) judges nothing here".to_owned()
-        } else if c < d {
-            format!("ahead: {:.1}% less time", (1.0 - c / d) * 100.0)
+        } else if to_d < 1.0 {
+            format!("ahead: {:.1}% less time", (1.0 - to_d) * 100.0)
         } else {
-            format!("behind: {:.1}% more time", (c / d - 1.0) * 100.0)
+            format!("behind: {:.1}% more time", (to_d - 1.0) * 100.0)
         };
         let _ = writeln!(
             out,
@@ -176,7 +183,7 @@ fn overhead(out: &mut String, args: &BenchArgs, r: &Results) {
             over * 100.0,
             target * 100.0,
             if over <= target { "yes" } else { "**no**" },
-            (e / a - 1.0) * 100.0,
+            floor * 100.0,
         );
     }
 
@@ -613,6 +620,17 @@ fn seconds(d: Duration) -> String {
     } else {
         format!("{s:.2} s")
     }
+}
+
+/// The median over rounds of configuration `k`'s run over `base`'s run
+/// of the same round (`runs[config][round]`).
+fn ratio(runs: &[Vec<f64>], k: usize, base: usize) -> f64 {
+    let ratios: Vec<f64> = runs[k]
+        .iter()
+        .zip(&runs[base])
+        .map(|(x, b)| x / b)
+        .collect();
+    median(&ratios)
 }
 
 fn median(values: &[f64]) -> f64 {
