@@ -1,6 +1,6 @@
 //! The BPF filesystem that holds idgate's pins.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use nix::mount::{MsFlags, mount};
 use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
@@ -49,4 +49,25 @@ pub fn ensure(pin_dir: &Path) -> Result<(), BpfError> {
 
 fn is_bpffs(path: &Path) -> bool {
     statfs(path).is_ok_and(|s| s.filesystem_type() == BPF_FS_MAGIC)
+}
+
+/// The name and path of everything pinned in `pin_dir` (names that are not
+/// UTF-8 are none of idgate's).
+pub fn pins(pin_dir: &Path) -> Result<Vec<(String, PathBuf)>, BpfError> {
+    let read = std::fs::read_dir(pin_dir).map_err(|source| BpfError::Io {
+        path: pin_dir.to_owned(),
+        source,
+    })?;
+    Ok(read
+        .filter_map(Result::ok)
+        .filter_map(|e| Some((e.file_name().into_string().ok()?, e.path())))
+        .collect())
+}
+
+/// Removes the pin at `path`.
+pub fn unpin(path: &Path) -> Result<(), BpfError> {
+    std::fs::remove_file(path).map_err(|source| BpfError::Io {
+        path: path.to_owned(),
+        source,
+    })
 }

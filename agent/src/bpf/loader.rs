@@ -341,31 +341,24 @@ fn detach_stale(pin_dir: &Path, scope_id: u64) -> Result<Vec<String>, BpfError> 
 
 /// Every link pin of idgate's programs in `pin_dir`.
 fn pinned_links(pin_dir: &Path) -> Result<Vec<PathBuf>, BpfError> {
-    let read = std::fs::read_dir(pin_dir).map_err(|source| BpfError::Io {
-        path: pin_dir.to_owned(),
-        source,
-    })?;
-    Ok(read
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.split_once('@'))
+    Ok(bpffs::pins(pin_dir)?
+        .into_iter()
+        .filter(|(name, _)| {
+            name.split_once('@')
                 .is_some_and(|(prog, _)| programs::PINNED.contains(&prog))
         })
+        .map(|(_, path)| path)
         .collect())
 }
 
 /// Detaches the link pinned at `path` and removes the pin; enforcement by
 /// its program has ended when this returns.
 fn remove_link(path: &Path) -> Result<(), BpfError> {
-    let io = |source| BpfError::Io {
+    syscall::detach_pinned(path).map_err(|source| BpfError::Io {
         path: path.to_owned(),
         source,
-    };
-    syscall::detach_pinned(path).map_err(io)?;
-    std::fs::remove_file(path).map_err(io)
+    })?;
+    bpffs::unpin(path)
 }
 
 /// Removes every pin idgate made: its links, detached first, and its maps.
@@ -384,10 +377,7 @@ pub fn uninstall(pin_dir: &Path) -> Result<Vec<PathBuf>, BpfError> {
         .filter(|p| p.exists())
         .collect();
     for path in &maps {
-        std::fs::remove_file(path).map_err(|source| BpfError::Io {
-            path: path.clone(),
-            source,
-        })?;
+        bpffs::unpin(path)?;
     }
     let mut removed = links;
     removed.extend(maps);

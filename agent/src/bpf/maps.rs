@@ -46,7 +46,7 @@ pub(super) const TRIE_LAYOUTS: [(&str, u32, u32); 2] = [
 /// each) before it puts them into the outer arrays in one batch.
 const BATCH_SETS: usize = 512;
 
-fn map_err(name: &'static str) -> impl Fn(MapError) -> BpfError {
+pub(super) fn map_err(name: &'static str) -> impl Fn(MapError) -> BpfError {
     move |source| BpfError::Map { name, source }
 }
 
@@ -122,19 +122,19 @@ impl Tries {
 }
 
 /// One of the outer arrays of maps.
-struct Outer {
+pub(super) struct Outer {
     name: &'static str,
     map: Map,
 }
 
 impl Outer {
-    fn new(name: &'static str, map: Map) -> Result<Self, BpfError> {
+    pub(super) fn new(name: &'static str, map: Map) -> Result<Self, BpfError> {
         ArrayOfMaps::<&MapData, MapData>::try_from(&map).map_err(map_err(name))?;
         Ok(Self { name, map })
     }
 
     /// The inner map at `index`.
-    fn get(&self, index: u32) -> Result<MapData, BpfError> {
+    pub(super) fn get(&self, index: u32) -> Result<MapData, BpfError> {
         ArrayOfMaps::<&MapData, MapData>::try_from(&self.map)
             .and_then(|a| a.get(&index, 0))
             .map_err(map_err(self.name))

@@ -13,24 +13,18 @@
 
 use std::path::Path;
 
-use aya::maps::{ArrayOfMaps, Map, MapData, MapError};
+use aya::maps::{Map, MapData, MapError};
 use idgate_common::{GENERATIONS, UNKNOWN_SLOT, maps, slot_policy_index};
 
-use super::BpfError;
-use super::maps::TRIE_LAYOUTS;
+use super::maps::{Outer, TRIE_LAYOUTS, map_err};
+use super::{BpfError, bpffs};
 
 /// Removes pins of maps that an older agent made and this one no longer
 /// has.
 pub fn remove_retired_maps(pin_dir: &Path) -> Result<(), BpfError> {
-    let read = std::fs::read_dir(pin_dir).map_err(|source| BpfError::Io {
-        path: pin_dir.to_owned(),
-        source,
-    })?;
-    for entry in read.filter_map(Result::ok) {
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        if name.starts_with("IDG_") && !maps::ALL.contains(&name) {
-            unpin(&entry.path())?;
+    for (name, path) in bpffs::pins(pin_dir)? {
+        if name.starts_with("IDG_") && !maps::ALL.contains(&name.as_str()) {
+            bpffs::unpin(&path)?;
             tracing::warn!(
                 map = name,
                 "removed the pin of a map this version no longer has"
@@ -50,17 +44,13 @@ pub fn remove_changed_tries(pin_dir: &Path) -> Result<bool, BpfError> {
         if !path.exists() {
             continue;
         }
-        let outer = Map::ArrayOfMaps(
-            MapData::from_pin(&path).map_err(|source| BpfError::Map { name, source })?,
-        );
-        let Some(trie) = any_trie(&outer).map_err(|source| BpfError::Map { name, source })? else {
+        let pinned = MapData::from_pin(&path).map_err(map_err(name))?;
+        let Some(trie) = any_trie(&Outer::new(name, Map::ArrayOfMaps(pinned))?)? else {
             continue;
         };
-        let info = trie
-            .info()
-            .map_err(|source| BpfError::Map { name, source })?;
+        let info = trie.info().map_err(map_err(name))?;
         if (info.key_size(), info.value_size()) != (key_size, value_size) {
-            unpin(&path)?;
+            bpffs::unpin(&path)?;
             tracing::warn!(
                 map = name,
                 old_key_size = info.key_size(),
@@ -77,21 +67,16 @@ pub fn remove_changed_tries(pin_dir: &Path) -> Result<bool, BpfError> {
 
 /// A trie the array holds: the unknown workload's, which every policy
 /// write sets, of either generation.
-fn any_trie(outer: &Map) -> Result<Option<MapData>, MapError> {
-    let array = ArrayOfMaps::<&MapData, MapData>::try_from(outer)?;
+fn any_trie(outer: &Outer) -> Result<Option<MapData>, BpfError> {
     for generation in 0..GENERATIONS {
-        match array.get(&slot_policy_index(generation, UNKNOWN_SLOT), 0) {
+        match outer.get(slot_policy_index(generation, UNKNOWN_SLOT)) {
             Ok(trie) => return Ok(Some(trie)),
-            Err(MapError::KeyNotFound) => {}
+            Err(BpfError::Map {
+                source: MapError::KeyNotFound,
+                ..
+            }) => {}
             Err(e) => return Err(e),
         }
     }
     Ok(None)
-}
-
-fn unpin(path: &Path) -> Result<(), BpfError> {
-    std::fs::remove_file(path).map_err(|source| BpfError::Io {
-        path: path.to_owned(),
-        source,
-    })
 }
