@@ -9,7 +9,6 @@ use std::process::Command;
 
 use anyhow::{Context, Result};
 
-use super::agent::Agent;
 use super::loops::{Loop, Op};
 use super::overhead::{Config, Judge};
 
@@ -21,15 +20,26 @@ pub type ProgTimes = Vec<Vec<Option<f64>>>;
 
 pub fn measure(lp: &Loop, configs: &[Config<'_>], ops: &[(Op, SocketAddr)]) -> Result<ProgTimes> {
     eprintln!("bench: idgate's programs' own time, with BPF statistics on");
+    // Each agent's programs, looked up once.
+    let programs = configs
+        .iter()
+        .map(|c| match c.judge {
+            Judge::Idgate(agent) => agent.program_ids().map(Some),
+            _ => Ok(None),
+        })
+        .collect::<Result<Vec<_>>>()?;
     std::fs::write(STATS, "1").with_context(|| format!("writing {STATS}"))?;
     let result = ops
         .iter()
         .map(|&(op, addr)| {
             configs
                 .iter()
-                .map(|c| match c.judge {
-                    Judge::Idgate(agent) => per_call(lp, agent, &c.cgroup, op, addr).map(Some),
-                    _ => Ok(None),
+                .zip(&programs)
+                .map(|(c, progs)| {
+                    progs
+                        .as_deref()
+                        .map(|progs| per_call(lp, progs, &c.cgroup, op, addr))
+                        .transpose()
                 })
                 .collect()
         })
@@ -38,13 +48,13 @@ pub fn measure(lp: &Loop, configs: &[Config<'_>], ops: &[(Op, SocketAddr)]) -> R
     result
 }
 
-/// The programs' run time over one loop run, per run of the hook that
+/// The run time of the programs `progs` (name, id) over one loop run, per run of the hook that
 /// sees every call (connect4/6 for connects, sendmsg4/6 for sends); it
 /// includes any other program of the agent that ran meanwhile (TCP's new
 /// socket each call passes `sock_create`).
 fn per_call(
     lp: &Loop,
-    agent: &Agent,
+    progs: &[(String, u64)],
     cgroup: &std::path::Path,
     op: Op,
     addr: SocketAddr,
@@ -55,10 +65,9 @@ fn per_call(
         (_, true) => "idgate_connect4",
         (_, false) => "idgate_connect6",
     };
-    let progs = agent.program_ids()?;
-    let before = stats(&progs)?;
+    let before = stats(progs)?;
     lp.measure(cgroup, op, addr)?;
-    let after = stats(&progs)?;
+    let after = stats(progs)?;
     let time: u64 = progs.iter().map(|(_, id)| after[id].0 - before[id].0).sum();
     let (_, hook_id) = progs
         .iter()
