@@ -180,40 +180,22 @@ fn short_and_long_port_lists_judge_every_port_alike() {
         [base, base + 2, base + 4, base + 6],
         [base, base + 2, base + 4, base + 6, base + 8],
     );
-    let list = |ports: &[u16]| {
-        let mut items: Vec<String> = ports[..ports.len() - 1]
-            .iter()
-            .map(u16::to_string)
-            .collect();
-        // The last one is a range of two ports.
-        let last = ports[ports.len() - 1];
+    // (address, ports): the last port starts a range of two.
+    let lists = [("127.0.0.2", &short[..]), ("127.0.0.3", &long[..])];
+    let mut policy = format!("[[identity]]\nid = \"{WEB}\"\n");
+    for (addr, ports) in lists {
+        let (last, singles) = ports.split_last().unwrap();
+        let mut items: Vec<String> = singles.iter().map(u16::to_string).collect();
         items.push(format!("\"{last}-{}\"", last + 1));
-        items.join(", ")
-    };
-    let policy = format!(
-        r#"
-        [[identity]]
-        id = "{WEB}"
-        [[identity.egress]]
-        name = "short"
-        to = ["127.0.0.2/32"]
-        ports = [{}]
-        protocol = "udp"
-        action = "allow"
-        [[identity.egress]]
-        name = "long"
-        to = ["127.0.0.3/32"]
-        ports = [{}]
-        protocol = "udp"
-        action = "allow"
-        "#,
-        list(&short),
-        list(&long),
-    );
+        policy.push_str(&format!(
+            "[[identity.egress]]\nname = \"to-{addr}\"\nto = [\"{addr}/32\"]\nports = [{}]\nprotocol = \"udp\"\naction = \"allow\"\n",
+            items.join(", ")
+        ));
+    }
     let mut cg = Cgroups::new("port-lists");
     let web = cg.inside("web");
     let _agent = Agent::start(&cg, &policy, &web_binding());
-    for (addr, ports) in [("127.0.0.2", &short[..]), ("127.0.0.3", &long[..])] {
+    for (addr, ports) in lists {
         let last = ports[ports.len() - 1];
         for port in base..=base + 10 {
             let allowed = ports.contains(&port) || port == last + 1;
