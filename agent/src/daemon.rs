@@ -80,7 +80,18 @@ pub enum DaemonError {
 /// Runs the agent with the configuration at `config_path`.
 pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     let config = Config::load(config_path)?;
-    tracing::info!(config = %config_path.display(), ?config, "effective configuration");
+    tracing::info!(
+        config = %config_path.display(),
+        scope = %config.scope.display(),
+        pin_dir = %config.pin_dir.display(),
+        policy = %config.policy.display(),
+        entries = %config.entries.display(),
+        workload_tables = config.workloads.len(),
+        "configuration read"
+    );
+    // Every setting, as read and defaulted; long with many `[[workload]]`
+    // tables.
+    tracing::debug!(?config, "effective configuration");
     let auth = Authoriser {
         uids: config.operator_uids.clone(),
         gids: config.operator_gids.clone(),

@@ -6,7 +6,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use globset::{GlobBuilder, GlobMatcher};
+use globset::{Glob, GlobBuilder, GlobMatcher};
 
 use super::facts::{CgroupFacts, ProcessFacts};
 use super::k8s::{ContainerFacts, PodFacts};
@@ -51,25 +51,47 @@ pub enum Selector {
     K8sContainerImage(String),
 }
 
-/// A `cgroup:path` glob, compiled once.
-#[derive(Debug, Clone)]
-pub struct CgroupGlob(GlobMatcher);
+/// A `cgroup:path` glob. A pattern without wildcards, classes,
+/// alternatives or escapes (every `[[workload]]` table's) is matched as
+/// the string it is; only the others are compiled to a matcher, which
+/// costs tens of kilobytes each.
+#[derive(Clone)]
+pub struct CgroupGlob {
+    glob: Glob,
+    matcher: Option<GlobMatcher>,
+}
 
 impl CgroupGlob {
-    /// The pattern as written.
-    pub fn pattern(&self) -> &str {
-        self.0.glob().glob()
+    fn new(glob: Glob) -> Self {
+        let literal = !glob.glob().contains(['*', '?', '[', ']', '{', '}', '\\']);
+        let matcher = (!literal).then(|| glob.compile_matcher());
+        Self { glob, matcher }
     }
 
-    /// The compiled glob (for indexing many of them at once).
-    pub fn glob(&self) -> &globset::Glob {
-        self.0.glob()
+    /// The pattern as written.
+    pub fn pattern(&self) -> &str {
+        self.glob.glob()
+    }
+
+    /// The parsed glob (for indexing many of them at once).
+    pub fn glob(&self) -> &Glob {
+        &self.glob
     }
 
     /// Whether a cgroup path (relative to the v2 root, e.g.
     /// `/system.slice/x.service`) matches.
     pub fn is_match(&self, cgroup_path: &str) -> bool {
-        self.0.is_match(cgroup_path)
+        match &self.matcher {
+            Some(m) => m.is_match(cgroup_path),
+            None => self.pattern() == cgroup_path,
+        }
+    }
+}
+
+/// The pattern alone: a compiled matcher's own form runs to pages.
+impl fmt::Debug for CgroupGlob {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("CgroupGlob").field(&self.pattern()).finish()
     }
 }
 
@@ -265,7 +287,7 @@ fn parse_glob(value: &str) -> Result<CgroupGlob, SelectorProblem> {
         .backslash_escape(true)
         .build()
         .map_err(|e| SelectorProblem::Glob(e.kind().to_string()))?;
-    Ok(CgroupGlob(glob.compile_matcher()))
+    Ok(CgroupGlob::new(glob))
 }
 
 impl fmt::Display for Selector {
@@ -468,6 +490,44 @@ mod tests {
             &s,
             "systemd:unit:agent-research.service",
             "systemd:unit:system.slice",
+        );
+    }
+
+    #[test]
+    fn literal_patterns_match_as_their_compiled_glob_would() {
+        let paths = [
+            "/idgate.slice/web",
+            "/idgate.slice/web/",
+            "/idgate.slice/web/x",
+            "/idgate.slice/web2",
+            "/idgate.slice/WEB",
+            "/idgate.slice",
+            "",
+        ];
+        for pattern in [
+            "/idgate.slice/web",
+            "/idgate.slice/we\\b",
+            "/idgate.slice/we?",
+        ] {
+            let ours = parse_glob(pattern).unwrap();
+            assert_eq!(ours.matcher.is_none(), pattern == "/idgate.slice/web");
+            let compiled = ours.glob().compile_matcher();
+            for path in paths {
+                assert_eq!(
+                    ours.is_match(path),
+                    compiled.is_match(path),
+                    "{pattern} on {path:?}"
+                );
+            }
+        }
+        assert!(
+            parse_glob("/idgate.slice/web")
+                .unwrap()
+                .is_match("/idgate.slice/web")
+        );
+        assert_eq!(
+            format!("{:?}", parse_glob("/a/*").unwrap()),
+            "CgroupGlob(\"/a/*\")"
         );
     }
 
