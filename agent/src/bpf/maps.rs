@@ -388,14 +388,17 @@ impl SlotTable {
         let mut used: BTreeSet<u32> = self.by_hash.values().copied().collect();
         used.insert(UNKNOWN_SLOT);
         let mut out = Vec::with_capacity(ids.len());
+        // Numbers below it are all used: `used` only grows here.
+        let mut lowest_free = 1;
         for id in ids {
             let h: SlotHash = Sha256::digest(id.as_str().as_bytes()).into();
             let slot = match self.by_hash.get(&h) {
                 Some(s) => *s,
                 None => {
-                    let free = (1..MAX_SLOTS)
+                    let free = (lowest_free..MAX_SLOTS)
                         .find(|s| !used.contains(s))
                         .ok_or(BpfError::SlotsFull(MAX_SLOTS))?;
+                    lowest_free = free + 1;
                     self.map.set(free, h, 0).map_err(map_err(maps::SLOT_IDS))?;
                     self.by_hash.insert(h, free);
                     used.insert(free);

@@ -3,7 +3,7 @@
 //! input in full before it touches the kernel, and policy switches in the
 //! kernel atomically.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -24,6 +24,8 @@ pub struct Applied {
     /// Slot and SPIFFE ID of every identity that holds a slot: those with a
     /// bound cgroup, and the revoked ones.
     pub identities: Vec<(u32, SpiffeId)>,
+    /// The same, by identity.
+    pub slots: HashMap<SpiffeId, u32>,
     /// Bound cgroup ids and their slots (the identities map, mirrored).
     pub bound: BTreeMap<u64, u32>,
     /// The policy generation now active.
@@ -61,6 +63,9 @@ pub struct State {
     /// Cgroups attested to an identity that the kernel map could not take
     /// (full): denied, and reported here.
     pub bind_failures: BTreeMap<u64, String>,
+    /// Whether the next [`State::sync`] must go over every cgroup: at
+    /// start, and after a sync that failed part way.
+    sync_all: bool,
     runs: u64,
 }
 
@@ -117,6 +122,7 @@ impl State {
             revocations,
             applied: Applied {
                 identities: Vec::new(),
+                slots: HashMap::new(),
                 bound,
                 generation: 0,
                 applies: 0,
@@ -128,6 +134,7 @@ impl State {
             pins_restored: 0,
             attestation: AttestationStats::default(),
             bind_failures: BTreeMap::new(),
+            sync_all: true,
             runs: 0,
         };
         state.attest_all();
@@ -332,29 +339,54 @@ impl State {
 
     /// The slot an identity holds now, if any.
     pub fn slot_of(&self, id: &SpiffeId) -> Option<u32> {
-        self.applied
-            .identities
-            .iter()
-            .find(|(_, i)| i == id)
-            .map(|(s, _)| *s)
+        self.applied.slots.get(id).copied()
     }
 
-    /// Brings the kernel in line with the workload table. With `recompile`,
-    /// or when an identity without a slot is now needed, the policy is
-    /// compiled for every identity that needs a slot and switched to; then
-    /// revoked slots are marked, bindings written and removed, and slots
-    /// nobody needs freed. In this order a cgroup never points at a slot
-    /// without policy, and a freed slot number is never under a binding.
+    /// Brings the kernel in line with the workload table: the cgroups whose
+    /// bound identity changed since the last sync and those the map could
+    /// not take yet, or every cgroup with `recompile` and after a sync that
+    /// failed part way. With `recompile`, or when an identity without a
+    /// slot is now needed, the policy is compiled for every identity that
+    /// needs a slot and switched to; then revoked slots are marked,
+    /// bindings written and removed, and slots nobody needs freed. In this
+    /// order a cgroup never points at a slot without policy, and a freed
+    /// slot number is never under a binding.
     fn sync(&mut self, recompile: bool) -> Result<(), DaemonError> {
-        let wanted: BTreeMap<u64, SpiffeId> = self
-            .workloads
-            .bound()
-            .map(|(cg, id)| (cg, id.clone()))
-            .collect();
-        let mut ids: BTreeSet<SpiffeId> = wanted.values().cloned().collect();
-        ids.extend(self.revocations.ids().iter().cloned());
-        let have: BTreeSet<&SpiffeId> = self.applied.identities.iter().map(|(_, id)| id).collect();
-        if recompile || ids.iter().any(|id| !have.contains(id)) {
+        let changed = self.workloads.take_changed();
+        let result = self.sync_cgroups(recompile, &changed);
+        if result.is_err() {
+            self.sync_all = true;
+            self.workloads.return_changed(changed);
+        }
+        result
+    }
+
+    fn sync_cgroups(
+        &mut self,
+        recompile: bool,
+        changed: &BTreeSet<u64>,
+    ) -> Result<(), DaemonError> {
+        let mut cgroups: BTreeSet<u64> = if recompile || self.sync_all {
+            let mut every: BTreeSet<u64> = self.workloads.bound().map(|(cg, _)| cg).collect();
+            every.extend(self.applied.bound.keys());
+            every
+        } else {
+            changed.clone()
+        };
+        // A cgroup the map could not take is tried again each time.
+        cgroups.extend(self.bind_failures.keys());
+        // Slots stay with their identity, so only a new identity needs a
+        // new generation (and only the cgroups above need their binding).
+        let slotless = |id: &SpiffeId| !self.applied.slots.contains_key(id);
+        let new_identity = self.revocations.ids().iter().any(slotless)
+            || cgroups
+                .iter()
+                .filter_map(|cg| self.workloads.bound_id(*cg))
+                .any(slotless);
+        if recompile || new_identity {
+            let mut ids: BTreeSet<SpiffeId> =
+                self.workloads.bound().map(|(_, id)| id.clone()).collect();
+            ids.extend(self.revocations.ids().iter().cloned());
             let slots = self.enforcer.slots.assign(&ids)?;
             let compiled = policy::compile(&self.policy, &slots);
             self.applied.generation = self.enforcer.maps.apply(&compiled)?;
@@ -364,50 +396,43 @@ impl State {
                     .maps
                     .set_revoked(*slot, self.revocations.contains(id))?;
             }
+            self.applied.slots = slots.iter().map(|(s, id)| (id.clone(), *s)).collect();
             self.applied.identities = slots;
             self.applied.compiled = compiled;
         }
-        let slot_of: BTreeMap<&SpiffeId, u32> = self
-            .applied
-            .identities
-            .iter()
-            .map(|(s, id)| (id, *s))
-            .collect();
-        self.bind_failures.retain(|cg, _| wanted.contains_key(cg));
-        for (cg, id) in &wanted {
-            let slot = slot_of[id];
-            if self.applied.bound.get(cg) != Some(&slot) {
-                // A cgroup the map cannot take stays unbound (denied) and
-                // is reported; no other binding is evicted for it.
-                match self.enforcer.maps.bind(*cg, slot) {
-                    Ok(()) => {
-                        self.applied.bound.insert(*cg, slot);
-                        self.bind_failures.remove(cg);
+        for cg in cgroups {
+            let Some(id) = self.workloads.bound_id(cg) else {
+                self.bind_failures.remove(&cg);
+                if self.applied.bound.contains_key(&cg) {
+                    self.enforcer.maps.unbind(cg)?;
+                    self.applied.bound.remove(&cg);
+                }
+                continue;
+            };
+            let slot = self.applied.slots[id];
+            if self.applied.bound.get(&cg) == Some(&slot) {
+                continue;
+            }
+            // A cgroup the map cannot take stays unbound (denied) and is
+            // reported; no other binding is evicted for it.
+            match self.enforcer.maps.bind(cg, slot) {
+                Ok(()) => {
+                    self.applied.bound.insert(cg, slot);
+                    self.bind_failures.remove(&cg);
+                }
+                Err(e) => {
+                    if !self.bind_failures.contains_key(&cg) {
+                        tracing::error!(cgroup_id = cg, identity = %id, error = %e, "cannot bind: the workload is denied");
                     }
-                    Err(e) => {
-                        if !self.bind_failures.contains_key(cg) {
-                            tracing::error!(cgroup_id = cg, identity = %id, error = %e, "cannot bind: the workload is denied");
-                        }
-                        self.bind_failures.insert(*cg, e.to_string());
-                    }
+                    self.bind_failures.insert(cg, e.to_string());
                 }
             }
-        }
-        let stale: Vec<u64> = self
-            .applied
-            .bound
-            .keys()
-            .filter(|cg| !wanted.contains_key(cg))
-            .copied()
-            .collect();
-        for cg in stale {
-            self.enforcer.maps.unbind(cg)?;
-            self.applied.bound.remove(&cg);
         }
         if recompile {
             let keep: BTreeSet<u32> = self.applied.identities.iter().map(|(s, _)| *s).collect();
             self.enforcer.slots.retain(&keep)?;
         }
+        self.sync_all = false;
         Ok(())
     }
 }

@@ -4,7 +4,7 @@
 //! after every change the agent applies, the names events are given and
 //! the state's metrics are brought up to date.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
 use idgate_common::{MAX_SET_DESTS, MAX_SET_PORT_BLOCKS, MAX_SLOTS, maps};
@@ -17,7 +17,6 @@ use prometheus_client::registry::Registry;
 
 use super::DaemonError;
 use super::state::State;
-use super::workloads::Binding;
 use crate::config::Config;
 use crate::events::{self, EventFeed, EventMetrics, Names, Sinks};
 use crate::policy::RuleSet;
@@ -270,59 +269,14 @@ impl StateMetrics {
                 .get_or_create(&labels)
                 .set(i64::from(capacity));
         }
-        let mut by_state = BTreeMap::<&'static str, i64>::new();
-        for w in state.workloads.iter() {
-            *by_state.entry(state_name(&w.binding)).or_default() += 1;
-        }
+        let by_state = state.workloads.states();
         let mut seen = self.workload_states.lock().expect("states lock");
         seen.extend(by_state.keys());
         for state in seen.iter() {
+            let count = by_state.get(state).copied().unwrap_or(0);
             self.workloads
                 .get_or_create(&StateLabels { state })
-                .set(by_state.get(state).copied().unwrap_or(0));
-        }
-    }
-}
-
-/// A workload's state, as `idgate workloads` names it.
-fn state_name(binding: &Binding) -> &'static str {
-    match binding {
-        Binding::Attested { .. } => "attested",
-        Binding::Operator { .. } => "operator",
-        Binding::Unknown => "unknown",
-        Binding::Conflict { .. } => "conflict",
-        Binding::Expired { .. } => "expired",
-        Binding::Unreadable { .. } => "unreadable",
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn state_names_are_the_ones_idgate_workloads_shows() {
-        let id: crate::identity::SpiffeId = "spiffe://example.org/a".parse().unwrap();
-        for b in [
-            Binding::Attested {
-                id: id.clone(),
-                selectors: Vec::new(),
-                expires: None,
-            },
-            Binding::Operator {
-                id: id.clone(),
-                expires: None,
-            },
-            Binding::Unknown,
-            Binding::Conflict {
-                candidates: Vec::new(),
-            },
-            Binding::Expired { id },
-            Binding::Unreadable {
-                error: String::new(),
-            },
-        ] {
-            assert_eq!(serde_json::to_value(&b).unwrap()["state"], state_name(&b));
+                .set(count as i64);
         }
     }
 }

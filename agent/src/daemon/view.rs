@@ -3,7 +3,8 @@
 //! workload is issued credentials for exactly the identity its connects
 //! are judged by.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::watch;
 
@@ -17,7 +18,7 @@ pub struct IdentityView {
     pub generation: u32,
     /// Bound cgroup id -> its identity. A revoked identity's cgroups are
     /// left out: nothing may be issued for them.
-    pub by_cgroup: HashMap<u64, SpiffeId>,
+    pub by_cgroup: BTreeMap<u64, SpiffeId>,
     /// Revoked identities.
     pub revoked: BTreeSet<SpiffeId>,
 }
@@ -45,18 +46,36 @@ impl IdentityView {
 }
 
 /// Publishes a new view when the state's differs from the last one.
-pub struct ViewPublisher(watch::Sender<IdentityView>);
+pub struct ViewPublisher {
+    tx: watch::Sender<IdentityView>,
+    /// The workload table's version the last view was taken at.
+    seen: AtomicU64,
+}
 
 impl ViewPublisher {
     pub fn new(state: &State) -> (Self, watch::Receiver<IdentityView>) {
         let (tx, rx) = watch::channel(IdentityView::of(state));
-        (Self(tx), rx)
+        let seen = AtomicU64::new(state.workloads.version());
+        (Self { tx, seen }, rx)
     }
 
     /// Call after anything that may have changed bindings or revocations.
+    /// Takes a new view only when the bindings, the generation or the
+    /// revocations changed: the daemon calls this after every event, and
+    /// a view is a copy of every binding.
     pub fn publish(&self, state: &State) {
+        let version = state.workloads.version();
+        let bindings_seen = self.seen.swap(version, Ordering::Relaxed) == version;
+        let rest_seen = {
+            let current = self.tx.borrow();
+            current.generation == state.applied.generation
+                && current.revoked == *state.revocations.ids()
+        };
+        if bindings_seen && rest_seen {
+            return;
+        }
         let view = IdentityView::of(state);
-        self.0.send_if_modified(|old| {
+        self.tx.send_if_modified(|old| {
             if *old == view {
                 false
             } else {

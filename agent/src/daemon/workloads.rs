@@ -6,7 +6,7 @@
 //! workload. An expired binding stays expired for the life of the cgroup:
 //! re-attestation does not bring it back.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -49,6 +49,18 @@ impl Binding {
         }
     }
 
+    /// The state's name, as `idgate workloads` shows it.
+    pub fn state_name(&self) -> &'static str {
+        match self {
+            Binding::Attested { .. } => "attested",
+            Binding::Operator { .. } => "operator",
+            Binding::Unknown => "unknown",
+            Binding::Conflict { .. } => "conflict",
+            Binding::Expired { .. } => "expired",
+            Binding::Unreadable { .. } => "unreadable",
+        }
+    }
+
     fn expires(&self) -> Option<SystemTime> {
         match self {
             Binding::Attested { expires, .. } | Binding::Operator { expires, .. } => *expires,
@@ -76,6 +88,15 @@ pub struct Workload {
 pub struct Workloads {
     root: PathBuf,
     by_cgroup: BTreeMap<u64, Workload>,
+    /// The cgroup id of each directory in `by_cgroup`.
+    by_dir: HashMap<PathBuf, u64>,
+    /// Cgroups whose bound identity may have changed (bound, unbound,
+    /// rebound or gone) since [`Workloads::take_changed`] last ran.
+    changed: BTreeSet<u64>,
+    /// Counts such changes.
+    version: u64,
+    /// How many cgroups are in each state, by [`Binding::state_name`].
+    states: BTreeMap<&'static str, usize>,
 }
 
 impl Workloads {
@@ -83,7 +104,54 @@ impl Workloads {
         Self {
             root,
             by_cgroup: BTreeMap::new(),
+            by_dir: HashMap::new(),
+            changed: BTreeSet::new(),
+            version: 0,
+            states: BTreeMap::new(),
         }
+    }
+
+    /// How many cgroups are in each state (by [`Binding::state_name`]);
+    /// a state no cgroup is in may be missing.
+    pub fn states(&self) -> &BTreeMap<&'static str, usize> {
+        &self.states
+    }
+
+    /// Counts a cgroup out of one state (if any) and into another (if any).
+    fn recount(&mut self, from: Option<&'static str>, to: Option<&'static str>) {
+        if let Some(n) = from.and_then(|s| self.states.get_mut(s)) {
+            *n -= 1;
+        }
+        if let Some(s) = to {
+            *self.states.entry(s).or_default() += 1;
+        }
+    }
+
+    /// Grows with every change of a cgroup's bound identity: equal
+    /// versions mean equal [`Workloads::bound`] lists.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    fn mark_changed(&mut self, cgroup_id: u64) {
+        self.changed.insert(cgroup_id);
+        self.version += 1;
+    }
+
+    /// The identity a cgroup in the table is bound to, if any.
+    pub fn bound_id(&self, cgroup_id: u64) -> Option<&SpiffeId> {
+        self.by_cgroup.get(&cgroup_id)?.binding.bound_id()
+    }
+
+    /// Takes the cgroups whose bound identity may have changed.
+    pub fn take_changed(&mut self) -> BTreeSet<u64> {
+        std::mem::take(&mut self.changed)
+    }
+
+    /// Puts back cgroups taken by [`Workloads::take_changed`] whose change
+    /// did not reach the kernel.
+    pub fn return_changed(&mut self, cgroups: BTreeSet<u64>) {
+        self.changed.extend(cgroups);
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Workload> {
@@ -120,20 +188,37 @@ impl Workloads {
     }
 
     /// Forgets cgroups whose directory is gone (or was made anew).
-    pub fn prune(&mut self) -> bool {
-        let before = self.by_cgroup.len();
-        self.by_cgroup
-            .retain(|cg, w| cgroup::cgroup_id(&w.dir).is_ok_and(|now| now == *cg));
-        before != self.by_cgroup.len()
+    pub fn prune(&mut self) {
+        let gone: Vec<u64> = self
+            .by_cgroup
+            .iter()
+            .filter(|(cg, w)| !cgroup::cgroup_id(&w.dir).is_ok_and(|now| now == **cg))
+            .map(|(cg, _)| *cg)
+            .collect();
+        for cg in gone {
+            self.forget(cg);
+        }
+    }
+
+    fn forget(&mut self, cgroup_id: u64) {
+        if let Some(w) = self.by_cgroup.remove(&cgroup_id) {
+            self.recount(Some(w.binding.state_name()), None);
+            if self.by_dir.get(&w.dir) == Some(&cgroup_id) {
+                self.by_dir.remove(&w.dir);
+            }
+            self.mark_changed(cgroup_id);
+        }
     }
 
     /// Attests the cgroup at `dir` anew. Returns whether its binding
     /// changed. A directory that is gone is forgotten.
     pub fn attest(&mut self, dir: &Path, entries: &EntrySet, pods: &Pods, now: SystemTime) -> bool {
         let Ok(cgroup_id) = cgroup::cgroup_id(dir) else {
-            let before = self.by_cgroup.len();
-            self.by_cgroup.retain(|_, w| w.dir != dir);
-            return before != self.by_cgroup.len();
+            let Some(gone) = self.by_dir.get(dir).copied() else {
+                return false;
+            };
+            self.forget(gone);
+            return true;
         };
         let facts = CgroupFacts::read(&self.root, dir);
         let pids = facts.as_ref().map(|f| f.pids.clone()).unwrap_or_default();
@@ -161,17 +246,21 @@ impl Workloads {
 
     /// Expires every binding whose TTL has run out. Returns whether any did.
     pub fn expire(&mut self, now: SystemTime) -> bool {
-        let mut changed = false;
+        let mut expired = Vec::new();
         for w in self.by_cgroup.values_mut() {
             if w.binding.expires().is_some_and(|t| t <= now) {
                 let id = w.binding.bound_id().expect("bound").clone();
                 tracing::warn!(cgroup = %w.path, identity = %id, "binding expired; the cgroup is denied from now on");
+                expired.push((w.cgroup_id, w.binding.state_name()));
                 w.binding = Binding::Expired { id };
                 w.since = now;
-                changed = true;
             }
         }
-        changed
+        for (cg, was) in &expired {
+            self.mark_changed(*cg);
+            self.recount(Some(was), Some("expired"));
+        }
+        !expired.is_empty()
     }
 
     /// Operator-bound cgroups with no process left: `idgate run` is over.
@@ -203,35 +292,46 @@ impl Workloads {
         now: SystemTime,
     ) -> bool {
         let path = format!("/{}", dir.strip_prefix(&self.root).unwrap_or(dir).display());
-        match self.by_cgroup.get_mut(&cgroup_id) {
-            Some(w) => {
-                w.pids = pids;
-                if w.binding == binding {
-                    return false;
-                }
-                let changed = w.binding.bound_id() != binding.bound_id();
-                log_change(&path, &binding);
-                w.binding = binding;
-                w.since = now;
-                changed
+        if let Some(w) = self.by_cgroup.get_mut(&cgroup_id) {
+            w.pids = pids;
+            if w.binding == binding {
+                return false;
             }
-            None => {
-                log_change(&path, &binding);
-                let changed = binding.bound_id().is_some();
-                self.by_cgroup.insert(
-                    cgroup_id,
-                    Workload {
-                        path,
-                        dir: dir.to_owned(),
-                        cgroup_id,
-                        binding,
-                        pids,
-                        since: now,
-                    },
-                );
-                changed
+            log_change(&path, &binding);
+            let was = w.binding.state_name();
+            let changed = w.binding.bound_id() != binding.bound_id();
+            let now_in = binding.state_name();
+            w.binding = binding;
+            w.since = now;
+            self.recount(Some(was), Some(now_in));
+            if changed {
+                self.mark_changed(cgroup_id);
             }
+            return changed;
         }
+        log_change(&path, &binding);
+        let changed = binding.bound_id().is_some();
+        if changed {
+            self.mark_changed(cgroup_id);
+        }
+        // A directory made anew has a new id: the old one is gone.
+        if let Some(old) = self.by_dir.get(dir).copied() {
+            self.forget(old);
+        }
+        self.by_dir.insert(dir.to_owned(), cgroup_id);
+        self.recount(None, Some(binding.state_name()));
+        self.by_cgroup.insert(
+            cgroup_id,
+            Workload {
+                path,
+                dir: dir.to_owned(),
+                cgroup_id,
+                binding,
+                pids,
+                since: now,
+            },
+        );
+        changed
     }
 }
 
@@ -314,5 +414,113 @@ fn log_change(path: &str, binding: &Binding) {
         Binding::Unknown | Binding::Expired { .. } => {
             tracing::debug!(cgroup = %path, ?binding, "not bound")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+    use std::time::{Duration, SystemTime};
+
+    use crate::identity::{EntrySet, k8s::Pods};
+
+    #[test]
+    fn state_names_are_the_ones_idgate_workloads_shows() {
+        let id: crate::identity::SpiffeId = "spiffe://example.org/a".parse().unwrap();
+        for b in [
+            Binding::Attested {
+                id: id.clone(),
+                selectors: Vec::new(),
+                expires: None,
+            },
+            Binding::Operator {
+                id: id.clone(),
+                expires: None,
+            },
+            Binding::Unknown,
+            Binding::Conflict {
+                candidates: Vec::new(),
+            },
+            Binding::Expired { id },
+            Binding::Unreadable {
+                error: String::new(),
+            },
+        ] {
+            assert_eq!(serde_json::to_value(&b).unwrap()["state"], b.state_name());
+        }
+    }
+
+    /// Directories stand in for cgroups: a cgroup id is the directory's
+    /// inode number.
+    struct Dirs(PathBuf);
+
+    impl Dirs {
+        fn new() -> Self {
+            let root =
+                std::env::temp_dir().join(format!("idgate-workloads-{}", std::process::id()));
+            std::fs::create_dir_all(&root).unwrap();
+            Self(root)
+        }
+
+        fn make(&self, name: &str) -> (PathBuf, u64) {
+            let dir = self.0.join(name);
+            std::fs::create_dir(&dir).unwrap();
+            let id = cgroup::cgroup_id(&dir).unwrap();
+            (dir, id)
+        }
+    }
+
+    impl Drop for Dirs {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn every_change_of_a_bound_identity_is_handed_to_the_next_sync() {
+        let dirs = Dirs::new();
+        let mut table = Workloads::new(dirs.0.clone());
+        let id: SpiffeId = "spiffe://example.org/a".parse().unwrap();
+        let now = SystemTime::now();
+        let (a, a_id) = dirs.make("a");
+        let (b, b_id) = dirs.make("b");
+        assert!(table.bind_operator(&a, id.clone(), None));
+        assert!(table.bind_operator(&b, id.clone(), Some(Duration::from_secs(5))));
+        assert_eq!(table.take_changed(), BTreeSet::from([a_id, b_id]));
+        assert!(table.take_changed().is_empty());
+        assert_eq!(table.states()["operator"], 2);
+        assert_eq!(table.bound_id(a_id), Some(&id));
+
+        // The TTL runs out: b is unbound, and counted as expired.
+        let version = table.version();
+        assert!(table.expire(now + Duration::from_secs(10)));
+        assert_eq!(table.take_changed(), BTreeSet::from([b_id]));
+        assert_eq!(table.bound_id(b_id), None);
+        assert_eq!(table.states()["expired"], 1);
+        assert_eq!(table.states()["operator"], 1);
+        assert!(table.version() > version);
+
+        // a's directory is removed: attesting it forgets the cgroup.
+        std::fs::remove_dir(&a).unwrap();
+        assert!(table.attest(&a, &EntrySet::new(Vec::new()), &Pods::default(), now));
+        assert_eq!(table.take_changed(), BTreeSet::from([a_id]));
+        assert_eq!(table.dir_of(a_id), None);
+        assert_eq!(table.states()["operator"], 0);
+
+        // Given back after a failed sync, the changes come out again.
+        table.return_changed(BTreeSet::from([a_id]));
+        assert_eq!(table.take_changed(), BTreeSet::from([a_id]));
+
+        // Another directory moved to b's path is another cgroup (made
+        // while b was there, so its inode is another): pruning forgets b.
+        let (other, other_id) = dirs.make("other");
+        std::fs::remove_dir(&b).unwrap();
+        std::fs::rename(&other, &b).unwrap();
+        assert_eq!(cgroup::cgroup_id(&b).unwrap(), other_id);
+        table.prune();
+        assert_eq!(table.take_changed(), BTreeSet::from([b_id]));
+        assert_eq!(table.iter().count(), 0);
+        assert_eq!(table.states().values().sum::<usize>(), 0);
     }
 }

@@ -37,7 +37,8 @@ pub enum SpiffeIdError {
 /// A valid SPIFFE ID: `spiffe://<trust-domain><path>`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SpiffeId {
-    id: String,
+    /// Shared: an identity is cloned into every table that names it.
+    id: std::sync::Arc<str>,
     /// Where the path starts in `id`.
     path_at: usize,
 }
@@ -95,7 +96,7 @@ impl FromStr for SpiffeId {
             }
         }
         Ok(Self {
-            id: s.to_owned(),
+            id: s.into(),
             path_at: SCHEME.len() + td_len,
         })
     }
