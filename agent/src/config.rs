@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::identity::{Entry, Origin};
+use crate::identity::{Entry, GLOB_CHARS, Origin};
+use crate::line_index::LineIndex;
 
 /// Errors reading or checking the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -187,12 +188,13 @@ impl Config {
 impl Config {
     /// The registration entries that the `[[workload]]` tables stand for.
     fn entries_of_workloads(&self, path: &Path, text: &str) -> Result<Vec<Entry>, String> {
+        let lines = LineIndex::new(text);
         let mut out = Vec::new();
         for (i, w) in self.workloads.iter().enumerate() {
             let what = format!("workload[{i}]");
             check_relative(&format!("{what}.cgroup"), &w.cgroup)?;
             let cgroup = format!("/{}/{}", self.scope.display(), w.cgroup.display());
-            if cgroup.contains(['*', '?', '[', ']', '{', '}', '\\']) {
+            if cgroup.contains(GLOB_CHARS) {
                 return Err(format!("{what}.cgroup {cgroup:?} has glob characters"));
             }
             let id: crate::identity::SpiffeId = w
@@ -211,16 +213,11 @@ impl Config {
             let selector = format!("cgroup:path:{cgroup}")
                 .parse()
                 .map_err(|e| format!("{what}.cgroup: {e}"))?;
-            let before = &text[..w.identity.span().start.min(text.len())];
             out.push(Entry {
                 id,
                 selectors: vec![selector],
                 ttl: None,
-                origin: Origin {
-                    file: path.to_owned(),
-                    line: before.matches('\n').count() + 1,
-                    column: before.len() - before.rfind('\n').map_or(0, |n| n + 1) + 1,
-                },
+                origin: Origin::at(path, &lines, text, w.identity.span().start),
             });
         }
         Ok(out)

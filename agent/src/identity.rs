@@ -15,5 +15,5 @@ pub use entry::{
 };
 pub use entry_set::EntrySet;
 pub use facts::{CgroupFacts, FactsError, ProcessFacts, systemd_unit};
-pub use selector::{CgroupGlob, Selector, SelectorError, SelectorProblem, Subject};
+pub use selector::{CgroupGlob, GLOB_CHARS, Selector, SelectorError, SelectorProblem, Subject};
 pub use spiffe_id::{SpiffeId, SpiffeIdError};

@@ -10,6 +10,7 @@ pub mod events;
 pub mod federation;
 pub mod files;
 pub mod identity;
+pub mod line_index;
 pub mod metrics;
 pub mod policy;
 pub mod privileges;

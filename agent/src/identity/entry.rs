@@ -18,6 +18,7 @@ use toml::Spanned;
 
 use super::selector::{Selector, SelectorError};
 use super::spiffe_id::{SpiffeId, SpiffeIdError};
+use crate::line_index::LineIndex;
 
 /// A registration entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,13 +42,14 @@ pub struct Origin {
 }
 
 impl Origin {
-    fn at(file: &Path, text: &str, offset: usize) -> Origin {
-        let before = &text[..offset.min(text.len())];
-        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    /// The place of `offset` in `text`, the contents of `file`, whose
+    /// lines `lines` indexes.
+    pub fn at(file: &Path, lines: &LineIndex, text: &str, offset: usize) -> Origin {
+        let (line, column) = lines.position(text, offset);
         Origin {
             file: file.to_owned(),
-            line: before.matches('\n').count() + 1,
-            column: before[line_start..].chars().count() + 1,
+            line,
+            column,
         }
     }
 }
@@ -173,8 +175,9 @@ struct RawEntry {
 /// file that is not valid TOML, or not of this shape, gives one error;
 /// otherwise every bad entry is reported, each bad value where it stands.
 pub fn parse_entries(file: &Path, text: &str) -> Result<Vec<Entry>, EntryErrors> {
+    let lines = LineIndex::new(text);
     let error = |span: Range<usize>, problem| EntryError {
-        origin: Origin::at(file, text, span.start),
+        origin: Origin::at(file, &lines, text, span.start),
         problem,
     };
     let raw: RawFile = toml::from_str(text).map_err(|e| {
@@ -237,7 +240,7 @@ pub fn parse_entries(file: &Path, text: &str) -> Result<Vec<Entry>, EntryErrors>
                 id,
                 selectors,
                 ttl,
-                origin: Origin::at(file, text, span.start),
+                origin: Origin::at(file, &lines, text, span.start),
             });
         }
     }

@@ -51,6 +51,10 @@ pub enum Selector {
     K8sContainerImage(String),
 }
 
+/// The characters that make a `cgroup:path` pattern more than the path it
+/// spells: wildcards, classes, alternatives and escapes.
+pub const GLOB_CHARS: [char; 7] = ['*', '?', '[', ']', '{', '}', '\\'];
+
 /// A `cgroup:path` glob. A pattern without wildcards, classes,
 /// alternatives or escapes (every `[[workload]]` table's) is matched as
 /// the string it is; only the others are compiled to a matcher, which
@@ -63,7 +67,7 @@ pub struct CgroupGlob {
 
 impl CgroupGlob {
     fn new(glob: Glob) -> Self {
-        let literal = !glob.glob().contains(['*', '?', '[', ']', '{', '}', '\\']);
+        let literal = !glob.glob().contains(GLOB_CHARS);
         let matcher = (!literal).then(|| glob.compile_matcher());
         Self { glob, matcher }
     }

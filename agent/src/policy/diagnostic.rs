@@ -5,6 +5,8 @@ use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::line_index::LineIndex;
+
 /// A place in a policy file: line and column, both from 1; the column
 /// counts characters.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -63,30 +65,24 @@ impl fmt::Display for Diagnostic {
 pub struct Source {
     pub file: Arc<Path>,
     pub text: String,
-    line_starts: Vec<usize>,
+    lines: LineIndex,
 }
 
 impl Source {
     pub fn new(file: &Path, text: String) -> Self {
-        let line_starts = std::iter::once(0)
-            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
-            .collect();
         Self {
             file: file.into(),
+            lines: LineIndex::new(&text),
             text,
-            line_starts,
         }
     }
 
     /// The location of a byte offset into the text.
     pub fn locate(&self, offset: usize) -> Location {
-        let offset = offset.min(self.text.len());
-        let line = self.line_starts.partition_point(|&start| start <= offset) - 1;
-        let start = self.line_starts[line];
-        let column = self.text[start..offset].chars().count() + 1;
+        let (line, column) = self.lines.position(&self.text, offset);
         Location {
             file: self.file.clone(),
-            line: line as u32 + 1,
+            line: line as u32,
             column: column as u32,
         }
     }
@@ -102,19 +98,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn offsets_become_lines_and_character_columns() {
+    fn errors_name_the_file_line_and_column() {
         let s = Source::new(Path::new("p.toml"), "ab\n\né = 1\n".into());
-        let at = |o| {
-            let l = s.locate(o);
-            (l.line, l.column)
-        };
-        assert_eq!(at(0), (1, 1));
-        assert_eq!(at(2), (1, 3));
-        assert_eq!(at(3), (2, 1));
-        assert_eq!(at(4), (3, 1));
-        // `é` is two bytes and one column.
-        assert_eq!(at(7), (3, 3));
-        assert_eq!(at(100), (4, 1));
         assert_eq!(
             s.error(&(4..5), "bad").to_string(),
             "p.toml:3:1: error: bad"
