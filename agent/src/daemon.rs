@@ -195,6 +195,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     tokio::pin!(server);
     tokio::pin!(watcher);
     let result = loop {
+        let resyncing = state.lock().expect("state lock").resyncing();
         tokio::select! {
             r = &mut server => break r.map_err(DaemonError::from),
             Some(dir) = found.recv() => {
@@ -217,13 +218,21 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
             }
             _ = tick.tick() => {
                 let mut state = state.lock().expect("state lock");
-                let pass = if last_resync.elapsed() >= resync_every {
+                let pass = if last_resync.elapsed() >= resync_every && !state.resyncing() {
                     last_resync = Instant::now();
                     state.resync()
                 } else {
                     state.expire()
                 };
                 if let Err(e) = pass {
+                    tracing::error!(error = %e, "resync failed; unbound workloads stay denied");
+                }
+                observers.publish(&state);
+            }
+            // The periodic pass goes on a step at a time, between events.
+            () = tokio::task::yield_now(), if resyncing => {
+                let mut state = state.lock().expect("state lock");
+                if let Err(e) = state.resync_step() {
                     tracing::error!(error = %e, "resync failed; unbound workloads stay denied");
                 }
                 observers.publish(&state);

@@ -175,16 +175,22 @@ impl Workloads {
         let mut out = vec![scope.to_owned()];
         let mut i = 0;
         while i < out.len() {
-            if let Ok(read) = std::fs::read_dir(&out[i]) {
-                for e in read.flatten() {
-                    if e.file_type().is_ok_and(|t| t.is_dir()) {
-                        out.push(e.path());
-                    }
-                }
-            }
+            let below = Self::children(&out[i]);
+            out.extend(below);
             i += 1;
         }
         out
+    }
+
+    /// The cgroup directories right below `dir` (none if it is gone).
+    pub fn children(dir: &Path) -> Vec<PathBuf> {
+        let Ok(read) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        read.flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.path())
+            .collect()
     }
 
     /// Forgets cgroups whose directory is gone (or was made anew).
