@@ -166,6 +166,31 @@ fn a_cgroup_is_denied_until_every_process_attests_and_never_bound_early() {
 }
 
 #[test]
+fn the_first_workload_of_an_entry_is_bound_without_a_new_generation() {
+    require_privileges!();
+    let f = Fixture::new();
+    let mut cg = Cgroups::new("att-slot");
+    let agent = agent_with(&cg, &f.policy(), &entry(ALPHA, &[path_sel(&cg, "c")], None));
+    // No cgroup is bound (c is not there yet), but the entry's identity
+    // holds its slot and policy already (BETA, which no entry names, does
+    // not).
+    let before = agent.status();
+    assert_eq!(before["workloads"], 0, "{before}");
+    assert_eq!(before["identities"], 1, "{before}");
+
+    let c = cg.inside("c");
+    let mut w = Workload::start(None);
+    w.move_to(&c);
+    assert_eq!(state_of(&agent, &c, "attested")["id"], ALPHA);
+    assert_eq!(w.call("tcp", &f.a), "ok");
+    assert_eq!(w.call("tcp", &f.b), "EPERM");
+    // Binding it was one map update: the policy generation is the same.
+    let after = agent.status();
+    assert_eq!(after["generation"], before["generation"], "{after}");
+    assert_eq!(after["identities"], 1, "{after}");
+}
+
+#[test]
 fn a_process_moving_to_another_cgroup_is_judged_by_its_new_identity() {
     require_privileges!();
     let f = Fixture::new();

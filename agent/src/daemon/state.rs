@@ -7,6 +7,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
+use idgate_common::MAX_SLOTS;
+
 use crate::bpf::{self, Enforcer};
 use crate::cgroup;
 use crate::config::Config;
@@ -22,7 +24,7 @@ use super::workloads::{RUN_PREFIX, Workloads};
 /// What the kernel holds now.
 pub struct Applied {
     /// Slot and SPIFFE ID of every identity that holds a slot: those with a
-    /// bound cgroup, and the revoked ones.
+    /// bound cgroup, the revoked ones, and those the entries can give.
     pub identities: Vec<(u32, SpiffeId)>,
     /// The same, by identity.
     pub slots: HashMap<SpiffeId, u32>,
@@ -432,6 +434,14 @@ impl State {
             let mut ids: BTreeSet<SpiffeId> =
                 self.workloads.bound().map(|(_, id)| id.clone()).collect();
             ids.extend(self.revocations.ids().iter().cloned());
+            // Every identity an entry can give gets its slot (and policy)
+            // now, when they all fit: then the first cgroup attested to
+            // one is bound at once, without a new generation.
+            let mut attestable = ids.clone();
+            attestable.extend(self.entries.iter().map(|e| e.id.clone()));
+            if attestable.len() < MAX_SLOTS as usize {
+                ids = attestable;
+            }
             let slots = self.enforcer.slots.assign(&ids)?;
             let compiled = policy::compile(&self.policy, &slots);
             self.applied.generation = self.enforcer.maps.apply(&compiled)?;
