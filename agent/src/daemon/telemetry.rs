@@ -152,7 +152,7 @@ impl StateMetrics {
         );
         registry.register(
             "identities",
-            "Identities holding a slot (bound or revoked)",
+            "Identities holding a slot (bound, revoked, or named by an entry)",
             me.identities.clone(),
         );
         registry.register(
