@@ -229,7 +229,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
                 }
                 observers.publish(&state);
             }
-            // The periodic pass goes on a step at a time, between events.
+            // A pass over the scope goes on a step at a time, between events.
             () = tokio::task::yield_now(), if resyncing => {
                 let mut state = state.lock().expect("state lock");
                 if let Err(e) = state.resync_step() {

