@@ -10,7 +10,7 @@ mod syscall;
 mod upgrade;
 
 pub use loader::{Attachment, Enforcer, ExecNotices, install, uninstall};
-pub use maps::{PolicyMaps, SlotTable};
+pub use maps::{BindingMaps, GenerationMaps, SlotTable, Written};
 pub use pins::Pins;
 
 /// Errors from the kernel side.

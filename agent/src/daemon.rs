@@ -2,45 +2,56 @@
 //! (or adopts them), writes policy and bindings, and serves the control
 //! socket until SIGTERM or SIGINT; SIGHUP reloads the policy. Stopping
 //! leaves every pin: enforcement goes on without the agent.
+//!
+//! The agent's state has one owner ([`owner`]), on a thread of its own;
+//! the control socket, signals, discovery and the kubelet send it typed
+//! commands and events, and the Workload API, telemetry and read-only
+//! requests read what it publishes.
 
 mod control;
 mod discovery;
+mod generation_number;
+mod handle;
 mod kubelet;
-mod revocations;
+mod owner;
+mod snapshot;
 mod state;
 mod telemetry;
 mod view;
-mod workloads;
 
-use std::collections::BTreeSet;
-use std::path::Path;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::admin::{self, Authoriser};
 use crate::config::Config;
+use handle::Handle;
+use owner::{Command, Owner};
+use snapshot::Snapshot;
 use state::State;
 use telemetry::Telemetry;
 use view::ViewPublisher;
 
-pub use view::IdentityView;
+pub use generation_number::GenerationNumberError;
+pub use owner::ReloadError;
 
 /// Everything that follows the state: told after every change.
-struct Observers {
+pub struct Observers {
     telemetry: Telemetry,
     view: ViewPublisher,
 }
 
 impl Observers {
-    fn publish(&self, state: &State) {
+    fn publish(&mut self, state: &State) {
         self.telemetry.publish(state);
         self.view.publish(state);
     }
 }
 
-pub use revocations::RevocationError;
+pub use crate::revocations::RevocationError;
 
 /// Errors that stop the agent.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +62,8 @@ pub enum DaemonError {
     Policy(#[from] crate::policy::PolicyError),
     #[error(transparent)]
     Revocations(#[from] RevocationError),
+    #[error(transparent)]
+    GenerationNumber(#[from] GenerationNumberError),
     #[error(transparent)]
     Entries(#[from] crate::identity::EntriesError),
     #[error("{0}")]
@@ -75,10 +88,47 @@ pub enum DaemonError {
     Discovery(std::io::Error),
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
+    #[error("starting the state owner: {0}")]
+    Runtime(std::io::Error),
+    #[error("start-up stopped before it finished")]
+    StartLost,
+    #[error("a policy generation is being written; try again when it is done")]
+    GenerationBusy,
+    #[error(
+        "the thread writing a policy generation stopped before it finished: no policy can change any more, so the agent stops (enforcement goes on; restart it)"
+    )]
+    GenerationLost,
+    #[error("the state owner stopped")]
+    OwnerGone,
+    #[error("the run's cgroup could not be bound: {0}")]
+    RunNotBound(String),
 }
 
 /// Runs the agent with the configuration at `config_path`.
 pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
+    let agent = start(config_path).await?;
+    let result = agent.serve().await;
+    tracing::info!("stopped; programs stay attached and pinned");
+    result
+}
+
+/// An agent whose programs, policy and bindings are in place, whose
+/// owner runs, and which serves the Workload API; next: the control
+/// socket and the signals.
+struct Started {
+    handle: Handle,
+    feed: crate::events::EventFeed,
+    auth: Authoriser,
+    socket: PathBuf,
+    workload_socket: Option<PathBuf>,
+    owner_done: oneshot::Receiver<Result<(), DaemonError>>,
+    watcher: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Checks the configuration, opens every file and listener, puts the
+/// programs in place and the policy in force, and starts the owner and the
+/// tasks that feed it.
+async fn start(config_path: &Path) -> Result<Started, DaemonError> {
     let config = Config::load(config_path)?;
     tracing::info!(
         config = %config_path.display(),
@@ -103,8 +153,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     let credentials =
         crate::svid::Credentials::load(&config.svid, &config.trust_domains, &config.state_dir)?;
     let workload_socket = config.svid.socket().to_owned();
-    let workload_api_served = config.svid.workload_api;
-    let workload_api = match workload_api_served {
+    let workload_api = match config.svid.workload_api {
         true => Some(crate::workload_api::bind(&workload_socket)?),
         false => None,
     };
@@ -117,8 +166,8 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         None => None,
     };
     // The kubelet's pod list, fetched once before the first attestation
-    // (bounded by its timeout); the loop below takes the later fetches.
-    let (kubelet_tx, mut kubelet_rx) = tokio::sync::mpsc::unbounded_channel();
+    // (bounded by its timeout); the owner takes the later fetches.
+    let (kubelet_tx, kubelet_rx) = mpsc::unbounded_channel();
     let kubelet = match &config.kubernetes {
         Some(k) => {
             let client = crate::identity::k8s::Kubelet::new(k.clone()).map_err(|message| {
@@ -135,19 +184,21 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         }
         None => None,
     };
-    let state = Arc::new(Mutex::new(State::start(config, kubelet)?));
-    let (observers, identities) = {
-        let state = state.lock().expect("state lock");
-        let (view, identities) = ViewPublisher::new(&state);
-        let observers = Observers {
-            telemetry: telemetry.start(&state)?,
-            view,
-        };
-        (Arc::new(observers), identities)
-    };
-    let cgroup_root = state.lock().expect("state lock").root.clone();
+    // Seconds with a large policy: off the runtime's workers.
+    let mut state = tokio::task::spawn_blocking(move || State::start(config, kubelet))
+        .await
+        .map_err(|_| DaemonError::StartLost)??;
+    let (view, identities) = ViewPublisher::new(&state);
+    let telemetry = telemetry.start(&state)?;
+    let feed = telemetry.feed.clone();
+    let queue_depth = telemetry.owner_queue();
     if let Some(listener) = workload_api {
-        crate::workload_api::spawn(listener, credentials.clone(), identities, cgroup_root)?;
+        crate::workload_api::spawn(
+            listener,
+            credentials.clone(),
+            identities,
+            state.root.clone(),
+        )?;
     }
     if let Some(endpoint) = bundle_endpoint {
         endpoint.spawn(credentials.clone())?;
@@ -155,31 +206,11 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     crate::federation::run(&credentials);
     tokio::spawn(credentials.clone().run_rotation());
 
-    let handler_state = state.clone();
-    let handler_observers = observers.clone();
-    let server = admin::serve(&socket, auth, move |peer, request| {
-        let mut state = handler_state.lock().expect("state lock");
-        let reply = control::handle(&mut state, &handler_observers.telemetry.feed, peer, request);
-        handler_observers.publish(&state);
-        reply
-    });
-    let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
-    let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signal)?;
-
     // Discovery: inotify on the scope, then one pass over everything for
     // whatever appeared between the first attestation and the watch.
-    let scope_dir = state.lock().expect("state lock").scope_dir.clone();
-    let resync_every = Duration::from_secs(state.lock().expect("state lock").config.resync_seconds);
-    let (found_tx, mut found) = tokio::sync::mpsc::unbounded_channel();
-    let watcher = tokio::spawn(discovery::watch(scope_dir.clone(), found_tx.clone()));
-    let exec_notices = state
-        .lock()
-        .expect("state lock")
-        .enforcer
-        .exec_notices
-        .take();
-    if let Some(notices) = exec_notices {
+    let (found_tx, found) = mpsc::unbounded_channel();
+    let watcher = tokio::spawn(discovery::watch(state.scope_dir.clone(), found_tx.clone()));
+    if let Some(notices) = state.enforcer.exec_notices.take() {
         let tx = found_tx.clone();
         tokio::spawn(async move {
             if let Err(e) = discovery::exec_notices(notices, tx).await {
@@ -187,81 +218,95 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
             }
         });
     }
-    let _ = found_tx.send(discovery::Found::Dir(scope_dir));
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut last_resync = Instant::now();
+    let _ = found_tx.send(discovery::Found::Dir(state.scope_dir.clone()));
 
-    tracing::info!(socket = %socket.display(), "ready");
-    tokio::pin!(server);
-    tokio::pin!(watcher);
-    let result = loop {
-        let resyncing = state.lock().expect("state lock").resyncing();
-        tokio::select! {
-            r = &mut server => break r.map_err(DaemonError::from),
-            Some(dir) = found.recv() => {
-                let mut dirs = BTreeSet::from([dir]);
-                while let Ok(more) = found.try_recv() {
-                    dirs.insert(more);
-                }
-                let mut state = state.lock().expect("state lock");
-                if let Err(e) = state.attest(&dirs) {
-                    tracing::error!(error = %e, "attestation pass failed; unbound workloads stay denied");
-                }
-                observers.publish(&state);
-            }
-            Some(outcome) = kubelet_rx.recv() => {
-                let mut state = state.lock().expect("state lock");
-                if let Err(e) = state.kubelet_fetched(outcome) {
-                    tracing::error!(error = %e, "attestation after a kubelet fetch failed; unbound workloads stay denied");
-                }
-                observers.publish(&state);
-            }
-            _ = tick.tick() => {
-                let mut state = state.lock().expect("state lock");
-                let pass = if last_resync.elapsed() >= resync_every && !state.resyncing() {
-                    last_resync = Instant::now();
-                    state.resync()
-                } else {
-                    state.expire()
-                };
-                if let Err(e) = pass {
-                    tracing::error!(error = %e, "resync failed; unbound workloads stay denied");
-                }
-                observers.publish(&state);
-            }
-            // A pass over the scope goes on a step at a time, between events.
-            () = tokio::task::yield_now(), if resyncing => {
-                let mut state = state.lock().expect("state lock");
-                if let Err(e) = state.resync_step() {
-                    tracing::error!(error = %e, "resync failed; unbound workloads stay denied");
-                }
-                observers.publish(&state);
-            }
-            r = &mut watcher => {
-                let e = match r {
-                    Ok(Ok(())) => std::io::Error::other("the watch ended"),
-                    Ok(Err(e)) => e,
-                    Err(e) => std::io::Error::other(e),
-                };
-                break Err(DaemonError::Discovery(e));
-            }
-            _ = term.recv() => break Ok(()),
-            _ = int.recv() => break Ok(()),
-            _ = hup.recv() => {
-                tracing::info!("SIGHUP: reloading policy");
-                // The outcome is logged by `reload`.
-                let mut state = state.lock().expect("state lock");
-                let _ = state.reload();
-                observers.publish(&state);
-            }
-        }
-    };
-    if let Err(e) = std::fs::remove_file(&socket) {
-        tracing::warn!(socket = %socket.display(), error = %e, "cannot remove the control socket");
+    let (commands_tx, commands) = mpsc::channel(handle::QUEUE);
+    let (snapshot_tx, snapshot) = watch::channel(Arc::new(Snapshot::of(&state)));
+    let handle = Handle::new(commands_tx, snapshot, queue_depth.clone());
+    let (done_tx, owner_done) = oneshot::channel();
+    let workload_socket = state.config.svid.workload_api.then_some(workload_socket);
+    Owner {
+        state,
+        observers: Observers { telemetry, view },
+        snapshot: snapshot_tx,
+        commands,
+        queue_depth,
+        found,
+        kubelet: kubelet_rx,
     }
-    if workload_api_served && let Err(e) = std::fs::remove_file(&workload_socket) {
-        tracing::warn!(socket = %workload_socket.display(), error = %e, "cannot remove the Workload API socket");
-    }
-    tracing::info!("stopped; programs stay attached and pinned");
-    result
+    .spawn(done_tx)?;
+    Ok(Started {
+        handle,
+        feed,
+        auth,
+        socket,
+        workload_socket,
+        owner_done,
+        watcher,
+    })
 }
+
+impl Started {
+    /// Serves the control socket and the signals until told to stop, or
+    /// until the owner or the discovery watch fails.
+    async fn serve(self) -> Result<(), DaemonError> {
+        let Started {
+            handle,
+            feed,
+            auth,
+            socket,
+            workload_socket,
+            mut owner_done,
+            watcher,
+        } = self;
+        let control = handle.clone();
+        let server = admin::serve(&socket, auth, move |peer, request| {
+            let (handle, feed) = (control.clone(), feed.clone());
+            async move { control::handle(&handle, &feed, peer, request).await }
+        });
+        let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
+        let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
+        let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signal)?;
+        tracing::info!(socket = %socket.display(), "ready");
+        tokio::pin!(server);
+        tokio::pin!(watcher);
+        let result = loop {
+            tokio::select! {
+                r = &mut server => break r.map_err(DaemonError::from),
+                r = &mut owner_done => break r.unwrap_or(Err(DaemonError::OwnerGone)),
+                r = &mut watcher => {
+                    let e = match r {
+                        Ok(Ok(())) => std::io::Error::other("the watch ended"),
+                        Ok(Err(e)) => e,
+                        Err(e) => std::io::Error::other(e),
+                    };
+                    break Err(DaemonError::Discovery(e));
+                }
+                _ = term.recv() => break Ok(()),
+                _ = int.recv() => break Ok(()),
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: reloading policy");
+                    // The owner logs the outcome.
+                    let handle = handle.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = handle.ask(Command::Reload, SIGHUP_RELOAD_WAIT).await {
+                            tracing::error!(error = %e, "SIGHUP: the reload was not made");
+                        }
+                    });
+                }
+            }
+        };
+        if let Err(e) = std::fs::remove_file(&socket) {
+            tracing::warn!(socket = %socket.display(), error = %e, "cannot remove the control socket");
+        }
+        if let Some(path) = workload_socket
+            && let Err(e) = std::fs::remove_file(&path)
+        {
+            tracing::warn!(socket = %path.display(), error = %e, "cannot remove the Workload API socket");
+        }
+        result
+    }
+}
+
+/// How long a SIGHUP's reload is waited for before it is logged as lost.
+const SIGHUP_RELOAD_WAIT: Duration = Duration::from_secs(300);

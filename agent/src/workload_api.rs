@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tokio_stream::StreamExt;
 use tonic::transport::{Channel, Endpoint, Server};
 
-use crate::daemon::IdentityView;
+use crate::identity_view::IdentityView;
 use crate::svid::Credentials;
 use proto::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use proto::spiffe_workload_api_server::SpiffeWorkloadApiServer;

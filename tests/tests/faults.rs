@@ -106,8 +106,14 @@ fn a_pinned_link_holding_another_program_is_replaced_not_adopted() {
     };
     std::fs::rename(pin("idgate_connect6"), pin("idgate_connect4")).unwrap();
     // The connect4 program is detached: IPv4 goes unjudged; the connect6
-    // program is still attached (pinned under the other name).
-    assert_eq!(probe(Some(&web), "tcp", "127.0.0.2:9"), "ECONNREFUSED");
+    // program is still attached (pinned under the other name). The kernel
+    // frees a link whose last pin is gone after an RCU grace period and a
+    // workqueue pass, so the detach is waited for.
+    wait_for(
+        "the unpinned connect4 link to be freed",
+        Duration::from_secs(10),
+        || (probe(Some(&web), "tcp", "127.0.0.2:9") == "ECONNREFUSED").then_some(()),
+    );
     assert_eq!(probe(Some(&web), "tcp", "[::1]:9"), "EPERM");
     // IPv6 stays judged while the agent starts and swaps the pins.
     let v6 = spawn_repeat(&web, 200, "tcp", "[::1]:9");

@@ -90,11 +90,12 @@ fn peer_groups(stream: &UnixStream) -> std::io::Result<Vec<u32>> {
 }
 
 /// Binds the socket (mode 0600, or 0660 when operator groups are set) and
-/// serves requests until the task is dropped. A stale socket file from an
-/// earlier agent is replaced.
-pub async fn serve<H>(path: &Path, auth: Authoriser, handler: H) -> Result<(), AdminError>
+/// serves requests until the task is dropped, each connection on a task of
+/// its own. A stale socket file from an earlier agent is replaced.
+pub async fn serve<H, F>(path: &Path, auth: Authoriser, handler: H) -> Result<(), AdminError>
 where
-    H: Fn(Peer, Request) -> Response + Send + Sync + 'static,
+    H: Fn(Peer, Request) -> F + Send + Sync + 'static,
+    F: Future<Output = Response> + Send,
 {
     let io = |source| AdminError::Io {
         path: path.to_owned(),
@@ -117,9 +118,10 @@ where
     }
 }
 
-async fn connection<H>(stream: UnixStream, auth: &Authoriser, handler: &H) -> std::io::Result<()>
+async fn connection<H, F>(stream: UnixStream, auth: &Authoriser, handler: &H) -> std::io::Result<()>
 where
-    H: Fn(Peer, Request) -> Response,
+    H: Fn(Peer, Request) -> F,
+    F: Future<Output = Response>,
 {
     let cred = stream.peer_cred()?;
     let (uid, gid, pid) = (cred.uid(), cred.gid(), cred.pid());
@@ -164,7 +166,7 @@ where
         let response = match parse(&line) {
             Ok(request) => {
                 tracing::info!(uid, ?pid, ?request, "control request");
-                handler(Peer { uid, gid, pid }, request)
+                handler(Peer { uid, gid, pid }, request).await
             }
             Err(message) => {
                 tracing::warn!(uid, ?pid, %message, "control socket: bad request");

@@ -23,7 +23,7 @@ use aya::programs::{CgroupAttachMode, Program, RawTracePoint};
 use aya::{Ebpf, EbpfLoader};
 use idgate_common::{Scope, maps, programs};
 
-use super::maps::{PolicyMaps, SlotTable};
+use super::maps::{BindingMaps, GenerationMaps, SlotTable};
 use super::pins::Pins;
 use super::{BpfError, bpffs, syscall, upgrade};
 use crate::cgroup;
@@ -50,7 +50,7 @@ pub struct Attachment {
 
 /// The programs in place and the maps that drive them.
 pub struct Enforcer {
-    pub maps: PolicyMaps,
+    pub bindings: BindingMaps,
     pub slots: SlotTable,
     pub attachment: Attachment,
     /// Exec notices from the tracepoint, while the agent runs; `None` when
@@ -85,7 +85,7 @@ pub fn install(
     scope_dir: &Path,
     scope_level: u32,
     max_workloads: u32,
-) -> Result<Enforcer, BpfError> {
+) -> Result<(Enforcer, GenerationMaps), BpfError> {
     bpffs::ensure(pin_dir)?;
     upgrade::remove_retired_maps(pin_dir)?;
     let tries_changed = upgrade::remove_changed_tries(pin_dir)?;
@@ -166,7 +166,8 @@ pub fn install(
         }
     };
     attachment.detached = detach_stale(pin_dir, scope_id)?;
-    let maps = PolicyMaps::new(|name| ebpf.take_map(name))?;
+    let bindings = BindingMaps::new(|name| ebpf.take_map(name))?;
+    let generations = GenerationMaps::new(|name| ebpf.take_map(name))?;
     let slots = SlotTable::new(
         ebpf.take_map(maps::SLOT_IDS)
             .ok_or(BpfError::MissingMap(maps::SLOT_IDS))?,
@@ -175,13 +176,14 @@ pub fn install(
         .iter()
         .map(|p| pin_dir.join(link_name(p, scope_id)))
         .collect();
-    Ok(Enforcer {
-        maps,
+    let enforcer = Enforcer {
+        bindings,
         slots,
         attachment,
         exec_notices,
         pins: Pins::open(pin_dir, links)?,
-    })
+    };
+    Ok((enforcer, generations))
 }
 
 fn pin_link(link: FdLink, pin: &Path) -> Result<(), BpfError> {

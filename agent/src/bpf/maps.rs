@@ -154,13 +154,72 @@ impl Outer {
     }
 }
 
-/// Handles on every map of a loaded or adopted object.
-pub struct PolicyMaps {
+/// The maps that bind cgroups to slots and mark slots revoked: written by
+/// the daemon's owner one entry at a time, outside the policy generations.
+pub struct BindingMaps {
     identities: HashMap<MapData, u64, u32>,
     /// Most bindings of `identities` again, where a program finds them
     /// without hashing.
     index: IdentityIndex,
     slot_state: Array<MapData, u32>,
+}
+
+impl BindingMaps {
+    /// Takes the maps out of a loaded object, by their shared names.
+    pub fn new(mut take: impl FnMut(&'static str) -> Option<Map>) -> Result<Self, BpfError> {
+        let mut get = |name: &'static str| take(name).ok_or(BpfError::MissingMap(name));
+        let maps = Self {
+            identities: HashMap::try_from(get(maps::IDENTITIES)?)
+                .map_err(map_err(maps::IDENTITIES))?,
+            index: IdentityIndex::new(get(maps::IDENTITY_INDEX)?)?,
+            slot_state: Array::try_from(get(maps::SLOT_STATE)?)
+                .map_err(map_err(maps::SLOT_STATE))?,
+        };
+        // An earlier agent may have stopped between the two writes of a
+        // binding; the hash is the truth.
+        maps.index.rebuild(&maps.bindings()?);
+        Ok(maps)
+    }
+
+    /// Binds a cgroup to a slot (or moves it to another).
+    pub fn bind(&mut self, cgroup_id: u64, slot: u32) -> Result<(), BpfError> {
+        self.identities
+            .insert(cgroup_id, slot, 0)
+            .map_err(map_err(maps::IDENTITIES))?;
+        self.index.bind(cgroup_id, slot);
+        Ok(())
+    }
+
+    /// Forgets a cgroup: it is judged as an unknown workload again.
+    pub fn unbind(&mut self, cgroup_id: u64) -> Result<(), BpfError> {
+        self.index.unbind(cgroup_id);
+        match self.identities.remove(&cgroup_id) {
+            Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
+            Err(e) => Err(map_err(maps::IDENTITIES)(e)),
+        }
+    }
+
+    /// Every bound cgroup and its slot.
+    pub fn bindings(&self) -> Result<BTreeMap<u64, u32>, BpfError> {
+        self.identities
+            .iter()
+            .map(|r| r.map_err(map_err(maps::IDENTITIES)))
+            .collect()
+    }
+
+    /// Revokes (or restores) every cgroup bound to a slot, in one update.
+    pub fn set_revoked(&mut self, slot: u32, revoked: bool) -> Result<(), BpfError> {
+        let value = if revoked { slot_state::REVOKED } else { 0 };
+        self.slot_state
+            .set(slot, value, 0)
+            .map_err(map_err(maps::SLOT_STATE))
+    }
+}
+
+/// The two policy generations and the switch between them. Owned by one
+/// party at a time: the daemon lends them to the thread that writes a new
+/// generation, and nothing else writes them meanwhile.
+pub struct GenerationMaps {
     generation: Array<MapData, u32>,
     slot_policy: Array<MapData, SlotPolicy>,
     slot_dests: Outer,
@@ -176,16 +235,20 @@ pub struct PolicyMaps {
     published: StdHashMap<RuleSet, u32>,
 }
 
-impl PolicyMaps {
+/// A generation written in full and not yet switched to: the only way to
+/// [`GenerationMaps::switch`].
+#[must_use = "a written generation is judged by nothing until switched to"]
+pub struct Written {
+    next: u32,
+    slots: BTreeSet<u32>,
+    published: StdHashMap<RuleSet, u32>,
+}
+
+impl GenerationMaps {
     /// Takes the maps out of a loaded object, by their shared names.
     pub fn new(mut take: impl FnMut(&'static str) -> Option<Map>) -> Result<Self, BpfError> {
         let mut get = |name: &'static str| take(name).ok_or(BpfError::MissingMap(name));
-        let maps = Self {
-            identities: HashMap::try_from(get(maps::IDENTITIES)?)
-                .map_err(map_err(maps::IDENTITIES))?,
-            index: IdentityIndex::new(get(maps::IDENTITY_INDEX)?)?,
-            slot_state: Array::try_from(get(maps::SLOT_STATE)?)
-                .map_err(map_err(maps::SLOT_STATE))?,
+        Ok(Self {
             generation: Array::try_from(get(maps::GENERATION)?)
                 .map_err(map_err(maps::GENERATION))?,
             slot_policy: Array::try_from(get(maps::SLOT_POLICY)?)
@@ -195,11 +258,7 @@ impl PolicyMaps {
             empty: None,
             written: [None, None],
             published: StdHashMap::new(),
-        };
-        // An earlier agent may have stopped between the two writes of a
-        // binding; the hash is the truth.
-        maps.index.rebuild(&maps.bindings()?);
-        Ok(maps)
+        })
     }
 
     /// The generation the kernel judges by now.
@@ -211,14 +270,20 @@ impl PolicyMaps {
             & 1)
     }
 
-    /// Writes `policy` into the inactive generation, then makes it active
-    /// with one map update. A program reads the generation once per
-    /// decision, so every decision sees the old rule set or the new one.
+    /// Writes `policy` into the inactive generation and makes it active
+    /// (see [`GenerationMaps::write`] and [`GenerationMaps::switch`]).
     /// Returns the new active generation.
+    pub fn apply(&mut self, policy: &CompiledPolicy) -> Result<u32, BpfError> {
+        let written = self.write(policy)?;
+        self.switch(written)
+    }
+
+    /// Writes `policy` into the inactive generation, which no program
+    /// reads, and returns it to be switched to.
     ///
     /// Each rule set gets new tries, unless the active generation has the
     /// same set: its tries (never changed once published) serve both.
-    pub fn apply(&mut self, policy: &CompiledPolicy) -> Result<u32, BpfError> {
+    pub fn write(&mut self, policy: &CompiledPolicy) -> Result<Written, BpfError> {
         let active = self.active_generation()?;
         let next = active ^ 1;
         // Until this write is whole, nobody knows what the inactive
@@ -258,13 +323,24 @@ impl PolicyMaps {
         self.point(batch.iter().map(|(t, i)| (t, i.as_slice())))?;
         drop(batch);
         self.clear_generation(next, before.as_ref(), &written)?;
-        // The switch.
+        Ok(Written {
+            next,
+            slots: written,
+            published,
+        })
+    }
+
+    /// Makes a written generation the one every decision reads, with one
+    /// map update. A program reads the generation once per decision, so
+    /// every decision sees the old rule set or the new one. Returns the new
+    /// active generation.
+    pub fn switch(&mut self, written: Written) -> Result<u32, BpfError> {
         self.generation
-            .set(0, next, 0)
+            .set(0, written.next, 0)
             .map_err(map_err(maps::GENERATION))?;
-        self.written[next as usize] = Some(written);
-        self.published = published;
-        Ok(next)
+        self.written[written.next as usize] = Some(written.slots);
+        self.published = written.published;
+        Ok(written.next)
     }
 
     /// The tries the entries at `index` hold.
@@ -324,40 +400,6 @@ impl PolicyMaps {
         }
         let empty = self.empty.as_ref().expect("built above");
         self.point([(empty, indices.as_slice())])
-    }
-
-    /// Binds a cgroup to a slot (or moves it to another).
-    pub fn bind(&mut self, cgroup_id: u64, slot: u32) -> Result<(), BpfError> {
-        self.identities
-            .insert(cgroup_id, slot, 0)
-            .map_err(map_err(maps::IDENTITIES))?;
-        self.index.bind(cgroup_id, slot);
-        Ok(())
-    }
-
-    /// Forgets a cgroup: it is judged as an unknown workload again.
-    pub fn unbind(&mut self, cgroup_id: u64) -> Result<(), BpfError> {
-        self.index.unbind(cgroup_id);
-        match self.identities.remove(&cgroup_id) {
-            Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
-            Err(e) => Err(map_err(maps::IDENTITIES)(e)),
-        }
-    }
-
-    /// Every bound cgroup and its slot.
-    pub fn bindings(&self) -> Result<BTreeMap<u64, u32>, BpfError> {
-        self.identities
-            .iter()
-            .map(|r| r.map_err(map_err(maps::IDENTITIES)))
-            .collect()
-    }
-
-    /// Revokes (or restores) every cgroup bound to a slot, in one update.
-    pub fn set_revoked(&mut self, slot: u32, revoked: bool) -> Result<(), BpfError> {
-        let value = if revoked { slot_state::REVOKED } else { 0 };
-        self.slot_state
-            .set(slot, value, 0)
-            .map_err(map_err(maps::SLOT_STATE))
     }
 }
 

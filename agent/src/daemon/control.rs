@@ -1,10 +1,16 @@
-//! Answers control-socket requests from the running agent's state.
+//! Answers control-socket requests: those that only read from the owner's
+//! latest snapshot (off the owner, on a blocking thread where the work
+//! grows with the policy), the others by a command to the owner.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use idgate_common::{UNKNOWN_SLOT, slot_policy, verdict};
 use serde_json::{Value, json};
 
+use super::handle::{Handle, OwnerError};
+use super::owner::Command;
+use super::snapshot::Snapshot;
 use super::state::State;
 use crate::admin::{Peer, Reply, Request, Response};
 use crate::events::EventFeed;
@@ -13,85 +19,117 @@ use crate::policy;
 
 /// The slot `explain` compiles a lone identity into.
 const EXPLAIN_SLOT: u32 = 1;
+/// How long a caller waits for the owner's answer to a quick command.
+const ANSWER_WAIT: Duration = Duration::from_secs(10);
+/// How long a caller waits for a reload (a large policy takes seconds; a
+/// reload asked for during another waits for it too).
+const RELOAD_WAIT: Duration = Duration::from_secs(300);
 
-pub fn handle(state: &mut State, feed: &EventFeed, peer: Peer, request: Request) -> Response {
-    match request {
+pub async fn handle(owner: &Handle, feed: &EventFeed, peer: Peer, request: Request) -> Response {
+    let reply = match request {
         Request::Events {
             follow,
             identity,
             verdict,
-        } => events(feed, follow, identity, verdict),
-        other => reply(state, peer, other).into(),
-    }
-}
-
-fn reply(state: &mut State, peer: Peer, request: Request) -> Reply {
-    match request {
-        Request::Events { .. } => unreachable!("answered by `handle`"),
-        Request::Status => Reply::ok(status(state)),
-        Request::PolicyReload => match state.reload() {
-            Ok(r) => Reply::ok(json!({
-                "previous_generation": r.previous,
-                "generation": r.generation,
-                "diff": r.diff,
-            })),
-            Err(e) => Reply::error(e),
-        },
-        Request::PolicyShow => Reply::ok(json!({
-            "generation": state.applied.generation,
-            "policy_path": state.config.policy,
-            "summary": policy::summary(&state.policy),
-        })),
+        } => return events(feed, follow, identity, verdict),
+        Request::Status => Ok(status(&owner.snapshot())),
+        Request::PolicyReload => reload(owner).await,
+        Request::PolicyShow => {
+            let snapshot = owner.snapshot();
+            off_runtime(move || policy_show(&snapshot)).await
+        }
         Request::Explain {
             identity,
             to,
             protocol,
-        } => explain(state, &identity, &to, &protocol).unwrap_or_else(Reply::error),
-        Request::Revoke { identity } => revoke(state, &identity, true),
-        Request::Unrevoke { identity } => revoke(state, &identity, false),
-        Request::Workloads => Reply::ok(json!({
-            "scope": state.scope_dir,
-            "workloads": state.workloads.iter().map(|w| {
-                let mut row = serde_json::to_value(w).expect("workload row");
-                // Attested but not taken by the kernel (map full): denied.
-                row["enforced"] = json!(w.binding.bound_id().is_none()
-                    || state.applied.bound.contains_key(&w.cgroup_id));
-                row
-            }).collect::<Vec<_>>(),
-            "kubernetes": match &state.kubelet {
-                Some(k) => k.summary(&state.pods),
-                None => "no kubelet configured: k8s selectors match nothing".into(),
-            },
-        })),
+        } => {
+            let snapshot = owner.snapshot();
+            off_runtime(move || explain(&snapshot, &identity, &to, &protocol)).await
+        }
+        Request::Revoke { identity } => revoke(owner, &identity, true).await,
+        Request::Unrevoke { identity } => revoke(owner, &identity, false).await,
+        Request::Workloads => owner
+            .ask(Command::Workloads, ANSWER_WAIT)
+            .await
+            .map_err(|e| e.to_string()),
         Request::Run {
             identity,
             ttl_seconds,
             pid,
-        } => run(state, peer, &identity, ttl_seconds, pid).unwrap_or_else(Reply::error),
+        } => run(owner, peer, &identity, ttl_seconds, pid).await,
+    };
+    reply.unwrap_or_else(Reply::error).into()
+}
+
+/// Runs `work` on the blocking pool, off the runtime's workers.
+async fn off_runtime(
+    work: impl FnOnce() -> Result<Reply, String> + Send + 'static,
+) -> Result<Reply, String> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|e| Err(format!("the request's work failed: {e}")))
+}
+
+fn status(s: &Snapshot) -> Reply {
+    Reply::ok(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": s.started.elapsed().as_secs(),
+        "scope": s.scope_dir,
+        "pin_dir": s.pin_dir,
+        "programs": s.programs,
+        "generation": s.generation,
+        "reloading": s.writing_generation,
+        "mode": format!("{:?}", s.policy.mode).to_lowercase(),
+        "identities": s.slots.len(),
+        "rules": s.rules,
+        "workloads": s.workloads,
+        "revoked": s.revoked.iter().map(SpiffeId::as_str).collect::<Vec<_>>(),
+        "reloads": s.reloads,
+        "reload_errors": s.reload_errors,
+        "pins_restored": s.pins_restored,
+        "bind_failures": s.bind_failures,
+        "max_workloads": s.max_workloads,
+        "kubernetes": s.kubernetes,
+    }))
+}
+
+fn policy_show(s: &Snapshot) -> Result<Reply, String> {
+    Ok(Reply::ok(json!({
+        "generation": s.generation,
+        "policy_path": s.policy_path,
+        "summary": policy::summary(&s.policy),
+    })))
+}
+
+async fn reload(owner: &Handle) -> Result<Reply, String> {
+    match owner.ask(Command::Reload, RELOAD_WAIT).await {
+        Ok(Ok(r)) => Ok(Reply::ok(json!({
+            "previous_generation": r.previous,
+            "generation": r.generation,
+            "diff": r.diff,
+        }))),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(e.to_string()),
     }
 }
 
-fn status(state: &State) -> Value {
-    json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "uptime_seconds": state.started.elapsed().as_secs(),
+/// `idgate workloads`, built by the owner from its table.
+pub fn workloads(state: &State) -> Reply {
+    Reply::ok(json!({
         "scope": state.scope_dir,
-        "pin_dir": state.config.pin_dir,
-        "programs": state.enforcer.attachment,
-        "generation": state.applied.generation,
-        "mode": format!("{:?}", state.policy.mode).to_lowercase(),
-        "identities": state.applied.identities.len(),
-        // Rule 0 is the default, not a rule.
-        "rules": state.applied.compiled.rules.len() - 1,
-        "workloads": state.applied.bound.len(),
-        "revoked": state.revocations.ids().iter().map(SpiffeId::as_str).collect::<Vec<_>>(),
-        "reloads": state.reloads,
-        "reload_errors": state.reload_errors,
-        "pins_restored": state.pins_restored,
-        "bind_failures": state.bind_failures.len(),
-        "max_workloads": state.config.max_workloads,
-        "kubernetes": state.kubelet.as_ref().map(|k| k.status(&state.pods)),
-    })
+        "workloads": state.workloads.iter().map(|w| {
+            let mut row = serde_json::to_value(w).expect("workload row");
+            // Attested but not taken by the kernel (map full, or waiting
+            // for its identity's generation): denied.
+            row["enforced"] = json!(w.binding.bound_id().is_none()
+                || state.applied.bound.contains_key(&w.cgroup_id));
+            row
+        }).collect::<Vec<_>>(),
+        "kubernetes": match &state.kubelet {
+            Some(k) => k.summary(&state.pods),
+            None => "no kubelet configured: k8s selectors match nothing".into(),
+        },
+    }))
 }
 
 fn parse_id(identity: &str) -> Result<SpiffeId, String> {
@@ -100,19 +138,32 @@ fn parse_id(identity: &str) -> Result<SpiffeId, String> {
         .map_err(|e| format!("identity {identity:?}: {e}"))
 }
 
-fn revoke(state: &mut State, identity: &str, revoked: bool) -> Reply {
-    let id = match parse_id(identity) {
-        Ok(id) => id,
-        Err(e) => return Reply::error(e),
-    };
-    match state.set_revoked(&id, revoked) {
-        Ok(changed) => Reply::ok(json!({
-            "identity": id.as_str(),
-            "revoked": revoked,
-            "changed": changed,
-            "slot": state.slot_of(&id),
-        })),
-        Err(e) => Reply::error(e.to_string()),
+async fn revoke(owner: &Handle, identity: &str, revoked: bool) -> Result<Reply, String> {
+    let id = parse_id(identity)?;
+    let asked = owner
+        .ask(
+            |reply| Command::SetRevoked {
+                id: id.clone(),
+                revoked,
+                reply,
+            },
+            ANSWER_WAIT,
+        )
+        .await;
+    let done = flatten(asked)?;
+    Ok(Reply::ok(json!({
+        "identity": id.as_str(),
+        "revoked": revoked,
+        "changed": done.changed,
+        "slot": done.slot,
+    })))
+}
+
+/// The owner's answer, or why there was none, as the caller sees it.
+fn flatten<T, E: std::fmt::Display>(asked: Result<Result<T, E>, OwnerError>) -> Result<T, String> {
+    match asked {
+        Ok(answer) => answer.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
     }
 }
 
@@ -152,8 +203,8 @@ fn events(
 
 /// `idgate run`: the process to move must be a child of the caller, so an
 /// operator's request cannot carry off someone else's process.
-fn run(
-    state: &mut State,
+async fn run(
+    owner: &Handle,
     peer: Peer,
     identity: &str,
     ttl_seconds: Option<u64>,
@@ -162,7 +213,7 @@ fn run(
     let id = parse_id(identity)?;
     let ttl = match ttl_seconds {
         Some(0) => return Err("ttl must be at least one second".into()),
-        other => other.map(std::time::Duration::from_secs),
+        other => other.map(Duration::from_secs),
     };
     let parent = procfs::process::Process::new(pid as i32)
         .and_then(|p| p.stat())
@@ -174,17 +225,28 @@ fn run(
             peer.pid
         ));
     }
-    let cgroup = state.run(id.clone(), ttl, pid).map_err(|e| e.to_string())?;
+    let asked = owner
+        .ask(
+            |reply| Command::Run {
+                id: id.clone(),
+                ttl,
+                pid,
+                reply,
+            },
+            RELOAD_WAIT,
+        )
+        .await;
+    let started = flatten(asked)?;
     Ok(Reply::ok(json!({
         "identity": id.as_str(),
-        "cgroup": cgroup,
-        "slot": state.slot_of(&id),
+        "cgroup": started.cgroup,
+        "slot": started.slot,
     })))
 }
 
 /// Which rule of the running policy decides a connect, as the kernel
 /// would. `identity` is a SPIFFE ID or `unknown`.
-fn explain(state: &State, identity: &str, to: &str, protocol: &str) -> Result<Reply, String> {
+fn explain(s: &Snapshot, identity: &str, to: &str, protocol: &str) -> Result<Reply, String> {
     let addr: SocketAddr = to.parse().map_err(|_| {
         format!("destination {to:?} is not ADDR:PORT (like 10.0.0.1:443 or [::1]:53)")
     })?;
@@ -194,13 +256,13 @@ fn explain(state: &State, identity: &str, to: &str, protocol: &str) -> Result<Re
         other => return Err(format!("protocol {other:?} is not tcp or udp")),
     };
     let (id, slot, compiled) = if identity == "unknown" {
-        (None, UNKNOWN_SLOT, policy::compile(&state.policy, &[]))
+        (None, UNKNOWN_SLOT, policy::compile(&s.policy, &[]))
     } else {
         let id = parse_id(identity)?;
-        let compiled = policy::compile(&state.policy, &[(EXPLAIN_SLOT, id.clone())]);
+        let compiled = policy::compile(&s.policy, &[(EXPLAIN_SLOT, id.clone())]);
         (Some(id), EXPLAIN_SLOT, compiled)
     };
-    let revoked = id.as_ref().is_some_and(|i| state.revocations.contains(i));
+    let revoked = id.as_ref().is_some_and(|i| s.revoked.contains(i));
     let (decided, rule_id) = policy::evaluate(&compiled, slot, addr.ip(), addr.port(), tcp);
     let audit = compiled
         .slot(slot)
@@ -219,7 +281,7 @@ fn explain(state: &State, identity: &str, to: &str, protocol: &str) -> Result<Re
         "verdict": outcome,
         "rule": rule.name,
         "rule_owner": rule.owner,
-        "bound": id.as_ref().is_some_and(|i| state.slot_of(i).is_some()),
-        "generation": state.applied.generation,
+        "bound": id.as_ref().is_some_and(|i| s.slots.contains_key(i)),
+        "generation": s.generation,
     })))
 }

@@ -18,8 +18,8 @@ use futures_util::StreamExt;
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask, Watches};
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::workloads::Workloads;
 use crate::bpf::ExecNotices;
+use crate::workloads::Workloads;
 
 /// A cgroup to attest.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]

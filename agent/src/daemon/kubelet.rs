@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use crate::identity::k8s::{Kubelet, KubeletError, Pods, parse_cgroup_path};
 
-use super::workloads::Workloads;
+use crate::workloads::Workloads;
 
 /// Fetches a new pod's cgroup asks for come at most this often (SPIRE's
 /// attestor retries at a similar pace).

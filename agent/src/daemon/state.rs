@@ -1,51 +1,57 @@
 //! The running agent's state and the operations that change it: start,
-//! attestation, reload, revocation, `run`. Every operation checks its
-//! input in full before it touches the kernel, and policy switches in the
-//! kernel atomically.
+//! attestation, revocation, `run`, and new policy generations. The daemon's
+//! owner task is the only holder; a new generation is compiled and written
+//! off the owner ([`GenerationJob`]) and only switched to here. Every
+//! operation checks its input in full before it touches the kernel, and
+//! policy switches in the kernel atomically.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use idgate_common::MAX_SLOTS;
 
-use crate::bpf::{self, Enforcer};
+use crate::bpf::{self, BpfError, Enforcer, GenerationMaps, Written};
 use crate::cgroup;
 use crate::config::Config;
 use crate::identity::{self, EntrySet, SpiffeId, k8s::Pods};
 use crate::policy::{self, CompiledPolicy, PolicySet};
+use crate::revocations::Revocations;
+use crate::workloads::{RUN_PREFIX, Workloads};
 
 use super::DaemonError;
 use super::discovery::Found;
+use super::generation_number::GenerationNumber;
 use super::kubelet::{KubeletState, Outcome};
-use super::revocations::Revocations;
-use super::workloads::{RUN_PREFIX, Workloads};
 
 /// What the kernel holds now.
 pub struct Applied {
     /// Slot and SPIFFE ID of every identity that holds a slot: those with a
     /// bound cgroup, the revoked ones, and those the entries can give.
-    pub identities: Vec<(u32, SpiffeId)>,
+    pub identities: Arc<Vec<(u32, SpiffeId)>>,
     /// The same, by identity.
-    pub slots: HashMap<SpiffeId, u32>,
+    pub slots: Arc<HashMap<SpiffeId, u32>>,
     /// Bound cgroup ids and their slots (the identities map, mirrored).
     pub bound: BTreeMap<u64, u32>,
-    /// The policy generation now active.
-    pub generation: u32,
-    /// Policies this agent has applied so far: tells one content of a
-    /// generation from the next.
-    pub applies: u64,
+    /// The kernel's active buffer (0 or 1).
+    pub buffer: u32,
+    /// The generation as operators see it: grows with every switch, across
+    /// restarts.
+    pub generation: u64,
     /// The compiled policy now active.
-    pub compiled: CompiledPolicy,
+    pub compiled: Arc<CompiledPolicy>,
 }
 
 /// The running agent.
 pub struct State {
-    pub config: Config,
+    pub config: Arc<Config>,
     pub root: PathBuf,
     pub scope_dir: PathBuf,
     pub enforcer: Enforcer,
-    pub policy: PolicySet,
+    /// The policy generations; `None` while lent to a [`GenerationJob`].
+    generations: Option<GenerationMaps>,
+    pub policy: Arc<PolicySet>,
     pub entries: EntrySet,
     /// The kubelet's pods (empty off Kubernetes, and while the kubelet
     /// cannot be reached).
@@ -68,6 +74,14 @@ pub struct State {
     /// Whether the next [`State::sync`] must go over every cgroup: at
     /// start, and after a sync that failed part way.
     sync_all: bool,
+    /// Cgroups attested to an identity that holds no slot (or no policy in
+    /// the active generation) yet: unbound, so denied, until the next
+    /// generation gives it one.
+    awaiting_slot: BTreeSet<u64>,
+    /// `idgate run` cgroups whose command has not been moved in yet: not
+    /// removed as finished.
+    pending_runs: BTreeSet<PathBuf>,
+    generation_number: GenerationNumber,
     /// The pass over the scope under way (periodic, or asked for by an
     /// event): cgroup directories still to attest (those below them are
     /// found as each is read).
@@ -87,6 +101,7 @@ impl State {
         let policy = policy::load(&config.policy, &config.trust_domains)?;
         let entries = load_entries(&config)?;
         let revocations = Revocations::load(&config.state_dir)?;
+        let generation_number = GenerationNumber::load(&config.state_dir)?;
         crate::privileges::check().map_err(DaemonError::Privileges)?;
 
         let root = cgroup::cgroup2_root()?;
@@ -98,7 +113,8 @@ impl State {
             cgroup::ensure_dir(&scope_dir.join(&w.cgroup))?;
         }
         let level = config.scope.components().count() as u32;
-        let enforcer = bpf::install(&config.pin_dir, &scope_dir, level, config.max_workloads)?;
+        let (enforcer, generations) =
+            bpf::install(&config.pin_dir, &scope_dir, level, config.max_workloads)?;
         tracing::info!(
             scope = %scope_dir.display(),
             pin_dir = %config.pin_dir.display(),
@@ -107,7 +123,7 @@ impl State {
             attached = ?enforcer.attachment.attached,
             "programs in place"
         );
-        let bound = enforcer.maps.bindings()?;
+        let bound = enforcer.bindings.bindings()?;
         let (kubelet, pods) = match kubelet {
             Some((mut k, first)) => {
                 let pods = k.record(first);
@@ -117,22 +133,23 @@ impl State {
         };
         let mut state = Self {
             workloads: Workloads::new(root.clone()),
-            config,
+            config: Arc::new(config),
             root,
             scope_dir,
             enforcer,
-            policy,
+            generations: Some(generations),
+            policy: Arc::new(policy),
             entries,
             pods,
             kubelet,
             revocations,
             applied: Applied {
-                identities: Vec::new(),
-                slots: HashMap::new(),
+                identities: Arc::default(),
+                slots: Arc::default(),
                 bound,
-                generation: 0,
-                applies: 0,
-                compiled: CompiledPolicy::default(),
+                buffer: 0,
+                generation: generation_number.current(),
+                compiled: Arc::default(),
             },
             started: Instant::now(),
             reloads: 0,
@@ -141,12 +158,17 @@ impl State {
             attestation: AttestationStats::default(),
             bind_failures: BTreeMap::new(),
             sync_all: true,
+            awaiting_slot: BTreeSet::new(),
+            pending_runs: BTreeSet::new(),
+            generation_number,
             resync_queue: VecDeque::new(),
             runs: 0,
         };
         state.attest_all();
-        state.sync(true)?;
-        release_free_memory();
+        // No slot is known yet, so every slot's revocation mark is written
+        // from the file.
+        let job = state.generation_job(state.policy.clone(), None)?;
+        state.finish_generation(job.run(), None)?;
         tracing::info!(
             generation = state.applied.generation,
             identities = state.applied.identities.len(),
@@ -191,7 +213,7 @@ impl State {
             self.start_pass();
         }
         self.remove_finished_runs();
-        self.sync(false)
+        self.sync()
     }
 
     /// Starts the periodic pass: puts back pins removed by hand, expires
@@ -208,7 +230,7 @@ impl State {
         }
         self.workloads.expire(SystemTime::now());
         self.start_pass();
-        self.sync(false)
+        self.sync()
     }
 
     /// Forgets removed cgroups and queues the whole scope for
@@ -237,7 +259,7 @@ impl State {
         }
         self.attest_dirs(&dirs);
         self.remove_finished_runs();
-        self.sync(false)
+        self.sync()
     }
 
     /// Takes a kubelet fetch's outcome (a failure empties the pod list)
@@ -249,13 +271,13 @@ impl State {
         self.pods = kubelet.record(outcome);
         self.attest_all();
         self.remove_finished_runs();
-        self.sync(false)
+        self.sync()
     }
 
     /// Expires bindings whose TTL ran out.
     pub fn expire(&mut self) -> Result<(), DaemonError> {
         if self.workloads.expire(SystemTime::now()) {
-            self.sync(false)?;
+            self.sync()?;
         }
         Ok(())
     }
@@ -281,96 +303,108 @@ impl State {
         }
     }
 
-    /// Re-reads the policy and the entries; on any error the running policy
-    /// and bindings stay exactly as they were and the error is returned as
-    /// it should be shown.
-    pub fn reload(&mut self) -> Result<Reloaded, String> {
-        let result = self.try_reload();
-        release_free_memory();
-        match &result {
-            Ok(r) => {
-                self.reloads += 1;
-                tracing::info!(generation = r.generation, diff = %r.diff, "policy reloaded");
-            }
-            Err(e) => {
-                self.reload_errors += 1;
-                tracing::error!(error = %e, "policy reload refused; the running policy stays");
-            }
-        }
-        result
-    }
-
-    fn try_reload(&mut self) -> Result<Reloaded, String> {
-        let td = &self.config.trust_domains;
-        let new = policy::load(&self.config.policy, td).map_err(|e| e.to_string())?;
-        let entries = load_entries(&self.config).map_err(|e| e.to_string())?;
-        let previous = self.applied.generation;
-        let diff = policy::diff(&self.policy, &new);
-        let old_policy = std::mem::replace(&mut self.policy, new);
-        let old_entries = std::mem::replace(&mut self.entries, entries);
-        self.attest_all();
-        if let Err(e) = self.sync(true) {
-            // The kernel still holds the old generation: keep the old
-            // policy in memory to match it.
-            self.policy = old_policy;
-            self.entries = old_entries;
-            return Err(e.to_string());
-        }
-        Ok(Reloaded {
-            previous,
-            generation: self.applied.generation,
-            diff,
-        })
-    }
-
     /// Revokes or restores an identity: the file first, then one map
-    /// update that denies (or releases) every cgroup bound to it.
+    /// update that denies (or releases) every cgroup bound to it. An
+    /// identity without a slot has no cgroup bound to it; its mark is set
+    /// when it gets one (see [`State::generation_job`]).
     pub fn set_revoked(&mut self, id: &SpiffeId, revoked: bool) -> Result<bool, DaemonError> {
         let changed = self.revocations.set(id, revoked)?;
-        self.sync(false)?;
         if let Some(slot) = self.slot_of(id) {
-            self.enforcer.maps.set_revoked(slot, revoked)?;
+            self.enforcer.bindings.set_revoked(slot, revoked)?;
         }
         tracing::warn!(identity = %id, revoked, changed, "revocation changed");
         Ok(changed)
     }
 
-    /// `idgate run`: makes a cgroup under the scope, binds it to `id`, and
-    /// moves `pid` (the caller's child, waiting to exec) into it. Returns
-    /// the cgroup's path relative to the cgroup v2 root.
-    pub fn run(
+    /// `idgate run`, first half: makes a cgroup under the scope and binds
+    /// it to `id`. The command's process is moved in by
+    /// [`State::settle_run`] once the kernel holds the binding (at once,
+    /// unless `id` needs a new policy generation first).
+    pub fn start_run(
         &mut self,
         id: SpiffeId,
         ttl: Option<Duration>,
         pid: u32,
-    ) -> Result<String, DaemonError> {
+    ) -> Result<Run, DaemonError> {
         self.runs += 1;
         let dir = self
             .scope_dir
             .join(format!("{RUN_PREFIX}{pid}-{}", self.runs));
         cgroup::ensure_dir(&dir)?;
+        let cgroup_id = match cgroup::cgroup_id(&dir) {
+            Ok(cg) => cg,
+            Err(e) => {
+                let _ = std::fs::remove_dir(&dir);
+                return Err(e.into());
+            }
+        };
         self.workloads.bind_operator(&dir, id.clone(), ttl);
-        let moved = self
-            .sync(false)
-            .and_then(|()| cgroup::move_process(&dir, pid).map_err(DaemonError::from));
-        if let Err(e) = moved {
-            let _ = std::fs::remove_dir(&dir);
-            self.workloads.prune();
-            let _ = self.sync(false);
+        self.pending_runs.insert(dir.clone());
+        let run = Run {
+            dir,
+            cgroup_id,
+            id,
+            ttl,
+            pid,
+        };
+        if let Err(e) = self.sync() {
+            self.abandon_run(&run);
             return Err(e);
         }
-        tracing::info!(cgroup = %dir.display(), identity = %id, pid, ?ttl, "run: bound and started");
-        Ok(format!(
+        Ok(run)
+    }
+
+    /// `idgate run`, second half: once the kernel holds the run's binding,
+    /// moves its process in and returns the cgroup's path relative to the
+    /// cgroup v2 root. `None` while the binding waits for a generation.
+    pub fn settle_run(&mut self, run: &Run) -> Option<Result<String, DaemonError>> {
+        if !self.applied.bound.contains_key(&run.cgroup_id) {
+            if self.awaiting_slot.contains(&run.cgroup_id) {
+                return None;
+            }
+            self.abandon_run(run);
+            let why = self
+                .bind_failures
+                .get(&run.cgroup_id)
+                .cloned()
+                .unwrap_or_else(|| "the binding is not in the kernel".into());
+            return Some(Err(DaemonError::RunNotBound(why)));
+        }
+        if let Err(e) = cgroup::move_process(&run.dir, run.pid) {
+            self.abandon_run(run);
+            return Some(Err(e.into()));
+        }
+        self.pending_runs.remove(&run.dir);
+        tracing::info!(cgroup = %run.dir.display(), identity = %run.id, pid = run.pid, ttl = ?run.ttl, "run: bound and started");
+        Some(Ok(format!(
             "/{}",
-            dir.strip_prefix(&self.root).unwrap_or(&dir).display()
-        ))
+            run.dir
+                .strip_prefix(&self.root)
+                .unwrap_or(&run.dir)
+                .display()
+        )))
+    }
+
+    /// Removes a run's cgroup that its process never reached.
+    pub fn abandon_run(&mut self, run: &Run) {
+        self.pending_runs.remove(&run.dir);
+        let _ = std::fs::remove_dir(&run.dir);
+        self.workloads.prune();
+        if let Err(e) = self.sync() {
+            tracing::error!(error = %e, "sync after an abandoned run failed");
+        }
     }
 
     /// Removes the cgroups of `idgate run` whose command has exited. The
     /// table is pruned only when one was removed: pruning looks at every
     /// cgroup's directory, too slow to do after each event on a big scope.
     fn remove_finished_runs(&mut self) {
-        let finished = self.workloads.finished_runs();
+        let finished: Vec<PathBuf> = self
+            .workloads
+            .finished_runs()
+            .into_iter()
+            .filter(|dir| !self.pending_runs.contains(dir))
+            .collect();
         if finished.is_empty() {
             return;
         }
@@ -390,18 +424,139 @@ impl State {
         self.applied.slots.get(id).copied()
     }
 
+    /// Whether a bound cgroup's identity waits for a slot and the
+    /// generation maps are here to write one.
+    pub fn wants_generation(&self) -> bool {
+        !self.awaiting_slot.is_empty() && self.generations.is_some()
+    }
+
+    /// Whether a generation is being written off the owner.
+    pub fn writing_generation(&self) -> bool {
+        self.generations.is_none()
+    }
+
+    /// Prepares a new generation of `policy` for every identity that needs
+    /// a slot (with `entries`, those of a reload; else the running ones),
+    /// and lends it the generation maps. Slots are assigned here, and the
+    /// revocation mark of every slot new to its identity written, so no
+    /// binding ever points at a slot whose mark is stale.
+    pub fn generation_job(
+        &mut self,
+        policy: Arc<PolicySet>,
+        entries: Option<&EntrySet>,
+    ) -> Result<GenerationJob, DaemonError> {
+        let Some(maps) = self.generations.take() else {
+            return Err(DaemonError::GenerationBusy);
+        };
+        let mut ids: BTreeSet<SpiffeId> =
+            self.workloads.bound().map(|(_, id)| id.clone()).collect();
+        ids.extend(self.revocations.ids().iter().cloned());
+        // Every identity an entry can give gets its slot (and policy)
+        // now, when they all fit: then the first cgroup attested to one is
+        // bound at once, without a new generation.
+        let mut attestable = ids.clone();
+        attestable.extend(
+            entries
+                .unwrap_or(&self.entries)
+                .iter()
+                .map(|e| e.id.clone()),
+        );
+        if attestable.len() < MAX_SLOTS as usize {
+            ids = attestable;
+        }
+        match self.assign_slots(&ids) {
+            Ok(slots) => Ok(GenerationJob {
+                policy,
+                slots,
+                maps,
+            }),
+            Err(e) => {
+                self.generations = Some(maps);
+                Err(e)
+            }
+        }
+    }
+
+    fn assign_slots(
+        &mut self,
+        ids: &BTreeSet<SpiffeId>,
+    ) -> Result<Vec<(u32, SpiffeId)>, DaemonError> {
+        let slots = self.enforcer.slots.assign(ids)?;
+        for (slot, id) in &slots {
+            if self.slot_of(id) != Some(*slot) {
+                self.enforcer
+                    .bindings
+                    .set_revoked(*slot, self.revocations.contains(id))?;
+            }
+        }
+        Ok(slots)
+    }
+
+    /// Takes back the generation maps from a finished job and, if it
+    /// wrote its generation, switches the kernel to it. With `entries`
+    /// (a reload's), they replace the running entries, and if they differ
+    /// every cgroup is attested again (in steps, see
+    /// [`State::resync_step`]). Cgroups bound to an identity the new
+    /// generation has no slot for are unbound until one that has.
+    pub fn finish_generation(
+        &mut self,
+        done: GenerationDone,
+        entries: Option<EntrySet>,
+    ) -> Result<(), DaemonError> {
+        self.generations = Some(done.maps);
+        let (compiled, written) = done.written?;
+        let maps = self.generations.as_mut().expect("just put back");
+        self.applied.buffer = maps.switch(written)?;
+        self.applied.generation = self.generation_number.advance();
+        let slots: HashMap<SpiffeId, u32> =
+            done.slots.iter().map(|(s, id)| (id.clone(), *s)).collect();
+        self.applied.slots = Arc::new(slots);
+        self.applied.identities = Arc::new(done.slots);
+        self.applied.compiled = Arc::new(compiled);
+        self.policy = done.policy;
+        if let Some(entries) = entries
+            && !entries.same_entries(&self.entries)
+        {
+            self.entries = entries;
+            self.start_pass();
+        }
+        // A cgroup bound while the job ran may be bound to an identity it
+        // did not cover: its slot has no policy now (denied), and it waits
+        // for the next generation.
+        let uncovered: Vec<u64> = self
+            .applied
+            .bound
+            .keys()
+            .copied()
+            .filter(|cg| {
+                self.workloads
+                    .bound_id(*cg)
+                    .is_none_or(|id| !self.applied.slots.contains_key(id))
+            })
+            .collect();
+        self.awaiting_slot.extend(uncovered);
+        self.sync()?;
+        let keep: BTreeSet<u32> = self
+            .applied
+            .identities
+            .iter()
+            .map(|(s, _)| *s)
+            .chain(self.applied.bound.values().copied())
+            .collect();
+        self.enforcer.slots.retain(&keep)?;
+        release_free_memory();
+        Ok(())
+    }
+
     /// Brings the kernel in line with the workload table: the cgroups whose
-    /// bound identity changed since the last sync and those the map could
-    /// not take yet, or every cgroup with `recompile` and after a sync that
-    /// failed part way. With `recompile`, or when an identity without a
-    /// slot is now needed, the policy is compiled for every identity that
-    /// needs a slot and switched to; then revoked slots are marked,
-    /// bindings written and removed, and slots nobody needs freed. In this
-    /// order a cgroup never points at a slot without policy, and a freed
-    /// slot number is never under a binding.
-    fn sync(&mut self, recompile: bool) -> Result<(), DaemonError> {
+    /// bound identity changed since the last sync, those the map could not
+    /// take yet and those waiting for a slot, or every cgroup after a sync
+    /// that failed part way. A cgroup whose identity holds no slot in the
+    /// active generation is unbound (denied) and waits for the next one;
+    /// nothing here compiles a policy.
+    fn sync(&mut self) -> Result<(), DaemonError> {
         let changed = self.workloads.take_changed();
-        let result = self.sync_cgroups(recompile, &changed);
+        let result = self.sync_cgroups(&changed);
         if result.is_err() {
             self.sync_all = true;
             self.workloads.return_changed(changed);
@@ -409,88 +564,101 @@ impl State {
         result
     }
 
-    fn sync_cgroups(
-        &mut self,
-        recompile: bool,
-        changed: &BTreeSet<u64>,
-    ) -> Result<(), DaemonError> {
-        let mut cgroups: BTreeSet<u64> = if recompile || self.sync_all {
+    fn sync_cgroups(&mut self, changed: &BTreeSet<u64>) -> Result<(), DaemonError> {
+        let mut cgroups: BTreeSet<u64> = if self.sync_all {
             let mut every: BTreeSet<u64> = self.workloads.bound().map(|(cg, _)| cg).collect();
             every.extend(self.applied.bound.keys());
             every
         } else {
             changed.clone()
         };
-        // A cgroup the map could not take is tried again each time.
+        // A cgroup the map could not take is tried again each time, and
+        // so is one that waits for a slot.
         cgroups.extend(self.bind_failures.keys());
-        // Slots stay with their identity, so only a new identity needs a
-        // new generation (and only the cgroups above need their binding).
-        let slotless = |id: &SpiffeId| !self.applied.slots.contains_key(id);
-        let new_identity = self.revocations.ids().iter().any(slotless)
-            || cgroups
-                .iter()
-                .filter_map(|cg| self.workloads.bound_id(*cg))
-                .any(slotless);
-        if recompile || new_identity {
-            let mut ids: BTreeSet<SpiffeId> =
-                self.workloads.bound().map(|(_, id)| id.clone()).collect();
-            ids.extend(self.revocations.ids().iter().cloned());
-            // Every identity an entry can give gets its slot (and policy)
-            // now, when they all fit: then the first cgroup attested to
-            // one is bound at once, without a new generation.
-            let mut attestable = ids.clone();
-            attestable.extend(self.entries.iter().map(|e| e.id.clone()));
-            if attestable.len() < MAX_SLOTS as usize {
-                ids = attestable;
-            }
-            let slots = self.enforcer.slots.assign(&ids)?;
-            let compiled = policy::compile(&self.policy, &slots);
-            self.applied.generation = self.enforcer.maps.apply(&compiled)?;
-            self.applied.applies += 1;
-            for (slot, id) in &slots {
-                self.enforcer
-                    .maps
-                    .set_revoked(*slot, self.revocations.contains(id))?;
-            }
-            self.applied.slots = slots.iter().map(|(s, id)| (id.clone(), *s)).collect();
-            self.applied.identities = slots;
-            self.applied.compiled = compiled;
-        }
+        cgroups.append(&mut self.awaiting_slot);
         for cg in cgroups {
-            let Some(id) = self.workloads.bound_id(cg) else {
-                self.bind_failures.remove(&cg);
-                if self.applied.bound.contains_key(&cg) {
-                    self.enforcer.maps.unbind(cg)?;
-                    self.applied.bound.remove(&cg);
+            let slot = self
+                .workloads
+                .bound_id(cg)
+                .map(|id| (id, self.applied.slots.get(id).copied()));
+            let slot = match slot {
+                Some((_, Some(slot))) => slot,
+                unbound => {
+                    if unbound.is_some() {
+                        self.awaiting_slot.insert(cg);
+                    }
+                    self.bind_failures.remove(&cg);
+                    if self.applied.bound.contains_key(&cg) {
+                        self.enforcer.bindings.unbind(cg)?;
+                        self.applied.bound.remove(&cg);
+                    }
+                    continue;
                 }
-                continue;
             };
-            let slot = self.applied.slots[id];
             if self.applied.bound.get(&cg) == Some(&slot) {
                 continue;
             }
             // A cgroup the map cannot take stays unbound (denied) and is
             // reported; no other binding is evicted for it.
-            match self.enforcer.maps.bind(cg, slot) {
+            match self.enforcer.bindings.bind(cg, slot) {
                 Ok(()) => {
                     self.applied.bound.insert(cg, slot);
                     self.bind_failures.remove(&cg);
                 }
                 Err(e) => {
                     if !self.bind_failures.contains_key(&cg) {
-                        tracing::error!(cgroup_id = cg, identity = %id, error = %e, "cannot bind: the workload is denied");
+                        let id = self.workloads.bound_id(cg).map(ToString::to_string);
+                        tracing::error!(cgroup_id = cg, identity = ?id, error = %e, "cannot bind: the workload is denied");
                     }
                     self.bind_failures.insert(cg, e.to_string());
                 }
             }
         }
-        if recompile {
-            let keep: BTreeSet<u32> = self.applied.identities.iter().map(|(s, _)| *s).collect();
-            self.enforcer.slots.retain(&keep)?;
-        }
         self.sync_all = false;
         Ok(())
     }
+}
+
+/// An `idgate run` under way: its cgroup is made and bound in the table.
+#[derive(Debug)]
+pub struct Run {
+    dir: PathBuf,
+    cgroup_id: u64,
+    pub id: SpiffeId,
+    ttl: Option<Duration>,
+    pid: u32,
+}
+
+/// A new policy generation to compile and write off the daemon's owner,
+/// with the generation maps lent to it.
+pub struct GenerationJob {
+    policy: Arc<PolicySet>,
+    slots: Vec<(u32, SpiffeId)>,
+    maps: GenerationMaps,
+}
+
+impl GenerationJob {
+    /// Compiles the policy for the slots and writes it into the inactive
+    /// generation, which no program reads: seconds for a large policy, so
+    /// run it on a thread of its own.
+    pub fn run(mut self) -> GenerationDone {
+        let compiled = policy::compile(&self.policy, &self.slots);
+        let written = self.maps.write(&compiled).map(|w| (compiled, w));
+        GenerationDone {
+            policy: self.policy,
+            slots: self.slots,
+            maps: self.maps,
+            written,
+        }
+    }
+}
+
+/// A finished [`GenerationJob`], for [`State::finish_generation`].
+pub struct GenerationDone {
+    policy: Arc<PolicySet>,
+    slots: Vec<(u32, SpiffeId)>,
+    maps: GenerationMaps,
+    written: Result<(CompiledPolicy, Written), BpfError>,
 }
 
 /// Cgroups attested in one step of a pass over the scope (measured with
@@ -499,7 +667,7 @@ const RESYNC_STEP: usize = 256;
 
 /// The entries files' entries and those the configuration's
 /// `[[workload]]` tables stand for.
-fn load_entries(config: &Config) -> Result<EntrySet, identity::EntriesError> {
+pub fn load_entries(config: &Config) -> Result<EntrySet, identity::EntriesError> {
     let mut entries = identity::load_entries(&config.entries, &config.trust_domains)?;
     entries.extend(config.workload_entries.iter().cloned());
     Ok(EntrySet::new(entries))
@@ -516,9 +684,10 @@ pub struct AttestationStats {
 }
 
 /// What a successful reload did.
+#[derive(Debug)]
 pub struct Reloaded {
-    pub previous: u32,
-    pub generation: u32,
+    pub previous: u64,
+    pub generation: u64,
     pub diff: policy::PolicyDiff,
 }
 

@@ -71,12 +71,18 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
+    /// The gauge of requests queued for the owner, which the senders and
+    /// the owner keep.
+    pub fn owner_queue(&self) -> Gauge {
+        self.metrics.owner_queue.clone()
+    }
+
     /// Call after anything that may have changed what is applied.
     pub fn publish(&self, state: &State) {
         let applied = &state.applied;
         self.names.publish(
+            applied.buffer,
             applied.generation,
-            applied.applies,
             &applied.identities,
             &applied.compiled.rules,
         );
@@ -97,6 +103,8 @@ struct StateLabels {
 /// Policy, map and workload figures, read from the daemon's state.
 struct StateMetrics {
     generation: Gauge,
+    /// Requests waiting for the daemon's owner (counted by the senders).
+    owner_queue: Gauge,
     reloads: Counter,
     reload_errors: Counter,
     identities: Gauge,
@@ -119,6 +127,7 @@ impl StateMetrics {
     fn new(registry: &mut Registry) -> Self {
         let me = Self {
             generation: Gauge::default(),
+            owner_queue: Gauge::default(),
             reloads: Counter::default(),
             reload_errors: Counter::default(),
             identities: Gauge::default(),
@@ -137,8 +146,13 @@ impl StateMetrics {
         };
         registry.register(
             "policy_generation",
-            "The kernel's active policy generation (0 or 1)",
+            "The active policy generation's number (grows with every switch, across agent restarts)",
             me.generation.clone(),
+        );
+        registry.register(
+            "owner_queue_depth",
+            "Requests (control socket, signals) queued for the agent's state owner",
+            me.owner_queue.clone(),
         );
         registry.register(
             "policy_reloads",
@@ -226,7 +240,8 @@ impl StateMetrics {
             .inc_by(stats.passes.saturating_sub(self.attestation_passes.get()));
         self.attested_cgroups
             .inc_by(stats.cgroups.saturating_sub(self.attested_cgroups.get()));
-        self.generation.set(i64::from(applied.generation));
+        self.generation
+            .set(i64::try_from(applied.generation).unwrap_or(i64::MAX));
         self.reloads
             .inc_by(state.reloads.saturating_sub(self.reloads.get()));
         self.reload_errors

@@ -56,6 +56,11 @@ impl EntrySet {
         }
     }
 
+    /// Whether `other` holds the same entries, in the same order.
+    pub fn same_entries(&self, other: &EntrySet) -> bool {
+        self.entries == other.entries
+    }
+
     /// Indices, ascending, of the entries that may match a cgroup at
     /// `cgroup_path` (relative to the v2 root): every entry whose
     /// `cgroup:path` selectors could all match it, and every entry with

@@ -13,8 +13,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixStream;
 use tonic::transport::server::Connected;
 
-use crate::daemon::IdentityView;
 use crate::identity::SpiffeId;
+use crate::identity_view::IdentityView;
 
 /// The calling process.
 #[derive(Debug)]

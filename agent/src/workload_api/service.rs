@@ -16,8 +16,8 @@ use tonic::{Request, Response, Status};
 use super::caller::{Caller, CallerInfo, Unidentified};
 use super::proto::spiffe_workload_api_server::SpiffeWorkloadApi;
 use super::proto::*;
-use crate::daemon::IdentityView;
 use crate::identity::SpiffeId;
+use crate::identity_view::IdentityView;
 use crate::svid::{BundleSet, Credentials, JwtError, Parts, SvidError};
 
 /// The security header every request carries.

@@ -1,0 +1,44 @@
+//! The identities the kernel enforces now, as the daemon publishes them to
+//! the parts of the agent that prove identity to workloads (the Workload
+//! API), so a workload is issued credentials for exactly the identity its
+//! connects are judged by.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::identity::SpiffeId;
+use crate::revocations::Revocations;
+use crate::workloads::Workloads;
+
+/// A snapshot of the bindings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IdentityView {
+    /// The policy generation this snapshot was taken at.
+    pub generation: u64,
+    /// Bound cgroup id -> its identity. A revoked identity's cgroups are
+    /// left out: nothing may be issued for them.
+    pub by_cgroup: BTreeMap<u64, SpiffeId>,
+    /// Revoked identities.
+    pub revoked: BTreeSet<SpiffeId>,
+}
+
+impl IdentityView {
+    /// The view of `workloads` and `revocations` at `generation`.
+    pub fn new(workloads: &Workloads, revocations: &Revocations, generation: u64) -> Self {
+        let revoked = revocations.ids().clone();
+        let by_cgroup = workloads
+            .bound()
+            .filter(|(_, id)| !revoked.contains(*id))
+            .map(|(cg, id)| (cg, id.clone()))
+            .collect();
+        Self {
+            generation,
+            by_cgroup,
+            revoked,
+        }
+    }
+
+    /// The identity of a bound cgroup, unless revoked.
+    pub fn identity_of(&self, cgroup_id: u64) -> Option<&SpiffeId> {
+        self.by_cgroup.get(&cgroup_id)
+    }
+}
