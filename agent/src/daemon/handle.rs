@@ -80,3 +80,81 @@ impl Handle {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    fn handle() -> (Handle, mpsc::Receiver<Command>, Gauge) {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let snapshot = Snapshot {
+            started: Instant::now(),
+            scope_dir: Default::default(),
+            pin_dir: Default::default(),
+            policy_path: Default::default(),
+            programs: Default::default(),
+            generation: 0,
+            policy: Default::default(),
+            slots: Default::default(),
+            rules: 0,
+            workloads: 0,
+            revoked: Default::default(),
+            reloads: 0,
+            reload_errors: 0,
+            pins_restored: 0,
+            bind_failures: 0,
+            max_workloads: 0,
+            kubernetes: None,
+            writing_generation: false,
+        };
+        let (_, snapshot) = watch::channel(Arc::new(snapshot));
+        let depth = Gauge::default();
+        (Handle::new(tx, snapshot, depth.clone()), rx, depth)
+    }
+
+    /// An owner that takes nothing: the queue fills, the next caller is
+    /// told the agent is busy after the bounded wait, and the depth counts
+    /// exactly what is queued.
+    #[tokio::test(start_paused = true)]
+    async fn a_full_queue_is_refused_after_a_bounded_wait() {
+        let (handle, mut rx, depth) = handle();
+        let mut waiting = Vec::new();
+        for _ in 0..QUEUE {
+            let h = handle.clone();
+            waiting.push(tokio::spawn(async move {
+                h.ask(Command::Workloads, Duration::from_secs(3600)).await
+            }));
+        }
+        while depth.get() < QUEUE as i64 {
+            tokio::task::yield_now().await;
+        }
+        let refused = handle
+            .ask(Command::Workloads, Duration::from_secs(3600))
+            .await;
+        assert!(matches!(refused, Err(OwnerError::Busy)), "{refused:?}");
+        assert_eq!(depth.get(), QUEUE as i64);
+        // An owner that takes a request and drops it unanswered.
+        drop(rx.recv().await);
+        let gone = waiting.remove(0).await.unwrap();
+        assert!(matches!(gone, Err(OwnerError::Gone)), "{gone:?}");
+    }
+
+    /// An owner that takes a request and never answers: the caller is
+    /// told so once its wait is over.
+    #[tokio::test(start_paused = true)]
+    async fn an_unanswered_request_ends_with_its_wait() {
+        let (handle, mut rx, _) = handle();
+        let asking = tokio::spawn(async move {
+            handle
+                .ask(Command::Workloads, Duration::from_secs(10))
+                .await
+        });
+        let _held = rx.recv().await;
+        let outcome = asking.await.unwrap();
+        assert!(
+            matches!(outcome, Err(OwnerError::NoAnswer(_))),
+            "{outcome:?}"
+        );
+    }
+}
