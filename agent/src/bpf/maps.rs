@@ -425,6 +425,13 @@ impl SlotTable {
         Ok(Self { map, by_hash })
     }
 
+    /// The slot `id` holds, if any (assigned for the active generation or
+    /// for one being written).
+    pub fn slot_of(&self, id: &SpiffeId) -> Option<u32> {
+        let h: SlotHash = Sha256::digest(id.as_str().as_bytes()).into();
+        self.by_hash.get(&h).copied()
+    }
+
     /// The slot of each id: the one it held before, or the lowest free one.
     pub fn assign(&mut self, ids: &BTreeSet<SpiffeId>) -> Result<Vec<(u32, SpiffeId)>, BpfError> {
         let mut used: BTreeSet<u32> = self.by_hash.values().copied().collect();

@@ -304,12 +304,14 @@ impl State {
     }
 
     /// Revokes or restores an identity: the file first, then one map
-    /// update that denies (or releases) every cgroup bound to it. An
-    /// identity without a slot has no cgroup bound to it; its mark is set
-    /// when it gets one (see [`State::generation_job`]).
+    /// update that denies (or releases) every cgroup bound to it. The mark
+    /// goes on the slot the slot table holds for it, which may be one
+    /// assigned for a generation still being written; an identity without
+    /// a slot has no cgroup bound to it, and its mark is set when it gets
+    /// one (see [`State::generation_job`]).
     pub fn set_revoked(&mut self, id: &SpiffeId, revoked: bool) -> Result<bool, DaemonError> {
         let changed = self.revocations.set(id, revoked)?;
-        if let Some(slot) = self.slot_of(id) {
+        if let Some(slot) = self.enforcer.slots.slot_of(id) {
             self.enforcer.bindings.set_revoked(slot, revoked)?;
         }
         tracing::warn!(identity = %id, revoked, changed, "revocation changed");
