@@ -7,7 +7,11 @@ mod protocol;
 mod server;
 
 pub use client::{request, request_stream};
-pub use protocol::{PROTOCOL_VERSION, Reply, Request};
+pub use protocol::{
+    Answer, Binding, EventLine, EventsOpened, Explained, Identity, KubeletHealth, KubeletStatus,
+    PROTOCOL_VERSION, PolicyReloaded, PolicyShown, Programs, Protocol, Reply, Request, Revocation,
+    Started, Status, Verdict, WorkloadRow, WorkloadsList,
+};
 pub use server::{Authoriser, Peer, Response, serve};
 
 /// Errors on the control socket.
@@ -20,6 +24,11 @@ pub enum AdminError {
     },
     #[error("the daemon's reply is not understood: {0}")]
     BadReply(String),
+    #[error(
+        "the agent speaks control protocol version {agent} and this idgate CLI speaks \
+         version {PROTOCOL_VERSION}: use the idgate CLI of the agent's release"
+    )]
+    Version { agent: u32 },
     #[error("{0}")]
     Refused(String),
 }

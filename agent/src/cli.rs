@@ -15,6 +15,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use idgate::admin::{self, Request};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 /// The default agent configuration.
 pub const DEFAULT_CONFIG: &str = "/etc/idgate/agent.toml";
@@ -69,17 +71,18 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// Sends a request; the agent's error comes back as it is.
-    pub fn request(&self, request: Request) -> anyhow::Result<serde_json::Value> {
+    /// Sends a request and reads the result as `T`, the reply type of its
+    /// command; the agent's error comes back as it is.
+    pub fn request<T: DeserializeOwned>(&self, request: Request) -> anyhow::Result<T> {
         Ok(admin::request(&self.socket, request)?)
     }
 
     /// Prints a reply as JSON, or with `human` for a person.
-    pub fn print(&self, reply: &serde_json::Value, human: impl FnOnce(&serde_json::Value)) {
+    pub fn print<T: Serialize>(&self, reply: &T, human: impl FnOnce(&T)) {
         if self.json {
             println!(
                 "{}",
-                serde_json::to_string_pretty(reply).expect("JSON value")
+                serde_json::to_string_pretty(reply).expect("a reply serialises")
             );
         } else {
             human(reply);
@@ -100,13 +103,5 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Events(args) => events::run(args),
         Command::Run(args) => run::run(args),
         Command::Svid(args) => svid::run(args),
-    }
-}
-
-/// A JSON value as plain text (strings without quotes).
-pub fn text(v: &serde_json::Value) -> String {
-    match v {
-        serde_json::Value::String(s) => s.clone(),
-        other => other.to_string(),
     }
 }

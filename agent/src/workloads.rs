@@ -10,13 +10,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::cgroup;
 use crate::identity::{Attestation, CgroupFacts, EntrySet, SpiffeId, attest_cgroup, k8s::Pods};
 
-/// How a cgroup stands.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// How a cgroup stands (and, on the control socket, the `state` of a row
+/// of `idgate workloads`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum Binding {
     /// Attested to an identity by registration entries.
@@ -70,14 +71,12 @@ impl Binding {
 }
 
 /// One cgroup under the scope.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct Workload {
     /// Path relative to the cgroup v2 root, starting with `/`.
     pub path: String,
-    #[serde(skip)]
     pub dir: PathBuf,
     pub cgroup_id: u64,
-    #[serde(flatten)]
     pub binding: Binding,
     pub pids: Vec<u32>,
     /// When the binding last changed.

@@ -1,10 +1,34 @@
-//! The control socket's messages.
+//! The control socket's messages: one JSON request per line, answered by
+//! one JSON reply line (and, for `events`, event lines after it). Both
+//! ends use these types, so a field one side renames is an error the
+//! other side names, never a silent `null`.
+
+mod reply;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-/// The protocol version this build speaks; a request with another version
-/// is answered with an error.
-pub const PROTOCOL_VERSION: u32 = 1;
+use crate::identity::SpiffeId;
+
+pub use crate::events::Verdict;
+pub use crate::workloads::Binding;
+pub use reply::{
+    Answer, EventLine, EventsOpened, Explained, KubeletHealth, KubeletStatus, PolicyReloaded,
+    PolicyShown, Programs, Revocation, Started, Status, WorkloadRow, WorkloadsList,
+};
+
+/// The protocol version this build speaks. A request of another version is
+/// answered with an error, and the CLI refuses a reply of another version:
+/// an agent and a CLI of different releases say so instead of misreading
+/// each other.
+///
+/// 2: typed replies; `generation` only grows (it was the kernel's buffer
+/// index, 0 or 1); `status` says `reloading`; `explain` says `revoked` and
+/// `audit_allowed` beside a plain `allow`/`deny` verdict.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The largest request line accepted, in bytes.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
@@ -21,40 +45,113 @@ pub enum Request {
     PolicyShow,
     /// Which rule of the running policy decides a connect.
     Explain {
-        /// A SPIFFE ID, or `unknown`.
-        identity: String,
-        /// `ADDR:PORT`.
-        to: String,
-        /// `tcp` or `udp`.
-        protocol: String,
+        identity: Identity,
+        /// The destination.
+        to: SocketAddr,
+        protocol: Protocol,
     },
     /// Deny every cgroup bound to an identity until `unrevoke`.
-    Revoke { identity: String },
+    Revoke { identity: SpiffeId },
     /// Lift a revocation.
-    Unrevoke { identity: String },
+    Unrevoke { identity: SpiffeId },
     /// Every cgroup under the scope and how it stands.
     Workloads,
     /// Recent decision events, and with `follow` every new one until the
-    /// caller goes away: the reply, then one event (JSON) per line.
+    /// caller goes away: the reply, then one [`EventLine`] per line.
     Events {
         #[serde(default)]
         follow: bool,
-        /// Only events of this SPIFFE ID (`unknown` for unknown workloads).
-        identity: Option<String>,
-        /// Only `allow` or `deny` events.
-        verdict: Option<String>,
+        /// Only events of this identity.
+        identity: Option<Identity>,
+        /// Only events of this verdict.
+        verdict: Option<Verdict>,
     },
     /// Make a cgroup under the scope bound to `identity` and move `pid`
     /// (a child of the caller, waiting to exec the command) into it.
     Run {
-        identity: String,
+        identity: SpiffeId,
         /// The binding expires after this many seconds.
         ttl_seconds: Option<u64>,
         pid: u32,
     },
 }
 
-/// A request on the wire: `{"version": 1, "command": ..., ...}`.
+/// An identity a question is about: a SPIFFE ID, or `unknown` for a
+/// workload without one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Identity {
+    Unknown,
+    Id(SpiffeId),
+}
+
+impl FromStr for Identity {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "unknown" => Ok(Self::Unknown),
+            id => id
+                .parse()
+                .map(Self::Id)
+                .map_err(|e| format!("identity {id:?}: {e}")),
+        }
+    }
+}
+
+impl TryFrom<String> for Identity {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<Identity> for String {
+    fn from(identity: Identity) -> Self {
+        identity.to_string()
+    }
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Unknown => f.write_str("unknown"),
+            Self::Id(id) => id.fmt(f),
+        }
+    }
+}
+
+/// The transport protocol of a connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl FromStr for Protocol {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "tcp" => Ok(Self::Tcp),
+            "udp" => Ok(Self::Udp),
+            other => Err(format!("protocol {other:?} is not tcp or udp")),
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        })
+    }
+}
+
+/// A request on the wire: `{"version": 2, "command": ..., ...}`.
 #[derive(Debug, Serialize)]
 pub struct Envelope {
     pub version: u32,
@@ -62,23 +159,25 @@ pub struct Envelope {
     pub request: Request,
 }
 
-/// A reply: `ok` with a result, or an error message.
+/// A reply: `ok` with a result, or an error message. The agent sends
+/// `Reply<Answer>`; the CLI reads the envelope first and then the result
+/// as the reply type of the command it sent.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Reply {
+pub struct Reply<T = Answer> {
     pub version: u32,
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub result: Option<serde_json::Value>,
+    pub result: Option<T>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
 
 impl Reply {
-    pub fn ok(result: serde_json::Value) -> Self {
+    pub fn ok(result: impl Into<Answer>) -> Self {
         Self {
             version: PROTOCOL_VERSION,
             ok: true,
-            result: Some(result),
+            result: Some(result.into()),
             error: None,
         }
     }
@@ -101,7 +200,8 @@ pub fn parse(line: &[u8]) -> Result<Request, String> {
         Some(Some(v)) if v == u64::from(PROTOCOL_VERSION) => {}
         Some(Some(other)) => {
             return Err(format!(
-                "protocol version {other} is not supported (this agent speaks {PROTOCOL_VERSION})"
+                "the CLI speaks control protocol version {other} and this agent \
+                 speaks version {PROTOCOL_VERSION}: use the idgate CLI of the agent's release"
             ));
         }
         Some(None) => return Err("`version` is not a number".into()),
@@ -118,17 +218,79 @@ mod tests {
     #[test]
     fn parses_and_rejects() {
         assert_eq!(
-            parse(br#"{"version":1,"command":"status"}"#),
+            parse(br#"{"version":2,"command":"status"}"#),
             Ok(Request::Status)
         );
         for (line, want) in [
-            (&br#"{"version":2,"command":"status"}"#[..], "version 2"),
+            (
+                &br#"{"version":1,"command":"status"}"#[..],
+                "CLI speaks control protocol version 1 and this agent speaks version 2",
+            ),
             (br#"{"command":"status"}"#, "no `version`"),
-            (br#"{"version":1,"command":"launch"}"#, "launch"),
-            (br#"{"version":1,"#, "malformed"),
+            (br#"{"version":2,"command":"launch"}"#, "launch"),
+            (br#"{"version":2,"#, "malformed"),
+            (
+                br#"{"version":2,"command":"explain","identity":"unknown","to":"10.0.0.1:443","protocol":"sctp"}"#,
+                "unknown variant `sctp`, expected `tcp` or `udp`",
+            ),
+            (
+                br#"{"version":2,"command":"events","verdict":"maybe"}"#,
+                "unknown variant `maybe`, expected `allow` or `deny`",
+            ),
+            (
+                br#"{"version":2,"command":"revoke","identity":"spiffe://Example.org/x"}"#,
+                "bad request",
+            ),
         ] {
             let e = parse(line).unwrap_err();
             assert!(e.contains(want), "{e}");
         }
+    }
+
+    #[test]
+    fn requests_round_trip() {
+        let web: SpiffeId = "spiffe://example.org/web".parse().unwrap();
+        for request in [
+            Request::Status,
+            Request::Explain {
+                identity: Identity::Unknown,
+                to: "[::1]:53".parse().unwrap(),
+                protocol: Protocol::Udp,
+            },
+            Request::Explain {
+                identity: Identity::Id(web.clone()),
+                to: "10.0.0.1:443".parse().unwrap(),
+                protocol: Protocol::Tcp,
+            },
+            Request::Events {
+                follow: true,
+                identity: Some(Identity::Unknown),
+                verdict: Some(Verdict::Deny),
+            },
+            Request::Run {
+                identity: web,
+                ttl_seconds: Some(5),
+                pid: 7,
+            },
+        ] {
+            let line = serde_json::to_vec(&Envelope {
+                version: PROTOCOL_VERSION,
+                request: request.clone(),
+            })
+            .unwrap();
+            assert_eq!(parse(&line), Ok(request));
+        }
+    }
+
+    #[test]
+    fn identities_and_protocols_parse_with_clear_errors() {
+        assert_eq!("unknown".parse::<Identity>(), Ok(Identity::Unknown));
+        let e = "spiffe://x/../y".parse::<Identity>().unwrap_err();
+        assert!(e.starts_with("identity \"spiffe://x/../y\": "), "{e}");
+        assert_eq!("udp".parse::<Protocol>(), Ok(Protocol::Udp));
+        assert_eq!(
+            "icmp".parse::<Protocol>().unwrap_err(),
+            "protocol \"icmp\" is not tcp or udp"
+        );
     }
 }

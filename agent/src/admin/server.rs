@@ -9,7 +9,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::broadcast;
 
 use super::AdminError;
-use super::protocol::{MAX_REQUEST_BYTES, Reply, Request, parse};
+use super::protocol::{EventLine, MAX_REQUEST_BYTES, Reply, Request, parse};
 use crate::events::Line;
 
 /// What a handler answers: one reply, or a reply followed by lines.
@@ -206,7 +206,9 @@ async fn send_stream(
             Ok(line) if keep(&line) => write_line(write, &line).await?,
             Ok(_) => {}
             Err(broadcast::error::RecvError::Lagged(missed)) => {
-                write_line(write, &format!("{{\"missed\":{missed}}}")).await?;
+                let line = serde_json::to_string(&EventLine::Missed { missed })
+                    .map_err(std::io::Error::other)?;
+                write_line(write, &line).await?;
             }
             Err(broadcast::error::RecvError::Closed) => return Ok(()),
         }

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
+use idgate::admin;
 use idgate::config::Config;
 
 use super::DEFAULT_CONFIG;
@@ -31,8 +32,10 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
 
 pub fn uninstall(args: UninstallArgs) -> anyhow::Result<()> {
     let config = Config::load(&args.config)?;
-    // A running agent holds its pins and puts back any that go.
-    if idgate::admin::request(&config.control_socket, idgate::admin::Request::Status).is_ok() {
+    // A running agent holds its pins and puts back any that go. Any answer
+    // on the socket (an error, another protocol version) means it runs.
+    let answer = admin::request::<admin::Status>(&config.control_socket, admin::Request::Status);
+    if !matches!(answer, Err(admin::AdminError::Io { .. })) {
         anyhow::bail!(
             "the agent is running (it answers on {}): stop it first",
             config.control_socket.display()

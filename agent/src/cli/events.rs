@@ -1,9 +1,9 @@
 //! `idgate events [--follow] [--identity ID] [--verdict allow|deny] [--json]`.
 
-use idgate::admin::{self, Request};
-use serde_json::Value;
+use idgate::admin::{self, EventLine, EventsOpened, Identity, Request, Verdict};
+use idgate::events::Event;
 
-use super::{Connection, text};
+use super::Connection;
 
 #[derive(clap::Args)]
 pub struct EventsArgs {
@@ -12,10 +12,10 @@ pub struct EventsArgs {
     follow: bool,
     /// Only decisions about this SPIFFE ID (`unknown`: unknown workloads).
     #[arg(long)]
-    identity: Option<String>,
+    identity: Option<Identity>,
     /// Only `allow` or `deny` decisions.
     #[arg(long)]
-    verdict: Option<String>,
+    verdict: Option<Verdict>,
     #[command(flatten)]
     conn: Connection,
 }
@@ -27,46 +27,49 @@ pub fn run(args: EventsArgs) -> anyhow::Result<()> {
         identity: args.identity,
         verdict: args.verdict,
     };
-    admin::request_stream(&args.conn.socket, request, |line| {
+    let mut bad = None;
+    admin::request_stream::<EventsOpened>(&args.conn.socket, request, |line| {
         if json {
             println!("{line}");
-        } else {
-            match serde_json::from_str::<Value>(line) {
-                Ok(e) => println!("{}", human(&e)),
-                Err(_) => println!("{line}"),
+            return true;
+        }
+        match line.parse::<EventLine>() {
+            Ok(EventLine::Missed { missed }) => {
+                println!("... {missed} events missed (this reader fell behind)");
+                true
+            }
+            Ok(EventLine::Event(e)) => {
+                println!("{}", human(&e));
+                true
+            }
+            Err(e) => {
+                bad = Some(anyhow::anyhow!(
+                    "an event from the agent is not understood: {e}: {line}"
+                ));
+                false
             }
         }
-        true
     })?;
-    Ok(())
+    bad.map_or(Ok(()), Err)
 }
 
 /// One decision in one line for a person.
-fn human(e: &Value) -> String {
-    if let Some(missed) = e.get("missed") {
-        return format!("... {missed} events missed (this reader fell behind)");
-    }
-    let who = match &e["identity"] {
-        Value::Null => "unknown".to_owned(),
-        id => text(id),
-    };
-    let dest = if text(&e["dst_addr"]).contains(':') {
-        format!("[{}]:{}", text(&e["dst_addr"]), e["dst_port"])
-    } else {
-        format!("{}:{}", text(&e["dst_addr"]), e["dst_port"])
-    };
-    let rule = match &e["rule"] {
-        Value::Null => String::new(),
-        r => format!(" rule={}", text(r)),
-    };
+fn human(e: &Event) -> String {
+    let who = e.identity.as_deref().unwrap_or("unknown");
+    let dest = std::net::SocketAddr::new(e.dst_addr, e.dst_port);
+    let rule = e
+        .rule
+        .as_ref()
+        .map(|r| format!(" rule={r}"))
+        .unwrap_or_default();
     format!(
         "{} {:5} {who} -> {dest}/{} reason={}{rule} pid={} comm={} exe={}",
-        text(&e["time"]),
-        text(&e["verdict"]),
-        text(&e["protocol"]),
-        text(&e["reason"]),
-        e["pid"],
-        text(&e["comm"]),
-        text(&e["exe"]),
+        e.time,
+        e.verdict.as_str(),
+        e.protocol,
+        e.reason,
+        e.pid,
+        e.comm,
+        e.exe.as_deref().unwrap_or("-"),
     )
 }

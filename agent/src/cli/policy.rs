@@ -2,9 +2,9 @@
 
 use std::path::PathBuf;
 
-use idgate::admin::Request;
+use idgate::admin::{PolicyReloaded, PolicyShown, Request};
 
-use super::{Connection, text};
+use super::Connection;
 
 #[derive(clap::Subcommand)]
 pub enum PolicyCommand {
@@ -39,24 +39,24 @@ pub fn run(cmd: PolicyCommand) -> anyhow::Result<()> {
             println!("{}: ok", path.display());
         }
         PolicyCommand::Reload { conn } => {
-            let reply = conn.request(Request::PolicyReload)?;
-            conn.print(&reply, |r| {
+            let reloaded: PolicyReloaded = conn.request(Request::PolicyReload)?;
+            conn.print(&reloaded, |r| {
                 println!(
                     "policy reloaded: generation {} -> {}",
-                    r["previous_generation"], r["generation"]
+                    r.previous_generation, r.generation
                 );
-                println!("{}", text(&r["diff"]));
+                println!("{}", r.diff);
             });
         }
         PolicyCommand::Show { conn } => {
-            let reply = conn.request(Request::PolicyShow)?;
-            conn.print(&reply, |r| {
+            let shown: PolicyShown = conn.request(Request::PolicyShow)?;
+            conn.print(&shown, |r| {
                 println!(
                     "generation {} from {}",
-                    r["generation"],
-                    text(&r["policy_path"])
+                    r.generation,
+                    r.policy_path.display()
                 );
-                print!("{}", text(&r["summary"]));
+                print!("{}", r.summary);
             });
         }
     }

@@ -1,13 +1,14 @@
 //! `idgate revoke ID` and `idgate unrevoke ID`.
 
-use idgate::admin::Request;
+use idgate::admin::{Request, Revocation};
+use idgate::identity::SpiffeId;
 
-use super::{Connection, text};
+use super::Connection;
 
 #[derive(clap::Args)]
 pub struct RevokeArgs {
     /// The SPIFFE ID.
-    identity: String,
+    identity: SpiffeId,
     #[command(flatten)]
     conn: Connection,
 }
@@ -22,19 +23,15 @@ pub fn run(args: RevokeArgs, revoke: bool) -> anyhow::Result<()> {
             identity: args.identity,
         }
     };
-    let reply = args.conn.request(request)?;
-    args.conn.print(&reply, |r| {
+    let revocation: Revocation = args.conn.request(request)?;
+    args.conn.print(&revocation, |r| {
         let what = if revoke {
             "revoked"
         } else {
             "no longer revoked"
         };
-        let note = if r["changed"] == serde_json::Value::Bool(true) {
-            ""
-        } else {
-            " (already so)"
-        };
-        println!("{} {what}{note}", text(&r["identity"]));
+        let note = if r.changed { "" } else { " (already so)" };
+        println!("{} {what}{note}", r.identity);
     });
     Ok(())
 }

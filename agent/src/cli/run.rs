@@ -12,17 +12,18 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use idgate::admin::Request;
+use idgate::admin::{Request, Started};
+use idgate::identity::SpiffeId;
 use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::{ForkResult, execvp, fork, pipe, read, write};
 
-use super::{Connection, text};
+use super::Connection;
 
 #[derive(clap::Args)]
 pub struct RunArgs {
     /// The SPIFFE ID the command runs as.
     #[arg(long)]
-    identity: String,
+    identity: SpiffeId,
     /// The binding expires after this long (e.g. `90s`, `30m`, `2h`); the
     /// command is denied every connect from then on.
     #[arg(long, value_parser = humantime::parse_duration)]
@@ -51,13 +52,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         ForkResult::Parent { child } => {
             drop(gate_read);
-            let started = args.conn.request(Request::Run {
+            let started = args.conn.request::<Started>(Request::Run {
                 identity: args.identity,
                 ttl_seconds: args.ttl.map(|t| t.as_secs().max(1)),
                 pid: child.as_raw() as u32,
             });
-            let reply = match started {
-                Ok(reply) => reply,
+            let started = match started {
+                Ok(started) => started,
                 Err(e) => {
                     // Closing the gate unsent makes the child exit.
                     drop(gate_write);
@@ -68,8 +69,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             if !args.conn.json {
                 eprintln!(
                     "idgate: running as {} in {}",
-                    text(&reply["identity"]),
-                    text(&reply["cgroup"])
+                    started.identity, started.cgroup
                 );
             }
             write(gate_write.as_fd(), b"go").context("starting the command")?;

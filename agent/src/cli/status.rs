@@ -1,8 +1,10 @@
 //! `idgate status`.
 
-use idgate::admin::Request;
+use std::fmt::Display;
 
-use super::{Connection, text};
+use idgate::admin::{Request, Status};
+
+use super::Connection;
 
 #[derive(clap::Args)]
 pub struct StatusArgs {
@@ -11,48 +13,50 @@ pub struct StatusArgs {
 }
 
 pub fn run(args: StatusArgs) -> anyhow::Result<()> {
-    let reply = args.conn.request(Request::Status)?;
-    args.conn.print(&reply, |r| {
-        for key in [
-            "version",
-            "uptime_seconds",
-            "scope",
-            "pin_dir",
-            "mode",
-            "generation",
-            "identities",
-            "rules",
-            "workloads",
-            "reloads",
-            "reload_errors",
-            "pins_restored",
-            "bind_failures",
-            "max_workloads",
-        ] {
-            println!("{key:<15} {}", text(&r[key]));
-        }
-        let programs = &r["programs"];
-        for key in ["attached", "adopted", "replaced", "detached"] {
-            println!("{:<15} {}", format!("programs.{key}"), programs[key]);
-        }
-        println!("{:<15} {}", "revoked", r["revoked"]);
-        let k8s = &r["kubernetes"];
-        if k8s.is_object() {
-            for key in [
-                "kubelet",
-                "state",
-                "pods",
-                "last_success",
-                "last_error",
-                "last_error_at",
-                "fetches",
-                "failures",
-            ] {
-                println!("{:<15} {}", format!("k8s.{key}"), text(&k8s[key]));
-            }
-        } else {
-            println!("{:<15} off", "kubernetes");
-        }
-    });
+    let status: Status = args.conn.request(Request::Status)?;
+    args.conn.print(&status, human);
     Ok(())
+}
+
+fn human(s: &Status) {
+    let line = |key: &str, value: &dyn Display| println!("{key:<15} {value}");
+    let list = |items: &[String]| format!("[{}]", items.join(", "));
+    line("version", &s.version);
+    line("uptime_seconds", &s.uptime_seconds);
+    line("scope", &s.scope.display());
+    line("pin_dir", &s.pin_dir.display());
+    line("mode", &s.mode);
+    line("generation", &s.generation);
+    line("reloading", &s.reloading);
+    line("identities", &s.identities);
+    line("rules", &s.rules);
+    line("workloads", &s.workloads);
+    line("reloads", &s.reloads);
+    line("reload_errors", &s.reload_errors);
+    line("pins_restored", &s.pins_restored);
+    line("bind_failures", &s.bind_failures);
+    line("max_workloads", &s.max_workloads);
+    let p = &s.programs;
+    line("programs.attached", &list(&p.attached));
+    line("programs.adopted", &list(&p.adopted));
+    line("programs.replaced", &list(&p.replaced));
+    line("programs.detached", &list(&p.detached));
+    for (program, why) in &p.unavailable {
+        line("programs.unavailable", &format!("{program}: {why}"));
+    }
+    let revoked: Vec<String> = s.revoked.iter().map(ToString::to_string).collect();
+    line("revoked", &list(&revoked));
+    let Some(k) = &s.kubernetes else {
+        line("kubernetes", &"off");
+        return;
+    };
+    let or_none = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    line("k8s.kubelet", &k.kubelet);
+    line("k8s.state", &k.state);
+    line("k8s.pods", &k.pods);
+    line("k8s.last_success", &or_none(&k.last_success));
+    line("k8s.last_error", &or_none(&k.last_error));
+    line("k8s.last_error_at", &or_none(&k.last_error_at));
+    line("k8s.fetches", &k.fetches);
+    line("k8s.failures", &k.failures);
 }

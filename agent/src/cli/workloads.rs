@@ -1,8 +1,10 @@
 //! `idgate workloads`.
 
-use idgate::admin::Request;
+use std::time::UNIX_EPOCH;
 
-use super::{Connection, text};
+use idgate::admin::{Binding, Request, WorkloadsList};
+
+use super::Connection;
 
 #[derive(clap::Args)]
 pub struct WorkloadsArgs {
@@ -11,37 +13,30 @@ pub struct WorkloadsArgs {
 }
 
 pub fn run(args: WorkloadsArgs) -> anyhow::Result<()> {
-    let reply = args.conn.request(Request::Workloads)?;
-    args.conn.print(&reply, |r| {
-        let empty = Vec::new();
-        let list = r["workloads"].as_array().unwrap_or(&empty);
-        println!("{} cgroups under {}", list.len(), text(&r["scope"]));
-        for w in list {
-            let identity = match w["state"].as_str() {
-                Some("attested" | "operator") => text(&w["id"]),
-                Some("expired") => format!("expired ({})", text(&w["id"])),
-                Some("conflict") => format!("conflict {}", w["candidates"]),
-                Some("unreadable") => format!("unreadable: {}", text(&w["error"])),
-                other => other.unwrap_or("?").to_owned(),
+    let list: WorkloadsList = args.conn.request(Request::Workloads)?;
+    args.conn.print(&list, |r| {
+        println!("{} cgroups under {}", r.workloads.len(), r.scope.display());
+        for w in &r.workloads {
+            let identity = match &w.binding {
+                Binding::Attested { id, .. } | Binding::Operator { id, .. } => id.to_string(),
+                Binding::Expired { id } => format!("expired ({id})"),
+                Binding::Conflict { candidates } => format!("conflict {candidates:?}"),
+                Binding::Unreadable { error } => format!("unreadable: {error}"),
+                Binding::Unknown => "unknown".into(),
             };
-            println!("{}", text(&w["path"]));
+            println!("{}", w.path);
             println!("  identity   {identity}");
-            if let Some(sel) = w["selectors"].as_array() {
-                let sel: Vec<String> = sel.iter().map(text).collect();
-                println!("  selectors  {}", sel.join(" "));
+            if let Binding::Attested { selectors, .. } = &w.binding {
+                println!("  selectors  {}", selectors.join(" "));
             }
-            println!("  pids       {}", w["pids"]);
-            println!("  since      {}", since(&w["since"]));
+            println!("  pids       {:?}", w.pids);
+            let since = w.since.duration_since(UNIX_EPOCH).unwrap_or_default();
+            println!("  since      {} (unix seconds)", since.as_secs());
+            if !w.enforced {
+                println!("  enforced   no: the kernel map is full, the cgroup is denied");
+            }
         }
-        println!("{}", text(&r["kubernetes"]));
+        println!("{}", r.kubernetes);
     });
     Ok(())
-}
-
-/// A serialised `SystemTime` as seconds since the epoch.
-fn since(v: &serde_json::Value) -> String {
-    match v["secs_since_epoch"].as_u64() {
-        Some(s) => format!("{s} (unix seconds)"),
-        None => text(v),
-    }
 }

@@ -11,11 +11,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use serde_json::{Value, json};
 use tokio::sync::Notify;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::time::Instant;
 
+use crate::admin::{KubeletHealth, KubeletStatus};
 use crate::identity::k8s::{Kubelet, KubeletError, Pods, parse_cgroup_path};
 
 use crate::workloads::Workloads;
@@ -140,22 +140,22 @@ impl KubeletState {
     }
 
     /// `idgate status`'s `kubernetes` object.
-    pub fn status(&self, pods: &Pods) -> Value {
+    pub fn status(&self, pods: &Pods) -> KubeletStatus {
         let time = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
-        json!({
-            "kubelet": self.url,
-            "state": match (self.failing, self.last_success) {
-                (true, _) => "error",
-                (false, Some(_)) => "ok",
-                (false, None) => "pending",
+        KubeletStatus {
+            kubelet: self.url.clone(),
+            state: match (self.failing, self.last_success) {
+                (true, _) => KubeletHealth::Error,
+                (false, Some(_)) => KubeletHealth::Ok,
+                (false, None) => KubeletHealth::Pending,
             },
-            "pods": pods.len(),
-            "last_success": self.last_success.map(time),
-            "last_error": self.last_error.as_ref().map(|(_, e)| e),
-            "last_error_at": self.last_error.as_ref().map(|(t, _)| time(*t)),
-            "fetches": self.fetches,
-            "failures": self.failures,
-        })
+            pods: pods.len(),
+            last_success: self.last_success.map(time),
+            last_error: self.last_error.as_ref().map(|(_, e)| e.clone()),
+            last_error_at: self.last_error.as_ref().map(|(t, _)| time(*t)),
+            fetches: self.fetches,
+            failures: self.failures,
+        }
     }
 
     /// One line for `idgate workloads`.

@@ -23,7 +23,7 @@ use super::kubelet::Outcome;
 use super::snapshot::Snapshot;
 use super::state::{GenerationDone, Reloaded, Run, State, load_entries};
 use super::{DaemonError, Observers};
-use crate::admin::Reply;
+use crate::admin::WorkloadsList;
 use crate::config::Config;
 use crate::identity::{EntriesError, EntrySet, SpiffeId};
 use crate::policy::{self, PolicyDiff, PolicyError, PolicySet};
@@ -46,7 +46,7 @@ pub enum Command {
         reply: oneshot::Sender<Result<RunStarted, DaemonError>>,
     },
     /// Every cgroup under the scope and how it stands.
-    Workloads(oneshot::Sender<Reply>),
+    Workloads(oneshot::Sender<WorkloadsList>),
 }
 
 /// A reload's outcome, shared by every caller it answers (reloads asked

@@ -7,9 +7,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use serde_json::Value;
-
 use super::state::State;
+use crate::admin::KubeletStatus;
 use crate::bpf::Attachment;
 use crate::identity::SpiffeId;
 use crate::policy::PolicySet;
@@ -38,7 +37,7 @@ pub struct Snapshot {
     pub bind_failures: usize,
     pub max_workloads: u32,
     /// The kubelet's list as last fetched, with `[kubernetes]`.
-    pub kubernetes: Option<Value>,
+    pub kubernetes: Option<KubeletStatus>,
     /// Whether a new generation is being compiled and written.
     pub writing_generation: bool,
 }

@@ -1,5 +1,7 @@
 //! Metrics of the decision events.
 
+use std::borrow::Cow;
+
 use idgate_common::UNKNOWN_SLOT;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -14,7 +16,7 @@ struct DecisionLabels {
     /// a slot the agent could not name.
     identity: String,
     verdict: &'static str,
-    reason: &'static str,
+    reason: Cow<'static, str>,
 }
 
 /// Counters the events reader keeps. Clones share the counters.
@@ -61,8 +63,8 @@ impl EventMetrics {
         self.decisions
             .get_or_create(&DecisionLabels {
                 identity,
-                verdict: event.verdict,
-                reason: event.reason,
+                verdict: event.verdict.as_str(),
+                reason: event.reason.clone(),
             })
             .inc();
     }

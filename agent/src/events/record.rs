@@ -1,14 +1,16 @@
 //! Decoding a kernel decision record and naming what it refers to: the
 //! identity of its slot, its rule, the wall-clock time and the executable.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, UNIX_EPOCH};
 
 use idgate_common::{DecisionRecord, RECORD_LAYOUT, hook, reason, record_flags, verdict};
 use nix::time::{ClockId, clock_gettime};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
+use super::Verdict;
 use super::names::{SlotName, Snapshot};
 
 /// `version` of the JSON events this agent writes (`docs/events.md`).
@@ -46,16 +48,16 @@ pub fn decode(bytes: &[u8]) -> Result<DecisionRecord, DecodeError> {
 }
 
 /// One decision with names: a line of the audit log. Field by field in
-/// `docs/events.md`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// `docs/events.md`. `idgate events` reads it back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     pub version: u32,
     /// RFC 3339, UTC, nanoseconds.
     pub time: String,
     /// The kernel's `CLOCK_MONOTONIC` at the decision.
     pub ktime_ns: u64,
-    pub verdict: &'static str,
-    pub reason: &'static str,
+    pub verdict: Verdict,
+    pub reason: Cow<'static, str>,
     /// The SPIFFE ID, or `None` for the unknown workload and for a slot
     /// this agent cannot name.
     pub identity: Option<String>,
@@ -65,7 +67,7 @@ pub struct Event {
     /// The rule's name (`default` for a default decision), when known;
     /// `None` for a revoked or policy-less slot.
     pub rule: Option<String>,
-    pub hook: &'static str,
+    pub hook: Cow<'static, str>,
     /// `tcp`, `udp`, `mptcp`, or the IP protocol number.
     pub protocol: String,
     pub dst_addr: IpAddr,
@@ -141,17 +143,17 @@ impl Enricher {
             time: humantime::format_rfc3339_nanos(time).to_string(),
             ktime_ns: r.ktime_ns,
             verdict: if r.verdict == verdict::ALLOW {
-                "allow"
+                Verdict::Allow
             } else {
-                "deny"
+                Verdict::Deny
             },
-            reason: reason::name(r.reason).expect("checked by decode"),
+            reason: reason::name(r.reason).expect("checked by decode").into(),
             identity,
             slot: r.slot,
             generation: r.generation,
             rule_id: r.rule_id,
             rule,
-            hook: hook::name(r.hook).expect("checked by decode"),
+            hook: hook::name(r.hook).expect("checked by decode").into(),
             protocol: protocol(r.protocol),
             dst_addr: address(r),
             dst_port: r.port as u16,
@@ -277,7 +279,10 @@ mod tests {
         assert_eq!(e.version, SCHEMA_VERSION);
         assert_eq!(e.identity.as_deref(), Some("spiffe://example.org/web"));
         assert_eq!(e.rule.as_deref(), Some("no-metadata"));
-        assert_eq!((e.verdict, e.reason, e.hook), ("deny", "rule", "connect6"));
+        assert_eq!(
+            (e.verdict, &*e.reason, &*e.hook),
+            (Verdict::Deny, "rule", "connect6")
+        );
         assert_eq!(e.protocol, "tcp");
         assert_eq!(e.dst_addr.to_string(), "::ffff:10.1.2.3");
         assert!(e.v4_mapped);
@@ -320,7 +325,7 @@ mod tests {
         r.reason = reason::REVOKED;
         r.rule_id = 0;
         let e = Enricher::new().event(&r, &names().snapshot());
-        assert_eq!((e.reason, e.rule), ("revoked", None));
+        assert_eq!((&*e.reason, e.rule), ("revoked", None));
         assert_eq!(e.identity.as_deref(), Some("spiffe://example.org/web"));
     }
 

@@ -3,13 +3,13 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::model::{IdentityPolicy, PolicySet};
 use super::summary::describe_rule;
 
 /// The difference between two policies. Rules are named `OWNER: NAME`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyDiff {
     pub mode_changed: bool,
     pub identities_added: Vec<String>,

@@ -100,7 +100,8 @@ pub trait Keyword: Copy + PartialEq + 'static {
 }
 
 /// `enforce` denies what policy does not allow; `audit` lets it through.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Mode {
     #[default]
     Enforce,
@@ -110,6 +111,12 @@ pub enum Mode {
 impl Keyword for Mode {
     const WORDS: &'static [(&'static str, Self)] =
         &[("enforce", Self::Enforce), ("audit", Self::Audit)];
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.word())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

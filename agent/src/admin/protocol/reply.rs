@@ -1,0 +1,466 @@
+//! The result of each command's reply. The agent builds them; the CLI reads
+//! the result of the command it sent as its type here, so a missing or
+//! renamed field is an error that names it.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Identity, Protocol};
+use crate::bpf::Attachment;
+use crate::events::{Event, Verdict};
+use crate::identity::SpiffeId;
+use crate::policy::{Mode, PolicyDiff};
+use crate::workloads::Binding;
+
+/// `status`: what the agent enforces now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// The agent's release.
+    pub version: String,
+    pub uptime_seconds: u64,
+    pub scope: PathBuf,
+    pub pin_dir: PathBuf,
+    pub programs: Programs,
+    /// The active policy generation: grows with every switch, across
+    /// restarts; stays the same when nothing was switched.
+    pub generation: u64,
+    /// Whether a new generation is being compiled and written.
+    pub reloading: bool,
+    pub mode: Mode,
+    /// Identities that hold a slot.
+    pub identities: usize,
+    /// Rules of the running policy (the default is not counted).
+    pub rules: usize,
+    /// Cgroups bound in the kernel.
+    pub workloads: usize,
+    pub revoked: Vec<SpiffeId>,
+    pub reloads: u64,
+    pub reload_errors: u64,
+    /// Pins found removed by hand, and put back.
+    pub pins_restored: u64,
+    /// Cgroups attested to an identity that the kernel map could not take.
+    pub bind_failures: usize,
+    pub max_workloads: u32,
+    /// The kubelet's pod list, when `[kubernetes]` is configured.
+    pub kubernetes: Option<KubeletStatus>,
+}
+
+/// The programs and what the agent did with each at start.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Programs {
+    /// Already attached and pinned, and kept.
+    pub adopted: Vec<String>,
+    /// Pinned links that held another agent's program, now this agent's.
+    pub replaced: Vec<String>,
+    /// Attached by this agent.
+    pub attached: Vec<String>,
+    /// Stale links (for another scope) detached.
+    pub detached: Vec<String>,
+    /// Programs this kernel would not take, and why.
+    pub unavailable: Vec<(String, String)>,
+}
+
+impl From<&Attachment> for Programs {
+    fn from(a: &Attachment) -> Self {
+        let names = |list: &[&str]| list.iter().map(|n| (*n).to_owned()).collect();
+        Self {
+            adopted: names(&a.adopted),
+            replaced: names(&a.replaced),
+            attached: names(&a.attached),
+            detached: a.detached.clone(),
+            unavailable: a
+                .unavailable
+                .iter()
+                .map(|(n, why)| ((*n).to_owned(), why.clone()))
+                .collect(),
+        }
+    }
+}
+
+/// The kubelet's pod list, as last fetched.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KubeletStatus {
+    /// The kubelet's URL.
+    pub kubelet: String,
+    pub state: KubeletHealth,
+    /// Pods in the list now (none while it cannot be fetched).
+    pub pods: usize,
+    /// RFC 3339.
+    pub last_success: Option<String>,
+    pub last_error: Option<String>,
+    /// RFC 3339.
+    pub last_error_at: Option<String>,
+    pub fetches: u64,
+    pub failures: u64,
+}
+
+/// Whether the kubelet's pod list is fresh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KubeletHealth {
+    /// The last fetch succeeded.
+    Ok,
+    /// The last fetch failed: `k8s:` selectors match nothing.
+    Error,
+    /// No fetch has finished yet.
+    Pending,
+}
+
+impl fmt::Display for KubeletHealth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Ok => "ok",
+            Self::Error => "error",
+            Self::Pending => "pending",
+        })
+    }
+}
+
+/// `policy_reload`: the policy switched to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyReloaded {
+    pub previous_generation: u64,
+    pub generation: u64,
+    pub diff: PolicyDiff,
+}
+
+/// `policy_show`: the running policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyShown {
+    pub generation: u64,
+    pub policy_path: PathBuf,
+    /// What it allows, as `idgate policy check` prints it.
+    pub summary: String,
+}
+
+/// `explain`: which rule decides a connect, as the kernel would.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Explained {
+    pub identity: Identity,
+    pub to: SocketAddr,
+    pub protocol: Protocol,
+    /// What the kernel does with the connect.
+    pub verdict: Verdict,
+    /// Denied because the identity is revoked, whatever the rule says.
+    pub revoked: bool,
+    /// The policy denies, but the identity is in audit mode: let through
+    /// and reported.
+    pub audit_allowed: bool,
+    /// The deciding rule (`default` when none matched).
+    pub rule: String,
+    /// The SPIFFE ID or pattern whose block holds the rule (empty for the
+    /// default of the unknown workload).
+    pub rule_owner: String,
+    /// Whether a cgroup is bound to the identity now.
+    pub bound: bool,
+    pub generation: u64,
+}
+
+/// `revoke` and `unrevoke`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    pub identity: SpiffeId,
+    pub revoked: bool,
+    /// False when the identity already stood so.
+    pub changed: bool,
+    /// The identity's slot, when it holds one.
+    pub slot: Option<u32>,
+}
+
+/// `workloads`: every cgroup under the scope.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkloadsList {
+    pub scope: PathBuf,
+    pub workloads: Vec<WorkloadRow>,
+    /// One line on the kubelet's pod list.
+    pub kubernetes: String,
+}
+
+/// One cgroup under the scope.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkloadRow {
+    /// Path relative to the cgroup v2 root, starting with `/`.
+    pub path: String,
+    pub cgroup_id: u64,
+    #[serde(flatten)]
+    pub binding: Binding,
+    pub pids: Vec<u32>,
+    /// When the binding last changed.
+    pub since: SystemTime,
+    /// False for a cgroup attested to an identity that the kernel map
+    /// could not take (full): it is denied.
+    pub enforced: bool,
+}
+
+/// `run`: the command's cgroup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Started {
+    pub identity: SpiffeId,
+    /// Path relative to the cgroup v2 root.
+    pub cgroup: String,
+    pub slot: Option<u32>,
+}
+
+/// `events`: the reply before the event lines.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventsOpened {
+    pub follow: bool,
+}
+
+/// A line after the `events` reply: a decision event (as in the audit
+/// log), or how many events this reader fell behind by and missed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum EventLine {
+    Missed { missed: u64 },
+    Event(Box<Event>),
+}
+
+impl FromStr for EventLine {
+    type Err = serde_json::Error;
+
+    /// An event line; the error is the event's, which names the field
+    /// that is missing or wrong.
+    fn from_str(line: &str) -> Result<Self, Self::Err> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Missed {
+            missed: u64,
+        }
+        match serde_json::from_str::<Missed>(line) {
+            Ok(Missed { missed }) => Ok(Self::Missed { missed }),
+            Err(_) => serde_json::from_str(line).map(Self::Event),
+        }
+    }
+}
+
+/// Any command's result, as the agent sends it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Answer {
+    Status(Box<Status>),
+    PolicyReloaded(PolicyReloaded),
+    PolicyShown(PolicyShown),
+    Explained(Explained),
+    Revocation(Revocation),
+    Workloads(WorkloadsList),
+    Started(Started),
+    EventsOpened(EventsOpened),
+}
+
+macro_rules! answers {
+    ($($variant:ident($ty:ty) $(=> $wrap:path)?),* $(,)?) => {$(
+        impl From<$ty> for Answer {
+            fn from(result: $ty) -> Self {
+                Answer::$variant($($wrap)?(result))
+            }
+        }
+    )*};
+}
+
+answers!(
+    Status(Status) => Box::new,
+    PolicyReloaded(PolicyReloaded),
+    PolicyShown(PolicyShown),
+    Explained(Explained),
+    Revocation(Revocation),
+    Workloads(WorkloadsList),
+    Started(Started),
+    EventsOpened(EventsOpened),
+);
+
+#[cfg(test)]
+mod tests {
+    use std::fmt::Debug;
+    use std::time::Duration;
+
+    use serde::de::DeserializeOwned;
+
+    use super::*;
+
+    /// Serialises `value` as the agent does and reads it back as the CLI
+    /// does.
+    fn round_trip<T: Serialize + DeserializeOwned + PartialEq + Debug>(value: T)
+    where
+        Answer: From<T>,
+        T: Clone,
+    {
+        let line = serde_json::to_string(&Answer::from(value.clone())).unwrap();
+        assert_eq!(serde_json::from_str::<T>(&line).unwrap(), value, "{line}");
+    }
+
+    fn id(s: &str) -> SpiffeId {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn every_reply_round_trips() {
+        let time = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        round_trip(Status {
+            version: "0.1.0".into(),
+            uptime_seconds: 5,
+            scope: "/sys/fs/cgroup/idgate".into(),
+            pin_dir: "/sys/fs/bpf/idgate".into(),
+            programs: Programs {
+                adopted: vec!["idgate_connect4".into()],
+                unavailable: vec![("idgate_exec".into(), "EPERM".into())],
+                ..Programs::default()
+            },
+            generation: 7,
+            reloading: false,
+            mode: Mode::Audit,
+            identities: 2,
+            rules: 3,
+            workloads: 4,
+            revoked: vec![id("spiffe://example.org/web")],
+            reloads: 1,
+            reload_errors: 0,
+            pins_restored: 0,
+            bind_failures: 0,
+            max_workloads: 65536,
+            kubernetes: Some(KubeletStatus {
+                kubelet: "https://127.0.0.1:10250".into(),
+                state: KubeletHealth::Error,
+                pods: 0,
+                last_success: None,
+                last_error: Some("connect: refused".into()),
+                last_error_at: Some("2026-12-06T20:00:00Z".into()),
+                fetches: 3,
+                failures: 1,
+            }),
+        });
+        round_trip(PolicyReloaded {
+            previous_generation: 1,
+            generation: 2,
+            diff: PolicyDiff {
+                rules_added: vec!["spiffe://example.org/web: db".into()],
+                ..PolicyDiff::default()
+            },
+        });
+        round_trip(PolicyShown {
+            generation: 2,
+            policy_path: "/etc/idgate/policy".into(),
+            summary: "mode enforce\n".into(),
+        });
+        round_trip(Explained {
+            identity: Identity::Unknown,
+            to: "[::1]:53".parse().unwrap(),
+            protocol: Protocol::Udp,
+            verdict: Verdict::Deny,
+            revoked: false,
+            audit_allowed: false,
+            rule: "default".into(),
+            rule_owner: String::new(),
+            bound: false,
+            generation: 2,
+        });
+        round_trip(Revocation {
+            identity: id("spiffe://example.org/web"),
+            revoked: true,
+            changed: true,
+            slot: Some(2),
+        });
+        let row = |binding| WorkloadRow {
+            path: "/idgate/web".into(),
+            cgroup_id: 42,
+            binding,
+            pids: vec![1, 2],
+            since: time,
+            enforced: true,
+        };
+        round_trip(WorkloadsList {
+            scope: "/sys/fs/cgroup/idgate".into(),
+            workloads: vec![
+                row(Binding::Attested {
+                    id: id("spiffe://example.org/web"),
+                    selectors: vec!["unix:uid:0".into()],
+                    expires: Some(time),
+                }),
+                row(Binding::Operator {
+                    id: id("spiffe://example.org/op"),
+                    expires: None,
+                }),
+                row(Binding::Unknown),
+                row(Binding::Conflict {
+                    candidates: vec!["spiffe://example.org/a".into()],
+                }),
+                row(Binding::Expired {
+                    id: id("spiffe://example.org/web"),
+                }),
+                row(Binding::Unreadable {
+                    error: "gone".into(),
+                }),
+            ],
+            kubernetes: "no kubelet configured".into(),
+        });
+        round_trip(Started {
+            identity: id("spiffe://example.org/op"),
+            cgroup: "/idgate/run-1-1".into(),
+            slot: None,
+        });
+        round_trip(EventsOpened { follow: true });
+    }
+
+    #[test]
+    fn a_renamed_or_missing_field_is_an_error_that_names_it() {
+        let e = serde_json::from_str::<Revocation>(
+            r#"{"id":"spiffe://example.org/web","revoked":true,"changed":true,"slot":null}"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("missing field `identity`"), "{e}");
+        let e = serde_json::from_str::<Explained>(
+            r#"{"identity":"unknown","to":"10.0.0.1:1","protocol":"tcp","verdict":"maybe"}"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("unknown variant `maybe`"), "{e}");
+    }
+
+    #[test]
+    fn event_lines_are_events_or_missed_counts() {
+        let missed = serde_json::to_string(&EventLine::Missed { missed: 3 }).unwrap();
+        assert_eq!(missed, r#"{"missed":3}"#);
+        assert_eq!(
+            missed.parse::<EventLine>().unwrap(),
+            EventLine::Missed { missed: 3 }
+        );
+        let event = Event {
+            version: crate::events::SCHEMA_VERSION,
+            time: "2026-12-06T20:00:00.000000001Z".into(),
+            ktime_ns: 1,
+            verdict: Verdict::Deny,
+            reason: "rule".into(),
+            identity: Some("spiffe://example.org/web".into()),
+            slot: 2,
+            generation: 1,
+            rule_id: 3,
+            rule: Some("no-db".into()),
+            hook: "connect4".into(),
+            protocol: "tcp".into(),
+            dst_addr: "127.0.0.1".parse().unwrap(),
+            dst_port: 5432,
+            v4_mapped: false,
+            pid: 10,
+            tid: 10,
+            uid: 0,
+            gid: 0,
+            comm: "psql".into(),
+            exe: None,
+            cgroup_id: 42,
+        };
+        let line = serde_json::to_string(&event).unwrap();
+        assert_eq!(
+            line.parse::<EventLine>().unwrap(),
+            EventLine::Event(Box::new(event))
+        );
+        let e = line
+            .replace("\"dst_port\"", "\"port\"")
+            .parse::<EventLine>()
+            .unwrap_err();
+        assert!(e.to_string().contains("missing field `dst_port`"), "{e}");
+    }
+}
