@@ -285,10 +285,10 @@ mod tests {
 
     /// Serialises `value` as the agent does and reads it back as the CLI
     /// does.
-    fn round_trip<T: Serialize + DeserializeOwned + PartialEq + Debug>(value: T)
+    fn round_trip<T>(value: T)
     where
+        T: Serialize + DeserializeOwned + PartialEq + Debug + Clone,
         Answer: From<T>,
-        T: Clone,
     {
         let line = serde_json::to_string(&Answer::from(value.clone())).unwrap();
         assert_eq!(serde_json::from_str::<T>(&line).unwrap(), value, "{line}");
