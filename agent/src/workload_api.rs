@@ -4,6 +4,7 @@
 //! enforces), so a workload is issued credentials for exactly the
 //! identity its connects are judged by.
 
+mod authority;
 mod caller;
 pub mod proto;
 mod service;

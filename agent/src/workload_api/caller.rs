@@ -13,6 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixStream;
 use tonic::transport::server::Connected;
 
+use super::authority::Rewriting;
 use crate::identity::SpiffeId;
 use crate::identity_view::IdentityView;
 
@@ -126,10 +127,11 @@ fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// An accepted connection and its caller (none when the caller could not
-/// be told: every call on it is refused).
+/// An accepted connection, its `:authority` made acceptable, and its
+/// caller (none when the caller could not be told: every call on it is
+/// refused).
 pub struct Connection {
-    stream: UnixStream,
+    stream: Rewriting<UnixStream>,
     caller: Option<Arc<Caller>>,
 }
 
@@ -142,7 +144,10 @@ impl Connection {
                 None
             }
         };
-        Self { stream, caller }
+        Self {
+            stream: Rewriting::new(stream),
+            caller,
+        }
     }
 }
 
