@@ -6,6 +6,8 @@
 //! deleted), so a failing test cleans up too. Each test uses its own scope,
 //! pin directory and socket, so tests run in parallel.
 
+pub mod raw_h2;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

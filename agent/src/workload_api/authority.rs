@@ -477,6 +477,11 @@ mod tests {
         out
     }
 
+    type Fields = Vec<(Vec<u8>, Vec<u8>)>;
+    /// A header block as h2 sees it: stream, END_STREAM, priority, and
+    /// its fragments or fields.
+    type Seen<T> = (u32, bool, Option<Vec<u8>>, T);
+
     /// The frames in `bytes` (after the preface): header, payload.
     fn frames(mut bytes: &[u8]) -> Vec<(Head, Vec<u8>)> {
         let mut all = Vec::new();
@@ -491,10 +496,10 @@ mod tests {
     /// h2's side: decodes the header blocks of `bytes` (after the
     /// preface), checking the framing: per block, its stream, END_STREAM,
     /// priority and fields.
-    fn blocks(bytes: &[u8]) -> Vec<(u32, bool, Option<Vec<u8>>, Vec<(Vec<u8>, Vec<u8>)>)> {
+    fn blocks(bytes: &[u8]) -> Vec<Seen<Fields>> {
         let mut decoder = loona_hpack::Decoder::new();
         let mut out = Vec::new();
-        let mut current: Option<(u32, bool, Option<Vec<u8>>, Vec<u8>)> = None;
+        let mut current: Option<Seen<Vec<u8>>> = None;
         for (head, payload) in frames(bytes) {
             assert!(head.len <= MAX_FRAME);
             match head.kind {
@@ -815,10 +820,11 @@ mod tests {
                         if j == 0 && end { flags |= END_STREAM; }
                         input.extend(frame(if j == 0 { HEADERS } else { CONTINUATION }, flags, stream, chunk));
                     }
-                    if let Some(a) = &authority {
-                        if http::uri::Authority::try_from(a.as_str()).is_err() {
-                            fields[3].1 = b"localhost".to_vec();
-                        }
+                    if authority
+                        .as_ref()
+                        .is_some_and(|a| http::uri::Authority::try_from(a.as_str()).is_err())
+                    {
+                        fields[3].1 = b"localhost".to_vec();
                     }
                     want.push((stream, end, None, fields));
                 }

@@ -107,10 +107,11 @@ fn own_svid(ctx: &X509Context) -> (Vec<Vec<u8>>, Vec<u8>) {
 
 async fn interop(socket: &std::path::Path, audience: &str) {
     let client = client(socket).await;
+    // Debug: the gRPC status code too.
     let ctx = client
         .fetch_x509_context()
         .await
-        .unwrap_or_else(|e| fail(&format!("X.509 context: {e}")));
+        .unwrap_or_else(|e| fail(&format!("X.509 context: {e:?}")));
     let svid = ctx.default_svid().unwrap_or_else(|| fail("no SVID"));
     let id = svid.spiffe_id().clone();
     let bundle = ctx
