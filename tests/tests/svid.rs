@@ -519,6 +519,57 @@ fn any_authority_on_the_socket_is_answered_and_broken_http2_ends_only_its_connec
         }
     }
 
+    // Unexpected requests on the same connection get a gRPC status each,
+    // and the connection goes on: a method that does not exist, a
+    // message cut short, bytes that are no protobuf message, a compressed
+    // message with no encoding named, a length over the limit.
+    let unexpected: [(&str, &str, Vec<u8>, &str); 5] = [
+        (
+            "a method that does not exist",
+            "FetchNothing",
+            vec![0, 0, 0, 0, 0],
+            "12",
+        ),
+        (
+            "a message cut short",
+            "FetchJWTSVID",
+            vec![0, 0, 0, 0, 100, 1, 2],
+            "13",
+        ),
+        (
+            "not protobuf",
+            "FetchJWTSVID",
+            vec![0, 0, 0, 0, 2, 0xff, 0xff],
+            "13",
+        ),
+        (
+            "compressed, no encoding",
+            "FetchJWTSVID",
+            vec![1, 0, 0, 0, 0],
+            "13",
+        ),
+        (
+            "over the size limit",
+            "FetchJWTSVID",
+            vec![0, 0xff, 0xff, 0xff, 0xff],
+            "11",
+        ),
+    ];
+    for (what, method, body, code) in unexpected {
+        let block = kept.request_block(method, Some(path.as_bytes()));
+        kept.send(
+            &[
+                raw_h2::frame(raw_h2::HEADERS, raw_h2::END_HEADERS, stream, &block),
+                raw_h2::frame(raw_h2::DATA, raw_h2::END_STREAM, stream, &body),
+            ]
+            .concat(),
+        );
+        let answer = kept.answer(stream);
+        eprintln!("{what}: {answer:?}");
+        assert_eq!(answer.grpc_status(), Some(code), "{what}: {answer:?}");
+        stream += 2;
+    }
+
     // What the layer cannot rewrite ends that connection with GOAWAY; the
     // server goes on serving the others.
     let h = |flags, payload: &[u8]| raw_h2::frame(raw_h2::HEADERS, flags, 1, payload);
