@@ -619,6 +619,14 @@ fn any_authority_on_the_socket_is_answered_and_broken_http2_ends_only_its_connec
             [h(0, &[0x82]), raw_h2::frame(raw_h2::DATA, 0, 1, &[])].concat(),
         ),
         (
+            "a flood of empty CONTINUATION frames",
+            [h(0, &[0x82])]
+                .into_iter()
+                .chain((0..100).map(|_| raw_h2::frame(raw_h2::CONTINUATION, 0, 1, &[])))
+                .collect::<Vec<_>>()
+                .concat(),
+        ),
+        (
             "CONTINUATION alone",
             raw_h2::frame(raw_h2::CONTINUATION, raw_h2::END_HEADERS, 1, &[0x82]),
         ),
@@ -646,7 +654,7 @@ fn any_authority_on_the_socket_is_answered_and_broken_http2_ends_only_its_connec
     assert_eq!(fresh.answer(1).grpc_status(), Some("7"));
     assert_eq!(
         log_lines(&agent, &["closing a connection"]).len(),
-        7,
+        8,
         "{}",
         agent.log()
     );

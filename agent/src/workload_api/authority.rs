@@ -23,7 +23,8 @@
 //!
 //! What the layer cannot rewrite (an HPACK decoding error, a header block
 //! over [`MAX_HEADER_BLOCK`] bytes or decoding to over
-//! [`MAX_HEADER_LIST`], a HEADERS frame over the frame size, a block
+//! [`MAX_HEADER_LIST`] or sent in over [`MAX_CONTINUATIONS`] CONTINUATION
+//! frames, a HEADERS frame over the frame size, a block
 //! interrupted by another frame, malformed padding) ends the connection
 //! as HTTP/2 says for such connection errors: h2 is handed a header
 //! block it cannot decode, answers GOAWAY, and the client's further bytes
@@ -46,6 +47,10 @@ pub const MAX_HEADER_BLOCK: usize = 64 * 1024;
 /// bytes a field) the layer passes on; h2 refuses lists over its own,
 /// smaller, limit (16 KiB in hyper) itself.
 pub const MAX_HEADER_LIST: usize = 64 * 1024;
+/// The most CONTINUATION frames one block may take. h2 counts the frames
+/// it is sent, which the layer makes anew, so the layer bounds the
+/// client's (a flood of empty ones would otherwise never end a block).
+pub const MAX_CONTINUATIONS: usize = 16;
 /// SETTINGS_HEADER_TABLE_SIZE as the server announces it: the initial
 /// value, which tonic's h2 server never changes.
 const TABLE_SIZE: usize = 4096;
@@ -67,6 +72,8 @@ const LOCALHOST: &[u8] = b"localhost";
 pub enum Refused {
     #[error("a header frame of {0} bytes, over the {MAX_FRAME}-byte frame size")]
     FrameTooLarge(usize),
+    #[error("a header block in over {MAX_CONTINUATIONS} CONTINUATION frames")]
+    TooManyFrames,
     #[error("a header block over {MAX_HEADER_BLOCK} bytes")]
     BlockTooLarge,
     #[error("a header list decoding to over {MAX_HEADER_LIST} bytes")]
@@ -111,6 +118,7 @@ struct Block {
     end_stream: bool,
     priority: Option<[u8; PRIORITY_LEN]>,
     fragment: Vec<u8>,
+    continuations: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -286,6 +294,7 @@ impl Rewriter {
                 end_stream: head.flags & END_STREAM != 0,
                 priority,
                 fragment: fragment.to_vec(),
+                continuations: 0,
             });
         } else {
             let block = self
@@ -293,6 +302,10 @@ impl Rewriter {
                 .as_mut()
                 .ok_or(Refused::Malformed("CONTINUATION outside a header block"))?;
             block.fragment.extend_from_slice(payload);
+            block.continuations += 1;
+            if block.continuations > MAX_CONTINUATIONS {
+                return Err(Refused::TooManyFrames);
+            }
         }
         let block = self.block.as_ref().expect("a block is being read");
         if block.fragment.len() > MAX_HEADER_BLOCK {
@@ -732,6 +745,13 @@ mod tests {
             input.extend(frame(CONTINUATION, 0, 1, &[0; 16_000]));
         }
         assert_eq!(run(&input).1, Err(Refused::BlockTooLarge));
+        // A flood of empty CONTINUATION frames.
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(HEADERS, 0, 1, &[0x82]));
+        for _ in 0..=MAX_CONTINUATIONS {
+            input.extend(frame(CONTINUATION, 0, 1, &[]));
+        }
+        assert_eq!(run(&input).1, Err(Refused::TooManyFrames));
         // An HPACK bomb: one 4 KiB table entry indexed 5,000 times.
         let mut block = vec![0x40, 1, b'x', 0x7f, 0xa1, 0x1e];
         block.extend([b'y'; 4000]);
@@ -814,6 +834,8 @@ mod tests {
                     let mut fields = request(authority.as_deref());
                     fields.extend(extra);
                     let block = encode(&mut encoder, &fields);
+                    // Within the CONTINUATION frames a block may take.
+                    let size = size.max(block.len().div_ceil(MAX_CONTINUATIONS + 1));
                     let chunks: Vec<&[u8]> = if block.is_empty() { vec![&[]] } else { block.chunks(size).collect() };
                     for (j, chunk) in chunks.iter().enumerate() {
                         let mut flags = if j + 1 == chunks.len() { END_HEADERS } else { 0 };
