@@ -159,7 +159,9 @@ fn static_trust(td: &str, bundle: &Path) -> String {
     format!("[[svid.federates_with]]\ntrust_domain = {td:?}\nbundle = {bundle:?}\n")
 }
 
-/// A long-running mutual TLS server; killed on drop.
+/// A long-running mutual TLS server (the Rust `spiffe` crate's, or
+/// spiffe-tls's from PyPI) that prints `listening PORT`, then a verdict
+/// per connection; killed on drop.
 struct Server {
     child: Child,
     lines: std::sync::mpsc::Receiver<String>,
@@ -167,10 +169,26 @@ struct Server {
 }
 
 impl Server {
+    /// `idgate-spiffe serve ALLOWED...` in `cgroup`.
     fn start(agent: &Agent, cgroup: &Path, allowed: &[&str]) -> Self {
         let mut args = vec!["serve"];
         args.extend(allowed);
-        let mut child = spiffe(agent, cgroup, &args)
+        Self::spawn(spiffe(agent, cgroup, &args))
+    }
+
+    /// `spiffe_tls_peer.py serve ALLOWED` in `cgroup`.
+    fn python(python: &Path, agent: &Agent, cgroup: &Path, allowed: &str) -> Self {
+        Self::spawn(python_in(
+            python,
+            agent,
+            cgroup,
+            "spiffe_tls_peer.py",
+            &["serve", allowed],
+        ))
+    }
+
+    fn spawn(mut command: Command) -> Self {
+        let mut child = command
             .stdout(Stdio::piped())
             .spawn()
             .expect("spawn server");
@@ -184,7 +202,7 @@ impl Server {
             }
         });
         let first = lines
-            .recv_timeout(Duration::from_secs(20))
+            .recv_timeout(Duration::from_secs(30))
             .expect("the server starts");
         let port = first
             .strip_prefix("listening ")
@@ -201,7 +219,7 @@ impl Server {
     /// What the server said about the last connection.
     fn verdict(&self) -> String {
         self.lines
-            .recv_timeout(Duration::from_secs(10))
+            .recv_timeout(Duration::from_secs(15))
             .expect("a server verdict")
     }
 }
@@ -844,59 +862,6 @@ fn the_python_spiffe_package_as_published_fetches_validates_and_streams() {
     assert!(!agent.log().contains("panicked"), "{}", agent.log());
 }
 
-/// `spiffe_tls_peer.py serve`, killed on drop.
-struct PyServer {
-    child: Child,
-    lines: std::sync::mpsc::Receiver<String>,
-    port: u16,
-}
-
-impl PyServer {
-    fn start(python: &Path, agent: &Agent, cgroup: &Path, allowed: &str) -> Self {
-        let mut child = python_in(
-            python,
-            agent,
-            cgroup,
-            "spiffe_tls_peer.py",
-            &["serve", allowed],
-        )
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn the python server");
-        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in stdout.lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let first = lines
-            .recv_timeout(Duration::from_secs(30))
-            .expect("the python server starts");
-        let port = first
-            .strip_prefix("listening ")
-            .unwrap_or_else(|| panic!("server: {first}"))
-            .parse()
-            .expect("port");
-        Self { child, lines, port }
-    }
-
-    fn verdict(&self) -> String {
-        self.lines
-            .recv_timeout(Duration::from_secs(15))
-            .expect("a server verdict")
-    }
-}
-
-impl Drop for PyServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn spiffe_tls_from_pypi_talks_mutual_tls_between_two_bound_workloads() {
     require_privileges!();
@@ -934,8 +899,8 @@ fn spiffe_tls_from_pypi_talks_mutual_tls_between_two_bound_workloads() {
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     };
     // ALPHA serves and accepts BETA only; each side checks the other's ID.
-    let server = PyServer::start(&python, &agent, alpha, BETA);
-    let addr = format!("127.0.0.1:{}", server.port);
+    let server = Server::python(&python, &agent, alpha, BETA);
+    let addr = server.addr();
     assert_eq!(
         dial(beta, &addr, ALPHA),
         format!("ok hello {BETA} from {ALPHA}")
