@@ -6,6 +6,7 @@ mod identity_index;
 mod loader;
 mod maps;
 mod pins;
+pub mod ring;
 mod syscall;
 mod upgrade;
 

@@ -19,9 +19,56 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("invalid config {path}: {message}")]
-    Invalid { path: PathBuf, message: String },
+    #[error("invalid config {path}: {source}")]
+    Invalid { path: PathBuf, source: Invalid },
 }
+
+/// What is wrong in a configuration file.
+#[derive(Debug, thiserror::Error)]
+pub enum Invalid {
+    #[error(transparent)]
+    Toml(#[from] toml::de::Error),
+    #[error("`{what}` must be a relative path without `..`, got {path:?}")]
+    NotRelative { what: String, path: PathBuf },
+    #[error("`scope` must name a cgroup below the cgroup v2 root")]
+    EmptyScope,
+    #[error("`pin_dir` must be absolute, got {}", .0.display())]
+    PinDir(PathBuf),
+    #[error("`resync_seconds` must be at least 1")]
+    Resync,
+    #[error("`max_workloads` must be between 1 and {MAX_WORKLOADS}, got {got}")]
+    MaxWorkloads { got: u32 },
+    #[error("trust_domains: {0}")]
+    TrustDomain(#[from] crate::svid::TrustDomainError),
+    #[error("{what} {cgroup:?} has glob characters")]
+    Glob { what: String, cgroup: String },
+    #[error("{what}: {source}")]
+    Identity {
+        what: String,
+        source: crate::identity::SpiffeIdError,
+    },
+    #[error("{what} {id}: trust domain {:?} is not in `trust_domains`", .id.trust_domain())]
+    NotLocal {
+        what: String,
+        id: crate::identity::SpiffeId,
+    },
+    #[error("{what}: {source}")]
+    Selector {
+        what: String,
+        source: crate::identity::SelectorError,
+    },
+    #[error(transparent)]
+    Events(#[from] crate::events::EventsError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
+    #[error(transparent)]
+    Kubelet(#[from] crate::identity::k8s::KubeletError),
+    #[error(transparent)]
+    Svid(#[from] crate::svid::SvidConfigError),
+}
+
+/// The most cgroups `max_workloads` may ask room for.
+const MAX_WORKLOADS: u32 = 1 << 20;
 
 /// The agent's configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -124,11 +171,11 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        let invalid = |message: String| ConfigError::Invalid {
+        let invalid = |source: Invalid| ConfigError::Invalid {
             path: path.to_owned(),
-            message,
+            source,
         };
-        let mut config: Config = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        let mut config: Config = toml::from_str(&text).map_err(|e| invalid(e.into()))?;
         let base = path.parent().unwrap_or(Path::new("."));
         for p in [
             &mut config.policy,
@@ -150,44 +197,37 @@ impl Config {
         Ok(config)
     }
 
-    fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), Invalid> {
         check_relative("scope", &self.scope)?;
         if self.scope.as_os_str().is_empty() {
-            return Err("`scope` must name a cgroup below the cgroup v2 root".into());
+            return Err(Invalid::EmptyScope);
         }
         if !self.pin_dir.is_absolute() {
-            return Err(format!(
-                "`pin_dir` must be absolute, got {}",
-                self.pin_dir.display()
-            ));
+            return Err(Invalid::PinDir(self.pin_dir.clone()));
         }
         if self.resync_seconds == 0 {
-            return Err("`resync_seconds` must be at least 1".into());
+            return Err(Invalid::Resync);
         }
-        if !(1..=1 << 20).contains(&self.max_workloads) {
-            return Err(format!(
-                "`max_workloads` must be between 1 and {}, got {}",
-                1 << 20,
-                self.max_workloads
-            ));
+        if !(1..=MAX_WORKLOADS).contains(&self.max_workloads) {
+            return Err(Invalid::MaxWorkloads {
+                got: self.max_workloads,
+            });
         }
         for td in &self.trust_domains {
-            format!("spiffe://{td}")
-                .parse::<crate::identity::SpiffeId>()
-                .map_err(|e| format!("trust_domains: {td:?}: {e}"))?;
+            crate::svid::check_trust_domain(td)?;
         }
         self.events.check()?;
         self.metrics.check()?;
         if let Some(k) = &self.kubernetes {
             k.check()?;
         }
-        self.svid.check(&self.trust_domains)
+        Ok(self.svid.check(&self.trust_domains)?)
     }
 }
 
 impl Config {
     /// The registration entries that the `[[workload]]` tables stand for.
-    fn entries_of_workloads(&self, path: &Path, text: &str) -> Result<Vec<Entry>, String> {
+    fn entries_of_workloads(&self, path: &Path, text: &str) -> Result<Vec<Entry>, Invalid> {
         let lines = LineIndex::new(text);
         let mut out = Vec::new();
         for (i, w) in self.workloads.iter().enumerate() {
@@ -195,24 +235,34 @@ impl Config {
             check_relative(&format!("{what}.cgroup"), &w.cgroup)?;
             let cgroup = format!("/{}/{}", self.scope.display(), w.cgroup.display());
             if cgroup.contains(GLOB_CHARS) {
-                return Err(format!("{what}.cgroup {cgroup:?} has glob characters"));
+                return Err(Invalid::Glob {
+                    what: format!("{what}.cgroup"),
+                    cgroup,
+                });
             }
-            let id: crate::identity::SpiffeId = w
-                .identity
-                .get_ref()
-                .parse()
-                .map_err(|e| format!("{what}.identity: {e}"))?;
+            let id: crate::identity::SpiffeId =
+                w.identity
+                    .get_ref()
+                    .parse()
+                    .map_err(|source| Invalid::Identity {
+                        what: format!("{what}.identity"),
+                        source,
+                    })?;
             if !self.trust_domains.is_empty()
                 && !self.trust_domains.iter().any(|t| t == id.trust_domain())
             {
-                return Err(format!(
-                    "{what}.identity {id}: trust domain {:?} is not in `trust_domains`",
-                    id.trust_domain()
-                ));
+                return Err(Invalid::NotLocal {
+                    what: format!("{what}.identity"),
+                    id,
+                });
             }
-            let selector = format!("cgroup:path:{cgroup}")
-                .parse()
-                .map_err(|e| format!("{what}.cgroup: {e}"))?;
+            let selector =
+                format!("cgroup:path:{cgroup}")
+                    .parse()
+                    .map_err(|source| Invalid::Selector {
+                        what: format!("{what}.cgroup"),
+                        source,
+                    })?;
             out.push(Entry {
                 id,
                 selectors: vec![selector],
@@ -225,15 +275,15 @@ impl Config {
 }
 
 /// A cgroup path must stay below where it is anchored.
-fn check_relative(what: &str, path: &Path) -> Result<(), String> {
+fn check_relative(what: &str, path: &Path) -> Result<(), Invalid> {
     use std::path::Component;
     if path.components().all(|c| matches!(c, Component::Normal(_))) {
         Ok(())
     } else {
-        Err(format!(
-            "`{what}` must be a relative path without `..`, got {:?}",
-            path.display().to_string()
-        ))
+        Err(Invalid::NotRelative {
+            what: what.to_owned(),
+            path: path.to_owned(),
+        })
     }
 }
 

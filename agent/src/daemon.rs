@@ -66,8 +66,8 @@ pub enum DaemonError {
     GenerationNumber(#[from] GenerationNumberError),
     #[error(transparent)]
     Entries(#[from] crate::identity::EntriesError),
-    #[error("{0}")]
-    Privileges(String),
+    #[error(transparent)]
+    Privileges(#[from] crate::privileges::PrivilegesError),
     #[error(transparent)]
     Cgroup(#[from] crate::cgroup::CgroupError),
     #[error(transparent)]
@@ -170,10 +170,10 @@ async fn start(config_path: &Path) -> Result<Started, DaemonError> {
     let (kubelet_tx, kubelet_rx) = mpsc::unbounded_channel();
     let kubelet = match &config.kubernetes {
         Some(k) => {
-            let client = crate::identity::k8s::Kubelet::new(k.clone()).map_err(|message| {
+            let client = crate::identity::k8s::Kubelet::new(k.clone()).map_err(|e| {
                 crate::config::ConfigError::Invalid {
                     path: config_path.to_owned(),
-                    message,
+                    source: e.into(),
                 }
             })?;
             let wanted = Arc::new(tokio::sync::Notify::new());

@@ -64,7 +64,7 @@ impl std::fmt::Display for Verdict {
     }
 }
 
-/// Errors that stop the agent.
+/// Errors in `[events]`, and errors that stop the agent.
 #[derive(Debug, thiserror::Error)]
 pub enum EventsError {
     #[error("audit log {path}: {source}")]
@@ -79,6 +79,10 @@ pub enum EventsError {
     },
     #[error("watching the events ring buffer: {0}")]
     Watch(std::io::Error),
+    #[error("`events.allow_sample_rate` must be between 0 and 1, got {0}")]
+    SampleRate(f64),
+    #[error("`events.audit_log_max_bytes` must be above 0")]
+    AuditLogMaxBytes,
 }
 
 /// `[events]` in the agent configuration.
@@ -123,15 +127,12 @@ impl EventsConfig {
     }
 
     /// Checks the values serde cannot.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), EventsError> {
         if !(0.0..=1.0).contains(&self.allow_sample_rate) {
-            return Err(format!(
-                "`events.allow_sample_rate` must be between 0 and 1, got {}",
-                self.allow_sample_rate
-            ));
+            return Err(EventsError::SampleRate(self.allow_sample_rate));
         }
         if self.audit_log_max_bytes == 0 {
-            return Err("`events.audit_log_max_bytes` must be above 0".into());
+            return Err(EventsError::AuditLogMaxBytes);
         }
         Ok(())
     }

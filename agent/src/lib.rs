@@ -17,5 +17,6 @@ pub mod policy;
 pub mod privileges;
 pub mod revocations;
 pub mod svid;
+pub mod tls;
 pub mod workload_api;
 pub mod workloads;

@@ -17,9 +17,11 @@ use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
 use serde::Deserialize;
 
-/// Errors that stop the agent.
+/// Errors in `[metrics]`, and errors that stop the agent.
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
+    #[error("`metrics.address` must be a loopback address (127.0.0.0/8 or ::1), got {0}")]
+    NotLoopback(SocketAddr),
     #[error("metrics address {address}: {source}")]
     Listen {
         address: SocketAddr,
@@ -38,11 +40,9 @@ pub struct MetricsConfig {
 
 impl MetricsConfig {
     /// Checks the values serde cannot.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), MetricsError> {
         match self.address {
-            Some(a) if !a.ip().is_loopback() => Err(format!(
-                "`metrics.address` must be a loopback address (127.0.0.0/8 or ::1), got {a}"
-            )),
+            Some(a) if !a.ip().is_loopback() => Err(MetricsError::NotLoopback(a)),
             _ => Ok(()),
         }
     }
@@ -132,7 +132,7 @@ mod tests {
         assert!(config("127.0.0.1:9464").check().is_ok());
         assert!(config("[::1]:9464").check().is_ok());
         let e = config("0.0.0.0:9464").check().unwrap_err();
-        assert!(e.contains("metrics.address"), "{e}");
+        assert!(matches!(e, MetricsError::NotLoopback(_)), "{e}");
         assert!(MetricsConfig::default().check().is_ok());
         assert!(MetricsConfig::default().bind().unwrap().is_none());
     }

@@ -7,11 +7,21 @@ const CAP_SYS_ADMIN: u32 = 21;
 /// CAP_BPF: create maps and load programs.
 const CAP_BPF: u32 = 39;
 
+/// Why the agent may not do its work.
+#[derive(Debug, thiserror::Error)]
+pub enum PrivilegesError {
+    #[error("cannot read /proc/self/status: {0}")]
+    Status(#[from] procfs::ProcError),
+    #[error(
+        "idgate agent needs root or the capabilities {} (and CAP_SYS_ADMIN to mount bpffs); run it as root or from its systemd unit",
+        .0.join(", ")
+    )]
+    Missing(Vec<&'static str>),
+}
+
 /// Says plainly which capabilities are missing, if any.
-pub fn check() -> Result<(), String> {
-    let status = procfs::process::Process::myself()
-        .and_then(|p| p.status())
-        .map_err(|e| format!("cannot read /proc/self/status: {e}"))?;
+pub fn check() -> Result<(), PrivilegesError> {
+    let status = procfs::process::Process::myself().and_then(|p| p.status())?;
     let effective = status.capeff;
     let has = |cap: u32| effective & (1u64 << cap) != 0;
     let mut missing = Vec::new();
@@ -24,9 +34,6 @@ pub fn check() -> Result<(), String> {
     if missing.is_empty() {
         Ok(())
     } else {
-        Err(format!(
-            "idgate agent needs root or the capabilities {} (and CAP_SYS_ADMIN to mount bpffs); run it as root or from its systemd unit",
-            missing.join(", ")
-        ))
+        Err(PrivilegesError::Missing(missing))
     }
 }

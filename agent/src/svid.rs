@@ -6,6 +6,7 @@
 
 mod bundle;
 mod ca;
+mod config;
 mod jwt;
 pub mod tls;
 mod x509;
@@ -15,14 +16,16 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use serde::Deserialize;
 use tokio::sync::watch;
 
-use crate::federation::{EndpointConfig, ForeignDomain};
 use crate::identity::SpiffeId;
 
-pub use bundle::{Bundle, Parts, PublicJwk, certs_pem, pem, split_der};
+pub use bundle::{Bundle, CaCertError, Parts, PublicJwk, certs_pem, pem, split_der};
 pub use ca::refresh_hint;
+pub use config::{
+    EndpointConfig, ForeignDomain, ForeignDomainError, Profile, SvidConfig, SvidConfigError,
+    TrustDomainError, UpstreamCa, check_trust_domain,
+};
 pub use jwt::{JwtError, Validated};
 pub use x509::{Role, VerifyError, X509Svid, leaf_id, verify as verify_x509};
 
@@ -40,6 +43,26 @@ pub enum SvidError {
     KeyPermissions { path: PathBuf, mode: u32 },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
+    #[error("{path}: {source}")]
+    File {
+        path: PathBuf,
+        source: Box<SvidError>,
+    },
+    #[error(transparent)]
+    Pem(#[from] crate::tls::PemError),
+    #[error("PEM: {0}")]
+    PemText(#[from] x509_parser::error::PEMError),
+    #[error("{path}: certificate {index}: {source}")]
+    Ca {
+        path: PathBuf,
+        index: usize,
+        source: bundle::CaCertError,
+    },
+    #[error("bundle for {trust_domain}: X.509 authority: {source}")]
+    BundleAuthority {
+        trust_domain: String,
+        source: bundle::CaCertError,
+    },
     #[error("issuing: {0}")]
     Issue(String),
     #[error("{0}")]
@@ -55,187 +78,6 @@ impl SvidError {
             source,
         }
     }
-}
-
-/// `[svid]` in the agent configuration.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SvidConfig {
-    /// Serve the SPIFFE Workload API. Default true.
-    pub workload_api: bool,
-    /// The Workload API socket, connectable by every local user. Default:
-    /// `workload.sock` beside `control_socket` (so
-    /// `/run/idgate/workload.sock`).
-    pub socket: Option<PathBuf>,
-    /// Lifetime of X.509-SVIDs. Default 1h; at most a sixth of `ca_ttl`.
-    #[serde(with = "humantime_serde")]
-    pub x509_ttl: Duration,
-    /// Lifetime of JWT-SVIDs. Default 5m; at most a sixth of `ca_ttl`.
-    #[serde(with = "humantime_serde")]
-    pub jwt_ttl: Duration,
-    /// Lifetime of each generated CA (and JWT key) generation; a new one
-    /// is published at half of it. Default 24h.
-    #[serde(with = "humantime_serde")]
-    pub ca_ttl: Duration,
-    /// `[[svid.upstream_ca]]`: trust domains whose X.509-SVIDs an
-    /// operator's intermediate CA signs, instead of a generated root.
-    pub upstream_ca: Vec<UpstreamCa>,
-    /// `[svid.bundle_endpoint]`: serve a trust domain's bundle over HTTPS
-    /// for other trust domains to federate with. None by default.
-    pub bundle_endpoint: Option<EndpointConfig>,
-    /// `[[svid.federates_with]]`: foreign trust domains whose bundles are
-    /// fetched (or read from a file) and handed to workloads.
-    pub federates_with: Vec<ForeignDomain>,
-}
-
-/// An operator's intermediate CA for one trust domain.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UpstreamCa {
-    pub trust_domain: String,
-    /// PEM: the intermediate certificate, then any further intermediates
-    /// up to (not including) a root.
-    pub cert: PathBuf,
-    /// PEM private key of the intermediate; mode 0600 or stricter.
-    pub key: PathBuf,
-    /// PEM root certificates: the trust domain's X.509 bundle.
-    pub bundle: PathBuf,
-}
-
-impl Default for SvidConfig {
-    fn default() -> Self {
-        Self {
-            workload_api: true,
-            socket: None,
-            x509_ttl: Duration::from_secs(3600),
-            jwt_ttl: Duration::from_secs(300),
-            ca_ttl: Duration::from_secs(24 * 3600),
-            upstream_ca: Vec::new(),
-            bundle_endpoint: None,
-            federates_with: Vec::new(),
-        }
-    }
-}
-
-/// Durations as humantime strings (`"90s"`, `"1h"`).
-mod humantime_serde {
-    use std::time::Duration;
-
-    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s: String = serde::Deserialize::deserialize(d)?;
-        humantime::parse_duration(&s).map_err(serde::de::Error::custom)
-    }
-}
-
-impl SvidConfig {
-    /// Makes relative paths relative to `base`, and fills in the socket
-    /// default beside the control socket.
-    pub fn resolve(&mut self, base: &Path, control_socket: &Path) {
-        let socket = self.socket.get_or_insert_with(|| {
-            control_socket
-                .parent()
-                .unwrap_or(Path::new("/run/idgate"))
-                .join("workload.sock")
-        });
-        let mut paths: Vec<&mut PathBuf> = vec![socket];
-        for u in &mut self.upstream_ca {
-            paths.extend([&mut u.cert, &mut u.key, &mut u.bundle]);
-        }
-        if let Some(e) = &mut self.bundle_endpoint {
-            paths.extend(e.paths_mut());
-        }
-        for f in &mut self.federates_with {
-            paths.extend(f.paths_mut());
-        }
-        for p in paths {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
-        }
-    }
-
-    /// The socket the Workload API listens on (after `resolve`).
-    pub fn socket(&self) -> &Path {
-        self.socket
-            .as_deref()
-            .unwrap_or(Path::new("/run/idgate/workload.sock"))
-    }
-
-    /// Checks what serde cannot; `trust_domains` is the agent's list
-    /// (empty: any).
-    pub fn check(&self, trust_domains: &[String]) -> Result<(), String> {
-        for (name, ttl) in [("x509_ttl", self.x509_ttl), ("jwt_ttl", self.jwt_ttl)] {
-            if ttl < Duration::from_secs(1) {
-                return Err(format!("`svid.{name}` must be at least 1s"));
-            }
-            if ttl > self.ca_ttl / 6 {
-                return Err(format!(
-                    "`svid.{name}` ({}) must be at most a sixth of `svid.ca_ttl` ({}): an SVID must expire before the CA that signed it leaves the bundle",
-                    humantime::format_duration(ttl),
-                    humantime::format_duration(self.ca_ttl)
-                ));
-            }
-        }
-        let local = |td: &str, what: &str| -> Result<(), String> {
-            check_trust_domain(td).map_err(|e| format!("{what}: {e}"))?;
-            if !trust_domains.is_empty() && !trust_domains.iter().any(|t| t == td) {
-                return Err(format!("{what}: {td:?} is not in `trust_domains`"));
-            }
-            Ok(())
-        };
-        for (i, u) in self.upstream_ca.iter().enumerate() {
-            local(
-                &u.trust_domain,
-                &format!("svid.upstream_ca[{i}].trust_domain"),
-            )?;
-            if self.upstream_ca[..i]
-                .iter()
-                .any(|o| o.trust_domain == u.trust_domain)
-            {
-                return Err(format!(
-                    "svid.upstream_ca: trust domain {:?} appears twice",
-                    u.trust_domain
-                ));
-            }
-        }
-        if let Some(e) = &self.bundle_endpoint {
-            let td = e.trust_domain(trust_domains)?;
-            local(&td, "svid.bundle_endpoint.trust_domain")?;
-            e.check()?;
-        }
-        for (i, f) in self.federates_with.iter().enumerate() {
-            let what = format!("svid.federates_with[{i}]");
-            check_trust_domain(&f.trust_domain).map_err(|e| format!("{what}.trust_domain: {e}"))?;
-            if trust_domains.contains(&f.trust_domain) {
-                return Err(format!(
-                    "{what}: {:?} is one of this agent's own trust domains",
-                    f.trust_domain
-                ));
-            }
-            if self.federates_with[..i]
-                .iter()
-                .any(|o| o.trust_domain == f.trust_domain)
-            {
-                return Err(format!(
-                    "{what}: trust domain {:?} appears twice",
-                    f.trust_domain
-                ));
-            }
-            f.check().map_err(|e| format!("{what}: {e}"))?;
-        }
-        Ok(())
-    }
-}
-
-/// A trust domain name, checked as the SPIFFE ID spec says.
-pub fn check_trust_domain(td: &str) -> Result<SpiffeId, String> {
-    let id: SpiffeId = format!("spiffe://{td}")
-        .parse()
-        .map_err(|e| format!("{td:?}: {e}"))?;
-    if !id.path().is_empty() {
-        return Err(format!("{td:?} is not a bare trust domain name"));
-    }
-    Ok(id)
 }
 
 /// Every bundle the agent hands out, and the generation that signs in
@@ -517,19 +359,6 @@ impl Credentials {
     }
 }
 
-/// The DER certificates of a PEM file.
-pub fn pem_certs_file(path: &Path) -> Result<Vec<Vec<u8>>, SvidError> {
-    let bytes = std::fs::read(path).map_err(|e| SvidError::io(path, e))?;
-    let certs = bundle::pem_certs(&bytes)?;
-    if certs.is_empty() {
-        return Err(SvidError::Invalid {
-            path: path.to_owned(),
-            message: "no PEM certificate in it".into(),
-        });
-    }
-    Ok(certs)
-}
-
 /// The PKCS#8 DER key of a PEM private key file that only its owner may
 /// read (a looser file is refused).
 pub fn private_key_file(path: &Path) -> Result<Vec<u8>, SvidError> {
@@ -566,7 +395,7 @@ mod tests {
         let mut c = SvidConfig::default();
         assert!(c.check(&[]).is_ok());
         c.x509_ttl = Duration::from_secs(5 * 3600);
-        let e = c.check(&[]).unwrap_err();
+        let e = c.check(&[]).unwrap_err().to_string();
         assert!(e.contains("x509_ttl") && e.contains("sixth"), "{e}");
         let mut c = SvidConfig::default();
         c.upstream_ca.push(UpstreamCa {
@@ -576,7 +405,7 @@ mod tests {
             bundle: "b".into(),
         });
         let e = c.check(&["example.org".into()]).unwrap_err();
-        assert!(e.contains("not in `trust_domains`"), "{e}");
+        assert!(matches!(e, SvidConfigError::NotLocal { .. }), "{e}");
     }
 
     #[test]

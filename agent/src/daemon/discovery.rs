@@ -43,12 +43,9 @@ pub async fn exec_notices(notices: ExecNotices, tx: UnboundedSender<Found>) -> s
         let mut guard = fd.readable_mut().await?;
         let ring = &mut guard.get_inner_mut().ring;
         while let Some(item) = ring.next() {
-            if item.len() < std::mem::size_of::<ExecNotice>() {
+            let Ok(notice) = crate::bpf::ring::read::<ExecNotice>(&item) else {
                 continue;
-            }
-            // SAFETY: the kernel wrote an `ExecNotice` (plain integers) at
-            // the start of the item; it may be unaligned.
-            let notice: ExecNotice = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            };
             if tx.send(Found::Cgroup(notice.cgroup_id)).is_err() {
                 return Ok(());
             }

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Verdict;
 use super::names::{SlotName, Snapshot};
+use crate::bpf::ring::SizeError;
 
 /// `version` of the JSON events this agent writes (`docs/events.md`).
 pub const SCHEMA_VERSION: u32 = 1;
@@ -19,8 +20,8 @@ pub const SCHEMA_VERSION: u32 = 1;
 /// Why a ring-buffer item is not a record this agent can read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
-    #[error("record of {0} bytes, expected {expected}", expected = size_of::<DecisionRecord>())]
-    Size(usize),
+    #[error(transparent)]
+    Size(#[from] SizeError),
     #[error("record layout {0}, this agent reads layout {RECORD_LAYOUT}")]
     Layout(u32),
     #[error("unknown {what} code {code}")]
@@ -29,12 +30,7 @@ pub enum DecodeError {
 
 /// Reads one ring-buffer item as a [`DecisionRecord`].
 pub fn decode(bytes: &[u8]) -> Result<DecisionRecord, DecodeError> {
-    if bytes.len() != size_of::<DecisionRecord>() {
-        return Err(DecodeError::Size(bytes.len()));
-    }
-    // SAFETY: the length is the record's, and `DecisionRecord` is plain
-    // integers and byte arrays: every bit pattern is a value.
-    let record: DecisionRecord = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let record: DecisionRecord = crate::bpf::ring::read(bytes)?;
     if record.layout != RECORD_LAYOUT {
         return Err(DecodeError::Layout(record.layout));
     }
@@ -332,7 +328,10 @@ mod tests {
     #[test]
     fn rejects_what_it_cannot_read() {
         let r = sample();
-        assert_eq!(decode(&bytes(&r)[..50]), Err(DecodeError::Size(50)));
+        assert!(matches!(
+            decode(&bytes(&r)[..50]),
+            Err(DecodeError::Size(SizeError { got: 50, .. }))
+        ));
         let mut other = r;
         other.layout = 2;
         assert_eq!(decode(&bytes(&other)), Err(DecodeError::Layout(2)));

@@ -16,9 +16,9 @@ use hyper_util::rt::TokioIo;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
-use super::{EndpointConfig, FederationError, Profile, endpoint_id};
+use super::{FederationError, endpoint_id};
 use crate::identity::SpiffeId;
-use crate::svid::{Credentials, Parts, X509Svid, tls};
+use crate::svid::{Credentials, EndpointConfig, Parts, Profile, X509Svid, tls};
 
 /// A bound bundle endpoint, not yet serving.
 pub struct BundleEndpoint {
@@ -38,7 +38,7 @@ pub fn bind(
     let trust_domain = config
         .trust_domain(trust_domains)
         .expect("checked with the configuration");
-    let provider = tls::provider();
+    let provider = crate::tls::provider();
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .expect("ring supports the default versions")
@@ -60,16 +60,15 @@ pub fn bind(
                 config.cert.as_ref().expect("checked"),
                 config.key.as_ref().expect("checked"),
             );
-            let bad = |path: &std::path::Path, message: String| FederationError::Identity {
-                path: path.to_owned(),
-                message,
-            };
-            let chain = crate::svid::pem_certs_file(cert)?;
+            let chain = crate::tls::pem_certs_file(cert)?;
             let key_der = crate::svid::private_key_file(key)?;
             let (chain, key_der) = tls::identity(&chain, &key_der);
-            builder
-                .with_single_cert(chain, key_der)
-                .map_err(|e| bad(cert, e.to_string()))?
+            builder.with_single_cert(chain, key_der).map_err(|source| {
+                FederationError::Identity {
+                    what: cert.display().to_string(),
+                    source,
+                }
+            })?
         }
     };
     let address = config.address;
@@ -189,10 +188,10 @@ impl SvidResolver {
             return Ok(ck.clone());
         }
         let (chain, key) = tls::identity(&svid.chain, &svid.key);
-        let ck = CertifiedKey::from_der(chain, key, &self.provider).map_err(|e| {
+        let ck = CertifiedKey::from_der(chain, key, &self.provider).map_err(|source| {
             FederationError::Identity {
-                path: self.id.as_str().into(),
-                message: e.to_string(),
+                what: self.id.to_string(),
+                source,
             }
         })?;
         let ck = Arc::new(ck);
@@ -212,8 +211,8 @@ impl ResolvesServerCert for SvidResolver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::federation::{ForeignDomain, fetch::fetch};
-    use crate::svid::{SvidConfig, certs_pem};
+    use crate::federation::fetch::fetch;
+    use crate::svid::{ForeignDomain, SvidConfig, certs_pem};
 
     fn state(tag: &str) -> std::path::PathBuf {
         let d = std::env::temp_dir().join(format!("idgate-fed-{tag}-{}", std::process::id()));
@@ -279,7 +278,16 @@ mod tests {
         let c_roots = c.bundle_set().local["a.test"].clone();
         b.set_federated(c_roots).unwrap();
         let e = fetch(&foreign, &b).await.unwrap_err();
-        assert!(e.contains("TLS"), "{e}");
+        assert!(
+            matches!(
+                e,
+                FederationError::Fetch {
+                    source: crate::tls::HttpsError::Tls(_),
+                    ..
+                }
+            ),
+            "{e}"
+        );
         for d in [state_a, state_b, state_c] {
             let _ = std::fs::remove_dir_all(d);
         }

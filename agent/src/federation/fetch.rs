@@ -4,13 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
-use rustls::pki_types::ServerName;
-
-use super::{ForeignDomain, Profile};
-use crate::svid::{Bundle, Credentials, tls};
+use super::FederationError;
+use crate::svid::{Bundle, Credentials, ForeignDomain, Profile, tls};
 
 /// The most a bundle may weigh.
 const MAX_BUNDLE_BYTES: usize = 1 << 20;
@@ -87,17 +82,18 @@ fn accept(f: &ForeignDomain, creds: &Credentials, bundle: Bundle) {
 
 /// One fetch: TLS per the profile, `GET`, and the body read as a SPIFFE
 /// bundle of the configured trust domain.
-pub(super) async fn fetch(f: &ForeignDomain, creds: &Arc<Credentials>) -> Result<Bundle, String> {
-    let uri = f.uri()?.ok_or("no url")?;
-    let authority = uri.authority().ok_or("no host")?.clone();
-    let host = authority
-        .host()
-        .trim_start_matches('[')
-        .trim_end_matches(']');
-    let port = authority.port_u16().unwrap_or(443);
+pub(super) async fn fetch(
+    f: &ForeignDomain,
+    creds: &Arc<Credentials>,
+) -> Result<Bundle, FederationError> {
+    let uri = f
+        .uri()?
+        .expect("only a foreign domain with a url is fetched");
     let config = match f.profile {
         Profile::HttpsSpiffe => {
-            let id = f.endpoint_spiffe_id()?.ok_or("no endpoint_id")?;
+            let id = f
+                .endpoint_spiffe_id()?
+                .expect("checked: https_spiffe has one");
             let source = creds.clone();
             let bundles: tls::BundleSource = Arc::new(move |td| {
                 source
@@ -105,59 +101,28 @@ pub(super) async fn fetch(f: &ForeignDomain, creds: &Arc<Credentials>) -> Result
                     .get(td)
                     .map(|b| b.x509_authorities.clone())
             });
-            tls::client_config(tls::SpiffeVerifier::exactly(bundles, vec![id]), None)
-                .map_err(|e| e.to_string())?
+            tls::client_config(tls::SpiffeVerifier::exactly(bundles, vec![id]), None)?
         }
         Profile::HttpsWeb => {
-            let mut roots = rustls::RootCertStore::empty();
-            match &f.ca {
-                Some(path) => {
-                    let certs = crate::svid::pem_certs_file(path).map_err(|e| e.to_string())?;
-                    for c in certs {
-                        roots.add(c.into()).map_err(|e| e.to_string())?;
-                    }
-                }
+            let roots = match &f.ca {
+                Some(path) => crate::tls::roots_file(path)?,
                 None => {
-                    for c in rustls_native_certs::load_native_certs().certs {
-                        let _ = roots.add(c);
-                    }
+                    let mut roots = rustls::RootCertStore::empty();
+                    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+                    roots
                 }
-            }
-            rustls::ClientConfig::builder_with_provider(tls::provider())
-                .with_safe_default_protocol_versions()
-                .map_err(|e| e.to_string())?
+            };
+            rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+                .with_safe_default_protocol_versions()?
                 .with_root_certificates(roots)
                 .with_no_client_auth()
         }
     };
-    let name = ServerName::try_from(host.to_owned()).map_err(|e| e.to_string())?;
-    let tcp = tokio::net::TcpStream::connect((host, port))
+    let body = crate::tls::get(&uri, config, &[], MAX_BUNDLE_BYTES)
         .await
-        .map_err(|e| format!("connect: {e}"))?;
-    let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await
-        .map_err(|e| format!("TLS: {e}"))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("HTTP: {e}"))?;
-    tokio::spawn(conn);
-    let path = uri.path_and_query().map_or("/", |p| p.as_str());
-    let request = hyper::Request::get(path)
-        .header(hyper::header::HOST, authority.as_str())
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| e.to_string())?;
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| format!("HTTP: {e}"))?;
-    if !response.status().is_success() {
-        return Err(format!("HTTP status {}", response.status()));
-    }
-    let body = Limited::new(response.into_body(), MAX_BUNDLE_BYTES)
-        .collect()
-        .await
-        .map_err(|e| format!("reading the bundle: {e}"))?
-        .to_bytes();
-    Bundle::from_json(&f.trust_domain, &body).map_err(|e| e.to_string())
+        .map_err(|source| FederationError::Fetch {
+            url: uri.to_string(),
+            source,
+        })?;
+    Ok(Bundle::from_json(&f.trust_domain, &body)?)
 }

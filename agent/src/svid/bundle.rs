@@ -159,7 +159,10 @@ impl Bundle {
                     let der = STANDARD
                         .decode(first)
                         .map_err(|e| bad(format!("x5c is not base64: {e}")))?;
-                    check_ca_cert(&der).map_err(|m| bad(format!("x509-svid authority: {m}")))?;
+                    check_ca_cert(&der).map_err(|source| SvidError::BundleAuthority {
+                        trust_domain: trust_domain.to_owned(),
+                        source,
+                    })?;
                     bundle.x509_authorities.push(der);
                 }
                 Some(USE_JWT) => {
@@ -185,9 +188,10 @@ impl Bundle {
             return Self::from_json(trust_domain, bytes);
         }
         let mut bundle = Self::new(trust_domain);
-        for der in pem_certs(bytes)? {
-            check_ca_cert(&der).map_err(|m| {
-                SvidError::Bundle(format!("bundle for {trust_domain}: a certificate {m}"))
+        for der in crate::tls::pem_certs(bytes)? {
+            check_ca_cert(&der).map_err(|source| SvidError::BundleAuthority {
+                trust_domain: trust_domain.to_owned(),
+                source,
             })?;
             bundle.x509_authorities.push(der);
         }
@@ -311,19 +315,44 @@ fn strip_zeros(v: &[u8]) -> Vec<u8> {
     v[start..].to_vec()
 }
 
-/// Checks that `der` is a CA certificate: it parses and has the CA bit.
-pub fn check_ca_cert(der: &[u8]) -> Result<(), String> {
-    let (rest, cert) =
-        X509Certificate::from_der(der).map_err(|e| format!("does not parse: {e}"))?;
+/// Why a certificate cannot stand as a CA of a bundle or an authority.
+#[derive(Debug, thiserror::Error)]
+pub enum CaCertError {
+    #[error("does not parse: {0}")]
+    Parse(#[from] x509_parser::nom::Err<X509Error>),
+    #[error("has trailing bytes")]
+    Trailing,
+    #[error("{subject} is not a CA certificate (no basicConstraints cA)")]
+    NotCa { subject: String },
+    #[error("its key usage lacks keyCertSign")]
+    NoKeyCertSign,
+    #[error("the key file does not hold this certificate's key")]
+    OtherKey,
+    #[error("its signature does not verify against its issuer")]
+    Signature,
+    #[error("its URI SAN {uri:?} is not the trust domain's SPIFFE ID {want}")]
+    Uri { uri: String, want: String },
+    #[error("not valid now (valid {not_before} to {not_after})")]
+    NotValidNow {
+        not_before: String,
+        not_after: String,
+    },
+    #[error("the time now: {0}")]
+    Clock(#[source] X509Error),
+}
+
+/// Checks that `der` is one CA certificate: it parses, whole, and has the
+/// CA bit; returns it parsed.
+pub fn check_ca_cert(der: &[u8]) -> Result<X509Certificate<'_>, CaCertError> {
+    let (rest, cert) = X509Certificate::from_der(der)?;
     if !rest.is_empty() {
-        return Err("has trailing bytes".into());
+        return Err(CaCertError::Trailing);
     }
     match cert.basic_constraints() {
-        Ok(Some(bc)) if bc.value.ca => Ok(()),
-        _ => Err(format!(
-            "{} is not a CA certificate (no basicConstraints cA)",
-            cert.subject()
-        )),
+        Ok(Some(bc)) if bc.value.ca => Ok(cert),
+        _ => Err(CaCertError::NotCa {
+            subject: cert.subject().to_string(),
+        }),
     }
 }
 
@@ -344,18 +373,6 @@ pub fn pem(label: &str, der: &[u8]) -> String {
         "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
         lines.join("\n")
     )
-}
-
-/// The DER certificates of a PEM text, in order.
-pub fn pem_certs(bytes: &[u8]) -> Result<Vec<Vec<u8>>, SvidError> {
-    let mut out = Vec::new();
-    for pem in x509_parser::pem::Pem::iter_from_buffer(bytes) {
-        let pem = pem.map_err(|e| SvidError::Bundle(format!("PEM: {e}")))?;
-        if pem.label == "CERTIFICATE" {
-            out.push(pem.contents);
-        }
-    }
-    Ok(out)
 }
 
 /// Splits concatenated DER certificates (as the Workload API sends chains

@@ -18,7 +18,7 @@ use rcgen::{Issuer, KeyPair, PublicKeyData};
 use serde::{Deserialize, Serialize};
 use x509_parser::prelude::*;
 
-use super::bundle::{Bundle, JwtAuthority, pem, pem_certs};
+use super::bundle::{Bundle, CaCertError, JwtAuthority, check_ca_cert, pem};
 use super::jwt::JwtSigner;
 use super::x509::{Signer, root_params};
 use super::{SvidError, UpstreamCa};
@@ -313,17 +313,18 @@ impl Generation {
                 });
             }
             let key = load_key_pair(&key_path)?;
-            let certs = pem_certs(&read(&cert_path)?)?;
+            let certs = crate::tls::pem_certs_file(&cert_path)?;
             let [der] = certs.as_slice() else {
                 return Err(SvidError::Invalid {
                     path: cert_path,
                     message: "expected exactly one certificate".into(),
                 });
             };
-            check_ca(der, Some(&key), Some(der.as_slice()), td).map_err(|message| {
-                SvidError::Invalid {
+            check_ca(der, Some(&key), Some(der.as_slice()), td).map_err(|source| {
+                SvidError::Ca {
                     path: cert_path.clone(),
-                    message,
+                    index: 1,
+                    source,
                 }
             })?;
             let issuer = Issuer::from_ca_cert_der(&der.clone().into(), key).map_err(|e| {
@@ -352,18 +353,13 @@ impl Generation {
 impl Upstream {
     fn load(td: &str, cfg: &UpstreamCa, now: SystemTime) -> Result<Self, SvidError> {
         let key = load_key_pair(&cfg.key)?;
-        let chain = pem_certs(&read(&cfg.cert)?)?;
+        let chain = crate::tls::pem_certs_file(&cfg.cert)?;
         let invalid = |path: &Path, message: String| SvidError::Invalid {
             path: path.to_owned(),
             message,
         };
-        let Some(first) = chain.first() else {
-            return Err(invalid(&cfg.cert, "no PEM certificate in it".into()));
-        };
-        let roots = pem_certs(&read(&cfg.bundle)?)?;
-        if roots.is_empty() {
-            return Err(invalid(&cfg.bundle, "no PEM certificate in it".into()));
-        }
+        let first = &chain[0];
+        let roots = crate::tls::pem_certs_file(&cfg.bundle)?;
         // Each certificate is signed by the next; the last by a root.
         for (i, der) in chain.iter().enumerate() {
             let next = chain.get(i + 1);
@@ -381,11 +377,17 @@ impl Upstream {
                 ));
             };
             let key_for = (i == 0).then_some(&key);
-            check_ca_chain_link(der, key_for, parent, td, now)
-                .map_err(|m| invalid(&cfg.cert, format!("certificate {}: {m}", i + 1)))?;
+            check_ca_chain_link(der, key_for, parent, td, now).map_err(|source| SvidError::Ca {
+                path: cfg.cert.clone(),
+                index: i + 1,
+                source,
+            })?;
         }
-        let (_, cert) =
-            X509Certificate::from_der(first).map_err(|e| invalid(&cfg.cert, e.to_string()))?;
+        let cert = check_ca_cert(first).map_err(|source| SvidError::Ca {
+            path: cfg.cert.clone(),
+            index: 1,
+            source,
+        })?;
         let not_after = SystemTime::UNIX_EPOCH
             + Duration::from_secs(cert.validity().not_after.timestamp().max(0) as u64);
         let issuer = Issuer::from_ca_cert_der(&first.clone().into(), key)
@@ -423,45 +425,40 @@ fn check_ca_chain_link(
     parent: &[u8],
     td: &str,
     now: SystemTime,
-) -> Result<(), String> {
-    check_ca(der, key, Some(parent), td)?;
-    let (_, cert) = X509Certificate::from_der(der).map_err(|e| e.to_string())?;
-    let t = ASN1Time::from_timestamp(unix(now) as i64).map_err(|e| e.to_string())?;
+) -> Result<(), CaCertError> {
+    let cert = check_ca(der, key, Some(parent), td)?;
+    let t = ASN1Time::from_timestamp(unix(now) as i64).map_err(CaCertError::Clock)?;
     if !cert.validity().is_valid_at(t) {
-        return Err(format!(
-            "not valid now (valid {} to {})",
-            cert.validity().not_before,
-            cert.validity().not_after
-        ));
+        return Err(CaCertError::NotValidNow {
+            not_before: cert.validity().not_before.to_string(),
+            not_after: cert.validity().not_after.to_string(),
+        });
     }
     Ok(())
 }
 
 /// A signing certificate: a CA with `keyCertSign`, whose key is `key`
 /// (when given), signed by `parent`'s key, whose SPIFFE ID (if it has
-/// one) is the trust domain's.
-fn check_ca(
-    der: &[u8],
+/// one) is the trust domain's. Returns it parsed.
+fn check_ca<'a>(
+    der: &'a [u8],
     key: Option<&KeyPair>,
     parent: Option<&[u8]>,
     td: &str,
-) -> Result<(), String> {
-    let (_, cert) = X509Certificate::from_der(der).map_err(|e| format!("does not parse: {e}"))?;
-    if !matches!(cert.basic_constraints(), Ok(Some(bc)) if bc.value.ca) {
-        return Err("not a CA certificate (basicConstraints cA is not set)".into());
-    }
+) -> Result<X509Certificate<'a>, CaCertError> {
+    let cert = check_ca_cert(der)?;
     if !matches!(cert.key_usage(), Ok(Some(ku)) if ku.value.key_cert_sign()) {
-        return Err("its key usage lacks keyCertSign".into());
+        return Err(CaCertError::NoKeyCertSign);
     }
     if let Some(key) = key
         && cert.public_key().raw != key.subject_public_key_info().as_slice()
     {
-        return Err("the key file does not hold this certificate's key".into());
+        return Err(CaCertError::OtherKey);
     }
     if let Some(parent) = parent
         && !signs(parent, der)
     {
-        return Err("its signature does not verify against its issuer".into());
+        return Err(CaCertError::Signature);
     }
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         let want = format!("spiffe://{td}");
@@ -469,13 +466,14 @@ fn check_ca(
             if let GeneralName::URI(u) = name
                 && *u != want
             {
-                return Err(format!(
-                    "its URI SAN {u:?} is not the trust domain's SPIFFE ID {want}"
-                ));
+                return Err(CaCertError::Uri {
+                    uri: (*u).to_owned(),
+                    want,
+                });
             }
         }
     }
-    Ok(())
+    Ok(cert)
 }
 
 /// Reads a private key file, refusing one that group or others may read.

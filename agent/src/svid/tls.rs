@@ -2,19 +2,21 @@
 //! a peer only when its X.509-SVID verifies against the bundle of the
 //! peer's own trust domain and its SPIFFE ID is authorised, and configs
 //! that present an X.509-SVID. Used by the federation client
-//! (`https_spiffe`) and by workloads talking mutual TLS.
+//! (`https_spiffe`) and by workloads talking mutual TLS. What is not
+//! SPIFFE's (the provider, the handshake signatures) is `crate::tls`.
 
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::DistinguishedName;
+use rustls::client::danger::{ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 use super::x509::{Role, verify};
 use crate::identity::SpiffeId;
+use crate::tls::{handshake_signatures, provider};
 
 /// The X.509 bundle (DER CA certificates) of a trust domain, or `None`
 /// when its identities are not trusted.
@@ -22,11 +24,6 @@ pub type BundleSource = Arc<dyn Fn(&str) -> Option<Vec<Vec<u8>>> + Send + Sync>;
 
 /// Whether a verified peer identity may connect.
 pub type Authorizer = Arc<dyn Fn(&SpiffeId) -> bool + Send + Sync>;
-
-/// The *ring* provider every idgate TLS config uses.
-pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
 
 /// Verifies peers by SPIFFE ID; works as both a server's verifier of
 /// client certificates and a client's verifier of the server's.
@@ -96,27 +93,7 @@ impl ServerCertVerifier for SpiffeVerifier {
             .map(|_| ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
-    }
+    handshake_signatures!(algs);
 }
 
 impl ClientCertVerifier for SpiffeVerifier {
@@ -134,27 +111,7 @@ impl ClientCertVerifier for SpiffeVerifier {
             .map(|_| ClientCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
-    }
+    handshake_signatures!(algs);
 }
 
 /// A certificate chain and key as rustls takes them.
