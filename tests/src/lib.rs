@@ -12,6 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod fixture;
+pub use fixture::{Fixture, WEB};
+
 /// Why these tests cannot run here, if they cannot.
 pub fn skip_reason() -> Option<String> {
     if !nix::unistd::geteuid().is_root() {

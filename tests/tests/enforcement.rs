@@ -5,62 +5,22 @@
 //! "Allowed" is shown by `ok` (a listener accepted) or `ECONNREFUSED` (the
 //! kernel let the connect through to a closed port); "denied" by `EPERM`.
 
-use idgate_tests::{Agent, Cgroups, Listeners, probe, require_privileges};
+use idgate_tests::{Agent, Cgroups, Fixture, WEB, probe, require_privileges};
 use nix::sys::signal::Signal;
 
-const WEB: &str = "spiffe://example.org/web";
-
-/// Listeners outside every scope, and the policy that lets the `web`
-/// identity reach exactly them: TCP on 127.0.0.1 and ::1 at the TCP port,
-/// UDP on 127.0.0.1 at the UDP port.
-struct Fixture {
-    _listeners: Listeners,
-    tcp_port: u16,
-    udp_port: u16,
-}
-
-impl Fixture {
-    fn new() -> Self {
-        let listeners = Listeners::new();
-        Self {
-            tcp_port: listeners.tcp_port,
-            udp_port: listeners.udp_port,
-            _listeners: listeners,
-        }
-    }
-
-    fn policy(&self) -> String {
-        format!(
-            r#"
-            [unknown]
-            default = "deny"
-
-            [[identity]]
-            id = "{WEB}"
-            default = "deny"
-
-            [[identity.egress]]
-            name = "tcp-local"
-            to = ["127.0.0.1/32", "::1/128"]
-            ports = [{tcp}]
-            protocol = "tcp"
-            action = "allow"
-
-            [[identity.egress]]
-            name = "udp-local"
-            to = ["127.0.0.1/32"]
-            ports = [{udp}]
-            protocol = "udp"
-            action = "allow"
-            "#,
-            tcp = self.tcp_port,
-            udp = self.udp_port,
-        )
-    }
-
-    fn tcp4(&self) -> String {
-        format!("127.0.0.1:{}", self.tcp_port)
-    }
+/// The shared fixture's policy, and UDP to 127.0.0.1 at the UDP port.
+fn policy(f: &Fixture) -> String {
+    f.policy(&format!(
+        r#"
+        [[identity.egress]]
+        name = "udp-local"
+        to = ["127.0.0.1/32"]
+        ports = [{}]
+        protocol = "udp"
+        action = "allow"
+        "#,
+        f.udp_port
+    ))
 }
 
 fn web_binding() -> String {
@@ -73,7 +33,7 @@ fn tcp_and_udp_over_v4_v6_and_mapped_v6_are_judged_by_policy() {
     let f = Fixture::new();
     let mut cg = Cgroups::new("families");
     let web = cg.inside("web");
-    let _agent = Agent::start(&cg, &f.policy(), &web_binding());
+    let _agent = Agent::start(&cg, &policy(&f), &web_binding());
     let (t, u) = (f.tcp_port, f.udp_port);
     let web = Some(web.as_path());
 
@@ -141,7 +101,7 @@ fn unknown_cgroups_are_denied_and_cgroups_outside_the_scope_are_untouched() {
     let stranger = cg.inside("stranger");
     let outside = cg.outside("outside");
     let scope = cg.scope_dir();
-    let _agent = Agent::start(&cg, &f.policy(), &web_binding());
+    let _agent = Agent::start(&cg, &policy(&f), &web_binding());
     for dir in [stranger.as_path(), scope.as_path()] {
         assert_eq!(
             probe(Some(dir), "tcp", &f.tcp4()),
@@ -213,8 +173,8 @@ fn enforcement_outlives_a_killed_agent_and_a_restart_adopts_the_pins() {
     let mut cg = Cgroups::new("lifetime");
     let web = cg.inside("web");
     let web = Some(web.as_path());
-    let denied = format!("127.0.0.1:{}", f.tcp_port + 1);
-    let mut agent = Agent::start(&cg, &f.policy(), &web_binding());
+    let denied = f.next_tcp4();
+    let mut agent = Agent::start(&cg, &policy(&f), &web_binding());
     let first = agent.status();
     assert_eq!(first["programs"]["attached"].as_array().unwrap().len(), 5);
     let links = agent.pinned_links();
@@ -261,7 +221,7 @@ fn uninstall_after_the_scope_is_gone_removes_every_pin() {
     let f = Fixture::new();
     let mut cg = Cgroups::new("gone");
     let web = cg.inside("web");
-    let mut agent = Agent::start(&cg, &f.policy(), &web_binding());
+    let mut agent = Agent::start(&cg, &policy(&f), &web_binding());
     assert_eq!(agent.pinned_links().len(), 5);
     assert!(agent.stop(Signal::SIGTERM).success());
     for dir in [web, cg.scope_dir()] {

@@ -7,76 +7,35 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use idgate_tests::{
-    Agent, Cgroups, Listeners, free_loopback_port, json_lines, metric, probe, probe_with_pid,
+    Agent, Cgroups, Fixture, WEB, free_loopback_port, json_lines, metric, probe, probe_with_pid,
     repeat_counts, require_privileges, scrape, spawn_repeat, wait_for,
 };
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
-const WEB: &str = "spiffe://example.org/web";
 const AUDITED: &str = "spiffe://example.org/audited";
 
-/// Loopback listeners, and a policy: `web` may reach TCP `allowed` on
-/// 127.0.0.1 and ::1, the rule `no-db` denies TCP `allowed + 1`, anything
-/// else falls to the deny default; `audited` is in audit mode with the
-/// same default.
-struct Fixture {
-    _listeners: Listeners,
-    port: u16,
-    udp_port: u16,
-}
+/// The shared fixture's policy (`web` may reach TCP `tcp_port` on
+/// 127.0.0.1 and ::1), where the rule `no-db` denies TCP `tcp_port + 1`
+/// and anything else falls to the deny default; `audited` is in audit
+/// mode with the same default.
+fn policy(f: &Fixture) -> String {
+    f.policy(&format!(
+        r#"
+        [[identity.egress]]
+        name = "no-db"
+        to = ["127.0.0.1/32"]
+        ports = [{db}]
+        protocol = "tcp"
+        action = "deny"
 
-impl Fixture {
-    fn new() -> Self {
-        let listeners = Listeners::new();
-        Self {
-            port: listeners.tcp_port,
-            udp_port: listeners.udp_port,
-            _listeners: listeners,
-        }
-    }
-
-    fn policy(&self) -> String {
-        format!(
-            r#"
-            [unknown]
-            default = "deny"
-
-            [[identity]]
-            id = "{WEB}"
-            default = "deny"
-
-            [[identity.egress]]
-            name = "tcp-local"
-            to = ["127.0.0.1/32", "::1/128"]
-            ports = [{port}]
-            protocol = "tcp"
-            action = "allow"
-
-            [[identity.egress]]
-            name = "no-db"
-            to = ["127.0.0.1/32"]
-            ports = [{db}]
-            protocol = "tcp"
-            action = "deny"
-
-            [[identity]]
-            id = "{AUDITED}"
-            default = "deny"
-            audit = true
-            "#,
-            port = self.port,
-            db = self.port + 1,
-        )
-    }
-
-    fn allowed(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    fn db(&self) -> String {
-        format!("127.0.0.1:{}", self.port + 1)
-    }
+        [[identity]]
+        id = "{AUDITED}"
+        default = "deny"
+        audit = true
+        "#,
+        db = f.tcp_port + 1,
+    ))
 }
 
 /// Config for an agent with the web and audited cgroups bound, an audit
@@ -152,9 +111,9 @@ fn a_denied_connect_is_one_record_with_every_field() {
     let web = cg.inside("web");
     let log = audit_log(&cg);
     let _cleanup = Cleanup(log.clone());
-    let _agent = Agent::start(&cg, &f.policy(), &config(&log, "", None));
+    let _agent = Agent::start(&cg, &policy(&f), &config(&log, "", None));
 
-    let (pid, answer) = probe_with_pid(&web, "tcp", &f.db());
+    let (pid, answer) = probe_with_pid(&web, "tcp", &f.next_tcp4());
     assert_eq!(answer, "EPERM");
     let got = events(&log, 1);
     assert_eq!(got.len(), 1, "{got:#?}");
@@ -176,13 +135,15 @@ fn a_denied_connect_is_one_record_with_every_field() {
     assert_eq!(e["hook"], "connect4");
     assert_eq!(e["protocol"], "tcp");
     assert_eq!(e["dst_addr"], "127.0.0.1");
-    assert_eq!(e["dst_port"], f.port + 1);
+    assert_eq!(e["dst_port"], f.tcp_port + 1);
     assert_eq!(e["v4_mapped"], false);
     assert_eq!(e["cgroup_id"], cgroup_id(&web));
     // The probe has exited by now, most likely: the executable is named
-    // only while it runs.
+    // only while it runs, and the event says it exited otherwise.
     assert!(
-        e["exe"].is_null() || e["exe"].as_str().unwrap().ends_with("/idgate-probe"),
+        (e["exe"].is_null() && e["exe_unknown"] == "exited")
+            || (e["exe"].as_str().unwrap().ends_with("/idgate-probe")
+                && e["exe_unknown"].is_null()),
         "{e}"
     );
 }
@@ -198,12 +159,12 @@ fn records_name_the_rule_of_the_policy_that_decided_after_reloads() {
     let web = cg.inside("web");
     let log = audit_log(&cg);
     let _cleanup = Cleanup(log.clone());
-    let agent = Agent::start(&cg, &f.policy(), &config(&log, "", None));
+    let agent = Agent::start(&cg, &policy(&f), &config(&log, "", None));
     let mut seen = 0;
     for name in ["db-first", "db-second", "db-third"] {
-        agent.write_policy(&f.policy().replace("\"no-db\"", &format!("{name:?}")));
+        agent.write_policy(&policy(&f).replace("\"no-db\"", &format!("{name:?}")));
         agent.try_cli(&["policy", "reload"]).expect("reload");
-        assert_eq!(probe(Some(&web), "tcp", &f.db()), "EPERM");
+        assert_eq!(probe(Some(&web), "tcp", &f.next_tcp4()), "EPERM");
         seen += 1;
         let got = events(&log, seen);
         assert_eq!(got.len(), seen, "{got:#?}");
@@ -221,20 +182,20 @@ fn every_hook_and_reason_is_reported_as_decided() {
     let stranger = cg.inside("stranger");
     let log = audit_log(&cg);
     let _cleanup = Cleanup(log.clone());
-    let agent = Agent::start(&cg, &f.policy(), &config(&log, "", None));
+    let agent = Agent::start(&cg, &policy(&f), &config(&log, "", None));
     let u = f.udp_port;
 
     let cases: Vec<(&Path, &str, String, &str)> = vec![
         (
             &web,
             "tcp",
-            format!("[::ffff:127.0.0.2]:{}", f.port),
+            format!("[::ffff:127.0.0.2]:{}", f.tcp_port),
             "EPERM",
         ),
         (&web, "udp-sendto", format!("[::1]:{u}"), "EPERM"),
         (&web, "udp-sendto", format!("127.0.0.1:{u}"), "EPERM"),
-        (&stranger, "tcp", f.allowed(), "EPERM"),
-        (&audited, "tcp", f.allowed(), "ok"),
+        (&stranger, "tcp", f.tcp4(), "EPERM"),
+        (&audited, "tcp", f.tcp4(), "ok"),
     ];
     for (dir, op, addr, want) in &cases {
         assert_eq!(probe(Some(dir), op, addr), *want, "{op} {addr}");
@@ -319,7 +280,7 @@ fn every_hook_and_reason_is_reported_as_decided() {
 
     // A revoked identity is denied whatever its rules say, and told so.
     agent.try_cli(&["revoke", WEB]).expect("revoke");
-    assert_eq!(probe(Some(&web), "tcp", &f.allowed()), "EPERM");
+    assert_eq!(probe(Some(&web), "tcp", &f.tcp4()), "EPERM");
     let got = events(&log, cases.len() + 1);
     let e = got.last().unwrap();
     assert_schema(&validator, e);
@@ -339,14 +300,14 @@ fn allowed_connects_are_recorded_only_as_sampled() {
     let _cleanup = Cleanup(log.clone());
     let mut agent = Agent::start(
         &cg,
-        &f.policy(),
+        &policy(&f),
         &config(&log, "allow_sample_rate = 0.0", None),
     );
 
     // Sampling 0: the allowed connect leaves nothing; the denied one after
     // it shows the reader has caught up past it (the ring keeps order).
-    assert_eq!(probe(Some(&web), "tcp", &f.allowed()), "ok");
-    assert_eq!(probe(Some(&web), "tcp", &f.db()), "EPERM");
+    assert_eq!(probe(Some(&web), "tcp", &f.tcp4()), "ok");
+    assert_eq!(probe(Some(&web), "tcp", &f.next_tcp4()), "EPERM");
     let got = events(&log, 1);
     assert_eq!(got.len(), 1, "{got:#?}");
     assert_eq!(got[0]["verdict"], "deny");
@@ -354,7 +315,7 @@ fn allowed_connects_are_recorded_only_as_sampled() {
     // With no agent running the kernel still judges, and its record waits
     // in the pinned ring buffer for the next agent.
     assert!(agent.stop(Signal::SIGTERM).success());
-    let (pid, answer) = probe_with_pid(&web, "tcp", &f.db());
+    let (pid, answer) = probe_with_pid(&web, "tcp", &f.next_tcp4());
     assert_eq!(answer, "EPERM");
 
     // Sampling 1, after a restart: the waiting record, then exactly one
@@ -367,7 +328,7 @@ fn allowed_connects_are_recorded_only_as_sampled() {
     .unwrap();
     agent.spawn();
     agent.wait_ready();
-    assert_eq!(probe(Some(&web), "tcp", &f.allowed()), "ok");
+    assert_eq!(probe(Some(&web), "tcp", &f.tcp4()), "ok");
     let got = events(&log, 3);
     assert_eq!(got.len(), 3, "{got:#?}");
     let backlog = &got[1];
@@ -407,17 +368,17 @@ fn metrics_count_the_decisions_made() {
     let port = free_loopback_port();
     let _agent = Agent::start(
         &cg,
-        &f.policy(),
+        &policy(&f),
         &config(&log, "allow_sample_rate = 1.0", Some(port)),
     );
 
     for _ in 0..3 {
-        assert_eq!(probe(Some(&web), "tcp", &f.db()), "EPERM");
+        assert_eq!(probe(Some(&web), "tcp", &f.next_tcp4()), "EPERM");
     }
     for _ in 0..2 {
-        assert_eq!(probe(Some(&web), "tcp", &f.allowed()), "ok");
+        assert_eq!(probe(Some(&web), "tcp", &f.tcp4()), "ok");
     }
-    assert_eq!(probe(Some(&stranger), "tcp", &f.allowed()), "EPERM");
+    assert_eq!(probe(Some(&stranger), "tcp", &f.tcp4()), "EPERM");
     events(&log, 6);
 
     let text = scrape(port);
@@ -502,13 +463,13 @@ fn a_full_ring_buffer_counts_drops_and_loses_nothing_silently() {
     let log = audit_log(&cg);
     let _cleanup = Cleanup(log.clone());
     let port = free_loopback_port();
-    let agent = Agent::start(&cg, &f.policy(), &config(&log, "", Some(port)));
+    let agent = Agent::start(&cg, &policy(&f), &config(&log, "", Some(port)));
     // The ring buffer holds about 9,000 records: stall the reader and make
     // more denied connects than that.
     const FLOOD: u32 = 20_000;
     agent.signal(Signal::SIGSTOP);
     let started = Instant::now();
-    let counts = repeat_counts(spawn_repeat(&web, FLOOD, "tcp", &f.db()));
+    let counts = repeat_counts(spawn_repeat(&web, FLOOD, "tcp", &f.next_tcp4()));
     let flood_time = started.elapsed();
     assert_eq!(counts.get("EPERM"), Some(&FLOOD), "{counts:?}");
     let resumed = Instant::now();
@@ -546,7 +507,7 @@ fn a_full_ring_buffer_counts_drops_and_loses_nothing_silently() {
     // With the reader running, a flood the buffer can absorb loses nothing.
     const LIVE: u32 = 5_000;
     let started = Instant::now();
-    let counts = repeat_counts(spawn_repeat(&web, LIVE, "tcp", &f.db()));
+    let counts = repeat_counts(spawn_repeat(&web, LIVE, "tcp", &f.next_tcp4()));
     assert_eq!(counts.get("EPERM"), Some(&LIVE), "{counts:?}");
     let want = records + u64::from(LIVE);
     wait_for("the live flood's records", Duration::from_secs(30), || {
@@ -598,13 +559,13 @@ fn a_full_disk_is_counted_while_enforcement_goes_on() {
     // Every write to /dev/full fails with ENOSPC, as on a full disk.
     let agent = Agent::start(
         &cg,
-        &f.policy(),
+        &policy(&f),
         &config(Path::new("/dev/full"), "", Some(port)),
     );
     for _ in 0..3 {
-        assert_eq!(probe(Some(&web), "tcp", &f.db()), "EPERM");
+        assert_eq!(probe(Some(&web), "tcp", &f.next_tcp4()), "EPERM");
     }
-    assert_eq!(probe(Some(&web), "tcp", &f.allowed()), "ok");
+    assert_eq!(probe(Some(&web), "tcp", &f.tcp4()), "ok");
     let lost = wait_for("lost records counted", Duration::from_secs(10), || {
         let lost = metric(&scrape(port), "idgate_audit_log_lost_records_total", "")?;
         (lost >= 3.0).then_some(lost)

@@ -62,14 +62,19 @@ fn human(e: &Event) -> String {
         .as_ref()
         .map(|r| format!(" rule={r}"))
         .unwrap_or_default();
+    // What is known of a process that has gone is its pid and name.
+    let exe = match (&e.exe, e.exe_unknown) {
+        (Some(exe), _) => format!(" exe={exe}"),
+        (None, Some(why)) => format!(" exe=? ({})", why.as_str()),
+        (None, None) => String::new(),
+    };
     format!(
-        "{} {:5} {who} -> {dest}/{} reason={}{rule} pid={} comm={} exe={}",
+        "{} {:5} {who} -> {dest}/{} reason={}{rule} pid={} comm={}{exe}",
         e.time,
         e.verdict.as_str(),
         e.protocol,
         e.reason,
         e.pid,
         e.comm,
-        e.exe.as_deref().unwrap_or("-"),
     )
 }

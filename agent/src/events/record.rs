@@ -76,7 +76,33 @@ pub struct Event {
     pub comm: String,
     /// The executable, when the thread still runs under the same name.
     pub exe: Option<String>,
+    /// Why `exe` is `None`.
+    pub exe_unknown: Option<ExeUnknown>,
     pub cgroup_id: u64,
+}
+
+/// Why a decision's executable is not named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExeUnknown {
+    /// The thread had ended when the agent read the record.
+    Exited,
+    /// The thread runs under another name now: it renamed itself or ran
+    /// another program, or its id was reused.
+    Renamed,
+    /// `/proc/PID/exe` cannot be read: a kernel thread, or a process
+    /// ending as the agent looked.
+    Unreadable,
+}
+
+impl ExeUnknown {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Exited => "exited",
+            Self::Renamed => "renamed",
+            Self::Unreadable => "unreadable",
+        }
+    }
 }
 
 /// Turns records into events.
@@ -84,7 +110,7 @@ pub struct Enricher {
     /// `CLOCK_REALTIME - CLOCK_BOOTTIME`, in nanoseconds.
     boot_to_wall_ns: i128,
     /// Executables looked up in this batch, by pid, tid and thread name.
-    exes: HashMap<(u32, u32, [u8; 16]), Option<String>>,
+    exes: HashMap<(u32, u32, [u8; 16]), Result<String, ExeUnknown>>,
 }
 
 fn clock_ns(clock: ClockId) -> i128 {
@@ -132,6 +158,7 @@ impl Enricher {
             .entry((pid, tid, r.comm))
             .or_insert_with(|| exe_of(pid, tid, &comm))
             .clone();
+        let exe_unknown = exe.as_ref().err().copied();
         let wall_ns = i128::from(r.boot_ns) + self.boot_to_wall_ns;
         let time = UNIX_EPOCH + Duration::from_nanos(u64::try_from(wall_ns).unwrap_or(0));
         Event {
@@ -159,7 +186,8 @@ impl Enricher {
             uid: r.uid_gid as u32,
             gid: (r.uid_gid >> 32) as u32,
             comm,
-            exe,
+            exe: exe.ok(),
+            exe_unknown,
             cgroup_id: r.cgroup_id,
         }
     }
@@ -191,14 +219,15 @@ fn comm(raw: &[u8; 16]) -> String {
 
 /// The executable of process `pid`, if its thread `tid` still exists under
 /// the name the record has: a process that exited, or a pid reused by
-/// another program, gives `None` rather than a wrong answer.
-fn exe_of(pid: u32, tid: u32, comm: &str) -> Option<String> {
-    let now = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).ok()?;
+/// another program, gives why it is not named rather than a wrong answer.
+fn exe_of(pid: u32, tid: u32, comm: &str) -> Result<String, ExeUnknown> {
+    let now = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+        .map_err(|_| ExeUnknown::Exited)?;
     if now.strip_suffix('\n').unwrap_or(&now) != comm {
-        return None;
+        return Err(ExeUnknown::Renamed);
     }
-    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
-    Some(exe.to_string_lossy().into_owned())
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).map_err(|_| ExeUnknown::Unreadable)?;
+    Ok(exe.to_string_lossy().into_owned())
 }
 
 #[cfg(test)]
@@ -288,6 +317,7 @@ mod tests {
             e.exe,
             Some(std::env::current_exe().unwrap().display().to_string())
         );
+        assert_eq!(e.exe_unknown, None);
         // The wall-clock time is now, give or take.
         let t = humantime::parse_rfc3339(&e.time).unwrap();
         let skew = t.elapsed().unwrap_or_default();
@@ -307,6 +337,11 @@ mod tests {
         r.addr = [192, 0, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
         let e = Enricher::new().event(&r, &names().snapshot());
         assert_eq!((e.identity, e.rule, e.exe), (None, None, None));
+        assert_eq!(e.exe_unknown, Some(ExeUnknown::Renamed));
+        // No such thread: it has ended.
+        r.pid_tgid = (u64::from(std::process::id()) << 32) | u64::from(u32::MAX - 1);
+        let e = Enricher::new().event(&r, &names().snapshot());
+        assert_eq!((e.exe, e.exe_unknown), (None, Some(ExeUnknown::Exited)));
         assert_eq!(e.dst_addr.to_string(), "192.0.2.1");
         assert_eq!(e.comm, "someone-else");
 

@@ -450,6 +450,7 @@ mod tests {
             gid: 0,
             comm: "psql".into(),
             exe: None,
+            exe_unknown: None,
             cgroup_id: 42,
         };
         let line = serde_json::to_string(&event).unwrap();
