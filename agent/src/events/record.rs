@@ -85,13 +85,13 @@ pub struct Event {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ExeUnknown {
-    /// The thread had ended when the agent read the record.
+    /// The thread had ended (or its process was a zombie) when the agent
+    /// read the record.
     Exited,
     /// The thread runs under another name now: it renamed itself or ran
     /// another program, or its id was reused.
     Renamed,
-    /// `/proc/PID/exe` cannot be read: a kernel thread, or a process
-    /// ending as the agent looked.
+    /// `/proc/PID/exe` cannot be read of a live process: a kernel thread.
     Unreadable,
 }
 
@@ -226,7 +226,14 @@ fn exe_of(pid: u32, tid: u32, comm: &str) -> Result<String, ExeUnknown> {
     if now.strip_suffix('\n').unwrap_or(&now) != comm {
         return Err(ExeUnknown::Renamed);
     }
-    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).map_err(|_| ExeUnknown::Unreadable)?;
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).map_err(|_| {
+        // A process that has exited but is not yet reaped keeps its
+        // threads' names, not its executable.
+        match procfs::process::Process::new(pid as i32).and_then(|p| p.stat()) {
+            Ok(stat) if !matches!(stat.state, 'Z' | 'X') => ExeUnknown::Unreadable,
+            _ => ExeUnknown::Exited,
+        }
+    })?;
     Ok(exe.to_string_lossy().into_owned())
 }
 
