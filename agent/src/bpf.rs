@@ -21,8 +21,18 @@ pub enum BpfError {
         "{what}: permission denied; idgate needs root (or CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN) to load and attach its programs"
     )]
     Privileges { what: String },
-    #[error("bpffs: {0}")]
-    Bpffs(String),
+    #[error("cannot mount bpffs at {path}: {source}")]
+    BpffsMount {
+        path: &'static str,
+        source: nix::Error,
+    },
+    #[error(
+        "{} is not on a bpffs; mount one (mount -t bpf bpf /sys/fs/bpf) or set `pin_dir` under it",
+        .0.display()
+    )]
+    NotBpffs(std::path::PathBuf),
+    #[error(transparent)]
+    Cgroup(#[from] crate::cgroup::CgroupError),
     #[error("{path}: {source}")]
     Io {
         path: std::path::PathBuf,
@@ -35,20 +45,50 @@ pub enum BpfError {
         name: &'static str,
         source: aya::programs::ProgramError,
     },
-    #[error("link {path}: {message}")]
+    #[error("link {path}: {what}: {source}")]
     Link {
         path: std::path::PathBuf,
-        message: String,
+        what: &'static str,
+        source: LinkProblem,
     },
     #[error("map {name}: {source}")]
     Map {
         name: &'static str,
         source: aya::maps::MapError,
     },
-    #[error("map {name}: {message}")]
-    Unusable { name: &'static str, message: String },
+    #[error("map {name}: {source}")]
+    Unusable {
+        name: &'static str,
+        source: MapProblem,
+    },
     #[error("map {0} is missing from the eBPF object")]
     MissingMap(&'static str),
     #[error("no free identity slot: all {0} are in use")]
     SlotsFull(u32),
+}
+
+/// Why a map cannot be used as it is.
+#[derive(Debug, thiserror::Error)]
+pub enum MapProblem {
+    #[error("not an array")]
+    NotArray,
+    #[error("{entries} entries of {value_size} bytes, not {want} of 8")]
+    Shape {
+        entries: u32,
+        value_size: u32,
+        want: usize,
+    },
+    #[error("mmap: {0}")]
+    Mmap(#[source] nix::Error),
+}
+
+/// What went wrong with a link or a pin.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkProblem {
+    #[error(transparent)]
+    Link(#[from] aya::programs::links::LinkError),
+    #[error(transparent)]
+    Pin(#[from] aya::pin::PinError),
+    #[error("its program {0} is gone")]
+    ProgramGone(u32),
 }

@@ -30,7 +30,10 @@ pub fn ensure(pin_dir: &Path) -> Result<(), BpfError> {
             nix::Error::EPERM => BpfError::Privileges {
                 what: format!("mounting bpffs at {BPFFS}"),
             },
-            e => BpfError::Bpffs(format!("cannot mount bpffs at {BPFFS}: {e}")),
+            source => BpfError::BpffsMount {
+                path: BPFFS,
+                source,
+            },
         })?;
         tracing::info!(path = BPFFS, "mounted bpffs");
     }
@@ -39,10 +42,7 @@ pub fn ensure(pin_dir: &Path) -> Result<(), BpfError> {
         source,
     })?;
     if !is_bpffs(pin_dir) {
-        return Err(BpfError::Bpffs(format!(
-            "{} is not on a bpffs; mount one (mount -t bpf bpf /sys/fs/bpf) or set `pin_dir` under it",
-            pin_dir.display()
-        )));
+        return Err(BpfError::NotBpffs(pin_dir.to_owned()));
     }
     Ok(())
 }

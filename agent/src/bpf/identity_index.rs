@@ -13,7 +13,7 @@ use aya::maps::{Map, MapData};
 use idgate_common::{identity_index, maps};
 use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
 
-use super::BpfError;
+use super::{BpfError, MapProblem};
 
 const LEN: usize = identity_index::ENTRIES as usize;
 const BYTES: usize = LEN * size_of::<u64>();
@@ -33,18 +33,18 @@ impl IdentityIndex {
     /// Maps the array `map` (made with `BPF_F_MMAPABLE`) into this process.
     pub fn new(map: Map) -> Result<Self, BpfError> {
         let Map::Array(data) = map else {
-            return Err(fault("not an array"));
+            return Err(fault(MapProblem::NotArray));
         };
         let info = data.info().map_err(|source| BpfError::Map {
             name: maps::IDENTITY_INDEX,
             source,
         })?;
         if (info.value_size(), info.max_entries()) != (8, identity_index::ENTRIES) {
-            return Err(fault(&format!(
-                "{} entries of {} bytes, not {LEN} of 8",
-                info.max_entries(),
-                info.value_size()
-            )));
+            return Err(fault(MapProblem::Shape {
+                entries: info.max_entries(),
+                value_size: info.value_size(),
+                want: LEN,
+            }));
         }
         // SAFETY: a new shared mapping of the map's whole value area, which
         // nothing else in this process maps; it is unmapped on drop.
@@ -58,7 +58,7 @@ impl IdentityIndex {
                 0,
             )
         }
-        .map_err(|e| fault(&format!("mmap: {e}")))?;
+        .map_err(|e| fault(MapProblem::Mmap(e)))?;
         Ok(Self {
             entries: mapped.cast(),
             _map: data,
@@ -146,10 +146,10 @@ impl Drop for IdentityIndex {
     }
 }
 
-fn fault(message: &str) -> BpfError {
+fn fault(source: MapProblem) -> BpfError {
     BpfError::Unusable {
         name: maps::IDENTITY_INDEX,
-        message: message.to_owned(),
+        source,
     }
 }
 

@@ -25,7 +25,7 @@ use idgate_common::{Scope, maps, programs};
 
 use super::maps::{BindingMaps, GenerationMaps, SlotTable};
 use super::pins::Pins;
-use super::{BpfError, bpffs, syscall, upgrade};
+use super::{BpfError, LinkProblem, bpffs, syscall, upgrade};
 use crate::cgroup;
 
 /// The kernel programs, built by `build.rs`.
@@ -89,10 +89,7 @@ pub fn install(
     bpffs::ensure(pin_dir)?;
     upgrade::remove_retired_maps(pin_dir)?;
     let tries_changed = upgrade::remove_changed_tries(pin_dir)?;
-    let scope_id = cgroup::cgroup_id(scope_dir).map_err(|e| BpfError::Io {
-        path: scope_dir.to_owned(),
-        source: std::io::Error::other(e.to_string()),
-    })?;
+    let scope_id = cgroup::cgroup_id(scope_dir)?;
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pin_dir)
         // BTF-defined maps carry no pinning of their own.
@@ -189,7 +186,8 @@ pub fn install(
 fn pin_link(link: FdLink, pin: &Path) -> Result<(), BpfError> {
     link.pin(pin).map_err(|e| BpfError::Link {
         path: pin.to_owned(),
-        message: format!("cannot pin: {e}"),
+        what: "cannot pin",
+        source: e.into(),
     })?;
     Ok(())
 }
@@ -250,7 +248,8 @@ fn attach(ebpf: &mut Ebpf, name: &'static str, scope: &File) -> Result<FdLink, B
     let program_err = |source| BpfError::Program { name, source };
     let link_err = |e: aya::programs::links::LinkError| BpfError::Link {
         path: PathBuf::from(name),
-        message: e.to_string(),
+        what: "cannot take the attached link",
+        source: e.into(),
     };
     // With bpf links only `Single` is accepted (the kernel attaches links
     // as multi-attach; a descendant's own programs can add denials, never
@@ -290,19 +289,17 @@ fn loaded_tags() -> HashMap<u32, u64> {
 
 /// The tag of the program behind a pinned link, found in `loaded`.
 fn pinned_tag(pin: &Path, loaded: &HashMap<u32, u64>) -> Result<u64, BpfError> {
-    let unusable = |message: String| BpfError::Link {
+    let unusable = |source: LinkProblem| BpfError::Link {
         path: pin.to_owned(),
-        message: format!("pinned but not a usable link: {message}"),
+        what: "pinned but not a usable link",
+        source,
     };
-    let link = FdLink::from(PinnedLink::from_pin(pin).map_err(|e| unusable(e.to_string()))?);
-    let id = link
-        .info()
-        .map_err(|e| unusable(e.to_string()))?
-        .program_id();
+    let link = FdLink::from(PinnedLink::from_pin(pin).map_err(|e| unusable(e.into()))?);
+    let id = link.info().map_err(|e| unusable(e.into()))?.program_id();
     loaded
         .get(&id)
         .copied()
-        .ok_or_else(|| unusable(format!("its program {id} is gone")))
+        .ok_or_else(|| unusable(LinkProblem::ProgramGone(id)))
 }
 
 /// Pins `link` (already attached) under a staging name next to `pin`,

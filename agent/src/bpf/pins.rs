@@ -32,7 +32,8 @@ impl Pins {
         for path in links {
             let link = PinnedLink::from_pin(&path).map_err(|e| BpfError::Link {
                 path: path.clone(),
-                message: e.to_string(),
+                what: "cannot open the pin",
+                source: e.into(),
             })?;
             me.links.push((path, Some(link)));
         }
@@ -46,7 +47,8 @@ impl Pins {
             if !path.exists() {
                 data.pin(path).map_err(|e| BpfError::Link {
                     path: path.clone(),
-                    message: format!("cannot pin the map again: {e}"),
+                    what: "cannot pin the map again",
+                    source: e.into(),
                 })?;
                 restored.push(path.clone());
             }
@@ -56,7 +58,8 @@ impl Pins {
                 let link = FdLink::from(slot.take().expect("a link is held"));
                 let pinned = link.pin(&*path).map_err(|e| BpfError::Link {
                     path: path.clone(),
-                    message: format!("cannot pin the link again: {e}"),
+                    what: "cannot pin the link again",
+                    source: e.into(),
                 })?;
                 *slot = Some(pinned);
                 restored.push(path.clone());
