@@ -58,6 +58,24 @@ pub enum SvidError {
         index: usize,
         source: bundle::CaCertError,
     },
+    #[error("bundle for {trust_domain}: {source}")]
+    BundleKey {
+        trust_domain: String,
+        source: bundle::JwkError,
+    },
+    #[error("a certificate does not parse: {0}")]
+    Cert(#[source] x509_parser::nom::Err<x509_parser::error::X509Error>),
+    #[error("{path}: {source}")]
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("{path}: not a usable key or CA: {source}")]
+    Key { path: PathBuf, source: rcgen::Error },
+    #[error("JWT signing key: {0}")]
+    JwtKey(ring::error::KeyRejected),
+    #[error("issuing {what}: {source}")]
+    Sign { what: String, source: rcgen::Error },
     #[error("bundle for {trust_domain}: X.509 authority: {source}")]
     BundleAuthority {
         trust_domain: String,

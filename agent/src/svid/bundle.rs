@@ -145,8 +145,11 @@ impl Bundle {
     /// authority that is not a CA certificate, or a JWT authority without
     /// a `kid`, makes the whole bundle invalid.
     pub fn from_json(trust_domain: &str, json: &[u8]) -> Result<Self, SvidError> {
-        let bad = |m: String| SvidError::Bundle(format!("bundle for {trust_domain}: {m}"));
-        let set: JwkSet = serde_json::from_slice(json).map_err(|e| bad(e.to_string()))?;
+        let bad = |source| SvidError::BundleKey {
+            trust_domain: trust_domain.to_owned(),
+            source,
+        };
+        let set: JwkSet = serde_json::from_slice(json).map_err(|e| bad(JwkError::Json(e)))?;
         let mut bundle = Self::new(trust_domain);
         bundle.sequence = set.spiffe_sequence;
         bundle.refresh_hint = set.spiffe_refresh_hint;
@@ -156,9 +159,12 @@ impl Bundle {
                     let Some(first) = jwk.x5c.as_ref().and_then(|v| v.first()) else {
                         continue;
                     };
-                    let der = STANDARD
-                        .decode(first)
-                        .map_err(|e| bad(format!("x5c is not base64: {e}")))?;
+                    let der = STANDARD.decode(first).map_err(|source| {
+                        bad(JwkError::Base64 {
+                            name: "x5c",
+                            source,
+                        })
+                    })?;
                     check_ca_cert(&der).map_err(|source| SvidError::BundleAuthority {
                         trust_domain: trust_domain.to_owned(),
                         source,
@@ -166,13 +172,13 @@ impl Bundle {
                     bundle.x509_authorities.push(der);
                 }
                 Some(USE_JWT) => {
-                    let Some(key) = PublicJwk::from_jwk(&jwk).map_err(&bad)? else {
+                    let Some(key) = PublicJwk::from_jwk(&jwk).map_err(bad)? else {
                         continue;
                     };
                     let kid = jwk
                         .kid
                         .filter(|k| !k.is_empty())
-                        .ok_or_else(|| bad("a jwt-svid key without `kid`".into()))?;
+                        .ok_or_else(|| bad(JwkError::NoKid))?;
                     bundle.jwt_authorities.push(JwtAuthority { kid, key });
                 }
                 _ => {}
@@ -244,14 +250,15 @@ impl PublicJwk {
     }
 
     /// `None` for a key type the JWT-SVID algorithms here do not use.
-    fn from_jwk(jwk: &Jwk) -> Result<Option<Self>, String> {
-        let field = |v: &Option<String>, name: &str| -> Result<Vec<u8>, String> {
-            let s = v
-                .as_deref()
-                .ok_or(format!("{} key without `{name}`", jwk.kty))?;
+    fn from_jwk(jwk: &Jwk) -> Result<Option<Self>, JwkError> {
+        let field = |v: &Option<String>, name: &'static str| {
+            let s = v.as_deref().ok_or_else(|| JwkError::Missing {
+                kty: jwk.kty.clone(),
+                name,
+            })?;
             URL_SAFE_NO_PAD
                 .decode(s.trim_end_matches('='))
-                .map_err(|e| format!("`{name}` is not base64url: {e}"))
+                .map_err(|source| JwkError::Base64 { name, source })
         };
         Ok(match jwk.kty.as_str() {
             "EC" => {
@@ -277,8 +284,7 @@ impl PublicJwk {
 
 /// The public key of a certificate, as a JWK.
 fn public_jwk_of_cert(der: &[u8]) -> Result<PublicJwk, SvidError> {
-    let (_, cert) = X509Certificate::from_der(der)
-        .map_err(|e| SvidError::Bundle(format!("a CA certificate does not parse: {e}")))?;
+    let (_, cert) = X509Certificate::from_der(der).map_err(SvidError::Cert)?;
     let spki = cert.public_key();
     let unsupported = || SvidError::Bundle("a CA certificate's key type is not supported".into());
     match spki.parsed().map_err(|_| unsupported())? {
@@ -313,6 +319,22 @@ fn public_jwk_of_cert(der: &[u8]) -> Result<PublicJwk, SvidError> {
 fn strip_zeros(v: &[u8]) -> Vec<u8> {
     let start = v.iter().position(|b| *b != 0).unwrap_or(v.len());
     v[start..].to_vec()
+}
+
+/// Why a JWK of a bundle cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum JwkError {
+    #[error(transparent)]
+    Json(serde_json::Error),
+    #[error("{kty} key without `{name}`")]
+    Missing { kty: String, name: &'static str },
+    #[error("`{name}` is not base64: {source}")]
+    Base64 {
+        name: &'static str,
+        source: base64::DecodeError,
+    },
+    #[error("a jwt-svid key without `kid`")]
+    NoKid,
 }
 
 /// Why a certificate cannot stand as a CA of a bundle or an authority.
@@ -380,8 +402,7 @@ pub fn pem(label: &str, der: &[u8]) -> String {
 pub fn split_der(mut bytes: &[u8]) -> Result<Vec<Vec<u8>>, SvidError> {
     let mut out = Vec::new();
     while !bytes.is_empty() {
-        let (rest, _) = X509Certificate::from_der(bytes)
-            .map_err(|e| SvidError::Bundle(format!("a certificate does not parse: {e}")))?;
+        let (rest, _) = X509Certificate::from_der(bytes).map_err(SvidError::Cert)?;
         out.push(bytes[..bytes.len() - rest.len()].to_vec());
         bytes = rest;
     }

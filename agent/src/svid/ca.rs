@@ -254,7 +254,10 @@ impl Generation {
             0o600,
         )?;
         let root = if authority.upstream.is_none() {
-            let err = |e: rcgen::Error| SvidError::Issue(format!("CA for {td}: {e}"));
+            let err = |source| SvidError::Sign {
+                what: format!("the CA for {td}"),
+                source,
+            };
             let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(err)?;
             let cert = root_params(td, not_before, not_after)?
                 .self_signed(&key)
@@ -289,15 +292,15 @@ impl Generation {
     fn load(td: &str, dir: &Path, seq: u64, self_signed: bool) -> Result<Self, SvidError> {
         let validity_path = dir.join(VALIDITY);
         let validity: Validity =
-            serde_json::from_slice(&read(&validity_path)?).map_err(|e| SvidError::Invalid {
+            serde_json::from_slice(&read(&validity_path)?).map_err(|source| SvidError::Json {
                 path: validity_path,
-                message: e.to_string(),
+                source,
             })?;
         let jwt_path = dir.join(JWT_KEY);
         let jwt_der = private_key(&jwt_path)?;
-        let jwt = JwtSigner::from_pkcs8(&jwt_der).map_err(|e| SvidError::Invalid {
+        let jwt = JwtSigner::from_pkcs8(&jwt_der).map_err(|e| SvidError::File {
             path: jwt_path,
-            message: e.to_string(),
+            source: Box::new(e),
         })?;
         // A generation made under an upstream CA has no root of its own;
         // with the upstream gone it cannot sign X.509-SVIDs: refused.
@@ -327,10 +330,10 @@ impl Generation {
                     source,
                 }
             })?;
-            let issuer = Issuer::from_ca_cert_der(&der.clone().into(), key).map_err(|e| {
-                SvidError::Invalid {
+            let issuer = Issuer::from_ca_cert_der(&der.clone().into(), key).map_err(|source| {
+                SvidError::Key {
                     path: cert_path,
-                    message: e.to_string(),
+                    source,
                 }
             })?;
             Some(Root {
@@ -390,8 +393,12 @@ impl Upstream {
         })?;
         let not_after = SystemTime::UNIX_EPOCH
             + Duration::from_secs(cert.validity().not_after.timestamp().max(0) as u64);
-        let issuer = Issuer::from_ca_cert_der(&first.clone().into(), key)
-            .map_err(|e| invalid(&cfg.cert, e.to_string()))?;
+        let issuer = Issuer::from_ca_cert_der(&first.clone().into(), key).map_err(|source| {
+            SvidError::Key {
+                path: cfg.cert.clone(),
+                source,
+            }
+        })?;
         tracing::info!(
             trust_domain = td,
             cert = %cfg.cert.display(),
@@ -494,9 +501,9 @@ fn load_key_pair(path: &Path) -> Result<KeyPair, SvidError> {
         path: path.to_owned(),
         message: "not PEM text".into(),
     })?;
-    KeyPair::from_pem(&pem).map_err(|e| SvidError::Invalid {
+    KeyPair::from_pem(&pem).map_err(|source| SvidError::Key {
         path: path.to_owned(),
-        message: format!("not a usable private key: {e}"),
+        source,
     })
 }
 

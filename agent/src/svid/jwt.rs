@@ -49,7 +49,7 @@ impl JwtSigner {
             der,
             &SystemRandom::new(),
         )
-        .map_err(|e| SvidError::Issue(format!("JWT signing key: {e}")))?;
+        .map_err(SvidError::JwtKey)?;
         let point = key.public_key().as_ref();
         let digest = ring::digest::digest(&ring::digest::SHA256, point);
         let kid = URL_SAFE_NO_PAD.encode(&digest.as_ref()[..18]);

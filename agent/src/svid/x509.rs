@@ -57,7 +57,10 @@ pub(super) fn issue(
             "{id}: an X.509-SVID's SPIFFE ID needs a path"
         )));
     }
-    let sign = |e: rcgen::Error| SvidError::Issue(format!("{id}: {e}"));
+    let sign = |source| SvidError::Sign {
+        what: id.to_string(),
+        source,
+    };
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(sign)?;
     let not_before = now - (ttl / 10).min(MAX_BACKDATE);
     let not_after = (now + ttl).min(signer.not_after);
@@ -102,7 +105,10 @@ pub(super) fn root_params(
     not_before: SystemTime,
     not_after: SystemTime,
 ) -> Result<CertificateParams, SvidError> {
-    let err = |e: rcgen::Error| SvidError::Issue(format!("CA for {trust_domain}: {e}"));
+    let err = |source| SvidError::Sign {
+        what: format!("the CA for {trust_domain}"),
+        source,
+    };
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
     params
