@@ -15,8 +15,17 @@ pub enum RevocationError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("revocation file {path} is corrupt: {message}")]
-    Corrupt { path: PathBuf, message: String },
+    #[error("revocation file {path} is corrupt: {source}")]
+    Corrupt {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("revocation file {path} is corrupt: {id:?}: {source}")]
+    Id {
+        path: PathBuf,
+        id: String,
+        source: crate::identity::SpiffeIdError,
+    },
 }
 
 /// The set of revoked SPIFFE IDs and where it is kept.
@@ -32,14 +41,19 @@ impl Revocations {
         let path = state_dir.join("revoked.json");
         let ids = match std::fs::read(&path) {
             Ok(bytes) => {
-                let corrupt = |message: String| RevocationError::Corrupt {
-                    path: path.clone(),
-                    message,
-                };
                 let raw: Vec<String> =
-                    serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
-                raw.iter()
-                    .map(|s| s.parse().map_err(|e| corrupt(format!("{s:?}: {e}"))))
+                    serde_json::from_slice(&bytes).map_err(|source| RevocationError::Corrupt {
+                        path: path.clone(),
+                        source,
+                    })?;
+                raw.into_iter()
+                    .map(|id| {
+                        id.parse().map_err(|source| RevocationError::Id {
+                            path: path.clone(),
+                            id,
+                            source,
+                        })
+                    })
                     .collect::<Result<_, _>>()?
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeSet::new(),
