@@ -150,20 +150,22 @@ pub enum Role {
 }
 
 /// Why a presented X.509-SVID is not accepted.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum VerifyError {
     #[error("no certificate was presented")]
     Empty,
     #[error("the certificate does not parse: {0}")]
-    Parse(String),
+    Parse(#[source] x509_parser::nom::Err<x509_parser::error::X509Error>),
     #[error("not an X.509-SVID: {0}")]
     NotSvid(String),
     #[error("no bundle for trust domain {0}: its identities are not trusted here")]
     NoBundle(String),
-    #[error("the chain does not verify against the bundle of {trust_domain}: {reason}")]
+    #[error("the bundle of {0} holds no usable authority")]
+    NoAuthority(String),
+    #[error("the chain does not verify against the bundle of {trust_domain}: {source}")]
     Chain {
         trust_domain: String,
-        reason: String,
+        source: webpki::Error,
     },
 }
 
@@ -181,9 +183,9 @@ pub fn verify(
     let id = leaf_id(leaf)?;
     let td = id.trust_domain().to_owned();
     let bundle = bundle_of(&td).ok_or_else(|| VerifyError::NoBundle(td.clone()))?;
-    let chain_err = |reason: String| VerifyError::Chain {
+    let chain_err = |source| VerifyError::Chain {
         trust_domain: td.clone(),
-        reason,
+        source,
     };
     let bundle: Vec<CertificateDer<'_>> = bundle.into_iter().map(CertificateDer::from).collect();
     let anchors = bundle
@@ -191,9 +193,9 @@ pub fn verify(
         .filter_map(|c| webpki::anchor_from_trusted_cert(c).ok())
         .collect::<Vec<_>>();
     if anchors.is_empty() {
-        return Err(chain_err("the bundle holds no usable authority".into()));
+        return Err(VerifyError::NoAuthority(td));
     }
-    let end_entity = webpki::EndEntityCert::try_from(leaf).map_err(|e| chain_err(e.to_string()))?;
+    let end_entity = webpki::EndEntityCert::try_from(leaf).map_err(chain_err)?;
     let time = UnixTime::since_unix_epoch(
         now.duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default(),
@@ -214,7 +216,7 @@ pub fn verify(
             None,
             None,
         )
-        .map_err(|e| chain_err(format!("{e:?}")))?;
+        .map_err(chain_err)?;
     Ok(id)
 }
 
@@ -222,8 +224,7 @@ pub fn verify(
 /// checks: exactly one URI SAN, a SPIFFE ID with a path, no CA bit, key
 /// usage with `digitalSignature` and without `keyCertSign` or `cRLSign`.
 pub fn leaf_id(der: &[u8]) -> Result<SpiffeId, VerifyError> {
-    let (_, cert) =
-        X509Certificate::from_der(der).map_err(|e| VerifyError::Parse(e.to_string()))?;
+    let (_, cert) = X509Certificate::from_der(der).map_err(VerifyError::Parse)?;
     let not_svid = |m: &str| VerifyError::NotSvid(m.to_owned());
     if let Ok(Some(bc)) = cert.basic_constraints()
         && bc.value.ca
