@@ -46,14 +46,19 @@ impl Verdict {
     }
 }
 
-impl std::str::FromStr for Verdict {
-    type Err = String;
+/// A verdict that is neither `allow` nor `deny`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("verdict {0:?} is not allow or deny")]
+pub struct UnknownVerdict(pub String);
 
-    fn from_str(s: &str) -> Result<Self, String> {
+impl std::str::FromStr for Verdict {
+    type Err = UnknownVerdict;
+
+    fn from_str(s: &str) -> Result<Self, UnknownVerdict> {
         match s {
             "allow" => Ok(Self::Allow),
             "deny" => Ok(Self::Deny),
-            other => Err(format!("verdict {other:?} is not allow or deny")),
+            other => Err(UnknownVerdict(other.to_owned())),
         }
     }
 }
