@@ -22,6 +22,10 @@ pub enum AdminError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "control socket {path}: the daemon closed the connection without a reply (it stopped, or was stopped, before it answered)"
+    )]
+    NoReply { path: std::path::PathBuf },
     #[error("the daemon's reply is not understood: {0}")]
     BadReply(String),
     #[error(

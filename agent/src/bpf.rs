@@ -10,7 +10,7 @@ pub mod ring;
 mod syscall;
 mod upgrade;
 
-pub use loader::{Attachment, Enforcer, ExecNotices, install, uninstall};
+pub use loader::{Attachment, Enforcer, ExecNotices, Uninstalled, install, uninstall};
 pub use maps::{BindingMaps, GenerationMaps, SlotTable, Written};
 pub use pins::Pins;
 
@@ -21,16 +21,22 @@ pub enum BpfError {
         "{what}: permission denied; idgate needs root (or CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN) to load and attach its programs"
     )]
     Privileges { what: String },
-    #[error("cannot mount bpffs at {path}: {source}")]
-    BpffsMount {
-        path: &'static str,
+    #[error(
+        "bpffs: {path} is not on a bpffs; mount one (mount -t bpf bpf /sys/fs/bpf) or set `pin_dir` under it"
+    )]
+    NotBpffs { path: std::path::PathBuf },
+    #[error("bpffs: cannot mount bpffs at {path}: {source}")]
+    Mount {
+        path: std::path::PathBuf,
         source: nix::Error,
     },
     #[error(
-        "{} is not on a bpffs; mount one (mount -t bpf bpf /sys/fs/bpf) or set `pin_dir` under it",
-        .0.display()
+        "bpffs: another process has held {path} for over {waited:?} (the lock idgate processes take to look for bpffs and mount it): find it with `fuser -v {path}`"
     )]
-    NotBpffs(std::path::PathBuf),
+    MountLockBusy {
+        path: std::path::PathBuf,
+        waited: std::time::Duration,
+    },
     #[error(transparent)]
     Cgroup(#[from] crate::cgroup::CgroupError),
     #[error("{path}: {source}")]

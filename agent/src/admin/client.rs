@@ -67,6 +67,9 @@ fn exchange<T: DeserializeOwned>(
     reader.read_line(&mut reply).map_err(io)?;
     if reply.is_empty() {
         written.map_err(io)?;
+        return Err(AdminError::NoReply {
+            path: socket.to_owned(),
+        });
     }
     Ok((read_reply(&reply)?, reader))
 }

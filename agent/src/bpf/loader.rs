@@ -360,11 +360,26 @@ fn remove_link(path: &Path) -> Result<(), BpfError> {
     bpffs::unpin(path)
 }
 
+/// What [`uninstall`] found and did.
+#[derive(Debug)]
+pub enum Uninstalled {
+    /// No bpffs holds the pin directory (none is mounted where it would
+    /// be): nothing can be pinned there, and nothing was removed. Uninstall
+    /// never mounts one: a mount would hide another one that a process
+    /// starting at the same moment makes.
+    NoBpffs,
+    /// The pins removed; none when the pin directory is not there.
+    Removed(Vec<PathBuf>),
+}
+
 /// Removes every pin idgate made: its links, detached first, and its maps.
-/// Returns what was removed.
-pub fn uninstall(pin_dir: &Path) -> Result<Vec<PathBuf>, BpfError> {
+/// Never mounts anything.
+pub fn uninstall(pin_dir: &Path) -> Result<Uninstalled, BpfError> {
+    if !bpffs::holds_pins(pin_dir) {
+        return Ok(Uninstalled::NoBpffs);
+    }
     if !pin_dir.exists() {
-        return Ok(Vec::new());
+        return Ok(Uninstalled::Removed(Vec::new()));
     }
     let links = pinned_links(pin_dir)?;
     for path in &links {
@@ -384,5 +399,5 @@ pub fn uninstall(pin_dir: &Path) -> Result<Vec<PathBuf>, BpfError> {
     if let Err(e) = std::fs::remove_dir(pin_dir) {
         tracing::warn!(path = %pin_dir.display(), error = %e, "pin directory left in place");
     }
-    Ok(removed)
+    Ok(Uninstalled::Removed(removed))
 }

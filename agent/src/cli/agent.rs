@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use idgate::admin;
+use idgate::bpf::Uninstalled;
 use idgate::config::Config;
 
 use super::DEFAULT_CONFIG;
@@ -41,14 +42,23 @@ pub fn uninstall(args: UninstallArgs) -> anyhow::Result<()> {
             config.control_socket.display()
         );
     }
-    let removed = idgate::bpf::uninstall(&config.pin_dir)?;
-    for path in &removed {
-        println!("removed {}", path.display());
+    let pin_dir = config.pin_dir.display();
+    match idgate::bpf::uninstall(&config.pin_dir)? {
+        Uninstalled::NoBpffs => println!(
+            "no bpffs is mounted where {pin_dir} would be: nothing is pinned there, nothing to remove (uninstall mounts nothing)"
+        ),
+        Uninstalled::Removed(removed) if removed.is_empty() => {
+            println!("nothing is pinned at {pin_dir}: nothing to remove");
+        }
+        Uninstalled::Removed(removed) => {
+            for path in &removed {
+                println!("removed {}", path.display());
+            }
+            println!(
+                "idgate uninstalled from {pin_dir} ({} pins removed)",
+                removed.len()
+            );
+        }
     }
-    println!(
-        "idgate uninstalled from {} ({} pins removed)",
-        config.pin_dir.display(),
-        removed.len()
-    );
     Ok(())
 }
