@@ -26,16 +26,60 @@ pub fn skip_reason() -> Option<String> {
     None
 }
 
-/// Skips the calling test (with its reason printed) when the machine lacks
-/// what these tests need; everything else is a hard failure.
+/// Whether a test that cannot run here fails instead of skipping: when
+/// `IDGATE_E2E` is set (to anything but empty or `0`), as CI (`.ci/run`)
+/// sets it, a missing privilege, kernel feature or tool is a failure.
+pub fn must_run() -> bool {
+    std::env::var_os("IDGATE_E2E").is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+/// The one rule for a test that cannot run here, for `reason`: with
+/// `IDGATE_E2E` set it fails (panics); without, it prints `skipped:
+/// REASON` and the caller returns (cargo shows that as a pass, and hides
+/// the line unless run with `--nocapture`).
+#[track_caller]
+pub fn cannot_run(reason: &str) {
+    assert!(
+        !must_run(),
+        "this test cannot run here: {reason} (IDGATE_E2E is set, so that fails the test instead of skipping it)"
+    );
+    eprintln!("skipped: {reason}");
+}
+
+/// Skips (or, with `IDGATE_E2E` set, fails) the calling test when the
+/// machine lacks what these tests need: root and cgroup v2. Everything
+/// else is a hard failure.
 #[macro_export]
 macro_rules! require_privileges {
     () => {
         if let Some(reason) = $crate::skip_reason() {
-            eprintln!("skipped: {reason}");
+            $crate::cannot_run(&reason);
             return;
         }
     };
+}
+
+/// Skips (or, with `IDGATE_E2E` set, fails) the calling test when one of
+/// the programs it runs is not on `PATH`.
+#[macro_export]
+macro_rules! require_tools {
+    ($($tool:expr),+ $(,)?) => {
+        if let Some(reason) = $crate::missing_tools(&[$($tool),+]) {
+            $crate::cannot_run(&reason);
+            return;
+        }
+    };
+}
+
+/// Which of `tools` are not found on `PATH`, as a reason to give.
+pub fn missing_tools(tools: &[&str]) -> Option<String> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let missing: Vec<&str> = tools
+        .iter()
+        .copied()
+        .filter(|tool| !std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
+        .collect();
+    (!missing.is_empty()).then(|| format!("needs {} on PATH", missing.join(", ")))
 }
 
 /// The cgroup v2 mount point, from the kernel's mount table.
@@ -192,6 +236,103 @@ fn collect_subdirs(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
+/// A mount namespace of a test's own, as on a fresh machine: no bpffs at
+/// `/sys/fs/bpf` (each one there, stacked or not, is lazily unmounted
+/// inside it; the host's mounts are not touched). Every other mount is the
+/// host's, and cgroups and bpf attachments are machine-wide as ever.
+/// Processes join it with `nsenter` ([`MountNs::command`]). It lives as
+/// long as its holder, a shell `unshare` starts that waits for its stdin
+/// to close: on drop, or when the test process dies however it dies.
+pub struct MountNs {
+    holder: Child,
+}
+
+/// Shell words that lazily unmount every bpffs stacked at `/sys/fs/bpf`
+/// (at most 16) in the calling shell's mount namespace.
+pub const UNMOUNT_BPFFS: &str =
+    "i=0; while [ $i -lt 16 ] && umount -l /sys/fs/bpf 2>/dev/null; do i=$((i+1)); done";
+
+impl MountNs {
+    /// Makes the namespace (needs root, `unshare` and `nsenter`).
+    pub fn fresh() -> Self {
+        use std::io::BufRead;
+        let mut holder = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg(format!("{UNMOUNT_BPFFS}; echo ready; read _"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn unshare");
+        let mut line = String::new();
+        std::io::BufReader::new(holder.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("read from unshare");
+        let ns = Self { holder };
+        assert_eq!(line.trim(), "ready", "unshare did not make the namespace");
+        let left = ns.bpffs_mounts(ns.pid());
+        assert!(left.is_empty(), "bpffs still mounted inside: {left:?}");
+        ns
+    }
+
+    /// The holder's pid: `/proc/PID/ns/mnt` is the namespace.
+    pub fn pid(&self) -> u32 {
+        self.holder.id()
+    }
+
+    /// `program` to be run inside the namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        nsenter(self.pid(), program)
+    }
+
+    /// Where `path`, as the namespace sees it, is reached from outside.
+    pub fn path(&self, path: &Path) -> PathBuf {
+        path_in(self.pid(), path)
+    }
+
+    /// The bpffs mounts at `/sys/fs/bpf` that the process `pid` sees (its
+    /// mountinfo lines), bottom first.
+    pub fn bpffs_mounts(&self, pid: u32) -> Vec<String> {
+        let path = format!("/proc/{pid}/mountinfo");
+        let table =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
+        table
+            .lines()
+            .filter(|line| {
+                let Some((pre, post)) = line.split_once(" - ") else {
+                    return false;
+                };
+                pre.split(' ').nth(4) == Some("/sys/fs/bpf") && post.starts_with("bpf ")
+            })
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+/// `program` run (by `nsenter`, which execs it: same pid) in the mount
+/// namespace of the process `holder`.
+fn nsenter(holder: u32, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--mount=/proc/{holder}/ns/mnt"))
+        .arg("--")
+        .arg(program);
+    cmd
+}
+
+/// Where `path`, as the process `holder` sees it, is reached from any
+/// mount namespace.
+fn path_in(holder: u32, path: &Path) -> PathBuf {
+    Path::new(&format!("/proc/{holder}/root")).join(path.strip_prefix("/").unwrap_or(path))
+}
+
+impl Drop for MountNs {
+    fn drop(&mut self) {
+        // Closing its stdin ends the holder; a kill makes sure.
+        drop(self.holder.stdin.take());
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
+    }
+}
+
 /// A running agent with its own config, policy, pin dir and socket. On
 /// drop it is killed and its pins and files are removed.
 pub struct Agent {
@@ -201,6 +342,12 @@ pub struct Agent {
     pub socket: PathBuf,
     pub pin_dir: PathBuf,
     log: PathBuf,
+    /// The holder of the mount namespace it runs in (see [`MountNs`]), if
+    /// not the test's.
+    mount_ns: Option<u32>,
+    /// A program (and its arguments) that runs the agent, e.g. under
+    /// `strace`; it must exec the agent in the process it is started as.
+    wrapper: Vec<String>,
 }
 
 impl Agent {
@@ -232,6 +379,45 @@ impl Agent {
             config,
             socket,
             pin_dir,
+            mount_ns: None,
+            wrapper: Vec::new(),
+        }
+    }
+
+    /// Makes `wrapper` (a program and its arguments, ending where the
+    /// agent's command starts) run the agent from now on. It must become
+    /// the agent in the process it is started as, as `strace -D` does, so
+    /// the agent's pid is the one the test holds.
+    pub fn wrap_with(&mut self, wrapper: &[&str]) {
+        self.wrapper = wrapper.iter().map(|w| (*w).to_owned()).collect();
+    }
+
+    /// Makes the agent, and its `uninstall`, run in `ns` from now on (`ns`
+    /// must outlive it: make it first).
+    pub fn run_in(&mut self, ns: &MountNs) {
+        assert!(self.child.is_none(), "agent already running");
+        self.mount_ns = Some(ns.pid());
+    }
+
+    /// The running agent's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("agent running").id()
+    }
+
+    /// `idgate` run where the agent runs: in its mount namespace, if it has
+    /// one of its own (through `nsenter`, which becomes `idgate`).
+    fn idgate(&self) -> Command {
+        match self.mount_ns {
+            Some(holder) => nsenter(holder, target_bin("idgate")),
+            None => Command::new(target_bin("idgate")),
+        }
+    }
+
+    /// The pin directory as the test reaches it.
+    pub fn pin_path(&self) -> PathBuf {
+        match self.mount_ns {
+            Some(holder) => path_in(holder, &self.pin_dir),
+            None => self.pin_dir.clone(),
         }
     }
 
@@ -252,7 +438,20 @@ impl Agent {
             .append(true)
             .open(&self.log)
             .expect("log file");
-        let child = Command::new(target_bin("idgate"))
+        let mut cmd = match (self.wrapper.split_first(), self.mount_ns) {
+            (None, _) => self.idgate(),
+            (Some((program, args)), Some(holder)) => {
+                let mut cmd = nsenter(holder, program);
+                cmd.args(args).arg(target_bin("idgate"));
+                cmd
+            }
+            (Some((program, args)), None) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(target_bin("idgate"));
+                cmd
+            }
+        };
+        let child = cmd
             .args(["agent", "--config"])
             .arg(&self.config)
             .env("RUST_LOG", "info")
@@ -335,7 +534,7 @@ impl Agent {
 
     /// Link pins currently in the pin directory.
     pub fn pinned_links(&self) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(&self.pin_dir)
+        let mut v: Vec<String> = std::fs::read_dir(self.pin_path())
             .map(|r| {
                 r.flatten()
                     .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -353,7 +552,8 @@ impl Agent {
 
     /// `idgate uninstall` for this agent's config.
     pub fn uninstall(&self) -> Result<String, String> {
-        let out = Command::new(target_bin("idgate"))
+        let out = self
+            .idgate()
             .args(["uninstall", "--config"])
             .arg(&self.config)
             .output()
@@ -380,7 +580,7 @@ impl Drop for Agent {
         if let Err(e) = self.uninstall() {
             eprintln!("warning: uninstall failed: {e}");
         }
-        let _ = std::fs::remove_dir_all(&self.pin_dir);
+        let _ = std::fs::remove_dir_all(self.pin_path());
         if std::thread::panicking() {
             eprintln!("agent log ({}):\n{}", self.log.display(), self.log());
         }
