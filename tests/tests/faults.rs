@@ -153,17 +153,13 @@ fn sigkill_mid_reload_keeps_enforcement_and_a_consistent_generation() {
     let allowed = format!("127.0.0.1:{port}");
     // The new policy is big (its reload takes a while) and still allows
     // the same destination.
-    agent.write_policy(&policy(port, 30_000));
-    let socket = agent.socket.clone();
-    let reload = std::thread::spawn(move || {
-        std::process::Command::new(idgate_tests::target_bin("idgate"))
-            .args(["policy", "reload", "--socket"])
-            .arg(&socket)
-            .output()
-    });
-    std::thread::sleep(Duration::from_millis(150));
-    agent.stop(Signal::SIGKILL);
-    let _ = reload.join();
+    let attempts = kill_mid_reload(
+        &mut agent,
+        &policy(port, 0),
+        &policy(port, 30_000),
+        Duration::from_millis(150),
+    );
+    eprintln!("the kill landed mid-reload: {attempts:?}");
     // Whichever generation is active, it is whole: the allowed destination
     // connects, the rest is denied.
     assert_eq!(probe(Some(&web), "tcp", &allowed), "ok");
@@ -175,6 +171,90 @@ fn sigkill_mid_reload_keeps_enforcement_and_a_consistent_generation() {
     assert_eq!(probe(Some(&web), "tcp", "127.0.0.2:9"), "EPERM");
     let rules = agent.status()["rules"].as_u64().unwrap();
     assert_eq!(rules, 30_001);
+}
+
+/// Where a SIGKILL `delay` after `idgate policy reload` was sent landed.
+#[derive(Debug, PartialEq)]
+enum Landed {
+    /// Before the agent read the request: the reload could not connect,
+    /// or its request was still unread (ECONNRESET).
+    Early(Duration, String),
+    /// Mid-reload: the agent read the request and died before it
+    /// answered, and it never logged the reload's end.
+    Mid(Duration),
+    /// After the reload ended (answered, or logged as ended).
+    Late(Duration),
+}
+
+/// At most this many tries, for at most this long, to land the kill.
+const KILL_TRIES: usize = 8;
+const KILL_BUDGET: Duration = Duration::from_secs(240);
+
+/// Kills the running agent (SIGKILL) while it reloads from its `small`
+/// policy to the `big` one, `delay` after the reload is sent; when the
+/// kill lands before or after the reload instead, it starts the agent on
+/// `small` again and tries another delay (halfway between the latest
+/// early and late ones once there are both), at most [`KILL_TRIES`] times
+/// in [`KILL_BUDGET`]. Returns every try's outcome (the last one `Mid`),
+/// leaves the agent stopped and `big` in its files; panics naming every
+/// outcome when no kill lands mid-reload.
+fn kill_mid_reload(agent: &mut Agent, small: &str, big: &str, delay: Duration) -> Vec<Landed> {
+    let started = std::time::Instant::now();
+    let (mut early, mut late): (Option<Duration>, Option<Duration>) = (None, None);
+    let mut delay = delay;
+    let mut tries = Vec::new();
+    while tries.len() < KILL_TRIES && started.elapsed() < KILL_BUDGET {
+        if !tries.is_empty() {
+            agent.write_policy(small);
+            agent.spawn();
+            agent.wait_ready();
+        }
+        agent.write_policy(big);
+        let log_before = agent.log().len();
+        let socket = agent.socket.clone();
+        let reload = std::thread::spawn(move || {
+            std::process::Command::new(idgate_tests::target_bin("idgate"))
+                .args(["policy", "reload", "--socket"])
+                .arg(&socket)
+                .output()
+                .expect("run idgate policy reload")
+        });
+        std::thread::sleep(delay);
+        agent.stop(Signal::SIGKILL);
+        let out = reload.join().expect("reload thread");
+        let said = String::from_utf8_lossy(&out.stderr).into_owned();
+        let log = agent.log();
+        let ended = ["policy reloaded", "policy reload refused"]
+            .iter()
+            .any(|end| log[log_before..].contains(end));
+        let landed = if out.status.success() || ended {
+            Landed::Late(delay)
+        } else if said.contains("closed the connection without a reply") {
+            Landed::Mid(delay)
+        } else {
+            Landed::Early(delay, said.trim().to_owned())
+        };
+        match landed {
+            Landed::Mid(_) => {
+                tries.push(landed);
+                return tries;
+            }
+            Landed::Early(d, _) => early = Some(d),
+            Landed::Late(d) => late = Some(d),
+        }
+        tries.push(landed);
+        delay = match (early, late) {
+            (Some(e), Some(l)) => (e + l) / 2,
+            (Some(e), None) => e * 2,
+            (None, Some(l)) => l / 2,
+            (None, None) => unreachable!("a try was early or late"),
+        };
+    }
+    panic!(
+        "no SIGKILL landed mid-reload in {} tries ({:?}): {tries:#?}",
+        tries.len(),
+        started.elapsed()
+    );
 }
 
 #[test]
