@@ -26,7 +26,8 @@
 # Python tools go into a virtual environment under target/ (pinned in
 # deploy/validate-requirements.txt), installed once and reused while the
 # pins do not change. A check whose tool is missing here is skipped with
-# the reason printed, never counted as passed.
+# the reason printed, never counted as passed; with IDGATE_E2E set (to
+# anything but empty or 0, as .ci/run sets it) it fails instead.
 #
 # The units under a running systemd (PID 1 of a container): a heavier,
 # manual check, deploy/systemd/check-in-nspawn.sh.
@@ -57,7 +58,15 @@ fail() {
     if [ -n "${2:-}" ] && [ -s "$2" ]; then sed 's/^/     | /' "$2"; fi
     failed=$((failed + 1))
 }
-skip() { echo "skip $1: $2"; skipped=$((skipped + 1)); }
+skip() {
+    if [ -n "${IDGATE_E2E:-}" ] && [ "$IDGATE_E2E" != 0 ]; then
+        echo "FAIL $1: cannot run here: $2 (IDGATE_E2E is set)"
+        failed=$((failed + 1))
+    else
+        echo "skip $1: $2"
+        skipped=$((skipped + 1))
+    fi
+}
 
 # Runs a check: its name, then the command. Output is shown only when it
 # fails.

@@ -17,6 +17,8 @@ pub mod policy;
 pub mod privileges;
 pub mod revocations;
 pub mod svid;
+#[cfg(test)]
+mod testing;
 pub mod tls;
 pub mod workload_api;
 pub mod workloads;

@@ -135,7 +135,8 @@ pub fn run(args: BenchArgs, root: &Path) -> Result<()> {
     Ok(())
 }
 
-fn is_root() -> bool {
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }

@@ -66,7 +66,7 @@ fn main() -> Result<()> {
             cargo(&["fmt", "--all", "--check"])?;
             cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
             build(false)?;
-            let tests = cargo(&[&["test", "--no-fail-fast"][..], &as_strs(&args)].concat());
+            let tests = cargo_test(&[&["test", "--no-fail-fast"][..], &as_strs(&args)].concat());
             // The deployment files are checked with real validators too
             // (a full run only: a filtered one is about one test).
             let deploy = if args.is_empty() {
@@ -104,6 +104,55 @@ fn build(release: bool) -> Result<()> {
         args.push("--release");
     }
     cargo(&args)
+}
+
+/// Lazily unmounts every bpffs stacked at `/sys/fs/bpf` (at most 16), then
+/// makes sure none is left, in the shell's mount namespace.
+const UNMOUNT_BPFFS: &str = r#"i=0
+while [ $i -lt 16 ] && umount -l /sys/fs/bpf 2>/dev/null; do i=$((i+1)); done
+if awk '$5 == "/sys/fs/bpf" && / - bpf /' /proc/self/mountinfo | grep -q .; then
+  echo "xtask: bpffs is still mounted at /sys/fs/bpf in the tests' mount namespace" >&2
+  exit 1
+fi
+exec "$@""#;
+
+/// `cargo ARGS` for the tests. As root, in a mount namespace of their own
+/// (`unshare`, private propagation) where no bpffs is mounted at
+/// `/sys/fs/bpf`, as on a fresh machine: the suite's agents mount their
+/// own bpffs there, and race each other to, as they would at boot; none of
+/// the host's mounts is touched (or seen: a bpffs the host has already is
+/// what would hide that race). Cgroups and bpf attachments are
+/// machine-wide as ever; the pins live as long as the namespace. Not root,
+/// or without `unshare` (util-linux): plain `cargo ARGS`, but with
+/// `IDGATE_E2E` set that is a failure.
+fn cargo_test(args: &[&str]) -> Result<()> {
+    if !bench::is_root() {
+        return cargo(args);
+    }
+    if setup::which("unshare").is_none() {
+        let reason = "`unshare` (util-linux) is missing: the tests run in the host's mount namespace, where they cannot start from a machine without bpffs";
+        if std::env::var_os("IDGATE_E2E").is_some_and(|v| !v.is_empty() && v != "0") {
+            bail!("{reason} (IDGATE_E2E is set)");
+        }
+        eprintln!("xtask: warning: {reason}");
+        return cargo(args);
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg(UNMOUNT_BPFFS)
+        .arg("sh")
+        .arg(&cargo)
+        .args(args)
+        .status()
+        .with_context(|| format!("running {cargo} {} under unshare", args.join(" ")))?;
+    if !status.success() {
+        bail!(
+            "`cargo {}` (in a mount namespace without bpffs) failed ({status})",
+            args.join(" ")
+        );
+    }
+    Ok(())
 }
 
 fn as_strs(v: &[String]) -> Vec<&str> {

@@ -31,9 +31,14 @@ pub fn run() -> Result<()> {
     install_bpf_linker(&sysroot, llvm_major)
 }
 
-/// Debian packages the test run's deployment checks use: `kubectl`
-/// (kustomize rendering) and `systemd` (`systemd-analyze verify`).
-const TEST_PACKAGES: [(&str, &str); 2] = [("kubectl", "kubectl"), ("systemd-analyze", "systemd")];
+/// Debian packages the test run uses: the deployment checks' `kubectl`
+/// (kustomize rendering) and `systemd` (`systemd-analyze verify`), and
+/// `strace` (tests/tests/bpffs.rs slows the agents' statfs(2) with it).
+const TEST_PACKAGES: [(&str, &str); 3] = [
+    ("kubectl", "kubectl"),
+    ("systemd-analyze", "systemd"),
+    ("strace", "strace"),
+];
 
 /// Installs the test run's Debian packages that are missing (as root).
 pub fn test_tools() -> Result<()> {
@@ -59,7 +64,7 @@ pub fn test_tools() -> Result<()> {
 }
 
 /// A command's path on `PATH`, if there is one.
-fn which(command: &str) -> Option<PathBuf> {
+pub fn which(command: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
             .map(|dir| dir.join(command))
