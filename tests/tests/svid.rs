@@ -16,6 +16,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use idgate_tests::{Agent, Cgroups, require_privileges, target_bin, wait_for};
+// A test that cannot run here skips, or fails with IDGATE_E2E set (CI):
+// the suite's one rule.
+use idgate_tests::cannot_run as unavailable;
 use serde_json::Value;
 
 const ALPHA: &str = "spiffe://example.org/alpha";
@@ -677,22 +680,6 @@ fn any_authority_on_the_socket_is_answered_and_broken_http2_ends_only_its_connec
         agent.log()
     );
     assert!(!agent.log().contains("panicked"), "{}", agent.log());
-}
-
-/// Whether the end-to-end tests must run in full (CI sets `IDGATE_E2E=1`):
-/// then a missing tool or package fails the test instead of skipping it.
-fn e2e_required() -> bool {
-    std::env::var_os("IDGATE_E2E").is_some_and(|v| v == "1")
-}
-
-/// Skips the calling test with `reason`, or fails it when the end-to-end
-/// tests must run in full.
-fn unavailable(reason: &str) {
-    assert!(
-        !e2e_required(),
-        "IDGATE_E2E=1 and {reason}: a missing tool or package fails"
-    );
-    eprintln!("skipped: {reason}");
 }
 
 /// A python with the packages of `tests/python/requirements.txt`, as
