@@ -7,8 +7,10 @@
 //! cgroup bound; (d) the same rules as nftables `socket cgroupv2` rules;
 //! (e) programs that only allow, on idgate's hooks: the floor any policy
 //! engine on those hooks pays.
-//! Then reload time, the agents' memory and CPU, binding latency (new
-//! cgroup, and exec, to identity) and the event path's throughput.
+//! Then reload time, the agents' memory and CPU, how fast agent (c)'s
+//! control socket and Workload API answer during reloads, binding
+//! latency (new cgroup, and exec, to identity) and the event path's
+//! throughput.
 //! Everything made here (cgroups, agents and their pins, the nft table,
 //! files) is removed at the end, on failure and on Ctrl-C too.
 
@@ -26,6 +28,7 @@ mod overhead;
 mod prog_time;
 mod reload;
 mod report;
+mod responsiveness;
 mod rules;
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket};
@@ -69,6 +72,14 @@ pub struct BenchArgs {
     /// cgroup, exec).
     #[arg(long, default_value_t = 1_000)]
     workloads: usize,
+    /// Probes of each kind (status, revoke, unrevoke, a Workload API
+    /// SVID) timed on agent (c) with no reload, and as many during
+    /// reloads.
+    #[arg(long, default_value_t = 200)]
+    probes: usize,
+    /// Most seconds of each of those two phases.
+    #[arg(long, default_value_t = 60.0)]
+    probe_seconds: f64,
     /// Seconds of connects flat out for the event path.
     #[arg(long, default_value_t = 5.0)]
     event_seconds: f64,
@@ -107,6 +118,9 @@ pub struct Results {
     /// The large agent after the reloads: memory, and its maps with both
     /// policy generations filled.
     pub large_after_reloads: (ProcSample, Vec<MapMemory>),
+    /// Agent (c)'s control socket and Workload API, with no reload and
+    /// during reloads.
+    pub responsiveness: responsiveness::Responsiveness,
     /// Agents (b) and (c).
     pub binding: Vec<binding::Latencies>,
     pub events: events::EventPath,
@@ -144,8 +158,11 @@ pub fn is_root() -> bool {
 /// Sets everything up, measures, and tears it down (the guards are
 /// dropped in reverse order: agents, nft table, cgroups).
 fn measure(args: &BenchArgs, root: &Path, nft_version: String) -> Result<Results> {
-    if args.identities == 0 || args.rules < args.identities {
-        bail!("--rules must be at least --identities, and both above 0");
+    if args.identities < 2 || args.rules < args.identities {
+        bail!("--rules must be at least --identities, and --identities at least 2");
+    }
+    if args.probes == 0 || args.probe_seconds <= 0.0 {
+        bail!("--probes and --probe-seconds must be above 0");
     }
     if args.workloads == 0 || args.event_seconds <= 0.0 {
         bail!("--workloads and --event-seconds must be above 0");
@@ -258,6 +275,12 @@ fn measure(args: &BenchArgs, root: &Path, nft_version: String) -> Result<Results
     eprintln!("bench: timing {} reloads of each kind", args.reloads);
     let reloads = reload::measure(&large, &mut large_ids, args.reloads)?;
     let large_after_reloads = (cost::sample(large.pid())?, cost::maps(large.pid())?);
+    eprintln!(
+        "bench: probing agent (c) with no reload and during reloads ({} of each kind, at most {} s each)",
+        args.probes, args.probe_seconds
+    );
+    let responsiveness =
+        responsiveness::measure(&large, &mut large_ids, args.probes, args.probe_seconds)?;
 
     let udp: SocketAddr = (Ipv4Addr::LOCALHOST, ports.udp).into();
     let binding = [("(b)", &small), ("(c)", &large)]
@@ -296,6 +319,7 @@ fn measure(args: &BenchArgs, root: &Path, nft_version: String) -> Result<Results
         large: large_cost,
         reloads,
         large_after_reloads,
+        responsiveness,
         binding,
         events,
     })

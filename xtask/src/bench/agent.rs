@@ -2,6 +2,8 @@
 //! its own scope, pin directory, socket and files; on drop it is killed,
 //! `idgate uninstall` removes what it pinned, and its files are deleted.
 
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -116,6 +118,38 @@ impl Agent {
                 .arg("--socket")
                 .arg(socket),
         )
+    }
+
+    /// `idgate svid --json` through this agent's Workload API (on by
+    /// default, its socket beside the control socket), run as a process
+    /// of `cgroup`: it moves itself there between fork and exec, so it
+    /// asks as a workload of that cgroup. Its output: the first message
+    /// of a new `FetchX509SVID` stream.
+    pub fn svid_in(&self, cgroup: &Path) -> Result<String> {
+        let procs = std::fs::OpenOptions::new()
+            .write(true)
+            .open(cgroup.join("cgroup.procs"))
+            .with_context(|| format!("opening {}/cgroup.procs", cgroup.display()))?;
+        let fd = procs.as_raw_fd();
+        let mut command = Command::new(&self.idgate);
+        command
+            .args(["svid", "--json", "--socket"])
+            .arg(self.dir.join("workload.sock"));
+        // SAFETY: between fork and exec the child only calls write(2),
+        // which is async-signal-safe, on a descriptor `procs` keeps open
+        // until the child has been spawned ("0": the writing process).
+        unsafe {
+            command.pre_exec(move || {
+                if libc::write(fd, b"0".as_ptr().cast(), 1) == 1 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        let out = self.idgate(&mut command);
+        drop(procs);
+        out
     }
 
     /// `idgate policy check` of this agent's policy files: read and

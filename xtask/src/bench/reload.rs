@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 use super::agent::Agent;
 use super::interrupt;
@@ -31,21 +31,9 @@ pub fn measure(agent: &Agent, identities: &mut [Identity], times: usize) -> Resu
     for _ in 0..times {
         unchanged.push(reload(agent)?);
     }
-    let index = identities.len() - 1;
     let mut one_rule = Vec::with_capacity(times);
     for step in 0..times {
-        let rule = identities[index]
-            .rules
-            .last_mut()
-            .expect("every identity has a rule");
-        let ports = &mut rule.ports[0];
-        if step % 2 == 0 {
-            *ports = (ports.0 + 1, ports.1 + 1);
-        } else {
-            *ports = (ports.0 - 1, ports.1 - 1);
-        }
-        let (name, text) = rules::idgate_policy_file_of(identities, index);
-        agent.write_policy(&name, &text)?;
+        change_one_rule(agent, identities, step)?;
         one_rule.push(reload(agent)?);
     }
     Ok(Reloads {
@@ -55,14 +43,40 @@ pub fn measure(agent: &Agent, identities: &mut [Identity], times: usize) -> Resu
     })
 }
 
+/// Changes the port of the last identity's last rule in the agent's
+/// policy files (one up on even steps, back down on odd ones), for the
+/// next reload to apply.
+pub fn change_one_rule(agent: &Agent, identities: &mut [Identity], step: usize) -> Result<()> {
+    let index = identities.len() - 1;
+    let rule = identities[index]
+        .rules
+        .last_mut()
+        .expect("every identity has a rule");
+    let ports = &mut rule.ports[0];
+    if step.is_multiple_of(2) {
+        *ports = (ports.0 + 1, ports.1 + 1);
+    } else {
+        *ports = (ports.0 - 1, ports.1 - 1);
+    }
+    let (name, text) = rules::idgate_policy_file_of(identities, index);
+    agent.write_policy(&name, &text)
+}
+
 /// One timed `idgate policy reload`; the generation must have switched.
-fn reload(agent: &Agent) -> Result<Duration> {
+/// Only the reply's `generation` and `previous_generation` are read.
+pub fn reload(agent: &Agent) -> Result<Duration> {
     interrupt::check()?;
     let started = Instant::now();
     let reply = agent.cli(&["policy", "reload", "--json"])?;
     let took = started.elapsed();
-    let reply: serde_json::Value = serde_json::from_str(&reply)?;
-    if reply["generation"] == reply["previous_generation"] {
+    let reply: serde_json::Value = serde_json::from_str(&reply)
+        .with_context(|| format!("`idgate policy reload --json` replied no JSON: {reply}"))?;
+    let field = |key: &str| {
+        reply.get(key).filter(|v| !v.is_null()).with_context(|| {
+            format!("no `{key}` in the reply of `idgate policy reload --json`: {reply}")
+        })
+    };
+    if field("generation")? == field("previous_generation")? {
         bail!("the reload did not switch the generation: {reply}");
     }
     Ok(took)

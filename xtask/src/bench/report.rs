@@ -8,11 +8,14 @@ use super::cost::{MapMemory, ProcSample};
 use super::loops::Op;
 use super::machine::Machine;
 use super::overhead::{AgentUnderLoad, HooksOff};
+use super::responsiveness::{self, Probe};
 use super::{AgentCost, BenchArgs, Results, thousands};
 
 /// The issue's targets for (c) over (a): TCP, UDP.
 const TARGET_TCP: f64 = 0.02;
 const TARGET_UDP: f64 = 0.05;
+/// Issue 14's target for every call during a reload: p99, nanoseconds.
+const TARGET_P99_RELOADING: u64 = 50_000_000;
 
 pub fn render(args: &BenchArgs, machine: &Machine, r: &Results, runtime: Duration) -> String {
     let mut out = String::new();
@@ -22,6 +25,7 @@ pub fn render(args: &BenchArgs, machine: &Machine, r: &Results, runtime: Duratio
     agent_cost(&mut out, args, r);
     binding(&mut out, args, r);
     events(&mut out, args, machine, r);
+    responsiveness(&mut out, args, r);
     out
 }
 
@@ -574,6 +578,97 @@ fn events(out: &mut String, args: &BenchArgs, machine: &Machine, r: &Results) {
              the loop's own start, and any other decision in the agent's scope.)",
             thousands(made as usize),
             thousands(e.ops as usize)
+        );
+    }
+}
+
+fn responsiveness(out: &mut String, args: &BenchArgs, r: &Results) {
+    let p = &r.responsiveness;
+    let reloads: Vec<f64> = p.reloads.iter().map(Duration::as_secs_f64).collect();
+    let landed: usize = p.reloading.iter().map(Vec::len).sum();
+    let _ = write!(
+        out,
+        "\n## 6. Control socket and Workload API during a reload\n\n\
+         How long a call to agent (c) ({ids} identities, {rules} rules, {ids} bound cgroups) \
+         takes while the agent reloads its whole policy, beside the same with no reload. Each \
+         probe is a real client started afresh and timed from its spawn to its exit, so the \
+         CLI's own start is in every figure:\n\n\
+         - `idgate status`, `idgate revoke {revoked}` and `idgate unrevoke` of the same \
+         identity (its cgroup is bound and empty: nothing measured runs in it);\n\
+         - **FetchX509SVID, first message**: `idgate svid --json`, moved into the cgroup bound \
+         to `{svid}` between fork and exec, opens a new `FetchX509SVID` stream on the agent's \
+         Workload API socket and exits after the stream's first message (the SVID parsed and \
+         printed).\n\n\
+         One thread takes the probes one after another, these four in turn (the identity \
+         stays revoked from its revoke to its unrevoke). Throughout, {pollers} more threads \
+         run `idgate status` against the same agent, each again {pause} ms after its answer, \
+         as a DaemonSet's readiness and liveness probes and an operator would ({polls} calls \
+         in all). The two phases alternate:\n\n\
+         - **during a reload**: `idgate policy reload` of the whole policy (one rule's port \
+         changed each time, as in section 2) is started in the background; probes begin \
+         {settle} ms later and go on until it replies. A probe counts if it started before \
+         the reply: {landed} did, {late} started after it and are not counted. {n} reloads, \
+         median {reload} each (spawn to reply, under this load).\n\
+         - **no reload**: a burst of probes after each reload, starting {quiet} ms after its \
+         reply, at least one of each kind and as long as that reload took.\n\n\
+         Up to {probes} probes of each kind per phase, and at most {secs} s of each phase. \
+         The target (issue 14): p99 under {target} during a reload.\n\n\
+         | call | no reload: p50 | p99 | max | n | during a reload: p50 | p99 | max | n | \
+         p99 under {target} during a reload |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+        ids = thousands(args.identities),
+        rules = thousands(args.rules),
+        revoked = p.revoked,
+        svid = p.svid_identity,
+        pollers = responsiveness::POLLERS,
+        pause = responsiveness::POLL_PAUSE.as_millis(),
+        polls = thousands(p.polls as usize),
+        settle = responsiveness::SETTLE.as_millis(),
+        landed = thousands(landed),
+        late = thousands(p.late),
+        n = p.reloads.len(),
+        reload = if reloads.is_empty() {
+            "–".to_owned()
+        } else {
+            seconds(Duration::from_secs_f64(median(&reloads)))
+        },
+        quiet = responsiveness::QUIET.as_millis(),
+        probes = thousands(args.probes),
+        secs = args.probe_seconds,
+        target = latency(TARGET_P99_RELOADING),
+    );
+    let figures = |ns: &[u64]| {
+        if ns.is_empty() {
+            return "– | – | – | 0".to_owned();
+        }
+        format!(
+            "{} | {} | {} | {}",
+            latency(percentile(ns, 0.50)),
+            latency(percentile(ns, 0.99)),
+            latency(ns.iter().copied().max().unwrap_or(0)),
+            thousands(ns.len())
+        )
+    };
+    for probe in [Probe::Status, Probe::Revoke, Probe::Unrevoke, Probe::Svid] {
+        let name = match probe {
+            Probe::Status => "`idgate status`",
+            Probe::Revoke => "`idgate revoke`",
+            Probe::Unrevoke => "`idgate unrevoke`",
+            Probe::Svid => "FetchX509SVID, first message (`idgate svid`)",
+        };
+        let during = &p.reloading[probe as usize];
+        let met = if during.is_empty() {
+            "not measured"
+        } else if percentile(during, 0.99) < TARGET_P99_RELOADING {
+            "yes"
+        } else {
+            "**no**"
+        };
+        let _ = writeln!(
+            out,
+            "| {name} | {} | {} | {met} |",
+            figures(&p.idle[probe as usize]),
+            figures(during)
         );
     }
 }
