@@ -33,6 +33,8 @@ pub const SETTLE: Duration = Duration::from_millis(20);
 /// From a reload's reply to the next probe that counts as with no
 /// reload: time for the agent to finish whatever follows the reply.
 pub const QUIET: Duration = Duration::from_millis(100);
+/// How long the first SVID may take (its trust domain's CA is made then).
+const FIRST_SVID_TIMEOUT: Duration = Duration::from_secs(30);
 /// How much longer than both phases' bounds a poller may run if the
 /// section does not stop it (it always does unless it panics).
 const POLLERS_BACKSTOP: Duration = Duration::from_secs(300);
@@ -89,8 +91,19 @@ pub fn measure(
     let cgroup = super::cgroups::cgroup2_root()?
         .join(&agent.scope)
         .join(&first.cgroup);
-    let reply: serde_json::Value = serde_json::from_str(&agent.svid_in(&cgroup)?)
-        .context("`idgate svid --json` printed no JSON")?;
+    // The trust domain's CA is made when its first SVID is asked for:
+    // until then the Workload API answers Unavailable.
+    let deadline = Instant::now() + FIRST_SVID_TIMEOUT;
+    let first_svid = loop {
+        interrupt::check()?;
+        match agent.svid_in(&cgroup) {
+            Ok(out) => break out,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            Err(e) => return Err(e.context(format!("no SVID within {FIRST_SVID_TIMEOUT:?}"))),
+        }
+    };
+    let reply: serde_json::Value =
+        serde_json::from_str(&first_svid).context("`idgate svid --json` printed no JSON")?;
     if reply["spiffe_id"] != svid_identity.as_str() {
         bail!(
             "`idgate svid` in {} got {}, not {svid_identity}",
