@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::discovery::Found;
 use super::kubelet::Outcome;
 use super::snapshot::Snapshot;
-use super::state::{GenerationDone, Reloaded, Run, State, load_entries};
+use super::state::{GenerationDone, Reloaded, Retired, Run, State, load_entries};
 use super::{DaemonError, Observers};
 use crate::admin::WorkloadsList;
 use crate::config::Config;
@@ -152,6 +152,9 @@ struct Running {
     /// over the scope): answered once it is over, so a reload's answer
     /// means every cgroup is bound by the new entries.
     settling: Vec<(Vec<oneshot::Sender<ReloadOutcome>>, Reloaded)>,
+    /// What switches retired, freed off the owner once a snapshot without
+    /// it is published.
+    retired: Vec<Retired>,
     /// No new generation is tried before this (after one failed).
     retry_at: Option<Instant>,
 }
@@ -184,6 +187,7 @@ impl Owner {
             reloads_asked: Vec::new(),
             runs: Vec::new(),
             settling: Vec::new(),
+            retired: Vec::new(),
             retry_at: None,
         };
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -193,6 +197,9 @@ impl Owner {
             running.settle_runs();
             running.settle_reloads();
             running.publish();
+            for retired in running.retired.drain(..) {
+                retired.reclaim();
+            }
             let resyncing = running.owner.state.resyncing();
             let o = &mut running.owner;
             let event = tokio::select! {
@@ -383,6 +390,7 @@ impl Running {
                         let r = *r;
                         let outcome = state
                             .finish_generation(done, Some(r.entries))
+                            .map(|retired| self.retired.push(retired))
                             .map(|()| Reloaded {
                                 previous,
                                 generation: state.applied.generation,
@@ -396,14 +404,16 @@ impl Running {
                             outcome => self.reload_done(r.waiters, outcome),
                         }
                     }
-                    None => {
-                        if let Err(e) = state.finish_generation(done, None) {
-                            tracing::error!(error = %e, "a generation for new identities failed; their workloads stay denied");
-                            self.retry_at = Some(Instant::now() + RETRY);
-                        } else {
+                    None => match state.finish_generation(done, None) {
+                        Ok(retired) => {
+                            self.retired.push(retired);
                             self.retry_at = None;
                         }
-                    }
+                        Err(e) => {
+                            tracing::error!(error = %e, "a generation for new identities failed; their workloads stay denied");
+                            self.retry_at = Some(Instant::now() + RETRY);
+                        }
+                    },
                 }
             }
             _ => unreachable!("the work finished is the work under way"),

@@ -168,7 +168,8 @@ impl State {
         // No slot is known yet, so every slot's revocation mark is written
         // from the file.
         let job = state.generation_job(state.policy.clone(), None)?;
-        state.finish_generation(job.run(), None)?;
+        drop(state.finish_generation(job.run(), None)?);
+        release_free_memory();
         tracing::info!(
             generation = state.applied.generation,
             identities = state.applied.identities.len(),
@@ -500,11 +501,15 @@ impl State {
     /// every cgroup is attested again (in steps, see
     /// [`State::resync_step`]). Cgroups bound to an identity the new
     /// generation has no slot for are unbound until one that has.
+    ///
+    /// Returns what the switch retired (the old policy, its compiled form,
+    /// entries), to be dropped off the owner: freeing a large policy takes
+    /// tens of milliseconds.
     pub fn finish_generation(
         &mut self,
         done: GenerationDone,
         entries: Option<EntrySet>,
-    ) -> Result<(), DaemonError> {
+    ) -> Result<Retired, DaemonError> {
         self.generations = Some(done.maps);
         let (compiled, written) = done.written?;
         let maps = self.generations.as_mut().expect("just put back");
@@ -512,14 +517,17 @@ impl State {
         self.applied.generation = self.generation_number.advance();
         let slots: HashMap<SpiffeId, u32> =
             done.slots.iter().map(|(s, id)| (id.clone(), *s)).collect();
-        self.applied.slots = Arc::new(slots);
-        self.applied.identities = Arc::new(done.slots);
-        self.applied.compiled = Arc::new(compiled);
-        self.policy = done.policy;
+        let mut retired = Retired {
+            _slots: std::mem::replace(&mut self.applied.slots, Arc::new(slots)),
+            _identities: std::mem::replace(&mut self.applied.identities, Arc::new(done.slots)),
+            _compiled: std::mem::replace(&mut self.applied.compiled, Arc::new(compiled)),
+            _policy: std::mem::replace(&mut self.policy, done.policy),
+            entries: None,
+        };
         if let Some(entries) = entries
             && !entries.same_entries(&self.entries)
         {
-            self.entries = entries;
+            retired.entries = Some(std::mem::replace(&mut self.entries, entries));
             self.start_pass();
         }
         // A cgroup bound while the job ran may be bound to an identity it
@@ -546,8 +554,7 @@ impl State {
             .chain(self.applied.bound.values().copied())
             .collect();
         self.enforcer.slots.retain(&keep)?;
-        release_free_memory();
-        Ok(())
+        Ok(retired)
     }
 
     /// Brings the kernel in line with the workload table: the cgroups whose
@@ -651,6 +658,33 @@ impl GenerationJob {
             slots: self.slots,
             maps: self.maps,
             written,
+        }
+    }
+}
+
+/// What a switch of generation retired: dropped, and the heap trimmed, on
+/// a thread of its own once nothing published refers to it.
+/// (Its fields are held only to be dropped.)
+pub struct Retired {
+    _slots: Arc<HashMap<SpiffeId, u32>>,
+    _identities: Arc<Vec<(u32, SpiffeId)>>,
+    _compiled: Arc<CompiledPolicy>,
+    _policy: Arc<PolicySet>,
+    entries: Option<EntrySet>,
+}
+
+impl Retired {
+    /// Drops it all off the caller's thread, then gives the freed pages
+    /// back to the system.
+    pub fn reclaim(self) {
+        let spawned = std::thread::Builder::new()
+            .name("idgate-reclaim".into())
+            .spawn(move || {
+                drop(self);
+                release_free_memory();
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start a thread to free a retired policy; it is freed by the caller");
         }
     }
 }

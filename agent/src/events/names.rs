@@ -23,8 +23,8 @@ pub struct GenerationNames {
     /// Which applied policy (the daemon's count) these names are of.
     applied: u64,
     identities: HashMap<u32, SpiffeId>,
-    /// Indexed by rule id.
-    rules: Vec<RuleInfo>,
+    /// Indexed by rule id; shared with the compiled policy.
+    rules: Arc<[RuleInfo]>,
 }
 
 /// How a record's slot is named.
@@ -73,7 +73,7 @@ impl Names {
         generation: u32,
         applied: u64,
         identities: &[(u32, SpiffeId)],
-        rules: &[RuleInfo],
+        rules: &Arc<[RuleInfo]>,
     ) {
         let index = (generation & 1) as usize;
         let held = |tables: &Snapshot| tables[index].as_ref().is_some_and(|t| t.applied == applied);
@@ -83,7 +83,7 @@ impl Names {
         let table = GenerationNames {
             applied,
             identities: identities.iter().cloned().collect(),
-            rules: rules.to_vec(),
+            rules: rules.clone(),
         };
         self.tables.write().expect("names lock")[index] = Some(Arc::new(table));
     }
@@ -108,8 +108,13 @@ mod tests {
     fn each_generation_keeps_its_own_names() {
         let a: SpiffeId = "spiffe://example.org/a".parse().unwrap();
         let names = Names::default();
-        names.publish(1, 1, &[(3, a.clone())], &[rule("default"), rule("old")]);
-        names.publish(0, 2, &[], &[rule("default"), rule("new")]);
+        names.publish(
+            1,
+            1,
+            &[(3, a.clone())],
+            &Arc::from([rule("default"), rule("old")]),
+        );
+        names.publish(0, 2, &[], &Arc::from([rule("default"), rule("new")]));
         let snap = names.snapshot();
         let (g0, g1) = (snap[0].as_ref().unwrap(), snap[1].as_ref().unwrap());
         assert_eq!(g1.slot(3), SlotName::Identity(&a));
@@ -123,13 +128,13 @@ mod tests {
     #[test]
     fn publishing_the_generation_held_changes_nothing() {
         let names = Names::default();
-        names.publish(0, 1, &[], &[rule("first")]);
+        names.publish(0, 1, &[], &Arc::from([rule("first")]));
         let before = names.snapshot()[0].clone().unwrap();
-        names.publish(0, 1, &[], &[rule("first")]);
+        names.publish(0, 1, &[], &Arc::from([rule("first")]));
         assert!(Arc::ptr_eq(&before, names.snapshot()[0].as_ref().unwrap()));
         // The policy applied after the next one has the same generation.
-        names.publish(1, 2, &[], &[rule("other")]);
-        names.publish(0, 3, &[], &[rule("second")]);
+        names.publish(1, 2, &[], &Arc::from([rule("other")]));
+        names.publish(0, 3, &[], &Arc::from([rule("second")]));
         assert_eq!(
             names.snapshot()[0].as_ref().unwrap().rule(0).unwrap().name,
             "second"

@@ -283,7 +283,7 @@ mod tests {
 
     fn names() -> Names {
         let names = Names::default();
-        let rules = [
+        let rules = std::sync::Arc::from([
             RuleInfo {
                 owner: String::new(),
                 name: "default".into(),
@@ -292,7 +292,7 @@ mod tests {
                 owner: "spiffe://example.org/web".into(),
                 name: "no-metadata".into(),
             },
-        ];
+        ]);
         names.publish(
             1,
             1,

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use idgate_common::{
     INLINE_RANGES, NO_TABLE, PortRange, PortTable, SlotPolicy, UNKNOWN_SLOT, slot_policy, verdict,
@@ -67,7 +68,7 @@ pub struct CompiledPolicy {
     /// Indexed by rule id: id 0 is the default, then every rule of the
     /// policy in order (the unknown-workload policy's first), so a rule
     /// keeps its id whichever identities are bound.
-    pub rules: Vec<RuleInfo>,
+    pub rules: Arc<[RuleInfo]>,
 }
 
 impl CompiledPolicy {
@@ -83,7 +84,7 @@ impl CompiledPolicy {
 pub fn compile(policy: &PolicySet, slots: &[(u32, SpiffeId)]) -> CompiledPolicy {
     let blocks = Blocks::new(policy);
     let mut out = CompiledPolicy {
-        rules: blocks.rule_infos(),
+        rules: blocks.rule_infos().into(),
         ..Default::default()
     };
     // Identities matched by the same blocks get the same entries; blocks
@@ -433,7 +434,7 @@ mod tests {
                         ports: vec![],
                     },
                 ],
-                rules: vec![
+                rules: Arc::from([
                     RuleInfo {
                         owner: String::new(),
                         name: "default".into(),
@@ -442,7 +443,7 @@ mod tests {
                         owner: WEB.into(),
                         name: "http".into(),
                     },
-                ],
+                ]),
             }
         );
     }
