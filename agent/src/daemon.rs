@@ -84,6 +84,8 @@ pub enum DaemonError {
     WorkloadApi(#[from] crate::workload_api::WorkloadApiError),
     #[error(transparent)]
     Federation(#[from] crate::federation::FederationError),
+    #[error(transparent)]
+    Oidc(#[from] crate::oidc::OidcError),
     #[error("watching the scope for new workloads: {0}")]
     Discovery(std::io::Error),
     #[error("signal handler: {0}")]
@@ -165,6 +167,10 @@ async fn start(config_path: &Path) -> Result<Started, DaemonError> {
         )?),
         None => None,
     };
+    let oidc = match &config.svid.oidc {
+        Some(o) => Some(crate::oidc::bind(o, &config.trust_domains, &credentials)?),
+        None => None,
+    };
     // The kubelet's pod list, fetched once before the first attestation
     // (bounded by its timeout); the owner takes the later fetches.
     let (kubelet_tx, kubelet_rx) = mpsc::unbounded_channel();
@@ -202,6 +208,9 @@ async fn start(config_path: &Path) -> Result<Started, DaemonError> {
     }
     if let Some(endpoint) = bundle_endpoint {
         endpoint.spawn(credentials.clone())?;
+    }
+    if let Some(provider) = oidc {
+        provider.spawn(credentials.clone())?;
     }
     crate::federation::run(&credentials);
     tokio::spawn(credentials.clone().run_rotation());

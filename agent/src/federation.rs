@@ -41,6 +41,8 @@ pub enum FederationError {
     Pem(#[from] PemError),
     #[error("TLS settings: {0}")]
     TlsSettings(#[from] rustls::Error),
+    #[error("bundle endpoint: {0}")]
+    Serve(#[from] crate::serve::ServeError),
 }
 
 /// The SPIFFE ID the `https_spiffe` bundle endpoint presents:

@@ -13,9 +13,11 @@ pub mod identity;
 pub mod identity_view;
 pub mod line_index;
 pub mod metrics;
+pub mod oidc;
 pub mod policy;
 pub mod privileges;
 pub mod revocations;
+pub mod serve;
 pub mod svid;
 #[cfg(test)]
 mod testing;

@@ -21,10 +21,10 @@ use tokio::sync::watch;
 use crate::identity::SpiffeId;
 
 pub use bundle::{Bundle, CaCertError, Parts, PublicJwk, certs_pem, pem, split_der};
-pub use ca::refresh_hint;
+pub use ca::{refresh_hint, write_file};
 pub use config::{
-    EndpointConfig, ForeignDomain, ForeignDomainError, Profile, SvidConfig, SvidConfigError,
-    TrustDomainError, UpstreamCa, check_trust_domain,
+    EndpointConfig, ForeignDomain, ForeignDomainError, OidcConfig, OidcConfigError, Profile,
+    SvidConfig, SvidConfigError, TrustDomainError, UpstreamCa, check_trust_domain,
 };
 pub use jwt::{JwtError, Validated};
 pub use x509::{Role, VerifyError, X509Svid, leaf_id, verify as verify_x509};
@@ -134,6 +134,8 @@ pub struct Credentials {
     /// When the agent names its trust domains, SVIDs are issued for those
     /// only; otherwise an authority is made for a domain when first needed.
     fixed_domains: bool,
+    /// `(trust domain, issuer)`: the JWT-SVIDs of the domain carry `iss`.
+    issuer: Option<(String, String)>,
     inner: Mutex<Inner>,
     bundles: watch::Sender<Arc<BundleSet>>,
 }
@@ -217,6 +219,10 @@ impl Credentials {
             config: config.clone(),
             state_dir: state_dir.to_owned(),
             fixed_domains: !trust_domains.is_empty(),
+            issuer: config.oidc.as_ref().and_then(|o| {
+                let td = o.trust_domain(trust_domains).ok()?;
+                Some((td, o.issuer.clone()))
+            }),
             inner: Mutex::new(inner),
             bundles,
         }))
@@ -335,7 +341,12 @@ impl Credentials {
         let mut inner = self.lock();
         let (authority, made) = self.authority(&mut inner.authorities, id.trust_domain(), now)?;
         let (signer, not_after) = authority.jwt_signer(now);
-        let token = signer.sign(id, audiences, self.config.jwt_ttl, now, not_after)?;
+        let issuer = self
+            .issuer
+            .as_ref()
+            .filter(|(td, _)| td == id.trust_domain())
+            .map(|(_, iss)| iss.as_str());
+        let token = signer.sign(id, audiences, issuer, self.config.jwt_ttl, now, not_after)?;
         if made {
             self.publish(&inner, now);
         }

@@ -903,6 +903,139 @@ fn spiffe_tls_from_pypi_talks_mutual_tls_between_two_bound_workloads() {
     assert!(server.verdict().starts_with("refused"));
 }
 
+/// One raw HTTP/1.1 exchange with 127.0.0.1:`port`: the answer's status
+/// line.
+fn raw_http(port: u16, request: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // The server may answer (and close) before it has read it all.
+    let _ = s.write_all(request);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out);
+    text.lines().next().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn pyjwt_verifies_jwt_svids_through_the_oidc_discovery_document() {
+    require_privileges!();
+    let Some(python) = python_env() else {
+        return;
+    };
+    let mut cg = Cgroups::new("svid-oidc");
+    let a = cg.inside("a");
+    let b = cg.inside("b");
+    let port = idgate_tests::free_loopback_port();
+    let issuer = format!("http://127.0.0.1:{port}/agents/h1");
+    // A generation lives 60 s: the second is published at 30 s and signs
+    // from 50 s.
+    let agent = Agent::start(
+        &cg,
+        &policy(&[ALPHA, OTHER]),
+        &format!(
+            "trust_domains = [\"example.org\", \"other.test\"]\nresync_seconds = 5\n\
+             [[workload]]\ncgroup = \"a\"\nidentity = \"{ALPHA}\"\n\
+             [[workload]]\ncgroup = \"b\"\nidentity = \"{OTHER}\"\n\
+             [svid]\nca_ttl = \"60s\"\njwt_ttl = \"10s\"\nx509_ttl = \"10s\"\n\
+             [svid.oidc]\nissuer = \"{issuer}\"\ntrust_domain = \"example.org\"\n\
+             address = \"127.0.0.1:{port}\"\nstatic_dir = \"oidc-www\"\n"
+        ),
+    );
+    wait_bound(&agent, &a);
+    wait_bound(&agent, &b);
+    let discovery = format!("{issuer}/.well-known/openid-configuration");
+
+    // Malformed, oversized and unexpected requests: each its status, and
+    // the listener goes on serving.
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    for (request, status) in [
+        (get("/.well-known/openid-configuration"), "404"),
+        (get("/agents/h1/keys"), "404"),
+        (
+            "POST /agents/h1/jwks.json HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}".to_owned(),
+            "405",
+        ),
+        ("\x16\x03\x01\x02\x00 no HTTP\r\n\r\n".to_owned(), "400"),
+        (
+            format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(100_000)),
+            "431",
+        ),
+    ] {
+        let line = raw_http(port, request.as_bytes());
+        assert!(
+            line.starts_with(&format!("HTTP/1.1 {status}")),
+            "{}: {line}",
+            &request[..40.min(request.len())]
+        );
+    }
+
+    let v = python_json(
+        &python,
+        &agent,
+        &a,
+        "oidc_verify.py",
+        &["verify", &discovery, &issuer, "sts.amazonaws.com"],
+    );
+    assert_eq!(v["sub"], ALPHA, "{v}");
+    assert_eq!(v["iss"], issuer.as_str());
+    assert_eq!(v["algs"], serde_json::json!(["ES256"]));
+    for doc in ["discovery", "jwks"] {
+        assert_eq!(v[format!("{doc}_content_type")], "application/json", "{v}");
+        assert_eq!(
+            v[format!("{doc}_cache_control")],
+            "public, max-age=10",
+            "{v}"
+        );
+    }
+    assert_eq!(v["wrong_audience_refused"], "InvalidAudienceError", "{v}");
+
+    // A JWT-SVID of the other trust domain: its key is not in this
+    // issuer's JWK Set.
+    let v = python_json(
+        &python,
+        &agent,
+        &b,
+        "oidc_verify.py",
+        &["foreign", &discovery, &issuer, "sts.amazonaws.com"],
+    );
+    assert_eq!(v["sub"], OTHER, "{v}");
+    assert_eq!(v["refused"], "PyJWKClientError", "{v}");
+
+    // Through a rotation: tokens of the new key verify with the same
+    // client, the old key stays published, the files follow.
+    let www = agent.dir.join("oidc-www");
+    let v = python_json(
+        &python,
+        &agent,
+        &a,
+        "oidc_verify.py",
+        &[
+            "rotation",
+            &discovery,
+            &issuer,
+            "sts.amazonaws.com",
+            www.to_str().unwrap(),
+            "80",
+        ],
+    );
+    assert_ne!(v["first_kid"], v["new_kid"], "{v}");
+    assert_eq!(v["new_sub"], ALPHA, "{v}");
+    assert_eq!(v["first_token_key_served"], ALPHA, "{v}");
+    let served = v["served_kids"].as_array().unwrap();
+    assert!(
+        served.contains(&v["first_kid"]) && served.contains(&v["new_kid"]),
+        "{v}"
+    );
+    assert_eq!(v["static_jwks_matches"], true, "{v}");
+    assert_eq!(v["static_discovery_matches"], true, "{v}");
+    assert_eq!(
+        raw_http(port, get("/agents/h1/jwks.json").as_bytes()),
+        "HTTP/1.1 200 OK"
+    );
+    assert!(!agent.log().contains("panicked"), "{}", agent.log());
+}
+
 fn tempdir(agent: &Agent, name: &str) -> PathBuf {
     let d = agent.dir.join(name);
     std::fs::create_dir_all(&d).unwrap();

@@ -1,23 +1,18 @@
 //! The bundle endpoint: `GET` (any path) answers this trust domain's
 //! SPIFFE bundle over HTTPS, with no client authentication.
 
-use std::convert::Infallible;
 use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
-use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
-use hyper::header::CONTENT_TYPE;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper::body::Incoming;
+use hyper::{Method, Request, StatusCode};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
 use super::{FederationError, endpoint_id};
 use crate::identity::SpiffeId;
+use crate::serve::{self, Answer};
 use crate::svid::{Credentials, EndpointConfig, Parts, Profile, X509Svid, tls};
 
 /// A bound bundle endpoint, not yet serving.
@@ -38,38 +33,22 @@ pub fn bind(
     let trust_domain = config
         .trust_domain(trust_domains)
         .expect("checked with the configuration");
-    let provider = crate::tls::provider();
-    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default versions")
-        .with_no_client_auth();
     let tls = match config.profile {
         Profile::HttpsSpiffe => {
             let resolver = SvidResolver {
                 creds: creds.clone(),
                 id: endpoint_id(&trust_domain),
-                provider,
+                provider: crate::tls::provider(),
                 current: Mutex::new(None),
             };
             // Issue now: a CA that cannot sign stops the agent here.
             resolver.certified_key()?;
-            builder.with_cert_resolver(Arc::new(resolver))
+            serve::tls_builder().with_cert_resolver(Arc::new(resolver))
         }
-        Profile::HttpsWeb => {
-            let (cert, key) = (
-                config.cert.as_ref().expect("checked"),
-                config.key.as_ref().expect("checked"),
-            );
-            let chain = crate::tls::pem_certs_file(cert)?;
-            let key_der = crate::svid::private_key_file(key)?;
-            let (chain, key_der) = tls::identity(&chain, &key_der);
-            builder.with_single_cert(chain, key_der).map_err(|source| {
-                FederationError::Identity {
-                    what: cert.display().to_string(),
-                    source,
-                }
-            })?
-        }
+        Profile::HttpsWeb => serve::tls_from_files(
+            config.cert.as_ref().expect("checked"),
+            config.key.as_ref().expect("checked"),
+        )?,
     };
     let address = config.address;
     let err = |source| FederationError::Listen { address, source };
@@ -85,80 +64,31 @@ pub fn bind(
 impl BundleEndpoint {
     /// Serves for as long as the runtime runs.
     pub fn spawn(self, creds: Arc<Credentials>) -> Result<(), FederationError> {
-        let address = self
-            .listener
-            .local_addr()
-            .map_err(|source| FederationError::Listen {
-                address: ([0, 0, 0, 0], 0).into(),
-                source,
-            })?;
-        let listener = tokio::net::TcpListener::from_std(self.listener)
-            .map_err(|source| FederationError::Listen { address, source })?;
-        let acceptor = tokio_rustls::TlsAcceptor::from(self.tls);
-        let td = Arc::new(self.trust_domain);
+        let td = self.trust_domain;
+        let answer_td = td.clone();
+        let address = serve::spawn(
+            self.listener,
+            Some(self.tls),
+            "bundle endpoint",
+            move |req| answer(req, &creds, &answer_td),
+        )
+        .map_err(|source| FederationError::Listen {
+            address: ([0, 0, 0, 0], 0).into(),
+            source,
+        })?;
         tracing::info!(%address, trust_domain = %td, "serving the bundle endpoint");
-        tokio::spawn(async move {
-            loop {
-                let stream = match listener.accept().await {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "bundle endpoint listener");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let (acceptor, creds, td) = (acceptor.clone(), creds.clone(), td.clone());
-                tokio::spawn(async move {
-                    let tls = match tokio::time::timeout(
-                        Duration::from_secs(10),
-                        acceptor.accept(stream),
-                    )
-                    .await
-                    {
-                        Ok(Ok(tls)) => tls,
-                        Ok(Err(e)) => {
-                            tracing::debug!(error = %e, "bundle endpoint: TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => return,
-                    };
-                    let service = service_fn(move |req| answer(req, creds.clone(), td.clone()));
-                    let conn = http1::Builder::new().serve_connection(TokioIo::new(tls), service);
-                    let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
-                });
-            }
-        });
         Ok(())
     }
 }
 
-async fn answer(
-    req: Request<Incoming>,
-    creds: Arc<Credentials>,
-    td: Arc<String>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    let reply = |status, ctype: &str, body: String| {
-        Ok(Response::builder()
-            .status(status)
-            .header(CONTENT_TYPE, ctype)
-            .body(Full::new(Bytes::from(body)))
-            .expect("a valid response"))
-    };
+fn answer(req: &Request<Incoming>, creds: &Credentials, td: &str) -> Answer {
     if req.method() != Method::GET {
-        return reply(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain",
-            "GET only\n".into(),
-        );
+        return serve::text(StatusCode::METHOD_NOT_ALLOWED, "GET only");
     }
     let set = creds.bundle_set();
-    match set.local.get(td.as_str()).map(|b| b.to_json(Parts::All)) {
-        Some(Ok(json)) => reply(StatusCode::OK, "application/json", json),
-        _ => reply(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain",
-            "no bundle\n".into(),
-        ),
+    match set.local.get(td).map(|b| b.to_json(Parts::All)) {
+        Some(Ok(json)) => serve::reply(StatusCode::OK, "application/json", json),
+        _ => serve::text(StatusCode::SERVICE_UNAVAILABLE, "no bundle"),
     }
 }
 

@@ -53,6 +53,10 @@ pub enum Parts {
     All,
     /// Only the JWT-SVID keys (the Workload API's JWT bundles).
     Jwt,
+    /// Only the JWT-SVID keys, as an OpenID Connect provider's JWK Set:
+    /// `use` is `sig` (OIDC verifiers skip other uses) and each key names
+    /// its `alg`.
+    Oidc,
 }
 
 /// A JWK as it is written; unknown members are ignored when read.
@@ -64,6 +68,8 @@ struct Jwk {
     use_: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     kid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    alg: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     crv: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -128,8 +134,13 @@ impl Bundle {
         }
         for a in &self.jwt_authorities {
             let mut jwk = a.key.to_jwk();
-            jwk.use_ = Some(USE_JWT.into());
             jwk.kid = Some(a.kid.clone());
+            if parts == Parts::Oidc {
+                jwk.use_ = Some("sig".into());
+                jwk.alg = Some(a.key.alg().into());
+            } else {
+                jwk.use_ = Some(USE_JWT.into());
+            }
             keys.push(jwk);
         }
         let set = JwkSet {
@@ -227,6 +238,15 @@ impl PublicJwk {
             crv: "P-256",
             x: x.to_vec(),
             y: y.to_vec(),
+        }
+    }
+
+    /// The algorithm idgate signs with this key (a JWK names one).
+    pub fn alg(&self) -> &'static str {
+        match self {
+            Self::Ec { crv: "P-384", .. } => "ES384",
+            Self::Ec { .. } => "ES256",
+            Self::Rsa { .. } => "RS256",
         }
     }
 
@@ -449,6 +469,14 @@ mod tests {
         let jwt_only = bundle.to_json(Parts::Jwt).unwrap();
         let v: serde_json::Value = serde_json::from_str(&jwt_only).unwrap();
         assert_eq!(v["keys"].as_array().unwrap().len(), 1);
+        assert!(v.get("spiffe_sequence").is_none());
+
+        let oidc = bundle.to_json(Parts::Oidc).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&oidc).unwrap();
+        assert_eq!(v["keys"].as_array().unwrap().len(), 1);
+        assert_eq!(v["keys"][0]["use"], "sig");
+        assert_eq!(v["keys"][0]["alg"], "ES256");
+        assert_eq!(v["keys"][0]["kid"], "k1");
         assert!(v.get("spiffe_sequence").is_none());
     }
 

@@ -524,7 +524,7 @@ fn read(path: &Path) -> Result<Vec<u8>, SvidError> {
 }
 
 /// Writes a file with `mode`, through a temporary file and a rename.
-pub(super) fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), SvidError> {
+pub fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), SvidError> {
     use std::io::Write;
     let tmp = path.with_extension("tmp");
     let _ = std::fs::remove_file(&tmp);

@@ -1,7 +1,9 @@
 //! `[svid]` in the agent configuration: the Workload API, SVID lifetimes,
-//! the CAs, the bundle endpoint and the foreign trust domains federated
-//! with, and the checks serde cannot make. The federation module serves
-//! and fetches what the last two describe.
+//! the CAs, the bundle endpoint, the foreign trust domains federated
+//! with and the OIDC issuer, and the checks serde cannot make. The
+//! federation module serves and fetches what the bundle endpoint and the
+//! foreign domains describe; the oidc module serves the issuer's
+//! documents.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -38,10 +40,8 @@ pub enum SvidConfigError {
     Local { what: String, td: String },
     #[error("{what}: trust domain {td:?} appears twice")]
     Twice { what: String, td: String },
-    #[error(
-        "`svid.bundle_endpoint.trust_domain` is needed unless `trust_domains` names exactly one"
-    )]
-    EndpointTrustDomain,
+    #[error("`{key}` is needed unless `trust_domains` names exactly one")]
+    WhichTrustDomain { key: &'static str },
     #[error("`svid.bundle_endpoint`: profile https_web needs `cert` and `key`")]
     EndpointWebFiles,
     #[error(
@@ -53,6 +53,28 @@ pub enum SvidConfigError {
         what: String,
         source: ForeignDomainError,
     },
+    #[error("`svid.oidc`: {0}")]
+    Oidc(#[from] OidcConfigError),
+}
+
+/// What is wrong in `[svid.oidc]`.
+#[derive(Debug, thiserror::Error)]
+pub enum OidcConfigError {
+    #[error("issuer {issuer:?}: {source}")]
+    IssuerSyntax {
+        issuer: String,
+        source: hyper::http::uri::InvalidUri,
+    },
+    #[error("issuer {issuer:?}: {why}")]
+    Issuer { issuer: String, why: &'static str },
+    #[error("needs `address` (serve), `static_dir` (write), or both")]
+    NoOutput,
+    #[error("`cert` and `key` go together, and only with `address`")]
+    CertAndKey,
+    #[error(
+        "`address` {0} is not loopback: plain HTTP only on loopback (behind a reverse proxy); give `cert` and `key` for HTTPS"
+    )]
+    PlainNotLoopback(SocketAddr),
 }
 
 /// What is wrong in one `[[svid.federates_with]]`.
@@ -128,6 +150,10 @@ pub struct SvidConfig {
     /// `[[svid.federates_with]]`: foreign trust domains whose bundles are
     /// fetched (or read from a file) and handed to workloads.
     pub federates_with: Vec<ForeignDomain>,
+    /// `[svid.oidc]`: an OpenID Connect issuer for one trust domain's
+    /// JWT-SVIDs, its discovery documents served and/or written. None by
+    /// default.
+    pub oidc: Option<OidcConfig>,
 }
 
 /// An operator's intermediate CA for one trust domain.
@@ -155,6 +181,7 @@ impl Default for SvidConfig {
             upstream_ca: Vec::new(),
             bundle_endpoint: None,
             federates_with: Vec::new(),
+            oidc: None,
         }
     }
 }
@@ -188,6 +215,10 @@ impl SvidConfig {
         }
         for f in &mut self.federates_with {
             paths.extend(f.bundle.iter_mut().chain(f.ca.iter_mut()));
+        }
+        if let Some(o) = &mut self.oidc {
+            paths.extend(o.cert.iter_mut().chain(o.key.iter_mut()));
+            paths.extend(o.static_dir.iter_mut().chain(o.include_jwks.iter_mut()));
         }
         for p in paths {
             if p.is_relative() {
@@ -273,6 +304,10 @@ impl SvidConfig {
             f.check()
                 .map_err(|source| SvidConfigError::Foreign { what, source })?;
         }
+        if let Some(o) = &self.oidc {
+            local(&o.trust_domain(trust_domains)?, "svid.oidc.trust_domain")?;
+            o.check()?;
+        }
         Ok(())
     }
 }
@@ -312,11 +347,11 @@ pub struct EndpointConfig {
 impl EndpointConfig {
     /// The trust domain whose bundle is served.
     pub fn trust_domain(&self, trust_domains: &[String]) -> Result<String, SvidConfigError> {
-        match (&self.trust_domain, trust_domains) {
-            (Some(td), _) => Ok(td.clone()),
-            (None, [only]) => Ok(only.clone()),
-            (None, _) => Err(SvidConfigError::EndpointTrustDomain),
-        }
+        configured_trust_domain(
+            &self.trust_domain,
+            trust_domains,
+            "svid.bundle_endpoint.trust_domain",
+        )
     }
 
     fn check(&self) -> Result<(), SvidConfigError> {
@@ -324,6 +359,113 @@ impl EndpointConfig {
             (Profile::HttpsWeb, Some(_), Some(_)) | (Profile::HttpsSpiffe, None, None) => Ok(()),
             (Profile::HttpsWeb, _, _) => Err(SvidConfigError::EndpointWebFiles),
             (Profile::HttpsSpiffe, _, _) => Err(SvidConfigError::EndpointSpiffeFiles),
+        }
+    }
+}
+
+/// The trust domain a table names under `key`, or else the agent's only
+/// one.
+fn configured_trust_domain(
+    given: &Option<String>,
+    trust_domains: &[String],
+    key: &'static str,
+) -> Result<String, SvidConfigError> {
+    match (given, trust_domains) {
+        (Some(td), _) => Ok(td.clone()),
+        (None, [only]) => Ok(only.clone()),
+        (None, _) => Err(SvidConfigError::WhichTrustDomain { key }),
+    }
+}
+
+/// `[svid.oidc]`: an OpenID Connect issuer of one local trust domain's
+/// JWT-SVIDs (see the oidc module).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcConfig {
+    /// The issuer URL: `https://host[:port][/path]` (plain `http` only
+    /// for a loopback host), no query, fragment, user or trailing `/`.
+    pub issuer: String,
+    /// Whose JWT-SVIDs; default: the agent's only trust domain.
+    #[serde(default)]
+    pub trust_domain: Option<String>,
+    /// Serve the documents here. Plain HTTP unless `cert` and `key` are
+    /// given, and then only on a loopback address (for a reverse proxy).
+    #[serde(default)]
+    pub address: Option<SocketAddr>,
+    /// PEM certificate chain for HTTPS on `address`.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// Its PEM private key (mode 0600).
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// Write `.well-known/openid-configuration` and `jwks.json` under this
+    /// directory (to publish from, e.g. a bucket), rewritten on rotation.
+    #[serde(default)]
+    pub static_dir: Option<PathBuf>,
+    /// JWK Set files of the other agents that share this issuer; their
+    /// signing keys are served and written with this agent's. Read again
+    /// every 5 s; a file that cannot be read keeps its last keys.
+    #[serde(default)]
+    pub include_jwks: Vec<PathBuf>,
+}
+
+/// The longest an issuer URL may be (the documents and every token name
+/// it).
+const MAX_ISSUER: usize = 1024;
+
+impl OidcConfig {
+    /// The trust domain whose JWT-SVIDs the issuer covers.
+    pub fn trust_domain(&self, trust_domains: &[String]) -> Result<String, SvidConfigError> {
+        configured_trust_domain(&self.trust_domain, trust_domains, "svid.oidc.trust_domain")
+    }
+
+    /// The issuer URL, checked as OpenID Connect Discovery 1.0 asks
+    /// (`https`, no query or fragment), allowing `http` for a loopback
+    /// host.
+    pub fn issuer_uri(&self) -> Result<hyper::Uri, OidcConfigError> {
+        let issuer = &self.issuer;
+        let bad = |why| OidcConfigError::Issuer {
+            issuer: issuer.clone(),
+            why,
+        };
+        if issuer.len() > MAX_ISSUER {
+            return Err(bad("longer than 1024 bytes"));
+        }
+        if issuer.contains(['?', '#', '@']) || issuer.ends_with('/') {
+            return Err(bad("no query, fragment, user or trailing `/`"));
+        }
+        let uri: hyper::Uri = issuer
+            .parse()
+            .map_err(|source| OidcConfigError::IssuerSyntax {
+                issuer: issuer.clone(),
+                source,
+            })?;
+        let host = uri.host().filter(|h| !h.is_empty()).ok_or(bad("no host"))?;
+        let loopback = host == "localhost"
+            || host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        match uri.scheme_str() {
+            Some("https") => Ok(uri),
+            Some("http") if loopback => Ok(uri),
+            _ => Err(bad("must be https:// (http:// only for a loopback host)")),
+        }
+    }
+
+    fn check(&self) -> Result<(), OidcConfigError> {
+        self.issuer_uri()?;
+        if self.address.is_none() && self.static_dir.is_none() {
+            return Err(OidcConfigError::NoOutput);
+        }
+        match (&self.cert, &self.key, self.address) {
+            (Some(_), Some(_), Some(_)) | (None, None, None) => Ok(()),
+            (None, None, Some(a)) if !a.ip().is_loopback() => {
+                Err(OidcConfigError::PlainNotLoopback(a))
+            }
+            (None, None, Some(_)) => Ok(()),
+            _ => Err(OidcConfigError::CertAndKey),
         }
     }
 }

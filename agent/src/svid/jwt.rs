@@ -57,12 +57,14 @@ impl JwtSigner {
         Ok(Self { key, kid, public })
     }
 
-    /// Signs a JWT-SVID for `sub` and `audiences`, expiring `ttl` from
-    /// `now`, never after `not_after`. Returns the token and its expiry.
+    /// Signs a JWT-SVID for `sub` and `audiences`, with `iss` when an
+    /// issuer is given, expiring `ttl` from `now`, never after
+    /// `not_after`. Returns the token and its expiry.
     pub fn sign(
         &self,
         sub: &SpiffeId,
         audiences: &[String],
+        issuer: Option<&str>,
         ttl: Duration,
         now: SystemTime,
         not_after: SystemTime,
@@ -77,12 +79,15 @@ impl JwtSigner {
             return Err(SvidError::Issue("the JWT signing key has expired".into()));
         }
         let header = json!({"alg": "ES256", "kid": self.kid, "typ": "JWT"});
-        let claims = json!({
+        let mut claims = json!({
             "sub": sub.as_str(),
             "aud": audiences,
             "iat": secs(now),
             "exp": secs(exp),
         });
+        if let Some(iss) = issuer {
+            claims["iss"] = iss.into();
+        }
         let input = format!(
             "{}.{}",
             URL_SAFE_NO_PAD.encode(header.to_string()),
@@ -301,6 +306,7 @@ mod tests {
             .sign(
                 &id,
                 &["db".into(), "api".into()],
+                Some("https://oidc.example.org"),
                 Duration::from_secs(300),
                 now,
                 far,
@@ -311,6 +317,7 @@ mod tests {
         assert_eq!(v.id, id);
         assert_eq!(v.claims["sub"], id.as_str());
         assert!(v.claims.contains_key("exp") && v.claims.contains_key("iat"));
+        assert_eq!(v.claims["iss"], "https://oidc.example.org");
         let header: Value = serde_json::from_slice(
             &URL_SAFE_NO_PAD
                 .decode(token.split('.').next().unwrap())
@@ -354,6 +361,7 @@ mod tests {
             .sign(
                 &id,
                 &["api".into()],
+                None,
                 Duration::from_secs(60),
                 now,
                 now + Duration::from_secs(600),
