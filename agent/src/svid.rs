@@ -23,8 +23,8 @@ use crate::identity::SpiffeId;
 pub use bundle::{Bundle, CaCertError, Parts, PublicJwk, certs_pem, pem, split_der};
 pub use ca::{refresh_hint, write_file};
 pub use config::{
-    EndpointConfig, ForeignDomain, ForeignDomainError, OidcConfig, OidcConfigError, Profile,
-    SvidConfig, SvidConfigError, TrustDomainError, UpstreamCa, check_trust_domain,
+    EndpointConfig, ForeignDomain, ForeignDomainError, JwtAlgorithm, OidcConfig, OidcConfigError,
+    Profile, SvidConfig, SvidConfigError, TrustDomainError, UpstreamCa, check_trust_domain,
 };
 pub use jwt::{JwtError, Validated};
 pub use x509::{Role, VerifyError, X509Svid, leaf_id, verify as verify_x509};
@@ -74,6 +74,10 @@ pub enum SvidError {
     Key { path: PathBuf, source: rcgen::Error },
     #[error("JWT signing key: {0}")]
     JwtKey(ring::error::KeyRejected),
+    #[error("generating an RSA JWT signing key: {0}")]
+    RsaGenerate(#[source] rsa::Error),
+    #[error("encoding an RSA JWT signing key: {0}")]
+    RsaEncode(#[source] rsa::pkcs8::Error),
     #[error("issuing {what}: {source}")]
     Sign { what: String, source: rcgen::Error },
     #[error("bundle for {trust_domain}: X.509 authority: {source}")]
@@ -195,7 +199,8 @@ impl Credentials {
         let mut authorities = BTreeMap::new();
         for td in names {
             let upstream = config.upstream_ca.iter().find(|u| u.trust_domain == td);
-            let a = ca::Authority::load(&td, state_dir, config.ca_ttl, upstream, now)?;
+            let alg = config.jwt_algorithm(&td);
+            let a = ca::Authority::load(&td, state_dir, config.ca_ttl, alg, upstream, now)?;
             authorities.insert(td, a);
         }
         let mut federated = BTreeMap::new();
@@ -297,7 +302,8 @@ impl Credentials {
             if self.fixed_domains {
                 return Err(SvidError::NoAuthority(td.to_owned()));
             }
-            let a = ca::Authority::load(td, &self.state_dir, self.config.ca_ttl, None, now)?;
+            let alg = self.config.jwt_algorithm(td);
+            let a = ca::Authority::load(td, &self.state_dir, self.config.ca_ttl, alg, None, now)?;
             authorities.insert(td.to_owned(), a);
             made = true;
         }
@@ -435,6 +441,41 @@ mod tests {
         });
         let e = c.check(&["example.org".into()]).unwrap_err();
         assert!(matches!(e, SvidConfigError::NotLocal { .. }), "{e}");
+        let c: SvidConfig =
+            toml::from_str("[jwt_algorithms]\n\"other.org\" = \"RS256\"\n").unwrap();
+        assert_eq!(c.jwt_algorithm("other.org"), JwtAlgorithm::RS256);
+        assert_eq!(c.jwt_algorithm("example.org"), JwtAlgorithm::ES256);
+        let e = c.check(&["example.org".into()]).unwrap_err();
+        assert!(e.to_string().contains("svid.jwt_algorithms"), "{e}");
+        assert!(toml::from_str::<SvidConfig>("[jwt_algorithms]\n\"a.org\" = \"HS256\"\n").is_err());
+    }
+
+    #[test]
+    fn an_rs256_trust_domain_publishes_an_rsa_key_and_keeps_it_across_restarts() {
+        let state = temp_state("rs256");
+        let mut config = SvidConfig::default();
+        config
+            .jwt_algorithms
+            .insert("example.org".into(), JwtAlgorithm::RS256);
+        let creds = Credentials::load(&config, &["example.org".into()], &state).unwrap();
+        let keys = creds.bundle_set().local["example.org"]
+            .jwt_authorities
+            .clone();
+        assert!(matches!(keys[0].key, PublicJwk::Rsa { .. }));
+        let id: SpiffeId = "spiffe://example.org/a".parse().unwrap();
+        let now = SystemTime::now();
+        let (token, _) = creds.jwt_svid(&id, &["svc".into()], now).unwrap();
+        assert_eq!(creds.validate_jwt(&token, "svc", now).unwrap().id, id);
+        drop(creds);
+        // The key stays RSA when the option goes: new generations only
+        // take the new algorithm.
+        let again =
+            Credentials::load(&SvidConfig::default(), &["example.org".into()], &state).unwrap();
+        assert_eq!(
+            again.bundle_set().local["example.org"].jwt_authorities,
+            keys
+        );
+        let _ = std::fs::remove_dir_all(&state);
     }
 
     #[test]

@@ -903,6 +903,43 @@ fn spiffe_tls_from_pypi_talks_mutual_tls_between_two_bound_workloads() {
     assert!(server.verdict().starts_with("refused"));
 }
 
+#[test]
+fn rs256_jwt_svids_verify_with_pyjwt_and_the_workload_api() {
+    require_privileges!();
+    let Some(python) = python_env() else {
+        return;
+    };
+    let port = idgate_tests::free_loopback_port();
+    let issuer = format!("http://127.0.0.1:{port}");
+    let (_cg, a, agent) = bound_agent(
+        "svid-rs256",
+        "example.org",
+        "a",
+        ALPHA,
+        &format!(
+            "[svid.jwt_algorithms]\n\"example.org\" = \"RS256\"\n\
+             [svid.oidc]\nissuer = \"{issuer}\"\naddress = \"127.0.0.1:{port}\"\n"
+        ),
+    );
+    let discovery = format!("{issuer}/.well-known/openid-configuration");
+    let v = python_json(
+        &python,
+        &agent,
+        &a,
+        "oidc_verify.py",
+        &["verify", &discovery, &issuer, "api://AzureADTokenExchange"],
+    );
+    assert_eq!(v["sub"], ALPHA, "{v}");
+    assert_eq!(v["algs"], serde_json::json!(["RS256"]), "{v}");
+    // The Workload API's ValidateJWTSVID takes RS256 tokens too.
+    let token = idgate_svid(&agent, &a, &["--jwt", "--audience", "partner"])
+        .unwrap_or_else(|e| panic!("JWT-SVID: {e}"));
+    let v = spiffe_json(&agent, &a, &["raw", "validate", "partner", token.trim()]);
+    assert_eq!(v["code"], "Ok", "{v}");
+    assert_eq!(v["spiffe_id"], ALPHA, "{v}");
+    assert!(!agent.log().contains("panicked"), "{}", agent.log());
+}
+
 /// One raw HTTP/1.1 exchange with 127.0.0.1:`port`: the answer's status
 /// line.
 fn raw_http(port: u16, request: &[u8]) -> String {

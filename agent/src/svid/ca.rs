@@ -21,13 +21,16 @@ use x509_parser::prelude::*;
 use super::bundle::{Bundle, CaCertError, JwtAuthority, check_ca_cert, pem};
 use super::jwt::JwtSigner;
 use super::x509::{Signer, root_params};
-use super::{SvidError, UpstreamCa};
+use super::{JwtAlgorithm, SvidError, UpstreamCa};
 
 /// The signing authority of one trust domain.
 pub struct Authority {
     pub trust_domain: String,
     dir: PathBuf,
     ttl: Duration,
+    /// The algorithm of the JWT keys of new generations (a generation
+    /// keeps the key it was made with).
+    jwt_algorithm: JwtAlgorithm,
     upstream: Option<Upstream>,
     /// Oldest first.
     generations: Vec<Generation>,
@@ -79,6 +82,7 @@ impl Authority {
         trust_domain: &str,
         state_dir: &Path,
         ttl: Duration,
+        jwt_algorithm: JwtAlgorithm,
         upstream: Option<&UpstreamCa>,
         now: SystemTime,
     ) -> Result<Self, SvidError> {
@@ -114,6 +118,7 @@ impl Authority {
             trust_domain: trust_domain.to_owned(),
             dir,
             ttl,
+            jwt_algorithm,
             upstream,
             generations,
             sequence,
@@ -247,7 +252,7 @@ impl Generation {
         let tmp = authority.dir.join(format!(".{seq}.new"));
         let _ = std::fs::remove_dir_all(&tmp);
         make_private_dir(&tmp)?;
-        let (jwt, jwt_der) = JwtSigner::generate()?;
+        let (jwt, jwt_der) = JwtSigner::generate(authority.jwt_algorithm)?;
         write_file(
             &tmp.join(JWT_KEY),
             pem("PRIVATE KEY", &jwt_der).as_bytes(),

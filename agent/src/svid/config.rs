@@ -5,6 +5,7 @@
 //! foreign domains describe; the oidc module serves the issuer's
 //! documents.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -150,6 +151,10 @@ pub struct SvidConfig {
     /// `[[svid.federates_with]]`: foreign trust domains whose bundles are
     /// fetched (or read from a file) and handed to workloads.
     pub federates_with: Vec<ForeignDomain>,
+    /// `[svid.jwt_algorithms]`: trust domain = `"ES256"` (the default,
+    /// P-256) or `"RS256"` (RSA-2048): the key type of the domain's new
+    /// JWT key generations.
+    pub jwt_algorithms: BTreeMap<String, JwtAlgorithm>,
     /// `[svid.oidc]`: an OpenID Connect issuer for one trust domain's
     /// JWT-SVIDs, its discovery documents served and/or written. None by
     /// default.
@@ -181,6 +186,7 @@ impl Default for SvidConfig {
             upstream_ca: Vec::new(),
             bundle_endpoint: None,
             federates_with: Vec::new(),
+            jwt_algorithms: BTreeMap::new(),
             oidc: None,
         }
     }
@@ -225,6 +231,11 @@ impl SvidConfig {
                 *p = base.join(&*p);
             }
         }
+    }
+
+    /// The algorithm of `td`'s new JWT keys.
+    pub fn jwt_algorithm(&self, td: &str) -> JwtAlgorithm {
+        self.jwt_algorithms.get(td).copied().unwrap_or_default()
     }
 
     /// The socket the Workload API listens on (after `resolve`).
@@ -304,12 +315,26 @@ impl SvidConfig {
             f.check()
                 .map_err(|source| SvidConfigError::Foreign { what, source })?;
         }
+        for td in self.jwt_algorithms.keys() {
+            local(td, "svid.jwt_algorithms")?;
+        }
         if let Some(o) = &self.oidc {
             local(&o.trust_domain(trust_domains)?, "svid.oidc.trust_domain")?;
             o.check()?;
         }
         Ok(())
     }
+}
+
+/// The algorithm a trust domain's JWT-SVIDs are signed with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum JwtAlgorithm {
+    /// ECDSA P-256 with SHA-256.
+    #[default]
+    ES256,
+    /// RSASSA-PKCS1-v1_5 with SHA-256, 2048-bit keys (for verifiers that
+    /// take RSA keys only).
+    RS256,
 }
 
 /// How a bundle endpoint is authenticated.

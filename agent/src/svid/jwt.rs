@@ -1,5 +1,6 @@
-//! JWT-SVIDs per the SPIFFE JWT-SVID specification: signed ES256 with a
-//! key that the trust domain's bundle publishes under its `kid`, and
+//! JWT-SVIDs per the SPIFFE JWT-SVID specification: signed ES256 (or
+//! RS256, per trust domain) with a key that the trust domain's bundle
+//! publishes under its `kid`, and
 //! validated strictly (allowed `alg` only, no other JOSE headers, `sub`
 //! a SPIFFE ID, `aud` containing the validator's audience, `exp` in the
 //! future, signature by a key in the bundle of the subject's domain).
@@ -9,16 +10,20 @@ use std::time::{Duration, SystemTime};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ring::rand::SystemRandom;
-use ring::signature::{self, EcdsaKeyPair, KeyPair as _};
+use ring::signature::{self, EcdsaKeyPair, KeyPair as _, RsaKeyPair};
+use rsa::pkcs8::EncodePrivateKey as _;
 use serde_json::{Map, Value, json};
 
-use super::SvidError;
 use super::bundle::PublicJwk;
+use super::{JwtAlgorithm, SvidError};
 use crate::identity::SpiffeId;
+
+/// The bits of a generated RS256 key.
+const RSA_BITS: usize = 2048;
 
 /// A JWT-SVID signing key.
 pub struct JwtSigner {
-    key: EcdsaKeyPair,
+    key: SigningKey,
     pub kid: String,
     pub public: PublicJwk,
 }
@@ -29,31 +34,59 @@ impl std::fmt::Debug for JwtSigner {
     }
 }
 
+enum SigningKey {
+    Es256(EcdsaKeyPair),
+    Rs256(RsaKeyPair),
+}
+
 impl JwtSigner {
-    /// A new P-256 key, and its PKCS#8 DER to keep.
-    pub fn generate() -> Result<(Self, Vec<u8>), SvidError> {
-        let pkcs8 = EcdsaKeyPair::generate_pkcs8(
-            &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
-            &SystemRandom::new(),
-        )
-        .map_err(|_| SvidError::Issue("cannot generate a JWT signing key".into()))?;
-        let der = pkcs8.as_ref().to_vec();
+    /// A new key for `alg`, and its PKCS#8 DER to keep.
+    pub fn generate(alg: JwtAlgorithm) -> Result<(Self, Vec<u8>), SvidError> {
+        let der = match alg {
+            JwtAlgorithm::ES256 => EcdsaKeyPair::generate_pkcs8(
+                &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+                &SystemRandom::new(),
+            )
+            .map_err(|_| SvidError::Issue("cannot generate a JWT signing key".into()))?
+            .as_ref()
+            .to_vec(),
+            JwtAlgorithm::RS256 => rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, RSA_BITS)
+                .map_err(SvidError::RsaGenerate)?
+                .to_pkcs8_der()
+                .map_err(SvidError::RsaEncode)?
+                .as_bytes()
+                .to_vec(),
+        };
         Ok((Self::from_pkcs8(&der)?, der))
     }
 
-    /// The key of a PKCS#8 DER P-256 private key. Its `kid` is derived
-    /// from the public key, so it is the same on every start.
+    /// The key of a PKCS#8 DER private key, P-256 (ES256) or RSA
+    /// (RS256). Its `kid` is derived from the public key, so it is the
+    /// same on every start.
     pub fn from_pkcs8(der: &[u8]) -> Result<Self, SvidError> {
-        let key = EcdsaKeyPair::from_pkcs8(
+        let (key, public) = match EcdsaKeyPair::from_pkcs8(
             &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
             der,
             &SystemRandom::new(),
-        )
-        .map_err(SvidError::JwtKey)?;
-        let point = key.public_key().as_ref();
-        let digest = ring::digest::digest(&ring::digest::SHA256, point);
+        ) {
+            Ok(key) => {
+                let public = PublicJwk::p256(key.public_key().as_ref());
+                (SigningKey::Es256(key), public)
+            }
+            Err(ec) => {
+                // Report the P-256 refusal unless the key is RSA.
+                let key = RsaKeyPair::from_pkcs8(der).map_err(|_| SvidError::JwtKey(ec))?;
+                let c = signature::RsaPublicKeyComponents::<Vec<u8>>::from(key.public());
+                let public = PublicJwk::Rsa { n: c.n, e: c.e };
+                (SigningKey::Rs256(key), public)
+            }
+        };
+        let material = match &public {
+            PublicJwk::Ec { x, y, .. } => [&[4u8][..], x, y].concat(),
+            PublicJwk::Rsa { n, e } => [n.as_slice(), e].concat(),
+        };
+        let digest = ring::digest::digest(&ring::digest::SHA256, &material);
         let kid = URL_SAFE_NO_PAD.encode(&digest.as_ref()[..18]);
-        let public = PublicJwk::p256(point);
         Ok(Self { key, kid, public })
     }
 
@@ -78,7 +111,7 @@ impl JwtSigner {
         if secs(exp) <= secs(now) {
             return Err(SvidError::Issue("the JWT signing key has expired".into()));
         }
-        let header = json!({"alg": "ES256", "kid": self.kid, "typ": "JWT"});
+        let header = json!({"alg": self.public.alg(), "kid": self.kid, "typ": "JWT"});
         let mut claims = json!({
             "sub": sub.as_str(),
             "aud": audiences,
@@ -93,12 +126,28 @@ impl JwtSigner {
             URL_SAFE_NO_PAD.encode(header.to_string()),
             URL_SAFE_NO_PAD.encode(claims.to_string())
         );
-        let sig = self
-            .key
-            .sign(&SystemRandom::new(), input.as_bytes())
-            .map_err(|_| SvidError::Issue("JWT signing failed".into()))?;
+        let failed = |_| SvidError::Issue("JWT signing failed".into());
+        let rng = SystemRandom::new();
+        let sig = match &self.key {
+            SigningKey::Es256(key) => key
+                .sign(&rng, input.as_bytes())
+                .map_err(failed)?
+                .as_ref()
+                .to_vec(),
+            SigningKey::Rs256(key) => {
+                let mut sig = vec![0; key.public().modulus_len()];
+                key.sign(
+                    &signature::RSA_PKCS1_SHA256,
+                    &rng,
+                    input.as_bytes(),
+                    &mut sig,
+                )
+                .map_err(failed)?;
+                sig
+            }
+        };
         Ok((
-            format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref())),
+            format!("{input}.{}", URL_SAFE_NO_PAD.encode(&sig)),
             SystemTime::UNIX_EPOCH + Duration::from_secs(secs(exp)),
         ))
     }
@@ -284,7 +333,7 @@ mod tests {
     use super::*;
 
     fn setup() -> (JwtSigner, SpiffeId, SystemTime) {
-        let (signer, der) = JwtSigner::generate().unwrap();
+        let (signer, der) = JwtSigner::generate(JwtAlgorithm::ES256).unwrap();
         // The kid is a function of the key: the same after a reload.
         assert_eq!(JwtSigner::from_pkcs8(&der).unwrap().kid, signer.kid);
         (
@@ -346,7 +395,7 @@ mod tests {
             Err(JwtError::NoBundle("example.org".into()))
         );
         // Someone else's key under the same kid does not verify.
-        let (other, _) = JwtSigner::generate().unwrap();
+        let (other, _) = JwtSigner::generate(JwtAlgorithm::ES256).unwrap();
         let wrong = |_: &str| Some(vec![(signer.kid.clone(), other.public.clone())]);
         assert_eq!(
             validate(&token, "api", &wrong, now),
@@ -399,5 +448,39 @@ mod tests {
             validate("a.b", "api", &keys(&signer), now),
             Err(JwtError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn rs256_keys_sign_tokens_that_validate() {
+        let (signer, der) = JwtSigner::generate(JwtAlgorithm::RS256).unwrap();
+        assert_eq!(JwtSigner::from_pkcs8(&der).unwrap().kid, signer.kid);
+        assert!(matches!(&signer.public, PublicJwk::Rsa { n, .. } if n.len() == 256));
+        let id: SpiffeId = "spiffe://example.org/web".parse().unwrap();
+        let now = SystemTime::now();
+        let (token, _) = signer
+            .sign(
+                &id,
+                &["api".into()],
+                None,
+                Duration::from_secs(60),
+                now,
+                now + Duration::from_secs(600),
+            )
+            .unwrap();
+        let header: Value = serde_json::from_slice(
+            &URL_SAFE_NO_PAD
+                .decode(token.split('.').next().unwrap())
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(header["alg"], "RS256");
+        assert_eq!(validate(&token, "api", &keys(&signer), now).unwrap().id, id);
+        // An ES256 key under the same kid does not verify it.
+        let (ec, _) = JwtSigner::generate(JwtAlgorithm::ES256).unwrap();
+        let wrong = |_: &str| Some(vec![(signer.kid.clone(), ec.public.clone())]);
+        assert_eq!(
+            validate(&token, "api", &wrong, now),
+            Err(JwtError::Signature)
+        );
     }
 }
