@@ -347,6 +347,21 @@ mod tests {
         move |td| (td == "example.org").then(|| vec![(signer.kid.clone(), signer.public.clone())])
     }
 
+    /// A token for audience `api`, valid for a minute.
+    fn api_token(signer: &JwtSigner, id: &SpiffeId, now: SystemTime) -> String {
+        let far = now + Duration::from_secs(600);
+        let ttl = Duration::from_secs(60);
+        signer
+            .sign(id, &["api".into()], None, ttl, now, far)
+            .unwrap()
+            .0
+    }
+
+    fn header_of(token: &str) -> Value {
+        let b64 = token.split('.').next().unwrap();
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(b64).unwrap()).unwrap()
+    }
+
     #[test]
     fn signs_and_validates_with_the_spec_claims() {
         let (signer, id, now) = setup();
@@ -367,12 +382,7 @@ mod tests {
         assert_eq!(v.claims["sub"], id.as_str());
         assert!(v.claims.contains_key("exp") && v.claims.contains_key("iat"));
         assert_eq!(v.claims["iss"], "https://oidc.example.org");
-        let header: Value = serde_json::from_slice(
-            &URL_SAFE_NO_PAD
-                .decode(token.split('.').next().unwrap())
-                .unwrap(),
-        )
-        .unwrap();
+        let header = header_of(&token);
         assert_eq!(header["alg"], "ES256");
         assert_eq!(header["kid"], signer.kid.as_str());
 
@@ -406,16 +416,7 @@ mod tests {
     #[test]
     fn refuses_tampering_and_forbidden_headers() {
         let (signer, id, now) = setup();
-        let (token, _) = signer
-            .sign(
-                &id,
-                &["api".into()],
-                None,
-                Duration::from_secs(60),
-                now,
-                now + Duration::from_secs(600),
-            )
-            .unwrap();
+        let token = api_token(&signer, &id, now);
         let parts: Vec<&str> = token.split('.').collect();
         let forged_claims = URL_SAFE_NO_PAD.encode(
             json!({"sub": "spiffe://example.org/admin", "aud": ["api"], "exp": 4e9}).to_string(),
@@ -457,22 +458,8 @@ mod tests {
         assert!(matches!(&signer.public, PublicJwk::Rsa { n, .. } if n.len() == 256));
         let id: SpiffeId = "spiffe://example.org/web".parse().unwrap();
         let now = SystemTime::now();
-        let (token, _) = signer
-            .sign(
-                &id,
-                &["api".into()],
-                None,
-                Duration::from_secs(60),
-                now,
-                now + Duration::from_secs(600),
-            )
-            .unwrap();
-        let header: Value = serde_json::from_slice(
-            &URL_SAFE_NO_PAD
-                .decode(token.split('.').next().unwrap())
-                .unwrap(),
-        )
-        .unwrap();
+        let token = api_token(&signer, &id, now);
+        let header = header_of(&token);
         assert_eq!(header["alg"], "RS256");
         assert_eq!(validate(&token, "api", &keys(&signer), now).unwrap().id, id);
         // An ES256 key under the same kid does not verify it.
