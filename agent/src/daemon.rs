@@ -230,7 +230,7 @@ async fn start(config_path: &Path) -> Result<Started, DaemonError> {
     let _ = found_tx.send(discovery::Found::Dir(state.scope_dir.clone()));
 
     let (commands_tx, commands) = mpsc::channel(handle::QUEUE);
-    let (snapshot_tx, snapshot) = watch::channel(Arc::new(Snapshot::of(&state)));
+    let (snapshot_tx, snapshot) = watch::channel(Arc::new(Snapshot::of(&state, false)));
     let handle = Handle::new(commands_tx, snapshot, queue_depth.clone());
     let (done_tx, owner_done) = oneshot::channel();
     let workload_socket = state.config.svid.workload_api.then_some(workload_socket);

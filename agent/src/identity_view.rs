@@ -22,12 +22,20 @@ pub struct IdentityView {
 }
 
 impl IdentityView {
-    /// The view of `workloads` and `revocations` at `generation`.
-    pub fn new(workloads: &Workloads, revocations: &Revocations, generation: u64) -> Self {
+    /// The view of `workloads` and `revocations` at `generation`, of the
+    /// cgroups whose binding the kernel holds (`in_kernel`): one attested
+    /// but not bound yet (waiting for its identity's generation, or a full
+    /// map) is denied every connect, and is issued nothing either.
+    pub fn new(
+        workloads: &Workloads,
+        revocations: &Revocations,
+        in_kernel: &BTreeMap<u64, u32>,
+        generation: u64,
+    ) -> Self {
         let revoked = revocations.ids().clone();
         let by_cgroup = workloads
             .bound()
-            .filter(|(_, id)| !revoked.contains(*id))
+            .filter(|(cg, id)| in_kernel.contains_key(cg) && !revoked.contains(*id))
             .map(|(cg, id)| (cg, id.clone()))
             .collect();
         Self {

@@ -10,7 +10,7 @@ use idgate_common::{UNKNOWN_SLOT, slot_policy, verdict};
 use super::handle::{Handle, OwnerError};
 use super::owner::Command;
 use super::snapshot::Snapshot;
-use super::state::State;
+use super::state::{RunProcess, State};
 use crate::admin::{
     Answer, EventsOpened, Explained, Identity, Peer, PolicyReloaded, PolicyShown, Protocol, Reply,
     Request, Response, Revocation, Started, Status, WorkloadRow, WorkloadsList,
@@ -208,11 +208,8 @@ async fn run(
         Some(0) => return Err("ttl must be at least one second".into()),
         other => other.map(Duration::from_secs),
     };
-    let parent = procfs::process::Process::new(pid as i32)
-        .and_then(|p| p.stat())
-        .map_err(|e| format!("process {pid}: {e}"))?
-        .ppid;
-    if Some(parent) != peer.pid {
+    let process = RunProcess::of(pid).map_err(|e| format!("process {pid}: {e}"))?;
+    if Some(process.parent) != peer.pid {
         return Err(format!(
             "process {pid} is not a child of the caller (pid {:?})",
             peer.pid
@@ -223,7 +220,7 @@ async fn run(
             |reply| Command::Run {
                 id: identity.clone(),
                 ttl,
-                pid,
+                process,
                 reply,
             },
             RELOAD_WAIT,

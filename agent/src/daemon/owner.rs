@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::discovery::Found;
 use super::kubelet::Outcome;
 use super::snapshot::Snapshot;
-use super::state::{GenerationDone, Reloaded, Retired, Run, State, load_entries};
+use super::state::{GenerationDone, Reloaded, Retired, Run, RunProcess, State, load_entries};
 use super::{DaemonError, Observers};
 use crate::admin::WorkloadsList;
 use crate::config::Config;
@@ -42,7 +42,7 @@ pub enum Command {
     Run {
         id: SpiffeId,
         ttl: Option<Duration>,
-        pid: u32,
+        process: RunProcess,
         reply: oneshot::Sender<Result<RunStarted, DaemonError>>,
     },
     /// Every cgroup under the scope and how it stands.
@@ -298,9 +298,9 @@ impl Running {
             Command::Run {
                 id,
                 ttl,
-                pid,
+                process,
                 reply,
-            } => match state.start_run(id, ttl, pid) {
+            } => match state.start_run(id, ttl, process) {
                 Ok(run) => self.runs.push(PendingRun {
                     run,
                     asked: Instant::now(),
@@ -495,7 +495,7 @@ impl Running {
     fn publish(&mut self) {
         let state = &self.owner.state;
         self.owner.observers.publish(state);
-        let snapshot = Snapshot::of(state);
+        let snapshot = Snapshot::of(state, !matches!(self.work, Work::Idle));
         self.owner.snapshot.send_replace(Arc::new(snapshot));
     }
 }
@@ -520,13 +520,22 @@ fn off_owner<T: Send + 'static>(
     work: impl FnOnce() -> T + Send + 'static,
 ) -> oneshot::Receiver<T> {
     let (tx, rx) = oneshot::channel();
+    // Held where a thread that cannot be started does not drop it (with
+    // it, the generation maps a job was lent).
+    let held = Arc::new(std::sync::Mutex::new(Some((work, tx))));
+    let mine = held.clone();
     let spawned = std::thread::Builder::new()
         .name(format!("idgate-{what}"))
         .spawn(move || {
-            let _ = tx.send(work());
+            if let Some((work, tx)) = mine.lock().expect("work lock").take() {
+                let _ = tx.send(work());
+            }
         });
     if let Err(e) = spawned {
-        tracing::error!(error = %e, work = what, "cannot start a thread");
+        tracing::error!(error = %e, work = what, "cannot start a thread: the work runs on the owner, which waits for it");
+        if let Some((work, tx)) = held.lock().expect("work lock").take() {
+            let _ = tx.send(work());
+        }
     }
     rx
 }

@@ -43,7 +43,9 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub fn of(state: &State) -> Self {
+    /// `state` as it stands; `writing` says whether a reload or a new
+    /// generation is under way off the owner.
+    pub fn of(state: &State, writing: bool) -> Self {
         Self {
             started: state.started,
             scope_dir: state.scope_dir.clone(),
@@ -63,7 +65,7 @@ impl Snapshot {
             bind_failures: state.bind_failures.len(),
             max_workloads: state.config.max_workloads,
             kubernetes: state.kubelet.as_ref().map(|k| k.status(&state.pods)),
-            writing_generation: state.writing_generation(),
+            writing_generation: writing,
         }
     }
 }

@@ -264,15 +264,15 @@ impl State {
     }
 
     /// Takes a kubelet fetch's outcome (a failure empties the pod list)
-    /// and re-attests everything with it.
+    /// and starts a pass over the scope with it.
     pub fn kubelet_fetched(&mut self, outcome: Outcome) -> Result<(), DaemonError> {
         let Some(kubelet) = &mut self.kubelet else {
             return Ok(());
         };
         self.pods = kubelet.record(outcome);
-        self.attest_all();
-        self.remove_finished_runs();
-        self.sync()
+        // Every cgroup again, in steps between requests.
+        self.start_pass();
+        Ok(())
     }
 
     /// Expires bindings whose TTL ran out.
@@ -312,8 +312,14 @@ impl State {
     /// one (see [`State::generation_job`]).
     pub fn set_revoked(&mut self, id: &SpiffeId, revoked: bool) -> Result<bool, DaemonError> {
         let changed = self.revocations.set(id, revoked)?;
-        if let Some(slot) = self.enforcer.slots.slot_of(id) {
-            self.enforcer.bindings.set_revoked(slot, revoked)?;
+        if let Some(slot) = self.enforcer.slots.slot_of(id)
+            && let Err(e) = self.enforcer.bindings.set_revoked(slot, revoked)
+        {
+            // The file must not say what the kernel does not hold.
+            if changed && let Err(undo) = self.revocations.set(id, !revoked) {
+                tracing::error!(identity = %id, error = %undo, "cannot take back the revocation file's change after the kernel refused it; a restart applies the file");
+            }
+            return Err(e.into());
         }
         tracing::warn!(identity = %id, revoked, changed, "revocation changed");
         Ok(changed)
@@ -327,8 +333,9 @@ impl State {
         &mut self,
         id: SpiffeId,
         ttl: Option<Duration>,
-        pid: u32,
+        process: RunProcess,
     ) -> Result<Run, DaemonError> {
+        let pid = process.pid;
         self.runs += 1;
         let dir = self
             .scope_dir
@@ -348,7 +355,7 @@ impl State {
             cgroup_id,
             id,
             ttl,
-            pid,
+            process,
         };
         if let Err(e) = self.sync() {
             self.abandon_run(&run);
@@ -373,12 +380,22 @@ impl State {
                 .unwrap_or_else(|| "the binding is not in the kernel".into());
             return Some(Err(DaemonError::RunNotBound(why)));
         }
-        if let Err(e) = cgroup::move_process(&run.dir, run.pid) {
+        // The binding may have waited for a generation: the process must
+        // still be the caller's child that the request named, not another
+        // one that took its pid meanwhile.
+        if !run.process.unchanged() {
+            self.abandon_run(run);
+            return Some(Err(DaemonError::RunNotBound(format!(
+                "process {} is gone (or no longer the caller's child) while its binding was made",
+                run.process.pid
+            ))));
+        }
+        if let Err(e) = cgroup::move_process(&run.dir, run.process.pid) {
             self.abandon_run(run);
             return Some(Err(e.into()));
         }
         self.pending_runs.remove(&run.dir);
-        tracing::info!(cgroup = %run.dir.display(), identity = %run.id, pid = run.pid, ttl = ?run.ttl, "run: bound and started");
+        tracing::info!(cgroup = %run.dir.display(), identity = %run.id, pid = run.process.pid, ttl = ?run.ttl, "run: bound and started");
         Some(Ok(format!(
             "/{}",
             run.dir
@@ -431,11 +448,6 @@ impl State {
     /// generation maps are here to write one.
     pub fn wants_generation(&self) -> bool {
         !self.awaiting_slot.is_empty() && self.generations.is_some()
-    }
-
-    /// Whether a generation is being written off the owner.
-    pub fn writing_generation(&self) -> bool {
-        self.generations.is_none()
     }
 
     /// Prepares a new generation of `policy` for every identity that needs
@@ -545,7 +557,14 @@ impl State {
             })
             .collect();
         self.awaiting_slot.extend(uncovered);
-        self.sync()?;
+        // The switch is made: what follows cannot undo it, so its faults
+        // are logged and retried (a failed sync goes over every cgroup
+        // next time; slots are freed at the next switch), not reported as
+        // a refused generation.
+        if let Err(e) = self.sync() {
+            tracing::error!(error = %e, "bindings after a generation switch failed; retried with the next event");
+            return Ok(retired);
+        }
         let keep: BTreeSet<u32> = self
             .applied
             .identities
@@ -553,7 +572,9 @@ impl State {
             .map(|(s, _)| *s)
             .chain(self.applied.bound.values().copied())
             .collect();
-        self.enforcer.slots.retain(&keep)?;
+        if let Err(e) = self.enforcer.slots.retain(&keep) {
+            tracing::error!(error = %e, "cannot free the slots no identity needs any more; they stay held");
+        }
         Ok(retired)
     }
 
@@ -565,10 +586,14 @@ impl State {
     /// nothing here compiles a policy.
     fn sync(&mut self) -> Result<(), DaemonError> {
         let changed = self.workloads.take_changed();
+        let awaiting = self.awaiting_slot.clone();
         let result = self.sync_cgroups(&changed);
         if result.is_err() {
             self.sync_all = true;
             self.workloads.return_changed(changed);
+            // Those not reached yet still wait (those reached are looked
+            // at again, harmlessly).
+            self.awaiting_slot.extend(awaiting);
         }
         result
     }
@@ -635,7 +660,36 @@ pub struct Run {
     cgroup_id: u64,
     pub id: SpiffeId,
     ttl: Option<Duration>,
-    pid: u32,
+    process: RunProcess,
+}
+
+/// The process an `idgate run` moves, as the kernel described it when
+/// the request came: a pid alone could name another process by the time
+/// the binding is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunProcess {
+    pub pid: u32,
+    /// Its parent (the caller).
+    pub parent: i32,
+    /// When it started, in clock ticks after boot.
+    start_time: u64,
+}
+
+impl RunProcess {
+    /// Reads the process `pid` from procfs.
+    pub fn of(pid: u32) -> Result<Self, procfs::ProcError> {
+        let stat = procfs::process::Process::new(pid as i32)?.stat()?;
+        Ok(Self {
+            pid,
+            parent: stat.ppid,
+            start_time: stat.starttime,
+        })
+    }
+
+    /// Whether the same process still runs under the same parent.
+    fn unchanged(&self) -> bool {
+        Self::of(self.pid).is_ok_and(|now| now == *self)
+    }
 }
 
 /// A new policy generation to compile and write off the daemon's owner,

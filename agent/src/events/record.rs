@@ -217,6 +217,10 @@ fn comm(raw: &[u8; 16]) -> String {
     String::from_utf8_lossy(&raw[..len]).into_owned()
 }
 
+/// The kernel's task flag for a process on its way out (`PF_EXITING`,
+/// include/linux/sched.h), as `/proc/PID/stat` shows it.
+const PF_EXITING: u32 = 0x4;
+
 /// The executable of process `pid`, if its thread `tid` still exists under
 /// the name the record has: a process that exited, or a pid reused by
 /// another program, gives why it is not named rather than a wrong answer.
@@ -227,10 +231,13 @@ fn exe_of(pid: u32, tid: u32, comm: &str) -> Result<String, ExeUnknown> {
         return Err(ExeUnknown::Renamed);
     }
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).map_err(|_| {
-        // A process that has exited but is not yet reaped keeps its
-        // threads' names, not its executable.
+        // A process that is exiting (its memory, and with it the
+        // executable, already let go) or has exited but is not yet reaped
+        // keeps its threads' names, not its executable.
         match procfs::process::Process::new(pid as i32).and_then(|p| p.stat()) {
-            Ok(stat) if !matches!(stat.state, 'Z' | 'X') => ExeUnknown::Unreadable,
+            Ok(stat) if !matches!(stat.state, 'Z' | 'X') && stat.flags & PF_EXITING == 0 => {
+                ExeUnknown::Unreadable
+            }
             _ => ExeUnknown::Exited,
         }
     })?;
