@@ -11,7 +11,7 @@ mod syscall;
 mod upgrade;
 
 pub use loader::{Attachment, Enforcer, ExecNotices, Uninstalled, install, uninstall};
-pub use maps::{BindingMaps, GenerationMaps, SlotTable, Written};
+pub use maps::{BindingMaps, GenerationMaps, RetiredSets, SlotTable, Written};
 pub use pins::Pins;
 
 /// Errors from the kernel side.

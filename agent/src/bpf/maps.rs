@@ -235,6 +235,11 @@ pub struct GenerationMaps {
     published: StdHashMap<RuleSet, u32>,
 }
 
+/// The rule sets a switch retired, held only to be dropped.
+pub struct RetiredSets {
+    _sets: StdHashMap<RuleSet, u32>,
+}
+
 /// A generation written in full and not yet switched to: the only way to
 /// [`GenerationMaps::switch`].
 #[must_use = "a written generation is judged by nothing until switched to"]
@@ -275,7 +280,7 @@ impl GenerationMaps {
     /// Returns the new active generation.
     pub fn apply(&mut self, policy: &CompiledPolicy) -> Result<u32, BpfError> {
         let written = self.write(policy)?;
-        self.switch(written)
+        Ok(self.switch(written)?.0)
     }
 
     /// Writes `policy` into the inactive generation, which no program
@@ -333,14 +338,15 @@ impl GenerationMaps {
     /// Makes a written generation the one every decision reads, with one
     /// map update. A program reads the generation once per decision, so
     /// every decision sees the old rule set or the new one. Returns the new
-    /// active generation.
-    pub fn switch(&mut self, written: Written) -> Result<u32, BpfError> {
+    /// active generation, and the old generation's rule sets (a copy of
+    /// every rule, for the caller to free where it costs nothing).
+    pub fn switch(&mut self, written: Written) -> Result<(u32, RetiredSets), BpfError> {
         self.generation
             .set(0, written.next, 0)
             .map_err(map_err(maps::GENERATION))?;
         self.written[written.next as usize] = Some(written.slots);
-        self.published = written.published;
-        Ok(written.next)
+        let old = std::mem::replace(&mut self.published, written.published);
+        Ok((written.next, RetiredSets { _sets: old }))
     }
 
     /// The tries the entries at `index` hold.

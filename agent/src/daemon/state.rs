@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use idgate_common::MAX_SLOTS;
 
-use crate::bpf::{self, BpfError, Enforcer, GenerationMaps, Written};
+use crate::bpf::{self, BpfError, Enforcer, GenerationMaps, RetiredSets, Written};
 use crate::cgroup;
 use crate::config::Config;
 use crate::identity::{self, EntrySet, SpiffeId, k8s::Pods};
@@ -525,7 +525,8 @@ impl State {
         self.generations = Some(done.maps);
         let (compiled, written) = done.written?;
         let maps = self.generations.as_mut().expect("just put back");
-        self.applied.buffer = maps.switch(written)?;
+        let (buffer, sets) = maps.switch(written)?;
+        self.applied.buffer = buffer;
         self.applied.generation = self.generation_number.advance();
         let slots: HashMap<SpiffeId, u32> =
             done.slots.iter().map(|(s, id)| (id.clone(), *s)).collect();
@@ -534,6 +535,7 @@ impl State {
             _identities: std::mem::replace(&mut self.applied.identities, Arc::new(done.slots)),
             _compiled: std::mem::replace(&mut self.applied.compiled, Arc::new(compiled)),
             _policy: std::mem::replace(&mut self.policy, done.policy),
+            _sets: sets,
             entries: None,
         };
         if let Some(entries) = entries
@@ -724,6 +726,7 @@ pub struct Retired {
     _identities: Arc<Vec<(u32, SpiffeId)>>,
     _compiled: Arc<CompiledPolicy>,
     _policy: Arc<PolicySet>,
+    _sets: RetiredSets,
     entries: Option<EntrySet>,
 }
 
