@@ -309,10 +309,12 @@ fn reloads(out: &mut String, args: &BenchArgs, r: &Results) {
         out,
         "\n## 2. Policy reload\n\n\
          Agent (c): {rules} rules across {ids} identities, {ids} bound cgroups. The time \
-         from starting `idgate policy reload` (the real CLI) to its reply; the agent \
-         re-reads and checks the policy and the entries, re-attests the scope, writes the \
-         inactive generation and switches to it before it replies (the reply's generation \
-         is checked to have changed). {n} reloads of each kind, in a row.\n\n\
+         from starting `idgate policy reload` (the real CLI) to its reply; off the \
+         agent's state owner, one thread re-reads and checks the policy and the entries, \
+         another compiles the policy and writes the inactive generation; the owner switches \
+         to it (and, had the entries changed, attests the scope again) before it replies \
+         (the reply's generation is checked to have changed). {n} reloads of each kind, in \
+         a row.\n\n\
          | reload | median | every run |\n|---|---:|---|\n{unchanged}{one}{check}\n\
          For comparison, from the same run: agent (c) took {start} from its start to \
          its first answer (policy compiled and applied, {ids} cgroups attested and bound), \
