@@ -32,7 +32,7 @@ use crate::cgroup;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/idgate"));
 
 /// What `install` found and did.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Attachment {
     /// Programs that were already attached and pinned, and kept.
     pub adopted: Vec<&'static str>,

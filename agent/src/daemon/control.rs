@@ -75,30 +75,14 @@ async fn off_runtime(work: impl FnOnce() -> Answer + Send + 'static) -> Result<A
 
 fn status(s: &Snapshot) -> Status {
     Status {
-        version: env!("CARGO_PKG_VERSION").into(),
         uptime_seconds: s.started.elapsed().as_secs(),
-        scope: s.scope_dir.clone(),
-        pin_dir: s.pin_dir.clone(),
-        programs: (&s.programs).into(),
-        generation: s.generation,
-        reloading: s.writing_generation,
-        mode: s.policy.mode,
-        identities: s.slots.len(),
-        rules: s.rules,
-        workloads: s.workloads,
-        revoked: s.revoked.iter().cloned().collect(),
-        reloads: s.reloads,
-        reload_errors: s.reload_errors,
-        pins_restored: s.pins_restored,
-        bind_failures: s.bind_failures,
-        max_workloads: s.max_workloads,
-        kubernetes: s.kubernetes.clone(),
+        ..s.status.clone()
     }
 }
 
 fn policy_show(s: &Snapshot) -> PolicyShown {
     PolicyShown {
-        generation: s.generation,
+        generation: s.status.generation,
         policy_path: s.policy_path.clone(),
         summary: policy::summary(&s.policy),
     }
@@ -244,7 +228,7 @@ fn explain(s: &Snapshot, identity: Identity, to: SocketAddr, protocol: Protocol)
             (Some(id), EXPLAIN_SLOT, compiled)
         }
     };
-    let revoked = id.is_some_and(|i| s.revoked.contains(i));
+    let revoked = id.is_some_and(|i| s.status.revoked.contains(i));
     let tcp = protocol == Protocol::Tcp;
     let (decided, rule_id) = policy::evaluate(&compiled, slot, to.ip(), to.port(), tcp);
     let audit = compiled
@@ -267,6 +251,6 @@ fn explain(s: &Snapshot, identity: Identity, to: SocketAddr, protocol: Protocol)
         audit_allowed,
         rule: rule.name.clone(),
         rule_owner: rule.owner.clone(),
-        generation: s.generation,
+        generation: s.status.generation,
     }
 }

@@ -90,23 +90,10 @@ mod tests {
         let (tx, rx) = mpsc::channel(QUEUE);
         let snapshot = Snapshot {
             started: Instant::now(),
-            scope_dir: Default::default(),
-            pin_dir: Default::default(),
+            status: Default::default(),
             policy_path: Default::default(),
-            programs: Default::default(),
-            generation: 0,
             policy: Default::default(),
             slots: Default::default(),
-            rules: 0,
-            workloads: 0,
-            revoked: Default::default(),
-            reloads: 0,
-            reload_errors: 0,
-            pins_restored: 0,
-            bind_failures: 0,
-            max_workloads: 0,
-            kubernetes: None,
-            writing_generation: false,
         };
         let (_, snapshot) = watch::channel(Arc::new(snapshot));
         let depth = Gauge::default();

@@ -2,14 +2,13 @@
 //! only read: `idgate status`, `policy show` and `explain` are answered
 //! from the latest snapshot without waiting for the owner.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use super::state::State;
-use crate::admin::KubeletStatus;
-use crate::bpf::Attachment;
+use crate::admin::Status;
 use crate::identity::SpiffeId;
 use crate::policy::PolicySet;
 
@@ -17,55 +16,47 @@ use crate::policy::PolicySet;
 #[derive(Debug)]
 pub struct Snapshot {
     pub started: Instant,
-    pub scope_dir: PathBuf,
-    pub pin_dir: PathBuf,
+    /// `status`'s answer as of this snapshot, but for its uptime, which is
+    /// filled in when asked.
+    pub status: Status,
     pub policy_path: PathBuf,
-    pub programs: Attachment,
-    /// The active generation's number (grows with every switch).
-    pub generation: u64,
     /// The running policy.
     pub policy: Arc<PolicySet>,
     /// Slots held, by identity.
     pub slots: Arc<HashMap<SpiffeId, u32>>,
-    /// Rules of the active generation (the default not counted).
-    pub rules: usize,
-    pub workloads: usize,
-    pub revoked: BTreeSet<SpiffeId>,
-    pub reloads: u64,
-    pub reload_errors: u64,
-    pub pins_restored: u64,
-    pub bind_failures: usize,
-    pub max_workloads: u32,
-    /// The kubelet's list as last fetched, with `[kubernetes]`.
-    pub kubernetes: Option<KubeletStatus>,
-    /// Whether a new generation is being compiled and written.
-    pub writing_generation: bool,
 }
 
 impl Snapshot {
     /// `state` as it stands; `writing` says whether a reload or a new
     /// generation is under way off the owner.
     pub fn of(state: &State, writing: bool) -> Self {
-        Self {
-            started: state.started,
-            scope_dir: state.scope_dir.clone(),
+        let status = Status {
+            version: env!("CARGO_PKG_VERSION").into(),
+            uptime_seconds: 0,
+            scope: state.scope_dir.clone(),
             pin_dir: state.config.pin_dir.clone(),
-            policy_path: state.config.policy.clone(),
-            programs: state.enforcer.attachment.clone(),
+            programs: (&state.enforcer.attachment).into(),
             generation: state.applied.generation,
-            policy: state.policy.clone(),
-            slots: state.applied.slots.clone(),
+            reloading: writing,
+            mode: state.policy.mode,
+            identities: state.applied.slots.len(),
             // Rule 0 is the default, not a rule.
             rules: state.applied.compiled.rules.len().saturating_sub(1),
             workloads: state.applied.bound.len(),
-            revoked: state.revocations.ids().clone(),
+            revoked: state.revocations.ids().iter().cloned().collect(),
             reloads: state.reloads,
             reload_errors: state.reload_errors,
             pins_restored: state.pins_restored,
             bind_failures: state.bind_failures.len(),
             max_workloads: state.config.max_workloads,
             kubernetes: state.kubelet.as_ref().map(|k| k.status(&state.pods)),
-            writing_generation: writing,
+        };
+        Self {
+            started: state.started,
+            status,
+            policy_path: state.config.policy.clone(),
+            policy: state.policy.clone(),
+            slots: state.applied.slots.clone(),
         }
     }
 }

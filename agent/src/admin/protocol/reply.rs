@@ -18,7 +18,7 @@ use crate::policy::{Mode, PolicyDiff};
 use crate::workloads::Binding;
 
 /// `status`: what the agent enforces now.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {
     /// The agent's release.
     pub version: String,
