@@ -10,10 +10,10 @@ use idgate_common::{UNKNOWN_SLOT, slot_policy, verdict};
 use super::handle::{Handle, OwnerError};
 use super::owner::Command;
 use super::snapshot::Snapshot;
-use super::state::{RunProcess, State};
+use super::state::RunProcess;
 use crate::admin::{
     Answer, EventsOpened, Explained, Identity, Peer, PolicyReloaded, PolicyShown, Protocol, Reply,
-    Request, Response, Revocation, Started, Status, WorkloadRow, WorkloadsList,
+    Request, Response, Revocation, Started, Status,
 };
 use crate::events::{Event, EventFeed, Verdict};
 use crate::identity::SpiffeId;
@@ -95,32 +95,6 @@ async fn reload(owner: &Handle) -> Result<PolicyReloaded, String> {
         generation: r.generation,
         diff: r.diff.clone(),
     })
-}
-
-/// `idgate workloads`, built by the owner from its table.
-pub fn workloads(state: &State) -> WorkloadsList {
-    WorkloadsList {
-        scope: state.scope_dir.clone(),
-        workloads: state
-            .workloads
-            .iter()
-            .map(|w| WorkloadRow {
-                path: w.path.clone(),
-                cgroup_id: w.cgroup_id,
-                binding: w.binding.clone(),
-                pids: w.pids.clone(),
-                since: w.since,
-                // Attested but not taken by the kernel (map full, or
-                // waiting for its identity's generation): denied.
-                enforced: w.binding.bound_id().is_none()
-                    || state.applied.bound.contains_key(&w.cgroup_id),
-            })
-            .collect(),
-        kubernetes: match &state.kubelet {
-            Some(k) => k.summary(&state.pods),
-            None => "no kubelet configured: k8s selectors match nothing".into(),
-        },
-    }
 }
 
 async fn revoke(owner: &Handle, identity: SpiffeId, revoked: bool) -> Result<Revocation, String> {

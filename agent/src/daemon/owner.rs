@@ -311,7 +311,7 @@ impl Running {
                 }
             },
             Command::Workloads(reply) => {
-                let _ = reply.send(super::control::workloads(state));
+                let _ = reply.send(super::snapshot::workloads(state));
             }
         }
     }

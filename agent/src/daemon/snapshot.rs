@@ -1,6 +1,8 @@
 //! What the owner publishes after every change, for the requests that
 //! only read: `idgate status`, `policy show` and `explain` are answered
-//! from the latest snapshot without waiting for the owner.
+//! from the latest snapshot without waiting for the owner. Also the
+//! owner's view of its workload table for `idgate workloads`, which is
+//! too large to publish after every change.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -8,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::state::State;
-use crate::admin::Status;
+use crate::admin::{Status, WorkloadRow, WorkloadsList};
 use crate::identity::SpiffeId;
 use crate::policy::PolicySet;
 
@@ -58,5 +60,31 @@ impl Snapshot {
             policy: state.policy.clone(),
             slots: state.applied.slots.clone(),
         }
+    }
+}
+
+/// `idgate workloads`, built by the owner from its table.
+pub fn workloads(state: &State) -> WorkloadsList {
+    WorkloadsList {
+        scope: state.scope_dir.clone(),
+        workloads: state
+            .workloads
+            .iter()
+            .map(|w| WorkloadRow {
+                path: w.path.clone(),
+                cgroup_id: w.cgroup_id,
+                binding: w.binding.clone(),
+                pids: w.pids.clone(),
+                since: w.since,
+                // Attested but not taken by the kernel (map full, or
+                // waiting for its identity's generation): denied.
+                enforced: w.binding.bound_id().is_none()
+                    || state.applied.bound.contains_key(&w.cgroup_id),
+            })
+            .collect(),
+        kubernetes: match &state.kubelet {
+            Some(k) => k.summary(&state.pods),
+            None => "no kubelet configured: k8s selectors match nothing".into(),
+        },
     }
 }
