@@ -36,6 +36,18 @@
 //! a reload builds new ones for the inactive generation (or reuses the
 //! active generation's for rule sets that did not change).
 //!
+//! 7. Names: when no address rule covers the connect (step 5 or 6 found
+//!    nothing, so the default would decide) and the slot is not the
+//!    unknown workload's, [`maps::LEARNED`] is read: (slot, family,
+//!    address) -> up to [`LEARNED_INLINE`] [`LearnedName`]s, each the
+//!    name class a lookup of this slot's learned the address for and its
+//!    expiry on the boot-time clock. For each one not expired, the class's
+//!    port table is found in the slot's destination trie under a
+//!    [`FAMILY_NAME`] key (the class id, full length) and judged as in
+//!    step 6. A rule found that way decides. A deny rule of any prefix
+//!    that covers the address has already decided in step 5, so it beats
+//!    every name.
+//!
 //! A miss in steps 5 or 6 falls to the slot's default verdict. An absent
 //! trie (only in the moment after an upgrade made the arrays anew, before
 //! the agent's first write) is no policy: deny.
@@ -81,9 +93,28 @@ pub mod maps {
     /// Ring buffer of [`ExecNotice`](super::ExecNotice)s: a process in the
     /// scope ran `exec`, so its cgroup is attested again.
     pub const EXEC_NOTICES: &str = "IDG_EXEC_NOTICES";
+    /// Hash of [`LearnedKey`](super::LearnedKey) ->
+    /// [`LearnedValue`](super::LearnedValue): addresses the DNS path
+    /// learned for a slot, with their expiries. Not part of a policy
+    /// generation: a class's meaning is (and a reload changes it in) the
+    /// generation's tries.
+    pub const LEARNED: &str = "IDG_LEARNED";
+    /// One [`DnsSettings`](super::DnsSettings), written by the agent.
+    pub const DNS_SETTINGS: &str = "IDG_DNS_SETTINGS";
+    /// Hash of network-namespace cookie (`u64`) -> `u32` (1): the
+    /// namespaces where the agent's DNS listeners are open.
+    pub const DNS_NETNS: &str = "IDG_DNS_NETNS";
+    /// LRU hash of socket cookie (`u64`) -> [`DnsOrigin`](super::DnsOrigin):
+    /// the server a redirected query was sent to, restored as the source
+    /// of the reply (`recvmsg`) and as the peer (`getpeername`).
+    pub const DNS_ORIGINS: &str = "IDG_DNS_ORIGINS";
+    /// Hash of name id (`u32`) -> [`NameText`](super::NameText). Not
+    /// read by the programs: the agent's record of the names in
+    /// [`LEARNED`], so that a restarted agent still names them.
+    pub const NAMES: &str = "IDG_NAMES";
 
     /// Every map, for pinning, adoption and uninstall.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 18] = [
         IDENTITIES,
         IDENTITY_INDEX,
         SLOT_STATE,
@@ -97,6 +128,11 @@ pub mod maps {
         EVENT_DROPS,
         SCOPE,
         EXEC_NOTICES,
+        LEARNED,
+        DNS_SETTINGS,
+        DNS_NETNS,
+        DNS_ORIGINS,
+        NAMES,
     ];
 }
 
@@ -108,11 +144,28 @@ pub mod programs {
     pub const SENDMSG6: &str = "idgate_sendmsg6";
     /// `cgroup/sock_create`: raw sockets for managed workloads.
     pub const SOCK_CREATE: &str = "idgate_sock_create";
+    /// `cgroup/recvmsg4|6`: the source of a redirected DNS reply is
+    /// restored to the server the workload asked.
+    pub const RECVMSG4: &str = "idgate_recvmsg4";
+    pub const RECVMSG6: &str = "idgate_recvmsg6";
+    /// `cgroup/getpeername4|6`: likewise, the peer of a redirected socket.
+    pub const GETPEERNAME4: &str = "idgate_getpeername4";
+    pub const GETPEERNAME6: &str = "idgate_getpeername6";
     /// Raw tracepoint `sched_process_exec`: exec notices.
     pub const EXEC: &str = "idgate_exec";
 
     /// Every program whose link is pinned (enforcement without the agent).
-    pub const PINNED: [&str; 5] = [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6, SOCK_CREATE];
+    pub const PINNED: [&str; 9] = [
+        CONNECT4,
+        CONNECT6,
+        SENDMSG4,
+        SENDMSG6,
+        SOCK_CREATE,
+        RECVMSG4,
+        RECVMSG6,
+        GETPEERNAME4,
+        GETPEERNAME6,
+    ];
 }
 
 /// The managed scope, for programs not attached to it: a task is in the
@@ -237,6 +290,10 @@ pub mod slot_policy {
     /// The identity may create raw (`SOCK_RAW`) IPv4 and IPv6 sockets,
     /// which bypass the connect and sendmsg hooks.
     pub const RAW_SOCKETS: u32 = 4;
+    /// The identity's DNS is not sent to the agent's resolver (`[dns]
+    /// direct`): its port-53 traffic is judged by its address rules, as
+    /// any other. For a recursive resolver run inside the scope.
+    pub const DNS_DIRECT: u32 = 8;
 }
 
 /// Per-slot policy of one generation.
@@ -263,6 +320,12 @@ pub const fn slot_policy_index(generation: u32, slot: u32) -> u32 {
 pub const FAMILY_V4: u32 = 4;
 /// [`DestKey::family`] of an IPv6 prefix.
 pub const FAMILY_V6: u32 = 6;
+/// [`DestKey::family`] of a name class: the key's first
+/// [`NAME_CLASS_BYTES`] address bytes are the class id, always matched in
+/// full (see step 7 of the lookup).
+pub const FAMILY_NAME: u32 = 1;
+/// Bytes of a name class id.
+pub const NAME_CLASS_BYTES: usize = 16;
 
 /// LPM data of a destination trie. The first [`DEST_FIXED_BITS`] bits
 /// (the family) are always matched in full.
@@ -341,6 +404,102 @@ pub struct RuleVerdict {
     pub rule_id: u32,
 }
 
+/// Entries of [`maps::LEARNED`] (all slots together).
+pub const MAX_LEARNED: u32 = 262_144;
+/// Name classes one learned address can hold for one slot.
+pub const LEARNED_INLINE: usize = 4;
+
+/// Key of [`maps::LEARNED`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LearnedKey {
+    pub slot: u32,
+    /// [`FAMILY_V4`] (an IPv4 address in the first four bytes, the rest
+    /// zero) or [`FAMILY_V6`].
+    pub family: u32,
+    pub addr: [u8; 16],
+}
+
+/// One name class an address was learned for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LearnedName {
+    /// `bpf_ktime_get_boot_ns` after which this entry opens nothing; 0 is
+    /// an unused entry.
+    pub expiry_boot_ns: u64,
+    /// The class id: the [`FAMILY_NAME`] key of the rule set's tries.
+    pub class: [u8; NAME_CLASS_BYTES],
+    /// The name looked up (a key of [`maps::NAMES`]), for the record.
+    pub name_id: u32,
+    pub _pad: u32,
+}
+
+/// Value of [`maps::LEARNED`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LearnedValue {
+    pub names: [LearnedName; LEARNED_INLINE],
+}
+
+/// Longest name in [`maps::NAMES`]: a DNS name in text, without the
+/// final dot (RFC 1035: 253 characters).
+pub const NAME_TEXT_BYTES: usize = 256;
+
+/// Value of [`maps::NAMES`]: the name's bytes, NUL-padded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NameText {
+    pub text: [u8; NAME_TEXT_BYTES],
+}
+
+/// Value of [`maps::DNS_SETTINGS`]. While `enabled` is 0 (the agent has
+/// not written it, or `[dns]` is off), port-53 traffic is judged like any
+/// other.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsSettings {
+    pub enabled: u32,
+    /// Second octet of the reserved loopback range `127.N.0.0/16`: a
+    /// query of slot S goes to `127.N.(S >> 8).(S & 0xff)`. Workloads may
+    /// not send anything to the range themselves.
+    pub net: u32,
+    /// Port of the agent's listeners, host order.
+    pub port: u32,
+    pub _pad: u32,
+}
+
+/// The loopback address a query of `slot` is sent to, in network order,
+/// and the slot such an address stands for.
+pub mod dns_address {
+    /// The address for `slot` in the range `127.net.0.0/16`.
+    #[inline(always)]
+    pub const fn of_slot(net: u32, slot: u32) -> [u8; 4] {
+        [127, net as u8, (slot >> 8) as u8, slot as u8]
+    }
+
+    /// The slot `addr` stands for, when it is in the range.
+    pub const fn slot(net: u32, addr: [u8; 4]) -> Option<u32> {
+        if addr[0] == 127 && addr[1] as u32 == net {
+            Some((addr[2] as u32) << 8 | addr[3] as u32)
+        } else {
+            None
+        }
+    }
+}
+
+/// Value of [`maps::DNS_ORIGINS`]: where a workload sent its query.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsOrigin {
+    /// Address as the workload wrote it, network order (IPv4 in the first
+    /// four bytes; an IPv6 hook keeps the mapped form it saw).
+    pub addr: [u8; 16],
+    /// Port, network order, as in `bpf_sock_addr.user_port`.
+    pub port: u32,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`]: which hook saw it.
+    pub family: u32,
+}
+
 /// Bytes of the [`maps::EVENTS`] ring buffer: a power-of-two multiple of
 /// the page size. About 9,000 records.
 pub const EVENTS_RING_BYTES: u32 = 1 << 20;
@@ -380,6 +539,15 @@ pub mod reason {
     /// The policy (a rule, or the default) denied, but the identity is in
     /// audit mode: let through and reported.
     pub const AUDIT_ALLOWED: u32 = 6;
+    /// A DNS query from a network namespace where the agent's resolver
+    /// is not listening (yet): denied, so it fails at once.
+    pub const DNS_NOT_READY: u32 = 7;
+    /// The destination is in the loopback range reserved for the agent's
+    /// resolver: only queries the kernel sent there may reach it.
+    pub const RESERVED: u32 = 8;
+    /// A DNS query to an IPv6 server: the reply could not be given the
+    /// server's address back (see docs/architecture.md), so it is denied.
+    pub const DNS_V6: u32 = 9;
 
     /// The reason's name in events, or `None` for an unknown code.
     pub const fn name(code: u32) -> Option<&'static str> {
@@ -390,6 +558,9 @@ pub mod reason {
             REVOKED => Some("revoked"),
             NO_POLICY => Some("no_policy"),
             AUDIT_ALLOWED => Some("audit_allowed"),
+            DNS_NOT_READY => Some("dns_not_ready"),
+            RESERVED => Some("reserved"),
+            DNS_V6 => Some("dns_v6"),
             _ => None,
         }
     }
@@ -400,12 +571,15 @@ pub mod record_flags {
     /// An IPv6 hook saw an IPv4-mapped address (`::ffff:a.b.c.d`); it was
     /// judged by the IPv4 rules. The address is kept as the hook saw it.
     pub const V4_MAPPED: u32 = 1;
+    /// A rule for a name decided: the address was learned from a lookup
+    /// of [`DecisionRecord::name_id`](super::DecisionRecord::name_id).
+    pub const LEARNED: u32 = 2;
 }
 
 /// [`DecisionRecord::layout`] of the record defined here. A reader skips
 /// records of another layout (left in the pinned ring buffer by programs of
 /// another version) instead of misreading them.
-pub const RECORD_LAYOUT: u32 = 1;
+pub const RECORD_LAYOUT: u32 = 2;
 
 /// One decision, as the kernel program saw it.
 #[repr(C)]
@@ -449,6 +623,10 @@ pub struct DecisionRecord {
     pub addr: [u8; 16],
     /// `bpf_get_current_comm`: the thread's name, NUL-padded.
     pub comm: [u8; 16],
+    /// With [`record_flags::LEARNED`]: the name (a key of
+    /// [`maps::NAMES`]) whose lookup opened the address; else 0.
+    pub name_id: u32,
+    pub _pad: u32,
 }
 
 /// Value of [`maps::EVENT_SETTINGS`] (one entry).
@@ -476,6 +654,11 @@ mod pod {
     unsafe impl aya::Pod for super::EventSettings {}
     unsafe impl aya::Pod for super::Scope {}
     unsafe impl aya::Pod for super::ExecNotice {}
+    unsafe impl aya::Pod for super::LearnedKey {}
+    unsafe impl aya::Pod for super::LearnedValue {}
+    unsafe impl aya::Pod for super::NameText {}
+    unsafe impl aya::Pod for super::DnsSettings {}
+    unsafe impl aya::Pod for super::DnsOrigin {}
 }
 
 #[cfg(test)]
@@ -494,7 +677,13 @@ mod tests {
         assert_eq!(size_of::<DestTables>(), 2 * size_of::<PortTable>());
         assert_eq!(size_of::<PortKey>(), 8);
         assert_eq!(size_of::<RuleVerdict>(), 8);
-        assert_eq!(size_of::<DecisionRecord>(), 112);
+        assert_eq!(size_of::<DecisionRecord>(), 120);
+        assert_eq!(size_of::<LearnedKey>(), 24);
+        assert_eq!(size_of::<LearnedName>(), 32);
+        assert_eq!(size_of::<LearnedValue>(), 32 * LEARNED_INLINE);
+        assert_eq!(size_of::<NameText>(), NAME_TEXT_BYTES);
+        assert_eq!(size_of::<DnsSettings>(), 16);
+        assert_eq!(size_of::<DnsOrigin>(), 24);
         assert_eq!(size_of::<EventSettings>(), 8);
     }
 
@@ -513,6 +702,9 @@ mod tests {
             reason::REVOKED,
             reason::NO_POLICY,
             reason::AUDIT_ALLOWED,
+            reason::DNS_NOT_READY,
+            reason::RESERVED,
+            reason::DNS_V6,
         ];
         for (i, h) in hooks.iter().enumerate() {
             let name = hook::name(*h).unwrap();
@@ -546,6 +738,16 @@ mod tests {
         assert_eq!(entry(u64::MAX, 1), None);
         assert_eq!(entry(id, 1 << 16), None);
         assert!(entry((1 << 63) - 1, 1).is_some());
+    }
+
+    #[test]
+    fn a_slot_s_dns_address_gives_the_slot_back() {
+        for slot in [UNKNOWN_SLOT, 1, 255, 256, MAX_SLOTS - 1] {
+            let a = dns_address::of_slot(53, slot);
+            assert_eq!(dns_address::slot(53, a), Some(slot));
+            assert_eq!(dns_address::slot(54, a), None);
+        }
+        assert_eq!(dns_address::slot(53, [10, 53, 0, 1]), None);
     }
 
     #[test]
