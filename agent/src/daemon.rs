@@ -13,6 +13,7 @@ mod discovery;
 mod generation_number;
 mod handle;
 mod kubelet;
+mod namespaces;
 mod owner;
 mod snapshot;
 mod state;
@@ -82,6 +83,8 @@ pub enum DaemonError {
     Svid(#[from] crate::svid::SvidError),
     #[error(transparent)]
     WorkloadApi(#[from] crate::workload_api::WorkloadApiError),
+    #[error(transparent)]
+    Dns(#[from] crate::dns::DnsPathError),
     #[error(transparent)]
     Federation(#[from] crate::federation::FederationError),
     #[error(transparent)]
@@ -194,8 +197,26 @@ async fn start(config_path: &Path) -> Result<Started, DaemonError> {
     let mut state = tokio::task::spawn_blocking(move || State::start(config, kubelet))
         .await
         .map_err(|_| DaemonError::StartLost)??;
-    let (view, identities) = ViewPublisher::new(&state);
-    let telemetry = telemetry.start(&state)?;
+    let (view, identities, dns_view) = ViewPublisher::new(&state);
+    let book = Arc::new(crate::dns::NameBook::default());
+    let (records_tx, records) = mpsc::channel(DNS_RECORDS);
+    let telemetry = telemetry.start(
+        &state,
+        crate::events::DnsFeed {
+            book: book.clone(),
+            records,
+        },
+    )?;
+    let dns = crate::dns::DnsPath::start(
+        &state.config.dns,
+        &state.config.pin_dir,
+        dns_view,
+        records_tx,
+        book,
+    )?;
+    if let Some(dns) = dns {
+        tokio::spawn(namespaces::watch(dns, state.scope_dir.clone()));
+    }
     let feed = telemetry.feed.clone();
     let queue_depth = telemetry.owner_queue();
     if let Some(listener) = workload_api {
@@ -316,6 +337,10 @@ impl Started {
         result
     }
 }
+
+/// DNS decision records waiting for the events reader; past it they are
+/// dropped (and logged at debug).
+const DNS_RECORDS: usize = 4096;
 
 /// How long a SIGHUP's reload is waited for before it is logged as lost.
 const SIGHUP_RELOAD_WAIT: Duration = Duration::from_secs(300);

@@ -26,7 +26,8 @@ pub use feed::{EventFeed, Line};
 pub use kernel::EventMaps;
 pub use metrics::EventMetrics;
 pub use names::Names;
-pub use record::{Event, SCHEMA_VERSION};
+pub use reader::DnsFeed;
+pub use record::{DnsDetail, Event, SCHEMA_VERSION};
 pub use sinks::Sinks;
 
 /// What the kernel did with a connect.
@@ -170,8 +171,9 @@ pub fn start(
     sinks: Sinks,
     names: Arc<Names>,
     metrics: EventMetrics,
+    dns: DnsFeed,
 ) -> Result<(), EventsError> {
     let mut maps = EventMaps::open(pin_dir)?;
     maps.set_allow_sample_rate(config.allow_sample_rate)?;
-    reader::spawn(maps, sinks, names, metrics)
+    reader::spawn(maps, sinks, names, metrics, dns)
 }

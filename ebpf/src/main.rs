@@ -3,6 +3,7 @@
 #![no_std]
 #![no_main]
 
+mod dns;
 mod exec;
 mod raw_sockets;
 
@@ -21,8 +22,9 @@ use aya_ebpf::{
 use core::ptr::{addr_of, addr_of_mut, read_volatile};
 use idgate_common::{
     DEST_FIXED_BITS, DecisionRecord, DestKey, DestTables, EVENTS_RING_BYTES, EventSettings,
-    FAMILY_V4, FAMILY_V6, GENERATIONS, INLINE_RANGES, MAX_BOUND_CGROUPS, MAX_SET_DESTS,
-    MAX_SET_PORT_BLOCKS, MAX_SLOTS, NO_TABLE, PORT_FIXED_BITS, PortKey, PortTable, RECORD_LAYOUT,
+    FAMILY_NAME, FAMILY_V4, FAMILY_V6, GENERATIONS, INLINE_RANGES, LEARNED_INLINE, LearnedKey,
+    LearnedValue, MAX_BOUND_CGROUPS, MAX_LEARNED, MAX_SET_DESTS, MAX_SET_PORT_BLOCKS, MAX_SLOTS,
+    NAME_TEXT_BYTES, NO_TABLE, NameText, PORT_FIXED_BITS, PortKey, PortTable, RECORD_LAYOUT,
     RuleVerdict, SlotPolicy, UNKNOWN_SLOT, hook, identity_index, reason, record_flags, slot_policy,
     slot_policy_index, slot_state, verdict,
 };
@@ -51,10 +53,7 @@ const SLOT_ENTRIES: usize = (GENERATIONS * MAX_SLOTS) as usize;
 // Arrays of maps are BTF-defined (the inner trie is their template); the
 // agent pins them itself.
 #[btf_map(name = "IDG_SLOT_DESTS")]
-static SLOT_DESTS: ArrayOfMaps<
-    LpmTrie<DestKey, DestTables, { MAX_SET_DESTS as usize }>,
-    SLOT_ENTRIES,
-> = ArrayOfMaps::new();
+static SLOT_DESTS: ArrayOfMaps<DestTrie, SLOT_ENTRIES> = ArrayOfMaps::new();
 
 type PortTrie = LpmTrie<PortKey, RuleVerdict, { MAX_SET_PORT_BLOCKS as usize }>;
 
@@ -71,6 +70,19 @@ static EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
 #[map(name = "IDG_EVENT_SETTINGS")]
 static EVENT_SETTINGS: Array<EventSettings> = Array::pinned(1, 0);
 
+/// `BPF_F_NO_PREALLOC`: an entry replaced by the agent is freed only
+/// after every program that may still read it has finished.
+const NO_PREALLOC: u32 = 1;
+
+#[map(name = "IDG_LEARNED")]
+static LEARNED: HashMap<LearnedKey, LearnedValue> = HashMap::pinned(MAX_LEARNED, NO_PREALLOC);
+
+/// Not read here: the agent's record of the names in `IDG_LEARNED`.
+#[map(name = "IDG_NAMES")]
+static NAMES: HashMap<u32, NameText> = HashMap::pinned(MAX_LEARNED, NO_PREALLOC);
+
+const _: () = assert!(NAME_TEXT_BYTES == core::mem::size_of::<NameText>());
+
 #[map(name = "IDG_EVENT_DROPS")]
 static EVENT_DROPS: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
 
@@ -79,13 +91,31 @@ const IPPROTO_UDP: u32 = 17;
 const IPPROTO_MPTCP: u32 = 262;
 
 /// A destination as the hook saw it, in network byte order.
-struct Dest {
+pub(crate) struct Dest {
     /// An IPv4 address in the first four bytes, or an IPv6 address.
     addr: [u8; 16],
     /// Judged by the IPv4 rules: an IPv4 hook, or a mapped address.
     v4: bool,
     /// [`record_flags`] for the event.
     flags: u32,
+}
+
+impl Dest {
+    /// The IPv4 address of a destination judged by the IPv4 rules.
+    #[inline(always)]
+    fn v4_bytes(&self) -> [u8; 4] {
+        let from = if self.flags & record_flags::V4_MAPPED != 0 {
+            12
+        } else {
+            0
+        };
+        [
+            self.addr[from],
+            self.addr[from + 1],
+            self.addr[from + 2],
+            self.addr[from + 3],
+        ]
+    }
 }
 
 /// What [`decide`] found.
@@ -95,6 +125,10 @@ struct Decision {
     verdict: u32,
     reason: u32,
     rule_id: u32,
+    /// [`record_flags::LEARNED`] when a name rule decided.
+    flags: u32,
+    /// The name whose lookup opened the address, with that flag.
+    name_id: u32,
 }
 
 #[cgroup_sock_addr(connect4)]
@@ -183,7 +217,20 @@ fn judge(ctx: &SockAddrContext, hook: u32, dest: Dest) -> i32 {
     // made outside the scope is not judged here: see docs/architecture.md.
     // SAFETY: helper without arguments.
     let cgroup = unsafe { bpf_get_current_cgroup_id() };
-    let d = decide(cgroup, protocol, port, &dest);
+    let slot = slot_of(cgroup);
+    let d = match dns::redirect(ctx, slot, protocol, port, &dest) {
+        dns::Redirect::Done => return 1,
+        dns::Redirect::Deny(why) => Decision {
+            slot,
+            generation: GENERATION.get(0).copied().unwrap_or(0) & 1,
+            verdict: verdict::DENY,
+            reason: why,
+            rule_id: 0,
+            flags: 0,
+            name_id: 0,
+        },
+        dns::Redirect::No => decide(slot, protocol, port, &dest),
+    };
     if d.verdict == verdict::DENY || d.reason == reason::AUDIT_ALLOWED || sampled() {
         report(hook, cgroup, protocol, port, &dest, &d);
     }
@@ -193,8 +240,7 @@ fn judge(ctx: &SockAddrContext, hook: u32, dest: Dest) -> i32 {
 /// The verdict and why. Every miss on the way falls to a deny or to a
 /// default that user space chose; nothing falls open.
 #[inline(always)]
-fn decide(cgroup: u64, protocol: u32, port: u16, dest: &Dest) -> Decision {
-    let slot = slot_of(cgroup);
+fn decide(slot: u32, protocol: u32, port: u16, dest: &Dest) -> Decision {
     let generation = GENERATION.get(0).copied().unwrap_or(0) & 1;
     let mut d = Decision {
         slot,
@@ -202,6 +248,8 @@ fn decide(cgroup: u64, protocol: u32, port: u16, dest: &Dest) -> Decision {
         verdict: verdict::DENY,
         reason: reason::REVOKED,
         rule_id: 0,
+        flags: 0,
+        name_id: 0,
     };
     let state = SLOT_STATE.get(slot).copied().unwrap_or(slot_state::REVOKED);
     if state & slot_state::REVOKED != 0 {
@@ -228,19 +276,15 @@ fn decide(cgroup: u64, protocol: u32, port: u16, dest: &Dest) -> Decision {
     };
     let mut bits = 128;
     if dest.v4 {
-        let from = if dest.flags & record_flags::V4_MAPPED != 0 {
-            12
-        } else {
-            0
-        };
+        let b = dest.v4_bytes();
         key = DestKey {
             family: FAMILY_V4,
             addr: [0; 16],
         };
-        key.addr[0] = dest.addr[from];
-        key.addr[1] = dest.addr[from + 1];
-        key.addr[2] = dest.addr[from + 2];
-        key.addr[3] = dest.addr[from + 3];
+        key.addr[0] = b[0];
+        key.addr[1] = b[1];
+        key.addr[2] = b[2];
+        key.addr[3] = b[3];
         bits = 32;
     }
     let tables = dest_trie.get(&Key::new(DEST_FIXED_BITS + bits, key));
@@ -260,6 +304,8 @@ fn decide(cgroup: u64, protocol: u32, port: u16, dest: &Dest) -> Decision {
         d.verdict = rule.verdict;
         d.rule_id = rule.rule_id;
         d.reason = reason::RULE;
+    } else if d.reason == reason::DEFAULT {
+        learned_rule(slot, &key, dest_trie, port_trie, protocol, port, &mut d);
     }
     if d.verdict != verdict::ALLOW {
         // Anything but allow is a deny.
@@ -270,6 +316,62 @@ fn decide(cgroup: u64, protocol: u32, port: u16, dest: &Dest) -> Decision {
         }
     }
     d
+}
+
+type DestTrie = LpmTrie<DestKey, DestTables, { MAX_SET_DESTS as usize }>;
+
+/// Step 7: a name rule of the slot for which a lookup of the slot's
+/// learned this address, before its expiry. `key` is the address as the
+/// tries are keyed.
+#[inline(always)]
+fn learned_rule(
+    slot: u32,
+    key: &DestKey,
+    dest_trie: &DestTrie,
+    port_trie: &PortTrie,
+    protocol: u32,
+    port: u16,
+    d: &mut Decision,
+) {
+    let learned_key = LearnedKey {
+        slot,
+        family: key.family,
+        addr: key.addr,
+    };
+    // SAFETY: a plain value read from a map owned by this program; the
+    // map is not preallocated, so an entry the agent replaces stays valid
+    // until this program is done.
+    let Some(learned) = (unsafe { LEARNED.get(&learned_key) }) else {
+        return;
+    };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let mut i = 0;
+    while i < LEARNED_INLINE {
+        let name = &learned.names[i];
+        i += 1;
+        if name.expiry_boot_ns <= now {
+            continue;
+        }
+        let class = DestKey {
+            family: FAMILY_NAME,
+            addr: name.class,
+        };
+        let tables = dest_trie.get(&Key::new(DEST_FIXED_BITS + 128, class));
+        let ports = match (tables, protocol) {
+            (Some(t), IPPROTO_TCP | IPPROTO_MPTCP) => &t.tcp,
+            (Some(t), IPPROTO_UDP) => &t.udp,
+            _ => continue,
+        };
+        if let Some(rule) = port_rule(ports, port_trie, port) {
+            d.verdict = rule.verdict;
+            d.rule_id = rule.rule_id;
+            d.reason = reason::RULE;
+            d.flags = record_flags::LEARNED;
+            d.name_id = name.name_id;
+            return;
+        }
+    }
 }
 
 /// The rule of `table` that covers `port`: in the table's own ranges, or
@@ -357,7 +459,9 @@ fn report(hook: u32, cgroup: u64, protocol: u32, port: u16, dest: &Dest, d: &Dec
         (*record).verdict = d.verdict;
         (*record).reason = d.reason;
         (*record).rule_id = d.rule_id;
-        (*record).flags = dest.flags;
+        (*record).flags = dest.flags | d.flags;
+        (*record).name_id = d.name_id;
+        (*record)._pad = 0;
         (*record).port = u32::from(port);
         (*record).layout = RECORD_LAYOUT;
         (*record).addr = dest.addr;

@@ -350,6 +350,19 @@ pub struct Agent {
     wrapper: Vec<String>,
 }
 
+/// A port free for both UDP and TCP on every address now (the kernel's
+/// pick for a UDP socket, checked for TCP).
+pub fn free_port() -> u16 {
+    for _ in 0..64 {
+        let udp = std::net::UdpSocket::bind("0.0.0.0:0").expect("a UDP socket");
+        let port = udp.local_addr().expect("bound").port();
+        if std::net::TcpListener::bind(("0.0.0.0", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no port free for both UDP and TCP in 64 tries");
+}
+
 impl Agent {
     /// Writes the files for an agent on `cgroups`' scope, without starting it.
     pub fn prepare(cgroups: &Cgroups, policy: &str, extra_config: &str) -> Self {
@@ -362,10 +375,17 @@ impl Agent {
         let socket = dir.join("control.sock");
         let config = dir.join("agent.toml");
         std::fs::write(dir.join("policy/policy.toml"), policy).expect("policy");
+        // Agents of tests that run at once share the host's network
+        // namespace: each one's DNS listeners get a port of their own.
+        let dns = if extra_config.contains("[dns]") {
+            String::new()
+        } else {
+            format!("[dns]\nlisten_port = {}\n", free_port())
+        };
         std::fs::write(
             &config,
             format!(
-                "scope = {:?}\npin_dir = {:?}\ncontrol_socket = {:?}\npolicy = \"policy\"\nentries = \"entries\"\nstate_dir = \"state\"\n{extra_config}\n",
+                "scope = {:?}\npin_dir = {:?}\ncontrol_socket = {:?}\npolicy = \"policy\"\nentries = \"entries\"\nstate_dir = \"state\"\n{extra_config}\n{dns}",
                 cgroups.scope_rel(),
                 pin_dir,
                 socket,

@@ -56,7 +56,12 @@ pub fn run(args: EventsArgs) -> anyhow::Result<()> {
 /// One decision in one line for a person.
 fn human(e: &Event) -> String {
     let who = e.identity.as_deref().unwrap_or("unknown");
-    let dest = std::net::SocketAddr::new(e.dst_addr, e.dst_port);
+    let addr = std::net::SocketAddr::new(e.dst_addr, e.dst_port);
+    let dest = match (&e.dst_name, &e.dns) {
+        (Some(name), Some(dns)) => format!("dns {name} {}", dns.qtype),
+        (Some(name), None) => format!("{name} ({}):{}", e.dst_addr, e.dst_port),
+        _ => addr.to_string(),
+    };
     let rule = e
         .rule
         .as_ref()

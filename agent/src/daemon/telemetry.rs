@@ -39,7 +39,7 @@ pub fn prepare(config: &Config) -> Result<Prepared, DaemonError> {
 impl Prepared {
     /// Starts the events reader and the metrics server for the agent in
     /// `state`, whose programs and maps are in place.
-    pub fn start(self, state: &State) -> Result<Telemetry, DaemonError> {
+    pub fn start(self, state: &State, dns: events::DnsFeed) -> Result<Telemetry, DaemonError> {
         let mut registry = Registry::with_prefix("idgate");
         let event_metrics = EventMetrics::new(&mut registry);
         let telemetry = Telemetry {
@@ -54,6 +54,7 @@ impl Prepared {
             self.sinks,
             telemetry.names.clone(),
             event_metrics,
+            dns,
         )?;
         if let Some(listener) = self.listener {
             crate::metrics::serve(listener, Arc::new(registry))?;

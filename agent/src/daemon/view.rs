@@ -1,14 +1,18 @@
-//! Publishes the owner's [`IdentityView`] to the Workload API after every
-//! change that touches it.
+//! Publishes the owner's [`IdentityView`] to the Workload API, and its
+//! [`DnsView`] to the DNS path, after every change that touches them.
+
+use std::sync::Arc;
 
 use tokio::sync::watch;
 
 use super::state::State;
+use crate::dns::DnsView;
 use crate::identity_view::IdentityView;
 
 /// Publishes a new view when the state's differs from the last one.
 pub struct ViewPublisher {
     tx: watch::Sender<IdentityView>,
+    dns: watch::Sender<Arc<DnsView>>,
     /// The workload table's version and the kernel's binding count the
     /// last view was taken at.
     seen: (u64, usize),
@@ -23,11 +27,27 @@ fn view_of(state: &State) -> IdentityView {
     )
 }
 
+fn dns_view_of(state: &State) -> Arc<DnsView> {
+    Arc::new(DnsView::new(
+        state.applied.generation,
+        &state.applied.identities,
+        state.revocations.ids().clone(),
+        state.applied.compiled.clone(),
+    ))
+}
+
 impl ViewPublisher {
-    pub fn new(state: &State) -> (Self, watch::Receiver<IdentityView>) {
+    pub fn new(
+        state: &State,
+    ) -> (
+        Self,
+        watch::Receiver<IdentityView>,
+        watch::Receiver<Arc<DnsView>>,
+    ) {
         let (tx, rx) = watch::channel(view_of(state));
+        let (dns, dns_rx) = watch::channel(dns_view_of(state));
         let seen = (state.workloads.version(), state.applied.bound.len());
-        (Self { tx, seen }, rx)
+        (Self { tx, dns, seen }, rx, dns_rx)
     }
 
     /// Call after anything that may have changed bindings or revocations.
@@ -44,6 +64,14 @@ impl ViewPublisher {
         };
         if bindings_seen && rest_seen {
             return;
+        }
+        let dns_stale = {
+            let current = self.dns.borrow();
+            current.generation != state.applied.generation
+                || !current.revoked_are(state.revocations.ids())
+        };
+        if dns_stale {
+            self.dns.send_replace(dns_view_of(state));
         }
         let view = view_of(state);
         self.tx.send_if_modified(|old| {

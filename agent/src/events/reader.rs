@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use aya::maps::{MapData, RingBuf};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
+use tokio::sync::mpsc;
 
 use super::EventsError;
 use super::audit_log::AuditLogError;
@@ -15,6 +16,7 @@ use super::metrics::EventMetrics;
 use super::names::Names;
 use super::record::{self, Enricher};
 use super::sinks::Sinks;
+use crate::dns::{DnsRecord, NameBook};
 
 /// Records handled before the task lets others run.
 const MAX_BATCH: usize = 4096;
@@ -28,6 +30,7 @@ pub fn spawn(
     sinks: Sinks,
     names: Arc<Names>,
     metrics: EventMetrics,
+    dns: DnsFeed,
 ) -> Result<(), EventsError> {
     // SAFETY: the descriptor is the ring buffer map's, owned by `maps`,
     // which the `AsyncFd` owns from now on and never replaces it.
@@ -40,16 +43,31 @@ pub fn spawn(
         enricher: Enricher::new(),
         lost_while_failing: None,
         drops_seen: 0,
+        book: dns.book,
     };
-    tokio::spawn(run(fd, reader));
+    tokio::spawn(run(fd, reader, dns.records));
     Ok(())
 }
 
-async fn run(mut fd: AsyncFd<EventMaps>, mut reader: Reader) {
+/// What the DNS path sends the reader: its decision records, and the
+/// names of learned addresses for the kernel's.
+pub struct DnsFeed {
+    pub book: Arc<NameBook>,
+    pub records: mpsc::Receiver<DnsRecord>,
+}
+
+async fn run(mut fd: AsyncFd<EventMaps>, mut reader: Reader, mut dns: mpsc::Receiver<DnsRecord>) {
     reader.check_drops(fd.get_ref());
     let mut checked = Instant::now();
     loop {
-        match tokio::time::timeout(TICK, fd.readable_mut()).await {
+        let ready = tokio::select! {
+            r = tokio::time::timeout(TICK, fd.readable_mut()) => r,
+            Some(first) = dns.recv() => {
+                reader.dns(first, &mut dns);
+                continue;
+            }
+        };
+        match ready {
             Ok(Ok(mut guard)) => {
                 // Readiness is cleared only once the buffer is empty: the
                 // kernel wakes the reader only when it had caught up.
@@ -82,6 +100,7 @@ struct Reader {
     lost_while_failing: Option<u64>,
     /// The kernel's drop count when last read.
     drops_seen: u64,
+    book: Arc<NameBook>,
 }
 
 impl Reader {
@@ -104,7 +123,7 @@ impl Reader {
             drop(item);
             match decoded {
                 Ok(r) => {
-                    let event = self.enricher.event(&r, &names);
+                    let event = self.enricher.event(&r, &names, &self.book);
                     self.metrics.decision(&event);
                     if let Err(e) = self.sinks.push(&event) {
                         self.write_failed(e);
@@ -130,6 +149,26 @@ impl Reader {
             }
         }
         emptied
+    }
+
+    /// Writes `first` and whatever other DNS records wait, up to a batch.
+    fn dns(&mut self, first: DnsRecord, more: &mut mpsc::Receiver<DnsRecord>) {
+        let mut next = Some(first);
+        let mut handled = 0;
+        while let Some(r) = next.take() {
+            let event = self.enricher.dns_event(&r);
+            self.metrics.decision(&event);
+            if let Err(e) = self.sinks.push(&event) {
+                self.write_failed(e);
+            }
+            handled += 1;
+            if handled < MAX_BATCH {
+                next = more.try_recv().ok();
+            }
+        }
+        if let Err(e) = self.sinks.flush() {
+            self.write_failed(e);
+        }
     }
 
     /// Counts a failed write, and logs it once per spell of failures (the

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::Verdict;
 use super::names::{SlotName, Snapshot};
 use crate::bpf::ring::SizeError;
+use crate::dns::{DnsRecord, NameBook};
 
 /// `version` of the JSON events this agent writes (`docs/events.md`).
 pub const SCHEMA_VERSION: u32 = 1;
@@ -79,6 +80,30 @@ pub struct Event {
     /// Why `exe` is `None`.
     pub exe_unknown: Option<ExeUnknown>,
     pub cgroup_id: u64,
+    /// The name whose lookup opened `dst_addr` (a rule for a name
+    /// decided), or the name a DNS query asked for (`hook` `dns`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst_name: Option<String>,
+    /// For a decision of the DNS path (`hook` `dns`): what was asked and
+    /// what came of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsDetail>,
+}
+
+/// What a DNS-path decision record adds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsDetail {
+    /// The record type asked for (`A`, `AAAA`, ...).
+    pub qtype: String,
+    /// Addresses learned, as `ADDR ttl=SECONDS`.
+    #[serde(default)]
+    pub learned: Vec<String>,
+    /// Addresses removed from the answer, as `ADDR (why)`.
+    #[serde(default)]
+    pub dropped: Vec<String>,
+    /// What went wrong, when the answer was SERVFAIL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 /// Why a decision's executable is not named.
@@ -138,8 +163,8 @@ impl Enricher {
     }
 
     /// The event of a record from [`decode`]. `names` is indexed by
-    /// generation.
-    pub fn event(&mut self, r: &DecisionRecord, names: &Snapshot) -> Event {
+    /// generation; `book` names learned addresses.
+    pub fn event(&mut self, r: &DecisionRecord, names: &Snapshot, book: &NameBook) -> Event {
         let table = names[(r.generation & 1) as usize].as_deref();
         let identity = match table.map(|t| t.slot(r.slot)) {
             Some(SlotName::Identity(id)) => Some(id.to_string()),
@@ -189,6 +214,54 @@ impl Enricher {
             exe: exe.ok(),
             exe_unknown,
             cgroup_id: r.cgroup_id,
+            dst_name: (r.flags & record_flags::LEARNED != 0)
+                .then(|| book.get(r.name_id))
+                .flatten()
+                .map(|n| n.to_string()),
+            dns: None,
+        }
+    }
+
+    /// The event of a decision of the DNS path.
+    /// Its kernel fields are zero: a query over UDP carries no
+    /// credentials, and the kernel made no decision (`generation` 0).
+    pub fn dns_event(&self, r: &DnsRecord) -> Event {
+        let time = std::time::SystemTime::now();
+        Event {
+            version: SCHEMA_VERSION,
+            time: humantime::format_rfc3339_nanos(time).to_string(),
+            ktime_ns: u64::try_from(clock_ns(ClockId::CLOCK_MONOTONIC)).unwrap_or(0),
+            verdict: if r.outcome.allowed() {
+                Verdict::Allow
+            } else {
+                Verdict::Deny
+            },
+            reason: r.outcome.as_str().into(),
+            identity: r.identity.clone(),
+            slot: r.slot,
+            generation: 0,
+            rule_id: 0,
+            rule: r.pattern.clone(),
+            hook: "dns".into(),
+            protocol: if r.over_tcp { "tcp" } else { "udp" }.into(),
+            dst_addr: r.server.ip(),
+            dst_port: r.server.port(),
+            v4_mapped: false,
+            pid: 0,
+            tid: 0,
+            uid: 0,
+            gid: 0,
+            comm: String::new(),
+            exe: None,
+            exe_unknown: None,
+            cgroup_id: 0,
+            dst_name: Some(r.name.clone()),
+            dns: Some(DnsDetail {
+                qtype: r.qtype.clone(),
+                learned: r.learned.iter().map(|(a, ttl)| format!("{a} ttl={ttl}")).collect(),
+                dropped: r.dropped.iter().map(|(a, why)| format!("{a} ({why})")).collect(),
+                detail: r.detail.clone(),
+            }),
         }
     }
 }

@@ -452,6 +452,8 @@ mod tests {
             exe: None,
             exe_unknown: None,
             cgroup_id: 42,
+            dst_name: None,
+            dns: None,
         };
         let line = serde_json::to_string(&event).unwrap();
         assert_eq!(

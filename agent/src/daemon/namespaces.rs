@@ -1,0 +1,72 @@
+//! Keeps the DNS path's listeners in every network namespace that holds
+//! processes of the scope: a namespace appears with its first workload
+//! and is left when its last one goes.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::dns::DnsPath;
+
+/// How often the scope's namespaces are looked at.
+const EVERY: Duration = Duration::from_millis(500);
+
+/// Runs for as long as the agent does.
+pub async fn watch(mut dns: DnsPath, scope: PathBuf) {
+    let Ok(own) = std::fs::metadata("/proc/self/ns/net").map(|m| m.ino()) else {
+        tracing::error!("cannot read the agent's own network namespace: DNS listeners stay in it alone");
+        return;
+    };
+    let mut tick = tokio::time::interval(EVERY);
+    loop {
+        tick.tick().await;
+        let scope = scope.clone();
+        let synced = tokio::task::spawn_blocking(move || {
+            let wanted = namespaces(&scope, own);
+            dns.sync_namespaces(own, wanted);
+            dns
+        })
+        .await;
+        match synced {
+            Ok(d) => dns = d,
+            Err(_) => {
+                tracing::error!("the DNS namespace watch stopped");
+                return;
+            }
+        }
+    }
+}
+
+/// The network namespaces of the scope's processes other than `own`, by
+/// inode, each with an open handle: one process of each cgroup is looked
+/// at (the processes of a cgroup share one namespace in every runtime
+/// that makes one per container or pod).
+fn namespaces(scope: &Path, own: u64) -> HashMap<u64, OwnedFd> {
+    let mut found = HashMap::new();
+    let mut dirs = vec![scope.to_owned()];
+    while let Some(dir) = dirs.pop() {
+        if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs"))
+            && let Some(pid) = procs.lines().next()
+        {
+            let ns = format!("/proc/{pid}/ns/net");
+            if let Ok(meta) = std::fs::metadata(&ns)
+                && meta.ino() != own
+                && !found.contains_key(&meta.ino())
+                && let Ok(file) = std::fs::File::open(&ns)
+            {
+                found.insert(meta.ino(), OwnedFd::from(file));
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            dirs.extend(
+                entries
+                    .filter_map(Result::ok)
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    found
+}

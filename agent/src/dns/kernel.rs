@@ -1,0 +1,125 @@
+//! The DNS path's pinned maps: the settings the programs read, the
+//! namespaces where the listeners are open, the learned addresses and the
+//! names they were learned for.
+
+use std::path::Path;
+
+use aya::maps::{Array, HashMap, Map, MapData, MapError};
+use idgate_common::{DnsSettings, LearnedKey, LearnedValue, NameText, maps};
+
+/// A pinned map that cannot be opened, read or written.
+#[derive(Debug, thiserror::Error)]
+#[error("map {name}: {source}")]
+pub struct KernelError {
+    pub name: &'static str,
+    #[source]
+    pub source: MapError,
+}
+
+fn open(pin_dir: &Path, name: &'static str) -> Result<Map, KernelError> {
+    let err = |source| KernelError { name, source };
+    Map::from_map_data(MapData::from_pin(pin_dir.join(name)).map_err(err)?).map_err(err)
+}
+
+fn err(name: &'static str) -> impl Fn(MapError) -> KernelError {
+    move |source| KernelError { name, source }
+}
+
+/// `IDG_DNS_SETTINGS` and `IDG_DNS_NETNS`: where queries are sent.
+pub struct RedirectMaps {
+    settings: Array<MapData, DnsSettings>,
+    netns: HashMap<MapData, u64, u32>,
+}
+
+impl RedirectMaps {
+    pub fn open(pin_dir: &Path) -> Result<Self, KernelError> {
+        Ok(Self {
+            settings: Array::try_from(open(pin_dir, maps::DNS_SETTINGS)?)
+                .map_err(err(maps::DNS_SETTINGS))?,
+            netns: HashMap::try_from(open(pin_dir, maps::DNS_NETNS)?)
+                .map_err(err(maps::DNS_NETNS))?,
+        })
+    }
+
+    /// Turns the redirect on (with the listeners' range and port) or off.
+    pub fn set(&mut self, settings: DnsSettings) -> Result<(), KernelError> {
+        self.settings
+            .set(0, settings, 0)
+            .map_err(err(maps::DNS_SETTINGS))
+    }
+
+    /// Queries from the namespace with `cookie` go to its listeners now.
+    pub fn listening(&mut self, cookie: u64) -> Result<(), KernelError> {
+        self.netns
+            .insert(cookie, 1, 0)
+            .map_err(err(maps::DNS_NETNS))
+    }
+
+    /// The namespace's listeners are closed: its queries fail at once.
+    pub fn closed(&mut self, cookie: u64) -> Result<(), KernelError> {
+        match self.netns.remove(&cookie) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(err(maps::DNS_NETNS)(e)),
+        }
+    }
+
+    /// Namespaces an earlier agent listened in.
+    pub fn namespaces(&self) -> Vec<u64> {
+        self.netns.keys().filter_map(Result::ok).collect()
+    }
+}
+
+/// `IDG_LEARNED` and `IDG_NAMES`.
+pub struct LearnedMaps {
+    learned: HashMap<MapData, LearnedKey, LearnedValue>,
+    names: HashMap<MapData, u32, NameText>,
+}
+
+impl LearnedMaps {
+    pub fn open(pin_dir: &Path) -> Result<Self, KernelError> {
+        Ok(Self {
+            learned: HashMap::try_from(open(pin_dir, maps::LEARNED)?)
+                .map_err(err(maps::LEARNED))?,
+            names: HashMap::try_from(open(pin_dir, maps::NAMES)?).map_err(err(maps::NAMES))?,
+        })
+    }
+
+    /// Every learned entry and every name, as an earlier agent left them.
+    pub fn read(&self) -> Result<(Vec<(LearnedKey, LearnedValue)>, Vec<(u32, NameText)>), KernelError> {
+        let learned = self
+            .learned
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(err(maps::LEARNED))?;
+        let names = self
+            .names
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(err(maps::NAMES))?;
+        Ok((learned, names))
+    }
+
+    pub fn put(&mut self, key: &LearnedKey, value: &LearnedValue) -> Result<(), KernelError> {
+        self.learned
+            .insert(key, value, 0)
+            .map_err(err(maps::LEARNED))
+    }
+
+    pub fn remove(&mut self, key: &LearnedKey) -> Result<(), KernelError> {
+        match self.learned.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(err(maps::LEARNED)(e)),
+        }
+    }
+
+    pub fn put_name(&mut self, id: u32, text: &NameText) -> Result<(), KernelError> {
+        self.names.insert(id, text, 0).map_err(err(maps::NAMES))
+    }
+
+    pub fn remove_name(&mut self, id: u32) -> Result<(), KernelError> {
+        match self.names.remove(&id) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(err(maps::NAMES)(e)),
+        }
+    }
+}

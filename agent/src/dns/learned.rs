@@ -1,0 +1,333 @@
+//! The addresses each identity's lookups learned: the one owner of
+//! `IDG_LEARNED` and `IDG_NAMES`, and their mirror in user space.
+//!
+//! An address is written for a slot and a name class with an expiry on
+//! the boot-time clock: the TTL handed to the workload plus the grace.
+//! Writes are all or nothing for one answer: either every address of it
+//! is in the kernel when [`Learned::learn`] returns, or none changed and
+//! the caller answers SERVFAIL. Nothing learned is ever evicted to make
+//! room; expired entries are removed by [`Learned::sweep`].
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use idgate_common::{
+    FAMILY_V4, FAMILY_V6, LEARNED_INLINE, LearnedKey, LearnedName, LearnedValue, MAX_LEARNED,
+    NAME_CLASS_BYTES, NAME_TEXT_BYTES, NameText,
+};
+use nix::time::{ClockId, clock_gettime};
+
+use super::kernel::{KernelError, LearnedMaps};
+
+/// Why an answer's addresses were not learned.
+#[derive(Debug, thiserror::Error)]
+pub enum LearnError {
+    #[error("the identity already has {limit} learned addresses (max_addresses_per_identity)")]
+    IdentityFull { limit: u32 },
+    #[error("the learned-address table is full ({MAX_LEARNED} entries)")]
+    TableFull,
+    #[error("{addr} is already learned for {LEARNED_INLINE} other names of this identity")]
+    TooManyNames { addr: IpAddr },
+    #[error("name {0:?} is too long to keep")]
+    NameTooLong(String),
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+}
+
+/// The names of learned entries by id, for decision records; shared
+/// with the events reader.
+#[derive(Debug, Default)]
+pub struct NameBook(RwLock<HashMap<u32, Arc<str>>>);
+
+impl NameBook {
+    pub fn get(&self, id: u32) -> Option<Arc<str>> {
+        self.0.read().ok()?.get(&id).cloned()
+    }
+}
+
+/// Nanoseconds of `CLOCK_BOOTTIME`, the clock the programs compare
+/// expiries with.
+pub fn boot_ns() -> u64 {
+    let t = clock_gettime(ClockId::CLOCK_BOOTTIME).expect("CLOCK_BOOTTIME is there");
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
+
+/// The map key of `addr` learned for `slot` (an IPv4-mapped IPv6 address
+/// is keyed as IPv4, as the programs judge it).
+pub fn key_of(slot: u32, addr: IpAddr) -> LearnedKey {
+    let mut key = LearnedKey {
+        slot,
+        ..Default::default()
+    };
+    match addr.to_canonical() {
+        IpAddr::V4(v4) => {
+            key.family = FAMILY_V4;
+            key.addr[..4].copy_from_slice(&v4.octets());
+        }
+        IpAddr::V6(v6) => {
+            key.family = FAMILY_V6;
+            key.addr = v6.octets();
+        }
+    }
+    key
+}
+
+/// The address a key holds.
+pub fn addr_of(key: &LearnedKey) -> IpAddr {
+    if key.family == FAMILY_V4 {
+        IpAddr::from([key.addr[0], key.addr[1], key.addr[2], key.addr[3]])
+    } else {
+        IpAddr::from(key.addr)
+    }
+}
+
+/// One learned address, as `status` and `explain` show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LearnedAddress {
+    pub addr: IpAddr,
+    pub name: Option<Arc<str>>,
+    pub class: [u8; NAME_CLASS_BYTES],
+    /// Boot-time nanoseconds.
+    pub expiry_boot_ns: u64,
+}
+
+/// The learned addresses and names, and their maps.
+pub struct Learned {
+    maps: LearnedMaps,
+    per_identity: u32,
+    entries: HashMap<LearnedKey, LearnedValue>,
+    per_slot: HashMap<u32, u32>,
+    ids: HashMap<Arc<str>, u32>,
+    book: Arc<NameBook>,
+    next_id: u32,
+}
+
+impl Learned {
+    /// Takes over the maps with what an earlier agent learned.
+    /// `book` is filled with the names, for the events reader.
+    pub fn open(
+        maps: LearnedMaps,
+        per_identity: u32,
+        book: Arc<NameBook>,
+    ) -> Result<Self, KernelError> {
+        let (entries, names) = maps.read()?;
+        let mut me = Self {
+            maps,
+            per_identity,
+            entries: HashMap::new(),
+            per_slot: HashMap::new(),
+            ids: HashMap::new(),
+            book,
+            next_id: 1,
+        };
+        for (key, value) in entries {
+            *me.per_slot.entry(key.slot).or_default() += 1;
+            me.entries.insert(key, value);
+        }
+        {
+            let mut book = me.book.0.write().expect("not poisoned");
+            for (id, text) in names {
+                let end = text.text.iter().position(|b| *b == 0).unwrap_or(NAME_TEXT_BYTES);
+                if let Ok(name) = std::str::from_utf8(&text.text[..end]) {
+                    let name: Arc<str> = name.into();
+                    me.ids.insert(name.clone(), id);
+                    book.insert(id, name);
+                    me.next_id = me.next_id.max(id.wrapping_add(1)).max(1);
+                }
+            }
+        }
+        Ok(me)
+    }
+
+    /// Learned addresses of `slot`.
+    pub fn count(&self, slot: u32) -> u32 {
+        self.per_slot.get(&slot).copied().unwrap_or(0)
+    }
+
+    /// Learned addresses of every slot, and the bound per identity.
+    pub fn counts(&self) -> (HashMap<u32, u32>, u32) {
+        (self.per_slot.clone(), self.per_identity)
+    }
+
+    /// Entries of the whole table.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Puts `addrs` (each with the TTL handed to the workload) in the
+    /// kernel for `slot` under `class`, open until that TTL plus `grace`.
+    /// All of them, or none: on an error nothing changed.
+    pub fn learn(
+        &mut self,
+        slot: u32,
+        class: [u8; NAME_CLASS_BYTES],
+        name: &str,
+        addrs: &[(IpAddr, u32)],
+        grace: Duration,
+    ) -> Result<(), LearnError> {
+        if addrs.is_empty() {
+            return Ok(());
+        }
+        let now = boot_ns();
+        let name_id = self.intern(name)?;
+        let mut plan: Vec<(LearnedKey, LearnedValue, bool)> = Vec::new();
+        for &(addr, ttl) in addrs {
+            let key = key_of(slot, addr);
+            if plan.iter().any(|(k, _, _)| *k == key) {
+                continue;
+            }
+            let expiry = now + (Duration::from_secs(ttl.into()) + grace).as_nanos() as u64;
+            let old = self.entries.get(&key).copied();
+            let mut value = old.unwrap_or_default();
+            let place = value
+                .names
+                .iter()
+                .position(|n| n.expiry_boot_ns > now && n.class == class)
+                .or_else(|| value.names.iter().position(|n| n.expiry_boot_ns <= now))
+                .ok_or(LearnError::TooManyNames { addr })?;
+            let entry = &mut value.names[place];
+            let keep = entry.class == class && entry.expiry_boot_ns > now;
+            *entry = LearnedName {
+                expiry_boot_ns: if keep {
+                    entry.expiry_boot_ns.max(expiry)
+                } else {
+                    expiry
+                },
+                class,
+                name_id,
+                _pad: 0,
+            };
+            plan.push((key, value, old.is_none()));
+        }
+        let added = plan.iter().filter(|(_, _, new)| *new).count();
+        if self.count(slot) as usize + added > self.per_identity as usize {
+            return Err(LearnError::IdentityFull {
+                limit: self.per_identity,
+            });
+        }
+        if self.entries.len() + added > MAX_LEARNED as usize {
+            return Err(LearnError::TableFull);
+        }
+        for (done, (key, value, _)) in plan.iter().enumerate() {
+            if let Err(e) = self.maps.put(key, value) {
+                self.undo(&plan[..done]);
+                return Err(e.into());
+            }
+        }
+        *self.per_slot.entry(slot).or_default() += added as u32;
+        for (key, value, _) in plan {
+            self.entries.insert(key, value);
+        }
+        Ok(())
+    }
+
+    /// Puts back what `written` replaced.
+    fn undo(&mut self, written: &[(LearnedKey, LearnedValue, bool)]) {
+        for (key, _, new) in written {
+            let restored = match self.entries.get(key) {
+                Some(old) if !*new => self.maps.put(key, old),
+                _ => self.maps.remove(key),
+            };
+            if let Err(e) = restored {
+                tracing::error!(error = %e, addr = %addr_of(key), slot = key.slot, "a learned address written for an answer that failed could not be taken back; it expires with its TTL");
+            }
+        }
+    }
+
+    /// The id of `name`, written to `IDG_NAMES` when new.
+    fn intern(&mut self, name: &str) -> Result<u32, LearnError> {
+        if let Some(id) = self.ids.get(name) {
+            return Ok(*id);
+        }
+        if name.len() >= NAME_TEXT_BYTES {
+            return Err(LearnError::NameTooLong(name.to_owned()));
+        }
+        let book = self.book.clone();
+        let mut book = book.0.write().expect("not poisoned");
+        while self.next_id == 0 || book.contains_key(&self.next_id) {
+            self.next_id = self.next_id.wrapping_add(1);
+        }
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        let mut text = NameText {
+            text: [0; NAME_TEXT_BYTES],
+        };
+        text.text[..name.len()].copy_from_slice(name.as_bytes());
+        self.maps.put_name(id, &text)?;
+        let name: Arc<str> = name.into();
+        self.ids.insert(name.clone(), id);
+        book.insert(id, name);
+        Ok(id)
+    }
+
+    /// Removes entries whose every name has expired, and names no entry
+    /// refers to. Returns the entries removed.
+    pub fn sweep(&mut self) -> usize {
+        let now = boot_ns();
+        let expired: Vec<LearnedKey> = self
+            .entries
+            .iter()
+            .filter(|(_, v)| v.names.iter().all(|n| n.expiry_boot_ns <= now))
+            .map(|(k, _)| *k)
+            .collect();
+        let mut removed = 0;
+        for key in expired {
+            match self.maps.remove(&key) {
+                Ok(()) => {
+                    self.entries.remove(&key);
+                    if let Some(n) = self.per_slot.get_mut(&key.slot) {
+                        *n = n.saturating_sub(1);
+                    }
+                    removed += 1;
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot remove an expired learned address; tried again at the next sweep"),
+            }
+        }
+        self.per_slot.retain(|_, n| *n > 0);
+        let used: HashSet<u32> = self
+            .entries
+            .values()
+            .flat_map(|v| v.names.iter().filter(|n| n.expiry_boot_ns > now).map(|n| n.name_id))
+            .collect();
+        let unused: Vec<(Arc<str>, u32)> = self
+            .ids
+            .iter()
+            .filter(|(_, id)| !used.contains(id))
+            .map(|(n, id)| (n.clone(), *id))
+            .collect();
+        for (name, id) in unused {
+            if self.maps.remove_name(id).is_ok() {
+                self.ids.remove(&name);
+                if let Ok(mut book) = self.book.0.write() {
+                    book.remove(&id);
+                }
+            }
+        }
+        removed
+    }
+
+    /// The addresses of `slot` open now.
+    pub fn of_slot(&self, slot: u32) -> Vec<LearnedAddress> {
+        let now = boot_ns();
+        let mut out: Vec<LearnedAddress> = self
+            .entries
+            .iter()
+            .filter(|(k, _)| k.slot == slot)
+            .flat_map(|(k, v)| {
+                v.names
+                    .iter()
+                    .filter(|n| n.expiry_boot_ns > now)
+                    .map(|n| LearnedAddress {
+                        addr: addr_of(k),
+                        name: self.book.get(n.name_id),
+                        class: n.class,
+                        expiry_boot_ns: n.expiry_boot_ns,
+                    })
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.name, a.addr).cmp(&(&b.name, b.addr)));
+        out
+    }
+}

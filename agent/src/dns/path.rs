@@ -1,0 +1,181 @@
+//! The DNS path as the daemon runs it: the kernel's redirect switched on,
+//! listeners in every network namespace that holds workloads of the
+//! scope, the resolver they share, and the sweep of expired addresses.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use idgate_common::DnsSettings;
+use tokio::sync::{Semaphore, mpsc, watch};
+
+use super::config::DnsConfig;
+use super::kernel::{KernelError, LearnedMaps, RedirectMaps};
+use super::learned::{Learned, NameBook};
+use super::listener;
+use super::message::FilterOptions;
+use super::resolver::{DnsRecord, Resolver};
+use super::server::{self, IN_FLIGHT, Serving};
+use super::upstream::Upstream;
+use super::view::DnsView;
+
+/// Why the DNS path cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum DnsPathError {
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    #[error("the DNS listeners on port {port} cannot be opened: {source}")]
+    Listen { port: u16, source: std::io::Error },
+    #[error(transparent)]
+    Config(#[from] super::config::DnsConfigError),
+}
+
+/// How often expired learned addresses are removed.
+const SWEEP: Duration = Duration::from_secs(5);
+
+/// The listeners of one network namespace.
+struct Namespace {
+    cookie: u64,
+    _serving: Serving,
+}
+
+/// The running DNS path.
+pub struct DnsPath {
+    redirect: RedirectMaps,
+    resolver: Arc<Resolver>,
+    limit: Arc<Semaphore>,
+    net: u8,
+    port: u16,
+    /// By the namespace's inode; the agent's own is `None`.
+    namespaces: HashMap<Option<u64>, Namespace>,
+    learned: Arc<Mutex<Learned>>,
+}
+
+impl DnsPath {
+    /// Switches the redirect on (or off, with `enabled = false`) and opens
+    /// the listeners of the agent's own namespace.
+    pub fn start(
+        config: &DnsConfig,
+        pin_dir: &Path,
+        view: watch::Receiver<Arc<DnsView>>,
+        records: mpsc::Sender<DnsRecord>,
+        book: Arc<NameBook>,
+    ) -> Result<Option<Self>, DnsPathError> {
+        let mut redirect = RedirectMaps::open(pin_dir)?;
+        if !config.enabled {
+            redirect.set(DnsSettings::default())?;
+            return Ok(None);
+        }
+        let learned = Learned::open(
+            LearnedMaps::open(pin_dir)?,
+            config.max_addresses_per_identity,
+            book,
+        )?;
+        let learned = Arc::new(Mutex::new(learned));
+        let upstream = Upstream::new(config.upstream_source(), config.upstream_timeout)?;
+        let resolver = Arc::new(Resolver {
+            view,
+            upstream,
+            learned: learned.clone(),
+            filter: FilterOptions {
+                private_answers: config.private_answers,
+                max_ttl: config.max_ttl_secs(),
+            },
+            grace: config.grace,
+            records,
+        });
+        let mut path = Self {
+            redirect,
+            resolver,
+            limit: Arc::new(Semaphore::new(IN_FLIGHT)),
+            net: config.reserved_net,
+            port: config.listen_port,
+            namespaces: HashMap::new(),
+            learned: learned.clone(),
+        };
+        // Namespaces an earlier agent listened in have no listener now.
+        for cookie in path.redirect.namespaces() {
+            path.redirect.closed(cookie)?;
+        }
+        path.listen(None, None)?;
+        path.redirect.set(DnsSettings {
+            enabled: 1,
+            net: config.reserved_net.into(),
+            port: config.listen_port.into(),
+            _pad: 0,
+        })?;
+        tokio::spawn(sweep(learned));
+        Ok(Some(path))
+    }
+
+    /// The learned addresses, for `status` and `explain`.
+    pub fn learned(&self) -> Arc<Mutex<Learned>> {
+        self.learned.clone()
+    }
+
+    /// Opens and serves the listeners of a namespace (`ns`, its
+    /// `/proc/PID/ns/net`, or the agent's own).
+    fn listen(&mut self, inode: Option<u64>, ns: Option<OwnedFd>) -> Result<(), DnsPathError> {
+        let port = self.port;
+        let err = |source| DnsPathError::Listen { port, source };
+        let l = listener::open(ns, port).map_err(err)?;
+        let serving = server::serve(l.udp, l.tcp, self.resolver.clone(), self.limit.clone(), self.net)
+            .map_err(err)?;
+        self.redirect.listening(l.cookie)?;
+        self.namespaces.insert(
+            inode,
+            Namespace {
+                cookie: l.cookie,
+                _serving: serving,
+            },
+        );
+        Ok(())
+    }
+
+    /// Makes the listeners match the namespaces of the workloads: `wanted`
+    /// maps a namespace inode to an open handle of it. The agent's own
+    /// namespace is always served.
+    pub fn sync_namespaces(&mut self, own: u64, wanted: HashMap<u64, OwnedFd>) {
+        let gone: Vec<Option<u64>> = self
+            .namespaces
+            .keys()
+            .filter(|k| matches!(k, Some(i) if !wanted.contains_key(i)))
+            .copied()
+            .collect();
+        for inode in gone {
+            if let Some(ns) = self.namespaces.remove(&inode) {
+                if let Err(e) = self.redirect.closed(ns.cookie) {
+                    tracing::warn!(error = %e, "cannot mark a network namespace's DNS listeners closed");
+                }
+                tracing::info!(netns = inode, "DNS listeners closed: no workload left in the network namespace");
+            }
+        }
+        for (inode, fd) in wanted {
+            if inode == own || self.namespaces.contains_key(&Some(inode)) {
+                continue;
+            }
+            match self.listen(Some(inode), Some(fd)) {
+                Ok(()) => tracing::info!(netns = inode, "DNS listeners open in a workload network namespace"),
+                Err(e) => tracing::warn!(netns = inode, error = %e, "cannot open DNS listeners in a workload network namespace; its queries fail until they open"),
+            }
+        }
+    }
+}
+
+/// Removes expired learned addresses now and then.
+async fn sweep(learned: Arc<Mutex<Learned>>) {
+    let mut tick = tokio::time::interval(SWEEP);
+    loop {
+        tick.tick().await;
+        let learned = learned.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let removed = learned.lock().expect("not poisoned").sweep();
+            if removed > 0 {
+                tracing::debug!(removed, "expired learned addresses removed");
+            }
+        })
+        .await;
+    }
+}

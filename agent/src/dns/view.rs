@@ -1,0 +1,91 @@
+//! What the DNS path reads of the owner's state: which identity holds
+//! each slot, whether it is revoked or in audit mode, and the name
+//! classes of its policy in the active generation. The owner publishes a
+//! new view with every generation switch and revocation.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use idgate_common::{UNKNOWN_SLOT, slot_policy};
+
+use crate::identity::SpiffeId;
+use crate::policy::{CompiledPolicy, NameIndex};
+
+/// The view at one generation.
+#[derive(Debug, Clone, Default)]
+pub struct DnsView {
+    /// The generation as operators see it.
+    pub generation: u64,
+    by_slot: HashMap<u32, SpiffeId>,
+    revoked: BTreeSet<SpiffeId>,
+    compiled: Arc<CompiledPolicy>,
+}
+
+/// Who asks.
+pub enum Asker<'a> {
+    /// A cgroup with no identity: unknown workloads have no names.
+    Unknown,
+    Revoked(&'a SpiffeId),
+    Identity {
+        slot: u32,
+        id: &'a SpiffeId,
+        /// `None` when the identity's policy names nothing.
+        names: Option<&'a NameIndex>,
+        audit: bool,
+    },
+}
+
+impl Asker<'_> {
+    pub fn identity(&self) -> Option<&SpiffeId> {
+        match self {
+            Self::Unknown => None,
+            Self::Revoked(id) | Self::Identity { id, .. } => Some(id),
+        }
+    }
+}
+
+impl DnsView {
+    pub fn new(
+        generation: u64,
+        identities: &[(u32, SpiffeId)],
+        revoked: BTreeSet<SpiffeId>,
+        compiled: Arc<CompiledPolicy>,
+    ) -> Self {
+        Self {
+            generation,
+            by_slot: identities.iter().cloned().collect(),
+            revoked,
+            compiled,
+        }
+    }
+
+    /// Who holds `slot`.
+    pub fn asker(&self, slot: u32) -> Asker<'_> {
+        let Some(id) = self.by_slot.get(&slot).filter(|_| slot != UNKNOWN_SLOT) else {
+            return Asker::Unknown;
+        };
+        if self.revoked.contains(id) {
+            return Asker::Revoked(id);
+        }
+        let audit = self
+            .compiled
+            .slot(slot)
+            .is_some_and(|e| e.policy.flags & slot_policy::AUDIT != 0);
+        Asker::Identity {
+            slot,
+            id,
+            names: self.compiled.names(slot),
+            audit,
+        }
+    }
+
+    /// Whether the view's revocations are `revoked`.
+    pub fn revoked_are(&self, revoked: &BTreeSet<SpiffeId>) -> bool {
+        self.revoked == *revoked
+    }
+
+    /// The slot of `id`, if it holds one.
+    pub fn slot_of(&self, id: &SpiffeId) -> Option<u32> {
+        self.by_slot.iter().find(|(_, i)| *i == id).map(|(s, _)| *s)
+    }
+}

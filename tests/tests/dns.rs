@@ -1,0 +1,191 @@
+//! The DNS path end to end: the real agent redirects real clients'
+//! lookups (dig, glibc's getaddrinfo, a musl-built client) to its
+//! resolver, which forwards them to Debian's dnsmasq and puts the answers'
+//! addresses in the kernel for the asking identity only; connects by real
+//! processes in real cgroups show what that opens, and for whom.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use idgate_tests::dns::{DigQuery, DnsServer, Resolver, Zone, loopback_ip};
+use idgate_tests::{Agent, Cgroups, Listeners, free_port, probe, require_privileges, require_tools, wait_for};
+
+const WEB: &str = "spiffe://example.org/web";
+const OTHER: &str = "spiffe://example.org/other";
+
+/// A nameserver the workloads' resolv.conf names: nothing listens there.
+/// Every query to it must be answered by the agent, which never forwards
+/// to the server a workload asked.
+const NOWHERE: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 53));
+
+/// Policy: WEB may reach `api.test.example` and names under
+/// `svc.test.example` on the TCP port, and is denied 127.0.0.3 outright;
+/// OTHER may reach nothing.
+fn policy(tcp_port: u16) -> String {
+    format!(
+        r#"
+[[identity]]
+id = "{WEB}"
+[[identity.egress]]
+name = "api"
+to = ["api.test.example", "*.svc.test.example"]
+ports = [{tcp_port}]
+protocol = "tcp"
+action = "allow"
+[[identity.egress]]
+name = "no-db"
+to = ["127.0.0.3/32"]
+action = "deny"
+
+[[identity]]
+id = "{OTHER}"
+default = "deny"
+"#
+    )
+}
+
+fn bindings() -> String {
+    format!(
+        "[[workload]]\ncgroup = \"web\"\nidentity = \"{WEB}\"\n\
+         [[workload]]\ncgroup = \"other\"\nidentity = \"{OTHER}\"\n"
+    )
+}
+
+fn dns_config(upstream: SocketAddr, log: &Path, extra: &str) -> String {
+    format!(
+        "[events]\naudit_log = {log:?}\nallow_sample_rate = 1.0\n\
+         [dns]\nlisten_port = {}\nupstreams = [\"{upstream}\"]\nprivate_answers = \"allow\"\ngrace = \"1s\"\n{extra}\n",
+        free_port()
+    )
+}
+
+fn zone() -> Zone {
+    let lo = |d: u8| IpAddr::V4(Ipv4Addr::new(127, 0, 0, d));
+    Zone::new()
+        .host("api.test.example", &[lo(1)], 300)
+        .host("many.svc.test.example", &[lo(1), lo(4), lo(5), lo(6)], 300)
+        .host("db.svc.test.example", &[lo(3)], 300)
+        .host("blink.svc.test.example", &[lo(7)], 0)
+        .host("target.elsewhere.example", &[lo(8)], 300)
+        .cname("alias.svc.test.example", "target.elsewhere.example", 300)
+        .host("secret.test.example", &[lo(9)], 300)
+        .nxdomain("test.example")
+}
+
+fn tcp(cgroup: &Path, ip: &str, port: u16) -> String {
+    probe(Some(cgroup), "tcp", &format!("{ip}:{port}"))
+}
+
+fn audit(log: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+#[test]
+fn a_name_opens_its_addresses_for_the_asking_identity_only() {
+    require_privileges!();
+    require_tools!("dnsmasq", "dig", "getent", "musl-gcc");
+    let listeners = Listeners::new();
+    let port = listeners.tcp_port;
+    let upstream = DnsServer::start(SocketAddr::new(loopback_ip(), 53), &zone());
+    let mut cg = Cgroups::new("dns-names");
+    let web = cg.inside("web");
+    let other = cg.inside("other");
+    let log = std::env::temp_dir().join(format!("{}-audit.jsonl", cg.name()));
+    let _ = std::fs::remove_file(&log);
+    let _agent = Agent::start(
+        &cg,
+        &policy(port),
+        &format!("{}{}", bindings(), dns_config(upstream.addr(), &log, "")),
+    );
+    let resolver = Resolver::new(&[NOWHERE]);
+
+    // Nothing is open before a lookup, not even the name's address.
+    assert_eq!(tcp(&web, "127.0.0.1", port), "EPERM");
+
+    // dig, as WEB: the agent answers (the server asked, 192.0.2.53, has
+    // nothing listening), and then the address is open for WEB.
+    let a = resolver.clone().in_cgroup(&web).dig(&DigQuery::new("api.test.example"));
+    assert_eq!(a.status.as_deref(), Some("NOERROR"), "{a:?}");
+    assert_eq!(a.addrs, vec![IpAddr::from([127, 0, 0, 1])]);
+    assert_eq!(tcp(&web, "127.0.0.1", port), "ok");
+    assert!(upstream.was_queried("api.test.example"));
+
+    // Another identity's connect stays denied: WEB's lookup opened
+    // nothing for it. Its own lookup of a name its policy does not name
+    // is refused, and dnsmasq never sees it.
+    assert_eq!(tcp(&other, "127.0.0.1", port), "EPERM");
+    let refused = resolver.clone().in_cgroup(&other).dig(&DigQuery::new("api.test.example"));
+    assert_eq!(refused.status.as_deref(), Some("REFUSED"), "{refused:?}");
+    let secret = resolver.clone().in_cgroup(&web).dig(&DigQuery::new("secret.test.example"));
+    assert_eq!(secret.status.as_deref(), Some("REFUSED"), "{secret:?}");
+    assert!(!upstream.was_queried("secret.test.example"));
+    assert_eq!(tcp(&web, "127.0.0.9", port), "EPERM");
+
+    // Case and a final dot are the same name; over TCP too.
+    let upper = resolver.clone().in_cgroup(&web).dig(&DigQuery::new("API.Test.Example.").tcp());
+    assert_eq!(upper.status.as_deref(), Some("NOERROR"), "{upper:?}");
+
+    // A wildcard, many addresses in one answer: every one is open.
+    let many = resolver.clone().in_cgroup(&web).dig(&DigQuery::new("many.svc.test.example"));
+    assert_eq!(many.addrs.len(), 4, "{many:?}");
+    for ip in ["127.0.0.4", "127.0.0.5", "127.0.0.6"] {
+        assert_eq!(tcp(&web, ip, port), "ok", "{ip}");
+    }
+    // Another port of a learned address is not in the rule.
+    assert_eq!(tcp(&web, "127.0.0.4", port + 1), "EPERM");
+
+    // A CNAME chain out of the policy's names: the address the question
+    // reaches is learned under the name asked.
+    let alias = resolver.clone().in_cgroup(&web).dig(&DigQuery::new("alias.svc.test.example"));
+    assert_eq!(alias.addrs, vec![IpAddr::from([127, 0, 0, 8])], "{alias:?}");
+    assert_eq!(tcp(&web, "127.0.0.8", port), "ok");
+
+    // A deny rule for the address beats the name.
+    let db = resolver.clone().in_cgroup(&web).dig(&DigQuery::new("db.svc.test.example"));
+    assert_eq!(db.addrs, vec![IpAddr::from([127, 0, 0, 3])], "{db:?}");
+    assert_eq!(tcp(&web, "127.0.0.3", port), "EPERM");
+
+    // TTL 0: open for the grace (1 s) only, and closed by the kernel's
+    // clock whatever the agent does.
+    let blink = resolver.clone().in_cgroup(&web).dig(&DigQuery::new("blink.svc.test.example"));
+    assert_eq!(blink.addrs, vec![IpAddr::from([127, 0, 0, 7])], "{blink:?}");
+    assert_eq!(blink.records.iter().map(|r| r.ttl).max(), Some(0));
+    wait_for("the TTL-0 address to close", Duration::from_secs(10), || {
+        (tcp(&web, "127.0.0.7", port) == "EPERM").then_some(())
+    });
+
+    // Asking another resolver directly is the same: the query goes to the
+    // agent, not to 127.0.0.53.
+    let direct = resolver.clone().in_cgroup(&web).dig(
+        &DigQuery::new("api.test.example").server(SocketAddr::from(([127, 0, 0, 53], 53))),
+    );
+    assert_eq!(direct.status.as_deref(), Some("NOERROR"), "{direct:?}");
+
+    // glibc's getaddrinfo and a musl client, through the same path.
+    let glibc = resolver.clone().in_cgroup(&web).getent("api.test.example");
+    assert!(glibc.ok() && glibc.addrs.contains(&IpAddr::from([127, 0, 0, 1])), "{glibc:?}");
+    let musl = resolver.clone().in_cgroup(&web).musl("api.test.example");
+    assert!(musl.ok() && musl.addrs.contains(&IpAddr::from([127, 0, 0, 1])), "{musl:?}");
+
+    // Workloads may not send to the resolver's range themselves.
+    let reserved = probe(Some(&web), "udp-sendto", "127.53.0.1:53");
+    assert_eq!(reserved, "EPERM");
+
+    // Records: the refused query and the connect by name.
+    let events = wait_for("the decision records", Duration::from_secs(10), || {
+        let e = audit(&log);
+        let refused = e.iter().any(|e| {
+            e["hook"] == "dns" && e["reason"] == "name_not_in_policy" && e["dst_name"] == "secret.test.example"
+        });
+        let by_name = e.iter().any(|e| {
+            e["verdict"] == "allow" && e["dst_name"] == "api.test.example" && e["rule"] == "api"
+        });
+        (refused && by_name).then_some(e)
+    });
+    assert!(events.iter().any(|e| e["identity"] == OTHER && e["reason"] == "name_not_in_policy"));
+}
