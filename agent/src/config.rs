@@ -65,6 +65,8 @@ pub enum Invalid {
     Kubelet(#[from] crate::identity::k8s::KubeletError),
     #[error(transparent)]
     Svid(#[from] crate::svid::SvidConfigError),
+    #[error(transparent)]
+    Dns(#[from] crate::dns::DnsConfigError),
 }
 
 /// The most cgroups `max_workloads` may ask room for.
@@ -128,6 +130,11 @@ pub struct Config {
     /// off when absent. See `identity::k8s::KubeletConfig` for each key
     /// and its default.
     pub kubernetes: Option<crate::identity::k8s::KubeletConfig>,
+    /// `[dns]`: the DNS path (names in policy): upstreams, answer
+    /// filtering, the listeners; see `dns::DnsConfig` for each key and its
+    /// default.
+    #[serde(default)]
+    pub dns: crate::dns::DnsConfig,
 }
 
 /// A cgroup under the scope bound to an identity by the configuration.
@@ -160,6 +167,7 @@ impl Default for Config {
             metrics: Default::default(),
             svid: Default::default(),
             kubernetes: None,
+            dns: Default::default(),
         }
     }
 }
@@ -221,6 +229,7 @@ impl Config {
         if let Some(k) = &self.kubernetes {
             k.check()?;
         }
+        self.dns.check(&self.trust_domains)?;
         Ok(self.svid.check(&self.trust_domains)?)
     }
 }
@@ -349,6 +358,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("kubelet_url") && e.contains("https"), "{e}");
+    }
+
+    #[test]
+    fn dns_table_is_read_and_checked() {
+        let c = load_str("policy = \"pol\"\n").unwrap();
+        assert!(c.dns.enabled && c.dns.upstreams.is_empty());
+        let c = load_str("[dns]\nupstreams = [\"10.96.0.10:53\"]\n").unwrap();
+        assert_eq!(c.dns.upstreams, ["10.96.0.10:53".parse().unwrap()]);
+        let e = load_str("[dns]\nreserved_net = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("dns.reserved_net"), "{e}");
+        let e = load_str("[dns]\nlisten_prt = 1\n").unwrap_err().to_string();
+        assert!(e.contains("listen_prt") && e.contains("line 2"), "{e}");
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod bpf;
 pub mod cgroup;
 pub mod config;
 pub mod daemon;
+pub mod dns;
 pub mod events;
 pub mod federation;
 pub mod files;
