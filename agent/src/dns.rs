@@ -24,12 +24,21 @@
 //!    map with an expiry of TTL + `grace`, and only once the update has
 //!    returned answers the workload; when it cannot, [`servfail`].
 //!
-//! This module opens no socket to workloads and touches no map: the
-//! listeners and the kernel side call it.
+//! [`DnsPath`] runs it: the listeners of every network namespace
+//! (`listener`, `server`), the per-query pipeline (`resolver`), the
+//! learned addresses and their maps (`learned`, `kernel`), and the view of
+//! the owner's state it reads (`view`).
 
 mod config;
+mod kernel;
+mod learned;
+mod listener;
 mod message;
+mod path;
+mod resolver;
+mod server;
 mod upstream;
+mod view;
 
 pub use config::{
     DnsConfig, DnsConfigError, PrivateAnswers, RESOLV_CONF, ResolvConf, ResolvConfError,
@@ -39,4 +48,8 @@ pub use message::{
     AnswerError, DropReason, FilterOptions, Filtered, MAX_MESSAGE, Query, QueryError,
     check_answers, filter_answer, formerr, parse_query, refused, servfail,
 };
+pub use learned::{LearnError, Learned, LearnedAddress, NameBook};
+pub use path::{DnsPath, DnsPathError};
+pub use resolver::{DnsRecord, Outcome};
 pub use upstream::{ExchangeError, Upstream, UpstreamError};
+pub use view::{Asker, DnsView};

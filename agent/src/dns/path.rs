@@ -74,15 +74,17 @@ impl DnsPath {
             book,
         )?;
         let learned = Arc::new(Mutex::new(learned));
-        let upstream = Upstream::new(config.upstream_source(), config.upstream_timeout)?;
+        let mut source = config.upstream_source();
+        let servers = source.current().unwrap_or_else(|e| {
+            tracing::error!(error = %e, "no upstream DNS server: every query gets SERVFAIL until one is configured");
+            Vec::new()
+        });
+        let upstream = Upstream::new(servers, config.upstream_timeout);
         let resolver = Arc::new(Resolver {
             view,
             upstream,
             learned: learned.clone(),
-            filter: FilterOptions {
-                private_answers: config.private_answers,
-                max_ttl: config.max_ttl_secs(),
-            },
+            filter: FilterOptions::of_config(config),
             grace: config.grace,
             records,
         });
@@ -107,6 +109,7 @@ impl DnsPath {
             _pad: 0,
         })?;
         tokio::spawn(sweep(learned));
+        tokio::spawn(follow_upstreams(source, path.resolver.clone()));
         Ok(Some(path))
     }
 
@@ -160,6 +163,29 @@ impl DnsPath {
                 Ok(()) => tracing::info!(netns = inode, "DNS listeners open in a workload network namespace"),
                 Err(e) => tracing::warn!(netns = inode, error = %e, "cannot open DNS listeners in a workload network namespace; its queries fail until they open"),
             }
+        }
+    }
+}
+
+/// How often the host's resolv.conf is looked at for new upstreams.
+const UPSTREAMS_EVERY: Duration = Duration::from_secs(2);
+
+/// Follows the upstream list (the host's resolv.conf when none is
+/// configured): a file that cannot be read keeps the last good list.
+async fn follow_upstreams(mut source: super::config::UpstreamSource, resolver: Arc<Resolver>) {
+    if matches!(source, super::config::UpstreamSource::Fixed(_)) {
+        return;
+    }
+    let mut tick = tokio::time::interval(UPSTREAMS_EVERY);
+    loop {
+        tick.tick().await;
+        match source.current() {
+            Ok(servers) if *servers != *resolver.upstream.servers() => {
+                tracing::info!(?servers, "upstream DNS servers changed");
+                resolver.upstream.set_servers(servers);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "upstream DNS servers not read again; the last list stays"),
         }
     }
 }

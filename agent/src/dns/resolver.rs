@@ -107,8 +107,8 @@ impl Resolver {
             slot,
             server,
             identity: asker.identity().map(|id| id.to_string()),
-            name: query.name.clone(),
-            qtype: query.qtype.to_string(),
+            name: query.name().to_owned(),
+            qtype: query.qtype().to_string(),
             over_tcp,
             outcome: Outcome::Answered,
             pattern: None,
@@ -132,7 +132,7 @@ impl Resolver {
                 slot, names, audit, ..
             } => (*slot, names, *audit),
         };
-        let matched = names.and_then(|n| n.class_of(&query.name));
+        let matched = names.and_then(|n| n.class_of(query.name()));
         let Some(matched) = matched else {
             if !audit {
                 return (message::refused(query), Outcome::NotInPolicy);
@@ -168,7 +168,7 @@ impl Resolver {
             .collect();
         let learned = {
             let mut table = self.learned.lock().expect("not poisoned");
-            table.learn(slot, class, &query.name, &filtered.learned, self.grace)
+            table.learn(slot, class, query.name(), &filtered.learned, self.grace)
         };
         if let Err(e) = learned {
             record.detail = Some(e.to_string());

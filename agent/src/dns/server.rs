@@ -49,7 +49,9 @@ pub fn serve(
     limit: Arc<Semaphore>,
     net: u8,
 ) -> io::Result<Serving> {
-    let udp = Arc::new(AsyncFd::new(udp)?);
+    // SAFETY: the socket is owned by the `AsyncFd` from now on, which
+    // never replaces or closes its descriptor before deregistering it.
+    let udp = Arc::new(unsafe { AsyncFd::register(udp) }.map_err(|e| e.into_parts().1)?);
     let tcp = tokio::net::TcpListener::from_std(tcp)?;
     let udp_task = tokio::spawn(serve_udp(udp, resolver.clone(), limit.clone(), net));
     let tcp_task = tokio::spawn(serve_tcp(tcp, resolver, limit, net));
