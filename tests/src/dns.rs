@@ -27,13 +27,19 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hickory_proto::op::{Message, MessageType, ResponseCode};
+use hickory_proto::op::{Message, MessageType};
+/// DNS response codes, for [`RcodeServer`].
+pub use hickory_proto::op::ResponseCode;
 
 /// The programs these helpers run (for `require_tools!`).
 pub const DNS_TOOLS: [&str; 6] = ["dnsmasq", "dig", "getent", "musl-gcc", "unshare", "ip"];
 
 /// How long a client may run before it is killed.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The name [`DnsServer`] polls for until it answers (left out of
+/// [`DnsServer::queries`]).
+const READY_NAME: &str = "idgate-ready.invalid";
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -93,17 +99,14 @@ impl Zone {
     }
 
     /// A and AAAA records for `name`: every address in `addrs` (any mix
-    /// of IPv4 and IPv6, as many as wanted), with `ttl` (0 allowed).
-    /// `--host-record=name,addr...,ttl`.
+    /// of IPv4 and IPv6, as many as wanted), with `ttl` (0 allowed). One
+    /// `--host-record=name,addr,ttl` per address: dnsmasq keeps one
+    /// address per family of each.
     pub fn host(mut self, name: &str, addrs: &[IpAddr], ttl: u32) -> Self {
         assert!(!addrs.is_empty(), "a host record needs an address");
-        let mut arg = format!("--host-record={name}");
         for a in addrs {
-            arg.push(',');
-            arg.push_str(&a.to_string());
+            self.args.push(format!("--host-record={name},{a},{ttl}"));
         }
-        arg.push_str(&format!(",{ttl}"));
-        self.args.push(arg);
         self
     }
 
@@ -214,7 +217,7 @@ impl DnsServer {
             if let Some(ns) = &self.netns {
                 dig = dig.in_netns(ns);
             }
-            let q = DigQuery::new("idgate-ready.invalid")
+            let q = DigQuery::new(READY_NAME)
                 .server(self.addr)
                 .arg("+time=1");
             if dig.dig(&q).status.is_some() {
@@ -261,6 +264,8 @@ impl DnsServer {
                 let (_, rest) = line.split_once(" query[")?;
                 let (qtype, rest) = rest.split_once("] ")?;
                 let (name, from) = rest.split_once(" from ")?;
+                // Not the readiness probe of `wait_answering`.
+                (name != READY_NAME).then_some(())?;
                 Some(LoggedQuery {
                     qtype: qtype.to_owned(),
                     name: name.to_owned(),
