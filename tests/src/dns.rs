@@ -27,9 +27,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hickory_proto::op::{Message, MessageType};
 /// DNS response codes, for [`RcodeServer`].
 pub use hickory_proto::op::ResponseCode;
+use hickory_proto::op::{Message, MessageType};
 
 /// The programs these helpers run (for `require_tools!`).
 pub const DNS_TOOLS: [&str; 6] = ["dnsmasq", "dig", "getent", "musl-gcc", "unshare", "ip"];
@@ -53,7 +53,10 @@ fn next() -> u32 {
 /// only there): `127.53.P.N`, P from the pid, N counting from 1.
 pub fn loopback_ip() -> IpAddr {
     let n = next();
-    assert!(n < 250, "more than 250 loopback DNS addresses in one test run");
+    assert!(
+        n < 250,
+        "more than 250 loopback DNS addresses in one test run"
+    );
     IpAddr::V4(Ipv4Addr::new(
         127,
         53,
@@ -209,7 +212,11 @@ impl DnsServer {
     fn wait_answering(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         for _ in 0..100 {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 self.child = None;
                 panic!("dnsmasq exited with {status}:\n{}", self.stderr());
             }
@@ -217,9 +224,7 @@ impl DnsServer {
             if let Some(ns) = &self.netns {
                 dig = dig.in_netns(ns);
             }
-            let q = DigQuery::new(READY_NAME)
-                .server(self.addr)
-                .arg("+time=1");
+            let q = DigQuery::new(READY_NAME).server(self.addr).arg("+time=1");
             if dig.dig(&q).status.is_some() {
                 return;
             }
@@ -651,7 +656,10 @@ fn as_strs(v: &[String]) -> Vec<&str> {
 }
 
 fn nameservers(servers: &[IpAddr]) -> String {
-    servers.iter().map(|s| format!("nameserver {s}\n")).collect()
+    servers
+        .iter()
+        .map(|s| format!("nameserver {s}\n"))
+        .collect()
 }
 
 /// The resolv.conf of [`Resolver::kubernetes`].
@@ -728,7 +736,10 @@ pub fn musl_lookup() -> PathBuf {
         .to_owned();
     let path = dir.join(format!("musl-lookup-{hash:016x}"));
     if !path.is_file() {
-        let tmp = dir.join(format!("musl-lookup-{hash:016x}.{}.tmp", std::process::id()));
+        let tmp = dir.join(format!(
+            "musl-lookup-{hash:016x}.{}.tmp",
+            std::process::id()
+        ));
         let out = Command::new("musl-gcc")
             .args(["-static", "-O2", "-Wall", "-o"])
             .arg(&tmp)
@@ -844,11 +855,13 @@ fn serve(
         let matched = suffixes
             .iter()
             .any(|s| name == *s || name.ends_with(&format!(".{s}")));
-        seen.lock().unwrap_or_else(|e| e.into_inner()).push(SeenQuery {
-            name,
-            qtype: q.query_type().to_string(),
-            answered: matched.then_some(rcode),
-        });
+        seen.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(SeenQuery {
+                name,
+                qtype: q.query_type().to_string(),
+                answered: matched.then_some(rcode),
+            });
         let reply = if matched {
             let mut m = Message::new();
             m.set_id(query.id())
@@ -916,7 +929,16 @@ impl NetNs {
         };
         ip(&["netns", "add", &me.name]);
         ip(&[
-            "link", "add", &me.host_if, "type", "veth", "peer", "name", &ns_if, "netns", &me.name,
+            "link",
+            "add",
+            &me.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &ns_if,
+            "netns",
+            &me.name,
         ]);
         ip(&["addr", "add", &format!("{host_ip}/30"), "dev", &me.host_if]);
         ip(&["link", "set", &me.host_if, "up"]);
@@ -952,7 +974,9 @@ impl Default for NetNs {
 impl Drop for NetNs {
     fn drop(&mut self) {
         // Deleting the namespace deletes its veth end, and so the pair.
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
         let _ = Command::new("ip")
             .args(["link", "del", &self.host_if])
             .stderr(Stdio::null())

@@ -8,8 +8,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use idgate_tests::dns::{
-    DNS_TOOLS, DigQuery, DnsServer, NetNs, RcodeServer, Resolver, ResponseCode, Zone,
-    loopback_ip,
+    DNS_TOOLS, DigQuery, DnsServer, NetNs, RcodeServer, Resolver, ResponseCode, Zone, loopback_ip,
 };
 use idgate_tests::{Cgroups, free_loopback_port, require_privileges, require_tools};
 
@@ -19,7 +18,9 @@ fn ip(s: &str) -> IpAddr {
 
 /// The zone every test serves.
 fn zone() -> Zone {
-    let many: Vec<IpAddr> = (1..=12).map(|i| ip(&format!("192.0.2.{}", 100 + i))).collect();
+    let many: Vec<IpAddr> = (1..=12)
+        .map(|i| ip(&format!("192.0.2.{}", 100 + i)))
+        .collect();
     Zone::new()
         .host("web.test", &[ip("192.0.2.10"), ip("2001:db8::10")], 300)
         .host("many.test", &many, 60)
@@ -85,7 +86,10 @@ fn dnsmasq_serves_the_zone_to_dig_over_udp_and_tcp() {
     assert!(server.was_queried("alias.test"));
     assert!(!server.was_queried("never.test"));
     let q = server.queries();
-    assert!(q.iter().any(|q| q.qtype == "AAAA" && q.name == "web.test"), "{q:?}");
+    assert!(
+        q.iter().any(|q| q.qtype == "AAAA" && q.name == "web.test"),
+        "{q:?}"
+    );
 }
 
 #[test]
@@ -165,7 +169,12 @@ fn a_kubernetes_resolv_conf_walks_the_search_list_before_the_name() {
         let addrs = lookup();
         assert!(addrs.contains(&ip("192.0.2.10")), "{client}: {addrs:?}");
         let sent: Vec<_> = server.queries()[before..].to_vec();
-        eprintln!("{client}: {:?}", sent.iter().map(|q| format!("{} {}", q.qtype, q.name)).collect::<Vec<_>>());
+        eprintln!(
+            "{client}: {:?}",
+            sent.iter()
+                .map(|q| format!("{} {}", q.qtype, q.name))
+                .collect::<Vec<_>>()
+        );
         let mut names: Vec<&str> = sent.iter().map(|q| q.name.as_str()).collect();
         names.dedup();
         assert_eq!(names, walk, "{client}");
@@ -253,8 +262,10 @@ fn which_rcode_sends_each_client_to_its_next_search_domain() {
                 }
             };
             let elapsed = start.elapsed();
-            let mut asked: Vec<String> =
-                front.seen()[before..].iter().map(|q| q.name.clone()).collect();
+            let mut asked: Vec<String> = front.seen()[before..]
+                .iter()
+                .map(|q| q.name.clone())
+                .collect();
             asked.dedup();
             let outcome = Outcome {
                 resolved: addrs.contains(&ip("192.0.2.10")),
