@@ -6,6 +6,7 @@
 //! deleted), so a failing test cleans up too. Each test uses its own scope,
 //! pin directory and socket, so tests run in parallel.
 
+pub mod dns;
 pub mod raw_h2;
 
 use std::path::{Path, PathBuf};

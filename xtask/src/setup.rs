@@ -32,12 +32,19 @@ pub fn run() -> Result<()> {
 }
 
 /// Debian packages the test run uses: the deployment checks' `kubectl`
-/// (kustomize rendering) and `systemd` (`systemd-analyze verify`), and
-/// `strace` (tests/tests/bpffs.rs slows the agents' statfs(2) with it).
-const TEST_PACKAGES: [(&str, &str); 3] = [
+/// (kustomize rendering) and `systemd` (`systemd-analyze verify`),
+/// `strace` (tests/tests/bpffs.rs slows the agents' statfs(2) with it),
+/// and the DNS tests' real server and clients (tests/src/dns.rs):
+/// `dnsmasq` (`dnsmasq-base`: the binary without the system service),
+/// `dig` (`bind9-dnsutils`) and `musl-gcc` (`musl-tools`, which builds
+/// the musl getaddrinfo client tests/c/musl_lookup.c).
+const TEST_PACKAGES: [(&str, &str); 6] = [
     ("kubectl", "kubectl"),
     ("systemd-analyze", "systemd"),
     ("strace", "strace"),
+    ("dnsmasq", "dnsmasq-base"),
+    ("dig", "bind9-dnsutils"),
+    ("musl-gcc", "musl-tools"),
 ];
 
 /// Installs the test run's Debian packages that are missing (as root).
