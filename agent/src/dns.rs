@@ -46,7 +46,7 @@ pub use config::{
 };
 pub use message::{
     AnswerError, DropReason, FilterOptions, Filtered, MAX_MESSAGE, Query, QueryError,
-    check_answers, filter_answer, formerr, parse_query, refused, servfail,
+    check_answers, filter_answer, formerr, not_found, parse_query, refused, servfail,
 };
 pub use learned::{LearnError, Learned, LearnedAddress, NameBook};
 pub use path::{DnsPath, DnsPathError};

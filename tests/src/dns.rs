@@ -50,7 +50,7 @@ fn next() -> u32 {
 
 /// A loopback address, unique to this test process and call, for a
 /// server that must listen on port 53 (glibc and musl reach nameservers
-/// only there): `127.53.P.N`, P from the pid, N counting from 1.
+/// only there): `127.54.P.N` (127.53.0.0/16 is the agent's reserved range by default), P from the pid, N counting from 1.
 pub fn loopback_ip() -> IpAddr {
     let n = next();
     assert!(
@@ -59,7 +59,7 @@ pub fn loopback_ip() -> IpAddr {
     );
     IpAddr::V4(Ipv4Addr::new(
         127,
-        53,
+        54,
         (std::process::id() % 256) as u8,
         n as u8 + 1,
     ))

@@ -126,7 +126,7 @@ impl Resolver {
 
     async fn decide(&self, query: &Query, asker: &Asker<'_>, record: &mut DnsRecord) -> (Vec<u8>, Outcome) {
         let (slot, names, audit) = match asker {
-            Asker::Unknown => return (message::refused(query), Outcome::UnknownWorkload),
+            Asker::Unknown => return (message::not_found(query), Outcome::UnknownWorkload),
             Asker::Revoked(_) => return (message::refused(query), Outcome::Revoked),
             Asker::Identity {
                 slot, names, audit, ..
@@ -135,7 +135,7 @@ impl Resolver {
         let matched = names.and_then(|n| n.class_of(query.name()));
         let Some(matched) = matched else {
             if !audit {
-                return (message::refused(query), Outcome::NotInPolicy);
+                return (message::not_found(query), Outcome::NotInPolicy);
             }
             return match self.upstream.exchange(query, record.over_tcp).await {
                 Ok(bytes) => (bytes, Outcome::AuditAllowed),
