@@ -45,6 +45,7 @@ pub fn describe_rule(rule: &EgressRule) -> String {
         .map(|d| match d {
             Destination::Any => "any".to_owned(),
             Destination::Net(n) => n.to_string(),
+            Destination::Name(n) => n.to_string(),
         })
         .collect();
     format!(
