@@ -443,6 +443,113 @@ mod tests {
         assert_eq!(decide(&c, "::1", 9, true).0, verdict::ALLOW);
     }
 
+    /// `api.x.com` has its own rule and those of `*.x.com`; `*.x.com`
+    /// has only its own; `*.eu.x.com` gets those of `*.x.com` too.
+    #[test]
+    fn a_class_has_the_rules_of_every_pattern_covering_it() {
+        let p = policy(&format!(
+            r#"
+            [[identity]]
+            id = "spiffe://example.org/*"
+            [[identity.egress]]
+            name = "any-x"
+            to = ["*.x.com"]
+            ports = [80]
+            action = "allow"
+            [[identity]]
+            id = "{WEB}"
+            [[identity.egress]]
+            name = "api"
+            to = ["API.x.com."]
+            ports = [443]
+            protocol = "tcp"
+            action = "allow"
+            [[identity.egress]]
+            name = "eu"
+            to = ["*.eu.x.com"]
+            ports = ["80-81"]
+            protocol = "udp"
+            action = "allow"
+            "#
+        ));
+        let c = compile(&p, &[(1, id(WEB)), (2, id("spiffe://example.org/db"))]);
+        let index = c.names(1).unwrap();
+        let class = |name: &str| index.class_of(name).unwrap().class;
+        let at = |slot: u32, name: &str, port: u16, tcp: bool| {
+            let addr = "192.0.2.1".parse().unwrap();
+            let (v, rule) = evaluate_learned(&c, slot, addr, &[class(name)], port, tcp);
+            (v, c.rules[rule as usize].name.as_str())
+        };
+        let api: NamePattern = "api.x.com".parse().unwrap();
+        assert_eq!(class("api.x.com"), api.class_id());
+        assert_eq!(at(1, "api.x.com", 443, true), (verdict::ALLOW, "api"));
+        assert_eq!(at(1, "api.x.com", 80, true), (verdict::ALLOW, "any-x"));
+        assert_eq!(at(1, "api.x.com", 443, false), (verdict::DENY, "default"));
+        assert_eq!(at(1, "www.x.com", 80, false), (verdict::ALLOW, "any-x"));
+        assert_eq!(at(1, "www.x.com", 443, true), (verdict::DENY, "default"));
+        // The precedence but the prefix: at 80, the one port of `any-x`
+        // is narrower than the two of `eu`, though `eu` is of the exact
+        // block and for one protocol.
+        assert_eq!(at(1, "a.eu.x.com", 80, false), (verdict::ALLOW, "any-x"));
+        assert_eq!(at(1, "a.eu.x.com", 81, false), (verdict::ALLOW, "eu"));
+        assert_eq!(at(1, "a.eu.x.com", 81, true), (verdict::DENY, "default"));
+        // Not learned, or learned for another class: the default.
+        let addr = "192.0.2.1".parse().unwrap();
+        assert_eq!(evaluate(&c, 1, addr, 80, true).0, verdict::DENY);
+        // db has the pattern block only: one class.
+        let db = c.names(2).unwrap();
+        assert_eq!(db.class_of("api.x.com").unwrap().pattern, "*.x.com");
+        assert_eq!(c.rule_sets[c.slot(2).unwrap().rule_set].names.len(), 1);
+        let set = &c.rule_sets[c.slot(1).unwrap().rule_set];
+        assert_eq!(set.names.len(), 3);
+        assert_eq!(set.dests.len(), 0);
+        // The unknown workload has none.
+        assert!(
+            c.names(UNKNOWN_SLOT)
+                .unwrap()
+                .class_of("api.x.com")
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn address_rules_decide_before_names() {
+        let p = policy(&format!(
+            r#"
+            [[identity]]
+            id = "{WEB}"
+            [[identity.egress]]
+            name = "api"
+            to = ["api.x.com"]
+            action = "allow"
+            [[identity.egress]]
+            name = "no-metadata"
+            to = ["169.254.169.254"]
+            action = "deny"
+            [[identity.egress]]
+            name = "lan-ssh"
+            to = ["10.0.0.0/8"]
+            ports = [22]
+            protocol = "tcp"
+            action = "allow"
+            "#
+        ));
+        let c = compile(&p, &[(1, id(WEB))]);
+        let api = c.names(1).unwrap().class_of("api.x.com").unwrap().class;
+        let at = |addr: &str, port: u16| {
+            let (v, rule) =
+                evaluate_learned(&c, 1, addr.parse().unwrap(), &[[7; 16], api], port, true);
+            (v, c.rules[rule as usize].name.as_str())
+        };
+        // A deny whose CIDR covers the address beats the name.
+        assert_eq!(at("169.254.169.254", 443), (verdict::DENY, "no-metadata"));
+        // An address rule for the port decides; for another port the
+        // prefix's table has nothing, so the name does.
+        assert_eq!(at("10.1.2.3", 22), (verdict::ALLOW, "lan-ssh"));
+        assert_eq!(at("10.1.2.3", 443), (verdict::ALLOW, "api"));
+        assert_eq!(at("::ffff:192.0.2.1", 443), (verdict::ALLOW, "api"));
+    }
+
     #[test]
     fn identical_rule_sets_share_a_table_and_unknown_gets_slot_zero() {
         let p = policy(&format!(

@@ -760,6 +760,108 @@ id = "https://example.org/x"
     }
 
     #[test]
+    fn names_mix_with_addresses_and_are_canonical() {
+        let p = policy(
+            "[[identity]]\nid = \"spiffe://e.org/a\"\n[[identity.egress]]\nname = \"r\"\nto = [\"10.0.0.0/8\", \"API.Example.com.\", \"*.example.org\", \"_dmarc.example.com\"]\nports = [443]\naction = \"allow\"\n",
+        );
+        let rule = &p.identities[0].policy.egress[0];
+        let names: Vec<&str> = rule.names().map(|n| n.as_str()).collect();
+        assert_eq!(
+            names,
+            ["api.example.com", "*.example.org", "_dmarc.example.com"]
+        );
+        assert_eq!(rule.nets().count(), 1);
+    }
+
+    #[test]
+    fn reports_bad_names_where_they_are_written() {
+        let long_label = format!("{}.com", "a".repeat(64));
+        let long_name = format!("{}.com", vec!["a".repeat(63); 4].join("."));
+        let text = format!(
+            r#"[[identity]]
+id = "spiffe://example.org/web"
+[[identity.egress]]
+name = "names"
+action = "allow"
+to = [
+  "{long_label}",
+  "{long_name}",
+  "a_b!.com",
+  "api.*.com",
+  "foo*.x",
+  "*",
+  "bücher.de",
+  "",
+  "-x.com",
+  "10.0.0",
+]
+"#
+        );
+        assert_errors(
+            &text,
+            &[
+                (7, "is not a DNS name: label \"aaaa"),
+                (
+                    8,
+                    "is not a DNS name: it is 259 characters long; a name has at most 253",
+                ),
+                (9, r#""a_b!.com" is not a DNS name: label "a_b!" has '!'"#),
+                (
+                    10,
+                    r#""api.*.com" is not a DNS name: `*` may only be the whole first label"#,
+                ),
+                (11, r#""foo*.x" is not a DNS name: `*` may only"#),
+                (12, r#""*" is not a DNS name: `*` may only"#),
+                (
+                    13,
+                    r#""bücher.de" is not a DNS name: it is not ASCII; write its ASCII (punycode) form "xn--bcher-kva.de""#,
+                ),
+                (14, r#""" is not a DNS name: it is empty"#),
+                (
+                    15,
+                    r#""-x.com" is not a DNS name: label "-x" starts or ends with `-`"#,
+                ),
+                (16, r#""10.0.0" is not a CIDR"#),
+            ],
+        );
+        let dir = crate::policy::testing::PolicyDir::new(&[("p.toml", &text)]);
+        let e = dir.load(&[]).unwrap_err();
+        assert_eq!(e.diagnostics[0].position, Some((7, 3)));
+        assert!(
+            e.diagnostics[0]
+                .message
+                .contains("is 64 characters long; a label has at most 63")
+        );
+    }
+
+    #[test]
+    fn names_are_refused_in_unknown_and_in_deny_rules() {
+        assert_errors(
+            r#"[[unknown.egress]]
+name = "u"
+to = ["10.0.0.1", "api.example.com"]
+action = "allow"
+[[identity]]
+id = "spiffe://example.org/web"
+[[identity.egress]]
+name = "d"
+to = ["*.example.com"]
+action = "deny"
+"#,
+            &[
+                (
+                    3,
+                    r#""api.example.com": rules of [unknown] cannot name hosts: unknown workloads share one policy"#,
+                ),
+                (
+                    9,
+                    r#""*.example.com": a deny rule cannot name hosts: a workload walks around it by connecting to the address without a lookup; deny the addresses (CIDRs) instead"#,
+                ),
+            ],
+        );
+    }
+
+    #[test]
     fn rule_names_are_unique_within_a_block() {
         let rule = |name: &str, addr: &str| {
             format!(
