@@ -6,21 +6,26 @@ mod diagnostic;
 mod diff;
 mod load;
 mod model;
+mod names;
 mod overlap;
 mod parse;
 mod ports;
 mod precedence;
 mod subject;
 mod summary;
+mod warnings;
 
-pub use compile::{CompiledPolicy, RuleSet, SlotEntry, compile, evaluate};
-pub use diagnostic::{Diagnostic, Location};
+pub use compile::{
+    CompiledPolicy, NameEntry, RuleSet, SlotEntry, compile, evaluate, evaluate_learned,
+};
+pub use diagnostic::{Diagnostic, Location, Severity};
 pub use diff::{PolicyDiff, diff};
 pub use load::load;
 pub use model::{
     Action, Destination, EgressRule, IdentityBlock, IdentityPolicy, Mode, PolicySet, PortSpec,
     Protocol,
 };
+pub use names::{ClassId, NameError, NameIndex, NameMatch, NamePattern};
 pub use precedence::RuleInfo;
 pub use subject::{Specificity, Subject};
 pub use summary::{describe_rule, summary};
@@ -48,4 +53,4 @@ fn render(diagnostics: &[Diagnostic]) -> String {
 }
 
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;

@@ -9,9 +9,9 @@ use aya::maps::{Array, ArrayOfMaps, HashMap, LpmTrie, Map, MapData, MapError, lp
 use aya::sys::SyscallError;
 use aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_LPM_TRIE;
 use idgate_common::{
-    DEST_FIXED_BITS, DestKey, DestTables, FAMILY_V4, FAMILY_V6, MAX_SET_DESTS, MAX_SET_PORT_BLOCKS,
-    MAX_SLOTS, PORT_FIXED_BITS, PortKey, RuleVerdict, SlotPolicy, UNKNOWN_SLOT, maps,
-    slot_policy_index, slot_state,
+    DEST_FIXED_BITS, DestKey, DestTables, FAMILY_NAME, FAMILY_V4, FAMILY_V6, MAX_SET_DESTS,
+    MAX_SET_PORT_BLOCKS, MAX_SLOTS, NAME_CLASS_BYTES, PORT_FIXED_BITS, PortKey, RuleVerdict,
+    SlotPolicy, UNKNOWN_SLOT, maps, slot_policy_index, slot_state,
 };
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
@@ -86,22 +86,7 @@ struct Tries {
 impl Tries {
     /// New tries holding `set`.
     fn build(set: &RuleSet) -> Result<Self, BpfError> {
-        let dests = set.dests.iter().map(|d| {
-            let (family, addr) = match d.net {
-                IpNet::V4(n) => {
-                    let mut addr = [0; 16];
-                    addr[..4].copy_from_slice(&n.network().octets());
-                    (FAMILY_V4, addr)
-                }
-                IpNet::V6(n) => (FAMILY_V6, n.network().octets()),
-            };
-            let plen = DEST_FIXED_BITS + u32::from(d.net.prefix_len());
-            let tables = DestTables {
-                tcp: d.tcp,
-                udp: d.udp,
-            };
-            (Key::new(plen, DestKey { family, addr }), tables)
-        });
+        let dests = dest_entries(set);
         let ports = set.ports.iter().map(|p| {
             let key = PortKey {
                 table: p.table,
@@ -119,6 +104,42 @@ impl Tries {
             ports: new_trie(maps::SLOT_PORTS, "idg_ports", MAX_SET_PORT_BLOCKS, ports)?,
         })
     }
+}
+
+/// The destination-trie entries of `set`: its address prefixes, and its
+/// name classes under [`FAMILY_NAME`] keys of full length. Every key's
+/// prefix covers the family ([`DEST_FIXED_BITS`]), which is matched in
+/// full, so an address entry never matches a name key nor the reverse.
+fn dest_entries(set: &RuleSet) -> impl Iterator<Item = (Key<DestKey>, DestTables)> + '_ {
+    let addresses = set.dests.iter().map(|d| {
+        let (family, addr) = match d.net {
+            IpNet::V4(n) => {
+                let mut addr = [0; 16];
+                addr[..4].copy_from_slice(&n.network().octets());
+                (FAMILY_V4, addr)
+            }
+            IpNet::V6(n) => (FAMILY_V6, n.network().octets()),
+        };
+        let plen = DEST_FIXED_BITS + u32::from(d.net.prefix_len());
+        let tables = DestTables {
+            tcp: d.tcp,
+            udp: d.udp,
+        };
+        (Key::new(plen, DestKey { family, addr }), tables)
+    });
+    let names = set.names.iter().map(|n| {
+        let key = DestKey {
+            family: FAMILY_NAME,
+            addr: n.class,
+        };
+        let plen = DEST_FIXED_BITS + 8 * NAME_CLASS_BYTES as u32;
+        let tables = DestTables {
+            tcp: n.tcp,
+            udp: n.udp,
+        };
+        (Key::new(plen, key), tables)
+    });
+    addresses.chain(names)
 }
 
 /// One of the outer arrays of maps.
@@ -481,5 +502,39 @@ impl SlotTable {
             self.by_hash.remove(&h);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::compile;
+    use crate::policy::testing::policy;
+
+    #[test]
+    fn name_classes_are_whole_keys_of_their_own_family() {
+        let p = policy(
+            "[[identity]]\nid = \"spiffe://e.org/a\"\n[[identity.egress]]\nname = \"r\"\nto = [\"any\", \"api.x.com\"]\nports = [443]\naction = \"allow\"\n",
+        );
+        let c = compile(&p, &[(1, "spiffe://e.org/a".parse().unwrap())]);
+        let set = &c.rule_sets[c.slot(1).unwrap().rule_set];
+        let keys: Vec<(u32, DestKey)> = dest_entries(set)
+            .map(|(k, _)| (k.prefix_len(), k.data()))
+            .collect();
+        assert_eq!(keys.len(), 3);
+        let name = &set.names[0];
+        assert_eq!(
+            keys[2],
+            (
+                DEST_FIXED_BITS + 128,
+                DestKey {
+                    family: FAMILY_NAME,
+                    addr: name.class
+                }
+            )
+        );
+        // `any` is /0 of each family: still the whole family.
+        assert_eq!(keys[0].0, DEST_FIXED_BITS);
+        assert!(keys[..2].iter().all(|(_, k)| k.family != FAMILY_NAME));
     }
 }

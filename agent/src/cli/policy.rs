@@ -9,7 +9,8 @@ use super::Connection;
 #[derive(clap::Subcommand)]
 pub enum PolicyCommand {
     /// Check a policy file or directory offline and summarise what it
-    /// allows; exits non-zero on any error.
+    /// allows; exits non-zero on any error (warnings are printed, and do
+    /// not fail the check).
     Check {
         path: PathBuf,
         /// A trust domain the identities must belong to (repeatable).
@@ -35,6 +36,9 @@ pub fn run(cmd: PolicyCommand) -> anyhow::Result<()> {
             trust_domains,
         } => {
             let policy = idgate::policy::load(&path, &trust_domains)?;
+            for warning in &policy.warnings {
+                eprintln!("{warning}");
+            }
             print!("{}", idgate::policy::summary(&policy));
             println!("{}: ok", path.display());
         }

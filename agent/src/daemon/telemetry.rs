@@ -271,7 +271,11 @@ impl StateMetrics {
             // Slot 0 is the unknown workload's, never handed out.
             (maps::SLOT_IDS, applied.identities.len(), MAX_SLOTS - 1),
             (maps::SLOT_POLICY, compiled.slots.len(), MAX_SLOTS),
-            (maps::SLOT_DESTS, fullest(|s| s.dests.len()), MAX_SET_DESTS),
+            (
+                maps::SLOT_DESTS,
+                fullest(RuleSet::dest_trie_len),
+                MAX_SET_DESTS,
+            ),
             (
                 maps::SLOT_PORTS,
                 fullest(|s| s.ports.len()),

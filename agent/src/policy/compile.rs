@@ -5,8 +5,12 @@
 //! rules of every less specific prefix are folded in, and the port space
 //! is split into disjoint intervals each with one winner, so the kernel's
 //! longest-prefix match on address, then on port, is the answer.
+//!
+//! Names compile to one entry per name class (each name pattern of the
+//! identity): the rules of every pattern that covers the class, ranked
+//! the same way but for the prefix, as one port table per protocol.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -16,9 +20,10 @@ use idgate_common::{
 use ipnet::IpNet;
 
 use super::model::{Action, PolicySet};
+use super::names::{ClassId, NameIndex, NamePattern};
 use super::ports;
 use super::precedence::{
-    Blocks, DEFAULT_RULE_ID, Decided, Interval, RuleInfo, UNKNOWN_BLOCK, decide,
+    Blocks, DEFAULT_RULE_ID, Decided, FlatRule, Interval, RuleInfo, UNKNOWN_BLOCK, decide,
 };
 use crate::identity::SpiffeId;
 
@@ -27,6 +32,17 @@ use crate::identity::SpiffeId;
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct DestEntry {
     pub net: IpNet,
+    pub tcp: PortTable,
+    pub udp: PortTable,
+}
+
+/// A name class's entry of the destination trie, under a
+/// [`FAMILY_NAME`](idgate_common::FAMILY_NAME) key that is matched in
+/// full: the port table of each protocol for addresses learned for the
+/// class.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct NameEntry {
+    pub class: ClassId,
     pub tcp: PortTable,
     pub udp: PortTable,
 }
@@ -47,7 +63,17 @@ pub struct PortEntry {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct RuleSet {
     pub dests: Vec<DestEntry>,
+    /// One per name class, by class id; in the destination trie too.
+    pub names: Vec<NameEntry>,
     pub ports: Vec<PortEntry>,
+}
+
+impl RuleSet {
+    /// Entries of its destination trie: address prefixes and name
+    /// classes.
+    pub fn dest_trie_len(&self) -> usize {
+        self.dests.len() + self.names.len()
+    }
 }
 
 /// One slot of a generation: its policy, and its rule set (an index into
@@ -65,6 +91,8 @@ pub struct CompiledPolicy {
     pub slots: Vec<SlotEntry>,
     /// Each distinct rule set once.
     pub rule_sets: Vec<RuleSet>,
+    /// The name classes of each rule set, indexed like `rule_sets`.
+    pub names: Vec<Arc<NameIndex>>,
     /// Indexed by rule id: id 0 is the default, then every rule of the
     /// policy in order (the unknown-workload policy's first), so a rule
     /// keeps its id whichever identities are bound.
@@ -75,6 +103,12 @@ impl CompiledPolicy {
     /// The entry of `slot`, if the generation has one.
     pub fn slot(&self, slot: u32) -> Option<&SlotEntry> {
         self.slots.iter().find(|e| e.slot == slot)
+    }
+
+    /// The name classes of `slot`'s rule set, if the generation has the
+    /// slot: which class a name looked up by its identity falls in.
+    pub fn names(&self, slot: u32) -> Option<&Arc<NameIndex>> {
+        self.slot(slot).map(|e| &self.names[e.rule_set])
     }
 }
 
@@ -107,10 +141,13 @@ pub fn compile(policy: &PolicySet, slots: &[(u32, SpiffeId)]) -> CompiledPolicy 
                     | flag(settings.audit, slot_policy::AUDIT)
                     | flag(settings.raw_sockets, slot_policy::RAW_SOCKETS),
             };
-            let set = rule_set(decide(&blocks.rules(which)));
+            let names = blocks.name_rules(which);
+            let set = rule_set(decide(&blocks.rules(which)), &names);
             let next = out.rule_sets.len();
             let index = *sets.entry(set).or_insert_with_key(|set| {
                 out.rule_sets.push(set.clone());
+                let patterns = names.iter().map(|(p, _)| (*p).clone()).collect();
+                out.names.push(Arc::new(NameIndex::new(&patterns)));
                 next
             });
             (policy, index)
@@ -124,10 +161,11 @@ pub fn compile(policy: &PolicySet, slots: &[(u32, SpiffeId)]) -> CompiledPolicy 
     out
 }
 
-/// The trie entries of one identity's decided prefixes. A prefix's
-/// interval list of up to [`INLINE_RANGES`] is held in its destination
-/// entry; each distinct longer one becomes one port-trie table.
-fn rule_set(decided: Vec<Decided>) -> RuleSet {
+/// The trie entries of one identity's decided prefixes and of its name
+/// rules. An interval list of up to [`INLINE_RANGES`] is held in its
+/// destination entry; each distinct longer one becomes one port-trie
+/// table.
+fn rule_set(decided: Vec<Decided>, names: &[(&NamePattern, FlatRule)]) -> RuleSet {
     let mut ids: HashMap<Vec<Interval>, u32> = HashMap::new();
     let mut set = RuleSet::default();
     let mut table = |intervals: Vec<Interval>, ports: &mut Vec<PortEntry>| -> PortTable {
@@ -170,7 +208,36 @@ fn rule_set(decided: Vec<Decided>) -> RuleSet {
             udp,
         });
     }
+    for (class, decided) in name_classes(names) {
+        let tcp = table(decided.tcp, &mut set.ports);
+        let udp = table(decided.udp, &mut set.ports);
+        set.names.push(NameEntry { class, tcp, udp });
+    }
     set
+}
+
+/// Each name class (each pattern of `names`, in order) and the winners of
+/// its ports: among the rules of every pattern that covers the class.
+fn name_classes(names: &[(&NamePattern, FlatRule)]) -> Vec<(ClassId, Decided)> {
+    let mut by_pattern: HashMap<&str, Vec<&FlatRule>> = HashMap::new();
+    for (pattern, rule) in names {
+        by_pattern.entry(pattern.as_str()).or_default().push(rule);
+    }
+    let classes: BTreeSet<&NamePattern> = names.iter().map(|(p, _)| *p).collect();
+    classes
+        .into_iter()
+        .map(|class| {
+            let rules: Vec<FlatRule> = class
+                .covering()
+                .filter_map(|p| by_pattern.get(p.as_ref()))
+                .flatten()
+                .map(|r| (*r).clone())
+                .collect();
+            // Every rule has the one name net: one entry.
+            let decided = decide(&rules).pop().expect("a class has its own rules");
+            (class.class_id(), decided)
+        })
+        .collect()
 }
 
 fn verdict_of(a: Action) -> u32 {
@@ -183,9 +250,24 @@ fn verdict_of(a: Action) -> u32 {
 /// What the compiled entries decide for one connect, as the kernel would:
 /// longest address prefix, then the range of its inline table that holds
 /// the port, or else the longest block of its port-trie table, then the
-/// default. Used
-/// by tests and by `explain`.
+/// default. Used by tests and by `explain`.
 pub fn evaluate(c: &CompiledPolicy, slot: u32, addr: IpAddr, port: u16, tcp: bool) -> (u32, u32) {
+    evaluate_learned(c, slot, addr, &[], port, tcp)
+}
+
+/// [`evaluate`] for an address learned, by lookups of `slot`'s identity,
+/// for the name `classes` (those not expired): as step 7 of the kernel's
+/// lookup, when no address rule covers the connect, each class's port
+/// table in turn, and the first rule found decides. The unknown
+/// workload's slot has no names.
+pub fn evaluate_learned(
+    c: &CompiledPolicy,
+    slot: u32,
+    addr: IpAddr,
+    classes: &[ClassId],
+    port: u16,
+    tcp: bool,
+) -> (u32, u32) {
     let addr = match addr {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr, IpAddr::V4),
         v4 => v4,
@@ -193,26 +275,44 @@ pub fn evaluate(c: &CompiledPolicy, slot: u32, addr: IpAddr, port: u16, tcp: boo
     let Some(entry) = c.slot(slot) else {
         return (verdict::DENY, DEFAULT_RULE_ID);
     };
-    let default = (entry.policy.default_verdict, entry.policy.default_rule);
     let set = &c.rule_sets[entry.rule_set];
-    let Some(dest) = set
+    let pick = |tcp_table: &PortTable, udp_table: &PortTable| {
+        let table = if tcp { tcp_table } else { udp_table };
+        judge(set, table, port)
+    };
+    let by_address = set
         .dests
         .iter()
         .filter(|d| d.net.contains(&addr))
         .max_by_key(|d| d.net.prefix_len())
-    else {
-        return default;
+        .and_then(|d| pick(&d.tcp, &d.udp));
+    let by_name = || {
+        if slot == UNKNOWN_SLOT {
+            return None;
+        }
+        classes.iter().find_map(|class| {
+            let n = set.names.iter().find(|n| n.class == *class)?;
+            pick(&n.tcp, &n.udp)
+        })
     };
-    let table = if tcp { &dest.tcp } else { &dest.udp };
+    by_address
+        .or_else(by_name)
+        .unwrap_or((entry.policy.default_verdict, entry.policy.default_rule))
+}
+
+/// The verdict and rule `table` has for `port`: the range of its inline
+/// list that holds it, or else the longest block of its port-trie table;
+/// `None` when neither has the port (the default would decide).
+fn judge(set: &RuleSet, table: &PortTable, port: u16) -> Option<(u32, u32)> {
     let inline = &table.ranges[..table.count as usize];
     if !inline.is_empty() {
         return inline
             .iter()
             .find(|r| (r.first..=r.last).contains(&port))
-            .map_or(default, |r| (r.verdict, r.rule_id));
+            .map(|r| (r.verdict, r.rule_id));
     }
     if table.table == NO_TABLE {
-        return default;
+        return None;
     }
     set.ports
         .iter()
@@ -223,7 +323,7 @@ pub fn evaluate(c: &CompiledPolicy, slot: u32, addr: IpAddr, port: u16, tcp: boo
             }
         })
         .max_by_key(|p| p.prefix_len)
-        .map_or(default, |p| (p.verdict, p.rule_id))
+        .map(|p| (p.verdict, p.rule_id))
 }
 
 #[cfg(test)]
@@ -343,6 +443,113 @@ mod tests {
         assert_eq!(decide(&c, "::1", 9, true).0, verdict::ALLOW);
     }
 
+    /// `api.x.com` has its own rule and those of `*.x.com`; `*.x.com`
+    /// has only its own; `*.eu.x.com` gets those of `*.x.com` too.
+    #[test]
+    fn a_class_has_the_rules_of_every_pattern_covering_it() {
+        let p = policy(&format!(
+            r#"
+            [[identity]]
+            id = "spiffe://example.org/*"
+            [[identity.egress]]
+            name = "any-x"
+            to = ["*.x.com"]
+            ports = [80]
+            action = "allow"
+            [[identity]]
+            id = "{WEB}"
+            [[identity.egress]]
+            name = "api"
+            to = ["API.x.com."]
+            ports = [443]
+            protocol = "tcp"
+            action = "allow"
+            [[identity.egress]]
+            name = "eu"
+            to = ["*.eu.x.com"]
+            ports = ["80-81"]
+            protocol = "udp"
+            action = "allow"
+            "#
+        ));
+        let c = compile(&p, &[(1, id(WEB)), (2, id("spiffe://example.org/db"))]);
+        let index = c.names(1).unwrap();
+        let class = |name: &str| index.class_of(name).unwrap().class;
+        let at = |slot: u32, name: &str, port: u16, tcp: bool| {
+            let addr = "192.0.2.1".parse().unwrap();
+            let (v, rule) = evaluate_learned(&c, slot, addr, &[class(name)], port, tcp);
+            (v, c.rules[rule as usize].name.as_str())
+        };
+        let api: NamePattern = "api.x.com".parse().unwrap();
+        assert_eq!(class("api.x.com"), api.class_id());
+        assert_eq!(at(1, "api.x.com", 443, true), (verdict::ALLOW, "api"));
+        assert_eq!(at(1, "api.x.com", 80, true), (verdict::ALLOW, "any-x"));
+        assert_eq!(at(1, "api.x.com", 443, false), (verdict::DENY, "default"));
+        assert_eq!(at(1, "www.x.com", 80, false), (verdict::ALLOW, "any-x"));
+        assert_eq!(at(1, "www.x.com", 443, true), (verdict::DENY, "default"));
+        // The precedence but the prefix: at 80, the one port of `any-x`
+        // is narrower than the two of `eu`, though `eu` is of the exact
+        // block and for one protocol.
+        assert_eq!(at(1, "a.eu.x.com", 80, false), (verdict::ALLOW, "any-x"));
+        assert_eq!(at(1, "a.eu.x.com", 81, false), (verdict::ALLOW, "eu"));
+        assert_eq!(at(1, "a.eu.x.com", 81, true), (verdict::DENY, "default"));
+        // Not learned, or learned for another class: the default.
+        let addr = "192.0.2.1".parse().unwrap();
+        assert_eq!(evaluate(&c, 1, addr, 80, true).0, verdict::DENY);
+        // db has the pattern block only: one class.
+        let db = c.names(2).unwrap();
+        assert_eq!(db.class_of("api.x.com").unwrap().pattern, "*.x.com");
+        assert_eq!(c.rule_sets[c.slot(2).unwrap().rule_set].names.len(), 1);
+        let set = &c.rule_sets[c.slot(1).unwrap().rule_set];
+        assert_eq!(set.names.len(), 3);
+        assert_eq!(set.dests.len(), 0);
+        // The unknown workload has none.
+        assert!(
+            c.names(UNKNOWN_SLOT)
+                .unwrap()
+                .class_of("api.x.com")
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn address_rules_decide_before_names() {
+        let p = policy(&format!(
+            r#"
+            [[identity]]
+            id = "{WEB}"
+            [[identity.egress]]
+            name = "api"
+            to = ["api.x.com"]
+            action = "allow"
+            [[identity.egress]]
+            name = "no-metadata"
+            to = ["169.254.169.254"]
+            action = "deny"
+            [[identity.egress]]
+            name = "lan-ssh"
+            to = ["10.0.0.0/8"]
+            ports = [22]
+            protocol = "tcp"
+            action = "allow"
+            "#
+        ));
+        let c = compile(&p, &[(1, id(WEB))]);
+        let api = c.names(1).unwrap().class_of("api.x.com").unwrap().class;
+        let at = |addr: &str, port: u16| {
+            let (v, rule) =
+                evaluate_learned(&c, 1, addr.parse().unwrap(), &[[7; 16], api], port, true);
+            (v, c.rules[rule as usize].name.as_str())
+        };
+        // A deny whose CIDR covers the address beats the name.
+        assert_eq!(at("169.254.169.254", 443), (verdict::DENY, "no-metadata"));
+        // An address rule for the port decides; for another port the
+        // prefix's table has nothing, so the name does.
+        assert_eq!(at("10.1.2.3", 22), (verdict::ALLOW, "lan-ssh"));
+        assert_eq!(at("10.1.2.3", 443), (verdict::ALLOW, "api"));
+        assert_eq!(at("::ffff:192.0.2.1", 443), (verdict::ALLOW, "api"));
+    }
+
     #[test]
     fn identical_rule_sets_share_a_table_and_unknown_gets_slot_zero() {
         let p = policy(&format!(
@@ -409,9 +616,11 @@ mod tests {
                         rule_set: 1,
                     },
                 ],
+                names: vec![Arc::default(), Arc::default()],
                 rule_sets: vec![
                     RuleSet::default(),
                     RuleSet {
+                        names: vec![],
                         dests: vec![DestEntry {
                             net: "10.0.0.0/8".parse().unwrap(),
                             tcp: PortTable {

@@ -22,10 +22,21 @@ impl fmt::Display for Location {
     }
 }
 
+/// Whether a problem refuses the policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    /// The policy is refused.
+    Error,
+    /// Reported, but the policy is good: a check passes and a reload
+    /// applies it.
+    Warning,
+}
+
 /// One problem. Without a line and column it concerns the whole file
 /// (one that cannot be read).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Diagnostic {
+    pub severity: Severity,
     pub file: Arc<Path>,
     /// Line and column.
     pub position: Option<(u32, u32)>,
@@ -33,16 +44,28 @@ pub struct Diagnostic {
 }
 
 impl Diagnostic {
+    /// An error at `location`.
     pub fn at(location: &Location, message: impl Into<String>) -> Self {
         Self {
+            severity: Severity::Error,
             file: location.file.clone(),
             position: Some((location.line, location.column)),
             message: message.into(),
         }
     }
 
+    /// A warning at `location`.
+    pub fn warning_at(location: &Location, message: impl Into<String>) -> Self {
+        Self {
+            severity: Severity::Warning,
+            ..Self::at(location, message)
+        }
+    }
+
+    /// An error about the whole file.
     pub fn whole_file(file: &Path, message: impl Into<String>) -> Self {
         Self {
+            severity: Severity::Error,
             file: file.into(),
             position: None,
             message: message.into(),
@@ -50,14 +73,18 @@ impl Diagnostic {
     }
 }
 
-/// `FILE:LINE:COL: error: MESSAGE`.
+/// `FILE:LINE:COL: error: MESSAGE` (or `warning:`).
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.file.display())?;
         if let Some((line, column)) = self.position {
             write!(f, ":{line}:{column}")?;
         }
-        write!(f, ": error: {}", self.message)
+        let severity = match self.severity {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        };
+        write!(f, ": {severity}: {}", self.message)
     }
 }
 
@@ -107,6 +134,10 @@ mod tests {
         assert_eq!(
             Diagnostic::whole_file(Path::new("q.toml"), "cannot read").to_string(),
             "q.toml: error: cannot read"
+        );
+        assert_eq!(
+            Diagnostic::warning_at(&s.locate(4), "odd").to_string(),
+            "p.toml:3:1: warning: odd"
         );
     }
 }

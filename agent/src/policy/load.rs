@@ -8,11 +8,11 @@ use super::diagnostic::{Diagnostic, Location, Source};
 use super::model::PolicySet;
 use super::parse::{FileContents, parse};
 use super::subject::Subject;
-use super::{PolicyError, overlap};
+use super::{PolicyError, overlap, warnings};
 
 /// Reads a policy file, or every `*.toml` file of a directory (in name
-/// order, not recursive), and checks it. Fails with every problem found
-/// in any of the files.
+/// order, not recursive), and checks it. Fails with every error found in
+/// any of the files; a good policy carries its warnings.
 pub fn load(path: &Path, trust_domains: &[String]) -> Result<PolicySet, PolicyError> {
     let mut diagnostics = Vec::new();
     let mut merged = Merged {
@@ -33,10 +33,18 @@ pub fn load(path: &Path, trust_domains: &[String]) -> Result<PolicySet, PolicyEr
     }
     overlap::check(&merged.set, &mut diagnostics);
     if diagnostics.is_empty() {
-        return Ok(merged.set);
+        let mut set = merged.set;
+        set.warnings = warnings::check(&set);
+        sort(&mut set.warnings);
+        return Ok(set);
     }
-    diagnostics.sort_by(|a, b| (&a.file, a.position).cmp(&(&b.file, b.position)));
+    sort(&mut diagnostics);
     Err(PolicyError { diagnostics })
+}
+
+/// By file, then line and column.
+fn sort(diagnostics: &mut [Diagnostic]) {
+    diagnostics.sort_by(|a, b| (&a.file, a.position).cmp(&(&b.file, b.position)));
 }
 
 /// The files of a policy path.

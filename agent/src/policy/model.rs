@@ -2,7 +2,8 @@
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use super::diagnostic::Location;
+use super::diagnostic::{Diagnostic, Location};
+use super::names::NamePattern;
 use super::subject::Subject;
 
 /// The whole policy: every file of a policy directory, merged.
@@ -13,6 +14,9 @@ pub struct PolicySet {
     pub unknown: IdentityPolicy,
     /// Identity blocks, exact and patterns, in file order.
     pub identities: Vec<IdentityBlock>,
+    /// What the checks found worth saying that does not refuse the
+    /// policy, sorted by file and position.
+    pub warnings: Vec<Diagnostic>,
 }
 
 /// The rules for one SPIFFE ID or ID pattern.
@@ -67,15 +71,26 @@ impl EgressRule {
         self.to.iter().flat_map(|d| match d {
             Destination::Any => vec![IpNet::V4(Ipv4Net::default()), IpNet::V6(Ipv6Net::default())],
             Destination::Net(n) => vec![*n],
+            Destination::Name(_) => vec![],
+        })
+    }
+
+    /// The DNS names it covers.
+    pub fn names(&self) -> impl Iterator<Item = &NamePattern> + '_ {
+        self.to.iter().filter_map(|d| match d {
+            Destination::Name(n) => Some(n),
+            Destination::Any | Destination::Net(_) => None,
         })
     }
 }
 
-/// A destination network.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A destination: a network, or the addresses a DNS name had when the
+/// identity looked it up.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Destination {
     Any,
     Net(IpNet),
+    Name(NamePattern),
 }
 
 /// Ports as written: `443` or `"8000-8080"`, inclusive.

@@ -1,5 +1,6 @@
 //! Checks of how rules overlap: rules that tie (conflicts), and rules that
-//! can never match because others decide everything they cover.
+//! can never match because others decide everything they cover. Both are
+//! about addresses; name rules only allow, so they never conflict.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
@@ -48,7 +49,8 @@ fn never_matching(
         .collect();
     for (i, rule) in rules.iter().enumerate() {
         let id = block.first_rule + i as u32;
-        if winners.contains(&id) || conflicting.contains(&i) {
+        // A rule that names hosts matches by them, whatever its addresses.
+        if winners.contains(&id) || conflicting.contains(&i) || rule.names().next().is_some() {
             continue;
         }
         let deciders: Vec<String> = deciders(rule, &decided, &reachable)

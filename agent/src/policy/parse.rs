@@ -11,8 +11,10 @@ use toml::de::{DeTable, DeValue};
 
 use super::diagnostic::{Diagnostic, Location, Source};
 use super::model::{
-    Destination, EgressRule, IdentityBlock, IdentityPolicy, Keyword, Mode, PortSpec, Protocol,
+    Action, Destination, EgressRule, IdentityBlock, IdentityPolicy, Keyword, Mode, PortSpec,
+    Protocol,
 };
+use super::names::NamePattern;
 use super::subject::Subject;
 
 /// What one file sets.
@@ -49,8 +51,7 @@ const UNKNOWN_KEYS: &[&str] = &["default", "audit", "egress"];
 const IDENTITY_KEYS: &[&str] = &["id", "default", "audit", "raw_sockets", "egress"];
 const RULE_KEYS: &[&str] = &["name", "to", "ports", "protocol", "action"];
 
-const WANT_TO: &str =
-    "`to` must be an array of CIDRs, addresses or \"any\" (like to = [\"10.0.0.0/8\"])";
+const WANT_TO: &str = "`to` must be an array of CIDRs, addresses, DNS names or \"any\" (like to = [\"10.0.0.0/8\", \"api.example.com\"])";
 const WANT_PORTS: &str =
     "`ports` must be an array of ports and ranges (like ports = [443, \"8000-8080\"])";
 
@@ -75,7 +76,7 @@ impl Reader<'_> {
         if let Some(v) = root.get("unknown") {
             match v.get_ref() {
                 DeValue::Table(t) => {
-                    let policy = self.policy(t, "[unknown]", UNKNOWN_KEYS, "[[unknown.egress]]");
+                    let policy = self.policy(t, Owner::Unknown);
                     out.unknown = Some((policy, self.source.locate(v.span().start)));
                 }
                 other => self.error(
@@ -97,12 +98,7 @@ impl Reader<'_> {
 
     /// One `[[identity]]` table.
     fn identity(&mut self, block: &Value, t: &DeTable) -> Option<IdentityBlock> {
-        let mut policy = self.policy(
-            t,
-            "an [[identity]] block",
-            IDENTITY_KEYS,
-            "[[identity.egress]]",
-        );
+        let mut policy = self.policy(t, Owner::Identity);
         policy.raw_sockets = t
             .get("raw_sockets")
             .and_then(|v| self.boolean("raw_sockets", v));
@@ -131,7 +127,15 @@ impl Reader<'_> {
     }
 
     /// The settings and rules that `[unknown]` and identity blocks share.
-    fn policy(&mut self, t: &DeTable, what: &str, keys: &[&str], header: &str) -> IdentityPolicy {
+    fn policy(&mut self, t: &DeTable, owner: Owner) -> IdentityPolicy {
+        let (what, keys, header) = match owner {
+            Owner::Unknown => ("[unknown]", UNKNOWN_KEYS, "[[unknown.egress]]"),
+            Owner::Identity => (
+                "an [[identity]] block",
+                IDENTITY_KEYS,
+                "[[identity.egress]]",
+            ),
+        };
         self.known_keys(t, what, keys);
         let mut policy = IdentityPolicy {
             default: t.get("default").and_then(|v| self.keyword("default", v)),
@@ -146,7 +150,7 @@ impl Reader<'_> {
         let want = format!("`egress` must be an array of tables ({header})");
         for (rule, table) in self.tables(egress, &want) {
             let before = self.diagnostics.len();
-            let parsed = self.rule(rule, table);
+            let parsed = self.rule(rule, table, owner);
             if let Some(name) = table.get("name")
                 && let DeValue::String(n) = name.get_ref()
             {
@@ -170,7 +174,7 @@ impl Reader<'_> {
     }
 
     /// One egress rule table.
-    fn rule(&mut self, rule: &Value, t: &DeTable) -> Option<EgressRule> {
+    fn rule(&mut self, rule: &Value, t: &DeTable, owner: Owner) -> Option<EgressRule> {
         self.known_keys(t, "an egress rule", RULE_KEYS);
         let name = self.rule_key(t, rule, "name", "one (it names the rule in events)");
         let name = name.and_then(|v| {
@@ -181,12 +185,15 @@ impl Reader<'_> {
             }
             Some(n.to_owned())
         });
+        let action = self
+            .rule_key(t, rule, "action", "one (\"allow\" or \"deny\")")
+            .and_then(|v| self.keyword("action", v));
         let to = self
             .rule_key(
                 t,
                 rule,
                 "to",
-                "its destinations (CIDRs, addresses or \"any\")",
+                "its destinations (CIDRs, addresses, DNS names or \"any\")",
             )
             .and_then(|v| {
                 let items = self.array(v, WANT_TO)?;
@@ -199,7 +206,7 @@ impl Reader<'_> {
                 Some(
                     items
                         .iter()
-                        .filter_map(|d| self.destination(d))
+                        .filter_map(|d| self.destination(d, owner, action))
                         .collect::<Vec<_>>(),
                 )
             });
@@ -216,9 +223,6 @@ impl Reader<'_> {
             None => Some(Protocol::Any),
             Some(v) => self.keyword("protocol", v),
         };
-        let action = self
-            .rule_key(t, rule, "action", "one (\"allow\" or \"deny\")")
-            .and_then(|v| self.keyword("action", v));
         Some(EgressRule {
             name: name?,
             to: to?,
@@ -229,7 +233,13 @@ impl Reader<'_> {
         })
     }
 
-    fn destination(&mut self, v: &Value) -> Option<Destination> {
+    /// One item of `to`, in a rule of `owner` with `action` (if valid).
+    fn destination(
+        &mut self,
+        v: &Value,
+        owner: Owner,
+        action: Option<Action>,
+    ) -> Option<Destination> {
         let s = self.string("a destination in `to`", v)?;
         if s == "any" {
             return Some(Destination::Any);
@@ -238,10 +248,13 @@ impl Reader<'_> {
             .parse::<IpNet>()
             .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
         else {
+            if !looks_like_an_address(s) {
+                return self.name(v, s, owner, action);
+            }
             self.error(
                 &v.span(),
                 format!(
-                    "{s:?} is not a CIDR (like 10.0.0.0/8 or fd00::/8), an address, or \"any\""
+                    "{s:?} is not a CIDR (like 10.0.0.0/8 or fd00::/8), an address, a DNS name, or \"any\""
                 ),
             );
             return None;
@@ -258,6 +271,42 @@ impl Reader<'_> {
             return None;
         }
         Some(Destination::Net(net))
+    }
+
+    /// A DNS name of `to`: only in allow rules of identity blocks.
+    fn name(
+        &mut self,
+        v: &Value,
+        s: &str,
+        owner: Owner,
+        action: Option<Action>,
+    ) -> Option<Destination> {
+        let name = match s.parse::<NamePattern>() {
+            Ok(name) => name,
+            Err(e) => {
+                self.error(&v.span(), format!("{s:?} is not a DNS name: {e}"));
+                return None;
+            }
+        };
+        if owner == Owner::Unknown {
+            self.error(
+                &v.span(),
+                format!(
+                    "{s:?}: rules of [unknown] cannot name hosts: unknown workloads share one policy, so the lookup of one would open the address for all; write the addresses (CIDRs)"
+                ),
+            );
+            return None;
+        }
+        if action == Some(Action::Deny) {
+            self.error(
+                &v.span(),
+                format!(
+                    "{s:?}: a deny rule cannot name hosts: a workload walks around it by connecting to the address without a lookup; deny the addresses (CIDRs) instead"
+                ),
+            );
+            return None;
+        }
+        Some(Destination::Name(name))
     }
 
     /// `443`, or `"8000-8080"` (a range, inclusive) or `"443"`.
@@ -436,6 +485,22 @@ impl Reader<'_> {
     }
 }
 
+/// Whose rules are read: the unknown workload's may not name hosts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Owner {
+    Unknown,
+    Identity,
+}
+
+/// Whether a destination that is not a valid CIDR or address was meant
+/// as one (and is reported so) rather than as a DNS name: it has a `/`
+/// or a `:`, or its last label is a number (no top-level domain is).
+fn looks_like_an_address(s: &str) -> bool {
+    let last = s.strip_suffix('.').unwrap_or(s).rsplit('.').next();
+    s.contains(['/', ':'])
+        || last.is_some_and(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// "a string", "an integer", ...
 fn a(v: &DeValue) -> String {
     let t = v.type_str();
@@ -446,7 +511,6 @@ fn a(v: &DeValue) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::model::Action;
     use crate::policy::testing::{errors, policy};
 
     /// Checks that `text` yields exactly the problems `want`, as (line,
@@ -603,7 +667,7 @@ id = "https://example.org/x"
                 (46, "this rule has no `action`"),
                 (
                     47,
-                    "`to` must be an array of CIDRs, addresses or \"any\" (like to = [\"10.0.0.0/8\"]), not a string",
+                    "`to` must be an array of CIDRs, addresses, DNS names or \"any\" (like to = [\"10.0.0.0/8\", \"api.example.com\"]), not a string",
                 ),
                 (50, "`to` is empty"),
                 (53, "`*` may only end a pattern"),
@@ -691,6 +755,108 @@ id = "https://example.org/x"
             &[
                 (2, "invalid TOML: duplicate key"),
                 (3, "invalid TOML: string values must be quoted"),
+            ],
+        );
+    }
+
+    #[test]
+    fn names_mix_with_addresses_and_are_canonical() {
+        let p = policy(
+            "[[identity]]\nid = \"spiffe://e.org/a\"\n[[identity.egress]]\nname = \"r\"\nto = [\"10.0.0.0/8\", \"API.Example.com.\", \"*.example.org\", \"_dmarc.example.com\"]\nports = [443]\naction = \"allow\"\n",
+        );
+        let rule = &p.identities[0].policy.egress[0];
+        let names: Vec<&str> = rule.names().map(|n| n.as_str()).collect();
+        assert_eq!(
+            names,
+            ["api.example.com", "*.example.org", "_dmarc.example.com"]
+        );
+        assert_eq!(rule.nets().count(), 1);
+    }
+
+    #[test]
+    fn reports_bad_names_where_they_are_written() {
+        let long_label = format!("{}.com", "a".repeat(64));
+        let long_name = format!("{}.com", vec!["a".repeat(63); 4].join("."));
+        let text = format!(
+            r#"[[identity]]
+id = "spiffe://example.org/web"
+[[identity.egress]]
+name = "names"
+action = "allow"
+to = [
+  "{long_label}",
+  "{long_name}",
+  "a_b!.com",
+  "api.*.com",
+  "foo*.x",
+  "*",
+  "bücher.de",
+  "",
+  "-x.com",
+  "10.0.0",
+]
+"#
+        );
+        assert_errors(
+            &text,
+            &[
+                (7, "is not a DNS name: label \"aaaa"),
+                (
+                    8,
+                    "is not a DNS name: it is 259 characters long; a name has at most 253",
+                ),
+                (9, r#""a_b!.com" is not a DNS name: label "a_b!" has '!'"#),
+                (
+                    10,
+                    r#""api.*.com" is not a DNS name: `*` may only be the whole first label"#,
+                ),
+                (11, r#""foo*.x" is not a DNS name: `*` may only"#),
+                (12, r#""*" is not a DNS name: `*` may only"#),
+                (
+                    13,
+                    r#""bücher.de" is not a DNS name: it is not ASCII; write its ASCII (punycode) form "xn--bcher-kva.de""#,
+                ),
+                (14, r#""" is not a DNS name: it is empty"#),
+                (
+                    15,
+                    r#""-x.com" is not a DNS name: label "-x" starts or ends with `-`"#,
+                ),
+                (16, r#""10.0.0" is not a CIDR"#),
+            ],
+        );
+        let dir = crate::policy::testing::PolicyDir::new(&[("p.toml", &text)]);
+        let e = dir.load(&[]).unwrap_err();
+        assert_eq!(e.diagnostics[0].position, Some((7, 3)));
+        assert!(
+            e.diagnostics[0]
+                .message
+                .contains("is 64 characters long; a label has at most 63")
+        );
+    }
+
+    #[test]
+    fn names_are_refused_in_unknown_and_in_deny_rules() {
+        assert_errors(
+            r#"[[unknown.egress]]
+name = "u"
+to = ["10.0.0.1", "api.example.com"]
+action = "allow"
+[[identity]]
+id = "spiffe://example.org/web"
+[[identity.egress]]
+name = "d"
+to = ["*.example.com"]
+action = "deny"
+"#,
+            &[
+                (
+                    3,
+                    r#""api.example.com": rules of [unknown] cannot name hosts: unknown workloads share one policy"#,
+                ),
+                (
+                    9,
+                    r#""*.example.com": a deny rule cannot name hosts: a workload walks around it by connecting to the address without a lookup; deny the addresses (CIDRs) instead"#,
+                ),
             ],
         );
     }

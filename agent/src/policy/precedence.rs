@@ -12,6 +12,10 @@
 //! 6. the rule written first (only rules of one block can tie this far,
 //!    and such ties are reported by the checks).
 //!
+//! Rules for DNS names are read only when no address rule covers the
+//! connect; among the name rules that cover one name, the steps are the
+//! same but the first.
+//!
 //! When no rule covers a connect, the identity's `default` decides. It,
 //! `audit` and `raw_sockets` come from the most specific block that sets
 //! them; unset, they are `deny`, the global mode and `false`.
@@ -19,9 +23,10 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net};
 
 use super::model::{Action, EgressRule, IdentityPolicy, Mode, PolicySet, Protocol};
+use super::names::NamePattern;
 use super::subject::{Specificity, Subject, pattern_bases};
 use crate::identity::SpiffeId;
 
@@ -70,6 +75,8 @@ pub struct Settings {
 }
 
 /// One rule for one destination network, as the precedence ranks it.
+/// A rule for a name has [`NAME_NET`]: the same for every name rule, so
+/// the prefix step ties among them.
 #[derive(Debug, Clone)]
 pub struct FlatRule {
     pub id: u32,
@@ -78,6 +85,22 @@ pub struct FlatRule {
     pub protocol: Protocol,
     pub action: Action,
     pub specificity: Specificity,
+}
+
+/// The net of every name rule's [`FlatRule`].
+pub const NAME_NET: IpNet = IpNet::V4(Ipv4Net::new_assert(std::net::Ipv4Addr::UNSPECIFIED, 0));
+
+impl FlatRule {
+    fn new(id: u32, net: IpNet, rule: &EgressRule, specificity: Specificity) -> Self {
+        Self {
+            id,
+            net,
+            ports: rule.port_ranges(),
+            protocol: rule.protocol,
+            action: rule.action,
+            specificity,
+        }
+    }
 }
 
 /// A port interval and the rule that decides it.
@@ -217,22 +240,37 @@ impl<'a> Blocks<'a> {
 
     /// The rules of the blocks `which`, one per destination network.
     pub fn rules(&self, which: &[usize]) -> Vec<FlatRule> {
-        let mut out = Vec::new();
-        for &b in which {
+        self.each_rule(which)
+            .flat_map(|(id, rule, specificity)| {
+                rule.nets()
+                    .map(move |net| FlatRule::new(id, net, rule, specificity))
+            })
+            .collect()
+    }
+
+    /// The rules of the blocks `which` for names, one per name pattern,
+    /// each with [`NAME_NET`].
+    pub fn name_rules(&self, which: &[usize]) -> Vec<(&'a NamePattern, FlatRule)> {
+        self.each_rule(which)
+            .flat_map(|(id, rule, specificity)| {
+                rule.names()
+                    .map(move |name| (name, FlatRule::new(id, NAME_NET, rule, specificity)))
+            })
+            .collect()
+    }
+
+    /// Every rule of the blocks `which`, with its id and its block's
+    /// specificity.
+    fn each_rule<'s>(
+        &'s self,
+        which: &'s [usize],
+    ) -> impl Iterator<Item = (u32, &'a EgressRule, Specificity)> + 's {
+        which.iter().flat_map(|&b| {
             let block = &self.list[b];
-            for (i, rule) in block.policy.egress.iter().enumerate() {
-                let ports = rule.port_ranges();
-                out.extend(rule.nets().map(|net| FlatRule {
-                    id: block.first_rule + i as u32,
-                    net,
-                    ports: ports.clone(),
-                    protocol: rule.protocol,
-                    action: rule.action,
-                    specificity: block.specificity,
-                }));
-            }
-        }
-        out
+            (block.first_rule..)
+                .zip(&block.policy.egress)
+                .map(|(id, rule)| (id, rule, block.specificity))
+        })
     }
 }
 

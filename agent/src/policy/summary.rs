@@ -45,6 +45,7 @@ pub fn describe_rule(rule: &EgressRule) -> String {
         .map(|d| match d {
             Destination::Any => "any".to_owned(),
             Destination::Net(n) => n.to_string(),
+            Destination::Name(n) => n.to_string(),
         })
         .collect();
     format!(
@@ -135,6 +136,12 @@ mod tests {
             to = ["any"]
             protocol = "udp"
             action = "deny"
+            [[identity.egress]]
+            name = "docs"
+            to = ["Docs.example.com.", "*.cdn.example.com", "192.0.2.7"]
+            ports = [443]
+            protocol = "tcp"
+            action = "allow"
             "#,
         );
         assert_eq!(
@@ -147,6 +154,7 @@ spiffe://example.org/agents/*: default deny, audit only, raw sockets allowed (no
 spiffe://example.org/agents/coder: default allow, enforced, raw sockets allowed (no egress rule judges them); also the rules of spiffe://example.org/agents/*
   allow tcp+udp to 198.51.100.0/24 ports 22,9000-9010  [git]
   deny udp to any all ports  [no-metadata]
+  allow tcp to docs.example.com, *.cdn.example.com, 192.0.2.7/32 port 443  [docs]
 "
         );
     }
