@@ -74,7 +74,7 @@ impl DnsView {
         Asker::Identity {
             slot,
             id,
-            names: self.compiled.names(slot),
+            names: self.compiled.names(slot).map(|n| &**n),
             audit,
         }
     }

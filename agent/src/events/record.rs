@@ -389,7 +389,7 @@ mod tests {
         let r = sample();
         let decoded = decode(&bytes(&r)).unwrap();
         assert_eq!(decoded, r);
-        let e = Enricher::new().event(&decoded, &names().snapshot());
+        let e = Enricher::new().event(&decoded, &names().snapshot(), &NameBook::default());
         assert_eq!(e.version, SCHEMA_VERSION);
         assert_eq!(e.identity.as_deref(), Some("spiffe://example.org/web"));
         assert_eq!(e.rule.as_deref(), Some("no-metadata"));
@@ -424,19 +424,19 @@ mod tests {
         r.comm = *b"someone-else\0\0\0\0";
         r.hook = hook::SENDMSG4;
         r.addr = [192, 0, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-        let e = Enricher::new().event(&r, &names().snapshot());
+        let e = Enricher::new().event(&r, &names().snapshot(), &NameBook::default());
         assert_eq!((e.identity, e.rule, e.exe), (None, None, None));
         assert_eq!(e.exe_unknown, Some(ExeUnknown::Renamed));
         // No such thread: it has ended.
         r.pid_tgid = (u64::from(std::process::id()) << 32) | u64::from(u32::MAX - 1);
-        let e = Enricher::new().event(&r, &names().snapshot());
+        let e = Enricher::new().event(&r, &names().snapshot(), &NameBook::default());
         assert_eq!((e.exe, e.exe_unknown), (None, Some(ExeUnknown::Exited)));
         assert_eq!(e.dst_addr.to_string(), "192.0.2.1");
         assert_eq!(e.comm, "someone-else");
 
         r.slot = UNKNOWN_SLOT;
         let none: Snapshot = [None, Some(Arc::default())];
-        assert_eq!(Enricher::new().event(&r, &none).identity, None);
+        assert_eq!(Enricher::new().event(&r, &none, &NameBook::default()).identity, None);
     }
 
     #[test]
@@ -444,7 +444,7 @@ mod tests {
         let mut r = sample();
         r.reason = reason::REVOKED;
         r.rule_id = 0;
-        let e = Enricher::new().event(&r, &names().snapshot());
+        let e = Enricher::new().event(&r, &names().snapshot(), &NameBook::default());
         assert_eq!((&*e.reason, e.rule), ("revoked", None));
         assert_eq!(e.identity.as_deref(), Some("spiffe://example.org/web"));
     }
