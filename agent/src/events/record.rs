@@ -285,6 +285,8 @@ mod tests {
             layout: RECORD_LAYOUT,
             addr: "::ffff:10.1.2.3".parse::<Ipv6Addr>().unwrap().octets(),
             comm,
+            name_id: 0,
+            _pad: 0,
         }
     }
 
