@@ -1038,10 +1038,10 @@ pub(super) mod tests {
                     }
                 }
                 let asked = mutate(query_bytes(0x1234, "www.example.com", RecordType::A), &edits, cut);
-                if let Ok(q2) = parse_query(&asked) {
-                    if let Ok(f) = filter_answer(&q2, &answer, opts) {
-                        nothing_unlearned(&f);
-                    }
+                if let Ok(q2) = parse_query(&asked)
+                    && let Ok(f) = filter_answer(&q2, &answer, opts)
+                {
+                    nothing_unlearned(&f);
                 }
             }
         }
