@@ -501,3 +501,559 @@ fn strip_hints(record: &mut Record) {
     };
     record.set_data(data);
 }
+
+#[cfg(test)]
+pub(super) mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    use std::str::FromStr;
+
+    use hickory_proto::rr::rdata::svcb::{Alpn, IpHint};
+    use hickory_proto::rr::rdata::{A, AAAA};
+
+    use super::*;
+
+    /// A workload's query, built by hickory.
+    pub(in crate::dns) fn query_bytes(id: u16, name: &str, qtype: RecordType) -> Vec<u8> {
+        let mut m = Message::new();
+        m.set_id(id)
+            .set_recursion_desired(true)
+            .add_query(op::Query::query(Name::from_ascii(name).unwrap(), qtype));
+        m.to_vec().unwrap()
+    }
+
+    pub(in crate::dns) fn query(name: &str, qtype: RecordType) -> Query {
+        parse_query(&query_bytes(0x1234, name, qtype)).unwrap()
+    }
+
+    /// An upstream's answer to `query` with `answers`, and id `id`.
+    pub(in crate::dns) fn response(query: &Query, id: u16, answers: Vec<Record>) -> Message {
+        let mut m = Message::new();
+        m.set_id(id)
+            .set_message_type(MessageType::Response)
+            .set_recursion_desired(true)
+            .set_recursion_available(true)
+            .add_query(query.question().clone())
+            .add_answers(answers);
+        m
+    }
+
+    fn name(s: &str) -> Name {
+        Name::from_ascii(s).unwrap()
+    }
+
+    pub(in crate::dns) fn a(owner: &str, ip: &str, ttl: u32) -> Record {
+        Record::from_rdata(name(owner), ttl, RData::A(A(ip.parse().unwrap())))
+    }
+
+    fn aaaa(owner: &str, ip: &str, ttl: u32) -> Record {
+        Record::from_rdata(name(owner), ttl, RData::AAAA(AAAA(ip.parse().unwrap())))
+    }
+
+    fn cname(owner: &str, target: &str, ttl: u32) -> Record {
+        Record::from_rdata(name(owner), ttl, RData::CNAME(CNAME(name(target))))
+    }
+
+    fn https_with_hints(owner: &str) -> Record {
+        let params = vec![
+            (
+                SvcParamKey::Mandatory,
+                SvcParamValue::Mandatory(Mandatory(vec![SvcParamKey::Alpn, SvcParamKey::Ipv4Hint])),
+            ),
+            (
+                SvcParamKey::Alpn,
+                SvcParamValue::Alpn(Alpn(vec!["h2".to_owned()])),
+            ),
+            (
+                SvcParamKey::Ipv4Hint,
+                SvcParamValue::Ipv4Hint(IpHint(vec![A(Ipv4Addr::new(93, 184, 216, 34))])),
+            ),
+            (
+                SvcParamKey::Ipv6Hint,
+                SvcParamValue::Ipv6Hint(IpHint(vec![AAAA(
+                    Ipv6Addr::from_str("2001:db8::1").unwrap(),
+                )])),
+            ),
+        ];
+        Record::from_rdata(
+            name(owner),
+            300,
+            RData::HTTPS(HTTPS(SVCB::new(1, Name::root(), params))),
+        )
+    }
+
+    const DENY: FilterOptions = FilterOptions {
+        private_answers: PrivateAnswers::Deny,
+        max_ttl: Duration::from_secs(3600),
+    };
+
+    fn filter(query: &Query, m: &Message, opts: FilterOptions) -> (Filtered, Message) {
+        let f = filter_answer(query, &m.to_vec().unwrap(), opts).unwrap();
+        let out = Message::from_vec(&f.bytes).unwrap();
+        (f, out)
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_query_is_parsed_and_its_name_made_canonical() {
+        let q = parse_query(&query_bytes(7, "WWW.Example.COM.", RecordType::AAAA)).unwrap();
+        assert_eq!(q.id(), 7);
+        assert_eq!(q.name(), "www.example.com");
+        assert_eq!(q.qtype(), RecordType::AAAA);
+        assert_eq!(q.qclass(), DNSClass::IN);
+        assert_eq!(q.question().name().to_ascii(), "WWW.Example.COM.");
+        assert!(q.message().recursion_desired());
+        assert_eq!(query(".", RecordType::NS).name(), "");
+    }
+
+    #[test]
+    fn bad_queries_say_whether_to_answer() {
+        let mut m = Message::from_vec(&query_bytes(9, "a.example", RecordType::A)).unwrap();
+        m.set_message_type(MessageType::Response);
+        let e = parse_query(&m.to_vec().unwrap()).unwrap_err();
+        assert!(matches!(e, QueryError::Response) && e.answerable_id().is_none());
+
+        let mut m = Message::from_vec(&query_bytes(9, "a.example", RecordType::A)).unwrap();
+        m.add_query(op::Query::query(name("b.example."), RecordType::A));
+        let e = parse_query(&m.to_vec().unwrap()).unwrap_err();
+        assert!(matches!(e, QueryError::Questions { count: 2, .. }), "{e}");
+        assert_eq!(e.answerable_id(), Some(9));
+
+        let mut m = Message::new();
+        m.set_id(10);
+        let e = parse_query(&m.to_vec().unwrap()).unwrap_err();
+        assert!(matches!(e, QueryError::Questions { count: 0, .. }), "{e}");
+
+        let mut m = Message::from_vec(&query_bytes(11, "a.example", RecordType::A)).unwrap();
+        m.set_op_code(OpCode::Status);
+        let e = parse_query(&m.to_vec().unwrap()).unwrap_err();
+        assert!(matches!(e, QueryError::OpCode { .. }), "{e}");
+        assert_eq!(e.answerable_id(), Some(11));
+
+        let e = parse_query(&[0, 1, 2]).unwrap_err();
+        assert!(matches!(e, QueryError::Header(_)) && e.answerable_id().is_none());
+
+        let mut bytes = query_bytes(12, "a.example", RecordType::A);
+        bytes.truncate(bytes.len() - 3);
+        let e = parse_query(&bytes).unwrap_err();
+        assert!(matches!(e, QueryError::Malformed { .. }), "{e}");
+        assert_eq!(e.answerable_id(), Some(12));
+
+        let mut bytes = query_bytes(13, "a.example", RecordType::A);
+        bytes.resize(MAX_MESSAGE + 1, 0);
+        let e = parse_query(&bytes).unwrap_err();
+        assert!(matches!(e, QueryError::TooLong(_)) && e.answerable_id().is_none());
+    }
+
+    /// A query header (id 0x0102, RD, one question) before hand-made
+    /// question bytes: test data only.
+    fn handmade(question: &[u8]) -> Vec<u8> {
+        let mut b = vec![0x01, 0x02, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        b.extend_from_slice(question);
+        b
+    }
+
+    #[test]
+    fn overlong_names_and_compression_loops_are_parse_errors() {
+        // Five labels of 63 bytes: 320 bytes on the wire, over 255.
+        let mut q = Vec::new();
+        for _ in 0..5 {
+            q.push(63);
+            q.extend_from_slice(&[b'a'; 63]);
+        }
+        q.extend_from_slice(&[0, 0, 1, 0, 1]);
+        let e = parse_query(&handmade(&q)).unwrap_err();
+        assert!(matches!(e, QueryError::Malformed { id: 0x0102, .. }), "{e}");
+
+        // A name that points at itself.
+        let e = parse_query(&handmade(&[0xc0, 12, 0, 1, 0, 1])).unwrap_err();
+        assert!(matches!(e, QueryError::Malformed { .. }), "{e}");
+        // A label, then a pointer back to that label.
+        let e = parse_query(&handmade(&[1, b'a', 0xc0, 12, 0, 1, 0, 1])).unwrap_err();
+        assert!(matches!(e, QueryError::Malformed { .. }), "{e}");
+        // A pointer forward, into a pointer back.
+        let e = parse_query(&handmade(&[0xc0, 18, 0, 1, 0, 1, 0xc0, 12])).unwrap_err();
+        assert!(matches!(e, QueryError::Malformed { .. }), "{e}");
+        // The same name without a loop parses.
+        let q = parse_query(&handmade(&[1, b'A', 0, 0, 1, 0, 1])).unwrap();
+        assert_eq!(q.name(), "a");
+    }
+
+    #[test]
+    fn error_answers_echo_the_question() {
+        let q = query("Api.Example.com", RecordType::A);
+        for (bytes, rcode) in [
+            (refused(&q), ResponseCode::Refused),
+            (servfail(&q), ResponseCode::ServFail),
+        ] {
+            let m = Message::from_vec(&bytes).unwrap();
+            assert_eq!(m.id(), 0x1234);
+            assert_eq!(m.message_type(), MessageType::Response);
+            assert_eq!(m.response_code(), rcode);
+            assert!(m.recursion_available() && m.recursion_desired());
+            assert_eq!(m.queries(), q.message().queries());
+            assert_eq!(m.queries()[0].name().to_ascii(), "Api.Example.com.");
+            assert!(m.answers().is_empty() && m.extensions().is_none());
+        }
+        let mut asked = Message::from_vec(&query_bytes(5, "a.example", RecordType::A)).unwrap();
+        asked.set_recursion_desired(false).set_edns(Edns::new());
+        let q = parse_query(&asked.to_vec().unwrap()).unwrap();
+        let m = Message::from_vec(&refused(&q)).unwrap();
+        assert!(!m.recursion_desired() && m.recursion_available());
+        assert_eq!(m.extensions().as_ref().unwrap().max_payload(), EDNS_PAYLOAD);
+
+        let m = Message::from_vec(&formerr(77)).unwrap();
+        assert_eq!((m.id(), m.response_code()), (77, ResponseCode::FormErr));
+        assert!(m.recursion_available() && m.queries().is_empty());
+        assert_eq!(m.message_type(), MessageType::Response);
+    }
+
+    #[test]
+    fn only_the_cname_chain_is_kept_and_learned() {
+        let q = query("WWW.example.com", RecordType::A);
+        let m = response(
+            &q,
+            0x1234,
+            vec![
+                cname("www.example.com.", "cdn.example.net.", 60),
+                cname("cdn.example.net.", "Edge.Example.org.", 30),
+                a("edge.example.org.", "93.184.216.34", 300),
+                a("edge.example.org.", "93.184.216.35", 20),
+                a("other.example.", "1.2.3.4", 300),
+                cname("other.example.", "www.example.com.", 300),
+                cname("www.example.com.", "evil.example.", 300),
+                a("evil.example.", "5.6.7.8", 300),
+            ],
+        );
+        let (f, out) = filter(&q, &m, DENY);
+        assert_eq!(
+            f.learned,
+            vec![(ip("93.184.216.34"), 300), (ip("93.184.216.35"), 20)]
+        );
+        assert!(f.dropped.is_empty());
+        assert_eq!(f.rcode, ResponseCode::NoError);
+        assert_eq!(out.answers().len(), 4);
+        assert_eq!(out.id(), 0x1234);
+        assert_eq!(out.queries()[0].name().to_ascii(), "WWW.example.com.");
+    }
+
+    #[test]
+    fn the_workload_s_id_and_question_case_come_back() {
+        let q = query("WWW.example.com", RecordType::A);
+        let mut m = response(&q, 999, vec![a("www.example.com.", "8.8.8.8", 5)]);
+        m.queries_mut()[0].set_name(name("www.EXAMPLE.com."));
+        m.set_edns(Edns::new());
+        let (f, out) = filter(&q, &m, DENY);
+        assert_eq!(out.id(), 0x1234);
+        assert_eq!(out.queries(), q.message().queries());
+        assert_eq!(out.queries()[0].name().to_ascii(), "WWW.example.com.");
+        // The workload asked without EDNS.
+        assert!(out.extensions().is_none());
+        assert_eq!(f.learned, vec![(ip("8.8.8.8"), 5)]);
+    }
+
+    #[test]
+    fn a_cname_loop_ends_the_chain() {
+        let q = query("a.example", RecordType::A);
+        let m = response(
+            &q,
+            1,
+            vec![
+                cname("a.example.", "b.example.", 60),
+                cname("b.example.", "a.example.", 60),
+                a("b.example.", "8.8.4.4", 60),
+            ],
+        );
+        let (f, out) = filter(&q, &m, DENY);
+        assert_eq!(f.learned, vec![(ip("8.8.4.4"), 60)]);
+        assert_eq!(out.answers().len(), 2);
+    }
+
+    #[test]
+    fn ttls_are_capped() {
+        let q = query("a.example", RecordType::A);
+        let mut m = response(
+            &q,
+            1,
+            vec![
+                cname("a.example.", "b.example.", 86400),
+                a("b.example.", "8.8.4.4", 86400),
+                a("b.example.", "8.8.4.5", 10),
+            ],
+        );
+        m.add_name_server(Record::from_rdata(
+            name("example."),
+            86400,
+            RData::NS(hickory_proto::rr::rdata::NS(name("ns.example."))),
+        ));
+        let opts = FilterOptions {
+            max_ttl: Duration::from_secs(60),
+            ..DENY
+        };
+        let (f, out) = filter(&q, &m, opts);
+        assert_eq!(f.learned, vec![(ip("8.8.4.4"), 60), (ip("8.8.4.5"), 10)]);
+        let ttls: Vec<u32> = out.all_sections().map(|r| r.ttl()).collect();
+        assert_eq!(ttls, [60, 60, 10, 60]);
+    }
+
+    #[test]
+    fn private_answers_are_dropped_unless_allowed() {
+        let q = query("a.example", RecordType::A);
+        let cases = [
+            ("10.1.2.3", DropReason::Private),
+            ("172.16.0.1", DropReason::Private),
+            ("192.168.1.1", DropReason::Private),
+            ("127.0.0.1", DropReason::Loopback),
+            ("169.254.169.254", DropReason::LinkLocal),
+            ("0.0.0.0", DropReason::Unspecified),
+            ("100.64.0.1", DropReason::SharedCgnat),
+            ("100.127.255.255", DropReason::SharedCgnat),
+            ("::1", DropReason::Loopback),
+            ("::", DropReason::Unspecified),
+            ("fd00::1", DropReason::Private),
+            ("fc00::1", DropReason::Private),
+            ("fe80::1", DropReason::LinkLocal),
+            ("::ffff:10.0.0.1", DropReason::Private),
+            ("::ffff:127.0.0.1", DropReason::Loopback),
+            ("::ffff:100.64.1.1", DropReason::SharedCgnat),
+        ];
+        let public = ["8.8.8.8", "100.128.0.1", "172.32.0.1", "2001:4860::8888"];
+        let records = cases
+            .iter()
+            .map(|(i, _)| *i)
+            .chain(public)
+            .map(|i| match ip(i) {
+                IpAddr::V4(_) => a("a.example.", i, 60),
+                IpAddr::V6(_) => aaaa("a.example.", i, 60),
+            })
+            .collect();
+        let m = response(&q, 1, records);
+        let (f, out) = filter(&q, &m, DENY);
+        let dropped: Vec<(IpAddr, DropReason)> =
+            cases.iter().map(|(i, why)| (ip(i), *why)).collect();
+        assert_eq!(f.dropped, dropped);
+        let learned: Vec<(IpAddr, u32)> = public.iter().map(|i| (ip(i), 60)).collect();
+        assert_eq!(f.learned, learned);
+        assert_eq!(out.answers().len(), public.len());
+        assert_eq!(DropReason::SharedCgnat.to_string(), "cgnat");
+        assert_eq!(DropReason::LinkLocal.as_str(), "link_local");
+
+        let allow = FilterOptions {
+            private_answers: PrivateAnswers::Allow,
+            ..DENY
+        };
+        let (f, out) = filter(&q, &m, allow);
+        assert!(f.dropped.is_empty());
+        assert_eq!(f.learned.len(), cases.len() + public.len());
+        assert_eq!(out.answers().len(), cases.len() + public.len());
+    }
+
+    #[test]
+    fn address_hints_and_unlearned_addresses_are_removed() {
+        let q = query("svc.example", RecordType::HTTPS);
+        let mut m = response(&q, 1, vec![https_with_hints("svc.example.")]);
+        m.add_additional(a("svc.example.", "93.184.216.34", 60));
+        m.add_additional(https_with_hints("svc.example."));
+        m.add_name_server(aaaa("svc.example.", "2001:db8::1", 60));
+        let (f, out) = filter(&q, &m, DENY);
+        assert!(f.learned.is_empty());
+        assert_eq!(out.answers().len(), 1);
+        assert!(out.name_servers().is_empty());
+        assert_eq!(out.additionals().len(), 1);
+        for r in out.answers().iter().chain(out.additionals()) {
+            let RData::HTTPS(HTTPS(svcb)) = r.data() else {
+                panic!("{r}")
+            };
+            assert_eq!(
+                svcb.svc_params(),
+                [
+                    (
+                        SvcParamKey::Mandatory,
+                        SvcParamValue::Mandatory(Mandatory(vec![SvcParamKey::Alpn]))
+                    ),
+                    (
+                        SvcParamKey::Alpn,
+                        SvcParamValue::Alpn(Alpn(vec!["h2".to_owned()]))
+                    ),
+                ]
+            );
+        }
+    }
+
+    #[test]
+    fn answers_that_do_not_match_are_refused() {
+        let q = query("a.example", RecordType::A);
+        let bad = |m: &Message| filter_answer(&q, &m.to_vec().unwrap(), DENY).unwrap_err();
+
+        let mut m = response(&q, 1, vec![]);
+        m.queries_mut()[0].set_name(name("b.example."));
+        assert!(matches!(bad(&m), AnswerError::Mismatch(_)));
+
+        let mut m = response(&q, 1, vec![]);
+        m.queries_mut()[0].set_query_type(RecordType::AAAA);
+        assert!(matches!(bad(&m), AnswerError::Mismatch(_)));
+
+        let mut m = response(&q, 1, vec![]);
+        m.queries_mut()[0].set_query_class(DNSClass::CH);
+        assert!(matches!(bad(&m), AnswerError::Mismatch(_)));
+
+        let mut m = response(&q, 1, vec![]);
+        m.set_message_type(MessageType::Query);
+        assert!(matches!(bad(&m), AnswerError::Mismatch(_)));
+
+        let mut m = response(&q, 1, vec![]);
+        m.take_queries();
+        assert!(matches!(bad(&m), AnswerError::Mismatch(_)));
+
+        let mut m = response(&q, 1, vec![]);
+        m.set_op_code(OpCode::Notify);
+        assert!(matches!(bad(&m), AnswerError::Mismatch(_)));
+
+        let e = filter_answer(&q, &[0; 5], DENY).unwrap_err();
+        assert!(matches!(e, AnswerError::Malformed(_)), "{e}");
+        let e = filter_answer(&q, &vec![0; MAX_MESSAGE + 1], DENY).unwrap_err();
+        assert!(matches!(e, AnswerError::TooLong(_)), "{e}");
+
+        // An error answer is passed on, filtered like any other.
+        let mut m = response(&q, 1, vec![cname("a.example.", "b.example.", 9)]);
+        m.set_response_code(ResponseCode::NXDomain);
+        let (f, out) = filter(&q, &m, DENY);
+        assert_eq!(f.rcode, ResponseCode::NXDomain);
+        assert_eq!(out.response_code(), ResponseCode::NXDomain);
+        assert_eq!(out.answers().len(), 1);
+    }
+
+    #[test]
+    fn options_of_config() {
+        let c = super::super::DnsConfig {
+            private_answers: PrivateAnswers::Allow,
+            max_ttl: Duration::from_secs(42),
+            ..Default::default()
+        };
+        let o = FilterOptions::of_config(&c);
+        assert_eq!(o.private_answers, PrivateAnswers::Allow);
+        assert_eq!(o.max_ttl_secs(), 42);
+        let huge = FilterOptions {
+            max_ttl: Duration::from_secs(u64::MAX),
+            ..o
+        };
+        assert_eq!(huge.max_ttl_secs(), i32::MAX as u32);
+    }
+
+    /// Every A/AAAA record of `bytes` (any section) is in `learned`, with
+    /// its TTL; no HTTPS/SVCB record carries an address hint.
+    fn nothing_unlearned(f: &Filtered) {
+        let out = Message::from_vec(&f.bytes).expect("filtered answers parse");
+        for r in out.all_sections() {
+            match address_of(r) {
+                Address::Ip(ip) => assert!(
+                    f.learned.contains(&(ip, r.ttl())),
+                    "{ip} ttl {} not in {:?}",
+                    r.ttl(),
+                    f.learned
+                ),
+                Address::Broken => panic!("{r}"),
+                Address::Not => {}
+            }
+            if let RData::HTTPS(HTTPS(s)) | RData::SVCB(s) = r.data() {
+                assert!(s.svc_params().iter().all(|(k, v)| !matches!(
+                    k,
+                    SvcParamKey::Ipv4Hint | SvcParamKey::Ipv6Hint
+                ) && !matches!(
+                    v,
+                    SvcParamValue::Ipv4Hint(_) | SvcParamValue::Ipv6Hint(_)
+                )));
+            }
+        }
+    }
+
+    /// A response with a chain, off-chain records, private addresses and
+    /// hints, to mutate.
+    fn rich_response(q: &Query) -> Vec<u8> {
+        let mut m = response(
+            q,
+            0x1234,
+            vec![
+                cname("www.example.com.", "cdn.example.net.", 60),
+                a("cdn.example.net.", "93.184.216.34", 300),
+                a("cdn.example.net.", "10.0.0.1", 300),
+                aaaa("cdn.example.net.", "2001:db8::7", 300),
+                a("off.example.", "1.2.3.4", 300),
+                https_with_hints("cdn.example.net."),
+            ],
+        );
+        m.add_additional(a("ns.example.", "5.6.7.8", 60));
+        m.add_additional(https_with_hints("x.example."));
+        m.set_edns(Edns::new());
+        m.to_vec().unwrap()
+    }
+
+    mod fuzz {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn mutate(mut bytes: Vec<u8>, edits: &[(usize, u8)], cut: usize) -> Vec<u8> {
+            for &(at, b) in edits {
+                let n = bytes.len();
+                bytes[at % n] = b;
+            }
+            let keep = bytes.len() - cut % bytes.len();
+            bytes.truncate(keep.max(1));
+            bytes
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+            #[test]
+            fn arbitrary_bytes(
+                asked in proptest::collection::vec(any::<u8>(), 0..300),
+                answer in proptest::collection::vec(any::<u8>(), 0..600),
+            ) {
+                let q = query("www.example.com", RecordType::A);
+                if let Ok(f) = filter_answer(&q, &answer, DENY) {
+                    nothing_unlearned(&f);
+                }
+                if let Ok(q) = parse_query(&asked) {
+                    prop_assert_eq!(q.message().queries().len(), 1);
+                    if let Ok(f) = filter_answer(&q, &answer, DENY) {
+                        nothing_unlearned(&f);
+                    }
+                    refused(&q);
+                    servfail(&q);
+                }
+            }
+
+            #[test]
+            fn mutated_messages(
+                edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..6),
+                cut in 0usize..40,
+                allow in any::<bool>(),
+                max_ttl in 1u64..100_000,
+            ) {
+                let q = query("www.example.com", RecordType::A);
+                let opts = FilterOptions {
+                    private_answers: if allow { PrivateAnswers::Allow } else { PrivateAnswers::Deny },
+                    max_ttl: Duration::from_secs(max_ttl),
+                };
+                let answer = mutate(rich_response(&q), &edits, cut);
+                if let Ok(f) = filter_answer(&q, &answer, opts) {
+                    nothing_unlearned(&f);
+                    prop_assert!(f.learned.iter().all(|(_, ttl)| u64::from(*ttl) <= max_ttl));
+                    if !allow {
+                        prop_assert!(f.learned.iter().all(|(ip, _)| DropReason::of(*ip).is_none()));
+                    }
+                }
+                let asked = mutate(query_bytes(0x1234, "www.example.com", RecordType::A), &edits, cut);
+                if let Ok(q2) = parse_query(&asked)
+                    && let Ok(f) = filter_answer(&q2, &answer, opts)
+                {
+                    nothing_unlearned(&f);
+                }
+            }
+        }
+    }
+}

@@ -199,3 +199,219 @@ async fn tcp(
         Ok(reply)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use hickory_proto::op::MessageType;
+    use hickory_proto::rr::{RData, RecordType};
+
+    use super::*;
+    use crate::dns::message::tests::{a, query, response};
+    use crate::dns::parse_query;
+
+    /// A UDP server on 127.0.0.1 that answers each query with what
+    /// `answer` makes of it (any number of datagrams).
+    async fn udp_server(
+        answer: impl Fn(&Message) -> Vec<Message> + Send + 'static,
+    ) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let mut buf = vec![0; 65535];
+            loop {
+                let (n, peer) = socket.recv_from(&mut buf).await.unwrap();
+                let asked = Message::from_vec(&buf[..n]).unwrap();
+                for m in answer(&asked) {
+                    socket.send_to(&m.to_vec().unwrap(), peer).await.unwrap();
+                }
+            }
+        });
+        (addr, task)
+    }
+
+    /// A TCP server on `addr` that answers each query with `answer`.
+    async fn tcp_server(
+        addr: SocketAddr,
+        answer: impl Fn(&Message) -> Message + Send + 'static,
+    ) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let len = s.read_u16().await.unwrap();
+                let mut buf = vec![0; usize::from(len)];
+                s.read_exact(&mut buf).await.unwrap();
+                let reply = answer(&Message::from_vec(&buf).unwrap()).to_vec().unwrap();
+                s.write_all(&(reply.len() as u16).to_be_bytes())
+                    .await
+                    .unwrap();
+                s.write_all(&reply).await.unwrap();
+            }
+        });
+        (addr, task)
+    }
+
+    /// The answer `asked` should get: its id and question, one A record.
+    fn answer_with(asked: &Message, ip: &str) -> Message {
+        let q = parse_query(&asked.to_vec().unwrap()).unwrap();
+        response(&q, asked.id(), vec![a("www.example.com.", ip, 60)])
+    }
+
+    fn addresses(bytes: &[u8]) -> (u16, Vec<IpAddr>) {
+        let m = Message::from_vec(bytes).unwrap();
+        assert_eq!(m.message_type(), MessageType::Response);
+        let ips = m
+            .answers()
+            .iter()
+            .filter_map(|r| match r.data() {
+                RData::A(a) => Some(IpAddr::V4(a.0)),
+                _ => None,
+            })
+            .collect();
+        (m.id(), ips)
+    }
+
+    const TIMEOUT: Duration = Duration::from_millis(300);
+
+    #[tokio::test]
+    async fn a_udp_answer_comes_back_with_the_workload_s_id() {
+        let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+        let (server, task) = udp_server(move |asked| {
+            seen_tx.send(asked.id()).unwrap();
+            vec![answer_with(asked, "8.8.8.8")]
+        })
+        .await;
+        let up = Upstream::new(vec![server], TIMEOUT);
+        let q = query("www.example.com", RecordType::A);
+        let got = up.exchange(&q, false).await.unwrap();
+        assert_eq!(addresses(&got), (0x1234, vec!["8.8.8.8".parse().unwrap()]));
+        // A fresh id each time.
+        up.exchange(&q, false).await.unwrap();
+        let (first, second) = (seen.recv().await.unwrap(), seen.recv().await.unwrap());
+        assert!(first != second || first != 0x1234, "{first} {second}");
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn replies_with_another_id_or_question_are_ignored() {
+        let (server, task) = udp_server(|asked| {
+            let mut wrong_id = answer_with(asked, "6.6.6.6");
+            wrong_id.set_id(asked.id().wrapping_add(1));
+            let mut wrong_question = answer_with(asked, "6.6.6.7");
+            wrong_question.queries_mut()[0].set_query_type(RecordType::AAAA);
+            let garbage = Message::new();
+            vec![
+                wrong_id,
+                wrong_question,
+                garbage,
+                answer_with(asked, "8.8.8.8"),
+            ]
+        })
+        .await;
+        let up = Upstream::new(vec![server], TIMEOUT);
+        let q = query("www.example.com", RecordType::A);
+        let got = up.exchange(&q, false).await.unwrap();
+        assert_eq!(
+            addresses(&got).1,
+            vec!["8.8.8.8".parse::<IpAddr>().unwrap()]
+        );
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_truncated_reply_is_asked_again_over_tcp() {
+        let (server, udp) = udp_server(|asked| {
+            let mut tc = answer_with(asked, "6.6.6.6").truncate();
+            tc.set_truncated(true);
+            vec![tc]
+        })
+        .await;
+        let (_, tcp) = tcp_server(server, |asked| answer_with(asked, "8.8.8.8")).await;
+        let up = Upstream::new(vec![server], TIMEOUT);
+        let q = query("www.example.com", RecordType::A);
+        let got = up.exchange(&q, false).await.unwrap();
+        let m = Message::from_vec(&got).unwrap();
+        assert!(!m.truncated());
+        assert_eq!(addresses(&got), (0x1234, vec!["8.8.8.8".parse().unwrap()]));
+        udp.abort();
+        tcp.abort();
+    }
+
+    #[tokio::test]
+    async fn over_tcp_when_asked() {
+        let (server, tcp) = tcp_server("127.0.0.1:0".parse().unwrap(), |asked| {
+            answer_with(asked, "8.8.4.4")
+        })
+        .await;
+        let up = Upstream::new(vec![server], TIMEOUT);
+        let q = query("www.example.com", RecordType::A);
+        let got = up.exchange(&q, true).await.unwrap();
+        assert_eq!(addresses(&got), (0x1234, vec!["8.8.4.4".parse().unwrap()]));
+        tcp.abort();
+
+        // A TCP reply with another id is an error.
+        let (server, tcp) = tcp_server("127.0.0.1:0".parse().unwrap(), |asked| {
+            let mut m = answer_with(asked, "8.8.4.4");
+            m.set_id(asked.id().wrapping_add(1));
+            m
+        })
+        .await;
+        let up = Upstream::new(vec![server], TIMEOUT);
+        let e = up.exchange(&q, true).await.unwrap_err();
+        assert!(
+            matches!(&e, UpstreamError::AllFailed(v) if matches!(v[0].1, ExchangeError::Id { .. })),
+            "{e}"
+        );
+        tcp.abort();
+    }
+
+    #[tokio::test]
+    async fn a_silent_upstream_is_passed_over() {
+        let (silent, s) = udp_server(|_| vec![]).await;
+        let (good, g) = udp_server(|asked| vec![answer_with(asked, "8.8.8.8")]).await;
+        let up = Upstream::new(vec![silent, good], TIMEOUT);
+        let q = query("www.example.com", RecordType::A);
+        let got = up.exchange(&q, false).await.unwrap();
+        assert_eq!(
+            addresses(&got).1,
+            vec!["8.8.8.8".parse::<IpAddr>().unwrap()]
+        );
+        s.abort();
+        g.abort();
+    }
+
+    #[tokio::test]
+    async fn when_all_fail_every_error_is_told() {
+        let q = query("www.example.com", RecordType::A);
+        let up = Upstream::new(vec![], TIMEOUT);
+        assert!(matches!(
+            up.exchange(&q, false).await,
+            Err(UpstreamError::NoServers)
+        ));
+
+        let (silent, s) = udp_server(|_| vec![]).await;
+        // A port nobody listens on: refused at once (ICMP), or silent.
+        let closed = {
+            let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            socket.local_addr().unwrap()
+        };
+        up.set_servers(vec![silent, closed]);
+        assert_eq!(&*up.servers(), &[silent, closed]);
+        let e = up.exchange(&q, false).await.unwrap_err();
+        let UpstreamError::AllFailed(errors) = &e else {
+            panic!("{e}")
+        };
+        assert_eq!(errors.len(), 2);
+        assert!(matches!(errors[0], (a, ExchangeError::Timeout(_)) if a == silent));
+        assert_eq!(errors[1].0, closed);
+        let text = e.to_string();
+        assert!(
+            text.contains(&silent.to_string()) && text.contains(&closed.to_string()),
+            "{text}"
+        );
+        s.abort();
+    }
+}
