@@ -44,11 +44,11 @@ pub use config::{
     DnsConfig, DnsConfigError, PrivateAnswers, RESOLV_CONF, ResolvConf, ResolvConfError,
     UpstreamSource, in_reserved, parse_resolv_conf,
 };
+pub use learned::{LearnError, Learned, LearnedAddress, NameBook};
 pub use message::{
     AnswerError, DropReason, FilterOptions, Filtered, MAX_MESSAGE, Query, QueryError,
     check_answers, filter_answer, formerr, not_found, parse_query, refused, servfail,
 };
-pub use learned::{LearnError, Learned, LearnedAddress, NameBook};
 pub use path::{DnsPath, DnsPathError};
 pub use resolver::{DnsRecord, Outcome};
 pub use upstream::{ExchangeError, Upstream, UpstreamError};

@@ -49,7 +49,13 @@ pub enum Redirect {
 
 /// Sends a query of `slot` to the agent's resolver, or says why not.
 #[inline(always)]
-pub fn redirect(ctx: &SockAddrContext, slot: u32, protocol: u32, port: u16, dest: &Dest) -> Redirect {
+pub fn redirect(
+    ctx: &SockAddrContext,
+    slot: u32,
+    protocol: u32,
+    port: u16,
+    dest: &Dest,
+) -> Redirect {
     let Some(settings) = DNS_SETTINGS.get(0) else {
         return Redirect::No;
     };
@@ -76,7 +82,11 @@ pub fn redirect(ctx: &SockAddrContext, slot: u32, protocol: u32, port: u16, dest
     let origin = DnsOrigin {
         addr: dest.addr,
         port: u32::from(DNS_PORT.to_be()),
-        family: if dest.flags == 0 { FAMILY_V4 } else { FAMILY_V6 },
+        family: if dest.flags == 0 {
+            FAMILY_V4
+        } else {
+            FAMILY_V6
+        },
     };
     if DNS_ORIGINS.insert(&cookie, &origin, 0).is_err() {
         return Redirect::Deny(reason::DNS_NOT_READY);

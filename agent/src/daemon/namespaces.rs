@@ -16,7 +16,9 @@ const EVERY: Duration = Duration::from_millis(500);
 /// Runs for as long as the agent does.
 pub async fn watch(mut dns: DnsPath, scope: PathBuf) {
     let Ok(own) = std::fs::metadata("/proc/self/ns/net").map(|m| m.ino()) else {
-        tracing::error!("cannot read the agent's own network namespace: DNS listeners stay in it alone");
+        tracing::error!(
+            "cannot read the agent's own network namespace: DNS listeners stay in it alone"
+        );
         return;
     };
     let mut tick = tokio::time::interval(EVERY);

@@ -85,7 +85,9 @@ impl LearnedMaps {
     }
 
     /// Every learned entry and every name, as an earlier agent left them.
-    pub fn read(&self) -> Result<(Vec<(LearnedKey, LearnedValue)>, Vec<(u32, NameText)>), KernelError> {
+    pub fn read(
+        &self,
+    ) -> Result<(Vec<(LearnedKey, LearnedValue)>, Vec<(u32, NameText)>), KernelError> {
         let learned = self
             .learned
             .iter()

@@ -129,7 +129,11 @@ impl Learned {
         {
             let mut book = me.book.0.write().expect("not poisoned");
             for (id, text) in names {
-                let end = text.text.iter().position(|b| *b == 0).unwrap_or(NAME_TEXT_BYTES);
+                let end = text
+                    .text
+                    .iter()
+                    .position(|b| *b == 0)
+                    .unwrap_or(NAME_TEXT_BYTES);
                 if let Ok(name) = std::str::from_utf8(&text.text[..end]) {
                     let name: Arc<str> = name.into();
                     me.ids.insert(name.clone(), id);
@@ -282,14 +286,21 @@ impl Learned {
                     }
                     removed += 1;
                 }
-                Err(e) => tracing::warn!(error = %e, "cannot remove an expired learned address; tried again at the next sweep"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot remove an expired learned address; tried again at the next sweep")
+                }
             }
         }
         self.per_slot.retain(|_, n| *n > 0);
         let used: HashSet<u32> = self
             .entries
             .values()
-            .flat_map(|v| v.names.iter().filter(|n| n.expiry_boot_ns > now).map(|n| n.name_id))
+            .flat_map(|v| {
+                v.names
+                    .iter()
+                    .filter(|n| n.expiry_boot_ns > now)
+                    .map(|n| n.name_id)
+            })
             .collect();
         let unused: Vec<(Arc<str>, u32)> = self
             .ids

@@ -124,8 +124,14 @@ impl DnsPath {
         let port = self.port;
         let err = |source| DnsPathError::Listen { port, source };
         let l = listener::open(ns, port).map_err(err)?;
-        let serving = server::serve(l.udp, l.tcp, self.resolver.clone(), self.limit.clone(), self.net)
-            .map_err(err)?;
+        let serving = server::serve(
+            l.udp,
+            l.tcp,
+            self.resolver.clone(),
+            self.limit.clone(),
+            self.net,
+        )
+        .map_err(err)?;
         self.redirect.listening(l.cookie)?;
         self.namespaces.insert(
             inode,
@@ -152,7 +158,10 @@ impl DnsPath {
                 if let Err(e) = self.redirect.closed(ns.cookie) {
                     tracing::warn!(error = %e, "cannot mark a network namespace's DNS listeners closed");
                 }
-                tracing::info!(netns = inode, "DNS listeners closed: no workload left in the network namespace");
+                tracing::info!(
+                    netns = inode,
+                    "DNS listeners closed: no workload left in the network namespace"
+                );
             }
         }
         for (inode, fd) in wanted {
@@ -160,8 +169,13 @@ impl DnsPath {
                 continue;
             }
             match self.listen(Some(inode), Some(fd)) {
-                Ok(()) => tracing::info!(netns = inode, "DNS listeners open in a workload network namespace"),
-                Err(e) => tracing::warn!(netns = inode, error = %e, "cannot open DNS listeners in a workload network namespace; its queries fail until they open"),
+                Ok(()) => tracing::info!(
+                    netns = inode,
+                    "DNS listeners open in a workload network namespace"
+                ),
+                Err(e) => {
+                    tracing::warn!(netns = inode, error = %e, "cannot open DNS listeners in a workload network namespace; its queries fail until they open")
+                }
             }
         }
     }
@@ -185,7 +199,9 @@ async fn follow_upstreams(mut source: super::config::UpstreamSource, resolver: A
                 resolver.upstream.set_servers(servers);
             }
             Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "upstream DNS servers not read again; the last list stays"),
+            Err(e) => {
+                tracing::warn!(error = %e, "upstream DNS servers not read again; the last list stays")
+            }
         }
     }
 }

@@ -124,7 +124,12 @@ impl Resolver {
         Some(reply)
     }
 
-    async fn decide(&self, query: &Query, asker: &Asker<'_>, record: &mut DnsRecord) -> (Vec<u8>, Outcome) {
+    async fn decide(
+        &self,
+        query: &Query,
+        asker: &Asker<'_>,
+        record: &mut DnsRecord,
+    ) -> (Vec<u8>, Outcome) {
         let (slot, names, audit) = match asker {
             Asker::Unknown => return (message::not_found(query), Outcome::UnknownWorkload),
             Asker::Revoked(_) => return (message::refused(query), Outcome::Revoked),

@@ -121,7 +121,10 @@ async fn serve_udp(
     net: u8,
 ) {
     loop {
-        let datagram = match socket.async_io(tokio::io::Interest::READABLE, receive).await {
+        let datagram = match socket
+            .async_io(tokio::io::Interest::READABLE, receive)
+            .await
+        {
             Ok(d) => d,
             Err(e) => {
                 tracing::debug!(error = %e, "DNS listener: datagram not read");

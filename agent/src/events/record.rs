@@ -258,8 +258,16 @@ impl Enricher {
             dst_name: Some(r.name.clone()),
             dns: Some(DnsDetail {
                 qtype: r.qtype.clone(),
-                learned: r.learned.iter().map(|(a, ttl)| format!("{a} ttl={ttl}")).collect(),
-                dropped: r.dropped.iter().map(|(a, why)| format!("{a} ({why})")).collect(),
+                learned: r
+                    .learned
+                    .iter()
+                    .map(|(a, ttl)| format!("{a} ttl={ttl}"))
+                    .collect(),
+                dropped: r
+                    .dropped
+                    .iter()
+                    .map(|(a, why)| format!("{a} ({why})"))
+                    .collect(),
                 detail: r.detail.clone(),
             }),
         }
@@ -436,7 +444,12 @@ mod tests {
 
         r.slot = UNKNOWN_SLOT;
         let none: Snapshot = [None, Some(Arc::default())];
-        assert_eq!(Enricher::new().event(&r, &none, &NameBook::default()).identity, None);
+        assert_eq!(
+            Enricher::new()
+                .event(&r, &none, &NameBook::default())
+                .identity,
+            None
+        );
     }
 
     #[test]
