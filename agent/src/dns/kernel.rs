@@ -69,6 +69,12 @@ impl RedirectMaps {
     }
 }
 
+/// What the maps hold.
+pub struct Remembered {
+    pub learned: Vec<(LearnedKey, LearnedValue)>,
+    pub names: Vec<(u32, NameText)>,
+}
+
 /// `IDG_LEARNED` and `IDG_NAMES`.
 pub struct LearnedMaps {
     learned: HashMap<MapData, LearnedKey, LearnedValue>,
@@ -85,9 +91,7 @@ impl LearnedMaps {
     }
 
     /// Every learned entry and every name, as an earlier agent left them.
-    pub fn read(
-        &self,
-    ) -> Result<(Vec<(LearnedKey, LearnedValue)>, Vec<(u32, NameText)>), KernelError> {
+    pub fn read(&self) -> Result<Remembered, KernelError> {
         let learned = self
             .learned
             .iter()
@@ -98,7 +102,7 @@ impl LearnedMaps {
             .iter()
             .collect::<Result<_, _>>()
             .map_err(err(maps::NAMES))?;
-        Ok((learned, names))
+        Ok(Remembered { learned, names })
     }
 
     pub fn put(&mut self, key: &LearnedKey, value: &LearnedValue) -> Result<(), KernelError> {

@@ -112,7 +112,10 @@ impl Learned {
         per_identity: u32,
         book: Arc<NameBook>,
     ) -> Result<Self, KernelError> {
-        let (entries, names) = maps.read()?;
+        let super::kernel::Remembered {
+            learned: entries,
+            names,
+        } = maps.read()?;
         let mut me = Self {
             maps,
             per_identity,
@@ -156,7 +159,7 @@ impl Learned {
     }
 
     /// Entries of the whole table.
-    pub fn len(&self) -> usize {
+    pub fn entries(&self) -> usize {
         self.entries.len()
     }
 
