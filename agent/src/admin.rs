@@ -8,9 +8,10 @@ mod server;
 
 pub use client::{request, request_stream};
 pub use protocol::{
-    Answer, Binding, EventLine, EventsOpened, Explained, Identity, KubeletHealth, KubeletStatus,
-    PROTOCOL_VERSION, PolicyReloaded, PolicyShown, Programs, Protocol, Reply, Request, Revocation,
-    Started, Status, Verdict, WorkloadRow, WorkloadsList,
+    Answer, Binding, DnsIdentity, DnsStatus, EventLine, EventsOpened, Explained, Identity,
+    KubeletHealth, KubeletStatus, LearnedOpen, PROTOCOL_VERSION, PolicyReloaded, PolicyShown,
+    Programs, Protocol, Reply, Request, Revocation, Started, Status, Target, Verdict, WorkloadRow,
+    WorkloadsList,
 };
 pub use server::{Authoriser, Peer, Response, serve};
 

@@ -123,6 +123,8 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
 struct Started {
     handle: Handle,
     feed: crate::events::EventFeed,
+    /// The DNS path, for `status` and `explain`, when it runs.
+    dns: Option<crate::dns::DnsReader>,
     auth: Authoriser,
     socket: PathBuf,
     workload_socket: Option<PathBuf>,
@@ -214,9 +216,11 @@ async fn start(config_path: &Path) -> Result<Started, DaemonError> {
         records_tx,
         book,
     )?;
-    if let Some(dns) = dns {
+    let dns = dns.map(|dns| {
+        let reader = dns.reader();
         tokio::spawn(namespaces::watch(dns, state.scope_dir.clone()));
-    }
+        reader
+    });
     let feed = telemetry.feed.clone();
     let queue_depth = telemetry.owner_queue();
     if let Some(listener) = workload_api {
@@ -268,6 +272,7 @@ async fn start(config_path: &Path) -> Result<Started, DaemonError> {
     Ok(Started {
         handle,
         feed,
+        dns,
         auth,
         socket,
         workload_socket,
@@ -283,6 +288,7 @@ impl Started {
         let Started {
             handle,
             feed,
+            dns,
             auth,
             socket,
             workload_socket,
@@ -292,7 +298,8 @@ impl Started {
         let control = handle.clone();
         let server = admin::serve(&socket, auth, move |peer, request| {
             let (handle, feed) = (control.clone(), feed.clone());
-            async move { control::handle(&handle, &feed, peer, request).await }
+            let dns = dns.clone();
+            async move { control::handle(&handle, &feed, dns.as_ref(), peer, request).await }
         });
         let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
         let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;

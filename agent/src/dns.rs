@@ -30,6 +30,7 @@
 //! the owner's state it reads (`view`).
 
 mod config;
+mod inspect;
 mod kernel;
 mod learned;
 mod listener;
@@ -44,6 +45,7 @@ pub use config::{
     DnsConfig, DnsConfigError, PrivateAnswers, RESOLV_CONF, ResolvConf, ResolvConfError,
     UpstreamSource, in_reserved, parse_resolv_conf,
 };
+pub use inspect::{DnsReader, Figures};
 pub use learned::{LearnError, Learned, LearnedAddress, NameBook};
 pub use message::{
     AnswerError, DropReason, FilterOptions, Filtered, MAX_MESSAGE, Query, QueryError,

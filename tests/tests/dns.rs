@@ -105,7 +105,7 @@ fn a_name_opens_its_addresses_for_the_asking_identity_only() {
     let other = cg.inside("other");
     let log = std::env::temp_dir().join(format!("{}-audit.jsonl", cg.name()));
     let _ = std::fs::remove_file(&log);
-    let _agent = Agent::start(
+    let agent = Agent::start(
         &cg,
         &policy(port),
         &format!("{}{}", bindings(), dns_config(upstream.addr(), &log, "")),
@@ -191,6 +191,51 @@ fn a_name_opens_its_addresses_for_the_asking_identity_only() {
     // Workloads may not send to the resolver's range themselves.
     let reserved = probe(Some(&web), "udp-sendto", "127.53.0.1:53");
     assert_eq!(reserved, "EPERM");
+
+    // `status` counts what WEB learned; `explain` answers for the name.
+    let status = agent.status();
+    let row = status["dns"]["identities"]
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["identity"] == WEB).cloned())
+        .unwrap_or_else(|| panic!("no DNS row for {WEB}: {status}"));
+    assert!(row["addresses"].as_u64() >= Some(6), "{row}");
+    assert!(
+        row["names"]
+            .as_array()
+            .is_some_and(|n| n.iter().any(|n| n == "api.test.example")),
+        "{row}"
+    );
+    let explained: serde_json::Value = serde_json::from_str(
+        &agent
+            .try_cli(&[
+                "explain",
+                "--identity",
+                WEB,
+                "--to",
+                &format!("API.test.example:{port}"),
+                "--json",
+            ])
+            .expect("explain a name"),
+    )
+    .expect("JSON");
+    assert_eq!(explained["pattern"], "api.test.example", "{explained}");
+    assert_eq!(explained["verdict"], "allow", "{explained}");
+    assert_eq!(explained["learned"][0]["addr"], "127.0.0.1", "{explained}");
+    assert_eq!(explained["learned"][0]["rule"], "api", "{explained}");
+    let other_port: serde_json::Value = serde_json::from_str(
+        &agent
+            .try_cli(&[
+                "explain",
+                "--identity",
+                WEB,
+                "--to",
+                &format!("127.0.0.1:{}", port + 1),
+                "--json",
+            ])
+            .expect("explain an address"),
+    )
+    .expect("JSON");
+    assert_eq!(other_port["verdict"], "deny", "{other_port}");
 
     // Records: the refused query and the connect by name.
     let events = wait_for("the decision records", Duration::from_secs(10), || {

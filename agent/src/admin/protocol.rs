@@ -16,8 +16,9 @@ use crate::identity::SpiffeId;
 pub use crate::events::Verdict;
 pub use crate::workloads::Binding;
 pub use reply::{
-    Answer, EventLine, EventsOpened, Explained, KubeletHealth, KubeletStatus, PolicyReloaded,
-    PolicyShown, Programs, Revocation, Started, Status, WorkloadRow, WorkloadsList,
+    Answer, DnsIdentity, DnsStatus, EventLine, EventsOpened, Explained, KubeletHealth,
+    KubeletStatus, LearnedOpen, PolicyReloaded, PolicyShown, Programs, Revocation, Started, Status,
+    WorkloadRow, WorkloadsList,
 };
 
 /// The protocol version this build speaks. A request of another version is
@@ -46,8 +47,8 @@ pub enum Request {
     /// Which rule of the running policy decides a connect.
     Explain {
         identity: Identity,
-        /// The destination.
-        to: SocketAddr,
+        /// The destination: an address, or a name (its learned addresses).
+        to: Target,
         protocol: Protocol,
     },
     /// Deny every cgroup bound to an identity until `unrevoke`.
@@ -118,6 +119,72 @@ impl fmt::Display for Identity {
         match self {
             Self::Unknown => f.write_str("unknown"),
             Self::Id(id) => id.fmt(f),
+        }
+    }
+}
+
+/// A destination `explain` is asked about: `ADDR:PORT` (IPv6 in
+/// brackets), or `NAME:PORT` for the addresses a name's lookups opened.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Target {
+    Addr(SocketAddr),
+    /// A name as a rule writes it (lowercase, without a final dot), and a
+    /// port.
+    Name {
+        name: String,
+        port: u16,
+    },
+}
+
+impl FromStr for Target {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Ok(addr) = s.parse() {
+            return Ok(Self::Addr(addr));
+        }
+        let bad = || {
+            format!(
+                "destination {s:?} is not ADDR:PORT or NAME:PORT (like 10.0.0.1:443, [::1]:53 or api.example.com:443)"
+            )
+        };
+        let (name, port) = s.rsplit_once(':').ok_or_else(bad)?;
+        let port = port.parse().map_err(|_| bad())?;
+        let pattern: crate::policy::NamePattern = name
+            .parse()
+            .map_err(|e| format!("destination {s:?}: {e}"))?;
+        if pattern.is_wildcard() {
+            return Err(format!(
+                "destination {s:?}: ask about one name, not a wildcard"
+            ));
+        }
+        Ok(Self::Name {
+            name: pattern.as_str().to_owned(),
+            port,
+        })
+    }
+}
+
+impl TryFrom<String> for Target {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<Target> for String {
+    fn from(t: Target) -> Self {
+        t.to_string()
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Addr(a) => a.fmt(f),
+            Self::Name { name, port } => write!(f, "{name}:{port}"),
         }
     }
 }

@@ -1,8 +1,6 @@
-//! `idgate explain --identity ID --to ADDR:PORT/PROTO`.
+//! `idgate explain --identity ID --to ADDR:PORT/PROTO` (or `NAME:PORT`).
 
-use std::net::SocketAddr;
-
-use idgate::admin::{Explained, Identity, Protocol, Request, Verdict};
+use idgate::admin::{Explained, Identity, Protocol, Request, Target, Verdict};
 
 use super::Connection;
 
@@ -12,23 +10,21 @@ pub struct ExplainArgs {
     #[arg(long)]
     identity: Identity,
     /// The destination: `ADDR:PORT/tcp` or `ADDR:PORT/udp` (IPv6 in
-    /// brackets: `[::1]:53/udp`); `/tcp` when left out.
+    /// brackets: `[::1]:53/udp`), or `NAME:PORT[/PROTO]` for the addresses
+    /// the identity's lookups of a name opened; `/tcp` when left out.
     #[arg(long, value_parser = destination)]
-    to: (SocketAddr, Protocol),
+    to: (Target, Protocol),
     #[command(flatten)]
     conn: Connection,
 }
 
-/// `ADDR:PORT[/PROTO]`.
-fn destination(s: &str) -> Result<(SocketAddr, Protocol), String> {
+/// `ADDR:PORT[/PROTO]` or `NAME:PORT[/PROTO]`.
+fn destination(s: &str) -> Result<(Target, Protocol), String> {
     let (to, protocol) = match s.rsplit_once('/') {
         Some((to, protocol)) => (to, protocol.parse()?),
         None => (s, Protocol::Tcp),
     };
-    let to = to.parse().map_err(|_| {
-        format!("destination {to:?} is not ADDR:PORT (like 10.0.0.1:443 or [::1]:53)")
-    })?;
-    Ok((to, protocol))
+    Ok((to.parse()?, protocol))
 }
 
 pub fn run(args: ExplainArgs) -> anyhow::Result<()> {
@@ -49,10 +45,30 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<()> {
             (Verdict::Allow, _, true) => "allow (audit: would deny)".to_owned(),
             (v, _, _) => v.to_string(),
         };
-        println!(
-            "{} -> {}/{}: {verdict} by rule {rule}, policy generation {}",
-            r.identity, r.to, r.protocol, r.generation
-        );
+        match (&r.to, &r.pattern) {
+            (Target::Name { .. }, None) => println!(
+                "{} -> {}/{}: no rule names it: its lookups are answered NXDOMAIN, and its addresses are judged as any other ({verdict} by rule {rule}), policy generation {}",
+                r.identity, r.to, r.protocol, r.generation
+            ),
+            (Target::Name { .. }, Some(pattern)) if r.learned.is_empty() => println!(
+                "{} -> {}/{}: named by {pattern}; no address learned now (a lookup by this identity opens the answer's addresses), policy generation {}",
+                r.identity, r.to, r.protocol, r.generation
+            ),
+            _ => println!(
+                "{} -> {}/{}: {verdict} by rule {rule}, policy generation {}",
+                r.identity, r.to, r.protocol, r.generation
+            ),
+        }
+        for l in &r.learned {
+            println!(
+                "  {} learned from {}: {} by rule {}, for {} s more",
+                l.addr,
+                l.name.as_deref().unwrap_or("?"),
+                l.verdict,
+                l.rule,
+                l.expires_in_seconds
+            );
+        }
     });
     Ok(())
 }

@@ -46,6 +46,33 @@ fn human(s: &Status) {
     }
     let revoked: Vec<String> = s.revoked.iter().map(ToString::to_string).collect();
     line("revoked", &list(&revoked));
+    match &s.dns {
+        None => line("dns", &"off"),
+        Some(d) => {
+            let upstreams: Vec<String> = d.upstreams.iter().map(ToString::to_string).collect();
+            line("dns.upstreams", &list(&upstreams));
+            line("dns.namespaces", &d.namespaces);
+            line(
+                "dns.learned",
+                &format!("{} of {} addresses", d.learned_addresses, d.capacity),
+            );
+            for i in &d.identities {
+                let who = i
+                    .identity
+                    .as_ref()
+                    .map_or("(slot released)".to_owned(), ToString::to_string);
+                line(
+                    "dns.identity",
+                    &format!(
+                        "{who}: {} of {} addresses, names {}",
+                        i.addresses,
+                        d.per_identity_limit,
+                        list(&i.names)
+                    ),
+                );
+            }
+        }
+    }
     let Some(k) = &s.kubernetes else {
         line("kubernetes", &"off");
         return;

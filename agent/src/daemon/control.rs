@@ -2,22 +2,24 @@
 //! latest snapshot (off the owner, on a blocking thread where the work
 //! grows with the policy), the others by a command to the owner.
 
-use std::net::SocketAddr;
+use std::net::IpAddr;
 use std::time::Duration;
 
-use idgate_common::{UNKNOWN_SLOT, slot_policy, verdict};
+use idgate_common::{MAX_LEARNED, UNKNOWN_SLOT, slot_policy, verdict};
 
 use super::handle::{Handle, OwnerError};
 use super::owner::Command;
 use super::snapshot::Snapshot;
 use super::state::RunProcess;
 use crate::admin::{
-    Answer, EventsOpened, Explained, Identity, Peer, PolicyReloaded, PolicyShown, Protocol, Reply,
-    Request, Response, Revocation, Started, Status,
+    Answer, DnsIdentity, DnsStatus, EventsOpened, Explained, Identity, LearnedOpen, Peer,
+    PolicyReloaded, PolicyShown, Protocol, Reply, Request, Response, Revocation, Started, Status,
+    Target,
 };
+use crate::dns::DnsReader;
 use crate::events::{Event, EventFeed, Verdict};
 use crate::identity::SpiffeId;
-use crate::policy;
+use crate::policy::{self, ClassId};
 
 /// The slot `explain` compiles a lone identity into.
 const EXPLAIN_SLOT: u32 = 1;
@@ -27,14 +29,23 @@ const ANSWER_WAIT: Duration = Duration::from_secs(10);
 /// reload asked for during another waits for it too).
 const RELOAD_WAIT: Duration = Duration::from_secs(300);
 
-pub async fn handle(owner: &Handle, feed: &EventFeed, peer: Peer, request: Request) -> Response {
+pub async fn handle(
+    owner: &Handle,
+    feed: &EventFeed,
+    dns: Option<&DnsReader>,
+    peer: Peer,
+    request: Request,
+) -> Response {
     let answer: Result<Answer, String> = match request {
         Request::Events {
             follow,
             identity,
             verdict,
         } => return events(feed, follow, identity, verdict),
-        Request::Status => Ok(status(&owner.snapshot()).into()),
+        Request::Status => {
+            let (snapshot, dns) = (owner.snapshot(), dns.cloned());
+            off_runtime(move || status(&snapshot, dns.as_ref()).into()).await
+        }
         Request::PolicyReload => reload(owner).await.map(Answer::from),
         Request::PolicyShow => {
             let snapshot = owner.snapshot();
@@ -45,8 +56,9 @@ pub async fn handle(owner: &Handle, feed: &EventFeed, peer: Peer, request: Reque
             to,
             protocol,
         } => {
-            let snapshot = owner.snapshot();
-            off_runtime(move || explain(&snapshot, identity, to, protocol).into()).await
+            let (snapshot, dns) = (owner.snapshot(), dns.cloned());
+            off_runtime(move || explain(&snapshot, dns.as_ref(), identity, to, protocol).into())
+                .await
         }
         Request::Revoke { identity } => revoke(owner, identity, true).await.map(Answer::from),
         Request::Unrevoke { identity } => revoke(owner, identity, false).await.map(Answer::from),
@@ -73,10 +85,31 @@ async fn off_runtime(work: impl FnOnce() -> Answer + Send + 'static) -> Result<A
         .map_err(|e| format!("the request's work failed: {e}"))
 }
 
-fn status(s: &Snapshot) -> Status {
+fn status(s: &Snapshot, dns: Option<&DnsReader>) -> Status {
     Status {
         uptime_seconds: s.started.elapsed().as_secs(),
+        dns: dns.map(dns_status),
         ..s.status.clone()
+    }
+}
+
+fn dns_status(dns: &DnsReader) -> DnsStatus {
+    let f = dns.figures();
+    DnsStatus {
+        learned_addresses: f.learned_addresses,
+        capacity: MAX_LEARNED,
+        per_identity_limit: f.per_identity_limit,
+        namespaces: f.namespaces,
+        upstreams: f.upstreams,
+        identities: f
+            .slots
+            .into_values()
+            .map(|(identity, addresses, names)| DnsIdentity {
+                identity,
+                addresses,
+                names,
+            })
+            .collect(),
     }
 }
 
@@ -193,8 +226,15 @@ async fn run(
 }
 
 /// Which rule of the running policy decides a connect, as the kernel
-/// would.
-fn explain(s: &Snapshot, identity: Identity, to: SocketAddr, protocol: Protocol) -> Explained {
+/// would: for an address, with the names the identity's lookups learned
+/// it for; for a name, for each address its lookups opened.
+fn explain(
+    s: &Snapshot,
+    dns: Option<&DnsReader>,
+    identity: Identity,
+    to: Target,
+    protocol: Protocol,
+) -> Explained {
     let (id, slot, compiled) = match &identity {
         Identity::Unknown => (None, UNKNOWN_SLOT, policy::compile(&s.policy, &[])),
         Identity::Id(id) => {
@@ -204,12 +244,70 @@ fn explain(s: &Snapshot, identity: Identity, to: SocketAddr, protocol: Protocol)
     };
     let revoked = id.is_some_and(|i| s.status.revoked.contains(i));
     let tcp = protocol == Protocol::Tcp;
-    let (decided, rule_id) = policy::evaluate(&compiled, slot, to.ip(), to.port(), tcp);
     let audit = compiled
         .slot(slot)
         .is_some_and(|e| e.policy.flags & slot_policy::AUDIT != 0);
-    let audit_allowed = !revoked && decided != verdict::ALLOW && audit;
-    let allowed = !revoked && (decided == verdict::ALLOW || audit_allowed);
+    // What the kernel does with a connect the policy decides `decided`.
+    let judge = |decided: u32| {
+        let audit_allowed = !revoked && decided != verdict::ALLOW && audit;
+        let allowed = !revoked && (decided == verdict::ALLOW || audit_allowed);
+        (allowed, audit_allowed)
+    };
+    let learned = |addr: Option<IpAddr>| match (dns, id) {
+        (Some(dns), Some(id)) => dns.learned_of(id, addr),
+        _ => Vec::new(),
+    };
+    let open = |addr: IpAddr, classes: &[ClassId], port: u16| {
+        policy::evaluate_learned(&compiled, slot, addr, classes, port, tcp)
+    };
+    let (decided, rule_id, pattern, learned) = match &to {
+        Target::Addr(a) => {
+            let here = learned(Some(a.ip()));
+            let classes: Vec<ClassId> = here.iter().map(|(l, _)| l.class).collect();
+            let (decided, rule) = open(a.ip(), &classes, a.port());
+            (decided, rule, None, here)
+        }
+        Target::Name { name, port } => {
+            let pattern = compiled
+                .names(slot)
+                .and_then(|n| n.class_of(name).map(|m| (m.class, m.pattern.to_owned())));
+            let here: Vec<_> = learned(None)
+                .into_iter()
+                .filter(|(l, _)| l.name.as_deref() == Some(name.as_str()))
+                .collect();
+            // With no address learned, a connect to one of the name's
+            // addresses is judged as any address no rule names: by the
+            // default.
+            let (decided, rule) = match (here.first(), compiled.slot(slot)) {
+                (Some((l, _)), _) => open(l.addr, &[l.class], *port),
+                (None, Some(e)) => (e.policy.default_verdict, e.policy.default_rule),
+                (None, None) => (verdict::DENY, 0),
+            };
+            (decided, rule, pattern.map(|(_, p)| p), here)
+        }
+    };
+    let port = match &to {
+        Target::Addr(a) => a.port(),
+        Target::Name { port, .. } => *port,
+    };
+    let learned = learned
+        .into_iter()
+        .map(|(l, left)| {
+            let (decided, rule) = open(l.addr, &[l.class], port);
+            LearnedOpen {
+                addr: l.addr,
+                name: l.name.map(|n| n.to_string()),
+                verdict: if judge(decided).0 {
+                    Verdict::Allow
+                } else {
+                    Verdict::Deny
+                },
+                rule: compiled.rules[rule as usize].name.clone(),
+                expires_in_seconds: left,
+            }
+        })
+        .collect();
+    let (allowed, audit_allowed) = judge(decided);
     let rule = &compiled.rules[rule_id as usize];
     Explained {
         bound: id.is_some_and(|i| s.slots.contains_key(i)),
@@ -226,5 +324,7 @@ fn explain(s: &Snapshot, identity: Identity, to: SocketAddr, protocol: Protocol)
         rule: rule.name.clone(),
         rule_owner: rule.owner.clone(),
         generation: s.status.generation,
+        pattern,
+        learned,
     }
 }

@@ -504,6 +504,7 @@ impl Running {
 /// against the running policy. Runs off the owner.
 fn load(config: &Config, running: &PolicySet) -> Result<Loaded, ReloadError> {
     let policy = policy::load(&config.policy, &config.trust_domains)?;
+    super::state::log_warnings(&policy);
     let entries = load_entries(config)?;
     let diff = policy::diff(running, &policy);
     Ok(Loaded {

@@ -52,6 +52,8 @@ impl Snapshot {
             bind_failures: state.bind_failures.len(),
             max_workloads: state.config.max_workloads,
             kubernetes: state.kubelet.as_ref().map(|k| k.status(&state.pods)),
+            // Filled in when asked, from the DNS path itself.
+            dns: None,
         };
         Self {
             started: state.started,

@@ -99,6 +99,7 @@ impl State {
         kubelet: Option<(KubeletState, Outcome)>,
     ) -> Result<Self, DaemonError> {
         let policy = policy::load(&config.policy, &config.trust_domains)?;
+        log_warnings(&policy);
         let entries = load_entries(&config)?;
         let revocations = Revocations::load(&config.state_dir)?;
         let generation_number = GenerationNumber::load(&config.state_dir)?;
@@ -484,6 +485,12 @@ impl State {
                 policy,
                 slots,
                 maps,
+                // Checked when the configuration was loaded.
+                dns_direct: self
+                    .config
+                    .dns
+                    .direct_ids(&self.config.trust_domains)
+                    .unwrap_or_default(),
             }),
             Err(e) => {
                 self.generations = Some(maps);
@@ -694,12 +701,21 @@ impl RunProcess {
     }
 }
 
+/// Logs what `policy check` warns of in a policy that is applied anyway.
+pub fn log_warnings(policy: &PolicySet) {
+    for w in &policy.warnings {
+        tracing::warn!(warning = %w, "policy");
+    }
+}
+
 /// A new policy generation to compile and write off the daemon's owner,
 /// with the generation maps lent to it.
 pub struct GenerationJob {
     policy: Arc<PolicySet>,
     slots: Vec<(u32, SpiffeId)>,
     maps: GenerationMaps,
+    /// Identities whose DNS the kernel leaves alone (`[dns] direct`).
+    dns_direct: Vec<SpiffeId>,
 }
 
 impl GenerationJob {
@@ -707,7 +723,14 @@ impl GenerationJob {
     /// generation, which no program reads: seconds for a large policy, so
     /// run it on a thread of its own.
     pub fn run(mut self) -> GenerationDone {
-        let compiled = policy::compile(&self.policy, &self.slots);
+        let mut compiled = policy::compile(&self.policy, &self.slots);
+        let direct: Vec<u32> = self
+            .slots
+            .iter()
+            .filter(|(_, id)| self.dns_direct.contains(id))
+            .map(|(slot, _)| *slot)
+            .collect();
+        compiled.add_flag(&direct, idgate_common::slot_policy::DNS_DIRECT);
         let written = self.maps.write(&compiled).map(|w| (compiled, w));
         GenerationDone {
             policy: self.policy,

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use idgate_common::DnsSettings;
 use tokio::sync::{Semaphore, mpsc, watch};
 
 use super::config::DnsConfig;
+use super::inspect::DnsReader;
 use super::kernel::{KernelError, LearnedMaps, RedirectMaps};
 use super::learned::{Learned, NameBook};
 use super::listener;
@@ -50,7 +52,9 @@ pub struct DnsPath {
     port: u16,
     /// By the namespace's inode; the agent's own is `None`.
     namespaces: HashMap<Option<u64>, Namespace>,
-    learned: Arc<Mutex<Learned>>,
+    /// How many there are, for `status`.
+    listening: Arc<AtomicUsize>,
+    reader: DnsReader,
 }
 
 impl DnsPath {
@@ -88,6 +92,13 @@ impl DnsPath {
             grace: config.grace,
             records,
         });
+        let listening = Arc::new(AtomicUsize::new(0));
+        let reader = DnsReader {
+            learned: learned.clone(),
+            view: resolver.view.clone(),
+            resolver: resolver.clone(),
+            namespaces: listening.clone(),
+        };
         let mut path = Self {
             redirect,
             resolver,
@@ -95,7 +106,8 @@ impl DnsPath {
             net: config.reserved_net,
             port: config.listen_port,
             namespaces: HashMap::new(),
-            learned: learned.clone(),
+            listening,
+            reader,
         };
         // Namespaces an earlier agent listened in have no listener now.
         for cookie in path.redirect.namespaces() {
@@ -113,9 +125,9 @@ impl DnsPath {
         Ok(Some(path))
     }
 
-    /// The learned addresses, for `status` and `explain`.
-    pub fn learned(&self) -> Arc<Mutex<Learned>> {
-        self.learned.clone()
+    /// A handle for `status` and `explain`.
+    pub fn reader(&self) -> DnsReader {
+        self.reader.clone()
     }
 
     /// Opens and serves the listeners of a namespace (`ns`, its
@@ -140,6 +152,8 @@ impl DnsPath {
                 _serving: serving,
             },
         );
+        self.listening
+            .store(self.namespaces.len(), Ordering::Relaxed);
         Ok(())
     }
 

@@ -84,6 +84,11 @@ impl DnsView {
         self.revoked == *revoked
     }
 
+    /// The identity that holds `slot`.
+    pub fn identity(&self, slot: u32) -> Option<&SpiffeId> {
+        self.by_slot.get(&slot)
+    }
+
     /// The slot of `id`, if it holds one.
     pub fn slot_of(&self, id: &SpiffeId) -> Option<u32> {
         self.by_slot.iter().find(|(_, i)| *i == id).map(|(s, _)| *s)

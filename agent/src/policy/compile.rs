@@ -100,6 +100,13 @@ pub struct CompiledPolicy {
 }
 
 impl CompiledPolicy {
+    /// Sets a [`slot_policy`] flag in the entries of `slots`.
+    pub fn add_flag(&mut self, slots: &[u32], flag: u32) {
+        for e in self.slots.iter_mut().filter(|e| slots.contains(&e.slot)) {
+            e.policy.flags |= flag;
+        }
+    }
+
     /// The entry of `slot`, if the generation has one.
     pub fn slot(&self, slot: u32) -> Option<&SlotEntry> {
         self.slots.iter().find(|e| e.slot == slot)

@@ -10,7 +10,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Identity, Protocol};
+use super::{Identity, Protocol, Target};
 use crate::bpf::Attachment;
 use crate::events::{Event, Verdict};
 use crate::identity::SpiffeId;
@@ -48,6 +48,9 @@ pub struct Status {
     pub max_workloads: u32,
     /// The kubelet's pod list, when `[kubernetes]` is configured.
     pub kubernetes: Option<KubeletStatus>,
+    /// The DNS path, when `[dns]` is on.
+    #[serde(default)]
+    pub dns: Option<DnsStatus>,
 }
 
 /// The programs and what the agent did with each at start.
@@ -142,7 +145,7 @@ pub struct PolicyShown {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Explained {
     pub identity: Identity,
-    pub to: SocketAddr,
+    pub to: Target,
     pub protocol: Protocol,
     /// What the kernel does with the connect.
     pub verdict: Verdict,
@@ -159,6 +162,56 @@ pub struct Explained {
     /// Whether a cgroup is bound to the identity now.
     pub bound: bool,
     pub generation: u64,
+    /// For a name: the pattern of the identity's policy that covers it
+    /// (`None`: no rule names it, and its lookups are answered NXDOMAIN).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pattern: Option<String>,
+    /// The addresses the identity's own lookups learned that this
+    /// question is about (a name's, or the address asked): each with what
+    /// the kernel does with the connect to it now, and until when.
+    #[serde(default)]
+    pub learned: Vec<LearnedOpen>,
+}
+
+/// An address a lookup opened, in `explain`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LearnedOpen {
+    pub addr: std::net::IpAddr,
+    /// The name looked up.
+    pub name: Option<String>,
+    pub verdict: Verdict,
+    pub rule: String,
+    /// Seconds until the kernel closes it (TTL plus grace).
+    pub expires_in_seconds: u64,
+}
+
+/// The DNS path, in `status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsStatus {
+    /// Addresses learned, over all identities (entries of the kernel's
+    /// table).
+    pub learned_addresses: usize,
+    /// Entries the kernel's table holds at most.
+    pub capacity: u32,
+    /// Addresses one identity may have learned at once.
+    pub per_identity_limit: u32,
+    /// Network namespaces with the resolver's listeners, the agent's own
+    /// included.
+    pub namespaces: usize,
+    /// Where queries are forwarded.
+    pub upstreams: Vec<SocketAddr>,
+    /// Per identity with learned addresses.
+    pub identities: Vec<DnsIdentity>,
+}
+
+/// One identity's learned names and addresses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsIdentity {
+    /// `None` for a slot no identity holds now (its entries expire).
+    pub identity: Option<SpiffeId>,
+    pub addresses: u32,
+    /// The names looked up, sorted.
+    pub names: Vec<String>,
 }
 
 /// `revoke` and `unrevoke`.
@@ -333,6 +386,7 @@ mod tests {
                 fetches: 3,
                 failures: 1,
             }),
+            dns: Some(DnsStatus::default()),
         });
         round_trip(PolicyReloaded {
             previous_generation: 1,
@@ -358,6 +412,8 @@ mod tests {
             rule_owner: String::new(),
             bound: false,
             generation: 2,
+            pattern: None,
+            learned: Vec::new(),
         });
         round_trip(Revocation {
             identity: id("spiffe://example.org/web"),
