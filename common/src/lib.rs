@@ -101,8 +101,10 @@ pub mod maps {
     pub const LEARNED: &str = "IDG_LEARNED";
     /// One [`DnsSettings`](super::DnsSettings), written by the agent.
     pub const DNS_SETTINGS: &str = "IDG_DNS_SETTINGS";
-    /// Hash of network-namespace cookie (`u64`) -> `u32` (1): the
-    /// namespaces where the agent's DNS listeners are open.
+    /// Socket hash of network-namespace cookie (`u64`) -> the agent's UDP
+    /// DNS listener there. The kernel drops an entry when its socket
+    /// closes, so a namespace has an entry exactly while the agent's
+    /// resolver listens there: a query with none fails at once.
     pub const DNS_NETNS: &str = "IDG_DNS_NETNS";
     /// LRU hash of socket cookie (`u64`) -> [`DnsOrigin`](super::DnsOrigin):
     /// the server a redirected query was sent to, restored as the source

@@ -4,9 +4,11 @@
 //! server the workload asked. See "The DNS path" in docs/architecture.md.
 
 use aya_ebpf::{
-    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::generated::{
+        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_map_lookup_elem, bpf_sk_release,
+    },
     macros::{cgroup_sock_addr, map},
-    maps::{Array, HashMap, LruHashMap},
+    maps::{Array, LruHashMap, SockHash},
     programs::SockAddrContext,
 };
 use core::ffi::c_void;
@@ -21,8 +23,12 @@ use crate::{Dest, GENERATION, SLOT_POLICY};
 #[map(name = "IDG_DNS_SETTINGS")]
 static DNS_SETTINGS: Array<DnsSettings> = Array::pinned(1, 0);
 
+/// Network-namespace cookie -> the resolver's UDP socket there. The
+/// kernel removes an entry when its socket closes, so while no agent
+/// listens (stopped, crashed) a query fails at once instead of waiting
+/// for an answer that never comes.
 #[map(name = "IDG_DNS_NETNS")]
-static DNS_NETNS: HashMap<u64, u32> = HashMap::pinned(MAX_NAMESPACES, 0);
+static DNS_NETNS: SockHash<u64> = SockHash::pinned(MAX_NAMESPACES, 0);
 
 /// Namespaces with listeners at once.
 const MAX_NAMESPACES: u32 = 16_384;
@@ -73,8 +79,7 @@ pub fn redirect(
     }
     // SAFETY: the hook's context, valid for the call.
     let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr as *mut c_void) };
-    // SAFETY: a plain value read from a map owned by this program.
-    if unsafe { DNS_NETNS.get(&netns) }.is_none() {
+    if !listening(netns) {
         return Redirect::Deny(reason::DNS_NOT_READY);
     }
     // SAFETY: as above.
@@ -105,6 +110,25 @@ pub fn redirect(
         write_volatile(addr_of_mut!((*sa).user_port), to_port);
     }
     Redirect::Done
+}
+
+/// Whether the agent's resolver has a socket open in the namespace with
+/// `netns`.
+#[inline(always)]
+fn listening(netns: u64) -> bool {
+    // SAFETY: the map is a SOCKHASH, whose lookup takes a reference on
+    // the socket found; it is released at once.
+    unsafe {
+        let sk = bpf_map_lookup_elem(
+            addr_of!(DNS_NETNS) as *mut c_void,
+            addr_of!(netns) as *const c_void,
+        );
+        if sk.is_null() {
+            return false;
+        }
+        bpf_sk_release(sk);
+    }
+    true
 }
 
 /// The slot's identity resolves by itself (`[dns] direct`).

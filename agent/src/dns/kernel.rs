@@ -4,7 +4,9 @@
 
 use std::path::Path;
 
-use aya::maps::{Array, HashMap, Map, MapData, MapError};
+use std::os::fd::AsRawFd;
+
+use aya::maps::{Array, HashMap, Map, MapData, MapError, SockHash};
 use idgate_common::{DnsSettings, LearnedKey, LearnedValue, NameText, maps};
 
 /// A pinned map that cannot be opened, read or written.
@@ -28,7 +30,7 @@ fn err(name: &'static str) -> impl Fn(MapError) -> KernelError {
 /// `IDG_DNS_SETTINGS` and `IDG_DNS_NETNS`: where queries are sent.
 pub struct RedirectMaps {
     settings: Array<MapData, DnsSettings>,
-    netns: HashMap<MapData, u64, u32>,
+    netns: SockHash<MapData, u64>,
 }
 
 impl RedirectMaps {
@@ -36,7 +38,7 @@ impl RedirectMaps {
         Ok(Self {
             settings: Array::try_from(open(pin_dir, maps::DNS_SETTINGS)?)
                 .map_err(err(maps::DNS_SETTINGS))?,
-            netns: HashMap::try_from(open(pin_dir, maps::DNS_NETNS)?)
+            netns: SockHash::try_from(open(pin_dir, maps::DNS_NETNS)?)
                 .map_err(err(maps::DNS_NETNS))?,
         })
     }
@@ -48,10 +50,11 @@ impl RedirectMaps {
             .map_err(err(maps::DNS_SETTINGS))
     }
 
-    /// Queries from the namespace with `cookie` go to its listeners now.
-    pub fn listening(&mut self, cookie: u64) -> Result<(), KernelError> {
+    /// Queries from the namespace with `cookie` go to its listeners now,
+    /// for as long as `udp` is open.
+    pub fn listening(&mut self, cookie: u64, udp: &impl AsRawFd) -> Result<(), KernelError> {
         self.netns
-            .insert(cookie, 1, 0)
+            .insert(cookie, udp.as_raw_fd(), 0)
             .map_err(err(maps::DNS_NETNS))
     }
 
@@ -63,7 +66,7 @@ impl RedirectMaps {
         }
     }
 
-    /// Namespaces an earlier agent listened in.
+    /// Namespaces with a listener (handed over by an earlier agent).
     pub fn namespaces(&self) -> Vec<u64> {
         self.netns.keys().filter_map(Result::ok).collect()
     }

@@ -109,10 +109,6 @@ impl DnsPath {
             listening,
             reader,
         };
-        // Namespaces an earlier agent listened in have no listener now.
-        for cookie in path.redirect.namespaces() {
-            path.redirect.closed(cookie)?;
-        }
         path.listen(None, None)?;
         path.redirect.set(DnsSettings {
             enabled: 1,
@@ -136,6 +132,7 @@ impl DnsPath {
         let port = self.port;
         let err = |source| DnsPathError::Listen { port, source };
         let l = listener::open(ns, port).map_err(err)?;
+        self.redirect.listening(l.cookie, &l.udp)?;
         let serving = server::serve(
             l.udp,
             l.tcp,
@@ -144,7 +141,6 @@ impl DnsPath {
             self.net,
         )
         .map_err(err)?;
-        self.redirect.listening(l.cookie)?;
         self.namespaces.insert(
             inode,
             Namespace {
