@@ -10,8 +10,8 @@ pub use client::{request, request_stream};
 pub use protocol::{
     Answer, Binding, DnsIdentity, DnsStatus, EventLine, EventsOpened, Explained, Identity,
     KubeletHealth, KubeletStatus, LearnedOpen, PROTOCOL_VERSION, PolicyReloaded, PolicyShown,
-    Programs, Protocol, Reply, Request, Revocation, Started, Status, Target, Verdict, WorkloadRow,
-    WorkloadsList,
+    Programs, Protocol, Reply, Request, Restarting, Revocation, Started, Status, Target, Verdict,
+    WorkloadRow, WorkloadsList,
 };
 pub use server::{Authoriser, Peer, Response, serve};
 

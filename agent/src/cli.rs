@@ -36,6 +36,9 @@ pub struct Cli {
 enum Command {
     /// Run the agent in the foreground.
     Agent(agent::AgentArgs),
+    /// Execute the running agent again in its process (after an upgrade),
+    /// handing its DNS listeners over: no lookup fails.
+    Restart(agent::RestartArgs),
     /// Remove every pinned program and map: enforcement stops.
     Uninstall(agent::UninstallArgs),
     /// Show what the running agent enforces.
@@ -93,6 +96,7 @@ impl Connection {
 pub fn execute(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Agent(args) => agent::run(args),
+        Command::Restart(args) => agent::restart(args),
         Command::Uninstall(args) => agent::uninstall(args),
         Command::Status(args) => status::run(args),
         Command::Policy(cmd) => policy::run(cmd),

@@ -15,6 +15,7 @@ mod handle;
 mod kubelet;
 mod namespaces;
 mod owner;
+mod restart;
 mod snapshot;
 mod state;
 mod telemetry;
@@ -107,11 +108,14 @@ pub enum DaemonError {
     OwnerGone,
     #[error("the run's cgroup could not be bound: {0}")]
     RunNotBound(String),
+    #[error("the agent cannot execute itself again to restart: {0}")]
+    Restart(std::io::Error),
 }
 
-/// Runs the agent with the configuration at `config_path`.
-pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
-    let agent = start(config_path).await?;
+/// Runs the agent with the configuration at `config_path`, taking over
+/// the DNS listeners a previous agent of this process handed over.
+pub async fn run(config_path: &Path, handover: crate::dns::Handover) -> Result<(), DaemonError> {
+    let agent = start(config_path, handover).await?;
     let result = agent.serve().await;
     tracing::info!("stopped; programs stay attached and pinned");
     result
@@ -125,6 +129,12 @@ struct Started {
     feed: crate::events::EventFeed,
     /// The DNS path, for `status` and `explain`, when it runs.
     dns: Option<crate::dns::DnsReader>,
+    /// `idgate restart` asks the serve loop here; the receiver is told
+    /// when the reply is out.
+    restart: mpsc::Sender<oneshot::Receiver<()>>,
+    restart_asked: mpsc::Receiver<oneshot::Receiver<()>>,
+    /// Asks the DNS path for its sockets, before a restart.
+    hand_over: mpsc::Sender<oneshot::Sender<crate::dns::Handover>>,
     auth: Authoriser,
     socket: PathBuf,
     workload_socket: Option<PathBuf>,
@@ -135,7 +145,7 @@ struct Started {
 /// Checks the configuration, opens every file and listener, puts the
 /// programs in place and the policy in force, and starts the owner and the
 /// tasks that feed it.
-async fn start(config_path: &Path) -> Result<Started, DaemonError> {
+async fn start(config_path: &Path, handover: crate::dns::Handover) -> Result<Started, DaemonError> {
     let config = Config::load(config_path)?;
     tracing::info!(
         config = %config_path.display(),
@@ -215,12 +225,19 @@ async fn start(config_path: &Path) -> Result<Started, DaemonError> {
         dns_view,
         records_tx,
         book,
+        handover,
     )?;
+    let (hand_over, hand_over_asked) = mpsc::channel(1);
     let dns = dns.map(|dns| {
         let reader = dns.reader();
-        tokio::spawn(namespaces::watch(dns, state.scope_dir.clone()));
+        tokio::spawn(namespaces::watch(
+            dns,
+            state.scope_dir.clone(),
+            hand_over_asked,
+        ));
         reader
     });
+    let (restart, restart_asked) = mpsc::channel(1);
     let feed = telemetry.feed.clone();
     let queue_depth = telemetry.owner_queue();
     if let Some(listener) = workload_api {
@@ -273,6 +290,9 @@ async fn start(config_path: &Path) -> Result<Started, DaemonError> {
         handle,
         feed,
         dns,
+        restart,
+        restart_asked,
+        hand_over,
         auth,
         socket,
         workload_socket,
@@ -289,6 +309,9 @@ impl Started {
             handle,
             feed,
             dns,
+            restart,
+            mut restart_asked,
+            hand_over,
             auth,
             socket,
             workload_socket,
@@ -298,8 +321,14 @@ impl Started {
         let control = handle.clone();
         let server = admin::serve(&socket, auth, move |peer, request| {
             let (handle, feed) = (control.clone(), feed.clone());
-            let dns = dns.clone();
-            async move { control::handle(&handle, &feed, dns.as_ref(), peer, request).await }
+            let (dns, restart) = (dns.clone(), restart.clone());
+            let parts = control::Parts {
+                owner: handle,
+                feed,
+                dns,
+                restart,
+            };
+            async move { control::handle(&parts, peer, request).await }
         });
         let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
         let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
@@ -318,6 +347,17 @@ impl Started {
                         Err(e) => std::io::Error::other(e),
                     };
                     break Err(DaemonError::Discovery(e));
+                }
+                Some(replied) = restart_asked.recv() => {
+                    let _ = replied.await;
+                    tracing::info!("restarting: the DNS listeners are handed over");
+                    let (tx, rx) = oneshot::channel();
+                    let handover = match hand_over.send(tx).await {
+                        Ok(()) => rx.await.unwrap_or_default(),
+                        // No DNS path: nothing to hand over.
+                        Err(_) => crate::dns::Handover::default(),
+                    };
+                    break Err(restart::exec(handover));
                 }
                 _ = term.recv() => break Ok(()),
                 _ = int.recv() => break Ok(()),

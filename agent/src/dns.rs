@@ -30,6 +30,7 @@
 //! the owner's state it reads (`view`).
 
 mod config;
+mod handover;
 mod inspect;
 mod kernel;
 mod learned;
@@ -45,6 +46,7 @@ pub use config::{
     DnsConfig, DnsConfigError, PrivateAnswers, RESOLV_CONF, ResolvConf, ResolvConfError,
     UpstreamSource, in_reserved, parse_resolv_conf,
 };
+pub use handover::{Handover, HandoverError};
 pub use inspect::{DnsReader, Figures};
 pub use learned::{LearnError, Learned, LearnedAddress, NameBook};
 pub use message::{

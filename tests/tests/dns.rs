@@ -256,3 +256,82 @@ fn a_name_opens_its_addresses_for_the_asking_identity_only() {
             .any(|e| e["identity"] == OTHER && e["reason"] == "name_not_in_policy")
     );
 }
+
+/// A planned restart (`idgate restart`) hands the resolver's sockets to
+/// the new agent: lookups made all through it succeed. A crash closes
+/// them: a lookup then fails at once (EPERM, not a timeout), and works
+/// again once an agent is back. Learned addresses stay open throughout.
+#[test]
+fn restarts_keep_lookups_working_and_a_crash_fails_them_fast() {
+    require_privileges!();
+    require_tools!("dnsmasq", "dig", "musl-gcc", "unshare");
+    let listeners = Listeners::new();
+    let port = listeners.tcp_port;
+    let upstream = DnsServer::start(SocketAddr::new(loopback_ip(), 53), &zone());
+    let mut cg = Cgroups::new("dns-restart");
+    let web = cg.inside("web");
+    cg.inside("other");
+    let log = std::env::temp_dir().join(format!("{}-audit.jsonl", cg.name()));
+    let mut agent = Agent::start(
+        &cg,
+        &policy(port),
+        &format!("{}{}", bindings(), dns_config(upstream.addr(), &log, "")),
+    );
+    let asks = |cgroup: &Path| Resolver::new(&[NOWHERE]).in_cgroup(cgroup);
+    let first = asks(&web).dig(&DigQuery::new("api.test.example"));
+    assert_eq!(first.status.as_deref(), Some("NOERROR"), "{first:?}");
+
+    // Lookups while the agent executes itself again: every one answered.
+    let looking = {
+        let web = web.clone();
+        std::thread::spawn(move || {
+            let mut failed = Vec::new();
+            let started = std::time::Instant::now();
+            let mut n = 0;
+            while n < 60 && started.elapsed() < Duration::from_secs(30) {
+                let a = Resolver::new(&[NOWHERE])
+                    .in_cgroup(&web)
+                    .dig(&DigQuery::new("api.test.example"));
+                if a.status.as_deref() != Some("NOERROR") {
+                    failed.push(format!("{a:?}"));
+                }
+                n += 1;
+            }
+            (n, failed)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let restarted = agent.try_cli(&["restart"]).expect("idgate restart");
+    assert!(restarted.contains("restarted"), "{restarted}");
+    let (made, failed) = looking.join().expect("lookups");
+    assert!(made >= 10, "only {made} lookups made");
+    assert!(
+        failed.is_empty(),
+        "{} of {made} lookups failed over the restart: {failed:?}",
+        failed.len()
+    );
+    assert!(
+        agent.log().contains("taken over from the previous agent"),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(tcp(&web, "127.0.0.1", port), "allowed");
+
+    // A crash: the sockets close with the process, and the kernel's socket
+    // hash with them, so the send fails (EPERM) and glibc gives up at
+    // once. (musl ignores a failed send and waits out its timeout.) The
+    // learned address stays open meanwhile.
+    agent.stop(nix::sys::signal::Signal::SIGKILL);
+    let down = asks(&web).getent("api.test.example");
+    assert!(!down.ok(), "{down:?}");
+    assert!(
+        down.run.elapsed < Duration::from_secs(1),
+        "the lookup waited {:?}: {down:?}",
+        down.run.elapsed
+    );
+    assert_eq!(tcp(&web, "127.0.0.1", port), "allowed");
+    agent.spawn();
+    agent.wait_ready();
+    let back = asks(&web).musl("api.test.example");
+    assert!(back.ok(), "{back:?}");
+}

@@ -17,8 +17,8 @@ pub use crate::events::Verdict;
 pub use crate::workloads::Binding;
 pub use reply::{
     Answer, DnsIdentity, DnsStatus, EventLine, EventsOpened, Explained, KubeletHealth,
-    KubeletStatus, LearnedOpen, PolicyReloaded, PolicyShown, Programs, Revocation, Started, Status,
-    WorkloadRow, WorkloadsList,
+    KubeletStatus, LearnedOpen, PolicyReloaded, PolicyShown, Programs, Restarting, Revocation,
+    Started, Status, WorkloadRow, WorkloadsList,
 };
 
 /// The protocol version this build speaks. A request of another version is
@@ -57,6 +57,9 @@ pub enum Request {
     Unrevoke { identity: SpiffeId },
     /// Every cgroup under the scope and how it stands.
     Workloads,
+    /// Execute the agent again in the same process (after an upgrade),
+    /// handing the DNS path's sockets over, so no lookup fails.
+    Restart,
     /// Recent decision events, and with `follow` every new one until the
     /// caller goes away: the reply, then one [`EventLine`] per line.
     Events {

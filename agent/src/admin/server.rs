@@ -23,6 +23,11 @@ pub enum Response {
         live: Option<broadcast::Receiver<Line>>,
         keep: Box<dyn Fn(&str) -> bool + Send + Sync>,
     },
+    /// The reply; once it is written (or could not be), `then` is told.
+    Then {
+        reply: Reply,
+        then: tokio::sync::oneshot::Sender<()>,
+    },
 }
 
 impl From<Reply> for Response {
@@ -175,6 +180,11 @@ where
         };
         match response {
             Response::Reply(reply) => send(&mut write, &reply).await?,
+            Response::Then { reply, then } => {
+                let sent = send(&mut write, &reply).await;
+                let _ = then.send(());
+                return sent;
+            }
             Response::Stream {
                 reply,
                 recent,

@@ -1,18 +1,33 @@
 //! `idgate agent` and `idgate uninstall`.
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use idgate::admin;
 use idgate::bpf::Uninstalled;
 use idgate::config::Config;
+use idgate::dns::Handover;
 
-use super::DEFAULT_CONFIG;
+use super::{Connection, DEFAULT_CONFIG};
 
 #[derive(clap::Args)]
 pub struct AgentArgs {
     #[arg(long, default_value = DEFAULT_CONFIG)]
     config: PathBuf,
+    /// Sockets handed over by the agent this one replaces in the same
+    /// process (`idgate restart`); never given by hand.
+    #[arg(long, hide = true)]
+    dns_listeners: Option<String>,
+}
+
+#[derive(clap::Args)]
+pub struct RestartArgs {
+    /// How long to wait for the agent to answer again.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    wait: Duration,
+    #[command(flatten)]
+    conn: Connection,
 }
 
 #[derive(clap::Args)]
@@ -22,12 +37,51 @@ pub struct UninstallArgs {
 }
 
 pub fn run(args: AgentArgs) -> anyhow::Result<()> {
+    // Taken first: the descriptors are this process's from its start.
+    let handover: Handover = match &args.dns_listeners {
+        Some(spec) => spec.parse()?,
+        None => Handover::default(),
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(idgate::daemon::run(&args.config))?;
+    runtime.block_on(idgate::daemon::run(&args.config, handover))?;
+    Ok(())
+}
+
+/// Asks the agent to execute itself again, and waits until it answers.
+pub fn restart(args: RestartArgs) -> anyhow::Result<()> {
+    let asked = Instant::now();
+    let restarting: admin::Restarting = args.conn.request(admin::Request::Restart)?;
+    // The new agent answers `status` once it serves again; its uptime
+    // started after the request.
+    let status = loop {
+        if let Ok(s) = args.conn.request::<admin::Status>(admin::Request::Status)
+            && Duration::from_secs(s.uptime_seconds) <= asked.elapsed()
+            && asked.elapsed() > Duration::from_millis(50)
+        {
+            break s;
+        }
+        if asked.elapsed() > args.wait {
+            anyhow::bail!(
+                "the agent (pid {}) did not answer within {} after the restart: see its log",
+                restarting.pid,
+                humantime::format_duration(args.wait)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    args.conn.print(&status, |s| {
+        println!(
+            "restarted (pid {}, version {}) in {} ms; policy generation {}",
+            restarting.pid,
+            s.version,
+            asked.elapsed().as_millis(),
+            s.generation
+        );
+    });
     Ok(())
 }
 

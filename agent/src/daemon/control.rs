@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use idgate_common::{MAX_LEARNED, UNKNOWN_SLOT, slot_policy, verdict};
+use tokio::sync::{mpsc, oneshot};
 
 use super::handle::{Handle, OwnerError};
 use super::owner::Command;
@@ -13,8 +14,8 @@ use super::snapshot::Snapshot;
 use super::state::RunProcess;
 use crate::admin::{
     Answer, DnsIdentity, DnsStatus, EventsOpened, Explained, Identity, LearnedOpen, Peer,
-    PolicyReloaded, PolicyShown, Protocol, Reply, Request, Response, Revocation, Started, Status,
-    Target,
+    PolicyReloaded, PolicyShown, Protocol, Reply, Request, Response, Restarting, Revocation,
+    Started, Status, Target,
 };
 use crate::dns::DnsReader;
 use crate::events::{Event, EventFeed, Verdict};
@@ -29,13 +30,19 @@ const ANSWER_WAIT: Duration = Duration::from_secs(10);
 /// reload asked for during another waits for it too).
 const RELOAD_WAIT: Duration = Duration::from_secs(300);
 
-pub async fn handle(
-    owner: &Handle,
-    feed: &EventFeed,
-    dns: Option<&DnsReader>,
-    peer: Peer,
-    request: Request,
-) -> Response {
+/// What the control socket's requests reach.
+pub struct Parts {
+    pub owner: Handle,
+    pub feed: EventFeed,
+    /// The DNS path, when it runs.
+    pub dns: Option<DnsReader>,
+    /// Asks the agent to execute itself again once the receiver is told
+    /// the reply is out.
+    pub restart: mpsc::Sender<oneshot::Receiver<()>>,
+}
+
+pub async fn handle(parts: &Parts, peer: Peer, request: Request) -> Response {
+    let (owner, feed, dns) = (&parts.owner, &parts.feed, parts.dns.as_ref());
     let answer: Result<Answer, String> = match request {
         Request::Events {
             follow,
@@ -62,6 +69,19 @@ pub async fn handle(
         }
         Request::Revoke { identity } => revoke(owner, identity, true).await.map(Answer::from),
         Request::Unrevoke { identity } => revoke(owner, identity, false).await.map(Answer::from),
+        Request::Restart => {
+            // The restart starts once the reply is written.
+            let (then, written) = oneshot::channel();
+            return match parts.restart.try_send(written) {
+                Ok(()) => Response::Then {
+                    reply: Reply::ok(Restarting {
+                        pid: std::process::id(),
+                    }),
+                    then,
+                },
+                Err(_) => Reply::error("a restart is already under way".to_owned()).into(),
+            };
+        }
         Request::Workloads => owner
             .ask(Command::Workloads, ANSWER_WAIT)
             .await

@@ -8,13 +8,20 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::dns::DnsPath;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::dns::{DnsPath, Handover};
 
 /// How often the scope's namespaces are looked at.
 const EVERY: Duration = Duration::from_millis(500);
 
-/// Runs for as long as the agent does.
-pub async fn watch(mut dns: DnsPath, scope: PathBuf) {
+/// Runs for as long as the agent does, or until asked for the DNS path's
+/// sockets (for a restart): then hands them over and ends.
+pub async fn watch(
+    mut dns: DnsPath,
+    scope: PathBuf,
+    mut hand_over: mpsc::Receiver<oneshot::Sender<Handover>>,
+) {
     let Ok(own) = std::fs::metadata("/proc/self/ns/net").map(|m| m.ino()) else {
         tracing::error!(
             "cannot read the agent's own network namespace: DNS listeners stay in it alone"
@@ -23,7 +30,13 @@ pub async fn watch(mut dns: DnsPath, scope: PathBuf) {
     };
     let mut tick = tokio::time::interval(EVERY);
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            Some(reply) = hand_over.recv() => {
+                let _ = reply.send(dns.hand_over().await);
+                return;
+            }
+        }
         let scope = scope.clone();
         let synced = tokio::task::spawn_blocking(move || {
             let wanted = namespaces(&scope, own);

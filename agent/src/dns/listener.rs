@@ -64,6 +64,16 @@ fn open_here(port: u16) -> io::Result<Listeners> {
     })
 }
 
+/// The listeners of a namespace handed over by an earlier agent.
+pub fn adopt(udp: OwnedFd, tcp: OwnedFd) -> io::Result<Listeners> {
+    let udp = UdpSocket::from(udp);
+    let tcp = TcpListener::from(tcp);
+    udp.set_nonblocking(true)?;
+    tcp.set_nonblocking(true)?;
+    let cookie = netns_cookie(&udp)?;
+    Ok(Listeners { udp, tcp, cookie })
+}
+
 fn netns_cookie(socket: &impl AsRawFd) -> io::Result<u64> {
     let mut cookie = 0u64;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;

@@ -3,7 +3,7 @@
 //! scope, the resolver they share, and the sweep of expired addresses.
 
 use std::collections::HashMap;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,6 +13,7 @@ use idgate_common::DnsSettings;
 use tokio::sync::{Semaphore, mpsc, watch};
 
 use super::config::DnsConfig;
+use super::handover::{Handed, Handover};
 use super::inspect::DnsReader;
 use super::kernel::{KernelError, LearnedMaps, RedirectMaps};
 use super::learned::{Learned, NameBook};
@@ -40,8 +41,15 @@ const SWEEP: Duration = Duration::from_secs(5);
 /// The listeners of one network namespace.
 struct Namespace {
     cookie: u64,
-    _serving: Serving,
+    /// Copies of the sockets' descriptors, to hand over: they keep the
+    /// sockets open after the tasks serving them stop.
+    udp: OwnedFd,
+    tcp: OwnedFd,
+    serving: Serving,
 }
+
+/// How long a hand-over waits for the queries being answered.
+const DRAIN: Duration = Duration::from_secs(2);
 
 /// The running DNS path.
 pub struct DnsPath {
@@ -66,6 +74,7 @@ impl DnsPath {
         view: watch::Receiver<Arc<DnsView>>,
         records: mpsc::Sender<DnsRecord>,
         book: Arc<NameBook>,
+        handover: Handover,
     ) -> Result<Option<Self>, DnsPathError> {
         let mut redirect = RedirectMaps::open(pin_dir)?;
         if !config.enabled {
@@ -109,7 +118,27 @@ impl DnsPath {
             listening,
             reader,
         };
-        path.listen(None, None)?;
+        let own = own_namespace().map_err(|source| DnsPathError::Listen {
+            port: path.port,
+            source,
+        })?;
+        let mut own_listening = false;
+        for h in handover.0 {
+            let inode = (h.inode != own).then_some(h.inode);
+            let adopted = listener::adopt(h.udp, h.tcp).map_err(|source| DnsPathError::Listen {
+                port: path.port,
+                source,
+            })?;
+            path.serve(inode, adopted)?;
+            own_listening |= inode.is_none();
+            tracing::info!(
+                netns = h.inode,
+                "DNS listeners taken over from the previous agent"
+            );
+        }
+        if !own_listening {
+            path.listen(None, None)?;
+        }
         path.redirect.set(DnsSettings {
             enabled: 1,
             net: config.reserved_net.into(),
@@ -130,9 +159,17 @@ impl DnsPath {
     /// `/proc/PID/ns/net`, or the agent's own).
     fn listen(&mut self, inode: Option<u64>, ns: Option<OwnedFd>) -> Result<(), DnsPathError> {
         let port = self.port;
+        let l = listener::open(ns, port).map_err(|source| DnsPathError::Listen { port, source })?;
+        self.serve(inode, l)
+    }
+
+    /// Serves a namespace's listeners, and tells the kernel they listen.
+    fn serve(&mut self, inode: Option<u64>, l: listener::Listeners) -> Result<(), DnsPathError> {
+        let port = self.port;
         let err = |source| DnsPathError::Listen { port, source };
-        let l = listener::open(ns, port).map_err(err)?;
         self.redirect.listening(l.cookie, &l.udp)?;
+        let udp = l.udp.as_fd().try_clone_to_owned().map_err(err)?;
+        let tcp = l.tcp.as_fd().try_clone_to_owned().map_err(err)?;
         let serving = server::serve(
             l.udp,
             l.tcp,
@@ -145,7 +182,9 @@ impl DnsPath {
             inode,
             Namespace {
                 cookie: l.cookie,
-                _serving: serving,
+                udp,
+                tcp,
+                serving,
             },
         );
         self.listening
@@ -189,6 +228,40 @@ impl DnsPath {
             }
         }
     }
+}
+
+impl DnsPath {
+    /// Stops reading queries, lets those being answered finish (at most
+    /// [`DRAIN`]), and gives up the sockets, still open, for the next
+    /// agent. Queries sent from now on wait in the sockets.
+    pub async fn hand_over(self) -> Handover {
+        let own = own_namespace().unwrap_or(0);
+        let mut handed = Vec::new();
+        for (inode, ns) in self.namespaces {
+            drop(ns.serving);
+            handed.push(Handed {
+                inode: inode.unwrap_or(own),
+                udp: ns.udp,
+                tcp: ns.tcp,
+            });
+        }
+        let all = u32::try_from(IN_FLIGHT).unwrap_or(u32::MAX);
+        if tokio::time::timeout(DRAIN, self.limit.acquire_many(all))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "queries still being answered at the hand-over are dropped; their clients ask again"
+            );
+        }
+        Handover(handed)
+    }
+}
+
+/// The inode of the agent's own network namespace.
+fn own_namespace() -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata("/proc/self/ns/net")?.ino())
 }
 
 /// How often the host's resolv.conf is looked at for new upstreams.

@@ -214,6 +214,13 @@ pub struct DnsIdentity {
     pub names: Vec<String>,
 }
 
+/// `restart`: the agent is about to execute itself again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Restarting {
+    /// The process, which stays the same.
+    pub pid: u32,
+}
+
 /// `revoke` and `unrevoke`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Revocation {
@@ -304,6 +311,7 @@ pub enum Answer {
     Workloads(WorkloadsList),
     Started(Started),
     EventsOpened(EventsOpened),
+    Restarting(Restarting),
 }
 
 macro_rules! answers {
@@ -325,6 +333,7 @@ answers!(
     Workloads(WorkloadsList),
     Started(Started),
     EventsOpened(EventsOpened),
+    Restarting(Restarting),
 );
 
 #[cfg(test)]
