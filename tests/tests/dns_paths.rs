@@ -567,10 +567,10 @@ fn a_reload_that_drops_a_name_closes_its_addresses() {
     assert_eq!(a.addrs, [lo(1)], "{a:?}");
     assert_eq!(w.tcp(&w.web, "127.0.0.1"), "allowed");
 
-    // Kept (and another rule added).
-    let kept = policy(w.port(), "").replace(
-        "name = \"no-net\"",
-        "name = \"no-net\"\n[[identity.egress]]\nname = \"extra\"\nto = [\"203.0.113.0/24\"]\naction = \"allow\"\n[[identity.egress]]\nname = \"no-net2\"",
+    // Kept: a new generation (another identity added) that names it still.
+    let kept = format!(
+        "{}\n[[identity]]\nid = \"spiffe://example.org/third\"\ndefault = \"deny\"\n",
+        policy(w.port(), "")
     );
     w.agent.write_policy(&kept);
     w.agent.try_cli(&["policy", "reload"]).expect("reload");
@@ -769,14 +769,16 @@ fn a_workload_in_its_own_network_namespace_resolves_through_the_agent() {
         "{from:?}"
     );
 
-    // Connects from inside the namespace: the probe joins the cgroup
-    // after `ip netns exec` put it in the namespace.
+    // Connects from inside the namespace.
     let probe_in = |cgroup: &Path, to: &str| -> String {
-        let out = Command::new("ip")
-            .args(["netns", "exec", ns.name()])
-            .arg(target_bin("idgate-probe"))
-            .arg("--cgroup")
+        // `ip netns exec` mounts a sysfs of the namespace's own, without
+        // the cgroup mount: the probe joins the cgroup before it.
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg("echo $$ > \"$0/cgroup.procs\" && exec ip netns exec \"$@\"")
             .arg(cgroup)
+            .arg(ns.name())
+            .arg(target_bin("idgate-probe"))
             .args(["tcp", to])
             .output()
             .expect("run idgate-probe");
