@@ -217,10 +217,7 @@ fn restore(ctx: &SockAddrContext, v6: bool) {
     // SAFETY: the hook's context; these fields may be written here.
     unsafe {
         if v6 {
-            write_volatile(
-                addr_of_mut!((*sa).user_ip6[3]),
-                u32::from_ne_bytes(server),
-            );
+            write_volatile(addr_of_mut!((*sa).user_ip6[3]), u32::from_ne_bytes(server));
         } else {
             write_volatile(addr_of_mut!((*sa).user_ip4), u32::from_ne_bytes(server));
         }

@@ -29,7 +29,9 @@ const NOWHERE: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 53));
 macro_rules! require_dns_tools {
     () => {
         require_privileges!();
-        require_tools!("dnsmasq", "dig", "getent", "musl-gcc", "unshare", "ip", "python3");
+        require_tools!(
+            "dnsmasq", "dig", "getent", "musl-gcc", "unshare", "ip", "python3"
+        );
     };
 }
 
@@ -97,7 +99,11 @@ fn zone() -> Zone {
         .host("api.test.example", &[lo(1)], 300)
         .host("other.svc.test.example", &[lo(11)], 300)
         .host("two.svc.test.example", &[lo(21), lo(22)], 300)
-        .host("four.svc.test.example", &[lo(31), lo(32), lo(33), lo(34)], 300)
+        .host(
+            "four.svc.test.example",
+            &[lo(31), lo(32), lo(33), lo(34)],
+            300,
+        )
         .host("one.svc.test.example", &[lo(41)], 300)
         .host("denied.svc.test.example", &[ip("198.51.100.7")], 300)
         .host(
@@ -421,9 +427,11 @@ fn dot_and_doh_to_addresses_policy_does_not_allow_are_denied() {
         assert!(start.elapsed() < Duration::from_secs(1), "{to}");
     }
     // dig's own DoT client, through the resolv.conf-less @server form.
-    let dot = w
-        .asks(&w.web)
-        .dig(&DigQuery::new("api.test.example").server("1.1.1.1:853".parse().unwrap()).arg("+tls"));
+    let dot = w.asks(&w.web).dig(
+        &DigQuery::new("api.test.example")
+            .server("1.1.1.1:853".parse().unwrap())
+            .arg("+tls"),
+    );
     assert!(dot.status.is_none() && dot.addrs.is_empty(), "{dot:?}");
     assert!(dot.run.elapsed < Duration::from_secs(2), "{dot:?}");
     w.record("the DoT connect's denial", |e| {
@@ -465,7 +473,11 @@ fn denied_and_private_answers_open_nothing() {
     let r = w.record("the mixed answer's record", |e| {
         dns_record(e, "mixed.svc.test.example", "answered")
     });
-    assert_eq!(r["dns"]["dropped"], serde_json::json!(["10.1.2.3 (private)"]), "{r}");
+    assert_eq!(
+        r["dns"]["dropped"],
+        serde_json::json!(["10.1.2.3 (private)"]),
+        "{r}"
+    );
     assert!(
         r["dns"]["learned"][0]
             .as_str()
@@ -475,7 +487,11 @@ fn denied_and_private_answers_open_nothing() {
     let r = w.record("the loopback answer's record", |e| {
         dns_record(e, "local.svc.test.example", "answered")
     });
-    assert_eq!(r["dns"]["dropped"], serde_json::json!(["127.0.0.1 (loopback)"]), "{r}");
+    assert_eq!(
+        r["dns"]["dropped"],
+        serde_json::json!(["127.0.0.1 (loopback)"]),
+        "{r}"
+    );
 }
 
 // 8. The bound of learned addresses: with `max_addresses_per_identity =
@@ -495,7 +511,10 @@ fn an_answer_past_the_identity_s_bound_is_servfail_and_learns_nothing() {
     let r = w.record("the not_learned record", |e| {
         dns_record(e, "four.svc.test.example", "not_learned")
     });
-    assert!(r["dns"]["learned"].as_array().is_some_and(Vec::is_empty), "{r}");
+    assert!(
+        r["dns"]["learned"].as_array().is_some_and(Vec::is_empty),
+        "{r}"
+    );
     assert!(r["dns"]["detail"].is_string(), "{r}");
 
     let two = web.dig(&DigQuery::new("two.svc.test.example"));
@@ -532,7 +551,11 @@ fn revoked_and_unknown_workloads_get_no_answers() {
     w.record("the revoked identity's record", |e| {
         dns_record(e, "api.test.example", "revoked") && e["identity"] == WEB
     });
-    assert!(!w.upstream.was_queried("api.test.example"), "{:?}", w.upstream.queried());
+    assert!(
+        !w.upstream.was_queried("api.test.example"),
+        "{:?}",
+        w.upstream.queried()
+    );
     assert_eq!(w.tcp(&w.web, "127.0.0.1"), "EPERM");
 }
 
@@ -613,10 +636,14 @@ fn learned_addresses_survive_an_agent_restart() {
     w.agent.spawn();
     w.agent.wait_ready();
     assert_eq!(w.tcp(&w.web, "127.0.0.1"), "allowed");
-    let back = wait_for("a lookup after the restart", Duration::from_secs(10), || {
-        let d = w.asks(&w.web).dig(&DigQuery::new("other.svc.test.example"));
-        (d.status.as_deref() == Some("NOERROR")).then_some(d)
-    });
+    let back = wait_for(
+        "a lookup after the restart",
+        Duration::from_secs(10),
+        || {
+            let d = w.asks(&w.web).dig(&DigQuery::new("other.svc.test.example"));
+            (d.status.as_deref() == Some("NOERROR")).then_some(d)
+        },
+    );
     assert_eq!(back.addrs, [lo(11)], "{back:?}");
     assert_eq!(w.tcp(&w.web, "127.0.0.11"), "allowed");
     // The restarted agent still names the name learned before it.
@@ -670,7 +697,10 @@ for body in [struct.pack('>H', 300) + b'hello', struct.pack('>H', len(q) - 3) + 
     assert_eq!(run.code(), Some(0), "{run:?}");
     assert_eq!(run.stdout.lines().count(), 12, "{run:?}");
     for line in run.stdout.lines() {
-        assert!(!line.contains("rcode=0 "), "answered as a good query: {line}");
+        assert!(
+            !line.contains("rcode=0 "),
+            "answered as a good query: {line}"
+        );
         assert!(!line.contains("send "), "the send failed: {line}");
     }
     // Each was FORMERR or unanswered, and nothing was learned.
@@ -750,13 +780,21 @@ fn a_workload_in_its_own_network_namespace_resolves_through_the_agent() {
             .spawn()
             .expect("spawn sleep"),
     );
-    let inside = |cgroup: &Path| Resolver::new(&[NOWHERE]).in_netns(ns.name()).in_cgroup(cgroup);
+    let inside = |cgroup: &Path| {
+        Resolver::new(&[NOWHERE])
+            .in_netns(ns.name())
+            .in_cgroup(cgroup)
+    };
     // Until the listeners open, a query fails at once (EPERM); then it is
     // answered.
-    let first = wait_for("a lookup inside the namespace", Duration::from_secs(10), || {
-        let d = inside(&w.web).dig(&DigQuery::new("other.svc.test.example").arg("+time=1"));
-        (d.status.as_deref() == Some("NOERROR")).then_some(d)
-    });
+    let first = wait_for(
+        "a lookup inside the namespace",
+        Duration::from_secs(10),
+        || {
+            let d = inside(&w.web).dig(&DigQuery::new("other.svc.test.example").arg("+time=1"));
+            (d.status.as_deref() == Some("NOERROR")).then_some(d)
+        },
+    );
     assert_eq!(first.addrs, [lo(11)], "{first:?}");
     let glibc = inside(&w.web).getent("api.test.example");
     assert!(glibc.ok() && glibc.addrs.contains(&lo(1)), "{glibc:?}");
@@ -764,10 +802,7 @@ fn a_workload_in_its_own_network_namespace_resolves_through_the_agent() {
     assert!(musl.ok() && musl.addrs.contains(&lo(21)), "{musl:?}");
     // The upstream was asked from the host's namespace (the agent).
     let from: Vec<String> = w.upstream.queries().into_iter().map(|q| q.from).collect();
-    assert!(
-        !from.iter().any(|f| *f == ns.ns_ip.to_string()),
-        "{from:?}"
-    );
+    assert!(!from.iter().any(|f| *f == ns.ns_ip.to_string()), "{from:?}");
 
     // Connects from inside the namespace.
     let probe_in = |cgroup: &Path, to: &str| -> String {
