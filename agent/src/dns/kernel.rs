@@ -65,11 +65,6 @@ impl RedirectMaps {
             Err(e) => Err(err(maps::DNS_NETNS)(e)),
         }
     }
-
-    /// Namespaces with a listener (handed over by an earlier agent).
-    pub fn namespaces(&self) -> Vec<u64> {
-        self.netns.keys().filter_map(Result::ok).collect()
-    }
 }
 
 /// What the maps hold.
