@@ -628,10 +628,14 @@ fn learned_addresses_survive_an_agent_restart() {
     w.agent.stop(Signal::SIGTERM);
     assert_eq!(w.tcp(&w.web, "127.0.0.1"), "allowed");
     assert_eq!(w.tcp(&w.web, "127.0.0.11"), "EPERM");
-    // While it is down, a lookup gets no answer (nothing listens).
+    // While it is down, a lookup fails at once (EPERM: no listener, so
+    // the kernel does not redirect), not after the client's timeout.
     let down = w.asks(&w.web).dig(&DigQuery::new("other.svc.test.example"));
-    eprintln!("a lookup while the agent is down: {down:?}");
     assert!(down.addrs.is_empty(), "{down:?}");
+    assert!(
+        down.run.stdout.contains("permission denied") && down.run.elapsed < Duration::from_secs(1),
+        "{down:?}"
+    );
 
     w.agent.spawn();
     w.agent.wait_ready();
