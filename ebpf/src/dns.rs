@@ -201,23 +201,25 @@ fn restore(ctx: &SockAddrContext, v6: bool) {
     let Some(origin) = (unsafe { DNS_ORIGINS.get(&cookie) }) else {
         return;
     };
-    let family = if v6 { FAMILY_V6 } else { FAMILY_V4 };
-    if origin.family != family {
-        return;
-    }
     let a = origin.addr;
+    // The server's IPv4 address. A dual-stack socket's datagram to a
+    // mapped server went through sendmsg4 (the kernel hands a mapped
+    // destination to udp_sendmsg), so its origin is IPv4 while the reply
+    // comes back through recvmsg6, mapped; its connect went through
+    // connect6, so that origin is the mapped IPv6 address.
+    let server = if origin.family == FAMILY_V4 {
+        [a[0], a[1], a[2], a[3]]
+    } else if v6 && origin.family == FAMILY_V6 {
+        [a[12], a[13], a[14], a[15]]
+    } else {
+        return;
+    };
     // SAFETY: the hook's context; these fields may be written here.
     unsafe {
         if v6 {
-            write_volatile(
-                addr_of_mut!((*sa).user_ip6[3]),
-                u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
-            );
+            write_volatile(addr_of_mut!((*sa).user_ip6[3]), u32::from_ne_bytes(server));
         } else {
-            write_volatile(
-                addr_of_mut!((*sa).user_ip4),
-                u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
-            );
+            write_volatile(addr_of_mut!((*sa).user_ip4), u32::from_ne_bytes(server));
         }
         write_volatile(addr_of_mut!((*sa).user_port), origin.port);
     }
