@@ -11,6 +11,7 @@ pub mod raw_h2;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 mod fixture;
@@ -351,17 +352,29 @@ pub struct Agent {
     wrapper: Vec<String>,
 }
 
-/// A port free for both UDP and TCP on every address now (the kernel's
-/// pick for a UDP socket, checked for TCP).
+/// Links an agent pins: one per program that enforces without it.
+pub const PINNED_LINKS: usize = idgate_common::programs::PINNED.len();
+
+/// A port free for both UDP and TCP on every address now, below the
+/// kernel's ephemeral range: a port an agent listens on again after a
+/// restart must not be handed meanwhile to some client's socket.
 pub fn free_port() -> u16 {
-    for _ in 0..64 {
-        let udp = std::net::UdpSocket::bind("0.0.0.0:0").expect("a UDP socket");
-        let port = udp.local_addr().expect("bound").port();
-        if std::net::TcpListener::bind(("0.0.0.0", port)).is_ok() {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let (low, span) = (10_000, ephemeral.saturating_sub(10_000).max(1));
+    for _ in 0..256 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (low + (std::process::id() * 7919 + n * 104_729) % span) as u16;
+        if std::net::UdpSocket::bind(("0.0.0.0", port)).is_ok()
+            && std::net::TcpListener::bind(("0.0.0.0", port)).is_ok()
+        {
             return port;
         }
     }
-    panic!("no port free for both UDP and TCP in 64 tries");
+    panic!("no port below {ephemeral} free for both UDP and TCP in 256 tries");
 }
 
 impl Agent {

@@ -6,7 +6,9 @@
 //! ([`MountNs`]), so none of the host's mounts is touched; cgroups and
 //! attachments are the machine's as ever.
 
-use idgate_tests::{Agent, Cgroups, MountNs, probe, require_privileges, require_tools};
+use idgate_tests::{
+    Agent, Cgroups, MountNs, PINNED_LINKS, probe, require_privileges, require_tools,
+};
 
 const WEB: &str = "spiffe://example.org/web";
 
@@ -83,7 +85,12 @@ fn agents_started_together_without_bpffs_mount_one_between_them() {
             1,
             "one bpffs at /sys/fs/bpf for every agent, not a stack: {mounts:#?}"
         );
-        assert_eq!(agent.pinned_links().len(), 5, "{:?}", agent.pin_path());
+        assert_eq!(
+            agent.pinned_links().len(),
+            PINNED_LINKS,
+            "{:?}",
+            agent.pin_path()
+        );
         assert!(agent.pin_path().join("IDG_IDENTITIES").exists());
         assert!(!agent.log().contains(STACKED), "{}", agent.log());
         // Each enforces its own scope.
@@ -136,7 +143,7 @@ fn a_stacked_bpffs_is_reported_and_the_agent_pins_on_the_top_one() {
         2,
         "the agent mounts none"
     );
-    assert_eq!(agent.pinned_links().len(), 5);
+    assert_eq!(agent.pinned_links().len(), PINNED_LINKS);
     assert_eq!(probe(Some(&web), "tcp", "127.0.0.2:9"), "EPERM");
 }
 

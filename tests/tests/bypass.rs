@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use idgate_tests::{
-    Agent, Cgroups, Workload, json_lines, probe, require_privileges, target_bin, wait_for,
+    Agent, Cgroups, PINNED_LINKS, Workload, json_lines, probe, require_privileges, target_bin,
+    wait_for,
 };
 
 const ALPHA: &str = "spiffe://example.org/alpha";
@@ -196,7 +197,7 @@ fn a_workload_cannot_move_itself_or_touch_the_programs() {
         let answer = w.call("detach-link", pin.to_str().unwrap());
         assert!(answer == "EACCES" || answer == "EPERM", "{link}: {answer}");
     }
-    assert_eq!(agent.pinned_links().len(), 5);
+    assert_eq!(agent.pinned_links().len(), PINNED_LINKS);
     // Still enforced.
     assert_eq!(w.call("tcp", &f.dest()), "EPERM");
     // Root could (the test checks the probe really would detach): the

@@ -5,7 +5,7 @@
 //! "Allowed" is shown by `ok` (a listener accepted) or `ECONNREFUSED` (the
 //! kernel let the connect through to a closed port); "denied" by `EPERM`.
 
-use idgate_tests::{Agent, Cgroups, Fixture, WEB, probe, require_privileges};
+use idgate_tests::{Agent, Cgroups, Fixture, PINNED_LINKS, WEB, probe, require_privileges};
 use nix::sys::signal::Signal;
 
 /// The shared fixture's policy, and UDP to 127.0.0.1 at the UDP port.
@@ -176,7 +176,10 @@ fn enforcement_outlives_a_killed_agent_and_a_restart_adopts_the_pins() {
     let denied = f.next_tcp4();
     let mut agent = Agent::start(&cg, &policy(&f), &web_binding());
     let first = agent.status();
-    assert_eq!(first["programs"]["attached"].as_array().unwrap().len(), 5);
+    assert_eq!(
+        first["programs"]["attached"].as_array().unwrap().len(),
+        PINNED_LINKS
+    );
     let links = agent.pinned_links();
     assert_eq!(links.len(), 5, "{links:?}");
 
@@ -189,7 +192,10 @@ fn enforcement_outlives_a_killed_agent_and_a_restart_adopts_the_pins() {
     agent.spawn();
     agent.wait_ready();
     let second = agent.status();
-    assert_eq!(second["programs"]["adopted"].as_array().unwrap().len(), 5);
+    assert_eq!(
+        second["programs"]["adopted"].as_array().unwrap().len(),
+        PINNED_LINKS
+    );
     assert!(
         second["programs"]["attached"]
             .as_array()
@@ -222,7 +228,7 @@ fn uninstall_after_the_scope_is_gone_removes_every_pin() {
     let mut cg = Cgroups::new("gone");
     let web = cg.inside("web");
     let mut agent = Agent::start(&cg, &policy(&f), &web_binding());
-    assert_eq!(agent.pinned_links().len(), 5);
+    assert_eq!(agent.pinned_links().len(), PINNED_LINKS);
     assert!(agent.stop(Signal::SIGTERM).success());
     for dir in [web, cg.scope_dir()] {
         std::fs::remove_dir(&dir).unwrap_or_else(|e| panic!("rmdir {}: {e}", dir.display()));

@@ -5,7 +5,7 @@ use std::net::TcpListener;
 use std::time::Duration;
 
 use idgate_tests::{
-    Agent, Cgroups, probe, repeat_counts, require_privileges, spawn_repeat, wait_for,
+    Agent, Cgroups, PINNED_LINKS, probe, repeat_counts, require_privileges, spawn_repeat, wait_for,
 };
 use nix::sys::signal::Signal;
 
@@ -140,7 +140,7 @@ fn a_pinned_link_holding_another_program_is_replaced_not_adopted() {
         .as_array()
         .unwrap()
         .len();
-    assert_eq!(adopted, 5);
+    assert_eq!(adopted, PINNED_LINKS);
 }
 
 #[test]
