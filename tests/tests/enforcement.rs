@@ -181,7 +181,7 @@ fn enforcement_outlives_a_killed_agent_and_a_restart_adopts_the_pins() {
         PINNED_LINKS
     );
     let links = agent.pinned_links();
-    assert_eq!(links.len(), 5, "{links:?}");
+    assert_eq!(links.len(), PINNED_LINKS, "{links:?}");
 
     // SIGKILL: nothing runs in user space, the kernel still judges.
     agent.stop(Signal::SIGKILL);

@@ -79,7 +79,7 @@ fn a_hundred_restarts_under_a_connect_loop_never_let_a_denied_connect_through() 
             .as_array()
             .unwrap()
             .len(),
-        5
+        PINNED_LINKS
     );
     eprintln!("{allowed_seen} allowed and {denied_seen} denied connects across 100 restarts");
 }
