@@ -384,8 +384,11 @@ mod tests {
             Err(DecodeError::Size(SizeError { got: 50, .. }))
         ));
         let mut other = r;
-        other.layout = 2;
-        assert_eq!(decode(&bytes(&other)), Err(DecodeError::Layout(2)));
+        other.layout = RECORD_LAYOUT + 1;
+        assert_eq!(
+            decode(&bytes(&other)),
+            Err(DecodeError::Layout(RECORD_LAYOUT + 1))
+        );
         let mut other = r;
         other.reason = 99;
         assert!(matches!(
