@@ -153,8 +153,8 @@ pub fn compile(policy: &PolicySet, slots: &[(u32, SpiffeId)]) -> CompiledPolicy 
             let next = out.rule_sets.len();
             let index = *sets.entry(set).or_insert_with_key(|set| {
                 out.rule_sets.push(set.clone());
-                let patterns = names.iter().map(|(p, _)| (*p).clone()).collect();
-                out.names.push(Arc::new(NameIndex::new(&patterns)));
+                let patterns = names.iter().map(|(p, _)| *p);
+                out.names.push(Arc::new(NameIndex::new(patterns)));
                 next
             });
             (policy, index)

@@ -8,7 +8,7 @@
 //! canonical text, so it is the same across reloads and restarts.
 
 use std::borrow::Cow;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
 
@@ -187,8 +187,8 @@ pub struct NameIndex {
 }
 
 impl NameIndex {
-    /// The index of a set of patterns.
-    pub fn new(patterns: &BTreeSet<NamePattern>) -> Self {
+    /// The index of a set of patterns (repeats are one class).
+    pub fn new<'p>(patterns: impl IntoIterator<Item = &'p NamePattern>) -> Self {
         let mut index = Self::default();
         for p in patterns {
             if p.is_wildcard() {
@@ -312,7 +312,7 @@ mod tests {
 
     #[test]
     fn a_name_s_class_is_its_exact_pattern_else_the_longest_wildcard() {
-        let patterns: BTreeSet<NamePattern> = ["api.x.com", "*.x.com", "*.eu.x.com", "*.com"]
+        let patterns: Vec<NamePattern> = ["api.x.com", "*.x.com", "*.eu.x.com", "*.com"]
             .into_iter()
             .map(p)
             .collect();
