@@ -890,3 +890,27 @@ impl Agent {
         })
     }
 }
+
+/// The audit log's JSON Schema (`docs/events.schema.json`), formats
+/// checked.
+pub fn events_schema() -> jsonschema::Validator {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/events.schema.json");
+    let schema: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("the schema")).expect("JSON");
+    jsonschema::options()
+        .should_validate_formats(true)
+        .build(&schema)
+        .expect("a valid JSON schema")
+}
+
+/// Panics with every way `event` breaks the schema.
+pub fn assert_schema(validator: &jsonschema::Validator, event: &serde_json::Value) {
+    let errors: Vec<String> = validator
+        .iter_errors(event)
+        .map(|e| e.to_string())
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{event}\ndoes not follow the schema: {errors:#?}"
+    );
+}

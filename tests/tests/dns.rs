@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use idgate_tests::dns::{DigQuery, DnsServer, Resolver, Zone, loopback_ip};
 use idgate_tests::{
-    Agent, Cgroups, Listeners, free_port, probe, require_privileges, require_tools, wait_for,
+    Agent, Cgroups, Listeners, assert_schema, events_schema, free_port, probe, require_privileges,
+    require_tools, wait_for,
 };
 
 const WEB: &str = "spiffe://example.org/web";
@@ -255,6 +256,11 @@ fn a_name_opens_its_addresses_for_the_asking_identity_only() {
             .iter()
             .any(|e| e["identity"] == OTHER && e["reason"] == "name_not_in_policy")
     );
+    // Every record, the DNS path's among them, follows the documented schema.
+    let schema = events_schema();
+    for e in &events {
+        assert_schema(&schema, e);
+    }
 }
 
 /// A planned restart (`idgate restart`) hands the resolver's sockets to

@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use idgate_tests::{
-    Agent, Cgroups, Fixture, WEB, free_loopback_port, json_lines, metric, probe, probe_with_pid,
-    repeat_counts, require_privileges, scrape, spawn_repeat, wait_for,
+    Agent, Cgroups, Fixture, WEB, assert_schema, events_schema, free_loopback_port, json_lines,
+    metric, probe, probe_with_pid, repeat_counts, require_privileges, scrape, spawn_repeat,
+    wait_for,
 };
 use nix::sys::signal::Signal;
 use serde_json::Value;
@@ -83,26 +84,6 @@ fn cgroup_id(dir: &Path) -> u64 {
     std::fs::metadata(dir).unwrap().ino()
 }
 
-fn schema() -> jsonschema::Validator {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/events.schema.json");
-    let schema: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    jsonschema::options()
-        .should_validate_formats(true)
-        .build(&schema)
-        .expect("a valid JSON schema")
-}
-
-fn assert_schema(validator: &jsonschema::Validator, event: &Value) {
-    let errors: Vec<String> = validator
-        .iter_errors(event)
-        .map(|e| e.to_string())
-        .collect();
-    assert!(
-        errors.is_empty(),
-        "{event}\ndoes not follow the schema: {errors:#?}"
-    );
-}
-
 #[test]
 fn a_denied_connect_is_one_record_with_every_field() {
     require_privileges!();
@@ -118,7 +99,7 @@ fn a_denied_connect_is_one_record_with_every_field() {
     let got = events(&log, 1);
     assert_eq!(got.len(), 1, "{got:#?}");
     let e = &got[0];
-    assert_schema(&schema(), e);
+    assert_schema(&events_schema(), e);
     assert_eq!(e["version"], 1);
     assert_eq!(e["verdict"], "deny");
     assert_eq!(e["reason"], "rule");
@@ -202,7 +183,7 @@ fn every_hook_and_reason_is_reported_as_decided() {
     }
     let got = events(&log, cases.len());
     assert_eq!(got.len(), cases.len(), "{got:#?}");
-    let validator = schema();
+    let validator = events_schema();
     for e in &got {
         assert_schema(&validator, e);
     }
@@ -332,7 +313,7 @@ fn allowed_connects_are_recorded_only_as_sampled() {
     let got = events(&log, 3);
     assert_eq!(got.len(), 3, "{got:#?}");
     let backlog = &got[1];
-    assert_schema(&schema(), backlog);
+    assert_schema(&events_schema(), backlog);
     assert_eq!(
         (&backlog["pid"], &backlog["reason"]),
         (&pid.into(), &"rule".into())
@@ -344,7 +325,7 @@ fn allowed_connects_are_recorded_only_as_sampled() {
         "{backlog}"
     );
     let e = &got[2];
-    assert_schema(&schema(), e);
+    assert_schema(&events_schema(), e);
     assert_eq!(
         (&e["verdict"], &e["reason"], &e["rule"], &e["identity"]),
         (
@@ -576,10 +557,10 @@ fn a_full_disk_is_counted_while_enforcement_goes_on() {
 }
 
 #[test]
-fn the_documented_examples_follow_the_schema() {
+fn the_documented_examples_follow_the_events_schema() {
     let doc =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/events.md")).unwrap();
-    let validator = schema();
+    let validator = events_schema();
     let mut reasons = Vec::new();
     for block in doc.split("```json\n").skip(1) {
         let text = block.split("```").next().unwrap();
