@@ -51,7 +51,8 @@ pub use inspect::{DnsReader, Figures};
 pub use learned::{LearnError, Learned, LearnedAddress, NameBook};
 pub use message::{
     AnswerError, DropReason, FilterOptions, Filtered, MAX_MESSAGE, Query, QueryError,
-    check_answers, filter_answer, formerr, not_found, parse_query, refused, servfail,
+    check_answers, filter_answer, formerr, not_found, parse_query, refused, servfail, truncated,
+    udp_limit,
 };
 pub use path::{DnsPath, DnsPathError};
 pub use resolver::{DnsRecord, Outcome};

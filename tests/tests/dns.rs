@@ -63,6 +63,14 @@ fn dns_config(upstream: SocketAddr, log: &Path, extra: &str) -> String {
     )
 }
 
+/// Forty addresses: an answer over 512 bytes, more than a client without
+/// EDNS takes over UDP.
+fn big() -> Vec<IpAddr> {
+    (0..40)
+        .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 1, i)))
+        .collect()
+}
+
 fn zone() -> Zone {
     let lo = |d: u8| IpAddr::V4(Ipv4Addr::new(127, 0, 0, d));
     Zone::new()
@@ -73,6 +81,7 @@ fn zone() -> Zone {
         .host("target.elsewhere.example", &[lo(8)], 300)
         .cname("alias.svc.test.example", "target.elsewhere.example", 300)
         .host("secret.test.example", &[lo(9)], 300)
+        .host("big.svc.test.example", &big(), 300)
         .nxdomain("test.example")
 }
 
@@ -176,6 +185,15 @@ fn a_name_opens_its_addresses_for_the_asking_identity_only() {
     let direct = asks(&web)
         .dig(&DigQuery::new("api.test.example").server(SocketAddr::from(([127, 0, 0, 53], 53))));
     assert_eq!(direct.status.as_deref(), Some("NOERROR"), "{direct:?}");
+
+    // An answer too large for UDP comes back truncated; the client asks
+    // again over TCP (sent to the resolver too) and gets every address,
+    // each open.
+    let large = asks(&web).dig(&DigQuery::new("big.svc.test.example").arg("+noedns"));
+    assert_eq!(large.addrs.len(), 40, "{large:?}");
+    let large = asks(&web).getent("big.svc.test.example");
+    assert!(large.ok() && large.addrs.len() >= 40, "{large:?}");
+    assert_eq!(tcp(&web, "127.0.1.39", port), "allowed");
 
     // glibc's getaddrinfo and a musl client, through the same path.
     let glibc = asks(&web).getent("api.test.example");

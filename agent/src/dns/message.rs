@@ -152,6 +152,22 @@ pub fn not_found(query: &Query) -> Vec<u8> {
     error_answer(query, ResponseCode::NXDomain)
 }
 
+/// The largest answer `query`'s client takes over UDP: its EDNS payload
+/// size, else 512 (RFC 1035).
+pub fn udp_limit(query: &Query) -> usize {
+    query.message().max_payload().max(512).into()
+}
+
+/// An empty answer with TC set, for an answer larger than the client
+/// takes over UDP: it asks again over TCP (RFC 7766), which the kernel
+/// sends to the resolver too. Its addresses are already learned.
+pub fn truncated(query: &Query) -> Vec<u8> {
+    let mut m = answer_message(query, ResponseCode::NoError);
+    m.set_truncated(true);
+    m.to_vec()
+        .expect("a message of one parsed question encodes")
+}
+
 /// SERVFAIL for `query` (no upstream answered, or the addresses could not
 /// be learned).
 pub fn servfail(query: &Query) -> Vec<u8> {
@@ -167,6 +183,13 @@ pub fn formerr(id: u16) -> Vec<u8> {
 }
 
 fn error_answer(query: &Query, rcode: ResponseCode) -> Vec<u8> {
+    answer_message(query, rcode)
+        .to_vec()
+        .expect("a message of one parsed question encodes")
+}
+
+/// An answer to `query` with no records and `rcode`.
+fn answer_message(query: &Query, rcode: ResponseCode) -> Message {
     let asked = query.message();
     let mut m = Message::error_msg(query.id(), OpCode::Query, rcode);
     m.set_recursion_desired(asked.recursion_desired())
@@ -178,8 +201,7 @@ fn error_answer(query: &Query, rcode: ResponseCode) -> Vec<u8> {
         edns.set_max_payload(EDNS_PAYLOAD);
         m.set_edns(edns);
     }
-    m.to_vec()
-        .expect("a message of one parsed question encodes")
+    m
 }
 
 /// How answers are filtered.
@@ -1055,5 +1077,33 @@ pub(super) mod tests {
                 }
             }
         }
+    }
+
+    fn query_with_edns(size: Option<u16>) -> Query {
+        let mut m = Message::from_vec(&query_bytes(7, "a.example.", RecordType::A)).unwrap();
+        if let Some(size) = size {
+            let mut e = Edns::new();
+            e.set_max_payload(size);
+            m.set_edns(e);
+        }
+        parse_query(&m.to_vec().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn the_udp_limit_is_the_client_s_edns_size_or_512() {
+        assert_eq!(udp_limit(&query_with_edns(None)), 512);
+        assert_eq!(udp_limit(&query_with_edns(Some(1232))), 1232);
+        assert_eq!(udp_limit(&query_with_edns(Some(100))), 512);
+    }
+
+    #[test]
+    fn a_truncated_answer_says_so_and_carries_the_question() {
+        let q = query_with_edns(Some(1232));
+        let m = Message::from_vec(&truncated(&q)).unwrap();
+        assert!(m.truncated());
+        assert_eq!(m.id(), 7);
+        assert_eq!(m.response_code(), ResponseCode::NoError);
+        assert_eq!(m.queries(), q.message().queries());
+        assert!(m.answers().is_empty());
     }
 }

@@ -116,8 +116,11 @@ impl Resolver {
             dropped: Vec::new(),
             detail: None,
         };
-        let (reply, outcome) = self.decide(&query, &asker, &mut record).await;
+        let (mut reply, outcome) = self.decide(&query, &asker, &mut record).await;
         record.outcome = outcome;
+        if !over_tcp && reply.len() > message::udp_limit(&query) {
+            reply = message::truncated(&query);
+        }
         if self.records.try_send(record).is_err() {
             tracing::debug!("DNS decision record dropped: the events queue is full");
         }
