@@ -359,3 +359,43 @@ fn restarts_keep_lookups_working_and_a_crash_fails_them_fast() {
     let back = asks(&web).musl("api.test.example");
     assert!(back.ok(), "{back:?}");
 }
+
+/// `[dns] direct`: a resolver run in the scope keeps its own DNS. Its
+/// queries are not sent to the agent; its address rules judge them like
+/// any other send.
+#[test]
+fn a_direct_identity_s_dns_is_judged_by_its_address_rules() {
+    require_privileges!();
+    require_tools!("dnsmasq", "dig", "unshare");
+    let upstream = DnsServer::start(SocketAddr::new(loopback_ip(), 53), &zone());
+    let mut cg = Cgroups::new("dns-direct");
+    cg.inside("web");
+    let other = cg.inside("other");
+    let log = std::env::temp_dir().join(format!("{}-audit.jsonl", cg.name()));
+    let policy = format!(
+        "{}\n[[identity.egress]]\nname = \"own-dns\"\nto = [\"{}/32\"]\nports = [53]\nprotocol = \"udp\"\naction = \"allow\"\n",
+        policy(9),
+        upstream.addr().ip()
+    );
+    let _agent = Agent::start(
+        &cg,
+        &policy,
+        &format!(
+            "{}{}",
+            bindings(),
+            dns_config(upstream.addr(), &log, &format!("direct = [\"{OTHER}\"]"))
+        ),
+    );
+    // Its own resolver, by its address rule: answered by dnsmasq itself.
+    let own = Resolver::new(&[upstream.addr().ip()])
+        .in_cgroup(&other)
+        .dig(&DigQuery::new("secret.test.example"));
+    assert_eq!(own.status.as_deref(), Some("NOERROR"), "{own:?}");
+    assert!(upstream.was_queried("secret.test.example"));
+    // Any other server: denied in the kernel, not answered by the agent.
+    let elsewhere = Resolver::new(&[NOWHERE])
+        .in_cgroup(&other)
+        .dig(&DigQuery::new("api.test.example"));
+    assert_eq!(elsewhere.status, None, "{elsewhere:?}");
+    assert!(!upstream.was_queried("api.test.example"));
+}
