@@ -39,16 +39,16 @@ impl DnsReader {
         let view = self.view.borrow().clone();
         let learned = self.learned.lock().expect("not poisoned");
         let (counts, per_identity_limit) = learned.counts();
+        let mut names = learned.names_by_slot();
         let slots = counts
             .into_iter()
             .map(|(slot, n)| {
-                let mut names: Vec<String> = learned
-                    .of_slot(slot)
-                    .into_iter()
-                    .filter_map(|a| a.name.map(|n| n.to_string()))
+                let names = names
+                    .remove(&slot)
+                    .unwrap_or_default()
+                    .iter()
+                    .map(ToString::to_string)
                     .collect();
-                names.sort();
-                names.dedup();
                 (slot, (view.identity(slot).cloned(), n, names))
             })
             .collect();

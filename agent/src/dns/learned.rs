@@ -269,21 +269,33 @@ impl Learned {
         Ok(id)
     }
 
-    /// Removes entries whose every name has expired, and names no entry
-    /// refers to. Returns the entries removed.
-    pub fn sweep(&mut self) -> usize {
+    /// Entries whose every name has expired, to remove with
+    /// [`Learned::remove_expired`] a few at a time.
+    pub fn expired(&self) -> Vec<LearnedKey> {
         let now = boot_ns();
-        let expired: Vec<LearnedKey> = self
-            .entries
+        self.entries
             .iter()
             .filter(|(_, v)| v.names.iter().all(|n| n.expiry_boot_ns <= now))
             .map(|(k, _)| *k)
-            .collect();
+            .collect()
+    }
+
+    /// Removes those of `keys` still expired (one may have been learned
+    /// again meanwhile). Returns how many went.
+    pub fn remove_expired(&mut self, keys: &[LearnedKey]) -> usize {
+        let now = boot_ns();
         let mut removed = 0;
-        for key in expired {
-            match self.maps.remove(&key) {
+        for key in keys {
+            let still = self
+                .entries
+                .get(key)
+                .is_some_and(|v| v.names.iter().all(|n| n.expiry_boot_ns <= now));
+            if !still {
+                continue;
+            }
+            match self.maps.remove(key) {
                 Ok(()) => {
-                    self.entries.remove(&key);
+                    self.entries.remove(key);
                     if let Some(n) = self.per_slot.get_mut(&key.slot) {
                         *n = n.saturating_sub(1);
                     }
@@ -295,6 +307,12 @@ impl Learned {
             }
         }
         self.per_slot.retain(|_, n| *n > 0);
+        removed
+    }
+
+    /// Forgets the names no live entry refers to.
+    pub fn forget_unused_names(&mut self) {
+        let now = boot_ns();
         let used: HashSet<u32> = self
             .entries
             .values()
@@ -319,7 +337,24 @@ impl Learned {
                 }
             }
         }
-        removed
+    }
+
+    /// The names looked up by each slot with open addresses.
+    pub fn names_by_slot(&self) -> HashMap<u32, Vec<Arc<str>>> {
+        let now = boot_ns();
+        let mut out: HashMap<u32, Vec<Arc<str>>> = HashMap::new();
+        for (k, v) in &self.entries {
+            for n in v.names.iter().filter(|n| n.expiry_boot_ns > now) {
+                if let Some(name) = self.book.get(n.name_id) {
+                    out.entry(k.slot).or_default().push(name);
+                }
+            }
+        }
+        for names in out.values_mut() {
+            names.sort();
+            names.dedup();
+        }
+        out
     }
 
     /// The addresses of `slot` open now.

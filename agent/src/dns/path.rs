@@ -289,14 +289,23 @@ async fn follow_upstreams(mut source: super::config::UpstreamSource, resolver: A
     }
 }
 
-/// Removes expired learned addresses now and then.
+/// Expired learned addresses removed under one hold of the table's lock.
+const SWEEP_STEP: usize = 256;
+
+/// Removes expired learned addresses now and then, a step at a time, so
+/// that a lookup never waits for a whole sweep.
 async fn sweep(learned: Arc<Mutex<Learned>>) {
     let mut tick = tokio::time::interval(SWEEP);
     loop {
         tick.tick().await;
         let learned = learned.clone();
         let _ = tokio::task::spawn_blocking(move || {
-            let removed = learned.lock().expect("not poisoned").sweep();
+            let expired = learned.lock().expect("not poisoned").expired();
+            let mut removed = 0;
+            for step in expired.chunks(SWEEP_STEP) {
+                removed += learned.lock().expect("not poisoned").remove_expired(step);
+            }
+            learned.lock().expect("not poisoned").forget_unused_names();
             if removed > 0 {
                 tracing::debug!(removed, "expired learned addresses removed");
             }
