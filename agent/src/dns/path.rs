@@ -145,6 +145,7 @@ impl DnsPath {
             port: config.listen_port.into(),
             _pad: 0,
         })?;
+        warn_of_local_resolvers();
         tokio::spawn(sweep(learned));
         tokio::spawn(follow_upstreams(source, path.resolver.clone()));
         Ok(Some(path))
@@ -255,6 +256,24 @@ impl DnsPath {
             );
         }
         Handover(handed)
+    }
+}
+
+/// Local resolver services whose lookups never use port 53, so never
+/// reach the DNS path: a workload that can reach their sockets gets
+/// answers whose addresses no name rule opens (docs/security-model.md).
+const LOCAL_RESOLVERS: [(&str, &str); 3] = [
+    ("/run/nscd/socket", "nscd"),
+    ("/var/lib/sss/pipes/nss", "sssd"),
+    ("/run/systemd/resolve/io.systemd.Resolve", "systemd-resolved (varlink)"),
+];
+
+/// Says which of [`LOCAL_RESOLVERS`] this host runs.
+fn warn_of_local_resolvers() {
+    for (socket, service) in LOCAL_RESOLVERS {
+        if std::path::Path::new(socket).exists() {
+            tracing::warn!(socket, service, "a local resolver that workloads may ask without port 53: its answers open nothing for name rules; keep its socket out of workloads' reach, or have glibc use DNS (nsswitch.conf `hosts: dns`)");
+        }
     }
 }
 
