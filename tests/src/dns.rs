@@ -994,3 +994,55 @@ fn ip(args: &[&str]) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The second identity of the DNS tests (`crate::WEB` is the first).
+pub const OTHER: &str = "spiffe://example.org/other";
+
+/// A nameserver for the workloads' resolv.conf where nothing listens:
+/// every answer a client gets comes from the agent, which never forwards
+/// to the server a workload asked.
+pub const NOWHERE: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 53));
+
+/// `[[workload]]` tables binding the cgroups `web` and `other` to
+/// [`crate::WEB`] and [`OTHER`].
+pub fn web_and_other() -> String {
+    format!(
+        "[[workload]]\ncgroup = \"web\"\nidentity = \"{}\"\n\
+         [[workload]]\ncgroup = \"other\"\nidentity = \"{OTHER}\"\n",
+        crate::WEB
+    )
+}
+
+/// Agent configuration for a DNS test: the audit log at `log` with every
+/// allow recorded, and the DNS path forwarding to `upstream` from a port
+/// of its own, with a grace of 1 s; `extra` adds `[dns]` keys.
+pub fn dns_config(upstream: SocketAddr, log: &Path, extra: &str) -> String {
+    format!(
+        "[events]\naudit_log = {log:?}\nallow_sample_rate = 1.0\n\
+         [dns]\nlisten_port = {}\nupstreams = [\"{upstream}\"]\ngrace = \"1s\"\n{extra}\n",
+        crate::free_port()
+    )
+}
+
+/// What the kernel made of a TCP connect from `cgroup` to `ip`:`port`:
+/// `allowed` (it went through: `ok`, or ECONNREFUSED where nothing
+/// listens) or the errno (`EPERM`: denied).
+pub fn connect(cgroup: &Path, ip: &str, port: u16) -> String {
+    let to = match ip.parse::<IpAddr>() {
+        Ok(IpAddr::V6(_)) => format!("[{ip}]:{port}"),
+        _ => format!("{ip}:{port}"),
+    };
+    match crate::probe(Some(cgroup), "tcp", &to).as_str() {
+        "ok" | "ECONNREFUSED" => "allowed".into(),
+        other => other.into(),
+    }
+}
+
+/// The audit log's records, as far as written.
+pub fn audit(log: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}

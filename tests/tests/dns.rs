@@ -8,23 +8,23 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
-use idgate_tests::dns::{DigQuery, DnsServer, Resolver, Zone, loopback_ip};
+use idgate_tests::WEB;
+use idgate_tests::dns::{
+    DigQuery, DnsServer, NOWHERE, OTHER, Resolver, Zone, audit, connect, dns_config, loopback_ip,
+    web_and_other,
+};
 use idgate_tests::{
-    Agent, Cgroups, Listeners, assert_schema, events_schema, free_port, probe, require_privileges,
+    Agent, Cgroups, Listeners, assert_schema, events_schema, probe, require_privileges,
     require_tools, wait_for,
 };
-
-const WEB: &str = "spiffe://example.org/web";
-const OTHER: &str = "spiffe://example.org/other";
-
-/// A nameserver the workloads' resolv.conf names: nothing listens there.
-/// Every query to it must be answered by the agent, which never forwards
-/// to the server a workload asked.
-const NOWHERE: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 53));
 
 /// Policy: WEB may reach `api.test.example` and names under
 /// `svc.test.example` on the TCP port, and is denied 127.0.0.3 outright;
 /// OTHER may reach nothing.
+/// The test zone answers with loopback addresses, which the DNS path
+/// learns only when told to.
+const ALLOW_PRIVATE: &str = "private_answers = \"allow\"";
+
 fn policy(tcp_port: u16) -> String {
     format!(
         r#"
@@ -45,21 +45,6 @@ action = "deny"
 id = "{OTHER}"
 default = "deny"
 "#
-    )
-}
-
-fn bindings() -> String {
-    format!(
-        "[[workload]]\ncgroup = \"web\"\nidentity = \"{WEB}\"\n\
-         [[workload]]\ncgroup = \"other\"\nidentity = \"{OTHER}\"\n"
-    )
-}
-
-fn dns_config(upstream: SocketAddr, log: &Path, extra: &str) -> String {
-    format!(
-        "[events]\naudit_log = {log:?}\nallow_sample_rate = 1.0\n\
-         [dns]\nlisten_port = {}\nupstreams = [\"{upstream}\"]\nprivate_answers = \"allow\"\ngrace = \"1s\"\n{extra}\n",
-        free_port()
     )
 }
 
@@ -85,24 +70,6 @@ fn zone() -> Zone {
         .nxdomain("test.example")
 }
 
-/// What the kernel made of a TCP connect from `cgroup`: `allowed` (the
-/// connect went through: `ok`, or ECONNREFUSED where nothing listens, as
-/// on every loopback address but 127.0.0.1) or the errno (EPERM: denied).
-fn tcp(cgroup: &Path, ip: &str, port: u16) -> String {
-    match probe(Some(cgroup), "tcp", &format!("{ip}:{port}")).as_str() {
-        "ok" | "ECONNREFUSED" => "allowed".into(),
-        other => other.into(),
-    }
-}
-
-fn audit(log: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
 #[test]
 fn a_name_opens_its_addresses_for_the_asking_identity_only() {
     require_privileges!();
@@ -118,32 +85,36 @@ fn a_name_opens_its_addresses_for_the_asking_identity_only() {
     let agent = Agent::start(
         &cg,
         &policy(port),
-        &format!("{}{}", bindings(), dns_config(upstream.addr(), &log, "")),
+        &format!(
+            "{}{}",
+            web_and_other(),
+            dns_config(upstream.addr(), &log, ALLOW_PRIVATE)
+        ),
     );
     // A resolv.conf naming NOWHERE, for a client in a cgroup.
     let asks = |cgroup: &Path| Resolver::new(&[NOWHERE]).in_cgroup(cgroup);
 
     // Nothing is open before a lookup, not even the name's address.
-    assert_eq!(tcp(&web, "127.0.0.1", port), "EPERM");
+    assert_eq!(connect(&web, "127.0.0.1", port), "EPERM");
 
     // dig, as WEB: the agent answers (the server asked, 192.0.2.53, has
     // nothing listening), and then the address is open for WEB.
     let a = asks(&web).dig(&DigQuery::new("api.test.example"));
     assert_eq!(a.status.as_deref(), Some("NOERROR"), "{a:?}");
     assert_eq!(a.addrs, vec![IpAddr::from([127, 0, 0, 1])]);
-    assert_eq!(tcp(&web, "127.0.0.1", port), "allowed");
+    assert_eq!(connect(&web, "127.0.0.1", port), "allowed");
     assert!(upstream.was_queried("api.test.example"));
 
     // Another identity's connect stays denied: WEB's lookup opened
     // nothing for it. Its own lookup of a name its policy does not name
     // is refused, and dnsmasq never sees it.
-    assert_eq!(tcp(&other, "127.0.0.1", port), "EPERM");
+    assert_eq!(connect(&other, "127.0.0.1", port), "EPERM");
     let refused = asks(&other).dig(&DigQuery::new("api.test.example"));
     assert_eq!(refused.status.as_deref(), Some("NXDOMAIN"), "{refused:?}");
     let secret = asks(&web).dig(&DigQuery::new("secret.test.example"));
     assert_eq!(secret.status.as_deref(), Some("NXDOMAIN"), "{secret:?}");
     assert!(!upstream.was_queried("secret.test.example"));
-    assert_eq!(tcp(&web, "127.0.0.9", port), "EPERM");
+    assert_eq!(connect(&web, "127.0.0.9", port), "EPERM");
 
     // Case and a final dot are the same name; over TCP too.
     let upper = asks(&web).dig(&DigQuery::new("API.Test.Example.").tcp());
@@ -153,21 +124,21 @@ fn a_name_opens_its_addresses_for_the_asking_identity_only() {
     let many = asks(&web).dig(&DigQuery::new("many.svc.test.example"));
     assert_eq!(many.addrs.len(), 4, "{many:?}");
     for ip in ["127.0.0.4", "127.0.0.5", "127.0.0.6"] {
-        assert_eq!(tcp(&web, ip, port), "allowed", "{ip}");
+        assert_eq!(connect(&web, ip, port), "allowed", "{ip}");
     }
     // Another port of a learned address is not in the rule.
-    assert_eq!(tcp(&web, "127.0.0.4", port + 1), "EPERM");
+    assert_eq!(connect(&web, "127.0.0.4", port + 1), "EPERM");
 
     // A CNAME chain out of the policy's names: the address the question
     // reaches is learned under the name asked.
     let alias = asks(&web).dig(&DigQuery::new("alias.svc.test.example"));
     assert_eq!(alias.addrs, vec![IpAddr::from([127, 0, 0, 8])], "{alias:?}");
-    assert_eq!(tcp(&web, "127.0.0.8", port), "allowed");
+    assert_eq!(connect(&web, "127.0.0.8", port), "allowed");
 
     // A deny rule for the address beats the name.
     let db = asks(&web).dig(&DigQuery::new("db.svc.test.example"));
     assert_eq!(db.addrs, vec![IpAddr::from([127, 0, 0, 3])], "{db:?}");
-    assert_eq!(tcp(&web, "127.0.0.3", port), "EPERM");
+    assert_eq!(connect(&web, "127.0.0.3", port), "EPERM");
 
     // TTL 0: open for the grace (1 s) only, and closed by the kernel's
     // clock whatever the agent does.
@@ -177,7 +148,7 @@ fn a_name_opens_its_addresses_for_the_asking_identity_only() {
     wait_for(
         "the TTL-0 address to close",
         Duration::from_secs(10),
-        || (tcp(&web, "127.0.0.7", port) == "EPERM").then_some(()),
+        || (connect(&web, "127.0.0.7", port) == "EPERM").then_some(()),
     );
 
     // Asking another resolver directly is the same: the query goes to the
@@ -193,7 +164,7 @@ fn a_name_opens_its_addresses_for_the_asking_identity_only() {
     assert_eq!(large.addrs.len(), 40, "{large:?}");
     let large = asks(&web).getent("big.svc.test.example");
     assert!(large.ok() && large.addrs.len() >= 40, "{large:?}");
-    assert_eq!(tcp(&web, "127.0.1.39", port), "allowed");
+    assert_eq!(connect(&web, "127.0.1.39", port), "allowed");
 
     // glibc's getaddrinfo and a musl client, through the same path.
     let glibc = asks(&web).getent("api.test.example");
@@ -299,7 +270,11 @@ fn restarts_keep_lookups_working_and_a_crash_fails_them_fast() {
     let mut agent = Agent::start(
         &cg,
         &policy(port),
-        &format!("{}{}", bindings(), dns_config(upstream.addr(), &log, "")),
+        &format!(
+            "{}{}",
+            web_and_other(),
+            dns_config(upstream.addr(), &log, ALLOW_PRIVATE)
+        ),
     );
     let asks = |cgroup: &Path| Resolver::new(&[NOWHERE]).in_cgroup(cgroup);
     let first = asks(&web).dig(&DigQuery::new("api.test.example"));
@@ -339,7 +314,7 @@ fn restarts_keep_lookups_working_and_a_crash_fails_them_fast() {
         "{}",
         agent.log()
     );
-    assert_eq!(tcp(&web, "127.0.0.1", port), "allowed");
+    assert_eq!(connect(&web, "127.0.0.1", port), "allowed");
 
     // A crash: the sockets close with the process, and the kernel's socket
     // hash with them, so the send fails (EPERM) and glibc gives up at
@@ -353,7 +328,7 @@ fn restarts_keep_lookups_working_and_a_crash_fails_them_fast() {
         "the lookup waited {:?}: {down:?}",
         down.run.elapsed
     );
-    assert_eq!(tcp(&web, "127.0.0.1", port), "allowed");
+    assert_eq!(connect(&web, "127.0.0.1", port), "allowed");
     agent.spawn();
     agent.wait_ready();
     let back = asks(&web).musl("api.test.example");
@@ -382,8 +357,12 @@ fn a_direct_identity_s_dns_is_judged_by_its_address_rules() {
         &policy,
         &format!(
             "{}{}",
-            bindings(),
-            dns_config(upstream.addr(), &log, &format!("direct = [\"{OTHER}\"]"))
+            web_and_other(),
+            dns_config(
+                upstream.addr(),
+                &log,
+                &format!("{ALLOW_PRIVATE}\ndirect = [\"{OTHER}\"]")
+            )
         ),
     );
     // Its own resolver, by its address rule: answered by dnsmasq itself.

@@ -10,20 +10,13 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use idgate_tests::dns::{
-    CLIENT_TIMEOUT, DigQuery, DnsServer, NetNs, Resolver, Run, Zone, loopback_ip, run_bounded,
+    CLIENT_TIMEOUT, DigQuery, DnsServer, NOWHERE, NetNs, OTHER, Resolver, Run, Zone, audit,
+    connect, dns_config, loopback_ip, run_bounded, web_and_other,
 };
 use idgate_tests::{
-    Agent, Cgroups, Listeners, free_port, probe, require_privileges, require_tools, target_bin,
-    wait_for,
+    Agent, Cgroups, Listeners, WEB, probe, require_privileges, require_tools, target_bin, wait_for,
 };
 use nix::sys::signal::Signal;
-
-const WEB: &str = "spiffe://example.org/web";
-const OTHER: &str = "spiffe://example.org/other";
-
-/// The nameserver the workloads' resolv.conf names: nothing listens
-/// there, so every answer a client gets comes from the agent.
-const NOWHERE: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 53));
 
 /// The tools every test here runs.
 macro_rules! require_dns_tools {
@@ -66,23 +59,6 @@ ports = [{tcp_port}]
 protocol = "tcp"
 action = "allow"
 "#
-    )
-}
-
-fn bindings() -> String {
-    format!(
-        "[[workload]]\ncgroup = \"web\"\nidentity = \"{WEB}\"\n\
-         [[workload]]\ncgroup = \"other\"\nidentity = \"{OTHER}\"\n"
-    )
-}
-
-/// The agent's config: the audit log at `log` (every allow recorded),
-/// the DNS path forwarding to `upstream` on a port of its own.
-fn dns_config(upstream: SocketAddr, log: &Path, private: &str, extra: &str) -> String {
-    format!(
-        "[events]\naudit_log = {log:?}\nallow_sample_rate = 1.0\n\
-         [dns]\nlisten_port = {}\nupstreams = [\"{upstream}\"]\nprivate_answers = \"{private}\"\ngrace = \"1s\"\n{extra}\n",
-        free_port()
     )
 }
 
@@ -146,8 +122,12 @@ impl World {
             &policy(listeners.tcp_port, web_extra),
             &format!(
                 "{}{}",
-                bindings(),
-                dns_config(upstream.addr(), &log, private, extra)
+                web_and_other(),
+                dns_config(
+                    upstream.addr(),
+                    &log,
+                    &format!("private_answers = \"{private}\"\n{extra}")
+                )
             ),
         );
         Self {
@@ -171,9 +151,9 @@ impl World {
     }
 
     /// What the kernel made of a TCP connect from `cgroup` to `ip` on the
-    /// policy's port (see [`tcp`]).
+    /// policy's port (see [`connect`]).
     fn tcp(&self, cgroup: &Path, ip: &str) -> String {
-        tcp(cgroup, ip, self.port())
+        connect(cgroup, ip, self.port())
     }
 
     /// The first audit-log record for which `pred` holds (waits 10 s).
@@ -188,28 +168,6 @@ impl Drop for World {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.log);
     }
-}
-
-/// What the kernel made of a TCP connect from `cgroup`: `allowed` (the
-/// connect went through: `ok`, or ECONNREFUSED where nothing listens, as
-/// on every loopback address but 127.0.0.1) or the errno (EPERM: denied).
-fn tcp(cgroup: &Path, ip: &str, port: u16) -> String {
-    let to = match ip.parse::<IpAddr>() {
-        Ok(IpAddr::V6(_)) => format!("[{ip}]:{port}"),
-        _ => format!("{ip}:{port}"),
-    };
-    match probe(Some(cgroup), "tcp", &to).as_str() {
-        "ok" | "ECONNREFUSED" => "allowed".into(),
-        other => other.into(),
-    }
-}
-
-fn audit(log: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
 }
 
 /// A DNS-path record of `identity` (or of no identity) for `name` with

@@ -265,14 +265,21 @@ impl DnsPath {
 const LOCAL_RESOLVERS: [(&str, &str); 3] = [
     ("/run/nscd/socket", "nscd"),
     ("/var/lib/sss/pipes/nss", "sssd"),
-    ("/run/systemd/resolve/io.systemd.Resolve", "systemd-resolved (varlink)"),
+    (
+        "/run/systemd/resolve/io.systemd.Resolve",
+        "systemd-resolved (varlink)",
+    ),
 ];
 
 /// Says which of [`LOCAL_RESOLVERS`] this host runs.
 fn warn_of_local_resolvers() {
     for (socket, service) in LOCAL_RESOLVERS {
         if std::path::Path::new(socket).exists() {
-            tracing::warn!(socket, service, "a local resolver that workloads may ask without port 53: its answers open nothing for name rules; keep its socket out of workloads' reach, or have glibc use DNS (nsswitch.conf `hosts: dns`)");
+            tracing::warn!(
+                socket,
+                service,
+                "a local resolver that workloads may ask without port 53: its answers open nothing for name rules; keep its socket out of workloads' reach, or have glibc use DNS (nsswitch.conf `hosts: dns`)"
+            );
         }
     }
 }
