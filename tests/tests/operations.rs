@@ -405,8 +405,19 @@ fn explain_names_the_deciding_rule() {
     assert_eq!(r["rule"], "default");
     let r = run("[::ffff:127.0.0.1]:443").unwrap();
     assert_eq!(r["verdict"], "allow");
-    let e = run("localhost:443").unwrap_err();
-    assert!(e.contains("not ADDR:PORT"), "{e}");
+    // A name: no rule names it, so nothing is learned for it and a
+    // connect to its addresses gets the default.
+    let r = run("localhost:443").unwrap();
+    assert_eq!(r["verdict"], "deny");
+    assert!(r.get("pattern").is_none(), "{r}");
+    assert_eq!(r["learned"], serde_json::json!([]));
+    let e = run("local host:443").unwrap_err();
+    assert!(
+        e.contains("not ADDR:PORT or NAME:PORT") || e.contains("local host"),
+        "{e}"
+    );
+    let e = run("localhost").unwrap_err();
+    assert!(e.contains("not ADDR:PORT or NAME:PORT"), "{e}");
 }
 
 #[test]
