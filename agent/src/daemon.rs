@@ -226,6 +226,7 @@ async fn start(config_path: &Path, handover: crate::dns::Handover) -> Result<Sta
         records_tx,
         book,
         handover,
+        telemetry.dns.clone(),
     )?;
     let (hand_over, hand_over_asked) = mpsc::channel(1);
     let dns = dns.map(|dns| {

@@ -36,6 +36,7 @@ mod kernel;
 mod learned;
 mod listener;
 mod message;
+mod metrics;
 mod path;
 mod resolver;
 mod server;
@@ -54,6 +55,7 @@ pub use message::{
     check_answers, filter_answer, formerr, not_found, parse_query, refused, servfail, truncated,
     udp_limit,
 };
+pub use metrics::DnsMetrics;
 pub use path::{DnsPath, DnsPathError};
 pub use resolver::{DnsRecord, Outcome};
 pub use upstream::{ExchangeError, Upstream, UpstreamError};

@@ -43,6 +43,7 @@ impl Prepared {
         let mut registry = Registry::with_prefix("idgate");
         let event_metrics = EventMetrics::new(&mut registry);
         let telemetry = Telemetry {
+            dns: crate::dns::DnsMetrics::new(&mut registry),
             feed: self.sinks.feed(),
             names: Arc::new(Names::default()),
             metrics: StateMetrics::new(&mut registry),
@@ -67,6 +68,8 @@ impl Prepared {
 pub struct Telemetry {
     /// Decision events for `idgate events`.
     pub feed: EventFeed,
+    /// The DNS path's metrics, for `DnsPath::start`.
+    pub dns: crate::dns::DnsMetrics,
     names: Arc<Names>,
     metrics: StateMetrics,
 }

@@ -19,6 +19,7 @@ use super::kernel::{KernelError, LearnedMaps, RedirectMaps};
 use super::learned::{Learned, NameBook};
 use super::listener;
 use super::message::FilterOptions;
+use super::metrics::DnsMetrics;
 use super::resolver::{DnsRecord, Resolver};
 use super::server::{self, IN_FLIGHT, Serving};
 use super::upstream::Upstream;
@@ -75,6 +76,7 @@ impl DnsPath {
         records: mpsc::Sender<DnsRecord>,
         book: Arc<NameBook>,
         handover: Handover,
+        metrics: DnsMetrics,
     ) -> Result<Option<Self>, DnsPathError> {
         let mut redirect = RedirectMaps::open(pin_dir)?;
         if !config.enabled {
@@ -100,6 +102,7 @@ impl DnsPath {
             filter: FilterOptions::of_config(config),
             grace: config.grace,
             records,
+            metrics,
         });
         let listening = Arc::new(AtomicUsize::new(0));
         let reader = DnsReader {

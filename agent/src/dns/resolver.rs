@@ -5,12 +5,13 @@
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 
 use super::learned::Learned;
 use super::message::{self, FilterOptions, Query};
+use super::metrics::DnsMetrics;
 use super::upstream::Upstream;
 use super::view::{Asker, DnsView};
 
@@ -82,6 +83,7 @@ pub struct Resolver {
     pub filter: FilterOptions,
     pub grace: Duration,
     pub records: mpsc::Sender<DnsRecord>,
+    pub metrics: DnsMetrics,
 }
 
 impl Resolver {
@@ -162,6 +164,7 @@ impl Resolver {
                 return (message::servfail(query), Outcome::UpstreamFailed);
             }
         };
+        let answered = Instant::now();
         let filtered = match message::filter_answer(query, &upstream, self.filter) {
             Ok(f) => f,
             Err(e) => {
@@ -182,6 +185,7 @@ impl Resolver {
             record.detail = Some(e.to_string());
             return (message::servfail(query), Outcome::NotLearned);
         }
+        self.metrics.learned(answered.elapsed());
         record.learned = filtered.learned;
         (filtered.bytes, Outcome::Answered)
     }
