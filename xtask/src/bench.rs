@@ -10,7 +10,9 @@
 //! Then reload time, the agents' memory and CPU, how fast agent (c)'s
 //! control socket and Workload API answer during reloads, binding
 //! latency (new cgroup, and exec, to identity) and the event path's
-//! throughput.
+//! throughput. Then the DNS path: lookups through idgate beside the
+//! same lookups straight to the upstream, and what names in policy cost
+//! (`--only-dns` runs that section alone).
 //! Everything made here (cgroups, agents and their pins, the nft table,
 //! files) is removed at the end, on failure and on Ctrl-C too.
 
@@ -18,6 +20,7 @@ mod agent;
 mod binding;
 mod cgroups;
 mod cost;
+mod dns;
 mod events;
 mod floor;
 mod interrupt;
@@ -83,6 +86,28 @@ pub struct BenchArgs {
     /// Seconds of connects flat out for the event path.
     #[arg(long, default_value_t = 5.0)]
     event_seconds: f64,
+    /// Run only the DNS path's section (7) and put it into the report in
+    /// place of the one there; the other sections stay as they are.
+    #[arg(long)]
+    only_dns: bool,
+    /// Names in the DNS upstream's zone, one address each: all looked up
+    /// once through idgate first (and so learned), then the latency runs
+    /// cycle through them.
+    #[arg(long, default_value_t = 20_000)]
+    dns_names: u64,
+    /// Most lookups per DNS latency run, one at a time.
+    #[arg(long, default_value_t = 20_000)]
+    dns_queries: u64,
+    /// Most seconds per DNS latency run.
+    #[arg(long, default_value_t = 10.0)]
+    dns_seconds: f64,
+    /// Seconds of lookups flat out, per configuration and level.
+    #[arg(long, default_value_t = 2.0)]
+    dns_flood_seconds: f64,
+    /// Lookups kept outstanding at once, one flood run each (up to 4
+    /// client threads share them).
+    #[arg(long, value_delimiter = ',', default_value = "1,16,256,2048")]
+    dns_outstanding: Vec<usize>,
     /// A remark put at the top of the report (e.g. how quiet the machine
     /// was).
     #[arg(long)]
@@ -124,6 +149,7 @@ pub struct Results {
     /// Agents (b) and (c).
     pub binding: Vec<binding::Latencies>,
     pub events: events::EventPath,
+    pub dns: dns::DnsBench,
 }
 
 pub fn run(args: BenchArgs, root: &Path) -> Result<()> {
@@ -137,6 +163,9 @@ pub fn run(args: BenchArgs, root: &Path) -> Result<()> {
     // Map memory, program statistics and the hooks' programs are read
     // with it.
     machine::ensure_tool("bpftool", &["version"], "bpftool")?;
+    if args.only_dns {
+        return run_dns_only(&args, root, &machine, started);
+    }
     let results = measure(&args, root, nft_version)?;
     let text = report::render(&args, &machine, &results, started.elapsed());
     let out = root.join(&args.out);
@@ -147,6 +176,55 @@ pub fn run(args: BenchArgs, root: &Path) -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// `--only-dns`: the DNS section alone, put into the report in place of
+/// the one there (or after the others).
+fn run_dns_only(args: &BenchArgs, root: &Path, machine: &Machine, started: Instant) -> Result<()> {
+    let bins = crate::target_dir(root).join("release");
+    let lp = Loop {
+        bin: bins.join("idgate-bench-loop"),
+        count: args.count,
+        seconds: args.seconds,
+    };
+    let ports = Ports::pick()?;
+    let tag = format!("idgate-bench-{}", std::process::id());
+    let tree = cgroups::Tree::new(&cgroups::cgroup2_root()?, &tag)?;
+    let plain = tree.make("none")?;
+    let results = dns::measure(
+        dns_sizes(args),
+        &bins.join("idgate"),
+        &bins.join("idgate-bench-dns"),
+        &lp,
+        &tag,
+        &plain,
+        &tree,
+        &ports.ops(),
+        rules::loopback_rule(ports.tcp, ports.udp),
+        ports.denied[0],
+    )?;
+    drop(tree);
+    let out = root.join(&args.out);
+    let old = std::fs::read_to_string(&out).unwrap_or_default();
+    let section = report::dns_alone(args, machine, &results, started.elapsed());
+    std::fs::write(&out, report::replace_section(&old, &section))?;
+    eprintln!(
+        "bench: put the DNS section into {} in {:.0} s",
+        out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn dns_sizes(args: &BenchArgs) -> dns::Sizes {
+    dns::Sizes {
+        names: args.dns_names,
+        queries: args.dns_queries,
+        seconds: args.dns_seconds,
+        flood_seconds: args.dns_flood_seconds,
+        outstanding: args.dns_outstanding.clone(),
+        rounds: args.rounds,
+    }
 }
 
 /// Whether this process runs as root.
@@ -308,6 +386,19 @@ fn measure(args: &BenchArgs, root: &Path, nft_version: String) -> Result<Results
         udp,
         args.event_seconds,
     )?;
+    drop(events_agent);
+    let dns = dns::measure(
+        dns_sizes(args),
+        &idgate,
+        &bins.join("idgate-bench-dns"),
+        &lp,
+        &tag,
+        &plain,
+        &tree,
+        &ports.ops(),
+        first.clone(),
+        ports.denied[0],
+    )?;
     Ok(Results {
         nft_version,
         nft_load: table.load_time,
@@ -322,6 +413,7 @@ fn measure(args: &BenchArgs, root: &Path, nft_version: String) -> Result<Results
         responsiveness,
         binding,
         events,
+        dns,
     })
 }
 

@@ -40,6 +40,21 @@ impl Agent {
         identities: &[Identity],
         tables: &str,
     ) -> Result<Self> {
+        Self::start_with_policy(idgate, dir, scope, pin_dir, identities, tables, &[])
+    }
+
+    /// [`Agent::start`] with more policy files beside the identities'
+    /// ones: (file name, text), for identities `identities` cannot
+    /// express (rules by name).
+    pub fn start_with_policy(
+        idgate: &Path,
+        dir: PathBuf,
+        scope: &str,
+        pin_dir: PathBuf,
+        identities: &[Identity],
+        tables: &str,
+        extra_policy: &[(String, String)],
+    ) -> Result<Self> {
         if dir.exists() || pin_dir.exists() {
             bail!("{} or {} exists already", dir.display(), pin_dir.display());
         }
@@ -54,8 +69,11 @@ impl Agent {
         for sub in ["policy", "entries", "state"] {
             std::fs::create_dir_all(agent.dir.join(sub))?;
         }
-        for (name, text) in rules::idgate_policy(identities) {
-            agent.write_policy(&name, &text)?;
+        for (name, text) in rules::idgate_policy(identities)
+            .iter()
+            .chain(extra_policy)
+        {
+            agent.write_policy(name, text)?;
         }
         let config = format!(
             "scope = {scope:?}\npin_dir = {:?}\ncontrol_socket = \"control.sock\"\npolicy = \"policy\"\nentries = \"entries\"\nstate_dir = \"state\"\n{}\n{tables}",

@@ -209,7 +209,7 @@ impl Metrics {
 }
 
 /// `GET /metrics` over plain HTTP/1.1; the body.
-fn get_metrics(address: SocketAddr) -> Result<String> {
+pub fn get_metrics(address: SocketAddr) -> Result<String> {
     let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(5))
         .with_context(|| format!("connecting to the metrics endpoint {address}"))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;

@@ -9,6 +9,7 @@ use super::loops::Op;
 use super::machine::Machine;
 use super::overhead::{AgentUnderLoad, HooksOff};
 use super::responsiveness::{self, Probe};
+use super::dns::{self, DnsBench, Flood};
 use super::{AgentCost, BenchArgs, Results, thousands};
 
 /// The issue's targets for (c) over (a): TCP, UDP.
@@ -26,7 +27,47 @@ pub fn render(args: &BenchArgs, machine: &Machine, r: &Results, runtime: Duratio
     binding(&mut out, args, r);
     events(&mut out, args, machine, r);
     responsiveness(&mut out, args, r);
+    dns(&mut out, &r.dns, None);
     out
+}
+
+/// The DNS section of a `--only-dns` run, saying when and where it ran.
+pub fn dns_alone(args: &BenchArgs, m: &Machine, d: &DnsBench, runtime: Duration) -> String {
+    let mut out = String::new();
+    let note = args
+        .note
+        .as_ref()
+        .map(|n| format!(" Its note: {n}"))
+        .unwrap_or_default();
+    let when = format!(
+        "This section was measured on its own (`cargo xtask bench --only-dns`) on {date} from \
+         commit {commit}, in {runtime:.0} s, on {cpus} logical CPUs of {cpu}, Linux \
+         {kernel}; the sections above come from the run named at the top.{note}",
+        date = m.date,
+        commit = m.commit,
+        runtime = runtime.as_secs_f64(),
+        cpus = m.cpus,
+        cpu = m.cpu,
+        kernel = m.kernel,
+    );
+    dns(&mut out, d, Some(&when));
+    out
+}
+
+/// The title of the DNS section, by which `--only-dns` finds it.
+const DNS_TITLE: &str = "\n## 7. DNS path";
+
+/// `report` with its DNS section (up to the next section) replaced by
+/// `section`, or `section` appended when it has none.
+pub fn replace_section(report: &str, section: &str) -> String {
+    let Some(start) = report.find(DNS_TITLE) else {
+        return format!("{}\n{section}", report.trim_end_matches('\n'));
+    };
+    let after = start + DNS_TITLE.len();
+    let end = report[after..]
+        .find("\n## ")
+        .map_or(report.len(), |i| after + i);
+    format!("{}{section}{}", &report[..start], &report[end..])
 }
 
 fn header(out: &mut String, args: &BenchArgs, m: &Machine, r: &Results, runtime: Duration) {
@@ -673,6 +714,332 @@ fn responsiveness(out: &mut String, args: &BenchArgs, r: &Results) {
             figures(during)
         );
     }
+}
+
+/// The issue's targets for the DNS path: added latency at p50 and p99,
+/// and the answer-to-kernel time at p99 (nanoseconds).
+const TARGET_DNS_P50_ADDED: u64 = 200_000;
+const TARGET_DNS_P99_ADDED: u64 = 2_000_000;
+const TARGET_DNS_LEARN_P99: f64 = 0.001;
+
+fn yes_no(met: bool) -> &'static str {
+    if met { "yes" } else { "**no**" }
+}
+
+fn dns(out: &mut String, d: &DnsBench, alone: Option<&str>) {
+    let s = &d.sizes;
+    let _ = write!(out, "\n## 7. DNS path\n\n");
+    if let Some(when) = alone {
+        let _ = write!(out, "> {when}\n\n");
+    }
+    let _ = write!(
+        out,
+        "Names in policy, through the kernel's redirect and the agent's resolver. The \
+         upstream is {dnsmasq} on a loopback address of the benchmark's, port 53, serving \
+         {names} names `h0.{zone}` to `h{last}.{zone}` (one IPv4 address of its own each, \
+         TTL 1 h) and `{loop_name}` (127.0.0.1 and ::1). An agent of its own forwards to \
+         it (`[dns] upstreams`, `private_answers = \"allow\"`: the zone's addresses are \
+         loopback ones); its scope has two bound cgroups: one whose identity reaches the \
+         connect loop's destinations by a CIDR rule, and one whose identity has name rules \
+         only (`*.{zone}` on one UDP port, and `{loop_name}` on the loop's ports). The \
+         client is `idgate-bench-dns` (release build, hickory-proto messages, UDP, one \
+         connected socket per thread), moved into a cgroup before it makes a socket:\n\n\
+         - **direct**: from the benchmark's cgroup outside every scope, to dnsmasq itself;\n\
+         - **through idgate**: from the names identity's cgroup, to `{asked}`, where nothing \
+         listens: the kernel redirects the query to the agent, which forwards it to the same \
+         dnsmasq, writes the answer's address into `IDG_LEARNED` for that identity, and only \
+         then answers.\n\n\
+         A query unanswered after {timeout} counts as a timeout. The agents of the sections \
+         above still run (idle) during this one.\n",
+        dnsmasq = d.dnsmasq,
+        names = thousands(s.names as usize),
+        last = s.names - 1,
+        zone = dns::ZONE,
+        loop_name = dns::LOOP_NAME,
+        asked = dns::ASKED,
+        timeout = seconds(dns::TIMEOUT),
+    );
+
+    // Latency.
+    let pooled = |k: usize| {
+        let mut all = dns::Sequential::default();
+        for run in &d.latency[k] {
+            all.add_run(run);
+        }
+        all
+    };
+    let [direct, through] = [pooled(0), pooled(1)];
+    let _ = write!(
+        out,
+        "\n### Lookup latency\n\n\
+         The same A queries one at a time (the next sent once the answer is in), at most \
+         {queries} per run or {secs} s; {rounds} rounds, the two configurations interleaved, \
+         their order turning each round. Each query is timed from just before its send to \
+         its answer's arrival, and read after the clock stops. Both cycle through the zone's \
+         names in the same order; every name was learned before (first lookups, below), so \
+         each answer through idgate rewrites its entry (a new expiry). Percentiles over every \
+         answered query of all rounds.\n\n\
+         | | answered | p50 | p99 | p99.9 | max | timeouts | other answers |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|\n",
+        queries = thousands(s.queries as usize),
+        secs = s.seconds,
+        rounds = s.rounds,
+    );
+    for (name, run) in [("direct", &direct), ("through idgate", &through)] {
+        let l = &run.latency_ns;
+        let _ = writeln!(
+            out,
+            "| {name} | {n} | {p50} | {p99} | {p999} | {max} | {t} | {f} |",
+            n = thousands(l.len()),
+            p50 = latency(percentile(l, 0.5)),
+            p99 = latency(percentile(l, 0.99)),
+            p999 = latency(percentile(l, 0.999)),
+            max = latency(l.iter().copied().max().unwrap_or(0)),
+            t = run.timeouts,
+            f = failures(run),
+        );
+    }
+    let added = |p: f64| {
+        percentile(&through.latency_ns, p) as i64 - percentile(&direct.latency_ns, p) as i64
+    };
+    let signed = |ns: i64| {
+        let sign = if ns < 0 { "−" } else { "+" };
+        format!("{sign}{}", latency(ns.unsigned_abs()))
+    };
+    let per_round: Vec<String> = d.latency[0]
+        .iter()
+        .zip(&d.latency[1])
+        .map(|(a, b)| {
+            signed(percentile(&b.latency_ns, 0.5) as i64 - percentile(&a.latency_ns, 0.5) as i64)
+        })
+        .collect();
+    let _ = write!(
+        out,
+        "\nAdded by idgate (through − direct): {p50} at p50 (each round's: {rounds}), {p99} \
+         at p99, {p999} at p99.9. The issue's targets on loopback: at most {t50} added at p50 \
+         (met: {m50}) and {t99} at p99 (met: {m99}).\n",
+        p50 = signed(added(0.5)),
+        rounds = per_round.join(", "),
+        p99 = signed(added(0.99)),
+        p999 = signed(added(0.999)),
+        t50 = latency(TARGET_DNS_P50_ADDED),
+        t99 = latency(TARGET_DNS_P99_ADDED),
+        m50 = yes_no(added(0.5) <= TARGET_DNS_P50_ADDED as i64),
+        m99 = yes_no(added(0.99) <= TARGET_DNS_P99_ADDED as i64),
+    );
+
+    // Answer to kernel.
+    let h = &d.learn;
+    let bound = |p: f64| match h.quantile_bound(p) {
+        Some(b) if b.is_finite() => format!("≤ {}", latency((b * 1e9) as u64)),
+        Some(_) => "above the last bucket".into(),
+        None => "–".into(),
+    };
+    let learn_p99_met = h
+        .quantile_bound(0.99)
+        .is_some_and(|b| b <= TARGET_DNS_LEARN_P99);
+    let first = &d.first;
+    let connects = first.connects_allowed + first.connects_denied;
+    let later = through.connects_allowed + through.connects_denied;
+    let _ = write!(
+        out,
+        "\n### From the upstream's answer to the addresses in the kernel\n\n\
+         The agent's own histogram `idgate_dns_learn_seconds`: from the upstream's answer \
+         coming in to the map updates having returned (answer filtered, learned table \
+         locked, `IDG_LEARNED` written), for every answer learned up to the end of the latency \
+         runs ({count} answers: the first lookups and the latency runs through idgate). Its \
+         buckets double from 1 µs, so a percentile is known only up to its bucket's bound.\n\n\
+         | answers | mean | p50 | p99 | p99 under {target} |\n|---:|---:|---:|---:|---|\n\
+         | {count} | {mean} | {p50} | {p99} | {met} |\n\n\
+         **No first-connect race**, seen from the workload: in the first lookups, each of \
+         the {names} names was asked once through idgate ({asked} queries in {took}: {tm} \
+         timeouts, other answers: {fail}), and right after each answer the same process made a \
+         UDP `connect()` to the answered address on the rule's port, from a socket made in \
+         the same cgroup: **{allowed} of {connects} allowed**{denied_note}. In the latency \
+         runs through idgate, the same after every answer: {allowed2} of {later} \
+         allowed.\n",
+        count = thousands(h.count as usize),
+        mean = if h.count > 0 {
+            latency((h.sum / h.count as f64 * 1e9) as u64)
+        } else {
+            "–".into()
+        },
+        p50 = bound(0.5),
+        p99 = bound(0.99),
+        target = latency((TARGET_DNS_LEARN_P99 * 1e9) as u64),
+        met = yes_no(learn_p99_met),
+        names = thousands(s.names as usize),
+        asked = thousands(first.queries as usize),
+        took = seconds(Duration::from_secs_f64(first.seconds)),
+        tm = first.timeouts,
+        fail = failures(first),
+        allowed = thousands(first.connects_allowed as usize),
+        connects = thousands(connects as usize),
+        denied_note = match &first.first_denied {
+            Some(name) => format!(
+                " ({} denied, the first after `{name}`)",
+                first.connects_denied
+            ),
+            None => String::new(),
+        },
+        allowed2 = thousands(through.connects_allowed as usize),
+        later = thousands(later as usize),
+    );
+
+    // Throughput.
+    let _ = write!(
+        out,
+        "\n### Lookups per second\n\n\
+         The client keeps a number of queries outstanding (spread over up to 4 threads, each \
+         with a socket of its own; a query is replaced as soon as it is answered or timed \
+         out) for {secs} s, direct and then through idgate, at each level. CPU is the \
+         processes' `utime + stime` over the run, per 1,000 answered lookups. The client, \
+         dnsmasq and the agent share the machine's CPUs. The agent serves at most 1,024 \
+         queries at once (more are dropped: the client asks again).\n\n\
+         | outstanding | direct: lookups/s | timeouts | dnsmasq CPU / 1,000 | through idgate: \
+         lookups/s | timeouts | other answers | agent CPU / 1,000 | dnsmasq CPU / 1,000 | \
+         through / direct |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        secs = s.flood_seconds,
+    );
+    let rate = |f: &Flood| f.answered as f64 / f.seconds;
+    let per_k = |cpu: f64, f: &Flood| {
+        if f.answered == 0 {
+            "–".into()
+        } else {
+            latency((cpu / f.answered as f64 * 1000.0 * 1e9) as u64)
+        }
+    };
+    for l in &d.flood {
+        let _ = writeln!(
+            out,
+            "| {n} ({t} thread{pl}) | {dr} | {dt} | {dc} | {tr} | {tt} | {tf} | {ta} | {tc} | {ratio:.2} |",
+            n = thousands(l.outstanding),
+            t = l.threads,
+            pl = if l.threads == 1 { "" } else { "s" },
+            dr = thousands(rate(&l.direct) as usize),
+            dt = thousands(l.direct.timeouts as usize),
+            dc = per_k(l.direct.dnsmasq_cpu, &l.direct),
+            tr = thousands(rate(&l.through) as usize),
+            tt = thousands(l.through.timeouts as usize),
+            tf = thousands(l.through.failed as usize),
+            ta = per_k(l.through.agent_cpu, &l.through),
+            tc = per_k(l.through.dnsmasq_cpu, &l.through),
+            ratio = rate(&l.through) / rate(&l.direct),
+        );
+    }
+    let clean = |pick: fn(&dns::FloodLevel) -> &Flood| {
+        d.flood
+            .iter()
+            .map(pick)
+            .filter(|f| f.timeouts == 0 && f.failed == 0)
+            .map(rate)
+            .reduce(f64::max)
+    };
+    let best = |r: Option<f64>| r.map_or("none of the levels".into(), |r| thousands(r as usize));
+    let _ = write!(
+        out,
+        "\nLookups per second before anything timed out or failed (the best level without \
+         either): direct {direct}, through idgate {through}.\n",
+        direct = best(clean(|l| &l.direct)),
+        through = best(clean(|l| &l.through)),
+    );
+
+    // Connect path by name.
+    let o = &d.connect;
+    let _ = write!(
+        out,
+        "\n### Connect path for an identity whose rules are names\n\n\
+         The loops of section 1 (same bounds, {rounds} interleaved rounds, medians), in this \
+         agent's two cgroups and in the one outside every scope: (f)'s identity allows the \
+         loop's destinations by a CIDR rule, as (b) does; (g)'s identity has name rules only, \
+         and reaches them because it looked `{loop_name}` up through idgate just before the \
+         loops (answered: {addrs}; a UDP send there from (g) was EPERM before the lookup and \
+         allowed after it, and a port no rule names stays EPERM). Under (g) the programs find \
+         no address rule (the identity's trie has none that covers the destination) and then \
+         read `IDG_LEARNED`.\n\n\
+         | call | {a} | {f} | {g} | (g) over (f) |\n|---|---:|---:|---:|---:|\n",
+        rounds = o.ns.first().map_or(0, |r| r[0].len()),
+        loop_name = dns::LOOP_NAME,
+        addrs = d.loop_addrs.join(", "),
+        a = o.configs[0],
+        f = o.configs[1],
+        g = o.configs[2],
+    );
+    for (i, &(op, addr)) in o.ops.iter().enumerate() {
+        let cell = |c: usize| {
+            let m = median(&o.ns[i][c]);
+            if c == 0 {
+                format!("{} ns", thousands(m.round() as usize))
+            } else {
+                format!(
+                    "{} ns (×{:.3})",
+                    thousands(m.round() as usize),
+                    ratio(&o.ns[i], c, 0)
+                )
+            }
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {:+.1}% |",
+            call_name(op, addr),
+            cell(0),
+            cell(1),
+            cell(2),
+            (ratio(&o.ns[i], 2, 1) - 1.0) * 100.0
+        );
+    }
+
+    // Memory.
+    let (before, after) = &d.memory;
+    let learned = (first.latency_ns.len() as u64).max(1);
+    let per = |b: u64, a: u64| format!("{:.0} bytes", (a as f64 - b as f64) / learned as f64);
+    let rows = [
+        (
+            "agent VmRSS".to_owned(),
+            before.proc.rss_kib * 1024,
+            after.proc.rss_kib * 1024,
+        ),
+        (
+            "`IDG_LEARNED` (`memlock:`)".into(),
+            before.map_bytes("IDG_LEARNED"),
+            after.map_bytes("IDG_LEARNED"),
+        ),
+        (
+            "`IDG_NAMES` (`memlock:`)".into(),
+            before.map_bytes("IDG_NAMES"),
+            after.map_bytes("IDG_NAMES"),
+        ),
+        (
+            "every map the agent holds".into(),
+            total(&before.maps),
+            total(&after.maps),
+        ),
+    ];
+    let _ = write!(
+        out,
+        "\n### Memory per learned name and address\n\n\
+         The agent before its first lookup and after the first lookups, which learned \
+         {learned} names of one address each for one identity (`max_addresses_per_identity` \
+         raised above that). Both maps are hashes without preallocation, so their \
+         `memlock:` grows with their entries.\n\n\
+         | | before | after | per learned name and address |\n|---|---:|---:|---:|\n",
+        learned = thousands(learned as usize),
+    );
+    for (name, b, a) in rows {
+        let _ = writeln!(out, "| {name} | {} | {} | {} |", size(b), size(a), per(b, a));
+    }
+}
+
+/// A run's answers other than NOERROR with an address, as a list.
+fn failures(run: &dns::Sequential) -> String {
+    if run.failures.is_empty() {
+        return "0".into();
+    }
+    run.failures
+        .iter()
+        .map(|(k, n)| format!("{n} {k}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Nanoseconds as µs, ms or s.
