@@ -198,7 +198,9 @@ fn sequential(args: &Args) -> Result<serde_json::Value, String> {
         };
         let answer = Message::from_vec(&buf[..n]).map_err(|e| format!("answer: {e}"))?;
         if answer.response_code() != ResponseCode::NoError {
-            *rcodes.entry(rcode_name(answer.response_code())).or_default() += 1;
+            *rcodes
+                .entry(rcode_name(answer.response_code()))
+                .or_default() += 1;
             continue;
         }
         let Some(addr) = addresses(&answer).first().copied() else {

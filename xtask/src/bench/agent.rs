@@ -69,10 +69,7 @@ impl Agent {
         for sub in ["policy", "entries", "state"] {
             std::fs::create_dir_all(agent.dir.join(sub))?;
         }
-        for (name, text) in rules::idgate_policy(identities)
-            .iter()
-            .chain(extra_policy)
-        {
+        for (name, text) in rules::idgate_policy(identities).iter().chain(extra_policy) {
             agent.write_policy(name, text)?;
         }
         let config = format!(

@@ -37,10 +37,8 @@ pub const ZONE: &str = "zone.bench.test";
 /// The name of the connect loop's destinations.
 pub const LOOP_NAME: &str = "loop.bench.test";
 /// The nameserver the workload asks (TEST-NET-1: nothing listens there).
-pub const ASKED: SocketAddr = SocketAddr::new(
-    std::net::IpAddr::V4(Ipv4Addr::new(192, 0, 2, 53)),
-    53,
-);
+pub const ASKED: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::new(192, 0, 2, 53)), 53);
 /// TTL of every record: nothing learned expires during the run.
 const TTL: u32 = 3_600;
 /// A query unanswered for this long is counted as a timeout.
@@ -115,8 +113,8 @@ pub struct Flood {
 pub struct FloodLevel {
     pub outstanding: usize,
     pub threads: usize,
-    pub direct: Flood,
-    pub through: Flood,
+    /// `[direct, through idgate]`, one per round.
+    pub runs: [Vec<Flood>; 2],
 }
 
 /// The agent's learned-address histogram, as its endpoint gives it.
@@ -164,6 +162,9 @@ impl Memory {
 
 pub struct DnsBench {
     pub dnsmasq: String,
+    /// `/proc/loadavg`'s first three figures at the section's start and
+    /// end: how busy the machine was.
+    pub load: (String, String),
     pub sizes: Sizes,
     /// Every name of the zone asked once through idgate, with a connect
     /// after each answer: the first lookups.
@@ -202,7 +203,13 @@ pub fn measure(
         bail!("--dns-outstanding, --dns-seconds and --dns-flood-seconds must be above 0");
     }
     let version = super::machine::ensure_tool("dnsmasq", &["--version"], "dnsmasq-base")?;
-    let dnsmasq = version.lines().next().unwrap_or_default().to_owned();
+    // "Dnsmasq version 2.90  Copyright (c) ..."
+    let first_line = version.lines().next().unwrap_or_default();
+    let dnsmasq = first_line
+        .split_once("  ")
+        .map_or(first_line, |(v, _)| v)
+        .to_owned();
+    let load_before = load_average();
     let upstream = SocketAddr::new(
         Ipv4Addr::new(127, 55, (std::process::id() % 256) as u8, 1).into(),
         53,
@@ -297,30 +304,48 @@ pub fn measure(
     }
     let learn = LearnHistogram::read(metrics)?;
 
-    let mut flood = Vec::new();
-    for &outstanding in &sizes.outstanding {
-        let threads = outstanding.clamp(1, 4);
-        let window = outstanding.div_ceil(threads);
-        eprintln!(
-            "bench: dns: lookups flat out, {outstanding} outstanding, {} s each way",
-            sizes.flood_seconds
-        );
-        let run = |cgroup: &Path, to: SocketAddr| -> Result<Flood> {
-            let agent0 = cost::sample(agent.pid())?.cpu_seconds;
-            let dnsmasq0 = cost::sample(server.pid())?.cpu_seconds;
-            let mut f = c.flood(cgroup, to, sizes.names, threads, window, sizes.flood_seconds)?;
-            f.agent_cpu = cost::sample(agent.pid())?.cpu_seconds - agent0;
-            f.dnsmasq_cpu = cost::sample(server.pid())?.cpu_seconds - dnsmasq0;
-            Ok(f)
-        };
-        let direct = run(plain, upstream)?;
-        let through = run(&names_cg, ASKED)?;
-        flood.push(FloodLevel {
-            outstanding: threads * window,
-            threads,
-            direct,
-            through,
-        });
+    let mut flood: Vec<FloodLevel> = Vec::new();
+    for round in 0..sizes.rounds {
+        for (n, &outstanding) in sizes.outstanding.iter().enumerate() {
+            let threads = outstanding.clamp(1, 4);
+            let window = outstanding.div_ceil(threads);
+            eprintln!(
+                "bench: dns: lookups flat out, {outstanding} outstanding, {} s each way, round {}/{}",
+                sizes.flood_seconds,
+                round + 1,
+                sizes.rounds
+            );
+            let run = |k: usize| -> Result<Flood> {
+                let (cgroup, to) = match k {
+                    0 => (plain, upstream),
+                    _ => (names_cg.as_path(), ASKED),
+                };
+                let agent0 = cost::sample(agent.pid())?.cpu_seconds;
+                let dnsmasq0 = cost::sample(server.pid())?.cpu_seconds;
+                let mut f = c.flood(
+                    cgroup,
+                    to,
+                    sizes.names,
+                    threads,
+                    window,
+                    sizes.flood_seconds,
+                )?;
+                f.agent_cpu = cost::sample(agent.pid())?.cpu_seconds - agent0;
+                f.dnsmasq_cpu = cost::sample(server.pid())?.cpu_seconds - dnsmasq0;
+                Ok(f)
+            };
+            if round == 0 {
+                flood.push(FloodLevel {
+                    outstanding: threads * window,
+                    threads,
+                    runs: [Vec::new(), Vec::new()],
+                });
+            }
+            for k in 0..2 {
+                let k = (k + round) % 2;
+                flood[n].runs[k].push(run(k)?);
+            }
+        }
     }
 
     // The names identity reaches the loop's destination only once it
@@ -352,6 +377,7 @@ pub fn measure(
     drop(agent);
     drop(server);
     Ok(DnsBench {
+        load: (load_before, load_average()),
         dnsmasq,
         sizes,
         first,
@@ -362,6 +388,16 @@ pub fn measure(
         connect,
         loop_addrs,
     })
+}
+
+/// The 1, 5 and 15 minute load averages.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// A port free for both UDP and TCP on IPv4 (the agent's listeners).

@@ -5,11 +5,11 @@ use std::fmt::Write;
 use std::time::Duration;
 
 use super::cost::{MapMemory, ProcSample};
+use super::dns::{self, DnsBench, Flood};
 use super::loops::Op;
 use super::machine::Machine;
 use super::overhead::{AgentUnderLoad, HooksOff};
 use super::responsiveness::{self, Probe};
-use super::dns::{self, DnsBench, Flood};
 use super::{AgentCost, BenchArgs, Results, thousands};
 
 /// The issue's targets for (c) over (a): TCP, UDP.
@@ -750,7 +750,8 @@ fn dns(out: &mut String, d: &DnsBench, alone: Option<&str>) {
          dnsmasq, writes the answer's address into `IDG_LEARNED` for that identity, and only \
          then answers.\n\n\
          A query unanswered after {timeout} counts as a timeout. The agents of the sections \
-         above still run (idle) during this one.\n",
+         above still run (idle) during this one. Load average (1, 5, 15 min) at the \
+         section's start: {load0}; at its end: {load1}.\n",
         dnsmasq = d.dnsmasq,
         names = thousands(s.names as usize),
         last = s.names - 1,
@@ -758,6 +759,8 @@ fn dns(out: &mut String, d: &DnsBench, alone: Option<&str>) {
         loop_name = dns::LOOP_NAME,
         asked = dns::ASKED,
         timeout = seconds(dns::TIMEOUT),
+        load0 = d.load.0,
+        load1 = d.load.1,
     );
 
     // Latency.
@@ -892,56 +895,85 @@ fn dns(out: &mut String, d: &DnsBench, alone: Option<&str>) {
         "\n### Lookups per second\n\n\
          The client keeps a number of queries outstanding (spread over up to 4 threads, each \
          with a socket of its own; a query is replaced as soon as it is answered or timed \
-         out) for {secs} s, direct and then through idgate, at each level. CPU is the \
-         processes' `utime + stime` over the run, per 1,000 answered lookups. The client, \
+         out) for {secs} s, direct and through idgate, at each level, {rounds} rounds (the \
+         order of the two turning each round); lookups/s is the median of the rounds, \
+         timeouts and other answers the sum. CPU is the processes' `utime + stime` over the \
+         runs, per 1,000 answered lookups. The client, \
          dnsmasq and the agent share the machine's CPUs. The agent serves at most 1,024 \
          queries at once (more are dropped: the client asks again).\n\n\
          | outstanding | direct: lookups/s | timeouts | dnsmasq CPU / 1,000 | through idgate: \
          lookups/s | timeouts | other answers | agent CPU / 1,000 | dnsmasq CPU / 1,000 | \
          through / direct |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         secs = s.flood_seconds,
+        rounds = s.rounds,
     );
-    let rate = |f: &Flood| f.answered as f64 / f.seconds;
-    let per_k = |cpu: f64, f: &Flood| {
-        if f.answered == 0 {
-            "–".into()
-        } else {
-            latency((cpu / f.answered as f64 * 1000.0 * 1e9) as u64)
+    // Per level and configuration: the median rate over the rounds,
+    // the timeouts and other answers of all rounds, CPU over all rounds.
+    let summary = |runs: &[Flood]| {
+        let rates: Vec<f64> = runs.iter().map(|f| f.answered as f64 / f.seconds).collect();
+        let answered: u64 = runs.iter().map(|f| f.answered).sum();
+        let per_k = |cpu: f64| {
+            if answered == 0 {
+                "–".to_owned()
+            } else {
+                latency((cpu / answered as f64 * 1000.0 * 1e9) as u64)
+            }
+        };
+        FloodSummary {
+            rate: median(&rates),
+            rates: rates
+                .iter()
+                .map(|r| thousands(*r as usize))
+                .collect::<Vec<_>>()
+                .join(", "),
+            timeouts: runs.iter().map(|f| f.timeouts).sum(),
+            failed: runs.iter().map(|f| f.failed).sum(),
+            agent_cpu: per_k(runs.iter().map(|f| f.agent_cpu).sum()),
+            dnsmasq_cpu: per_k(runs.iter().map(|f| f.dnsmasq_cpu).sum()),
         }
     };
+    let mut clean: [Option<f64>; 2] = [None, None];
+    let mut every = String::new();
     for l in &d.flood {
+        let [dr, th] = [summary(&l.runs[0]), summary(&l.runs[1])];
         let _ = writeln!(
             out,
-            "| {n} ({t} thread{pl}) | {dr} | {dt} | {dc} | {tr} | {tt} | {tf} | {ta} | {tc} | {ratio:.2} |",
+            "| {n} ({t} thread{pl}) | {drate} | {dt} | {dc} | {trate} | {tt} | {tf} | {ta} | {tc} | {ratio:.2} |",
             n = thousands(l.outstanding),
             t = l.threads,
             pl = if l.threads == 1 { "" } else { "s" },
-            dr = thousands(rate(&l.direct) as usize),
-            dt = thousands(l.direct.timeouts as usize),
-            dc = per_k(l.direct.dnsmasq_cpu, &l.direct),
-            tr = thousands(rate(&l.through) as usize),
-            tt = thousands(l.through.timeouts as usize),
-            tf = thousands(l.through.failed as usize),
-            ta = per_k(l.through.agent_cpu, &l.through),
-            tc = per_k(l.through.dnsmasq_cpu, &l.through),
-            ratio = rate(&l.through) / rate(&l.direct),
+            drate = thousands(dr.rate as usize),
+            dt = thousands(dr.timeouts as usize),
+            dc = dr.dnsmasq_cpu,
+            trate = thousands(th.rate as usize),
+            tt = thousands(th.timeouts as usize),
+            tf = thousands(th.failed as usize),
+            ta = th.agent_cpu,
+            tc = th.dnsmasq_cpu,
+            ratio = th.rate / dr.rate,
+        );
+        for (k, sum) in [&dr, &th].into_iter().enumerate() {
+            if sum.timeouts == 0 && sum.failed == 0 {
+                clean[k] = Some(clean[k].map_or(sum.rate, |c: f64| c.max(sum.rate)));
+            }
+        }
+        let _ = writeln!(
+            every,
+            "| {} | {} | {} |",
+            thousands(l.outstanding),
+            dr.rates,
+            th.rates
         );
     }
-    let clean = |pick: fn(&dns::FloodLevel) -> &Flood| {
-        d.flood
-            .iter()
-            .map(pick)
-            .filter(|f| f.timeouts == 0 && f.failed == 0)
-            .map(rate)
-            .reduce(f64::max)
-    };
     let best = |r: Option<f64>| r.map_or("none of the levels".into(), |r| thousands(r as usize));
     let _ = write!(
         out,
         "\nLookups per second before anything timed out or failed (the best level without \
-         either): direct {direct}, through idgate {through}.\n",
-        direct = best(clean(|l| &l.direct)),
-        through = best(clean(|l| &l.through)),
+         either, in any round): direct {direct}, through idgate {through}.\n\n\
+         Every run, in round order (lookups/s):\n\n\
+         | outstanding | direct | through idgate |\n|---:|---|---|\n{every}",
+        direct = best(clean[0]),
+        through = best(clean[1]),
     );
 
     // Connect path by name.
@@ -1026,8 +1058,24 @@ fn dns(out: &mut String, d: &DnsBench, alone: Option<&str>) {
         learned = thousands(learned as usize),
     );
     for (name, b, a) in rows {
-        let _ = writeln!(out, "| {name} | {} | {} | {} |", size(b), size(a), per(b, a));
+        let _ = writeln!(
+            out,
+            "| {name} | {} | {} | {} |",
+            size(b),
+            size(a),
+            per(b, a)
+        );
     }
+}
+
+/// One flood level's runs of one configuration, summed up.
+struct FloodSummary {
+    rate: f64,
+    rates: String,
+    timeouts: u64,
+    failed: u64,
+    agent_cpu: String,
+    dnsmasq_cpu: String,
 }
 
 /// A run's answers other than NOERROR with an address, as a list.
