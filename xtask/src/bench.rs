@@ -274,10 +274,17 @@ fn measure(args: &BenchArgs, root: &Path, nft_version: String) -> Result<Results
     let nft_excerpt = nft::excerpt(&nft_name, &cgroup_root, nft_workloads[0].clone())?;
     drop(nft_workloads);
 
+    // Each agent's DNS path is on, as by default, with listeners on a
+    // port of its own (two agents cannot share one); their workloads
+    // make no lookups, so the upstream is never asked.
     let start_agent = |name: &str, identities: &[rules::Identity], tables: &str| {
         eprintln!(
             "bench: starting agent {name} ({} identities)",
             identities.len()
+        );
+        let tables = format!(
+            "{tables}\n[dns]\nlisten_port = {}\nupstreams = [\"127.0.0.1:53\"]\n",
+            dns::free_dual_port()?
         );
         Agent::start(
             &idgate,
@@ -285,7 +292,7 @@ fn measure(args: &BenchArgs, root: &Path, nft_version: String) -> Result<Results
             &format!("{tag}/{name}"),
             Path::new("/sys/fs/bpf").join(format!("{tag}-{name}")),
             identities,
-            tables,
+            &tables,
         )
     };
     let small = start_agent("small", &small_ids, "")?;

@@ -401,7 +401,7 @@ fn load_average() -> String {
 }
 
 /// A port free for both UDP and TCP on IPv4 (the agent's listeners).
-fn free_dual_port() -> Result<u16> {
+pub fn free_dual_port() -> Result<u16> {
     for _ in 0..20 {
         let udp = UdpSocket::bind("127.0.0.1:0")?;
         let port = udp.local_addr()?.port();

@@ -136,6 +136,9 @@ fn overhead(out: &mut String, args: &BenchArgs, r: &Results) {
          program that does nothing: entering the hook, the context setup, the socket lock \
          the connect and send hooks take, the call into a program. No policy engine on \
          these hooks can go below it.\n\n\
+         Every idgate agent of this run has its DNS path on, as by default (port-53 traffic \
+         redirected to its resolver, listeners on a port of its own); the loops make no \
+         lookups, so no port-53 call is timed here.\n\n\
          **nftables judges packets, not calls: a UDP `connect()` sends no packet, so under \
          (d) nothing judges it** and its (d) figure is the cost of the call alone. idgate \
          judges the call itself (cgroup `connect4`/`connect6` and `sendmsg4`/`sendmsg6` \
