@@ -177,6 +177,9 @@ pub struct DnsBench {
     pub flood: Vec<FloodLevel>,
     /// (a), the CIDR identity and the names identity.
     pub connect: Overhead,
+    /// idgate's programs' own time per call, `[op][config]`, in the
+    /// same three.
+    pub prog_times: super::prog_time::ProgTimes,
     /// What the names identity's lookup of [`LOOP_NAME`] answered.
     pub loop_addrs: Vec<String>,
 }
@@ -374,6 +377,7 @@ pub fn measure(
         },
     ];
     let connect = overhead::measure(lp, &configs, ops, sizes.rounds)?;
+    let prog_times = super::prog_time::measure(lp, &configs, ops)?;
     drop(agent);
     drop(server);
     Ok(DnsBench {
@@ -386,6 +390,7 @@ pub fn measure(
         learn,
         flood,
         connect,
+        prog_times,
         loop_addrs,
     })
 }

@@ -752,8 +752,7 @@ fn dns(out: &mut String, d: &DnsBench, alone: Option<&str>) {
          listens: the kernel redirects the query to the agent, which forwards it to the same \
          dnsmasq, writes the answer's address into `IDG_LEARNED` for that identity, and only \
          then answers.\n\n\
-         A query unanswered after {timeout} counts as a timeout. The agents of the sections \
-         above still run (idle) during this one. Load average (1, 5, 15 min) at the \
+         A query unanswered after {timeout} counts as a timeout. {others} Load average (1, 5, 15 min) at the \
          section's start: {load0}; at its end: {load1}.\n",
         dnsmasq = d.dnsmasq,
         names = thousands(s.names as usize),
@@ -762,6 +761,11 @@ fn dns(out: &mut String, d: &DnsBench, alone: Option<&str>) {
         loop_name = dns::LOOP_NAME,
         asked = dns::ASKED,
         timeout = seconds(dns::TIMEOUT),
+        others = if alone.is_some() {
+            "No other agent ran during it."
+        } else {
+            "The agents of the sections above still run (idle) during this one."
+        },
         load0 = d.load.0,
         load1 = d.load.1,
     );
@@ -992,7 +996,12 @@ fn dns(out: &mut String, d: &DnsBench, alone: Option<&str>) {
          allowed after it, and a port no rule names stays EPERM). Under (g) the programs find \
          no address rule (the identity's trie has none that covers the destination) and then \
          read `IDG_LEARNED`.\n\n\
-         | call | {a} | {f} | {g} | (g) over (f) |\n|---|---:|---:|---:|---:|\n",
+         (g) over (f) is the median of the rounds' ratios of (g)'s run to (f)'s. The last \
+         two columns are idgate's programs' own run time per call under (f) and (g), from \
+         the kernel's BPF statistics in one more run of each loop (as in section 1): the \
+         figure least disturbed by the rest of the machine.\n\n\
+         | call | {a} | {f} | {g} | (g) over (f) | (f): idgate's programs | (g): idgate's \
+         programs |\n|---|---:|---:|---:|---:|---:|---:|\n",
         rounds = o.ns.first().map_or(0, |r| r[0].len()),
         loop_name = dns::LOOP_NAME,
         addrs = d.loop_addrs.join(", "),
@@ -1013,14 +1022,19 @@ fn dns(out: &mut String, d: &DnsBench, alone: Option<&str>) {
                 )
             }
         };
+        let prog = |c: usize| {
+            d.prog_times[i][c].map_or("–".into(), |ns| format!("{} ns", ns.round() as i64))
+        };
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {:+.1}% |",
+            "| {} | {} | {} | {} | {:+.1}% | {} | {} |",
             call_name(op, addr),
             cell(0),
             cell(1),
             cell(2),
-            (ratio(&o.ns[i], 2, 1) - 1.0) * 100.0
+            (ratio(&o.ns[i], 2, 1) - 1.0) * 100.0,
+            prog(1),
+            prog(2),
         );
     }
 
