@@ -18,6 +18,7 @@
 //! listens, and the kernel redirects the query to the agent; in the
 //! benchmark's cgroup outside every scope it asks dnsmasq itself.
 
+use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -651,8 +652,34 @@ impl Client {
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("starting {}", self.bin.display()))?;
+        // Read while it runs: its answer (every latency) is larger than a
+        // pipe holds, and it would block writing it.
+        let drain = |pipe: Option<Box<dyn Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut bytes = Vec::new();
+                if let Some(mut pipe) = pipe {
+                    let _ = pipe.read_to_end(&mut bytes);
+                }
+                bytes
+            })
+        };
+        let stdout = drain(
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        );
+        let stderr = drain(
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        );
         let deadline = Instant::now() + Duration::from_secs_f64(seconds) + TIMEOUT + GRACE;
-        while child.try_wait()?.is_none() {
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
             if Instant::now() > deadline || interrupt::check().is_err() {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -660,17 +687,17 @@ impl Client {
                 bail!("idgate-bench-dns {} did not end in time", args.join(" "));
             }
             std::thread::sleep(Duration::from_millis(20));
-        }
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
+        };
+        let stdout = stdout.join().unwrap_or_default();
+        let stderr = stderr.join().unwrap_or_default();
+        if !status.success() {
             bail!(
-                "idgate-bench-dns {}: {}: {}",
+                "idgate-bench-dns {}: {status}: {}",
                 args.join(" "),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
+                String::from_utf8_lossy(&stderr).trim()
             );
         }
-        serde_json::from_slice(&out.stdout).context("the DNS client's answer is not JSON")
+        serde_json::from_slice(&stdout).context("the DNS client's answer is not JSON")
     }
 }
 
