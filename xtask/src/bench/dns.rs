@@ -744,3 +744,20 @@ impl LearnHistogram {
         Ok(h)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::LearnHistogram;
+
+    #[test]
+    fn a_quantile_is_its_bucket_bound() {
+        let h = LearnHistogram {
+            buckets: vec![(1e-6, 10), (2e-6, 90), (4e-6, 99), (f64::INFINITY, 100)],
+            count: 100,
+            sum: 0.0,
+        };
+        assert_eq!(h.quantile_bound(0.5), Some(2e-6));
+        assert_eq!(h.quantile_bound(0.99), Some(4e-6));
+        assert_eq!(h.quantile_bound(1.0), Some(f64::INFINITY));
+    }
+}

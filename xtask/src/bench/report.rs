@@ -1186,6 +1186,23 @@ mod tests {
     }
 
     #[test]
+    fn the_dns_section_is_replaced_or_appended() {
+        let report = "# B\n\n## 6. Six\n\nsix\n";
+        let first = replace_section(report, "\n## 7. DNS path\n\nold\n");
+        assert_eq!(first, "# B\n\n## 6. Six\n\nsix\n\n## 7. DNS path\n\nold\n");
+        let again = replace_section(&first, "\n## 7. DNS path\n\nnew\n");
+        assert_eq!(again, "# B\n\n## 6. Six\n\nsix\n\n## 7. DNS path\n\nnew\n");
+        // A section after it stays.
+        let later = format!("{first}\n## 8. Eight\n\neight\n");
+        let replaced = replace_section(&later, "\n## 7. DNS path\n\nnew\n");
+        assert!(
+            replaced.contains("new\n\n## 8. Eight\n\neight\n"),
+            "{replaced}"
+        );
+        assert!(!replaced.contains("old"));
+    }
+
+    #[test]
     fn median_of_odd_and_even() {
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
