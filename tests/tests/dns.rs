@@ -14,8 +14,8 @@ use idgate_tests::dns::{
     web_and_other,
 };
 use idgate_tests::{
-    Agent, Cgroups, Listeners, assert_schema, events_schema, probe, require_privileges,
-    require_tools, wait_for,
+    Agent, Cgroups, Listeners, assert_schema, events_schema, free_port, metric, probe,
+    require_privileges, require_tools, scrape, wait_for,
 };
 
 /// Policy: WEB may reach `api.test.example` and names under
@@ -82,11 +82,12 @@ fn a_name_opens_its_addresses_for_the_asking_identity_only() {
     let other = cg.inside("other");
     let log = std::env::temp_dir().join(format!("{}-audit.jsonl", cg.name()));
     let _ = std::fs::remove_file(&log);
+    let metrics_port = free_port();
     let agent = Agent::start(
         &cg,
         &policy(port),
         &format!(
-            "{}{}",
+            "{}{}[metrics]\naddress = \"127.0.0.1:{metrics_port}\"\n",
             web_and_other(),
             dns_config(upstream.addr(), &log, ALLOW_PRIVATE)
         ),
@@ -226,6 +227,27 @@ fn a_name_opens_its_addresses_for_the_asking_identity_only() {
     )
     .expect("JSON");
     assert_eq!(other_port["verdict"], "deny", "{other_port}");
+
+    // Metrics: the table and WEB's share of it (brought up to date with
+    // every sweep, 5 s apart), and the queries among the decisions.
+    let text = wait_for("the DNS metrics", Duration::from_secs(15), || {
+        let text = scrape(metrics_port);
+        let web = metric(
+            &text,
+            "idgate_dns_identity_learned_addresses",
+            &format!("identity=\"{WEB}\""),
+        )?;
+        (web >= 6.0).then_some(text)
+    });
+    assert!(
+        metric(&text, "idgate_dns_learned_addresses", "") >= Some(6.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "idgate_dns_learned_capacity", ""),
+        Some(262_144.0)
+    );
+    assert!(text.contains("idgate_dns_learn_seconds_count"), "{text}");
 
     // Records: the refused query and the connect by name.
     let events = wait_for("the decision records", Duration::from_secs(10), || {

@@ -149,7 +149,7 @@ impl DnsPath {
             _pad: 0,
         })?;
         warn_of_local_resolvers();
-        tokio::spawn(sweep(learned));
+        tokio::spawn(sweep(learned, path.reader.clone()));
         tokio::spawn(follow_upstreams(source, path.resolver.clone()));
         Ok(Some(path))
     }
@@ -322,12 +322,13 @@ async fn follow_upstreams(mut source: super::config::UpstreamSource, resolver: A
 const SWEEP_STEP: usize = 256;
 
 /// Removes expired learned addresses now and then, a step at a time, so
-/// that a lookup never waits for a whole sweep.
-async fn sweep(learned: Arc<Mutex<Learned>>) {
+/// that a lookup never waits for a whole sweep; then brings the table's
+/// metrics up to date.
+async fn sweep(learned: Arc<Mutex<Learned>>, reader: DnsReader) {
     let mut tick = tokio::time::interval(SWEEP);
     loop {
         tick.tick().await;
-        let learned = learned.clone();
+        let (learned, reader) = (learned.clone(), reader.clone());
         let _ = tokio::task::spawn_blocking(move || {
             let expired = learned.lock().expect("not poisoned").expired();
             let mut removed = 0;
@@ -335,6 +336,7 @@ async fn sweep(learned: Arc<Mutex<Learned>>) {
                 removed += learned.lock().expect("not poisoned").remove_expired(step);
             }
             learned.lock().expect("not poisoned").forget_unused_names();
+            reader.resolver.metrics.table(&reader.figures());
             if removed > 0 {
                 tracing::debug!(removed, "expired learned addresses removed");
             }

@@ -124,6 +124,7 @@ impl Resolver {
             reply = message::truncated(&query);
         }
         if self.records.try_send(record).is_err() {
+            self.metrics.record_dropped();
             tracing::debug!("DNS decision record dropped: the events queue is full");
         }
         Some(reply)
