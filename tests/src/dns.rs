@@ -7,8 +7,9 @@
 //!   test's, bind-mounted over the host's in a private mount namespace
 //!   (`unshare --mount`), so the host's file is never touched; optionally
 //!   in a network namespace and in a cgroup. Clients: `dig`, glibc's
-//!   getaddrinfo (`getent ahosts`) and musl's (tests/c/musl_lookup.c,
-//!   built with `musl-gcc -static`).
+//!   getaddrinfo (`getent ahosts`), musl's (tests/c/musl_lookup.c,
+//!   built with `musl-gcc -static`) and c-ares's (tests/python/cares_lookup.py,
+//!   through `pycares` in the tests' venv, [`crate::python`]).
 //! - [`RcodeServer`]: a small UDP front (hickory-proto messages) that
 //!   answers a chosen rcode for names under chosen suffixes and relays
 //!   every other query to an upstream (a [`DnsServer`]): how the tests
@@ -469,17 +470,21 @@ impl DigAnswer {
     }
 }
 
-/// What a getaddrinfo client (glibc's or musl's) returned.
+/// What a getaddrinfo client (glibc's, musl's or c-ares's) returned.
 #[derive(Clone, Debug)]
 pub struct Lookup {
     /// Each address once, in the order the client gave them.
     pub addrs: Vec<IpAddr>,
     /// The exit code: `getent`: 0 found, 2 not found (any failure);
     /// musl client: 0, or 2 EAI_NONAME, 3 EAI_AGAIN, 4 EAI_FAIL,
-    /// 5 EAI_NODATA, 6 EAI_SYSTEM, 1 other. `None` when killed at the
-    /// timeout.
+    /// 5 EAI_NODATA, 6 EAI_SYSTEM, 1 other; c-ares client: 0, or 2
+    /// ARES_ENOTFOUND, 3 ARES_ENODATA, 4 ARES_ESERVFAIL, 5 ARES_EREFUSED,
+    /// 6 ARES_ETIMEOUT, 7 ARES_ECONNREFUSED, 8 ARES_EBADRESP or
+    /// ARES_EFORMERR, 9 its own 20 s bound, 1 other (see
+    /// tests/python/cares_lookup.py). `None` when killed at the timeout.
     pub code: Option<i32>,
-    /// The musl client's `EAI_*` name, when it failed.
+    /// The musl client's `EAI_*` name, or the c-ares client's `ARES_*`
+    /// name, when it failed.
     pub error: Option<String>,
     pub run: Run,
 }
@@ -488,7 +493,8 @@ impl Lookup {
     fn parse(run: Run) -> Self {
         let mut addrs: Vec<IpAddr> = Vec::new();
         for line in run.stdout.lines() {
-            // getent ahosts: `ADDR  STREAM name`; musl client: `ADDR`.
+            // getent ahosts: `ADDR  STREAM name`; musl and c-ares
+            // clients: `ADDR`.
             if let Some(a) = line.split_whitespace().next().and_then(|w| w.parse().ok())
                 && !addrs.contains(&a)
             {
@@ -498,7 +504,7 @@ impl Lookup {
         let error = run
             .stderr
             .split_whitespace()
-            .find(|w| w.starts_with("EAI_"))
+            .find(|w| w.starts_with("EAI_") || w.starts_with("ARES_"))
             .map(str::to_owned);
         Self {
             addrs,
@@ -648,6 +654,17 @@ impl Resolver {
     /// musl's getaddrinfo for one family (`4` or `6`).
     pub fn musl_family(&self, name: &str, v6: bool) -> Lookup {
         Lookup::parse(self.run(musl_lookup(), &[name, if v6 { "6" } else { "4" }]))
+    }
+
+    /// c-ares's getaddrinfo (AF_UNSPEC): tests/python/cares_lookup.py,
+    /// run by the tests' venv python (a test checks [`crate::python::env`]
+    /// first, which skips or fails it where Python or PyPI is missing).
+    /// The channel reads the private resolv.conf (search, ndots, timeout,
+    /// attempts) and nsswitch.conf.
+    pub fn cares(&self, name: &str) -> Lookup {
+        let python = crate::python::env().expect("the tests' python venv");
+        let script = crate::python::script("cares_lookup.py");
+        Lookup::parse(self.run(python, &[&script.to_string_lossy(), name]))
     }
 }
 

@@ -1,5 +1,6 @@
 //! The DNS path end to end: the real agent redirects real clients'
-//! lookups (dig, glibc's getaddrinfo, a musl-built client) to its
+//! lookups (dig, glibc's getaddrinfo, a musl-built client, c-ares through
+//! pycares) to its
 //! resolver, which forwards them to Debian's dnsmasq and puts the answers'
 //! addresses in the kernel for the asking identity only; connects by real
 //! processes in real cgroups show what that opens, and for whom.
@@ -14,7 +15,7 @@ use idgate_tests::dns::{
     web_and_other,
 };
 use idgate_tests::{
-    Agent, Cgroups, Listeners, assert_schema, events_schema, free_port, metric, probe,
+    Agent, Cgroups, Listeners, assert_schema, events_schema, free_port, metric, probe, python,
     require_privileges, require_tools, scrape, wait_for,
 };
 
@@ -74,6 +75,9 @@ fn zone() -> Zone {
 fn a_name_opens_its_addresses_for_the_asking_identity_only() {
     require_privileges!();
     require_tools!("dnsmasq", "dig", "getent", "musl-gcc", "unshare");
+    if python::env().is_none() {
+        return;
+    }
     let listeners = Listeners::new();
     let port = listeners.tcp_port;
     let upstream = DnsServer::start(SocketAddr::new(loopback_ip(), 53), &zone());
@@ -167,7 +171,8 @@ fn a_name_opens_its_addresses_for_the_asking_identity_only() {
     assert!(large.ok() && large.addrs.len() >= 40, "{large:?}");
     assert_eq!(connect(&web, "127.0.1.39", port), "allowed");
 
-    // glibc's getaddrinfo and a musl client, through the same path.
+    // glibc's getaddrinfo, a musl client and c-ares's getaddrinfo, through
+    // the same path.
     let glibc = asks(&web).getent("api.test.example");
     assert!(
         glibc.ok() && glibc.addrs.contains(&IpAddr::from([127, 0, 0, 1])),
@@ -178,6 +183,12 @@ fn a_name_opens_its_addresses_for_the_asking_identity_only() {
         musl.ok() && musl.addrs.contains(&IpAddr::from([127, 0, 0, 1])),
         "{musl:?}"
     );
+    let cares = asks(&web).cares("api.test.example");
+    assert!(
+        cares.ok() && cares.addrs == [IpAddr::from([127, 0, 0, 1])],
+        "{cares:?}"
+    );
+    assert_eq!(connect(&web, "127.0.0.1", port), "allowed");
 
     // Workloads may not send to the resolver's range themselves.
     let reserved = probe(Some(&web), "udp-sendto", "127.53.0.1:53");

@@ -1,7 +1,8 @@
 //! Smoke tests of the DNS tests' servers and clients (tests/src/dns.rs),
 //! without the agent: Debian's dnsmasq serves a test zone to dig, to
-//! glibc's getaddrinfo (`getent ahosts`) and to musl's, each run with a
-//! resolv.conf of the test's in a private mount namespace; and what each
+//! glibc's getaddrinfo (`getent ahosts`), to musl's and to c-ares's
+//! (pycares), each run with a resolv.conf of the test's in a private
+//! mount namespace; and what each
 //! client asks, and which rcode sends it on to its next search domain,
 //! measured for the agent's DNS path.
 
@@ -10,7 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use idgate_tests::dns::{
     DNS_TOOLS, DigQuery, DnsServer, NetNs, RcodeServer, Resolver, ResponseCode, Zone, loopback_ip,
 };
-use idgate_tests::{Cgroups, free_loopback_port, require_privileges, require_tools};
+use idgate_tests::{Cgroups, free_loopback_port, python, require_privileges, require_tools};
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -139,6 +140,8 @@ fn glibc_and_musl_resolve_with_a_private_resolv_conf() {
 ///   `web.test.svc.cluster.local`, `web.test.cluster.local`, `web.test`.
 /// - musl 1.2.3: the same names in the same order, A and AAAA each.
 /// - dig 9.18 `+search`: A only, the same order.
+/// - c-ares 1.34.5 (pycares 4.11.0, getaddrinfo AF_UNSPEC): the same
+///   names in the same order, A and AAAA each.
 ///
 /// A name with a final dot (`web.test.`) skips the search list (glibc
 /// and musl checked).
@@ -146,6 +149,9 @@ fn glibc_and_musl_resolve_with_a_private_resolv_conf() {
 fn a_kubernetes_resolv_conf_walks_the_search_list_before_the_name() {
     require_privileges!();
     require_tools!("dnsmasq", "dig", "getent", "musl-gcc", "unshare");
+    if python::env().is_none() {
+        return;
+    }
     let server = DnsServer::start(
         SocketAddr::new(loopback_ip(), 53),
         &zone().nxdomain("cluster.local"),
@@ -157,11 +163,12 @@ fn a_kubernetes_resolv_conf_walks_the_search_list_before_the_name() {
         "web.test.cluster.local",
         "web.test",
     ];
-    for client in ["glibc", "musl", "dig"] {
+    for client in ["glibc", "musl", "dig", "cares"] {
         let before = server.queries().len();
         let addrs = match client {
             "glibc" => r.getent("web.test").addrs,
             "musl" => r.musl("web.test").addrs,
+            "cares" => r.cares("web.test").addrs,
             _ => r.dig(&DigQuery::new("web.test").search()).addrs,
         };
         assert!(addrs.contains(&ip("192.0.2.10")), "{client}: {addrs:?}");
@@ -186,6 +193,7 @@ fn a_kubernetes_resolv_conf_walks_the_search_list_before_the_name() {
     let before = server.queries().len();
     assert!(r.getent("web.test.").ok());
     assert!(r.musl("web.test.").ok());
+    assert!(r.cares("web.test.").ok());
     let sent = server.queries()[before..].to_vec();
     assert!(sent.iter().all(|q| q.name == "web.test"), "{sent:?}");
 }
@@ -221,6 +229,9 @@ struct Outcome {
 fn which_rcode_sends_each_client_to_its_next_search_domain() {
     require_privileges!();
     require_tools!("dnsmasq", "dig", "getent", "musl-gcc", "unshare");
+    if python::env().is_none() {
+        return;
+    }
     let upstream = DnsServer::start(
         SocketAddr::new(ip("127.0.0.1"), free_loopback_port()),
         &zone(),
@@ -240,7 +251,7 @@ fn which_rcode_sends_each_client_to_its_next_search_domain() {
             &["cluster.local"],
         );
         let r = Resolver::kubernetes(&[front.addr().ip()], "ns");
-        for client in ["glibc", "musl", "dig"] {
+        for client in ["glibc", "musl", "dig", "cares"] {
             let before = front.seen().len();
             let start = std::time::Instant::now();
             // The addresses, and how the client ended.
@@ -252,6 +263,10 @@ fn which_rcode_sends_each_client_to_its_next_search_domain() {
                 "musl" => {
                     let l = r.musl("web.test");
                     (l.addrs, format!("{:?}", l.error))
+                }
+                "cares" => {
+                    let l = r.cares("web.test");
+                    (l.addrs, format!("{:?} (exit {:?})", l.error, l.code))
                 }
                 _ => {
                     let d = r.dig(&DigQuery::new("web.test").search());

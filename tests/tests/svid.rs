@@ -15,10 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use idgate_tests::{Agent, Cgroups, require_privileges, target_bin, wait_for};
-// A test that cannot run here skips, or fails with IDGATE_E2E set (CI):
-// the suite's one rule.
-use idgate_tests::cannot_run as unavailable;
+use idgate_tests::{Agent, Cgroups, python, require_privileges, target_bin, wait_for};
 use serde_json::Value;
 
 const ALPHA: &str = "spiffe://example.org/alpha";
@@ -682,70 +679,6 @@ fn any_authority_on_the_socket_is_answered_and_broken_http2_ends_only_its_connec
     assert!(!agent.log().contains("panicked"), "{}", agent.log());
 }
 
-/// A python with the packages of `tests/python/requirements.txt`, as
-/// PyPI ships them, in a venv under `target/` (made again when the
-/// requirements change); `None`, with the reason printed, when python or
-/// PyPI is missing and the end-to-end tests need not run in full.
-fn python_env() -> Option<PathBuf> {
-    static PYTHON: std::sync::Mutex<Option<Option<PathBuf>>> = std::sync::Mutex::new(None);
-    let mut made = PYTHON.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(python) = &*made {
-        return python.clone();
-    }
-    let python = make_python_env();
-    *made = Some(python.clone());
-    python
-}
-
-fn make_python_env() -> Option<PathBuf> {
-    let requirements = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/requirements.txt");
-    let wanted = std::fs::read_to_string(&requirements).expect("tests/python/requirements.txt");
-    let target = target_bin("idgate")
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .to_owned();
-    let venv = target.join("py-spiffe");
-    let python = venv.join("bin/python");
-    let ready = venv.join(".installed");
-    if std::fs::read_to_string(&ready).ok().as_deref() == Some(wanted.as_str()) {
-        return Some(python);
-    }
-    let made = Command::new("python3")
-        .args(["-m", "venv", "--clear"])
-        .arg(&venv)
-        .output();
-    match made {
-        Ok(out) if out.status.success() => {}
-        Ok(out) => {
-            unavailable(&format!(
-                "python3 -m venv failed (install python3-venv): {}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-            return None;
-        }
-        Err(e) => {
-            unavailable(&format!("no python3: {e}"));
-            return None;
-        }
-    }
-    let out = Command::new(&python)
-        .args(["-m", "pip", "install", "--quiet", "-r"])
-        .arg(&requirements)
-        .output()
-        .expect("pip");
-    if !out.status.success() {
-        unavailable(&format!(
-            "pip install -r {}: {}",
-            requirements.display(),
-            String::from_utf8_lossy(&out.stderr)
-        ));
-        return None;
-    }
-    std::fs::write(&ready, &wanted).unwrap();
-    Some(python)
-}
-
 /// `python SCRIPT ARGS` (a script of tests/python/) in `cgroup`, with
 /// `SPIFFE_ENDPOINT_SOCKET` set to the agent's socket.
 fn python_in(python: &Path, agent: &Agent, cgroup: &Path, script: &str, args: &[&str]) -> Command {
@@ -754,11 +687,7 @@ fn python_in(python: &Path, agent: &Agent, cgroup: &Path, script: &str, args: &[
         .arg("echo $$ > \"$0/cgroup.procs\" && exec \"$@\"")
         .arg(cgroup)
         .arg(python)
-        .arg(
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("python")
-                .join(script),
-        )
+        .arg(python::script(script))
         .args(args)
         .env(
             "SPIFFE_ENDPOINT_SOCKET",
@@ -785,7 +714,7 @@ fn python_json(python: &Path, agent: &Agent, cgroup: &Path, script: &str, args: 
 #[test]
 fn the_python_spiffe_package_as_published_fetches_validates_and_streams() {
     require_privileges!();
-    let Some(python) = python_env() else {
+    let Some(python) = python::env() else {
         return;
     };
     let mut cg = Cgroups::new("svid-py");
@@ -852,7 +781,7 @@ fn the_python_spiffe_package_as_published_fetches_validates_and_streams() {
 #[test]
 fn spiffe_tls_from_pypi_talks_mutual_tls_between_two_bound_workloads() {
     require_privileges!();
-    let Some(python) = python_env() else {
+    let Some(python) = python::env() else {
         return;
     };
     let mut cg = Cgroups::new("svid-pytls");
@@ -906,7 +835,7 @@ fn spiffe_tls_from_pypi_talks_mutual_tls_between_two_bound_workloads() {
 #[test]
 fn rs256_jwt_svids_verify_with_pyjwt_and_the_workload_api() {
     require_privileges!();
-    let Some(python) = python_env() else {
+    let Some(python) = python::env() else {
         return;
     };
     let port = idgate_tests::free_loopback_port();
@@ -957,7 +886,7 @@ fn raw_http(port: u16, request: &[u8]) -> String {
 #[test]
 fn pyjwt_verifies_jwt_svids_through_the_oidc_discovery_document() {
     require_privileges!();
-    let Some(python) = python_env() else {
+    let Some(python) = python::env() else {
         return;
     };
     let mut cg = Cgroups::new("svid-oidc");
