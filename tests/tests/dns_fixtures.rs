@@ -213,15 +213,21 @@ struct Outcome {
 /// (one nameserver, `options ndots:5 timeout:2 attempts:1`), for
 /// `web.test` (fewer dots than ndots, so the search list comes first):
 ///
-/// | rcode for `*.cluster.local` | glibc 2.36 (`getent ahosts`) | musl 1.2.3 | dig 9.18 `+search` |
-/// |---|---|---|---|
-/// | NXDOMAIN | next domain ... name as given: resolves | same: resolves | same: resolves |
-/// | NOERROR, no records | next domain ... resolves | stops: EAI_NONAME | stops: NOERROR, no address |
-/// | SERVFAIL | next domain ... resolves | stops: EAI_AGAIN after its timeout (2 s) | stops: SERVFAIL |
-/// | REFUSED | skips the other domains, asks the name as given: resolves | stops: EAI_AGAIN after its timeout (2 s) | stops: REFUSED |
+/// | rcode for `*.cluster.local` | glibc 2.36 (`getent ahosts`) | musl 1.2.3 | dig 9.18 `+search` | c-ares 1.34.5 (pycares 4.11.0 getaddrinfo) |
+/// |---|---|---|---|---|
+/// | NXDOMAIN | next domain ... name as given: resolves | same: resolves | same: resolves | same: resolves |
+/// | NOERROR, no records | next domain ... resolves | stops: EAI_NONAME | stops: NOERROR, no address | next domain ... resolves |
+/// | SERVFAIL | next domain ... resolves | stops: EAI_AGAIN after its timeout (2 s) | stops: SERVFAIL | stops at once: ARES_ESERVFAIL |
+/// | REFUSED | skips the other domains, asks the name as given: resolves | stops: EAI_AGAIN after its timeout (2 s) | stops: REFUSED | stops at once: ARES_EREFUSED |
 ///
 /// So NXDOMAIN is the only answer, for a name policy does not cover,
 /// that lets every client go on through its search list to the name.
+/// c-ares goes on after NXDOMAIN and after NOERROR without records
+/// (ARES_ENOTFOUND and ARES_ENODATA both mean "next domain" to its
+/// getaddrinfo), and stops its whole lookup on SERVFAIL or REFUSED for a
+/// name of more than one label (it goes on after those only for a
+/// single-label name, a case for systemd-resolved): the agent's NXDOMAIN
+/// moves it on as it does the others.
 /// Musl ignores REFUSED (it waits for another server's answer, then its
 /// timeout), and SERVFAIL costs it its timeout too: either stalls a musl
 /// client for `timeout` seconds (5 by default) before it fails.
@@ -284,7 +290,7 @@ fn which_rcode_sends_each_client_to_its_next_search_domain() {
                 asked,
             };
             eprintln!("{rcode:?} {client}: {outcome:?}, {end} in {elapsed:?}");
-            table.push((rcode, client, outcome));
+            table.push((rcode, client, outcome, end, elapsed));
         }
     }
     let all = |n: usize| -> Vec<String> {
@@ -315,10 +321,26 @@ fn which_rcode_sends_each_client_to_its_next_search_domain() {
         (ResponseCode::NXDomain, _) => &moves_on,
         (ResponseCode::Refused, "glibc") => &as_given,
         (_, "glibc") => &moves_on,
+        // c-ares takes an empty NOERROR as "next domain" too.
+        (ResponseCode::NoError, "cares") => &moves_on,
         _ => &stops,
     };
-    for (rcode, client, outcome) in &table {
+    for (rcode, client, outcome, end, elapsed) in &table {
         assert_eq!(outcome, expected(*rcode, client), "{rcode:?} {client}");
+        // c-ares stops on SERVFAIL and REFUSED with that error, without
+        // waiting for a timeout.
+        if *client == "cares" {
+            let error = match rcode {
+                ResponseCode::ServFail => "Some(\"ARES_ESERVFAIL\") (exit Some(4))",
+                ResponseCode::Refused => "Some(\"ARES_EREFUSED\") (exit Some(5))",
+                _ => "None (exit Some(0))",
+            };
+            assert_eq!(end, error, "{rcode:?} cares");
+            assert!(
+                *elapsed < std::time::Duration::from_secs(1),
+                "{rcode:?} cares took {elapsed:?}"
+            );
+        }
     }
 }
 
