@@ -132,6 +132,14 @@ impl DnsPath {
                 port: path.port,
                 source,
             })?;
+            // A restart with another `listen_port`: the old sockets go.
+            if adopted.udp.local_addr().map(|a| a.port()).ok() != Some(path.port) {
+                tracing::info!(
+                    netns = h.inode,
+                    "DNS listeners handed over on another port: closed"
+                );
+                continue;
+            }
             path.serve(inode, adopted)?;
             own_listening |= inode.is_none();
             tracing::info!(
