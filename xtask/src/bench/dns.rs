@@ -197,6 +197,10 @@ pub const GAP_LEAD: Duration = Duration::from_millis(300);
 pub const GAP_TAIL: Duration = Duration::from_millis(300);
 /// How long the agent stays down after the kill.
 pub const DOWN: Duration = Duration::from_millis(300);
+/// The crash's client's timeout: a query the killed agent had taken in is
+/// lost, and the client must not wait the whole time the agent is down
+/// for it (the planned restart's client waits [`TIMEOUT`]).
+pub const CRASH_TIMEOUT: Duration = Duration::from_millis(100);
 /// The client's pause after a failed send before it asks again.
 pub const RETRY: Duration = Duration::from_millis(1);
 
@@ -495,7 +499,7 @@ fn restarts(
             );
             let _ = std::fs::remove_file(&stop);
             let pid = agent.pid();
-            let client = c.gaps(cgroup, &stop, None)?;
+            let client = c.gaps(cgroup, &stop, None, TIMEOUT)?;
             interrupt::sleep(GAP_LEAD)?;
             let t0 = monotonic_ns();
             let out = agent.cli(&["restart"]);
@@ -517,7 +521,7 @@ fn restarts(
                 round + 1
             );
             let _ = std::fs::remove_file(&stop);
-            let client = c.gaps(cgroup, &stop, Some(GAP_TAIL))?;
+            let client = c.gaps(cgroup, &stop, Some(GAP_TAIL), CRASH_TIMEOUT)?;
             interrupt::sleep(GAP_LEAD)?;
             let killed = monotonic_ns();
             agent.kill()?;
@@ -811,7 +815,13 @@ impl Client {
     /// Starts the `gaps` client in `cgroup`, asking through idgate; it
     /// stops once `stop` exists, or `after_recovery` after its first
     /// answer that follows a failure, or at [`GAP_SECONDS`].
-    fn gaps(&self, cgroup: &Path, stop: &Path, after_recovery: Option<Duration>) -> Result<Running> {
+    fn gaps(
+        &self,
+        cgroup: &Path,
+        stop: &Path,
+        after_recovery: Option<Duration>,
+        timeout: Duration,
+    ) -> Result<Running> {
         let mut args = vec![
             "--op".to_owned(),
             "gaps".into(),
@@ -824,7 +834,7 @@ impl Client {
             "--seconds".into(),
             GAP_SECONDS.to_string(),
             "--timeout-ms".into(),
-            TIMEOUT.as_millis().to_string(),
+            timeout.as_millis().to_string(),
             "--retry-ms".into(),
             RETRY.as_millis().to_string(),
             "--stop-file".into(),

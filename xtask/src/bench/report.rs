@@ -1108,7 +1108,7 @@ fn restarts(out: &mut String, d: &DnsBench) {
         "\n### Restarts\n\n\
          The names identity's client asks through idgate one query at a time (the next sent \
          once the answer is in, or {retry} after a failed send; a query unanswered after \
-         {timeout} counts as a timeout), for at most {gap:.0} s a round; each lookup is timed \
+         {timeout} counts as a timeout, {crash_timeout} in the crash rounds), for at most {gap:.0} s a round; each lookup is timed \
          from just before its send to its answer or failure, on the same monotonic clock as \
          the bench's.\n\n\
          **Planned** (`idgate restart`, {rounds} rounds): {lead} after the client starts, the \
@@ -1120,6 +1120,7 @@ fn restarts(out: &mut String, d: &DnsBench) {
          | | median | max | each round |\n|---|---:|---:|---|\n",
         retry = seconds(dns::RETRY),
         timeout = seconds(dns::TIMEOUT),
+        crash_timeout = seconds(dns::CRASH_TIMEOUT),
         gap = dns::GAP_SECONDS,
         rounds = p.len(),
         lead = seconds(dns::GAP_LEAD),
@@ -1164,9 +1165,10 @@ fn restarts(out: &mut String, d: &DnsBench) {
          them, so a query's send fails with EPERM. {down} after the kill it starts the agent \
          again (same configuration; it takes its pins over) and waits until it answers on \
          its control socket. The client stops {tail} after its first answer that follows a \
-         failure. Lookups while no agent ran: {count} failed at the send (EPERM), in \
-         {fmed} at the median and {fmax} at most; other failures (timeouts, refusals): \
-         {other} (timeouts: {timeouts}).\n\n\
+         failure. Lookups from the kill to the first answer after it: {count} failed at the \
+         send (EPERM), in {fmed} at the median and {fmax} at most; other failures \
+         (timeouts, refusals): {other}, of which {timeouts} timeouts (a query the killed \
+         agent had taken in is lost, and times out).\n\n\
          | | median | max | each round |\n|---|---:|---:|---|\n",
         rounds = c.len(),
         lead = seconds(dns::GAP_LEAD),
