@@ -26,8 +26,8 @@
 //!   counted, not fatal: the client sleeps `--retry-ms` and asks again.
 //!   Every lookup is given as `[start, duration, outcome]`, its start on
 //!   `CLOCK_MONOTONIC` (ns), outcome 0 answered with an address, 1 timed
-//!   out, 2 send failed with EPERM, 3 send failed otherwise, 4 another
-//!   answer. It stops at `--count`, `--seconds`, once `--stop-file`
+//!   out, 2 send failed with EPERM, 3 send or receive failed otherwise
+//!   (each error counted by its text), 4 another answer. It stops at `--count`, `--seconds`, once `--stop-file`
 //!   exists, or `--stop-ms-after-recovery` after the first answer that
 //!   follows a failure.
 //!
@@ -260,6 +260,7 @@ fn gaps(args: &Args) -> Result<serde_json::Value, String> {
     let limit = Duration::from_secs_f64(args.seconds);
     let mut buf = vec![0u8; 4096];
     let mut lookups: Vec<[u64; 3]> = Vec::new();
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
     let mut failed_since_answer = false;
     let mut recovered: Option<Instant> = None;
     let started = Instant::now();
@@ -287,6 +288,7 @@ fn gaps(args: &Args) -> Result<serde_json::Value, String> {
                 } else {
                     3
                 };
+                *errors.entry(format!("send: {e}")).or_default() += 1;
                 lookups.push([start, took.as_nanos() as u64, code]);
                 failed_since_answer = true;
                 std::thread::sleep(args.retry);
@@ -294,7 +296,10 @@ fn gaps(args: &Args) -> Result<serde_json::Value, String> {
             }
             Ok(_) => match wait_answer(&s, id, t0 + args.timeout, &mut buf) {
                 // A refused port (no listener) is a failure as well.
-                Err(_) => 3,
+                Err(e) => {
+                    *errors.entry(e).or_default() += 1;
+                    3
+                }
                 Ok(None) => 1,
                 Ok(Some(n)) => match Message::from_vec(&buf[..n]) {
                     Ok(a)
@@ -321,6 +326,7 @@ fn gaps(args: &Args) -> Result<serde_json::Value, String> {
     }
     Ok(serde_json::json!({
         "lookups": lookups,
+        "errors": errors,
         "elapsed_ns": started.elapsed().as_nanos() as u64,
     }))
 }

@@ -235,10 +235,12 @@ pub struct Planned {
 /// One SIGKILL of the agent with lookups running, and its start again.
 #[derive(Clone)]
 pub struct Crash {
-    /// Lookups sent while no agent ran (from the kill to the new agent's
-    /// first answer), failed at the send (EPERM), and how long each took
-    /// to fail.
+    /// Lookups from the kill to the first answer after it that failed
+    /// at once (the send failed, or the receive: outcomes 2 and 3), and
+    /// how long each took to fail.
     pub failed_fast_ns: Vec<u64>,
+    /// The client's errors by their text, over its whole run.
+    pub errors: Vec<(String, u64)>,
     /// Lookups that failed otherwise (timed out, refused, another
     /// answer) from the kill on.
     pub failed_other: u64,
@@ -506,7 +508,7 @@ fn restarts(
             let t1 = monotonic_ns();
             interrupt::sleep(GAP_TAIL)?;
             std::fs::write(&stop, "")?;
-            let lookups = client.finish()?;
+            let (lookups, _) = client.finish()?;
             let out = out?;
             agent.check_running()?;
             if agent.pid() != pid || !out.contains("restarted") {
@@ -532,9 +534,12 @@ fn restarts(
             if ready.is_err() {
                 std::fs::write(&stop, "")?;
             }
-            let lookups = client.finish();
+            let run = client.finish();
             ready?;
-            crashes.push(Crash::of(&lookups?, killed, spawned, ready_ns)?);
+            let (lookups, errors) = run?;
+            let mut crash = Crash::of(&lookups, killed, spawned, ready_ns)?;
+            crash.errors = errors;
+            crashes.push(crash);
         }
         Ok((planned, crashes))
     })();
@@ -574,12 +579,13 @@ impl Crash {
         Ok(Self {
             failed_fast_ns: down
                 .iter()
-                .filter(|l| l.outcome == 2)
+                .filter(|l| l.outcome == 2 || l.outcome == 3)
                 .map(|l| l.ns)
                 .collect(),
+            errors: Vec::new(),
             failed_other: down
                 .iter()
-                .filter(|l| l.outcome != 0 && l.outcome != 2)
+                .filter(|l| l.outcome == 1 || l.outcome == 4)
                 .count() as u64,
             timeouts: down.iter().filter(|l| l.outcome == 1).count() as u64,
             ready_ns,
@@ -963,10 +969,19 @@ impl Running {
         serde_json::from_slice(&stdout).context("the DNS client's answer is not JSON")
     }
 
-    /// [`Running::wait`] for the `gaps` client: its lookups.
-    fn finish(self) -> Result<Vec<GapLookup>> {
+    /// [`Running::wait`] for the `gaps` client: its lookups, and its
+    /// errors by their text.
+    fn finish(self) -> Result<(Vec<GapLookup>, Vec<(String, u64)>)> {
         let v = self.wait()?;
-        v["lookups"]
+        let errors = v["errors"]
+            .as_object()
+            .map(|o| {
+                o.iter()
+                    .map(|(k, n)| (k.clone(), n.as_u64().unwrap_or(0)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let lookups = v["lookups"]
             .as_array()
             .context("no lookups")?
             .iter()
@@ -978,7 +993,8 @@ impl Running {
                     outcome: n(2)?,
                 })
             })
-            .collect()
+            .collect::<Result<_>>()?;
+        Ok((lookups, errors))
     }
 }
 

@@ -1165,10 +1165,10 @@ fn restarts(out: &mut String, d: &DnsBench) {
          them, so a query's send fails with EPERM. {down} after the kill it starts the agent \
          again (same configuration; it takes its pins over) and waits until it answers on \
          its control socket. The client stops {tail} after its first answer that follows a \
-         failure. Lookups from the kill to the first answer after it: {count} failed at the \
-         send (EPERM), in {fmed} at the median and {fmax} at most; other failures \
-         (timeouts, refusals): {other}, of which {timeouts} timeouts (a query the killed \
-         agent had taken in is lost, and times out).\n\n\
+         failure. Lookups from the kill to the first answer after it: {count} failed at \
+         once, in {fmed} at the median and {fmax} at most (the client's errors, all rounds: \
+         {errors}); timeouts and other answers: {other}, of which {timeouts} timeouts (a \
+         query the killed agent had taken in is lost, and times out).\n\n\
          | | median | max | each round |\n|---|---:|---:|---|\n",
         rounds = c.len(),
         lead = seconds(dns::GAP_LEAD),
@@ -1177,6 +1177,23 @@ fn restarts(out: &mut String, d: &DnsBench) {
         count = thousands(fast.len()),
         fmed = latency(percentile(&fast, 0.5)),
         fmax = latency(fast.iter().copied().max().unwrap_or(0)),
+        errors = {
+            let mut all: Vec<(String, u64)> = Vec::new();
+            for (k, n) in c.iter().flat_map(|r| &r.errors) {
+                match all.iter_mut().find(|(x, _)| x == k) {
+                    Some((_, m)) => *m += n,
+                    None => all.push((k.clone(), *n)),
+                }
+            }
+            if all.is_empty() {
+                "none".to_owned()
+            } else {
+                all.iter()
+                    .map(|(k, n)| format!("{} × `{k}`", thousands(*n as usize)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        },
         other = c.iter().map(|r| r.failed_other).sum::<u64>(),
         timeouts = c.iter().map(|r| r.timeouts).sum::<u64>(),
     );
@@ -1200,7 +1217,7 @@ fn restarts(out: &mut String, d: &DnsBench) {
     );
     row(
         out,
-        "slowest failed send",
+        "slowest failure at once",
         c.iter()
             .map(|r| r.failed_fast_ns.iter().copied().max().unwrap_or(0))
             .collect(),
