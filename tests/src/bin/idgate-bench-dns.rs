@@ -527,9 +527,7 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
             "--threads" => args.threads = value.parse().map_err(|e| bad(&e))?,
             "--window" => args.window = value.parse().map_err(|e| bad(&e))?,
             "--name" => args.name = Some(value),
-            "--retry-ms" => {
-                args.retry = Duration::from_millis(value.parse().map_err(|e| bad(&e))?)
-            }
+            "--retry-ms" => args.retry = Duration::from_millis(value.parse().map_err(|e| bad(&e))?),
             "--stop-file" => args.stop_file = Some(PathBuf::from(&value)),
             "--stop-ms-after-recovery" => {
                 args.stop_after_recovery =

@@ -847,7 +847,10 @@ impl Client {
             stop.display().to_string(),
         ];
         if let Some(after) = after_recovery {
-            args.extend(["--stop-ms-after-recovery".into(), after.as_millis().to_string()]);
+            args.extend([
+                "--stop-ms-after-recovery".into(),
+                after.as_millis().to_string(),
+            ]);
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.spawn(Some(cgroup), ASKED, &args, GAP_SECONDS)

@@ -1136,8 +1136,18 @@ fn restarts(out: &mut String, d: &DnsBench) {
         );
     };
     let n = |x: u64| thousands(x as usize);
-    row(out, "`idgate restart` took", p.iter().map(|r| r.command_ns).collect(), &ms);
-    row(out, "lookups in the window", p.iter().map(|r| r.in_window).collect(), &n);
+    row(
+        out,
+        "`idgate restart` took",
+        p.iter().map(|r| r.command_ns).collect(),
+        &ms,
+    );
+    row(
+        out,
+        "lookups in the window",
+        p.iter().map(|r| r.in_window).collect(),
+        &n,
+    );
     row(
         out,
         "of which failed or timed out",
@@ -1162,9 +1172,10 @@ fn restarts(out: &mut String, d: &DnsBench) {
         out,
         "\n**Crash** ({rounds} rounds): {lead} after the client starts, the bench sends the \
          agent SIGKILL (and reaps it); its sockets close, and the kernel's socket hash drops \
-         them, so a query's send fails with EPERM. {down} after the kill it starts the agent \
-         again (same configuration; it takes its pins over) and waits until it answers on \
-         its control socket. The client stops {tail} after its first answer that follows a \
+         them: a query then fails at once (how, the client's errors below say). {down} \
+         after the kill it starts the agent again (same configuration; it takes its pins \
+         over) and waits until it answers on its control socket (polled every 100 ms with \
+         `idgate status`, so that figure is coarse). The client stops {tail} after its first answer that follows a \
          failure. Lookups from the kill to the first answer after it: {count} failed at \
          once, in {fmed} at the median and {fmax} at most (the client's errors, all rounds: \
          {errors}); timeouts and other answers: {other}, of which {timeouts} timeouts (a \
