@@ -22,6 +22,14 @@
 //!   `--seconds` (and at most `--count` answers in all); a query
 //!   unanswered after `--timeout-ms` counts as a timeout and is replaced.
 //! - `resolve`: A and AAAA of `--name`, once each; the addresses.
+//! - `gaps`: as `sequential` (no connects), but a failed send is
+//!   counted, not fatal: the client sleeps `--retry-ms` and asks again.
+//!   Every lookup is given as `[start, duration, outcome]`, its start on
+//!   `CLOCK_MONOTONIC` (ns), outcome 0 answered with an address, 1 timed
+//!   out, 2 send failed with EPERM, 3 send or receive failed otherwise
+//!   (each error counted by its text), 4 another answer. It stops at `--count`, `--seconds`, once `--stop-file`
+//!   exists, or `--stop-ms-after-recovery` after the first answer that
+//!   follows a failure.
 //!
 //! Every query is made with hickory-proto; answers are read with it too.
 //! A query that gets no answer within `--timeout-ms` is counted, never
@@ -56,6 +64,9 @@ struct Args {
     threads: usize,
     window: usize,
     name: Option<String>,
+    retry: Duration,
+    stop_file: Option<PathBuf>,
+    stop_after_recovery: Option<Duration>,
 }
 
 fn main() {
@@ -77,6 +88,7 @@ fn run() -> Result<(), String> {
         "sequential" => sequential(&args)?,
         "flood" => flood(&args)?,
         "resolve" => resolve(&args)?,
+        "gaps" => gaps(&args)?,
         other => return Err(format!("unknown --op {other:?}")),
     };
     println!("{out}");
@@ -228,6 +240,93 @@ fn sequential(args: &Args) -> Result<serde_json::Value, String> {
         "connects_allowed": allowed,
         "connects_denied": denied,
         "first_denied": first_denied,
+        "elapsed_ns": started.elapsed().as_nanos() as u64,
+    }))
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock the bench reads too.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn gaps(args: &Args) -> Result<serde_json::Value, String> {
+    let s = socket(args)?;
+    let limit = Duration::from_secs_f64(args.seconds);
+    let mut buf = vec![0u8; 4096];
+    let mut lookups: Vec<[u64; 3]> = Vec::new();
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    let mut failed_since_answer = false;
+    let mut recovered: Option<Instant> = None;
+    let started = Instant::now();
+    let mut i = 0;
+    while i < args.count && started.elapsed() < limit {
+        if args.stop_file.as_deref().is_some_and(|f| f.exists()) {
+            break;
+        }
+        if let (Some(at), Some(after)) = (recovered, args.stop_after_recovery)
+            && at.elapsed() >= after
+        {
+            break;
+        }
+        let name = zone_name(args, args.start + i);
+        let id = i as u16;
+        let bytes = query(&name, RecordType::A, id)?;
+        let start = monotonic_ns();
+        let t0 = Instant::now();
+        i += 1;
+        let outcome = match s.send(&bytes) {
+            Err(e) => {
+                let took = t0.elapsed();
+                let code = if e.raw_os_error() == Some(libc::EPERM) {
+                    2
+                } else {
+                    3
+                };
+                *errors.entry(format!("send: {e}")).or_default() += 1;
+                lookups.push([start, took.as_nanos() as u64, code]);
+                failed_since_answer = true;
+                std::thread::sleep(args.retry);
+                continue;
+            }
+            Ok(_) => match wait_answer(&s, id, t0 + args.timeout, &mut buf) {
+                // A refused port (no listener) is a failure as well.
+                Err(e) => {
+                    *errors.entry(e).or_default() += 1;
+                    3
+                }
+                Ok(None) => 1,
+                Ok(Some(n)) => match Message::from_vec(&buf[..n]) {
+                    Ok(a)
+                        if a.response_code() == ResponseCode::NoError
+                            && !addresses(&a).is_empty() =>
+                    {
+                        0
+                    }
+                    _ => 4,
+                },
+            },
+        };
+        lookups.push([start, t0.elapsed().as_nanos() as u64, outcome]);
+        if outcome == 0 {
+            if failed_since_answer && recovered.is_none() {
+                recovered = Some(Instant::now());
+            }
+        } else {
+            failed_since_answer = true;
+            if outcome == 3 {
+                std::thread::sleep(args.retry);
+            }
+        }
+    }
+    Ok(serde_json::json!({
+        "lookups": lookups,
+        "errors": errors,
         "elapsed_ns": started.elapsed().as_nanos() as u64,
     }))
 }
@@ -405,6 +504,9 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
         threads: 1,
         window: 1,
         name: None,
+        retry: Duration::from_millis(1),
+        stop_file: None,
+        stop_after_recovery: None,
     };
     while let Some(flag) = argv.next() {
         let value = argv.next().ok_or_else(|| format!("{flag} needs a value"))?;
@@ -425,6 +527,12 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
             "--threads" => args.threads = value.parse().map_err(|e| bad(&e))?,
             "--window" => args.window = value.parse().map_err(|e| bad(&e))?,
             "--name" => args.name = Some(value),
+            "--retry-ms" => args.retry = Duration::from_millis(value.parse().map_err(|e| bad(&e))?),
+            "--stop-file" => args.stop_file = Some(PathBuf::from(&value)),
+            "--stop-ms-after-recovery" => {
+                args.stop_after_recovery =
+                    Some(Duration::from_millis(value.parse().map_err(|e| bad(&e))?))
+            }
             _ => return Err(format!("unknown argument {flag:?}")),
         }
     }

@@ -23,6 +23,9 @@ pub struct Agent {
     pub scope: String,
     pin_dir: PathBuf,
     child: Option<Child>,
+    /// Whether it was ever spawned: then its pins are uninstalled on drop,
+    /// even when it is not running (killed, not started again).
+    spawned: bool,
     /// From spawn to the first answer on the control socket.
     pub start_time: Duration,
 }
@@ -64,6 +67,7 @@ impl Agent {
             scope: scope.to_owned(),
             pin_dir,
             child: None,
+            spawned: false,
             start_time: Duration::ZERO,
         };
         for sub in ["policy", "entries", "state"] {
@@ -78,12 +82,25 @@ impl Agent {
             rules::workload_bindings(identities)
         );
         std::fs::write(agent.config(), config)?;
-        let log = std::fs::File::create(agent.log())?;
+        std::fs::File::create(agent.log())?;
+        agent.start_time = agent.respawn()?;
+        Ok(agent)
+    }
+
+    /// Starts the agent process (again, after [`Agent::kill`]) with its
+    /// configuration, its log appended to; waits until it answers. The
+    /// time from spawn to the first answer.
+    pub fn respawn(&mut self) -> Result<Duration> {
+        if self.child.is_some() {
+            bail!("the agent runs already");
+        }
+        let log = std::fs::OpenOptions::new().append(true).open(self.log())?;
         let started = Instant::now();
-        agent.child = Some(
-            Command::new(idgate)
+        self.spawned = true;
+        self.child = Some(
+            Command::new(&self.idgate)
                 .args(["agent", "--config"])
-                .arg(agent.config())
+                .arg(self.config())
                 .env("RUST_LOG", "info")
                 .env("NO_COLOR", "1")
                 .stdin(Stdio::null())
@@ -92,9 +109,31 @@ impl Agent {
                 .spawn()
                 .context("starting idgate agent")?,
         );
-        agent.wait_ready()?;
-        agent.start_time = started.elapsed();
-        Ok(agent)
+        self.wait_ready()?;
+        Ok(started.elapsed())
+    }
+
+    /// SIGKILL, and reaped: a crash. Its pins stay (and are still
+    /// uninstalled on drop); [`Agent::respawn`] starts it again.
+    pub fn kill(&mut self) -> Result<()> {
+        let mut child = self.child.take().context("the agent does not run")?;
+        child.kill().context("killing the agent")?;
+        child.wait()?;
+        Ok(())
+    }
+
+    /// Whether the agent's process is still there (an agent that executed
+    /// itself again keeps its pid); its exit status is reaped if not.
+    pub fn check_running(&mut self) -> Result<()> {
+        let child = self.child.as_mut().context("the agent does not run")?;
+        if let Some(status) = child.try_wait()? {
+            self.child = None;
+            bail!(
+                "the agent exited with {status}; its log:\n{}",
+                self.log_tail()
+            );
+        }
+        Ok(())
     }
 
     fn config(&self) -> PathBuf {
@@ -233,6 +272,8 @@ impl Drop for Agent {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        if self.spawned {
             self.uninstall();
         }
         let _ = std::fs::remove_dir_all(&self.pin_dir);

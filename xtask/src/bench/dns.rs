@@ -183,6 +183,76 @@ pub struct DnsBench {
     pub prog_times: super::prog_time::ProgTimes,
     /// What the names identity's lookup of [`LOOP_NAME`] answered.
     pub loop_addrs: Vec<String>,
+    /// One per round: `idgate restart`, then a crash and a new agent.
+    pub planned: Vec<Planned>,
+    pub crashes: Vec<Crash>,
+}
+
+/// Longest a restart's client runs.
+pub const GAP_SECONDS: f64 = 10.0;
+/// Lookups before the restart or the kill.
+pub const GAP_LEAD: Duration = Duration::from_millis(300);
+/// Lookups after the restart (or the first answer after the crash)
+/// before the client stops.
+pub const GAP_TAIL: Duration = Duration::from_millis(300);
+/// How long the agent stays down after the kill.
+pub const DOWN: Duration = Duration::from_millis(300);
+/// The crash's client's timeout: a query the killed agent had taken in is
+/// lost, and the client must not wait the whole time the agent is down
+/// for it (the planned restart's client waits [`TIMEOUT`]).
+pub const CRASH_TIMEOUT: Duration = Duration::from_millis(100);
+/// The client's pause after a failed send before it asks again.
+pub const RETRY: Duration = Duration::from_millis(1);
+
+/// One lookup of the `gaps` client.
+#[derive(Clone, Copy)]
+pub struct GapLookup {
+    /// `CLOCK_MONOTONIC` at its send, ns.
+    pub start: u64,
+    pub ns: u64,
+    /// 0 answered, 1 timed out, 2 send EPERM, 3 other send or receive
+    /// error, 4 another answer.
+    pub outcome: u64,
+}
+
+/// One `idgate restart` with lookups running.
+#[derive(Clone)]
+pub struct Planned {
+    /// How long `idgate restart` took (it returns once the new agent
+    /// answers).
+    pub command_ns: u64,
+    /// Lookups that overlap the command's run.
+    pub in_window: u64,
+    /// Of those, not answered with an address (timed out, failed).
+    pub failed_in_window: u64,
+    /// In the whole run.
+    pub lookups: u64,
+    pub failed: u64,
+    /// The longest lookup in the window.
+    pub max_in_window_ns: u64,
+}
+
+/// One SIGKILL of the agent with lookups running, and its start again.
+#[derive(Clone)]
+pub struct Crash {
+    /// Lookups from the kill to the first answer after it that failed
+    /// at once (the send failed, or the receive: outcomes 2 and 3), and
+    /// how long each took to fail.
+    pub failed_fast_ns: Vec<u64>,
+    /// The client's errors by their text, over its whole run.
+    pub errors: Vec<(String, u64)>,
+    /// Lookups that failed otherwise (timed out, refused, another
+    /// answer) from the kill on.
+    pub failed_other: u64,
+    /// Of which timed out.
+    pub timeouts: u64,
+    /// From the new agent's spawn to its first answer on its control
+    /// socket.
+    pub ready_ns: u64,
+    /// From the new agent's spawn, and from the kill, to the end of the
+    /// first answered lookup after the kill.
+    pub spawn_to_answer_ns: u64,
+    pub kill_to_answer_ns: u64,
 }
 
 /// Runs the whole section. `plain` is a cgroup outside every scope;
@@ -379,6 +449,9 @@ pub fn measure(
     ];
     let connect = overhead::measure(lp, &configs, ops, sizes.rounds)?;
     let prog_times = super::prog_time::measure(lp, &configs, ops)?;
+    drop(configs);
+    let mut agent = agent;
+    let (planned, crashes) = restarts(&c, &mut agent, &names_cg, tag, sizes.rounds)?;
     drop(agent);
     drop(server);
     Ok(DnsBench {
@@ -393,7 +466,133 @@ pub fn measure(
         connect,
         prog_times,
         loop_addrs,
+        planned,
+        crashes,
     })
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds, as the `gaps` client reads it.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// `rounds` planned restarts, then `rounds` crashes, each with the names
+/// identity's client looking names up one at a time through idgate.
+fn restarts(
+    c: &Client,
+    agent: &mut Agent,
+    cgroup: &Path,
+    tag: &str,
+    rounds: usize,
+) -> Result<(Vec<Planned>, Vec<Crash>)> {
+    let stop = std::env::temp_dir().join(format!("{tag}-dns-gaps-stop"));
+    let result = (|| {
+        let mut planned = Vec::new();
+        for round in 0..rounds {
+            eprintln!(
+                "bench: dns: idgate restart with lookups running, round {}/{rounds}",
+                round + 1
+            );
+            let _ = std::fs::remove_file(&stop);
+            let pid = agent.pid();
+            let client = c.gaps(cgroup, &stop, None, TIMEOUT)?;
+            interrupt::sleep(GAP_LEAD)?;
+            let t0 = monotonic_ns();
+            let out = agent.cli(&["restart"]);
+            let t1 = monotonic_ns();
+            interrupt::sleep(GAP_TAIL)?;
+            std::fs::write(&stop, "")?;
+            let (lookups, _) = client.finish()?;
+            let out = out?;
+            agent.check_running()?;
+            if agent.pid() != pid || !out.contains("restarted") {
+                bail!("idgate restart: {out} (pid {pid} before)");
+            }
+            planned.push(Planned::of(&lookups, t0, t1));
+        }
+        let mut crashes = Vec::new();
+        for round in 0..rounds {
+            eprintln!(
+                "bench: dns: the agent killed with lookups running, and started again, round {}/{rounds}",
+                round + 1
+            );
+            let _ = std::fs::remove_file(&stop);
+            let client = c.gaps(cgroup, &stop, Some(GAP_TAIL), CRASH_TIMEOUT)?;
+            interrupt::sleep(GAP_LEAD)?;
+            let killed = monotonic_ns();
+            agent.kill()?;
+            interrupt::sleep(DOWN)?;
+            let spawned = monotonic_ns();
+            let ready = agent.respawn();
+            let ready_ns = monotonic_ns() - spawned;
+            if ready.is_err() {
+                std::fs::write(&stop, "")?;
+            }
+            let run = client.finish();
+            ready?;
+            let (lookups, errors) = run?;
+            let mut crash = Crash::of(&lookups, killed, spawned, ready_ns)?;
+            crash.errors = errors;
+            crashes.push(crash);
+        }
+        Ok((planned, crashes))
+    })();
+    let _ = std::fs::remove_file(&stop);
+    result
+}
+
+impl Planned {
+    fn of(lookups: &[GapLookup], t0: u64, t1: u64) -> Self {
+        let window: Vec<&GapLookup> = lookups
+            .iter()
+            .filter(|l| l.start <= t1 && l.start + l.ns >= t0)
+            .collect();
+        Self {
+            command_ns: t1 - t0,
+            in_window: window.len() as u64,
+            failed_in_window: window.iter().filter(|l| l.outcome != 0).count() as u64,
+            lookups: lookups.len() as u64,
+            failed: lookups.iter().filter(|l| l.outcome != 0).count() as u64,
+            max_in_window_ns: window.iter().map(|l| l.ns).max().unwrap_or(0),
+        }
+    }
+}
+
+impl Crash {
+    fn of(lookups: &[GapLookup], killed: u64, spawned: u64, ready_ns: u64) -> Result<Self> {
+        let after: Vec<&GapLookup> = lookups
+            .iter()
+            .filter(|l| l.start + l.ns >= killed)
+            .collect();
+        let answer = after
+            .iter()
+            .find(|l| l.outcome == 0 && l.start >= killed)
+            .context("no lookup answered after the agent was started again")?;
+        let answered = answer.start + answer.ns;
+        let down: Vec<&&GapLookup> = after.iter().filter(|l| l.start < answered).collect();
+        Ok(Self {
+            failed_fast_ns: down
+                .iter()
+                .filter(|l| l.outcome == 2 || l.outcome == 3)
+                .map(|l| l.ns)
+                .collect(),
+            errors: Vec::new(),
+            failed_other: down
+                .iter()
+                .filter(|l| l.outcome == 1 || l.outcome == 4)
+                .count() as u64,
+            timeouts: down.iter().filter(|l| l.outcome == 1).count() as u64,
+            ready_ns,
+            spawn_to_answer_ns: answered.saturating_sub(spawned),
+            kill_to_answer_ns: answered - killed,
+        })
+    }
 }
 
 /// The 1, 5 and 15 minute load averages.
@@ -619,6 +818,44 @@ impl Client {
         })
     }
 
+    /// Starts the `gaps` client in `cgroup`, asking through idgate; it
+    /// stops once `stop` exists, or `after_recovery` after its first
+    /// answer that follows a failure, or at [`GAP_SECONDS`].
+    fn gaps(
+        &self,
+        cgroup: &Path,
+        stop: &Path,
+        after_recovery: Option<Duration>,
+        timeout: Duration,
+    ) -> Result<Running> {
+        let mut args = vec![
+            "--op".to_owned(),
+            "gaps".into(),
+            "--zone".into(),
+            ZONE.into(),
+            "--names".into(),
+            "1".into(),
+            "--count".into(),
+            "1000000".into(),
+            "--seconds".into(),
+            GAP_SECONDS.to_string(),
+            "--timeout-ms".into(),
+            timeout.as_millis().to_string(),
+            "--retry-ms".into(),
+            RETRY.as_millis().to_string(),
+            "--stop-file".into(),
+            stop.display().to_string(),
+        ];
+        if let Some(after) = after_recovery {
+            args.extend([
+                "--stop-ms-after-recovery".into(),
+                after.as_millis().to_string(),
+            ]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.spawn(Some(cgroup), ASKED, &args, GAP_SECONDS)
+    }
+
     fn resolve(&self, cgroup: &Path, server: SocketAddr, name: &str) -> Result<Vec<String>> {
         let v = self.run(
             Some(cgroup),
@@ -641,6 +878,16 @@ impl Client {
         args: &[&str],
         seconds: f64,
     ) -> Result<serde_json::Value> {
+        self.spawn(cgroup, server, args, seconds)?.wait()
+    }
+
+    fn spawn(
+        &self,
+        cgroup: Option<&Path>,
+        server: SocketAddr,
+        args: &[&str],
+        seconds: f64,
+    ) -> Result<Running> {
         interrupt::check()?;
         let mut command = Command::new(&self.bin);
         command.args(["--server", &server.to_string()]).args(args);
@@ -675,29 +922,91 @@ impl Client {
                 .take()
                 .map(|p| Box::new(p) as Box<dyn Read + Send>),
         );
-        let deadline = Instant::now() + Duration::from_secs_f64(seconds) + TIMEOUT + GRACE;
+        Ok(Running {
+            child: Some(child),
+            stdout: Some(stdout),
+            stderr: Some(stderr),
+            deadline: Instant::now() + Duration::from_secs_f64(seconds) + TIMEOUT + GRACE,
+            args: args.join(" "),
+        })
+    }
+}
+
+/// A client running; killed on drop if it has not ended.
+struct Running {
+    child: Option<Child>,
+    stdout: Option<std::thread::JoinHandle<Vec<u8>>>,
+    stderr: Option<std::thread::JoinHandle<Vec<u8>>>,
+    deadline: Instant,
+    args: String,
+}
+
+impl Running {
+    /// Waits for its end (killed past its bound): its JSON answer.
+    fn wait(mut self) -> Result<serde_json::Value> {
+        let mut child = self.child.take().context("waited for twice")?;
         let status = loop {
             if let Some(status) = child.try_wait()? {
                 break status;
             }
-            if Instant::now() > deadline || interrupt::check().is_err() {
+            if Instant::now() > self.deadline || interrupt::check().is_err() {
                 let _ = child.kill();
                 let _ = child.wait();
                 interrupt::check()?;
-                bail!("idgate-bench-dns {} did not end in time", args.join(" "));
+                bail!("idgate-bench-dns {} did not end in time", self.args);
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        let stdout = stdout.join().unwrap_or_default();
-        let stderr = stderr.join().unwrap_or_default();
+        let join = |h: Option<std::thread::JoinHandle<Vec<u8>>>| {
+            h.map(|h| h.join().unwrap_or_default()).unwrap_or_default()
+        };
+        let stdout = join(self.stdout.take());
+        let stderr = join(self.stderr.take());
         if !status.success() {
             bail!(
                 "idgate-bench-dns {}: {status}: {}",
-                args.join(" "),
+                self.args,
                 String::from_utf8_lossy(&stderr).trim()
             );
         }
         serde_json::from_slice(&stdout).context("the DNS client's answer is not JSON")
+    }
+
+    /// [`Running::wait`] for the `gaps` client: its lookups, and its
+    /// errors by their text.
+    fn finish(self) -> Result<(Vec<GapLookup>, Vec<(String, u64)>)> {
+        let v = self.wait()?;
+        let errors = v["errors"]
+            .as_object()
+            .map(|o| {
+                o.iter()
+                    .map(|(k, n)| (k.clone(), n.as_u64().unwrap_or(0)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let lookups = v["lookups"]
+            .as_array()
+            .context("no lookups")?
+            .iter()
+            .map(|l| {
+                let n = |i: usize| l[i].as_u64().with_context(|| format!("lookup {l}"));
+                Ok(GapLookup {
+                    start: n(0)?,
+                    ns: n(1)?,
+                    outcome: n(2)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok((lookups, errors))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 

@@ -1083,6 +1083,7 @@ fn dns(out: &mut String, d: &DnsBench, alone: Option<&str>) {
             per(b, a)
         );
     }
+    restarts(out, d);
 }
 
 /// One flood level's runs of one configuration, summed up.
@@ -1096,6 +1097,145 @@ struct FloodSummary {
 }
 
 /// A run's answers other than NOERROR with an address, as a list.
+/// The "Restarts" subsection: `idgate restart`, and a crash.
+fn restarts(out: &mut String, d: &DnsBench) {
+    let ms = |ns: u64| format!("{:.1} ms", ns as f64 / 1e6);
+    let med = |v: Vec<u64>| median(&v.iter().map(|&x| x as f64).collect::<Vec<_>>()) as u64;
+    let max = |v: Vec<u64>| v.into_iter().max().unwrap_or(0);
+    let p = &d.planned;
+    let _ = write!(
+        out,
+        "\n### Restarts\n\n\
+         The names identity's client asks through idgate one query at a time (the next sent \
+         once the answer is in, or {retry} after a failed send; a query unanswered after \
+         {timeout} counts as a timeout, {crash_timeout} in the crash rounds), for at most {gap:.0} s a round; each lookup is timed \
+         from just before its send to its answer or failure, on the same monotonic clock as \
+         the bench's.\n\n\
+         **Planned** (`idgate restart`, {rounds} rounds): {lead} after the client starts, the \
+         bench runs `idgate restart --socket` on the agent's control socket: the agent \
+         executes itself again in the same process (same pid, checked) and hands its DNS \
+         sockets to the new agent; the command returns once the new agent answers `status`. \
+         The client stops {tail} after that. The window is the command's run; a lookup is in \
+         it if it overlaps it.\n\n\
+         | | median | max | each round |\n|---|---:|---:|---|\n",
+        retry = seconds(dns::RETRY),
+        timeout = seconds(dns::TIMEOUT),
+        crash_timeout = seconds(dns::CRASH_TIMEOUT),
+        gap = dns::GAP_SECONDS,
+        rounds = p.len(),
+        lead = seconds(dns::GAP_LEAD),
+        tail = seconds(dns::GAP_TAIL),
+    );
+    let row = |out: &mut String, name: &str, v: Vec<u64>, f: &dyn Fn(u64) -> String| {
+        let _ = writeln!(
+            out,
+            "| {name} | {} | {} | {} |",
+            f(med(v.clone())),
+            f(max(v.clone())),
+            v.iter().map(|&x| f(x)).collect::<Vec<_>>().join(", ")
+        );
+    };
+    let n = |x: u64| thousands(x as usize);
+    row(
+        out,
+        "`idgate restart` took",
+        p.iter().map(|r| r.command_ns).collect(),
+        &ms,
+    );
+    row(
+        out,
+        "lookups in the window",
+        p.iter().map(|r| r.in_window).collect(),
+        &n,
+    );
+    row(
+        out,
+        "of which failed or timed out",
+        p.iter().map(|r| r.failed_in_window).collect(),
+        &n,
+    );
+    row(
+        out,
+        "longest lookup in the window",
+        p.iter().map(|r| r.max_in_window_ns).collect(),
+        &ms,
+    );
+    let _ = writeln!(
+        out,
+        "\nOver the whole runs: {} lookups, {} failed or timed out.",
+        thousands(p.iter().map(|r| r.lookups).sum::<u64>() as usize),
+        thousands(p.iter().map(|r| r.failed).sum::<u64>() as usize),
+    );
+    let c = &d.crashes;
+    let fast: Vec<u64> = c.iter().flat_map(|r| r.failed_fast_ns.clone()).collect();
+    let _ = write!(
+        out,
+        "\n**Crash** ({rounds} rounds): {lead} after the client starts, the bench sends the \
+         agent SIGKILL (and reaps it); its sockets close, and the kernel's socket hash drops \
+         them: a query then fails at once (how, the client's errors below say). {down} \
+         after the kill it starts the agent again (same configuration; it takes its pins \
+         over) and waits until it answers on its control socket (polled every 100 ms with \
+         `idgate status`, so that figure is coarse). The client stops {tail} after its first answer that follows a \
+         failure. Lookups from the kill to the first answer after it: {count} failed at \
+         once, in {fmed} at the median and {fmax} at most (the client's errors, all rounds: \
+         {errors}); timeouts and other answers: {other}, of which {timeouts} timeouts (a \
+         query the killed agent had taken in is lost, and times out).\n\n\
+         | | median | max | each round |\n|---|---:|---:|---|\n",
+        rounds = c.len(),
+        lead = seconds(dns::GAP_LEAD),
+        down = seconds(dns::DOWN),
+        tail = seconds(dns::GAP_TAIL),
+        count = thousands(fast.len()),
+        fmed = latency(percentile(&fast, 0.5)),
+        fmax = latency(fast.iter().copied().max().unwrap_or(0)),
+        errors = {
+            let mut all: Vec<(String, u64)> = Vec::new();
+            for (k, n) in c.iter().flat_map(|r| &r.errors) {
+                match all.iter_mut().find(|(x, _)| x == k) {
+                    Some((_, m)) => *m += n,
+                    None => all.push((k.clone(), *n)),
+                }
+            }
+            if all.is_empty() {
+                "none".to_owned()
+            } else {
+                all.iter()
+                    .map(|(k, n)| format!("{} × `{k}`", thousands(*n as usize)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        },
+        other = c.iter().map(|r| r.failed_other).sum::<u64>(),
+        timeouts = c.iter().map(|r| r.timeouts).sum::<u64>(),
+    );
+    row(
+        out,
+        "the new agent's start to its first answer on the control socket",
+        c.iter().map(|r| r.ready_ns).collect(),
+        &ms,
+    );
+    row(
+        out,
+        "the new agent's start to the first answered lookup",
+        c.iter().map(|r| r.spawn_to_answer_ns).collect(),
+        &ms,
+    );
+    row(
+        out,
+        "the kill to the first answered lookup",
+        c.iter().map(|r| r.kill_to_answer_ns).collect(),
+        &ms,
+    );
+    row(
+        out,
+        "slowest failure at once",
+        c.iter()
+            .map(|r| r.failed_fast_ns.iter().copied().max().unwrap_or(0))
+            .collect(),
+        &|x| latency(x),
+    );
+}
+
 fn failures(run: &dns::Sequential) -> String {
     if run.failures.is_empty() {
         return "0".into();
