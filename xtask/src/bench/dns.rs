@@ -215,6 +215,12 @@ pub struct GapLookup {
     pub outcome: u64,
 }
 
+/// What the `gaps` client saw: its lookups, and its errors by their text.
+struct GapRun {
+    lookups: Vec<GapLookup>,
+    errors: Vec<(String, u64)>,
+}
+
 /// One `idgate restart` with lookups running.
 #[derive(Clone)]
 pub struct Planned {
@@ -508,7 +514,7 @@ fn restarts(
             let t1 = monotonic_ns();
             interrupt::sleep(GAP_TAIL)?;
             std::fs::write(&stop, "")?;
-            let (lookups, _) = client.finish()?;
+            let lookups = client.finish()?.lookups;
             let out = out?;
             agent.check_running()?;
             if agent.pid() != pid || !out.contains("restarted") {
@@ -536,7 +542,7 @@ fn restarts(
             }
             let run = client.finish();
             ready?;
-            let (lookups, errors) = run?;
+            let GapRun { lookups, errors } = run?;
             let mut crash = Crash::of(&lookups, killed, spawned, ready_ns)?;
             crash.errors = errors;
             crashes.push(crash);
@@ -972,9 +978,8 @@ impl Running {
         serde_json::from_slice(&stdout).context("the DNS client's answer is not JSON")
     }
 
-    /// [`Running::wait`] for the `gaps` client: its lookups, and its
-    /// errors by their text.
-    fn finish(self) -> Result<(Vec<GapLookup>, Vec<(String, u64)>)> {
+    /// [`Running::wait`] for the `gaps` client.
+    fn finish(self) -> Result<GapRun> {
         let v = self.wait()?;
         let errors = v["errors"]
             .as_object()
@@ -997,7 +1002,7 @@ impl Running {
                 })
             })
             .collect::<Result<_>>()?;
-        Ok((lookups, errors))
+        Ok(GapRun { lookups, errors })
     }
 }
 
