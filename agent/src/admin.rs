@@ -8,10 +8,10 @@ mod server;
 
 pub use client::{request, request_stream};
 pub use protocol::{
-    Answer, Binding, DnsIdentity, DnsStatus, EventLine, EventsOpened, Explained, Identity,
-    KubeletHealth, KubeletStatus, LearnedOpen, PROTOCOL_VERSION, PolicyReloaded, PolicyShown,
-    Programs, Protocol, Reply, Request, Restarting, Revocation, Started, Status, Target, Verdict,
-    WorkloadRow, WorkloadsList,
+    Answer, Binding, DnsIdentity, DnsStatus, EventLine, EventsOpened, Explained, GrantChanged,
+    GrantShown, GrantsList, Identity, KubeletHealth, KubeletStatus, LearnedOpen, PROTOCOL_VERSION,
+    PolicyReloaded, PolicyShown, Ports, Programs, Protocol, Reply, Request, Restarting, Revocation,
+    Started, Status, Target, Verdict, WorkloadRow, WorkloadsList,
 };
 pub use server::{Authoriser, Peer, Response, serve};
 

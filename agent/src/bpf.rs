@@ -2,6 +2,7 @@
 //! writing the maps.
 
 mod bpffs;
+mod grant_map;
 mod identity_index;
 mod loader;
 mod maps;
@@ -10,6 +11,7 @@ pub mod ring;
 mod syscall;
 mod upgrade;
 
+pub use grant_map::{GrantEntryKey, GrantMap};
 pub use loader::{Attachment, Enforcer, ExecNotices, Uninstalled, install, uninstall};
 pub use maps::{BindingMaps, GenerationMaps, RetiredSets, SlotTable, Written};
 pub use pins::Pins;

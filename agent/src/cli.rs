@@ -4,6 +4,7 @@
 mod agent;
 mod events;
 mod explain;
+mod grant;
 mod policy;
 mod revoke;
 mod run;
@@ -52,6 +53,11 @@ enum Command {
     Revoke(revoke::RevokeArgs),
     /// Lift a revocation.
     Unrevoke(revoke::RevokeArgs),
+    /// Allow an identity a destination for a while, on top of its policy
+    /// (or --revoke / --extend a grant).
+    Grant(grant::GrantArgs),
+    /// List the running grants: who granted them, when, why, time left.
+    Grants(grant::GrantsArgs),
     /// Show decisions: recent ones, or (--follow) as they are made.
     Events(events::EventsArgs),
     /// List the cgroups under the scope and their identities.
@@ -104,6 +110,8 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Revoke(args) => revoke::run(args, true),
         Command::Unrevoke(args) => revoke::run(args, false),
         Command::Workloads(args) => workloads::run(args),
+        Command::Grant(args) => grant::run(args),
+        Command::Grants(args) => grant::list(args),
         Command::Events(args) => events::run(args),
         Command::Run(args) => run::run(args),
         Command::Svid(args) => svid::run(args),

@@ -67,6 +67,8 @@ pub enum Invalid {
     Svid(#[from] crate::svid::SvidConfigError),
     #[error(transparent)]
     Dns(#[from] crate::dns::DnsConfigError),
+    #[error(transparent)]
+    Grants(#[from] crate::grants::GrantsConfigError),
 }
 
 /// The most cgroups `max_workloads` may ask room for.
@@ -135,6 +137,9 @@ pub struct Config {
     /// default.
     #[serde(default)]
     pub dns: crate::dns::DnsConfig,
+    /// `[grants]`: the longest grant and the most that run at once; see
+    /// `grants::GrantsConfig` for each key and its default.
+    pub grants: crate::grants::GrantsConfig,
 }
 
 /// A cgroup under the scope bound to an identity by the configuration.
@@ -168,6 +173,7 @@ impl Default for Config {
             svid: Default::default(),
             kubernetes: None,
             dns: Default::default(),
+            grants: Default::default(),
         }
     }
 }
@@ -230,6 +236,7 @@ impl Config {
             k.check()?;
         }
         self.dns.check(&self.trust_domains)?;
+        self.grants.check()?;
         Ok(self.svid.check(&self.trust_domains)?)
     }
 }

@@ -89,6 +89,8 @@ pub enum DaemonError {
     #[error(transparent)]
     Federation(#[from] crate::federation::FederationError),
     #[error(transparent)]
+    Grants(#[from] crate::grants::GrantError),
+    #[error(transparent)]
     Oidc(#[from] crate::oidc::OidcError),
     #[error("watching the scope for new workloads: {0}")]
     Discovery(std::io::Error),
@@ -206,17 +208,20 @@ async fn start(config_path: &Path, handover: crate::dns::Handover) -> Result<Sta
         None => None,
     };
     // Seconds with a large policy: off the runtime's workers.
-    let mut state = tokio::task::spawn_blocking(move || State::start(config, kubelet))
-        .await
-        .map_err(|_| DaemonError::StartLost)??;
+    let (grant_records_tx, grant_records) = mpsc::unbounded_channel();
+    let mut state =
+        tokio::task::spawn_blocking(move || State::start(config, kubelet, grant_records_tx))
+            .await
+            .map_err(|_| DaemonError::StartLost)??;
     let (view, identities, dns_view) = ViewPublisher::new(&state);
     let book = Arc::new(crate::dns::NameBook::default());
     let (records_tx, records) = mpsc::channel(DNS_RECORDS);
     let telemetry = telemetry.start(
         &state,
-        crate::events::DnsFeed {
+        crate::events::Feeds {
             book: book.clone(),
-            records,
+            dns: records,
+            grants: grant_records,
         },
     )?;
     let dns = crate::dns::DnsPath::start(

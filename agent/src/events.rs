@@ -26,7 +26,7 @@ pub use feed::{EventFeed, Line};
 pub use kernel::EventMaps;
 pub use metrics::EventMetrics;
 pub use names::Names;
-pub use reader::DnsFeed;
+pub use reader::Feeds;
 pub use record::{DnsDetail, Event, SCHEMA_VERSION};
 pub use sinks::Sinks;
 
@@ -171,9 +171,9 @@ pub fn start(
     sinks: Sinks,
     names: Arc<Names>,
     metrics: EventMetrics,
-    dns: DnsFeed,
+    feeds: Feeds,
 ) -> Result<(), EventsError> {
     let mut maps = EventMaps::open(pin_dir)?;
     maps.set_allow_sample_rate(config.allow_sample_rate)?;
-    reader::spawn(maps, sinks, names, metrics, dns)
+    reader::spawn(maps, sinks, names, metrics, feeds)
 }

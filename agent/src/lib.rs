@@ -4,12 +4,14 @@
 pub mod admin;
 pub mod bpf;
 pub mod cgroup;
+pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod dns;
 pub mod events;
 pub mod federation;
 pub mod files;
+pub mod grants;
 pub mod identity;
 pub mod identity_view;
 pub mod line_index;

@@ -26,6 +26,7 @@ pub use model::{
     Protocol,
 };
 pub use names::{ClassId, NameError, NameIndex, NameMatch, NamePattern};
+pub(crate) use parse::looks_like_an_address;
 pub use precedence::RuleInfo;
 pub use subject::{Specificity, Subject};
 pub use summary::{describe_rule, summary};

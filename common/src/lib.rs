@@ -48,6 +48,20 @@
 //!    that covers the address has already decided in step 5, so it beats
 //!    every name.
 //!
+//! 8. Grants: when the decision so far is the slot's default (reason
+//!    `DEFAULT`, not an allow) and the slot is not the unknown
+//!    workload's, [`maps::GRANTS`] is read: an LPM trie keyed by
+//!    [`GrantKey`] (slot, family, address prefix; the slot and family are
+//!    always matched in full, so grants are per slot) -> [`GrantValue`],
+//!    up to [`GRANT_INLINE`] [`GrantEntry`]s: every grant of the slot
+//!    whose destination covers the entry's prefix (user space folds the
+//!    less specific grants into each entry, so the longest match is the
+//!    whole answer). The first entry not expired on the boot-time clock
+//!    whose protocols and ports cover the connect allows it (reason
+//!    [`reason::GRANT`], the grant's id as the rule id). A deny rule, a
+//!    revocation or a missing policy has decided before: a grant never
+//!    lifts them.
+//!
 //! A miss in steps 5 or 6 falls to the slot's default verdict. An absent
 //! trie (only in the moment after an upgrade made the arrays anew, before
 //! the agent's first write) is no policy: deny.
@@ -114,9 +128,13 @@ pub mod maps {
     /// read by the programs: the agent's record of the names in
     /// [`LEARNED`], so that a restarted agent still names them.
     pub const NAMES: &str = "IDG_NAMES";
+    /// LPM trie of [`GrantKey`](super::GrantKey) ->
+    /// [`GrantValue`](super::GrantValue): the operators' grants of each
+    /// slot, with their expiries. Not part of a policy generation.
+    pub const GRANTS: &str = "IDG_GRANTS";
 
     /// Every map, for pinning, adoption and uninstall.
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 19] = [
         IDENTITIES,
         IDENTITY_INDEX,
         SLOT_STATE,
@@ -135,6 +153,7 @@ pub mod maps {
         DNS_NETNS,
         DNS_ORIGINS,
         NAMES,
+        GRANTS,
     ];
 }
 
@@ -443,6 +462,63 @@ pub struct LearnedValue {
     pub names: [LearnedName; LEARNED_INLINE],
 }
 
+/// Prefix entries of [`maps::GRANTS`] (all slots together): one per
+/// distinct destination of a slot's grants at most.
+pub const MAX_GRANT_ENTRIES: u32 = 16_384;
+/// Grants one prefix entry of [`maps::GRANTS`] holds: the grants of the
+/// slot whose destinations cover the prefix. A grant that would make an
+/// entry hold more is refused.
+pub const GRANT_INLINE: usize = 4;
+
+/// LPM data of [`maps::GRANTS`]. The first [`GRANT_FIXED_BITS`] bits (the
+/// slot and the family) are always matched in full.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GrantKey {
+    pub slot: u32,
+    /// [`FAMILY_V4`] (an IPv4 address in the first four bytes, the rest
+    /// zero) or [`FAMILY_V6`].
+    pub family: u32,
+    /// The prefix's address bytes, network order, zero past the prefix.
+    pub addr: [u8; 16],
+}
+
+/// Bits of a grant key before the address: the slot and the family.
+pub const GRANT_FIXED_BITS: u32 = 64;
+
+/// Flags in [`GrantEntry::protocols`].
+pub mod grant_protocols {
+    /// TCP (and MPTCP) sockets.
+    pub const TCP: u32 = 1;
+    /// UDP sockets.
+    pub const UDP: u32 = 2;
+}
+
+/// One grant in a [`GrantValue`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct GrantEntry {
+    /// `bpf_ktime_get_boot_ns` from which this grant allows nothing; 0 is
+    /// an unused entry.
+    pub expiry_boot_ns: u64,
+    /// The grant's id, reported as the decision's rule id.
+    pub id: u32,
+    /// [`grant_protocols`] flags.
+    pub protocols: u32,
+    /// First port, host order.
+    pub first: u16,
+    /// Last port (inclusive), host order.
+    pub last: u16,
+    pub _pad: u32,
+}
+
+/// Value of [`maps::GRANTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct GrantValue {
+    pub grants: [GrantEntry; GRANT_INLINE],
+}
+
 /// Longest name in [`maps::NAMES`]: a DNS name in text, without the
 /// final dot (RFC 1035: 253 characters).
 pub const NAME_TEXT_BYTES: usize = 256;
@@ -550,6 +626,10 @@ pub mod reason {
     /// A DNS query to an IPv6 server: the reply could not be given the
     /// server's address back (see docs/architecture.md), so it is denied.
     pub const DNS_V6: u32 = 9;
+    /// No rule matched and the identity's default denies, but an
+    /// operator's grant of the identity allows the connect; the rule id
+    /// is the grant's id.
+    pub const GRANT: u32 = 10;
 
     /// The reason's name in events, or `None` for an unknown code.
     pub const fn name(code: u32) -> Option<&'static str> {
@@ -563,6 +643,7 @@ pub mod reason {
             DNS_NOT_READY => Some("dns_not_ready"),
             RESERVED => Some("reserved"),
             DNS_V6 => Some("dns_v6"),
+            GRANT => Some("grant"),
             _ => None,
         }
     }
@@ -661,6 +742,8 @@ mod pod {
     unsafe impl aya::Pod for super::NameText {}
     unsafe impl aya::Pod for super::DnsSettings {}
     unsafe impl aya::Pod for super::DnsOrigin {}
+    unsafe impl aya::Pod for super::GrantKey {}
+    unsafe impl aya::Pod for super::GrantValue {}
 }
 
 #[cfg(test)]
@@ -687,6 +770,9 @@ mod tests {
         assert_eq!(size_of::<DnsSettings>(), 16);
         assert_eq!(size_of::<DnsOrigin>(), 24);
         assert_eq!(size_of::<EventSettings>(), 8);
+        assert_eq!(size_of::<GrantKey>(), 24);
+        assert_eq!(size_of::<GrantEntry>(), 24);
+        assert_eq!(size_of::<GrantValue>(), 24 * GRANT_INLINE);
     }
 
     #[test]
@@ -707,6 +793,7 @@ mod tests {
             reason::DNS_NOT_READY,
             reason::RESERVED,
             reason::DNS_V6,
+            reason::GRANT,
         ];
         for (i, h) in hooks.iter().enumerate() {
             let name = hook::name(*h).unwrap();

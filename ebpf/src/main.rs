@@ -22,11 +22,12 @@ use aya_ebpf::{
 use core::ptr::{addr_of, addr_of_mut, read_volatile};
 use idgate_common::{
     DEST_FIXED_BITS, DecisionRecord, DestKey, DestTables, EVENTS_RING_BYTES, EventSettings,
-    FAMILY_NAME, FAMILY_V4, FAMILY_V6, GENERATIONS, INLINE_RANGES, LEARNED_INLINE, LearnedKey,
-    LearnedValue, MAX_BOUND_CGROUPS, MAX_LEARNED, MAX_SET_DESTS, MAX_SET_PORT_BLOCKS, MAX_SLOTS,
-    NAME_TEXT_BYTES, NO_TABLE, NameText, PORT_FIXED_BITS, PortKey, PortTable, RECORD_LAYOUT,
-    RuleVerdict, SlotPolicy, UNKNOWN_SLOT, hook, identity_index, reason, record_flags, slot_policy,
-    slot_policy_index, slot_state, verdict,
+    FAMILY_NAME, FAMILY_V4, FAMILY_V6, GENERATIONS, GRANT_FIXED_BITS, GRANT_INLINE, GrantKey,
+    GrantValue, INLINE_RANGES, LEARNED_INLINE, LearnedKey, LearnedValue, MAX_BOUND_CGROUPS,
+    MAX_GRANT_ENTRIES, MAX_LEARNED, MAX_SET_DESTS, MAX_SET_PORT_BLOCKS, MAX_SLOTS, NAME_TEXT_BYTES,
+    NO_TABLE, NameText, PORT_FIXED_BITS, PortKey, PortTable, RECORD_LAYOUT, RuleVerdict,
+    SlotPolicy, UNKNOWN_SLOT, grant_protocols, hook, identity_index, reason, record_flags,
+    slot_policy, slot_policy_index, slot_state, verdict,
 };
 
 #[map(name = "IDG_IDENTITIES")]
@@ -82,6 +83,11 @@ static LEARNED: HashMap<LearnedKey, LearnedValue> = HashMap::pinned(MAX_LEARNED,
 static NAMES: HashMap<u32, NameText> = HashMap::pinned(MAX_LEARNED, NO_PREALLOC);
 
 const _: () = assert!(NAME_TEXT_BYTES == core::mem::size_of::<NameText>());
+
+/// Operators' grants per slot (see idgate-common, step 8).
+#[map(name = "IDG_GRANTS")]
+static GRANTS: aya_ebpf::maps::LpmTrie<GrantKey, GrantValue> =
+    aya_ebpf::maps::LpmTrie::pinned(MAX_GRANT_ENTRIES, 0);
 
 #[map(name = "IDG_EVENT_DROPS")]
 static EVENT_DROPS: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
@@ -307,6 +313,9 @@ fn decide(slot: u32, protocol: u32, port: u16, dest: &Dest) -> Decision {
     } else if d.reason == reason::DEFAULT {
         learned_rule(slot, &key, dest_trie, port_trie, protocol, port, &mut d);
     }
+    if d.reason == reason::DEFAULT && d.verdict != verdict::ALLOW {
+        grant_rule(slot, &key, bits, protocol, port, &mut d);
+    }
     if d.verdict != verdict::ALLOW {
         // Anything but allow is a deny.
         d.verdict = verdict::DENY;
@@ -369,6 +378,40 @@ fn learned_rule(
             d.reason = reason::RULE;
             d.flags = record_flags::LEARNED;
             d.name_id = name.name_id;
+            return;
+        }
+    }
+}
+
+/// Step 8: a grant of the slot, not expired, whose destination, protocols
+/// and ports cover the connect. `key` is the address as the tries are
+/// keyed, `bits` its length.
+#[inline(always)]
+fn grant_rule(slot: u32, key: &DestKey, bits: u32, protocol: u32, port: u16, d: &mut Decision) {
+    let wanted = match protocol {
+        IPPROTO_TCP | IPPROTO_MPTCP => grant_protocols::TCP,
+        IPPROTO_UDP => grant_protocols::UDP,
+        _ => return,
+    };
+    let grant_key = GrantKey {
+        slot,
+        family: key.family,
+        addr: key.addr,
+    };
+    let Some(grants) = GRANTS.get(&Key::new(GRANT_FIXED_BITS + bits, grant_key)) else {
+        return;
+    };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let mut i = 0;
+    while i < GRANT_INLINE {
+        let g = &grants.grants[i];
+        i += 1;
+        if g.expiry_boot_ns > now && g.protocols & wanted != 0 && g.first <= port && port <= g.last
+        {
+            d.verdict = verdict::ALLOW;
+            d.reason = reason::GRANT;
+            d.rule_id = g.id;
             return;
         }
     }

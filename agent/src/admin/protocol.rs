@@ -14,11 +14,12 @@ use serde::{Deserialize, Serialize};
 use crate::identity::SpiffeId;
 
 pub use crate::events::Verdict;
+pub use crate::grants::Ports;
 pub use crate::workloads::Binding;
 pub use reply::{
-    Answer, DnsIdentity, DnsStatus, EventLine, EventsOpened, Explained, KubeletHealth,
-    KubeletStatus, LearnedOpen, PolicyReloaded, PolicyShown, Programs, Restarting, Revocation,
-    Started, Status, WorkloadRow, WorkloadsList,
+    Answer, DnsIdentity, DnsStatus, EventLine, EventsOpened, Explained, GrantChanged, GrantShown,
+    GrantsList, KubeletHealth, KubeletStatus, LearnedOpen, PolicyReloaded, PolicyShown, Programs,
+    Restarting, Revocation, Started, Status, WorkloadRow, WorkloadsList,
 };
 
 /// The protocol version this build speaks. A request of another version is
@@ -29,7 +30,9 @@ pub use reply::{
 /// 2: typed replies; `generation` only grows (it was the kernel's buffer
 /// index, 0 or 1); `status` says `reloading`; `explain` says `revoked` and
 /// `audit_allowed` beside a plain `allow`/`deny` verdict.
-pub const PROTOCOL_VERSION: u32 = 2;
+///
+/// 3: grants (`grant`, `grants`, `grant_revoke`, `grant_extend`).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The largest request line accepted, in bytes.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
@@ -78,6 +81,26 @@ pub enum Request {
         ttl_seconds: Option<u64>,
         pid: u32,
     },
+    /// Allow `identity` to reach `to` for `duration_seconds`, on top of
+    /// its policy (see docs/policy.md, Grants). `identity` is one SPIFFE
+    /// ID (not a pattern, not `unknown`); `to` an address or a CIDR.
+    Grant {
+        identity: String,
+        to: String,
+        /// A port or an inclusive range (`"8000-8080"`); every port when
+        /// left out.
+        ports: Option<Ports>,
+        /// TCP and UDP when left out.
+        protocol: Option<Protocol>,
+        duration_seconds: u64,
+        reason: Option<String>,
+    },
+    /// The running grants.
+    Grants,
+    /// End a grant now.
+    GrantRevoke { id: u32 },
+    /// Make a grant run until `duration_seconds` from now.
+    GrantExtend { id: u32, duration_seconds: u64 },
 }
 
 /// An identity a question is about: a SPIFFE ID, or `unknown` for a
@@ -221,7 +244,7 @@ impl fmt::Display for Protocol {
     }
 }
 
-/// A request on the wire: `{"version": 2, "command": ..., ...}`.
+/// A request on the wire: `{"version": 3, "command": ..., ...}`.
 #[derive(Debug, Serialize)]
 pub struct Envelope {
     pub version: u32,
@@ -288,27 +311,27 @@ mod tests {
     #[test]
     fn parses_and_rejects() {
         assert_eq!(
-            parse(br#"{"version":2,"command":"status"}"#),
+            parse(br#"{"version":3,"command":"status"}"#),
             Ok(Request::Status)
         );
         for (line, want) in [
             (
                 &br#"{"version":1,"command":"status"}"#[..],
-                "CLI speaks control protocol version 1 and this agent speaks version 2",
+                "CLI speaks control protocol version 1 and this agent speaks version 3",
             ),
             (br#"{"command":"status"}"#, "no `version`"),
-            (br#"{"version":2,"command":"launch"}"#, "launch"),
-            (br#"{"version":2,"#, "malformed"),
+            (br#"{"version":3,"command":"launch"}"#, "launch"),
+            (br#"{"version":3,"#, "malformed"),
             (
-                br#"{"version":2,"command":"explain","identity":"unknown","to":"10.0.0.1:443","protocol":"sctp"}"#,
+                br#"{"version":3,"command":"explain","identity":"unknown","to":"10.0.0.1:443","protocol":"sctp"}"#,
                 "unknown variant `sctp`, expected `tcp` or `udp`",
             ),
             (
-                br#"{"version":2,"command":"events","verdict":"maybe"}"#,
+                br#"{"version":3,"command":"events","verdict":"maybe"}"#,
                 "unknown variant `maybe`, expected `allow` or `deny`",
             ),
             (
-                br#"{"version":2,"command":"revoke","identity":"spiffe://Example.org/x"}"#,
+                br#"{"version":3,"command":"revoke","identity":"spiffe://Example.org/x"}"#,
                 "bad request",
             ),
         ] {
@@ -341,6 +364,20 @@ mod tests {
                 identity: web,
                 ttl_seconds: Some(5),
                 pid: 7,
+            },
+            Request::Grant {
+                identity: "spiffe://example.org/agents/coder".into(),
+                to: "10.0.0.0/8".into(),
+                ports: Some("443".parse().unwrap()),
+                protocol: Some(Protocol::Tcp),
+                duration_seconds: 600,
+                reason: Some("ticket 7".into()),
+            },
+            Request::Grants,
+            Request::GrantRevoke { id: 3 },
+            Request::GrantExtend {
+                id: 3,
+                duration_seconds: 60,
             },
         ] {
             let line = serde_json::to_vec(&Envelope {

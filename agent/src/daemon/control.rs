@@ -9,16 +9,19 @@ use idgate_common::{MAX_LEARNED, UNKNOWN_SLOT, slot_policy, verdict};
 use tokio::sync::{mpsc, oneshot};
 
 use super::handle::{Handle, OwnerError};
-use super::owner::Command;
+use super::owner::{Command, GrantChange};
 use super::snapshot::Snapshot;
 use super::state::RunProcess;
 use crate::admin::{
-    Answer, DnsIdentity, DnsStatus, EventsOpened, Explained, Identity, LearnedOpen, Peer,
-    PolicyReloaded, PolicyShown, Protocol, Reply, Request, Response, Restarting, Revocation,
-    Started, Status, Target,
+    Answer, DnsIdentity, DnsStatus, EventsOpened, Explained, GrantChanged, GrantShown, GrantsList,
+    Identity, LearnedOpen, Peer, PolicyReloaded, PolicyShown, Ports, Protocol, Reply, Request,
+    Response, Restarting, Revocation, Started, Status, Target,
 };
 use crate::dns::DnsReader;
 use crate::events::{Event, EventFeed, Verdict};
+use crate::grants::{
+    GrantAction, GrantProtocol, GrantSpec, InputError, grant_destination, grant_identity,
+};
 use crate::identity::SpiffeId;
 use crate::policy::{self, ClassId};
 
@@ -94,6 +97,35 @@ pub async fn handle(parts: &Parts, peer: Peer, request: Request) -> Response {
         } => run(owner, peer, identity, ttl_seconds, pid)
             .await
             .map(Answer::from),
+        Request::Grant {
+            identity,
+            to,
+            ports,
+            protocol,
+            duration_seconds,
+            reason,
+        } => match grant_spec(&identity, &to, ports, protocol, duration_seconds, reason) {
+            Ok(spec) => change_grant(owner, peer, GrantChange::Grant(spec)).await,
+            Err(e) => Err(e.to_string()),
+        },
+        Request::GrantRevoke { id } => change_grant(owner, peer, GrantChange::Revoke(id)).await,
+        Request::GrantExtend {
+            id,
+            duration_seconds,
+        } => {
+            let duration = Duration::from_secs(duration_seconds);
+            change_grant(owner, peer, GrantChange::Extend(id, duration)).await
+        }
+        Request::Grants => owner
+            .ask(Command::Grants, ANSWER_WAIT)
+            .await
+            .map(|grants| {
+                GrantsList {
+                    grants: grants.into_iter().map(GrantShown::from).collect(),
+                }
+                .into()
+            })
+            .map_err(|e| e.to_string()),
     };
     answer.map_or_else(Reply::error, Reply::ok).into()
 }
@@ -168,6 +200,54 @@ async fn revoke(owner: &Handle, identity: SpiffeId, revoked: bool) -> Result<Rev
         changed: done.changed,
         slot: done.slot,
     })
+}
+
+/// A grant request's words, checked: every error names what is wrong.
+fn grant_spec(
+    identity: &str,
+    to: &str,
+    ports: Option<Ports>,
+    protocol: Option<Protocol>,
+    duration_seconds: u64,
+    reason: Option<String>,
+) -> Result<GrantSpec, InputError> {
+    Ok(GrantSpec {
+        identity: grant_identity(identity)?,
+        to: grant_destination(to)?,
+        ports: ports.unwrap_or(Ports::ALL),
+        protocol: match protocol {
+            Some(Protocol::Tcp) => GrantProtocol::Tcp,
+            Some(Protocol::Udp) => GrantProtocol::Udp,
+            None => GrantProtocol::Any,
+        },
+        duration: Duration::from_secs(duration_seconds),
+        reason,
+    })
+}
+
+/// A grant made, revoked or extended by the operator `peer`.
+async fn change_grant(owner: &Handle, peer: Peer, change: GrantChange) -> Result<Answer, String> {
+    let action = match &change {
+        GrantChange::Grant(_) => GrantAction::Granted,
+        GrantChange::Revoke(_) => GrantAction::Revoked,
+        GrantChange::Extend(..) => GrantAction::Extended,
+    };
+    let asked = owner
+        .ask(
+            |reply| Command::Grant {
+                change,
+                uid: peer.uid,
+                reply,
+            },
+            ANSWER_WAIT,
+        )
+        .await;
+    let running = flatten(asked)?;
+    Ok(GrantChanged {
+        action,
+        grant: running.into(),
+    }
+    .into())
 }
 
 /// The owner's answer, or why there was none, as the caller sees it.

@@ -25,6 +25,7 @@ use super::state::{GenerationDone, Reloaded, Retired, Run, RunProcess, State, lo
 use super::{DaemonError, Observers};
 use crate::admin::WorkloadsList;
 use crate::config::Config;
+use crate::grants::{GrantError, GrantSpec, Running as RunningGrant};
 use crate::identity::{EntriesError, EntrySet, SpiffeId};
 use crate::policy::{self, PolicyDiff, PolicyError, PolicySet};
 
@@ -47,6 +48,21 @@ pub enum Command {
     },
     /// Every cgroup under the scope and how it stands.
     Workloads(oneshot::Sender<WorkloadsList>),
+    /// Grant, revoke or extend a grant, for the operator `uid`.
+    Grant {
+        change: GrantChange,
+        uid: u32,
+        reply: oneshot::Sender<Result<RunningGrant, GrantError>>,
+    },
+    /// The running grants.
+    Grants(oneshot::Sender<Vec<RunningGrant>>),
+}
+
+/// What an operator asks of a grant.
+pub enum GrantChange {
+    Grant(GrantSpec),
+    Revoke(u32),
+    Extend(u32, Duration),
 }
 
 /// A reload's outcome, shared by every caller it answers (reloads asked
@@ -312,6 +328,21 @@ impl Running {
             },
             Command::Workloads(reply) => {
                 let _ = reply.send(super::snapshot::workloads(state));
+            }
+            Command::Grant { change, uid, reply } => {
+                let slots = state.applied.slots.clone();
+                let grants = &mut state.grants;
+                let outcome = match change {
+                    GrantChange::Grant(spec) => grants.grant(spec, uid, &slots),
+                    GrantChange::Revoke(id) => grants.revoke(id, uid, &slots),
+                    GrantChange::Extend(id, duration) => grants.extend(id, duration, uid, &slots),
+                };
+                let outcome = outcome.map(|g| grants.running(g, &slots));
+                self.publish();
+                let _ = reply.send(outcome);
+            }
+            Command::Grants(reply) => {
+                let _ = reply.send(state.grants.list(&state.applied.slots));
             }
         }
     }

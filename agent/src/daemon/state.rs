@@ -15,6 +15,7 @@ use idgate_common::MAX_SLOTS;
 use crate::bpf::{self, BpfError, Enforcer, GenerationMaps, RetiredSets, Written};
 use crate::cgroup;
 use crate::config::Config;
+use crate::grants::{GrantRecord, Grants};
 use crate::identity::{self, EntrySet, SpiffeId, k8s::Pods};
 use crate::policy::{self, CompiledPolicy, PolicySet};
 use crate::revocations::Revocations;
@@ -60,6 +61,8 @@ pub struct State {
     pub kubelet: Option<KubeletState>,
     pub workloads: Workloads,
     pub revocations: Revocations,
+    /// Operators' grants; their kernel entries follow `applied.slots`.
+    pub grants: Grants,
     pub applied: Applied,
     pub started: Instant,
     pub reloads: u64,
@@ -97,6 +100,7 @@ impl State {
     pub fn start(
         config: Config,
         kubelet: Option<(KubeletState, Outcome)>,
+        grant_records: tokio::sync::mpsc::UnboundedSender<GrantRecord>,
     ) -> Result<Self, DaemonError> {
         let policy = policy::load(&config.policy, &config.trust_domains)?;
         log_warnings(&policy);
@@ -125,6 +129,12 @@ impl State {
             "programs in place"
         );
         let bound = enforcer.bindings.bindings()?;
+        let grants = Grants::open(
+            config.grants.clone(),
+            &config.state_dir,
+            &config.pin_dir,
+            grant_records,
+        )?;
         let (kubelet, pods) = match kubelet {
             Some((mut k, first)) => {
                 let pods = k.record(first);
@@ -144,6 +154,7 @@ impl State {
             pods,
             kubelet,
             revocations,
+            grants,
             applied: Applied {
                 identities: Arc::default(),
                 slots: Arc::default(),
@@ -276,8 +287,10 @@ impl State {
         Ok(())
     }
 
-    /// Expires bindings whose TTL ran out.
+    /// Expires bindings whose TTL ran out, and grants (which the kernel
+    /// has ended already) from the map and the file.
     pub fn expire(&mut self) -> Result<(), DaemonError> {
+        self.grants.expire(&self.applied.slots);
         if self.workloads.expire(SystemTime::now()) {
             self.sync()?;
         }
@@ -545,6 +558,11 @@ impl State {
             _sets: sets,
             entries: None,
         };
+        // Grants follow their identities' slots before any cgroup is bound
+        // to a slot new to its identity (by the sync below).
+        if let Err(e) = self.grants.follow(&self.applied.slots) {
+            tracing::error!(error = %e, "grants after a generation switch failed; retried every second");
+        }
         if let Some(entries) = entries
             && !entries.same_entries(&self.entries)
         {

@@ -39,7 +39,7 @@ pub fn prepare(config: &Config) -> Result<Prepared, DaemonError> {
 impl Prepared {
     /// Starts the events reader and the metrics server for the agent in
     /// `state`, whose programs and maps are in place.
-    pub fn start(self, state: &State, dns: events::DnsFeed) -> Result<Telemetry, DaemonError> {
+    pub fn start(self, state: &State, feeds: events::Feeds) -> Result<Telemetry, DaemonError> {
         let mut registry = Registry::with_prefix("idgate");
         let event_metrics = EventMetrics::new(&mut registry);
         let telemetry = Telemetry {
@@ -55,7 +55,7 @@ impl Prepared {
             self.sinks,
             telemetry.names.clone(),
             event_metrics,
-            dns,
+            feeds,
         )?;
         if let Some(listener) = self.listener {
             crate::metrics::serve(listener, Arc::new(registry))?;
@@ -113,6 +113,7 @@ struct StateMetrics {
     reload_errors: Counter,
     identities: Gauge,
     revoked: Gauge,
+    grants: Gauge,
     map_entries: Family<MapLabels, Gauge>,
     map_capacity: Family<MapLabels, Gauge>,
     workloads: Family<StateLabels, Gauge>,
@@ -136,6 +137,7 @@ impl StateMetrics {
             reload_errors: Counter::default(),
             identities: Gauge::default(),
             revoked: Gauge::default(),
+            grants: Gauge::default(),
             map_entries: Family::default(),
             map_capacity: Family::default(),
             workloads: Family::default(),
@@ -177,6 +179,11 @@ impl StateMetrics {
             "revoked_identities",
             "Identities revoked",
             me.revoked.clone(),
+        );
+        registry.register(
+            "grants",
+            "Operators' grants running (idgate grant)",
+            me.grants.clone(),
         );
         registry.register(
             "map_entries",
@@ -261,6 +268,7 @@ impl StateMetrics {
         }
         self.identities.set(applied.identities.len() as i64);
         self.revoked.set(state.revocations.ids().len() as i64);
+        self.grants.set(state.grants.live() as i64);
         // The inner tries are one pair per rule set: what nears a limit is
         // the fullest of them.
         let fullest =

@@ -104,17 +104,17 @@ pub struct DnsConfig {
     /// right at its end, and the clocks of agent and client and the
     /// answer's own travel differ; the kernel entry must outlive the TTL
     /// the workload holds.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "crate::clock::deserialize_duration")]
     pub grace: Duration,
     /// Answers' TTLs are capped to this. Default 1h.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "crate::clock::deserialize_duration")]
     pub max_ttl: Duration,
     /// Addresses one identity may have learned at once; past it a query
     /// gets SERVFAIL. Default 4096.
     pub max_addresses_per_identity: u32,
     /// The longest one exchange with one upstream may take before the next
     /// is tried. Default 2s.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "crate::clock::deserialize_duration")]
     pub upstream_timeout: Duration,
     /// SPIFFE IDs whose DNS is not redirected (e.g. a recursive resolver
     /// run in the scope). Default none.
@@ -136,12 +136,6 @@ impl Default for DnsConfig {
             direct: Vec::new(),
         }
     }
-}
-
-/// A duration as a humantime string (`"5s"`, `"1h"`).
-fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s: String = Deserialize::deserialize(d)?;
-    humantime::parse_duration(&s).map_err(serde::de::Error::custom)
 }
 
 impl DnsConfig {

@@ -8,9 +8,10 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
-use super::learned::{Learned, LearnedAddress, boot_ns};
+use super::learned::{Learned, LearnedAddress};
 use super::resolver::Resolver;
 use super::view::DnsView;
+use crate::clock::boot_ns;
 use crate::identity::SpiffeId;
 
 /// A cheap handle on the running DNS path, for reading.

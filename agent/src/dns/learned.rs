@@ -17,9 +17,9 @@ use idgate_common::{
     FAMILY_V4, FAMILY_V6, LEARNED_INLINE, LearnedKey, LearnedName, LearnedValue, MAX_LEARNED,
     NAME_CLASS_BYTES, NAME_TEXT_BYTES, NameText,
 };
-use nix::time::{ClockId, clock_gettime};
 
 use super::kernel::{KernelError, LearnedMaps};
+use crate::clock::boot_ns;
 
 /// Why an answer's addresses were not learned.
 #[derive(Debug, thiserror::Error)]
@@ -45,13 +45,6 @@ impl NameBook {
     pub fn get(&self, id: u32) -> Option<Arc<str>> {
         self.0.read().ok()?.get(&id).cloned()
     }
-}
-
-/// Nanoseconds of `CLOCK_BOOTTIME`, the clock the programs compare
-/// expiries with.
-pub fn boot_ns() -> u64 {
-    let t = clock_gettime(ClockId::CLOCK_BOOTTIME).expect("CLOCK_BOOTTIME is there");
-    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
 }
 
 /// The map key of `addr` learned for `slot` (an IPv4-mapped IPv6 address

@@ -17,6 +17,7 @@ use super::names::Names;
 use super::record::{self, Enricher};
 use super::sinks::Sinks;
 use crate::dns::{DnsRecord, NameBook};
+use crate::grants::GrantRecord;
 
 /// Records handled before the task lets others run.
 const MAX_BATCH: usize = 4096;
@@ -30,7 +31,7 @@ pub fn spawn(
     sinks: Sinks,
     names: Arc<Names>,
     metrics: EventMetrics,
-    dns: DnsFeed,
+    feeds: Feeds,
 ) -> Result<(), EventsError> {
     // SAFETY: the descriptor is the ring buffer map's, owned by `maps`,
     // which the `AsyncFd` owns from now on and never replaces it.
@@ -43,20 +44,27 @@ pub fn spawn(
         enricher: Enricher::new(),
         lost_while_failing: None,
         drops_seen: 0,
-        book: dns.book,
+        book: feeds.book,
     };
-    tokio::spawn(run(fd, reader, dns.records));
+    tokio::spawn(run(fd, reader, feeds.dns, feeds.grants));
     Ok(())
 }
 
-/// What the DNS path sends the reader: its decision records, and the
-/// names of learned addresses for the kernel's.
-pub struct DnsFeed {
+/// What the rest of the agent sends the reader: the DNS path's decision
+/// records and the names of learned addresses for the kernel's, and what
+/// happened to grants.
+pub struct Feeds {
     pub book: Arc<NameBook>,
-    pub records: mpsc::Receiver<DnsRecord>,
+    pub dns: mpsc::Receiver<DnsRecord>,
+    pub grants: mpsc::UnboundedReceiver<GrantRecord>,
 }
 
-async fn run(mut fd: AsyncFd<EventMaps>, mut reader: Reader, mut dns: mpsc::Receiver<DnsRecord>) {
+async fn run(
+    mut fd: AsyncFd<EventMaps>,
+    mut reader: Reader,
+    mut dns: mpsc::Receiver<DnsRecord>,
+    mut grants: mpsc::UnboundedReceiver<GrantRecord>,
+) {
     reader.check_drops(fd.get_ref());
     let mut checked = Instant::now();
     loop {
@@ -64,6 +72,10 @@ async fn run(mut fd: AsyncFd<EventMaps>, mut reader: Reader, mut dns: mpsc::Rece
             r = tokio::time::timeout(TICK, fd.readable_mut()) => r,
             Some(first) = dns.recv() => {
                 reader.dns(first, &mut dns);
+                continue;
+            }
+            Some(record) = grants.recv() => {
+                reader.grant(&record);
                 continue;
             }
         };
@@ -167,6 +179,17 @@ impl Reader {
             }
         }
         if let Err(e) = self.sinks.flush() {
+            self.write_failed(e);
+        }
+    }
+
+    /// Writes a grant's record to the audit log (and standard output).
+    fn grant(&mut self, record: &GrantRecord) {
+        if let Err(e) = self
+            .sinks
+            .push_record(record)
+            .and_then(|()| self.sinks.flush())
+        {
             self.write_failed(e);
         }
     }

@@ -170,12 +170,16 @@ impl Enricher {
             Some(SlotName::Identity(id)) => Some(id.to_string()),
             _ => None,
         };
-        // A revoked or policy-less slot is denied before any rule is read.
-        let by_rule = !matches!(r.reason, reason::REVOKED | reason::NO_POLICY);
-        let rule = table
-            .filter(|_| by_rule)
-            .and_then(|t| t.rule(r.rule_id))
-            .map(|rule| rule.name.clone());
+        let rule = match r.reason {
+            // An operator's grant: its id is the rule id.
+            reason::GRANT => Some(format!("grant:{}", r.rule_id)),
+            // A revoked or policy-less slot is denied before any rule is
+            // read.
+            reason::REVOKED | reason::NO_POLICY => None,
+            _ => table
+                .and_then(|t| t.rule(r.rule_id))
+                .map(|rule| rule.name.clone()),
+        };
         let (pid, tid) = ((r.pid_tgid >> 32) as u32, r.pid_tgid as u32);
         let comm = comm(&r.comm);
         let exe = self
@@ -460,6 +464,17 @@ mod tests {
         let e = Enricher::new().event(&r, &names().snapshot(), &NameBook::default());
         assert_eq!((&*e.reason, e.rule), ("revoked", None));
         assert_eq!(e.identity.as_deref(), Some("spiffe://example.org/web"));
+    }
+
+    #[test]
+    fn a_grant_decision_names_the_grant() {
+        let mut r = sample();
+        r.verdict = verdict::ALLOW;
+        r.reason = reason::GRANT;
+        r.rule_id = 17;
+        let e = Enricher::new().event(&r, &names().snapshot(), &NameBook::default());
+        assert_eq!((&*e.reason, e.rule.as_deref()), ("grant", Some("grant:17")));
+        assert_eq!(e.verdict, Verdict::Allow);
     }
 
     #[test]

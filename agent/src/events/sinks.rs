@@ -38,6 +38,11 @@ impl Sinks {
         serde_json::to_writer(&mut self.line, event).expect("an event serialises");
         self.feed.publish(&self.line);
         self.line.push(b'\n');
+        self.write_line()
+    }
+
+    /// Queues the line in `self.line` for standard output and the log.
+    fn write_line(&mut self) -> Result<(), AuditLogError> {
         if let Some(out) = &mut self.stdout {
             out.extend_from_slice(&self.line);
         }
@@ -45,6 +50,15 @@ impl Sinks {
             Some(log) => log.push(&self.line),
             None => Ok(()),
         }
+    }
+
+    /// Queues a record that is not a decision event (a grant's) for the
+    /// audit log and standard output; `idgate events` shows decisions only.
+    pub fn push_record(&mut self, record: &impl serde::Serialize) -> Result<(), AuditLogError> {
+        self.line.clear();
+        serde_json::to_writer(&mut self.line, record).expect("a record serialises");
+        self.line.push(b'\n');
+        self.write_line()
     }
 
     /// Writes what is queued. Standard output that cannot be written (the

@@ -495,7 +495,7 @@ enum Owner {
 /// Whether a destination that is not a valid CIDR or address was meant
 /// as one (and is reported so) rather than as a DNS name: it has a `/`
 /// or a `:`, or its last label is a number (no top-level domain is).
-fn looks_like_an_address(s: &str) -> bool {
+pub(crate) fn looks_like_an_address(s: &str) -> bool {
     let last = s.strip_suffix('.').unwrap_or(s).rsplit('.').next();
     s.contains(['/', ':'])
         || last.is_some_and(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_digit()))

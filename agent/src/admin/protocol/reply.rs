@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::{Identity, Protocol, Target};
 use crate::bpf::Attachment;
 use crate::events::{Event, Verdict};
+use crate::grants::{Grant, GrantAction};
 use crate::identity::SpiffeId;
 use crate::policy::{Mode, PolicyDiff};
 use crate::workloads::Binding;
@@ -299,6 +300,44 @@ impl FromStr for EventLine {
     }
 }
 
+/// A grant as it stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantShown {
+    #[serde(flatten)]
+    pub grant: Grant,
+    /// When it ends, on the wall clock.
+    pub expires_at: SystemTime,
+    pub seconds_left: u64,
+    /// The identity's slot: only with one is the grant in the kernel (it
+    /// is written when the identity gets one).
+    pub slot: Option<u32>,
+}
+
+impl From<crate::grants::Running> for GrantShown {
+    fn from(r: crate::grants::Running) -> Self {
+        Self {
+            grant: r.grant,
+            expires_at: r.expires_at,
+            seconds_left: r.left.as_secs(),
+            slot: r.slot,
+        }
+    }
+}
+
+/// `grant`, `grant_revoke` and `grant_extend`: what was done, to which
+/// grant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantChanged {
+    pub action: GrantAction,
+    pub grant: GrantShown,
+}
+
+/// `grants`: the running grants.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantsList {
+    pub grants: Vec<GrantShown>,
+}
+
 /// Any command's result, as the agent sends it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
@@ -312,6 +351,8 @@ pub enum Answer {
     Started(Started),
     EventsOpened(EventsOpened),
     Restarting(Restarting),
+    GrantChanged(GrantChanged),
+    GrantsList(GrantsList),
 }
 
 macro_rules! answers {
@@ -334,6 +375,8 @@ answers!(
     Started(Started),
     EventsOpened(EventsOpened),
     Restarting(Restarting),
+    GrantChanged(GrantChanged),
+    GrantsList(GrantsList),
 );
 
 #[cfg(test)]

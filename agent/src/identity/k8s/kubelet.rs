@@ -94,16 +94,11 @@ pub struct KubeletConfig {
     pub skip_kubelet_verification: bool,
     /// How often the list is fetched, on top of the fetches a new pod's
     /// cgroup asks for. Default 10s.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "crate::clock::deserialize_duration")]
     pub refresh: Duration,
     /// The most one fetch may take. Default 5s.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "crate::clock::deserialize_duration")]
     pub timeout: Duration,
-}
-
-fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s: String = Deserialize::deserialize(d)?;
-    humantime::parse_duration(&s).map_err(serde::de::Error::custom)
 }
 
 impl Default for KubeletConfig {

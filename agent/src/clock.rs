@@ -1,0 +1,38 @@
+//! The kernel's boot-time clock, which the programs compare expiries with,
+//! and the boot it belongs to.
+
+use std::time::{Duration, SystemTime};
+
+use nix::time::{ClockId, clock_gettime};
+
+/// Where the kernel names the current boot.
+const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
+
+/// Nanoseconds of `CLOCK_BOOTTIME` (`bpf_ktime_get_boot_ns` in the
+/// programs): it does not jump and counts suspend.
+pub fn boot_ns() -> u64 {
+    let t = clock_gettime(ClockId::CLOCK_BOOTTIME).expect("CLOCK_BOOTTIME is there");
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
+
+/// The current boot's id: boot-time instants of another boot mean nothing.
+pub fn boot_id() -> std::io::Result<String> {
+    Ok(std::fs::read_to_string(BOOT_ID)?.trim().to_owned())
+}
+
+/// The wall-clock time of the boot-time instant `at`, seen from `now`
+/// (wall clock) and `now_boot` (boot time, the same moment).
+pub fn wall_time(at: u64, now: SystemTime, now_boot: u64) -> SystemTime {
+    if at >= now_boot {
+        now + Duration::from_nanos(at - now_boot)
+    } else {
+        now - Duration::from_nanos(now_boot - at)
+    }
+}
+
+/// A duration as a humantime string (`"5s"`, `"1h"`), for configuration
+/// keys.
+pub fn deserialize_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s: String = serde::Deserialize::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+}

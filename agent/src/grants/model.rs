@@ -1,0 +1,283 @@
+//! What a grant is, and how an operator's words become one: the identity,
+//! the destination, ports and protocol, checked with errors that name
+//! what is wrong.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+use std::time::SystemTime;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::identity::SpiffeId;
+
+/// An operator's input that cannot be a grant.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InputError {
+    #[error(
+        "identity {0:?}: `unknown` (workloads without an identity) cannot be granted anything; give the workload an identity"
+    )]
+    Unknown(String),
+    #[error(
+        "identity {0:?}: a grant is for one identity, not a pattern; grant each identity the pattern stands for"
+    )]
+    Pattern(String),
+    #[error("identity {id:?}: {error}")]
+    Identity { id: String, error: String },
+    #[error(
+        "destination {0:?}: grants by name are not supported yet; give an address or a CIDR (like 192.0.2.10 or 10.0.0.0/8)"
+    )]
+    Name(String),
+    #[error("destination {0:?} is not an address or a CIDR (like 192.0.2.10 or 10.0.0.0/8)")]
+    Destination(String),
+    #[error(
+        "destination {given:?} has host bits set beyond its /{len} prefix; did you mean {net}?"
+    )]
+    HostBits { given: String, len: u8, net: IpNet },
+    #[error(
+        "destination {0:?} is an IPv4-mapped IPv6 network; write it as IPv4 (connects to mapped addresses are judged as IPv4)"
+    )]
+    Mapped(String),
+    #[error("ports {0:?} are not a port (443) or an inclusive range (8000-8080) of 1-65535")]
+    Ports(String),
+}
+
+/// Inclusive ports of a grant, host order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Ports {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl Ports {
+    /// Every port.
+    pub const ALL: Ports = Ports {
+        first: 0,
+        last: u16::MAX,
+    };
+}
+
+impl FromStr for Ports {
+    type Err = InputError;
+
+    fn from_str(s: &str) -> Result<Self, InputError> {
+        let bad = || InputError::Ports(s.to_owned());
+        let port = |p: &str| {
+            p.trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(bad)
+        };
+        let (first, last) = match s.split_once('-') {
+            Some((a, b)) => (port(a)?, port(b)?),
+            None => (port(s)?, port(s)?),
+        };
+        if first > last {
+            return Err(bad());
+        }
+        Ok(Self { first, last })
+    }
+}
+
+impl TryFrom<String> for Ports {
+    type Error = InputError;
+
+    fn try_from(s: String) -> Result<Self, InputError> {
+        if s == "any" {
+            return Ok(Self::ALL);
+        }
+        s.parse()
+    }
+}
+
+impl From<Ports> for String {
+    fn from(p: Ports) -> Self {
+        p.to_string()
+    }
+}
+
+impl fmt::Display for Ports {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.first, self.last) {
+            (0, u16::MAX) => f.write_str("any"),
+            (a, b) if a == b => write!(f, "{a}"),
+            (a, b) => write!(f, "{a}-{b}"),
+        }
+    }
+}
+
+/// The transport a grant opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GrantProtocol {
+    Tcp,
+    Udp,
+    /// TCP and UDP.
+    Any,
+}
+
+impl GrantProtocol {
+    /// The kernel's [`grant_protocols`](idgate_common::grant_protocols)
+    /// flags.
+    pub fn flags(self) -> u32 {
+        use idgate_common::grant_protocols::{TCP, UDP};
+        match self {
+            Self::Tcp => TCP,
+            Self::Udp => UDP,
+            Self::Any => TCP | UDP,
+        }
+    }
+}
+
+impl fmt::Display for GrantProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+            Self::Any => "any",
+        })
+    }
+}
+
+/// The identity a grant is for: one SPIFFE ID. `unknown` and patterns are
+/// refused, each with its own reason.
+pub fn grant_identity(s: &str) -> Result<SpiffeId, InputError> {
+    if s == "unknown" {
+        return Err(InputError::Unknown(s.to_owned()));
+    }
+    if s.contains('*') {
+        return Err(InputError::Pattern(s.to_owned()));
+    }
+    s.parse()
+        .map_err(|e: crate::identity::SpiffeIdError| InputError::Identity {
+            id: s.to_owned(),
+            error: e.to_string(),
+        })
+}
+
+/// A grant's destination: an address (a /32 or /128) or a CIDR without
+/// host bits. A name is refused: grants by name are not there yet.
+pub fn grant_destination(s: &str) -> Result<IpNet, InputError> {
+    let net = match s.parse::<IpNet>() {
+        Ok(net) => net,
+        Err(_) => match s.parse::<IpAddr>() {
+            Ok(addr) => IpNet::from(addr),
+            Err(_) if !crate::policy::looks_like_an_address(s) => {
+                return Err(InputError::Name(s.to_owned()));
+            }
+            Err(_) => return Err(InputError::Destination(s.to_owned())),
+        },
+    };
+    if net.trunc() != net {
+        return Err(InputError::HostBits {
+            given: s.to_owned(),
+            len: net.prefix_len(),
+            net: net.trunc(),
+        });
+    }
+    if let IpNet::V6(v6) = net
+        && v6.prefix_len() >= 96
+        && v6.network().to_ipv4_mapped().is_some()
+    {
+        return Err(InputError::Mapped(s.to_owned()));
+    }
+    Ok(net)
+}
+
+/// One grant, as kept in `state_dir` and listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    pub id: u32,
+    pub identity: SpiffeId,
+    pub to: IpNet,
+    pub ports: Ports,
+    pub protocol: GrantProtocol,
+    /// The operator who granted it (SO_PEERCRED).
+    pub granted_by: u32,
+    pub granted_at: SystemTime,
+    /// `CLOCK_BOOTTIME` nanoseconds from which it allows nothing.
+    pub expiry_boot_ns: u64,
+    pub reason: Option<String>,
+}
+
+/// What an operator asks for, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantSpec {
+    pub identity: SpiffeId,
+    pub to: IpNet,
+    pub ports: Ports,
+    pub protocol: GrantProtocol,
+    pub duration: std::time::Duration,
+    pub reason: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identities_destinations_and_ports_are_checked_with_clear_errors() {
+        assert!(grant_identity("spiffe://example.org/agents/coder").is_ok());
+        let e = grant_identity("spiffe://example.org/agents/*").unwrap_err();
+        assert!(matches!(e, InputError::Pattern(_)), "{e}");
+        assert!(e.to_string().contains("not a pattern"));
+        assert!(matches!(
+            grant_identity("unknown"),
+            Err(InputError::Unknown(_))
+        ));
+        assert!(matches!(
+            grant_identity("spiffe://Example.org/x"),
+            Err(InputError::Identity { .. })
+        ));
+
+        assert_eq!(
+            grant_destination("10.0.0.0/8").unwrap().to_string(),
+            "10.0.0.0/8"
+        );
+        assert_eq!(
+            grant_destination("192.0.2.1").unwrap().to_string(),
+            "192.0.2.1/32"
+        );
+        assert_eq!(
+            grant_destination("2001:db8::/32").unwrap().to_string(),
+            "2001:db8::/32"
+        );
+        let e = grant_destination("api.example.com").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("grants by name are not supported yet"),
+            "{e}"
+        );
+        assert!(matches!(
+            grant_destination("10.0.0.1/8"),
+            Err(InputError::HostBits { .. })
+        ));
+        assert!(matches!(
+            grant_destination("10.0.0.300"),
+            Err(InputError::Destination(_))
+        ));
+        assert!(matches!(
+            grant_destination("::ffff:10.0.0.1"),
+            Err(InputError::Mapped(_))
+        ));
+
+        assert_eq!(
+            "443".parse::<Ports>().unwrap(),
+            Ports {
+                first: 443,
+                last: 443
+            }
+        );
+        assert_eq!(
+            "8000-8080".parse::<Ports>().unwrap().to_string(),
+            "8000-8080"
+        );
+        for bad in ["0", "9-8", "x", "70000", "1-"] {
+            assert!(bad.parse::<Ports>().is_err(), "{bad}");
+        }
+        assert_eq!(Ports::try_from("any".to_owned()).unwrap(), Ports::ALL);
+    }
+}
