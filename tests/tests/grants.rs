@@ -1,0 +1,391 @@
+//! Operators' grants end to end: the real agent, real cgroups, real
+//! connects. A grant opens what the identity's default denies, for that
+//! identity only, until its expiry on the kernel's boot-time clock, with
+//! or without the agent; a deny rule or a revocation beats it.
+//!
+//! "Allowed" is `ECONNREFUSED` (nothing listens on 127.1.x.y: the kernel
+//! let the connect through), "denied" is `EPERM`.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use idgate_tests::{Agent, Cgroups, Fixture, WEB, json_lines, probe, require_privileges, wait_for};
+use nix::sys::signal::Signal;
+
+const ALLOWED: &str = "ECONNREFUSED";
+const DENIED: &str = "EPERM";
+
+/// An agent whose `web` cgroup holds the fixture's `web` identity, with
+/// `more` in its policy and `config` in its configuration; every allowed
+/// connect is recorded in its audit log.
+struct World {
+    _f: Fixture,
+    _cg: Cgroups,
+    web: PathBuf,
+    agent: Agent,
+}
+
+impl World {
+    fn start(tag: &str, more: &str, config: &str) -> Self {
+        let f = Fixture::new();
+        let mut cg = Cgroups::new(tag);
+        let web = cg.inside("web");
+        let agent = Agent::start(
+            &cg,
+            &f.policy(more),
+            &format!(
+                "[[workload]]\ncgroup = \"web\"\nidentity = \"{WEB}\"\n\
+                 [events]\naudit_log = \"audit.log\"\nallow_sample_rate = 1.0\n{config}\n"
+            ),
+        );
+        Self {
+            _f: f,
+            _cg: cg,
+            web,
+            agent,
+        }
+    }
+
+    fn probe(&self, op: &str, addr: &str) -> String {
+        probe(Some(&self.web), op, addr)
+    }
+
+    fn tcp(&self, addr: &str) -> String {
+        self.probe("tcp", addr)
+    }
+
+    /// `idgate grant ARGS --json`: the grant's id.
+    fn grant(&self, args: &[&str]) -> u32 {
+        let mut all = vec!["grant"];
+        all.extend_from_slice(args);
+        all.push("--json");
+        let out = self
+            .agent
+            .try_cli(&all)
+            .unwrap_or_else(|e| panic!("idgate {all:?}: {e}"));
+        let reply: serde_json::Value = serde_json::from_str(&out).expect("grant reply is JSON");
+        reply["grant"]["id"].as_u64().expect("grant id") as u32
+    }
+
+    /// `idgate grants --json`: the running grants.
+    fn grants(&self) -> Vec<serde_json::Value> {
+        let out = self
+            .agent
+            .try_cli(&["grants", "--json"])
+            .expect("idgate grants");
+        let list: serde_json::Value = serde_json::from_str(&out).expect("grants is JSON");
+        list["grants"].as_array().expect("grants").clone()
+    }
+
+    fn audit_log(&self) -> PathBuf {
+        self.agent.dir.join("audit.log")
+    }
+
+    /// Waits for the audit log's record of `action` on grant `id`.
+    fn wait_grant_record(&self, action: &str, id: u32) -> serde_json::Value {
+        let log = self.audit_log();
+        wait_for(
+            &format!("a `{action}` record of grant {id}"),
+            Duration::from_secs(10),
+            || {
+                json_lines(&log)
+                    .into_iter()
+                    .find(|r| r["kind"] == "grant" && r["action"] == action && r["grant_id"] == id)
+            },
+        )
+    }
+}
+
+/// Sleeps until `at`.
+fn sleep_until(at: Instant) {
+    if let Some(left) = at.checked_duration_since(Instant::now()) {
+        std::thread::sleep(left);
+    }
+}
+
+/// The grants file of a stopped agent, with its boot id replaced.
+fn set_boot_id(state_dir: &Path, boot_id: &str) {
+    let path = state_dir.join("grants.json");
+    let mut saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("grants file")).expect("JSON");
+    saved["boot_id"] = boot_id.into();
+    std::fs::write(&path, serde_json::to_vec(&saved).unwrap()).expect("write grants file");
+}
+
+#[test]
+fn a_grant_opens_what_the_default_denies_and_ends_on_time_with_the_agent_killed() {
+    require_privileges!();
+    let mut w = World::start("grant-expiry", "", "");
+    let to = "127.1.2.3:4443";
+    assert_eq!(w.tcp(to), DENIED);
+
+    let granted = Instant::now();
+    let id = w.grant(&[
+        "--identity",
+        WEB,
+        "--to",
+        "127.1.0.0/16",
+        "--ports",
+        "4443",
+        "--protocol",
+        "tcp",
+        "--for",
+        "4s",
+        "--reason",
+        "e2e",
+    ]);
+    assert_eq!(w.tcp(to), ALLOWED);
+    // Only what was granted: not another port, protocol or network.
+    assert_eq!(w.tcp("127.1.2.3:4444"), DENIED);
+    assert_eq!(w.probe("udp-sendto", to), DENIED);
+    assert_eq!(w.tcp("127.2.0.1:4443"), DENIED);
+    // The decision names the grant.
+    let log = w.audit_log();
+    let decision = wait_for("the grant's decision", Duration::from_secs(10), || {
+        json_lines(&log)
+            .into_iter()
+            .find(|e| e["reason"] == "grant" && e["dst_port"] == 4443)
+    });
+    assert_eq!(decision["rule"], format!("grant:{id}"));
+    assert_eq!(decision["verdict"], "allow");
+    let record = w.wait_grant_record("granted", id);
+    assert_eq!(record["uid"], 0);
+    assert_eq!(record["reason"], "e2e");
+    let listed = w.grants();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["granted_by"], 0);
+    assert!(listed[0]["seconds_left"].as_u64().unwrap() <= 4);
+
+    // No agent: the kernel ends the grant on its own clock.
+    w.agent.stop(Signal::SIGKILL);
+    assert_eq!(w.tcp(to), ALLOWED, "the grant holds until its expiry");
+    sleep_until(granted + Duration::from_millis(4500));
+    assert_eq!(w.tcp(to), DENIED);
+
+    // The agent back: the expiry is audited, with the kernel's time, and
+    // the grant is gone for good.
+    w.agent.spawn();
+    w.agent.wait_ready();
+    let expired = w.wait_grant_record("expired", id);
+    assert!(expired["uid"].is_null());
+    assert!(w.grants().is_empty());
+    assert_eq!(w.tcp(to), DENIED);
+}
+
+#[test]
+fn a_deny_rule_and_a_revocation_beat_a_grant() {
+    require_privileges!();
+    let w = World::start(
+        "grant-precedence",
+        r#"
+        [[identity.egress]]
+        name = "no-5555"
+        to = ["127.1.0.0/16"]
+        ports = [5555]
+        action = "deny"
+        "#,
+        "",
+    );
+    w.grant(&["--identity", WEB, "--to", "127.0.0.0/8", "--for", "60s"]);
+    assert_eq!(w.tcp("127.1.2.3:5555"), DENIED, "the deny rule decides");
+    assert_eq!(w.tcp("127.1.2.3:5556"), ALLOWED);
+    assert_eq!(w.probe("udp-sendto", "127.1.2.3:5556"), "ok");
+
+    w.agent.try_cli(&["revoke", WEB]).expect("revoke");
+    assert_eq!(w.tcp("127.1.2.3:5556"), DENIED, "a revoked identity");
+    w.agent.try_cli(&["unrevoke", WEB]).expect("unrevoke");
+    assert_eq!(w.tcp("127.1.2.3:5556"), ALLOWED);
+
+    // Workloads without an identity get nothing from it.
+    let stranger = w.web.parent().unwrap().join("stranger");
+    std::fs::create_dir(&stranger).expect("stranger cgroup");
+    let answer = probe(Some(&stranger), "tcp", "127.1.2.3:5556");
+    let _ = std::fs::remove_dir(&stranger);
+    assert_eq!(answer, DENIED);
+}
+
+#[test]
+fn overlapping_grants_each_hold_as_written() {
+    require_privileges!();
+    let w = World::start("grant-overlap", "", "");
+    // A /8 on one port for ten minutes; a /16 inside it on another port
+    // for a few seconds.
+    w.grant(&[
+        "--identity",
+        WEB,
+        "--to",
+        "127.0.0.0/8",
+        "--ports",
+        "6443",
+        "--protocol",
+        "tcp",
+        "--for",
+        "10m",
+    ]);
+    let short = Instant::now();
+    w.grant(&[
+        "--identity",
+        WEB,
+        "--to",
+        "127.1.0.0/16",
+        "--ports",
+        "6022",
+        "--protocol",
+        "tcp",
+        "--for",
+        "3s",
+    ]);
+    assert_eq!(w.tcp("127.1.2.3:6443"), ALLOWED);
+    assert_eq!(w.tcp("127.1.2.3:6022"), ALLOWED);
+    assert_eq!(w.tcp("127.2.0.1:6443"), ALLOWED);
+    assert_eq!(w.tcp("127.2.0.1:6022"), DENIED);
+    sleep_until(short + Duration::from_millis(3500));
+    assert_eq!(w.tcp("127.1.2.3:6022"), DENIED);
+    assert_eq!(w.tcp("127.1.2.3:6443"), ALLOWED);
+    assert_eq!(w.tcp("127.2.0.1:6443"), ALLOWED);
+    wait_for("the short grant's removal", Duration::from_secs(5), || {
+        (w.grants().len() == 1).then_some(())
+    });
+}
+
+#[test]
+fn a_grant_can_be_extended_and_revoked() {
+    require_privileges!();
+    let w = World::start("grant-extend", "", "");
+    let to = "127.1.2.3:6100";
+    let granted = Instant::now();
+    let id = w.grant(&["--identity", WEB, "--to", "127.1.2.3", "--for", "3s"]);
+    w.grant(&["--extend", &id.to_string(), "--for", "10m"]);
+    sleep_until(granted + Duration::from_millis(3500));
+    assert_eq!(w.tcp(to), ALLOWED, "extended past its first expiry");
+    let listed = w.grants();
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0]["seconds_left"].as_u64().unwrap() > 500);
+
+    w.grant(&["--revoke", &id.to_string()]);
+    assert_eq!(w.tcp(to), DENIED);
+    assert!(w.grants().is_empty());
+    for action in ["granted", "extended", "revoked"] {
+        assert_eq!(w.wait_grant_record(action, id)["uid"], 0, "{action}");
+    }
+    let e = w
+        .agent
+        .try_cli(&["grant", "--revoke", &id.to_string()])
+        .unwrap_err();
+    assert!(e.contains(&format!("no grant {id} runs")), "{e}");
+}
+
+#[test]
+fn grants_survive_a_restart_but_not_another_boot() {
+    require_privileges!();
+    let mut w = World::start("grant-restart", "", "");
+    let to = "127.1.2.3:6200";
+    let id = w.grant(&["--identity", WEB, "--to", "127.1.0.0/16", "--for", "10m"]);
+    assert_eq!(w.tcp(to), ALLOWED);
+
+    assert!(w.agent.stop(Signal::SIGTERM).success());
+    assert_eq!(w.tcp(to), ALLOWED, "pinned: no agent needed");
+    w.agent.spawn();
+    w.agent.wait_ready();
+    assert_eq!(w.tcp(to), ALLOWED);
+    assert_eq!(w.grants()[0]["id"], id);
+    // Ids are never given twice.
+    let second = w.grant(&["--identity", WEB, "--to", "127.3.0.0/16", "--for", "10m"]);
+    assert!(second > id);
+
+    // Grants of another boot mean nothing: dropped, audited, and out of
+    // the kernel.
+    assert!(w.agent.stop(Signal::SIGTERM).success());
+    set_boot_id(
+        &w.agent.dir.join("state"),
+        "00000000-0000-0000-0000-000000000000",
+    );
+    w.agent.spawn();
+    w.agent.wait_ready();
+    assert!(w.grants().is_empty());
+    assert_eq!(w.tcp(to), DENIED);
+    assert_eq!(w.tcp("127.3.0.1:6200"), DENIED);
+    w.wait_grant_record("dropped", id);
+    w.wait_grant_record("dropped", second);
+}
+
+#[test]
+fn bad_grants_are_refused_with_what_is_wrong_and_change_nothing() {
+    require_privileges!();
+    let w = World::start(
+        "grant-bad",
+        "",
+        "[grants]\nmax_duration = \"1h\"\nmax_live = 6\n",
+    );
+    let grant = |args: &[&str]| {
+        let mut all = vec!["grant"];
+        all.extend_from_slice(args);
+        w.agent.try_cli(&all)
+    };
+    for (args, want) in [
+        (
+            vec![
+                "--identity",
+                "spiffe://example.org/*",
+                "--to",
+                "10.0.0.0/8",
+                "--for",
+                "1m",
+            ],
+            "not a pattern",
+        ),
+        (
+            vec!["--identity", "unknown", "--to", "10.0.0.0/8", "--for", "1m"],
+            "cannot be granted",
+        ),
+        (
+            vec!["--identity", WEB, "--to", "api.example.com", "--for", "1m"],
+            "grants by name are not supported yet",
+        ),
+        (
+            vec!["--identity", WEB, "--to", "10.0.0.1/8", "--for", "1m"],
+            "did you mean 10.0.0.0/8",
+        ),
+        (
+            vec!["--identity", WEB, "--to", "10.0.0.0/8", "--for", "2h"],
+            "max_duration",
+        ),
+        (
+            vec![
+                "--identity",
+                WEB,
+                "--to",
+                "10.0.0.0/8",
+                "--ports",
+                "0",
+                "--for",
+                "1m",
+            ],
+            "ports",
+        ),
+        (vec!["--extend", "99", "--for", "1m"], "no grant 99 runs"),
+    ] {
+        let e = grant(&args).unwrap_err();
+        assert!(e.contains(want), "{args:?}: {want:?} not in {e}");
+    }
+    assert!(w.grants().is_empty());
+
+    // Nested grants: four fit one destination, a fifth is refused.
+    for net in [
+        "127.0.0.0/8",
+        "127.1.0.0/16",
+        "127.1.2.0/24",
+        "127.1.2.0/25",
+    ] {
+        w.grant(&["--identity", WEB, "--to", net, "--for", "1m"]);
+    }
+    let e = grant(&["--identity", WEB, "--to", "127.1.2.3", "--for", "1m"]).unwrap_err();
+    assert!(e.contains("at most 4 may overlap"), "{e}");
+    assert_eq!(w.grants().len(), 4);
+    // Beside them, more fit, up to max_live.
+    w.grant(&["--identity", WEB, "--to", "10.9.0.0/16", "--for", "1m"]);
+    w.grant(&["--identity", WEB, "--to", "10.8.0.0/16", "--for", "1m"]);
+    let e = grant(&["--identity", WEB, "--to", "10.7.0.0/16", "--for", "1m"]).unwrap_err();
+    assert!(e.contains("max_live"), "{e}");
+    assert_eq!(w.grants().len(), 6);
+}
