@@ -566,7 +566,11 @@ fn the_documented_examples_follow_the_events_schema() {
         let text = block.split("```").next().unwrap();
         let e: Value = serde_json::from_str(text).unwrap_or_else(|err| panic!("{err}:\n{text}"));
         assert_schema(&validator, &e);
-        reasons.push(e["reason"].as_str().unwrap().to_owned());
+        let what = match e["kind"].as_str() {
+            Some(kind) => format!("{kind} {}", e["action"].as_str().unwrap()),
+            None => e["reason"].as_str().unwrap().to_owned(),
+        };
+        reasons.push(what);
     }
     reasons.sort();
     assert_eq!(
@@ -574,6 +578,9 @@ fn the_documented_examples_follow_the_events_schema() {
         [
             "audit_allowed",
             "default",
+            "grant",
+            "grant expired",
+            "grant granted",
             "no_policy",
             "revoked",
             "rule",

@@ -9,7 +9,10 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use idgate_tests::{Agent, Cgroups, Fixture, WEB, json_lines, probe, require_privileges, wait_for};
+use idgate_tests::{
+    Agent, Cgroups, Fixture, WEB, assert_schema, events_schema, json_lines, probe,
+    require_privileges, wait_for,
+};
 use nix::sys::signal::Signal;
 
 const ALLOWED: &str = "ECONNREFUSED";
@@ -81,10 +84,11 @@ impl World {
         self.agent.dir.join("audit.log")
     }
 
-    /// Waits for the audit log's record of `action` on grant `id`.
+    /// Waits for the audit log's record of `action` on grant `id`, and
+    /// checks it against the schema.
     fn wait_grant_record(&self, action: &str, id: u32) -> serde_json::Value {
         let log = self.audit_log();
-        wait_for(
+        let record = wait_for(
             &format!("a `{action}` record of grant {id}"),
             Duration::from_secs(10),
             || {
@@ -92,7 +96,9 @@ impl World {
                     .into_iter()
                     .find(|r| r["kind"] == "grant" && r["action"] == action && r["grant_id"] == id)
             },
-        )
+        );
+        assert_schema(&events_schema(), &record);
+        record
     }
 }
 
@@ -146,6 +152,7 @@ fn a_grant_opens_what_the_default_denies_and_ends_on_time_with_the_agent_killed(
             .into_iter()
             .find(|e| e["reason"] == "grant" && e["dst_port"] == 4443)
     });
+    assert_schema(&events_schema(), &decision);
     assert_eq!(decision["rule"], format!("grant:{id}"));
     assert_eq!(decision["verdict"], "allow");
     let record = w.wait_grant_record("granted", id);
