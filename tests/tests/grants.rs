@@ -155,6 +155,11 @@ fn a_grant_opens_what_the_default_denies_and_ends_on_time_with_the_agent_killed(
     assert_schema(&events_schema(), &decision);
     assert_eq!(decision["rule"], format!("grant:{id}"));
     assert_eq!(decision["verdict"], "allow");
+    let shown = w.agent.try_cli(&["events"]).expect("idgate events");
+    assert!(
+        shown.contains(&format!("reason=grant rule=grant:{id}")),
+        "{shown}"
+    );
     let record = w.wait_grant_record("granted", id);
     assert_eq!(record["uid"], 0);
     assert_eq!(record["reason"], "e2e");
