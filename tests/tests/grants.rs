@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use idgate_tests::{
-    Agent, Cgroups, Fixture, WEB, assert_schema, events_schema, json_lines, probe,
-    require_privileges, wait_for,
+    Agent, Cgroups, Fixture, WEB, assert_schema, events_schema, free_loopback_port, json_lines,
+    metric, probe, require_privileges, scrape, wait_for,
 };
 use nix::sys::signal::Signal;
 
@@ -263,7 +263,14 @@ fn overlapping_grants_each_hold_as_written() {
 #[test]
 fn a_grant_can_be_extended_and_revoked() {
     require_privileges!();
-    let w = World::start("grant-extend", "", "");
+    let port = free_loopback_port();
+    let w = World::start(
+        "grant-extend",
+        "",
+        &format!("[metrics]\naddress = \"127.0.0.1:{port}\"\n"),
+    );
+    let live = || metric(&scrape(port), "idgate_grants", "");
+    assert_eq!(live(), Some(0.0));
     let to = "127.1.2.3:6100";
     let granted = Instant::now();
     let id = w.grant(&["--identity", WEB, "--to", "127.1.2.3", "--for", "3s"]);
@@ -273,10 +280,12 @@ fn a_grant_can_be_extended_and_revoked() {
     let listed = w.grants();
     assert_eq!(listed.len(), 1);
     assert!(listed[0]["seconds_left"].as_u64().unwrap() > 500);
+    assert_eq!(live(), Some(1.0));
 
     w.grant(&["--revoke", &id.to_string()]);
     assert_eq!(w.tcp(to), DENIED);
     assert!(w.grants().is_empty());
+    assert_eq!(live(), Some(0.0));
     for action in ["granted", "extended", "revoked"] {
         assert_eq!(w.wait_grant_record(action, id)["uid"], 0, "{action}");
     }
