@@ -45,7 +45,7 @@ pub use store::{Store, StoreError};
 pub enum GrantError {
     #[error(transparent)]
     Input(#[from] InputError),
-    #[error("a grant runs for more than zero seconds")]
+    #[error("a grant's duration must be more than zero")]
     ZeroDuration,
     #[error(
         "{} is longer than the longest grant allowed, {} ([grants] max_duration)",
