@@ -30,14 +30,16 @@ use tokio::sync::mpsc;
 use crate::bpf::{BpfError, GrantMap};
 use crate::clock::{boot_id, boot_ns, wall_time};
 use crate::identity::SpiffeId;
+use entries::EntryKey;
+use store::Store;
 
 pub use audit::{GrantAction, GrantRecord};
 pub use config::{GrantsConfig, GrantsConfigError};
-pub use entries::{EntryKey, TooManyOverlapping};
+pub use entries::TooManyOverlapping;
 pub use model::{
     Grant, GrantProtocol, GrantSpec, InputError, Ports, grant_destination, grant_identity,
 };
-pub use store::{Store, StoreError};
+pub use store::StoreError;
 
 /// Why a grant request was refused (nothing changed), or why grant state
 /// could not be kept.

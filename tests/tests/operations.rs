@@ -332,14 +332,14 @@ fn malformed_and_oversized_requests_get_errors_and_the_daemon_keeps_serving() {
     for (req, want) in [
         (&b"{not json\n"[..], "malformed"),
         (
-            b"{\"version\":2,\"command\":\"format_disk\"}\n",
+            b"{\"version\":3,\"command\":\"format_disk\"}\n",
             "format_disk",
         ),
         (b"{\"version\":9,\"command\":\"status\"}\n", "version 9"),
         // An idgate CLI of the first protocol asks a newer agent.
         (
             b"{\"version\":1,\"command\":\"status\"}\n",
-            "CLI speaks control protocol version 1 and this agent speaks version 2",
+            "CLI speaks control protocol version 1 and this agent speaks version 3",
         ),
         (b"{\"command\":\"status\"}\n", "no `version`"),
     ] {
