@@ -371,3 +371,58 @@ fn desired(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grant(id: u32, identity: &str, to: &str) -> Grant {
+        Grant {
+            id,
+            identity: identity.parse().unwrap(),
+            to: to.parse().unwrap(),
+            ports: Ports::ALL,
+            protocol: GrantProtocol::Any,
+            granted_by: 0,
+            granted_at: SystemTime::UNIX_EPOCH,
+            expiry_boot_ns: u64::MAX,
+            reason: None,
+        }
+    }
+
+    #[test]
+    fn entries_follow_the_slots_their_identities_hold() {
+        let (a, b) = ("spiffe://example.org/a", "spiffe://example.org/b");
+        let grants: BTreeMap<u32, Grant> = [
+            grant(1, a, "10.0.0.0/8"),
+            grant(2, a, "10.1.0.0/16"),
+            grant(3, b, "10.0.0.0/8"),
+        ]
+        .into_iter()
+        .map(|g| (g.id, g))
+        .collect();
+        let slots_of = |pairs: &[(&str, u32)]| -> Slots {
+            pairs
+                .iter()
+                .map(|(id, s)| (id.parse().unwrap(), *s))
+                .collect()
+        };
+        // No slot: nothing in the kernel, but the overlap is still checked.
+        assert!(desired(&grants, &Slots::new()).unwrap().is_empty());
+        // Only `a` holds one: its two entries, under its slot.
+        let only_a = desired(&grants, &slots_of(&[(a, 5)])).unwrap();
+        assert_eq!(only_a.len(), 2);
+        assert!(only_a.keys().all(|(_, k)| k.slot == 5));
+        // Both: `b`'s /8 is an entry of its own slot, never in `a`'s.
+        let both = desired(&grants, &slots_of(&[(a, 5), (b, 6)])).unwrap();
+        assert_eq!(both.len(), 3);
+        let of_b: Vec<_> = both.iter().filter(|((_, k), _)| k.slot == 6).collect();
+        assert_eq!(of_b.len(), 1);
+        assert_eq!(of_b[0].1.grants[0].id, 3);
+        assert_eq!(of_b[0].1.grants[1].expiry_boot_ns, 0, "only b's grant");
+        // A slot that changes hands takes the new holder's entries only.
+        let moved = desired(&grants, &slots_of(&[(b, 5)])).unwrap();
+        assert_eq!(moved.len(), 1);
+        assert_eq!(moved.values().next().unwrap().grants[0].id, 3);
+    }
+}

@@ -344,6 +344,37 @@ fn grants_survive_a_restart_but_not_another_boot() {
 }
 
 #[test]
+fn a_grant_for_an_identity_without_a_slot_waits_for_one() {
+    require_privileges!();
+    let later = "spiffe://example.org/later";
+    let w = World::start("grant-later", "", "");
+    w.grant(&["--identity", later, "--to", "127.1.0.0/16", "--for", "10m"]);
+    let listed = w.grants();
+    assert!(listed[0]["slot"].is_null(), "{listed:?}");
+    // `idgate run` gives the identity a slot: the grant is in force there.
+    let probe = idgate_tests::target_bin("idgate-probe");
+    let run = |addr: &str| {
+        w.agent
+            .try_cli(&[
+                "run",
+                "--identity",
+                later,
+                "--",
+                probe.to_str().unwrap(),
+                "tcp",
+                addr,
+            ])
+            .expect("idgate run")
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(run("127.1.2.3:6300"), ALLOWED);
+    assert_eq!(run("127.2.0.1:6300"), DENIED);
+    // Only for that identity.
+    assert_eq!(w.tcp("127.1.2.3:6300"), DENIED);
+}
+
+#[test]
 fn bad_grants_are_refused_with_what_is_wrong_and_change_nothing() {
     require_privileges!();
     let w = World::start(
