@@ -68,8 +68,8 @@
 //!
 //! # What a decision reports
 //!
-//! Every deny and every audit decision, and allow decisions as sampled by
-//! [`maps::EVENT_SETTINGS`], is written to [`maps::EVENTS`] as a
+//! Every deny, every audit decision and every allow by a grant, and other
+//! allow decisions as sampled by [`maps::EVENT_SETTINGS`], is written to [`maps::EVENTS`] as a
 //! [`DecisionRecord`]. A record that does not fit (the ring buffer is full)
 //! is counted in [`maps::EVENT_DROPS`] instead: none is lost silently.
 #![no_std]

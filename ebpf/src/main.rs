@@ -237,7 +237,13 @@ fn judge(ctx: &SockAddrContext, hook: u32, dest: Dest) -> i32 {
         },
         dns::Redirect::No => decide(slot, protocol, port, &dest),
     };
-    if d.verdict == verdict::DENY || d.reason == reason::AUDIT_ALLOWED || sampled() {
+    // An operator's grant is an exception to policy: every use of one is
+    // recorded, as every audit-mode allow is.
+    if d.verdict == verdict::DENY
+        || d.reason == reason::AUDIT_ALLOWED
+        || d.reason == reason::GRANT
+        || sampled()
+    {
         report(hook, cgroup, protocol, port, &dest, &d);
     }
     i32::from(d.verdict == verdict::ALLOW)
