@@ -93,7 +93,7 @@ pub struct Config {
     /// policy. Default `/etc/idgate/policy`.
     pub policy: PathBuf,
     /// Where the agent keeps state that must outlive it (the revoked
-    /// identities). Default `/var/lib/idgate`.
+    /// identities, the grants). Default `/var/lib/idgate`.
     pub state_dir: PathBuf,
     /// The registration entries: a file, or a directory whose `*.toml`
     /// files together hold the `[[entry]]` tables that map selectors to

@@ -81,6 +81,13 @@ pub struct Running {
     pub slot: Option<u32>,
 }
 
+/// The grants file as read at start.
+pub struct Read {
+    config: GrantsConfig,
+    store: Store,
+    loaded: store::Loaded,
+}
+
 /// The slot each identity holds.
 pub type Slots = HashMap<SpiffeId, u32>;
 
@@ -99,19 +106,33 @@ pub struct Grants {
 }
 
 impl Grants {
-    /// Reads the grants file and the map. Grants of another boot are
-    /// dropped and those that expired while no agent ran are removed, each
-    /// audited, and the file written without them, so none comes back.
-    /// The map is brought in line by the first [`Grants::follow`].
+    /// Reads the grants file (before anything is put in the kernel: a file
+    /// that cannot be read stops the agent there).
+    pub fn load(config: GrantsConfig, state_dir: &Path) -> Result<Read, GrantError> {
+        let store = Store::new(state_dir, boot_id().map_err(GrantError::BootId)?);
+        let loaded = store.load(boot_ns())?;
+        Ok(Read {
+            config,
+            store,
+            loaded,
+        })
+    }
+
+    /// Takes over the map in `pin_dir` with the grants `read`. Grants of
+    /// another boot are dropped and those that expired while no agent ran
+    /// are removed, each audited, and the file is written without them,
+    /// so none comes back. The map is brought in line by the first
+    /// [`Grants::follow`].
     pub fn open(
-        config: GrantsConfig,
-        state_dir: &Path,
+        read: Read,
         pin_dir: &Path,
         audit: mpsc::UnboundedSender<GrantRecord>,
     ) -> Result<Self, GrantError> {
-        let store = Store::new(state_dir, boot_id().map_err(GrantError::BootId)?);
-        let now_boot = boot_ns();
-        let loaded = store.load(now_boot)?;
+        let Read {
+            config,
+            store,
+            loaded,
+        } = read;
         let map = GrantMap::open(pin_dir)?;
         let written = map.read()?;
         let me = Self {
@@ -127,6 +148,7 @@ impl Grants {
         if !loaded.other_boot.is_empty() || !loaded.expired.is_empty() {
             me.save(me.next_id, &me.grants)?;
         }
+        let now_boot = boot_ns();
         let now = SystemTime::now();
         for g in &loaded.other_boot {
             tracing::warn!(grant = g.id, identity = %g.identity, to = %g.to, "grant of an earlier boot dropped");

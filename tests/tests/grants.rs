@@ -455,3 +455,17 @@ fn bad_grants_are_refused_with_what_is_wrong_and_change_nothing() {
     assert!(e.contains("max_live"), "{e}");
     assert_eq!(w.grants().len(), 6);
 }
+
+#[test]
+fn a_corrupt_grants_file_stops_the_agent_before_anything_is_attached() {
+    require_privileges!();
+    let cg = Cgroups::new("grant-corrupt");
+    let mut agent = Agent::prepare(&cg, "", "");
+    std::fs::create_dir_all(agent.dir.join("state")).unwrap();
+    std::fs::write(agent.dir.join("state/grants.json"), "{").unwrap();
+    let (ok, log) = agent.run_to_exit();
+    assert!(!ok, "agent accepted a corrupt grants file:\n{log}");
+    assert!(log.contains("grants.json is corrupt"), "{log}");
+    assert!(agent.pinned_links().is_empty(), "something was attached");
+    assert!(!agent.pin_dir.exists(), "pin dir was created");
+}

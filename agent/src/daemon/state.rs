@@ -106,6 +106,7 @@ impl State {
         log_warnings(&policy);
         let entries = load_entries(&config)?;
         let revocations = Revocations::load(&config.state_dir)?;
+        let grants = Grants::load(config.grants.clone(), &config.state_dir)?;
         let generation_number = GenerationNumber::load(&config.state_dir)?;
         crate::privileges::check().map_err(DaemonError::Privileges)?;
 
@@ -129,12 +130,7 @@ impl State {
             "programs in place"
         );
         let bound = enforcer.bindings.bindings()?;
-        let grants = Grants::open(
-            config.grants.clone(),
-            &config.state_dir,
-            &config.pin_dir,
-            grant_records,
-        )?;
+        let grants = Grants::open(grants, &config.pin_dir, grant_records)?;
         let (kubelet, pods) = match kubelet {
             Some((mut k, first)) => {
                 let pods = k.record(first);
