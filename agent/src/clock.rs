@@ -30,6 +30,16 @@ pub fn wall_time(at: u64, now: SystemTime, now_boot: u64) -> SystemTime {
     }
 }
 
+/// The boot-time instant of the wall-clock time `at`, as far as the two
+/// clocks agree now.
+pub fn boot_ns_at(at: SystemTime) -> u64 {
+    let (now, now_boot) = (SystemTime::now(), boot_ns());
+    match at.duration_since(now) {
+        Ok(ahead) => now_boot.saturating_add(ahead.as_nanos() as u64),
+        Err(behind) => now_boot.saturating_sub(behind.duration().as_nanos() as u64),
+    }
+}
+
 /// A duration as a humantime string (`"5s"`, `"1h"`), for configuration
 /// keys.
 pub fn deserialize_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {

@@ -142,6 +142,11 @@ impl Workloads {
         self.by_cgroup.get(&cgroup_id)?.binding.bound_id()
     }
 
+    /// When the binding of `cgroup_id` ends, if it has an end.
+    pub fn bound_until(&self, cgroup_id: u64) -> Option<SystemTime> {
+        self.by_cgroup.get(&cgroup_id)?.binding.expires()
+    }
+
     /// Takes the cgroups whose bound identity may have changed.
     pub fn take_changed(&mut self) -> BTreeSet<u64> {
         std::mem::take(&mut self.changed)

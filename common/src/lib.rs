@@ -4,7 +4,11 @@
 //! # How a decision is looked up
 //!
 //! 1. [`maps::IDENTITIES`]: socket cgroup id (`u64`) -> identity slot (`u32`).
-//!    A cgroup that is not there is judged as [`UNKNOWN_SLOT`]. In front
+//!    A cgroup that is not there is judged as [`UNKNOWN_SLOT`]. A binding
+//!    with an expiry (`idgate run --ttl`, an entry's `ttl`) carries
+//!    [`binding::EXPIRES`] and its end in [`maps::BINDING_EXPIRY`]: from
+//!    then on (on the boot-time clock) the cgroup is judged as
+//!    [`UNKNOWN_SLOT`], as it is once the agent unbinds it. In front
 //!    of it, [`maps::IDENTITY_INDEX`] holds most bindings at a place given
 //!    by the id (see [`identity_index`]): one array read, no hashing.
 //! 2. [`maps::SLOT_STATE`]: slot -> [`slot_state`] flags. A revoked slot is
@@ -133,8 +137,12 @@ pub mod maps {
     /// slot, with their expiries. Not part of a policy generation.
     pub const GRANTS: &str = "IDG_GRANTS";
 
+    /// Hash of cgroup id (`u64`) -> `bpf_ktime_get_boot_ns` at which its
+    /// binding ends, for bindings with [`binding::EXPIRES`](super::binding::EXPIRES).
+    pub const BINDING_EXPIRY: &str = "IDG_BINDING_EXPIRY";
+
     /// Every map, for pinning, adoption and uninstall.
-    pub const ALL: [&str; 19] = [
+    pub const ALL: [&str; 20] = [
         IDENTITIES,
         IDENTITY_INDEX,
         SLOT_STATE,
@@ -154,6 +162,7 @@ pub mod maps {
         DNS_ORIGINS,
         NAMES,
         GRANTS,
+        BINDING_EXPIRY,
     ];
 }
 
@@ -271,6 +280,21 @@ pub mod identity_index {
         } else {
             None
         }
+    }
+}
+
+/// Values of [`maps::IDENTITIES`].
+pub mod binding {
+    /// Set on a binding that ends at the time in
+    /// [`maps::BINDING_EXPIRY`](super::maps::BINDING_EXPIRY). The index
+    /// never holds such a binding (its slot field is 16 bits), so every
+    /// lookup of it reads the expiry.
+    pub const EXPIRES: u32 = 1 << 31;
+
+    /// The slot of a binding's value.
+    #[inline(always)]
+    pub const fn slot(value: u32) -> u32 {
+        value & !EXPIRES
     }
 }
 

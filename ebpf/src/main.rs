@@ -26,7 +26,7 @@ use idgate_common::{
     GrantValue, INLINE_RANGES, LEARNED_INLINE, LearnedKey, LearnedValue, MAX_BOUND_CGROUPS,
     MAX_GRANT_ENTRIES, MAX_LEARNED, MAX_SET_DESTS, MAX_SET_PORT_BLOCKS, MAX_SLOTS, NAME_TEXT_BYTES,
     NO_TABLE, NameText, PORT_FIXED_BITS, PortKey, PortTable, RECORD_LAYOUT, RuleVerdict,
-    SlotPolicy, UNKNOWN_SLOT, grant_protocols, hook, identity_index, reason, record_flags,
+    SlotPolicy, UNKNOWN_SLOT, binding, grant_protocols, hook, identity_index, reason, record_flags,
     slot_policy, slot_policy_index, slot_state, verdict,
 };
 
@@ -35,6 +35,10 @@ static IDENTITIES: HashMap<u64, u32> = HashMap::pinned(MAX_BOUND_CGROUPS, 0);
 
 /// `BPF_F_MMAPABLE`: the agent writes the index through a shared mapping.
 const MMAPABLE: u32 = 1 << 10;
+
+/// The end of each binding with [`binding::EXPIRES`].
+#[map(name = "IDG_BINDING_EXPIRY")]
+static BINDING_EXPIRY: HashMap<u64, u64> = HashMap::pinned(MAX_BOUND_CGROUPS, 0);
 
 #[map(name = "IDG_IDENTITY_INDEX")]
 static IDENTITY_INDEX: Array<u64> = Array::pinned(identity_index::ENTRIES, MMAPABLE);
@@ -454,7 +458,7 @@ fn port_rule(table: &PortTable, trie: &PortTrie, port: u16) -> Option<RuleVerdic
 
 /// The identity slot `cgroup` is bound to: from its index entry when the
 /// entry is that cgroup's, else from the hash; [`UNKNOWN_SLOT`] when
-/// neither holds it.
+/// neither holds it, or when its binding has an expiry that has passed.
 #[inline(always)]
 pub(crate) fn slot_of(cgroup: u64) -> u32 {
     let indexed = IDENTITY_INDEX
@@ -462,12 +466,23 @@ pub(crate) fn slot_of(cgroup: u64) -> u32 {
         // SAFETY: a pointer into the array, valid for the call; one
         // aligned 8-byte load, which the agent's stores never tear.
         .and_then(|entry| identity_index::slot(unsafe { read_volatile(entry) }, cgroup));
-    match indexed {
+    if let Some(slot) = indexed {
+        return slot;
+    }
+    // SAFETY: a plain value read from a map owned by this program.
+    match unsafe { IDENTITIES.get(&cgroup) }.copied() {
+        Some(value) if value & binding::EXPIRES != 0 => {
+            // SAFETY: as above; helper without arguments.
+            let live = unsafe { BINDING_EXPIRY.get(&cgroup) }
+                .is_some_and(|end| *end > unsafe { bpf_ktime_get_boot_ns() });
+            if live {
+                binding::slot(value)
+            } else {
+                UNKNOWN_SLOT
+            }
+        }
         Some(slot) => slot,
-        // SAFETY: a plain value read from a map owned by this program.
-        None => unsafe { IDENTITIES.get(&cgroup) }
-            .copied()
-            .unwrap_or(UNKNOWN_SLOT),
+        None => UNKNOWN_SLOT,
     }
 }
 

@@ -2,11 +2,13 @@
 //! in real cgroups get the identities their registration entries say, and
 //! the kernel judges their connects by them.
 
+use std::io::BufRead;
 use std::net::TcpListener;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use idgate_tests::{Agent, Cgroups, Workload, require_privileges, target_bin, wait_for};
+use nix::sys::signal::Signal;
 
 const ALPHA: &str = "spiffe://example.org/alpha";
 const BETA: &str = "spiffe://example.org/beta";
@@ -245,6 +247,45 @@ fn a_binding_expires_after_its_ttl_and_stays_expired() {
     agent.try_cli(&["policy", "reload"]).expect("reload");
     assert_eq!(state_of(&agent, &t, "expired")["id"], ALPHA);
     assert_eq!(w.call("tcp", &f.a), "EPERM");
+}
+
+/// The kernel ends a binding's TTL by itself: `idgate run --ttl` with the
+/// agent killed while the command runs.
+#[test]
+fn a_run_s_ttl_ends_in_the_kernel_with_the_agent_killed() {
+    require_privileges!();
+    let f = Fixture::new();
+    let cg = Cgroups::new("att-ttl-kill");
+    let mut agent = agent_with(&cg, &f.policy(), "");
+    let probe = target_bin("idgate-probe");
+    let probe = probe.display();
+    let asked = Instant::now();
+    let mut run = std::process::Command::new(target_bin("idgate"))
+        .args(["run", "--identity", BETA, "--ttl", "3s", "--socket"])
+        .arg(&agent.socket)
+        .args([
+            "--",
+            "sh",
+            "-c",
+            &format!("{probe} tcp {b}; sleep 4; {probe} tcp {b}", b = f.b),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("idgate run");
+    // The command's first answer: it runs, bound; then the agent goes.
+    let mut out = std::io::BufReader::new(run.stdout.take().expect("stdout"));
+    let mut first = String::new();
+    out.read_line(&mut first).expect("the first answer");
+    agent.stop(Signal::SIGKILL);
+    let mut second = String::new();
+    out.read_line(&mut second).expect("the second answer");
+    run.wait().expect("idgate run");
+    assert!(asked.elapsed() >= Duration::from_secs(4));
+    assert_eq!(
+        [first.trim(), second.trim()],
+        ["ok", "EPERM"],
+        "allowed while bound, denied after"
+    );
 }
 
 #[test]

@@ -6,11 +6,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Map, MapData, MapError};
+use aya::maps::{Map, MapData};
 use idgate_common::{GrantKey, GrantValue, maps};
 
 use super::BpfError;
-use super::maps::map_err;
+use super::maps::{map_err, removed};
 
 /// An entry's key: the LPM prefix length (fixed bits included) and data.
 pub type GrantEntryKey = (u32, GrantKey);
@@ -49,9 +49,6 @@ impl GrantMap {
     }
 
     pub fn remove(&mut self, key: &GrantEntryKey) -> Result<(), BpfError> {
-        match self.trie.remove(&Key::new(key.0, key.1)) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(map_err(maps::GRANTS)(e)),
-        }
+        removed(maps::GRANTS, self.trie.remove(&Key::new(key.0, key.1)))
     }
 }

@@ -96,6 +96,7 @@ pub fn install(
         .map_pin_path(maps::SLOT_DESTS, pin_dir.join(maps::SLOT_DESTS))
         .map_pin_path(maps::SLOT_PORTS, pin_dir.join(maps::SLOT_PORTS))
         .map_max_entries(maps::IDENTITIES, max_workloads)
+        .map_max_entries(maps::BINDING_EXPIRY, max_workloads)
         .load(OBJECT)?;
     let mut scope_map: Array<&mut MapData, Scope> = Array::try_from(
         ebpf.map_mut(maps::SCOPE)

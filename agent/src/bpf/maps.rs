@@ -11,7 +11,7 @@ use aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_LPM_TRIE;
 use idgate_common::{
     DEST_FIXED_BITS, DestKey, DestTables, FAMILY_NAME, FAMILY_V4, FAMILY_V6, MAX_SET_DESTS,
     MAX_SET_PORT_BLOCKS, MAX_SLOTS, NAME_CLASS_BYTES, PORT_FIXED_BITS, PortKey, RuleVerdict,
-    SlotPolicy, UNKNOWN_SLOT, maps, slot_policy_index, slot_state,
+    SlotPolicy, UNKNOWN_SLOT, binding, maps, slot_policy_index, slot_state,
 };
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
@@ -48,6 +48,16 @@ const BATCH_SETS: usize = 512;
 
 pub(super) fn map_err(name: &'static str) -> impl Fn(MapError) -> BpfError {
     move |source| BpfError::Map { name, source }
+}
+
+/// A removal's outcome, where a key that was not there is no error (aya
+/// reports it as the syscall's ENOENT).
+pub(super) fn removed(name: &'static str, r: Result<(), MapError>) -> Result<(), BpfError> {
+    match r {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(source) => Err(BpfError::Map { name, source }),
+    }
 }
 
 /// A new LPM trie of the inner template's type, named `name` (as
@@ -179,6 +189,8 @@ impl Outer {
 /// the daemon's owner one entry at a time, outside the policy generations.
 pub struct BindingMaps {
     identities: HashMap<MapData, u64, u32>,
+    /// The end of each binding that has one, on the boot-time clock.
+    expiry: HashMap<MapData, u64, u64>,
     /// Most bindings of `identities` again, where a program finds them
     /// without hashing.
     index: IdentityIndex,
@@ -192,36 +204,67 @@ impl BindingMaps {
         let maps = Self {
             identities: HashMap::try_from(get(maps::IDENTITIES)?)
                 .map_err(map_err(maps::IDENTITIES))?,
+            expiry: HashMap::try_from(get(maps::BINDING_EXPIRY)?)
+                .map_err(map_err(maps::BINDING_EXPIRY))?,
             index: IdentityIndex::new(get(maps::IDENTITY_INDEX)?)?,
             slot_state: Array::try_from(get(maps::SLOT_STATE)?)
                 .map_err(map_err(maps::SLOT_STATE))?,
         };
         // An earlier agent may have stopped between the two writes of a
-        // binding; the hash is the truth.
-        maps.index.rebuild(&maps.bindings()?);
+        // binding; the hash is the truth (a binding with an expiry is
+        // never indexed: its value does not fit an entry).
+        maps.index.rebuild(&maps.values()?);
         Ok(maps)
     }
 
-    /// Binds a cgroup to a slot (or moves it to another).
-    pub fn bind(&mut self, cgroup_id: u64, slot: u32) -> Result<(), BpfError> {
+    /// Binds a cgroup to a slot (or moves it to another), until `end`
+    /// (`CLOCK_BOOTTIME` nanoseconds) when given: the kernel ends it then
+    /// by itself.
+    pub fn bind(&mut self, cgroup_id: u64, slot: u32, end: Option<u64>) -> Result<(), BpfError> {
+        let value = match end {
+            Some(end) => {
+                // Out of the index first: every lookup then reads the
+                // expiry.
+                self.index.unbind(cgroup_id);
+                self.expiry
+                    .insert(cgroup_id, end, 0)
+                    .map_err(map_err(maps::BINDING_EXPIRY))?;
+                slot | binding::EXPIRES
+            }
+            None => slot,
+        };
         self.identities
-            .insert(cgroup_id, slot, 0)
+            .insert(cgroup_id, value, 0)
             .map_err(map_err(maps::IDENTITIES))?;
-        self.index.bind(cgroup_id, slot);
+        self.index.bind(cgroup_id, value);
+        if end.is_none() {
+            self.forget_expiry(cgroup_id)?;
+        }
         Ok(())
     }
 
     /// Forgets a cgroup: it is judged as an unknown workload again.
     pub fn unbind(&mut self, cgroup_id: u64) -> Result<(), BpfError> {
         self.index.unbind(cgroup_id);
-        match self.identities.remove(&cgroup_id) {
-            Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
-            Err(e) => Err(map_err(maps::IDENTITIES)(e)),
-        }
+        removed(maps::IDENTITIES, self.identities.remove(&cgroup_id))?;
+        self.forget_expiry(cgroup_id)
+    }
+
+    fn forget_expiry(&mut self, cgroup_id: u64) -> Result<(), BpfError> {
+        removed(maps::BINDING_EXPIRY, self.expiry.remove(&cgroup_id))
     }
 
     /// Every bound cgroup and its slot.
     pub fn bindings(&self) -> Result<BTreeMap<u64, u32>, BpfError> {
+        Ok(self
+            .values()?
+            .into_iter()
+            .map(|(cg, value)| (cg, binding::slot(value)))
+            .collect())
+    }
+
+    /// Every bound cgroup and its value in the hash.
+    fn values(&self) -> Result<BTreeMap<u64, u32>, BpfError> {
         self.identities
             .iter()
             .map(|r| r.map_err(map_err(maps::IDENTITIES)))

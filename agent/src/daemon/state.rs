@@ -657,7 +657,10 @@ impl State {
             }
             // A cgroup the map cannot take stays unbound (denied) and is
             // reported; no other binding is evicted for it.
-            match self.enforcer.bindings.bind(cg, slot) {
+            // A binding with an end (`idgate run --ttl`, an entry's `ttl`)
+            // is ended by the kernel itself, agent or not.
+            let end = self.workloads.bound_until(cg).map(crate::clock::boot_ns_at);
+            match self.enforcer.bindings.bind(cg, slot, end) {
                 Ok(()) => {
                     self.applied.bound.insert(cg, slot);
                     self.bind_failures.remove(&cg);
