@@ -1,5 +1,5 @@
-//! The kernel's boot-time clock, which the programs compare expiries with,
-//! and the boot it belongs to.
+//! The kernel's clocks that the programs compare expiries with, and the
+//! boot they belong to.
 
 use std::time::{Duration, SystemTime};
 
@@ -12,6 +12,16 @@ const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
 /// programs): it does not jump and counts suspend.
 pub fn boot_ns() -> u64 {
     let t = clock_gettime(ClockId::CLOCK_BOOTTIME).expect("CLOCK_BOOTTIME is there");
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
+
+/// Nanoseconds of `CLOCK_MONOTONIC`, the clock of learned addresses'
+/// expiries (`bpf_ktime_get_coarse_ns` in the programs: the same clock as
+/// of the last tick, so an entry lives at most one tick past its expiry).
+/// It does not jump; unlike `CLOCK_BOOTTIME` it stops while the host is
+/// suspended.
+pub fn monotonic_ns() -> u64 {
+    let t = clock_gettime(ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC is there");
     t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
 }
 

@@ -23,7 +23,9 @@
 //! 5. [`maps::SLOT_DESTS`]: the same index -> an LPM trie of that slot's
 //!    rule set, keyed by [`DestKey`] (address family, address prefix) ->
 //!    [`DestTables`], one [`PortTable`] per protocol. An IPv4-mapped IPv6
-//!    destination is looked up as IPv4. Each rule set has tries of its own,
+//!    destination is looked up as IPv4. A rule set without address rules
+//!    (names only: [`slot_policy::NO_ADDRESS_RULES`]) skips this lookup.
+//!    Each rule set has tries of its own,
 //!    as deep as its own rules need, whatever the size of the policy;
 //!    slots with the same rule set share them. User space has already
 //!    folded less specific prefixes into each port table and split
@@ -45,7 +47,9 @@
 //!    unknown workload's, [`maps::LEARNED`] is read: (slot, family,
 //!    address) -> up to [`LEARNED_INLINE`] [`LearnedName`]s, each the
 //!    name class a lookup of this slot's learned the address for and its
-//!    expiry on the boot-time clock. For each one not expired, the class's
+//!    expiry on the monotonic clock, read as of the last tick
+//!    (`bpf_ktime_get_coarse_ns`: a load, where the precise clocks cost
+//!    a clock-source read on every connect). For each one not expired, the class's
 //!    port table is found in the slot's destination trie under a
 //!    [`FAMILY_NAME`] key (the class id, full length) and judged as in
 //!    step 6. A rule found that way decides. A deny rule of any prefix
@@ -339,6 +343,9 @@ pub mod slot_policy {
     /// direct`): its port-53 traffic is judged by its address rules, as
     /// any other. For a recursive resolver run inside the scope.
     pub const DNS_DIRECT: u32 = 8;
+    /// The rule set has no address rules, only names: step 5's lookup
+    /// would find nothing, so it is skipped.
+    pub const NO_ADDRESS_RULES: u32 = 16;
 }
 
 /// Per-slot policy of one generation.
@@ -469,9 +476,10 @@ pub struct LearnedKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct LearnedName {
-    /// `bpf_ktime_get_boot_ns` after which this entry opens nothing; 0 is
-    /// an unused entry.
-    pub expiry_boot_ns: u64,
+    /// `CLOCK_MONOTONIC` nanoseconds after which this entry opens nothing
+    /// (the programs read it with `bpf_ktime_get_coarse_ns`); 0 is an
+    /// unused entry.
+    pub expiry_ns: u64,
     /// The class id: the [`FAMILY_NAME`] key of the rule set's tries.
     pub class: [u8; NAME_CLASS_BYTES],
     /// The name looked up (a key of [`maps::NAMES`]), for the record.

@@ -12,7 +12,8 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         generated::{
-            bpf_get_current_comm, bpf_get_prandom_u32, bpf_ktime_get_boot_ns, bpf_ktime_get_ns,
+            bpf_get_current_comm, bpf_get_prandom_u32, bpf_ktime_get_boot_ns,
+            bpf_ktime_get_coarse_ns, bpf_ktime_get_ns,
         },
     },
     macros::{btf_map, cgroup_sock_addr, map},
@@ -303,7 +304,11 @@ fn decide(slot: u32, protocol: u32, port: u16, dest: &Dest) -> Decision {
         key.addr[3] = b[3];
         bits = 32;
     }
-    let tables = dest_trie.get(&Key::new(DEST_FIXED_BITS + bits, key));
+    let tables = if policy.flags & slot_policy::NO_ADDRESS_RULES == 0 {
+        dest_trie.get(&Key::new(DEST_FIXED_BITS + bits, key))
+    } else {
+        None
+    };
     let ports = match (tables, protocol) {
         (Some(t), IPPROTO_TCP | IPPROTO_MPTCP) => Some(&t.tcp),
         (Some(t), IPPROTO_UDP) => Some(&t.udp),
@@ -364,12 +369,12 @@ fn learned_rule(
         return;
     };
     // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let mut i = 0;
     while i < LEARNED_INLINE {
         let name = &learned.names[i];
         i += 1;
-        if name.expiry_boot_ns <= now {
+        if name.expiry_ns <= now {
             continue;
         }
         let class = DestKey {

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use super::learned::{Learned, LearnedAddress};
 use super::resolver::Resolver;
 use super::view::DnsView;
-use crate::clock::boot_ns;
+use crate::clock::monotonic_ns;
 use crate::identity::SpiffeId;
 
 /// A cheap handle on the running DNS path, for reading.
@@ -68,7 +68,7 @@ impl DnsReader {
         let Some(slot) = self.view.borrow().slot_of(id) else {
             return Vec::new();
         };
-        let now = boot_ns();
+        let now = monotonic_ns();
         self.learned
             .lock()
             .expect("not poisoned")
@@ -76,7 +76,7 @@ impl DnsReader {
             .into_iter()
             .filter(|a| addr.is_none_or(|x| x.to_canonical() == a.addr))
             .map(|a| {
-                let left = a.expiry_boot_ns.saturating_sub(now).div_ceil(1_000_000_000);
+                let left = a.expiry_ns.saturating_sub(now).div_ceil(1_000_000_000);
                 (a, left)
             })
             .collect()

@@ -2,7 +2,7 @@
 //! `IDG_LEARNED` and `IDG_NAMES`, and their mirror in user space.
 //!
 //! An address is written for a slot and a name class with an expiry on
-//! the boot-time clock: the TTL handed to the workload plus the grace.
+//! the monotonic clock: the TTL handed to the workload plus the grace.
 //! Writes are all or nothing for one answer: either every address of it
 //! is in the kernel when [`Learned::learn`] returns, or none changed and
 //! the caller answers SERVFAIL. Nothing learned is ever evicted to make
@@ -19,7 +19,7 @@ use idgate_common::{
 };
 
 use super::kernel::{KernelError, LearnedMaps};
-use crate::clock::boot_ns;
+use crate::clock::{boot_ns, monotonic_ns};
 
 /// Why an answer's addresses were not learned.
 #[derive(Debug, thiserror::Error)]
@@ -82,8 +82,8 @@ pub struct LearnedAddress {
     pub addr: IpAddr,
     pub name: Option<Arc<str>>,
     pub class: [u8; NAME_CLASS_BYTES],
-    /// Boot-time nanoseconds.
-    pub expiry_boot_ns: u64,
+    /// `CLOCK_MONOTONIC` nanoseconds ([`monotonic_ns`]).
+    pub expiry_ns: u64,
 }
 
 /// The learned addresses and names, and their maps.
@@ -95,6 +95,26 @@ pub struct Learned {
     ids: HashMap<Arc<str>, u32>,
     book: Arc<NameBook>,
     next_id: u32,
+    /// [`suspended_ns`] when the expiries were last brought up to it.
+    suspended: u64,
+}
+
+/// A suspend shorter than this is not followed: two clock reads differ by
+/// a little anyway, and the grace is longer.
+const SUSPEND_FOLLOWED: Duration = Duration::from_secs(1);
+
+/// How long the host has been suspended since boot: `CLOCK_BOOTTIME`
+/// less `CLOCK_MONOTONIC`.
+fn suspended_ns() -> u64 {
+    boot_ns().saturating_sub(monotonic_ns())
+}
+
+/// `value`'s expiries moved `by` earlier.
+fn moved_earlier(mut value: LearnedValue, by: u64) -> LearnedValue {
+    for n in value.names.iter_mut() {
+        n.expiry_ns = n.expiry_ns.saturating_sub(by);
+    }
+    value
 }
 
 impl Learned {
@@ -117,6 +137,7 @@ impl Learned {
             ids: HashMap::new(),
             book,
             next_id: 1,
+            suspended: suspended_ns(),
         };
         for (key, value) in entries {
             *me.per_slot.entry(key.slot).or_default() += 1;
@@ -170,7 +191,8 @@ impl Learned {
         if addrs.is_empty() {
             return Ok(());
         }
-        let now = boot_ns();
+        self.follow_suspend();
+        let now = monotonic_ns();
         let name_id = self.intern(name)?;
         let mut plan: Vec<(LearnedKey, LearnedValue, bool)> = Vec::new();
         for &(addr, ttl) in addrs {
@@ -184,14 +206,14 @@ impl Learned {
             let place = value
                 .names
                 .iter()
-                .position(|n| n.expiry_boot_ns > now && n.class == class)
-                .or_else(|| value.names.iter().position(|n| n.expiry_boot_ns <= now))
+                .position(|n| n.expiry_ns > now && n.class == class)
+                .or_else(|| value.names.iter().position(|n| n.expiry_ns <= now))
                 .ok_or(LearnError::TooManyNames { addr })?;
             let entry = &mut value.names[place];
-            let keep = entry.class == class && entry.expiry_boot_ns > now;
+            let keep = entry.class == class && entry.expiry_ns > now;
             *entry = LearnedName {
-                expiry_boot_ns: if keep {
-                    entry.expiry_boot_ns.max(expiry)
+                expiry_ns: if keep {
+                    entry.expiry_ns.max(expiry)
                 } else {
                     expiry
                 },
@@ -221,6 +243,36 @@ impl Learned {
             self.entries.insert(key, value);
         }
         Ok(())
+    }
+
+    /// Moves every expiry earlier by the time the host was suspended since
+    /// the last call, which the monotonic clock of the expiries did not
+    /// count: an address closes when its TTL has passed on the boot-time
+    /// clock, as if the host had not slept. Called before every answer is
+    /// learned and at every sweep, so an entry written after a resume is
+    /// never moved. A suspend while no agent runs is not followed.
+    pub fn follow_suspend(&mut self) {
+        let now = suspended_ns();
+        let slept = now.saturating_sub(self.suspended);
+        if slept < SUSPEND_FOLLOWED.as_nanos() as u64 {
+            return;
+        }
+        self.suspended = now;
+        let mut failed = 0;
+        for (key, value) in self.entries.iter_mut() {
+            *value = moved_earlier(*value, slept);
+            if self.maps.put(key, value).is_err() {
+                failed += 1;
+            }
+        }
+        tracing::info!(
+            slept = %humantime::format_duration(Duration::from_nanos(slept)),
+            entries = self.entries.len(),
+            "the host was suspended: learned addresses' expiries moved earlier by that"
+        );
+        if failed > 0 {
+            tracing::warn!(failed, "learned addresses whose earlier expiry the kernel did not take keep their old one until the sweep removes them");
+        }
     }
 
     /// Puts back what `written` replaced.
@@ -265,10 +317,10 @@ impl Learned {
     /// Entries whose every name has expired, to remove with
     /// [`Learned::remove_expired`] a few at a time.
     pub fn expired(&self) -> Vec<LearnedKey> {
-        let now = boot_ns();
+        let now = monotonic_ns();
         self.entries
             .iter()
-            .filter(|(_, v)| v.names.iter().all(|n| n.expiry_boot_ns <= now))
+            .filter(|(_, v)| v.names.iter().all(|n| n.expiry_ns <= now))
             .map(|(k, _)| *k)
             .collect()
     }
@@ -276,13 +328,13 @@ impl Learned {
     /// Removes those of `keys` still expired (one may have been learned
     /// again meanwhile). Returns how many went.
     pub fn remove_expired(&mut self, keys: &[LearnedKey]) -> usize {
-        let now = boot_ns();
+        let now = monotonic_ns();
         let mut removed = 0;
         for key in keys {
             let still = self
                 .entries
                 .get(key)
-                .is_some_and(|v| v.names.iter().all(|n| n.expiry_boot_ns <= now));
+                .is_some_and(|v| v.names.iter().all(|n| n.expiry_ns <= now));
             if !still {
                 continue;
             }
@@ -305,14 +357,14 @@ impl Learned {
 
     /// Forgets the names no live entry refers to.
     pub fn forget_unused_names(&mut self) {
-        let now = boot_ns();
+        let now = monotonic_ns();
         let used: HashSet<u32> = self
             .entries
             .values()
             .flat_map(|v| {
                 v.names
                     .iter()
-                    .filter(|n| n.expiry_boot_ns > now)
+                    .filter(|n| n.expiry_ns > now)
                     .map(|n| n.name_id)
             })
             .collect();
@@ -334,10 +386,10 @@ impl Learned {
 
     /// The names looked up by each slot with open addresses.
     pub fn names_by_slot(&self) -> HashMap<u32, Vec<Arc<str>>> {
-        let now = boot_ns();
+        let now = monotonic_ns();
         let mut out: HashMap<u32, Vec<Arc<str>>> = HashMap::new();
         for (k, v) in &self.entries {
-            for n in v.names.iter().filter(|n| n.expiry_boot_ns > now) {
+            for n in v.names.iter().filter(|n| n.expiry_ns > now) {
                 if let Some(name) = self.book.get(n.name_id) {
                     out.entry(k.slot).or_default().push(name);
                 }
@@ -352,7 +404,7 @@ impl Learned {
 
     /// The addresses of `slot` open now.
     pub fn of_slot(&self, slot: u32) -> Vec<LearnedAddress> {
-        let now = boot_ns();
+        let now = monotonic_ns();
         let mut out: Vec<LearnedAddress> = self
             .entries
             .iter()
@@ -360,16 +412,33 @@ impl Learned {
             .flat_map(|(k, v)| {
                 v.names
                     .iter()
-                    .filter(|n| n.expiry_boot_ns > now)
+                    .filter(|n| n.expiry_ns > now)
                     .map(|n| LearnedAddress {
                         addr: addr_of(k),
                         name: self.book.get(n.name_id),
                         class: n.class,
-                        expiry_boot_ns: n.expiry_boot_ns,
+                        expiry_ns: n.expiry_ns,
                     })
             })
             .collect();
         out.sort_by(|a, b| (&a.name, a.addr).cmp(&(&b.name, b.addr)));
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_suspend_moves_every_expiry_earlier_and_past_ones_stay_closed() {
+        let mut value = LearnedValue::default();
+        value.names[0].expiry_ns = 10_000;
+        value.names[1].expiry_ns = 3_000;
+        let moved = moved_earlier(value, 5_000);
+        assert_eq!(moved.names[0].expiry_ns, 5_000);
+        // Expired by the suspend: closed (0 is before every clock reading).
+        assert_eq!(moved.names[1].expiry_ns, 0);
+        assert_eq!(moved.names[2].expiry_ns, 0);
     }
 }

@@ -338,6 +338,7 @@ async fn sweep(learned: Arc<Mutex<Learned>>, reader: DnsReader) {
         tick.tick().await;
         let (learned, reader) = (learned.clone(), reader.clone());
         let _ = tokio::task::spawn_blocking(move || {
+            learned.lock().expect("not poisoned").follow_suspend();
             let expired = learned.lock().expect("not poisoned").expired();
             let mut removed = 0;
             for step in expired.chunks(SWEEP_STEP) {

@@ -141,15 +141,16 @@ pub fn compile(policy: &PolicySet, slots: &[(u32, SpiffeId)]) -> CompiledPolicy 
         let &mut (policy, rule_set) = done.entry(which).or_insert_with_key(|which| {
             let settings = blocks.settings(which);
             let flag = |set: bool, flag: u32| if set { flag } else { 0 };
+            let names = blocks.name_rules(which);
+            let set = rule_set(decide(&blocks.rules(which)), &names);
             let policy = SlotPolicy {
                 default_verdict: verdict_of(settings.default),
                 default_rule: DEFAULT_RULE_ID,
                 flags: slot_policy::PRESENT
                     | flag(settings.audit, slot_policy::AUDIT)
-                    | flag(settings.raw_sockets, slot_policy::RAW_SOCKETS),
+                    | flag(settings.raw_sockets, slot_policy::RAW_SOCKETS)
+                    | flag(set.dests.is_empty(), slot_policy::NO_ADDRESS_RULES),
             };
-            let names = blocks.name_rules(which);
-            let set = rule_set(decide(&blocks.rules(which)), &names);
             let next = out.rule_sets.len();
             let index = *sets.entry(set).or_insert_with_key(|set| {
                 out.rule_sets.push(set.clone());
@@ -510,6 +511,10 @@ mod tests {
         let set = &c.rule_sets[c.slot(1).unwrap().rule_set];
         assert_eq!(set.names.len(), 3);
         assert_eq!(set.dests.len(), 0);
+        // Names only: the programs skip the address lookup.
+        let flags = |slot: u32| c.slot(slot).unwrap().policy.flags;
+        assert_ne!(flags(1) & slot_policy::NO_ADDRESS_RULES, 0);
+        assert_ne!(flags(2) & slot_policy::NO_ADDRESS_RULES, 0);
         // The unknown workload has none.
         assert!(
             c.names(UNKNOWN_SLOT)
@@ -555,6 +560,9 @@ mod tests {
         assert_eq!(at("10.1.2.3", 22), (verdict::ALLOW, "lan-ssh"));
         assert_eq!(at("10.1.2.3", 443), (verdict::ALLOW, "api"));
         assert_eq!(at("::ffff:192.0.2.1", 443), (verdict::ALLOW, "api"));
+        // With address rules, the programs look them up first.
+        let flags = c.slot(1).unwrap().policy.flags;
+        assert_eq!(flags & slot_policy::NO_ADDRESS_RULES, 0);
     }
 
     #[test]
@@ -614,7 +622,11 @@ mod tests {
                 slots: vec![
                     SlotEntry {
                         slot: UNKNOWN_SLOT,
-                        policy: deny_all,
+                        // No rule at all: no address rule to look up.
+                        policy: SlotPolicy {
+                            flags: slot_policy::PRESENT | slot_policy::NO_ADDRESS_RULES,
+                            ..deny_all
+                        },
                         rule_set: 0,
                     },
                     SlotEntry {
