@@ -50,13 +50,21 @@ pub(super) fn map_err(name: &'static str) -> impl Fn(MapError) -> BpfError {
     move |source| BpfError::Map { name, source }
 }
 
-/// A removal's outcome, where a key that was not there is no error (aya
-/// reports it as the syscall's ENOENT).
+/// Whether a removal failed only because the key was not there (aya
+/// reports that as the syscall's ENOENT).
+pub fn key_was_missing(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
+/// A removal's outcome, where a key that was not there is no error.
 pub(super) fn removed(name: &'static str, r: Result<(), MapError>) -> Result<(), BpfError> {
     match r {
-        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-        Err(source) => Err(BpfError::Map { name, source }),
+        Err(source) if !key_was_missing(&source) => Err(BpfError::Map { name, source }),
+        _ => Ok(()),
     }
 }
 

@@ -9,6 +9,8 @@ use std::os::fd::AsRawFd;
 use aya::maps::{Array, HashMap, Map, MapData, MapError, SockHash};
 use idgate_common::{DnsSettings, LearnedKey, LearnedValue, NameText, maps};
 
+use crate::bpf::key_was_missing;
+
 /// A pinned map that cannot be opened, read or written.
 #[derive(Debug, thiserror::Error)]
 #[error("map {name}: {source}")]
@@ -61,8 +63,8 @@ impl RedirectMaps {
     /// The namespace's listeners are closed: its queries fail at once.
     pub fn closed(&mut self, cookie: u64) -> Result<(), KernelError> {
         match self.netns.remove(&cookie) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(err(maps::DNS_NETNS)(e)),
+            Err(e) if !key_was_missing(&e) => Err(err(maps::DNS_NETNS)(e)),
+            _ => Ok(()),
         }
     }
 }
@@ -111,8 +113,8 @@ impl LearnedMaps {
 
     pub fn remove(&mut self, key: &LearnedKey) -> Result<(), KernelError> {
         match self.learned.remove(key) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(err(maps::LEARNED)(e)),
+            Err(e) if !key_was_missing(&e) => Err(err(maps::LEARNED)(e)),
+            _ => Ok(()),
         }
     }
 
@@ -122,8 +124,8 @@ impl LearnedMaps {
 
     pub fn remove_name(&mut self, id: u32) -> Result<(), KernelError> {
         match self.names.remove(&id) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(err(maps::NAMES)(e)),
+            Err(e) if !key_was_missing(&e) => Err(err(maps::NAMES)(e)),
+            _ => Ok(()),
         }
     }
 }

@@ -271,7 +271,10 @@ impl Learned {
             "the host was suspended: learned addresses' expiries moved earlier by that"
         );
         if failed > 0 {
-            tracing::warn!(failed, "learned addresses whose earlier expiry the kernel did not take keep their old one until the sweep removes them");
+            tracing::warn!(
+                failed,
+                "learned addresses whose earlier expiry the kernel did not take keep their old one until the sweep removes them"
+            );
         }
     }
 
