@@ -14,9 +14,10 @@
 //! 2. [`maps::SLOT_STATE`]: slot -> [`slot_state`] flags. A revoked slot is
 //!    denied outright; this map is not part of a policy generation, so a
 //!    revocation survives reloads.
-//! 3. [`maps::GENERATION`]: the active policy generation (0 or 1). The
-//!    program reads it once and uses it for every lookup below, so one
-//!    decision never mixes two rule sets.
+//! 3. [`maps::GENERATION`]: the active policy generation (0 or 1) in its
+//!    lowest bit; the rest counts switches, so the whole value names one
+//!    generation (see step 7). The program reads it once and uses it for
+//!    every lookup below, so one decision never mixes two rule sets.
 //! 4. [`maps::SLOT_POLICY`]: `gen * MAX_SLOTS + slot` -> [`SlotPolicy`]. An
 //!    all-zero entry (no [`slot_policy::PRESENT`] flag) means the active
 //!    generation has no policy for the slot: deny.
@@ -49,10 +50,13 @@
 //!    name class a lookup of this slot's learned the address for and its
 //!    expiry on the monotonic clock, read as of the last tick
 //!    (`bpf_ktime_get_coarse_ns`: a load, where the precise clocks cost
-//!    a clock-source read on every connect). For each one not expired, the class's
-//!    port table is found in the slot's destination trie under a
-//!    [`FAMILY_NAME`] key (the class id, full length) and judged as in
-//!    step 6. A rule found that way decides. A deny rule of any prefix
+//!    a clock-source read on every connect). For each one not expired, the
+//!    class's port tables are the entry's own when it was stamped with
+//!    the whole [`maps::GENERATION`] value read in step 3 (the agent
+//!    stamps every entry again after each switch); else they are found in
+//!    the slot's destination trie under a [`FAMILY_NAME`] key (the class
+//!    id, full length). Either way they are judged as in step 6. A rule
+//!    found that way decides. A deny rule of any prefix
 //!    that covers the address has already decided in step 5, so it beats
 //!    every name.
 //!
@@ -474,7 +478,7 @@ pub struct LearnedKey {
 
 /// One name class an address was learned for.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LearnedName {
     /// `CLOCK_MONOTONIC` nanoseconds after which this entry opens nothing
     /// (the programs read it with `bpf_ktime_get_coarse_ns`); 0 is an
@@ -484,12 +488,18 @@ pub struct LearnedName {
     pub class: [u8; NAME_CLASS_BYTES],
     /// The name looked up (a key of [`maps::NAMES`]), for the record.
     pub name_id: u32,
-    pub _pad: u32,
+    /// The whole [`maps::GENERATION`] value `tables` were taken at; 0:
+    /// none. Only while it is the value now are `tables` the class's.
+    pub generation: u32,
+    /// The class's port tables in that generation's rule set of the slot,
+    /// as under its [`FAMILY_NAME`] key: so the programs need not look
+    /// the class up.
+    pub tables: DestTables,
 }
 
 /// Value of [`maps::LEARNED`].
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LearnedValue {
     pub names: [LearnedName; LEARNED_INLINE],
 }
@@ -796,8 +806,11 @@ mod tests {
         assert_eq!(size_of::<RuleVerdict>(), 8);
         assert_eq!(size_of::<DecisionRecord>(), 120);
         assert_eq!(size_of::<LearnedKey>(), 24);
-        assert_eq!(size_of::<LearnedName>(), 32);
-        assert_eq!(size_of::<LearnedValue>(), 32 * LEARNED_INLINE);
+        assert_eq!(size_of::<LearnedName>(), 32 + size_of::<DestTables>());
+        assert_eq!(
+            size_of::<LearnedValue>(),
+            size_of::<LearnedName>() * LEARNED_INLINE
+        );
         assert_eq!(size_of::<NameText>(), NAME_TEXT_BYTES);
         assert_eq!(size_of::<DnsSettings>(), 16);
         assert_eq!(size_of::<DnsOrigin>(), 24);

@@ -258,7 +258,8 @@ fn judge(ctx: &SockAddrContext, hook: u32, dest: Dest) -> i32 {
 /// default that user space chose; nothing falls open.
 #[inline(always)]
 fn decide(slot: u32, protocol: u32, port: u16, dest: &Dest) -> Decision {
-    let generation = GENERATION.get(0).copied().unwrap_or(0) & 1;
+    let stamp = GENERATION.get(0).copied().unwrap_or(0);
+    let generation = stamp & 1;
     let mut d = Decision {
         slot,
         generation,
@@ -326,7 +327,14 @@ fn decide(slot: u32, protocol: u32, port: u16, dest: &Dest) -> Decision {
         d.rule_id = rule.rule_id;
         d.reason = reason::RULE;
     } else if d.reason == reason::DEFAULT {
-        learned_rule(slot, &key, dest_trie, port_trie, protocol, port, &mut d);
+        let at = Lookup {
+            stamp,
+            dest_trie,
+            port_trie,
+            protocol,
+            port,
+        };
+        learned_rule(slot, &key, &at, &mut d);
     }
     if d.reason == reason::DEFAULT && d.verdict != verdict::ALLOW {
         grant_rule(slot, &key, bits, protocol, port, &mut d);
@@ -344,19 +352,21 @@ fn decide(slot: u32, protocol: u32, port: u16, dest: &Dest) -> Decision {
 
 type DestTrie = LpmTrie<DestKey, DestTables, { MAX_SET_DESTS as usize }>;
 
+/// What the steps after the address tries look in: the generation's whole
+/// value and the slot's tries of it, and the connect's protocol and port.
+struct Lookup<'a> {
+    stamp: u32,
+    dest_trie: &'a DestTrie,
+    port_trie: &'a PortTrie,
+    protocol: u32,
+    port: u16,
+}
+
 /// Step 7: a name rule of the slot for which a lookup of the slot's
 /// learned this address, before its expiry. `key` is the address as the
 /// tries are keyed.
 #[inline(always)]
-fn learned_rule(
-    slot: u32,
-    key: &DestKey,
-    dest_trie: &DestTrie,
-    port_trie: &PortTrie,
-    protocol: u32,
-    port: u16,
-    d: &mut Decision,
-) {
+fn learned_rule(slot: u32, key: &DestKey, at: &Lookup, d: &mut Decision) {
     let learned_key = LearnedKey {
         slot,
         family: key.family,
@@ -377,17 +387,23 @@ fn learned_rule(
         if name.expiry_ns <= now {
             continue;
         }
-        let class = DestKey {
-            family: FAMILY_NAME,
-            addr: name.class,
+        // The entry's own copy of the class's tables when it is of this
+        // generation, else the class's entry in the slot's trie.
+        let tables = if name.generation != 0 && name.generation == at.stamp {
+            Some(&name.tables)
+        } else {
+            let class = DestKey {
+                family: FAMILY_NAME,
+                addr: name.class,
+            };
+            at.dest_trie.get(&Key::new(DEST_FIXED_BITS + 128, class))
         };
-        let tables = dest_trie.get(&Key::new(DEST_FIXED_BITS + 128, class));
-        let ports = match (tables, protocol) {
+        let ports = match (tables, at.protocol) {
             (Some(t), IPPROTO_TCP | IPPROTO_MPTCP) => &t.tcp,
             (Some(t), IPPROTO_UDP) => &t.udp,
             _ => continue,
         };
-        if let Some(rule) = port_rule(ports, port_trie, port) {
+        if let Some(rule) = port_rule(ports, at.port_trie, at.port) {
             d.verdict = rule.verdict;
             d.rule_id = rule.rule_id;
             d.reason = reason::RULE;

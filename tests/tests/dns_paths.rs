@@ -569,6 +569,30 @@ fn a_reload_that_drops_a_name_closes_its_addresses() {
     w.agent.try_cli(&["policy", "reload"]).expect("reload");
     assert_eq!(w.tcp(&w.web, "127.0.0.1"), "allowed");
 
+    // Moved to another port: the learned address follows at once (its
+    // entry's own copy of the class's tables is of the old generation, so
+    // the programs look the class up until the agent stamps it again),
+    // and still after a sweep has passed.
+    let moved_port = w.port() + 1;
+    let moved = policy(w.port(), "").replacen(
+        &format!("ports = [{}]", w.port()),
+        &format!("ports = [{moved_port}]"),
+        1,
+    );
+    w.agent.write_policy(&moved);
+    w.agent.try_cli(&["policy", "reload"]).expect("reload");
+    for pass in 0..2 {
+        if pass == 1 {
+            std::thread::sleep(Duration::from_secs(6));
+        }
+        assert_eq!(w.tcp(&w.web, "127.0.0.1"), "EPERM", "pass {pass}");
+        assert_eq!(connect(&w.web, "127.0.0.1", moved_port), "allowed");
+    }
+    w.agent.write_policy(&kept);
+    w.agent.try_cli(&["policy", "reload"]).expect("reload");
+    assert_eq!(w.tcp(&w.web, "127.0.0.1"), "allowed");
+    assert_eq!(connect(&w.web, "127.0.0.1", moved_port), "EPERM");
+
     // Dropped: WEB keeps only the wildcard.
     let dropped = policy(w.port(), "").replacen(
         "to = [\"api.test.example\", \"*.svc.test.example\"]",
@@ -583,7 +607,7 @@ fn a_reload_that_drops_a_name_closes_its_addresses() {
     assert_eq!(refused.status.as_deref(), Some("NXDOMAIN"), "{refused:?}");
 }
 
-// 12. Learned addresses live in the kernel on the boot-time clock: they
+// 12. Learned addresses live in the kernel on the kernel's clock: they
 // stay open while the agent is stopped (SIGTERM; programs and maps stay
 // pinned) and after it starts again, and lookups work again once it is
 // back.

@@ -352,7 +352,7 @@ impl GenerationMaps {
     /// Returns the new active generation.
     pub fn apply(&mut self, policy: &CompiledPolicy) -> Result<u32, BpfError> {
         let written = self.write(policy)?;
-        Ok(self.switch(written)?.0)
+        Ok(self.switch(written)?.0.buffer)
     }
 
     /// Writes `policy` into the inactive generation, which no program
@@ -412,13 +412,25 @@ impl GenerationMaps {
     /// every decision sees the old rule set or the new one. Returns the new
     /// active generation, and the old generation's rule sets (a copy of
     /// every rule, for the caller to free where it costs nothing).
-    pub fn switch(&mut self, written: Written) -> Result<(u32, RetiredSets), BpfError> {
+    pub fn switch(&mut self, written: Written) -> Result<(Switched, RetiredSets), BpfError> {
+        let before = self
+            .generation
+            .get(&0, 0)
+            .map_err(map_err(maps::GENERATION))?;
+        // The count of switches above the buffer's bit; never 0, which
+        // stamps nothing.
+        let count = (before >> 1).wrapping_add(1).max(1);
+        let stamp = (count << 1) | written.next;
         self.generation
-            .set(0, written.next, 0)
+            .set(0, stamp, 0)
             .map_err(map_err(maps::GENERATION))?;
         self.written[written.next as usize] = Some(written.slots);
         let old = std::mem::replace(&mut self.published, written.published);
-        Ok((written.next, RetiredSets { _sets: old }))
+        let switched = Switched {
+            buffer: written.next,
+            stamp,
+        };
+        Ok((switched, RetiredSets { _sets: old }))
     }
 
     /// The tries the entries at `index` hold.
@@ -479,6 +491,17 @@ impl GenerationMaps {
         let empty = self.empty.as_ref().expect("built above");
         self.point([(empty, indices.as_slice())])
     }
+}
+
+/// The generation a switch made active.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Switched {
+    /// Its buffer, 0 or 1.
+    pub buffer: u32,
+    /// The whole `IDG_GENERATION` value: the buffer in the lowest bit and
+    /// the count of switches above it, which learned entries are stamped
+    /// with (see idgate-common, step 7).
+    pub stamp: u32,
 }
 
 /// Which SPIFFE ID holds which slot, kept in the pinned `IDG_SLOT_IDS` map

@@ -37,6 +37,9 @@ pub struct Applied {
     pub bound: BTreeMap<u64, u32>,
     /// The kernel's active buffer (0 or 1).
     pub buffer: u32,
+    /// The whole generation value the kernel holds since the last switch
+    /// ([`crate::bpf::Switched::stamp`]); 0 before the first.
+    pub stamp: u32,
     /// The generation as operators see it: grows with every switch, across
     /// restarts.
     pub generation: u64,
@@ -156,6 +159,7 @@ impl State {
                 slots: Arc::default(),
                 bound,
                 buffer: 0,
+                stamp: 0,
                 generation: generation_number.current(),
                 compiled: Arc::default(),
             },
@@ -541,8 +545,9 @@ impl State {
         self.generations = Some(done.maps);
         let (compiled, written) = done.written?;
         let maps = self.generations.as_mut().expect("just put back");
-        let (buffer, sets) = maps.switch(written)?;
-        self.applied.buffer = buffer;
+        let (switched, sets) = maps.switch(written)?;
+        self.applied.buffer = switched.buffer;
+        self.applied.stamp = switched.stamp;
         self.applied.generation = self.generation_number.advance();
         let slots: HashMap<SpiffeId, u32> =
             done.slots.iter().map(|(s, id)| (id.clone(), *s)).collect();

@@ -29,7 +29,7 @@ fn view_of(state: &State) -> IdentityView {
 
 fn dns_view_of(state: &State) -> Arc<DnsView> {
     Arc::new(DnsView::new(
-        state.applied.generation,
+        (state.applied.generation, state.applied.stamp),
         &state.applied.identities,
         state.revocations.ids().clone(),
         state.applied.compiled.clone(),

@@ -14,12 +14,14 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use idgate_common::{
-    FAMILY_V4, FAMILY_V6, LEARNED_INLINE, LearnedKey, LearnedName, LearnedValue, MAX_LEARNED,
-    NAME_CLASS_BYTES, NAME_TEXT_BYTES, NameText,
+    DestTables, FAMILY_V4, FAMILY_V6, LEARNED_INLINE, LearnedKey, LearnedName, LearnedValue,
+    MAX_LEARNED, NAME_CLASS_BYTES, NAME_TEXT_BYTES, NameText,
 };
 
 use super::kernel::{KernelError, LearnedMaps};
+use super::view::DnsView;
 use crate::clock::{boot_ns, monotonic_ns};
+use crate::policy::ClassId;
 
 /// Why an answer's addresses were not learned.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +99,8 @@ pub struct Learned {
     next_id: u32,
     /// [`suspended_ns`] when the expiries were last brought up to it.
     suspended: u64,
+    /// The generation value of the last full [`Learned::restamp`].
+    stamped_for: u32,
 }
 
 /// A suspend shorter than this is not followed: two clock reads differ by
@@ -107,6 +111,24 @@ const SUSPEND_FOLLOWED: Duration = Duration::from_secs(1);
 /// less `CLOCK_MONOTONIC`.
 fn suspended_ns() -> u64 {
     boot_ns().saturating_sub(monotonic_ns())
+}
+
+/// The tables to stamp a name of `class` learned for `slot` with: the
+/// class's in `view`'s generation, or none (0: the programs look the class
+/// up) when the view has no such class or no generation yet.
+pub fn stamp_of(view: &DnsView, slot: u32, class: &ClassId) -> (u32, DestTables) {
+    match view.class_tables(slot, class) {
+        Some(tables) if view.stamp != 0 => (view.stamp, tables),
+        _ => (0, DestTables::default()),
+    }
+}
+
+/// `value` with every name's stamp taken from `stamp` (its slot, class).
+fn stamped(mut value: LearnedValue, stamp: impl Fn(&ClassId) -> (u32, DestTables)) -> LearnedValue {
+    for n in value.names.iter_mut().filter(|n| n.expiry_ns != 0) {
+        (n.generation, n.tables) = stamp(&n.class);
+    }
+    value
 }
 
 /// `value`'s expiries moved `by` earlier.
@@ -138,10 +160,18 @@ impl Learned {
             book,
             next_id: 1,
             suspended: suspended_ns(),
+            stamped_for: 0,
         };
         for (key, value) in entries {
             *me.per_slot.entry(key.slot).or_default() += 1;
-            me.entries.insert(key, value);
+            // Stamps of an earlier agent's may name a generation value
+            // that the kernel's count gives again (its map made anew):
+            // none is trusted until stamped again with this agent's view.
+            let unstamped = stamped(value, |_| (0, DestTables::default()));
+            if unstamped != value {
+                me.maps.put(&key, &unstamped)?;
+            }
+            me.entries.insert(key, unstamped);
         }
         {
             let mut book = me.book.0.write().expect("not poisoned");
@@ -180,10 +210,12 @@ impl Learned {
     /// Puts `addrs` (each with the TTL handed to the workload) in the
     /// kernel for `slot` under `class`, open until that TTL plus `grace`.
     /// All of them, or none: on an error nothing changed.
+    /// `stamp` is what the class allows in the generation the caller's
+    /// view is of ([`stamp_of`]).
     pub fn learn(
         &mut self,
         slot: u32,
-        class: [u8; NAME_CLASS_BYTES],
+        (class, stamp): (ClassId, (u32, DestTables)),
         name: &str,
         addrs: &[(IpAddr, u32)],
         grace: Duration,
@@ -219,7 +251,8 @@ impl Learned {
                 },
                 class,
                 name_id,
-                _pad: 0,
+                generation: stamp.0,
+                tables: stamp.1,
             };
             plan.push((key, value, old.is_none()));
         }
@@ -276,6 +309,47 @@ impl Learned {
                 "learned addresses whose earlier expiry the kernel did not take keep their old one until the sweep removes them"
             );
         }
+    }
+
+    /// The generation value every entry was last stamped for.
+    pub fn stamped_for(&self) -> u32 {
+        self.stamped_for
+    }
+
+    /// Every entry's key, to stamp again with [`Learned::restamp`] a few
+    /// at a time.
+    pub fn keys(&self) -> Vec<LearnedKey> {
+        self.entries.keys().copied().collect()
+    }
+
+    /// Stamps the entries of `keys` with what their classes allow in
+    /// `view`'s generation (none where the class is gone), so the programs
+    /// need not look the classes up. Call with every key after each
+    /// switch, then [`Learned::restamped`]. Until then an entry stamped
+    /// for another generation is judged by the class's trie entry.
+    pub fn restamp(&mut self, view: &DnsView, keys: &[LearnedKey]) {
+        for key in keys {
+            let Some(old) = self.entries.get(key).copied() else {
+                continue;
+            };
+            let value = stamped(old, |class| stamp_of(view, key.slot, class));
+            if value == old {
+                continue;
+            }
+            match self.maps.put(key, &value) {
+                Ok(()) => {
+                    self.entries.insert(*key, value);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, addr = %addr_of(key), "a learned address keeps its old stamp (judged by the class's trie entry) until the next switch")
+                }
+            }
+        }
+    }
+
+    /// Every entry was stamped for `stamp`.
+    pub fn restamped(&mut self, stamp: u32) {
+        self.stamped_for = stamp;
     }
 
     /// Puts back what `written` replaced.

@@ -329,15 +329,35 @@ async fn follow_upstreams(mut source: super::config::UpstreamSource, resolver: A
 /// Expired learned addresses removed under one hold of the table's lock.
 const SWEEP_STEP: usize = 256;
 
-/// Removes expired learned addresses now and then, a step at a time, so
-/// that a lookup never waits for a whole sweep; then brings the table's
-/// metrics up to date.
+/// Stamps every learned entry again after a generation switch (at once: a
+/// view of a new generation wakes it) and at every tick (an answer learned
+/// with the view of before the switch); removes expired learned addresses
+/// now and then; each a step at a time, so that a lookup never waits for a
+/// whole pass; then brings the table's metrics up to date.
 async fn sweep(learned: Arc<Mutex<Learned>>, reader: DnsReader) {
     let mut tick = tokio::time::interval(SWEEP);
+    let mut views = reader.view.clone();
     loop {
-        tick.tick().await;
+        let ticked = tokio::select! {
+            _ = tick.tick() => true,
+            changed = views.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                false
+            }
+        };
+        let view = views.borrow_and_update().clone();
+        if !ticked && view.stamp == learned.lock().expect("not poisoned").stamped_for() {
+            continue;
+        }
         let (learned, reader) = (learned.clone(), reader.clone());
         let _ = tokio::task::spawn_blocking(move || {
+            let keys = learned.lock().expect("not poisoned").keys();
+            for step in keys.chunks(SWEEP_STEP) {
+                learned.lock().expect("not poisoned").restamp(&view, step);
+            }
+            learned.lock().expect("not poisoned").restamped(view.stamp);
             learned.lock().expect("not poisoned").follow_suspend();
             let expired = learned.lock().expect("not poisoned").expired();
             let mut removed = 0;

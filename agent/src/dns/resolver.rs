@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 
-use super::learned::Learned;
+use super::learned::{Learned, stamp_of};
 use super::message::{self, FilterOptions, Query};
 use super::metrics::DnsMetrics;
 use super::upstream::Upstream;
@@ -118,7 +118,7 @@ impl Resolver {
             dropped: Vec::new(),
             detail: None,
         };
-        let (mut reply, outcome) = self.decide(&query, &asker, &mut record).await;
+        let (mut reply, outcome) = self.decide(&query, &view, &asker, &mut record).await;
         record.outcome = outcome;
         if !over_tcp && reply.len() > message::udp_limit(&query) {
             reply = message::truncated(&query);
@@ -133,6 +133,7 @@ impl Resolver {
     async fn decide(
         &self,
         query: &Query,
+        view: &DnsView,
         asker: &Asker<'_>,
         record: &mut DnsRecord,
     ) -> (Vec<u8>, Outcome) {
@@ -180,6 +181,8 @@ impl Resolver {
             .collect();
         let learned = {
             let mut table = self.learned.lock().expect("not poisoned");
+            let stamp = stamp_of(view, slot, &class);
+            let class = (class, stamp);
             table.learn(slot, class, query.name(), &filtered.learned, self.grace)
         };
         if let Err(e) = learned {

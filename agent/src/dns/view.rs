@@ -6,19 +6,24 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use idgate_common::{UNKNOWN_SLOT, slot_policy};
+use idgate_common::{DestTables, UNKNOWN_SLOT, slot_policy};
 
 use crate::identity::SpiffeId;
-use crate::policy::{CompiledPolicy, NameIndex};
+use crate::policy::{ClassId, CompiledPolicy, NameIndex, SlotEntry};
 
 /// The view at one generation.
 #[derive(Debug, Clone, Default)]
 pub struct DnsView {
     /// The generation as operators see it.
     pub generation: u64,
+    /// The kernel's whole generation value for it, which learned entries
+    /// are stamped with; 0 before the first switch (stamps nothing).
+    pub stamp: u32,
     by_slot: HashMap<u32, SpiffeId>,
     revoked: BTreeSet<SpiffeId>,
     compiled: Arc<CompiledPolicy>,
+    /// Each slot's entry of `compiled`, by slot.
+    entries: HashMap<u32, SlotEntry>,
 }
 
 /// Who asks.
@@ -46,17 +51,33 @@ impl Asker<'_> {
 
 impl DnsView {
     pub fn new(
-        generation: u64,
+        (generation, stamp): (u64, u32),
         identities: &[(u32, SpiffeId)],
         revoked: BTreeSet<SpiffeId>,
         compiled: Arc<CompiledPolicy>,
     ) -> Self {
         Self {
             generation,
+            stamp,
             by_slot: identities.iter().cloned().collect(),
             revoked,
+            entries: compiled.slots.iter().map(|e| (e.slot, *e)).collect(),
             compiled,
         }
+    }
+
+    /// What `class` allows `slot` in this generation, as its tries hold
+    /// it; `None` when the slot's rule set has no such class.
+    pub fn class_tables(&self, slot: u32, class: &ClassId) -> Option<DestTables> {
+        let entry = self.entries.get(&slot)?;
+        self.compiled.rule_sets[entry.rule_set]
+            .names
+            .iter()
+            .find(|n| n.class == *class)
+            .map(|n| DestTables {
+                tcp: n.tcp,
+                udp: n.udp,
+            })
     }
 
     /// Who holds `slot`.
@@ -67,14 +88,12 @@ impl DnsView {
         if self.revoked.contains(id) {
             return Asker::Revoked(id);
         }
-        let audit = self
-            .compiled
-            .slot(slot)
-            .is_some_and(|e| e.policy.flags & slot_policy::AUDIT != 0);
+        let entry = self.entries.get(&slot);
+        let audit = entry.is_some_and(|e| e.policy.flags & slot_policy::AUDIT != 0);
         Asker::Identity {
             slot,
             id,
-            names: self.compiled.names(slot).map(|n| &**n),
+            names: entry.map(|e| &*self.compiled.names[e.rule_set]),
             audit,
         }
     }
