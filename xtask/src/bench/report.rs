@@ -993,9 +993,11 @@ fn dns(out: &mut String, d: &DnsBench, alone: Option<&str>) {
          loop's destinations by a CIDR rule, as (b) does; (g)'s identity has name rules only, \
          and reaches them because it looked `{loop_name}` up through idgate just before the \
          loops (answered: {addrs}; a UDP send there from (g) was EPERM before the lookup and \
-         allowed after it, and a port no rule names stays EPERM). Under (g) the programs find \
-         no address rule (the identity's trie has none that covers the destination) and then \
-         read `IDG_LEARNED`.\n\n\
+         allowed after it, and a port no rule names stays EPERM). Under (g) the programs skip \
+         the address trie (a rule set of names only), read `IDG_LEARNED` and the coarse \
+         monotonic clock, and judge the port by the entry's own copy of the class's tables \
+         (stamped with the generation the loops run in); under (f) they look the address up \
+         in the identity's trie.\n\n\
          (g) over (f) is the median of the rounds' ratios of (g)'s run to (f)'s. The last \
          two columns are idgate's programs' own run time per call under (f) and (g), from \
          the kernel's BPF statistics in one more run of each loop (as in section 1): the \
