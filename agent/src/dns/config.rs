@@ -382,37 +382,29 @@ mod tests {
 
     #[test]
     fn every_key_is_read() {
-        let c = parse(
-            r#"
-            enabled = false
-            upstreams = ["10.96.0.10:53", "[2001:db8::1]:5353"]
-            private_answers = "allow"
-            listen_port = 5300
-            reserved_net = 54
-            grace = "10s"
-            max_ttl = "5m"
-            max_addresses_per_identity = 10
-            upstream_timeout = "500ms"
-            direct = ["spiffe://example.org/resolver"]
-            "#,
-        );
+        let every_key = |timeout: &str| {
+            parse(&format!(
+                r#"
+                enabled = false
+                upstreams = ["10.96.0.10:53", "[2001:db8::1]:5353"]
+                private_answers = "allow"
+                listen_port = 5300
+                reserved_net = 54
+                grace = "10s"
+                max_ttl = "5m"
+                max_addresses_per_identity = 10
+                upstream_timeout = "{timeout}"
+                direct = ["spiffe://example.org/resolver"]
+                "#
+            ))
+        };
         // upstream_timeout below 1s is refused.
-        assert!(c.unwrap_err().contains("dns.upstream_timeout"));
-        let c = parse(
-            r#"
-            enabled = false
-            upstreams = ["10.96.0.10:53", "[2001:db8::1]:5353"]
-            private_answers = "allow"
-            listen_port = 5300
-            reserved_net = 54
-            grace = "10s"
-            max_ttl = "5m"
-            max_addresses_per_identity = 10
-            upstream_timeout = "3s"
-            direct = ["spiffe://example.org/resolver"]
-            "#,
-        )
-        .unwrap();
+        assert!(
+            every_key("500ms")
+                .unwrap_err()
+                .contains("dns.upstream_timeout")
+        );
+        let c = every_key("3s").unwrap();
         assert!(!c.enabled);
         assert_eq!(c.private_answers, PrivateAnswers::Allow);
         assert_eq!((c.listen_port, c.reserved_net), (5300, 54));
