@@ -13,7 +13,7 @@ pub use protocol::{
     PolicyReloaded, PolicyShown, Ports, Programs, Protocol, Reply, Request, Restarting, Revocation,
     Started, Status, Target, Verdict, WorkloadRow, WorkloadsList,
 };
-pub use server::{Authoriser, Peer, Response, serve};
+pub use server::{Authoriser, Peer, Response, Role, serve};
 
 /// Errors on the control socket.
 #[derive(Debug, thiserror::Error)]

@@ -164,6 +164,7 @@ async fn start(config_path: &Path, handover: crate::dns::Handover) -> Result<Sta
     let auth = Authoriser {
         uids: config.operator_uids.clone(),
         gids: config.operator_gids.clone(),
+        granters: config.grants.granters.clone(),
     };
     let socket = config.control_socket.clone();
     let telemetry = telemetry::prepare(&config)?;

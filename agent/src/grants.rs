@@ -34,7 +34,7 @@ use entries::EntryKey;
 use store::Store;
 
 pub use audit::{GrantAction, GrantRecord};
-pub use config::{GrantsConfig, GrantsConfigError};
+pub use config::{Granter, GrantsConfig, GrantsConfigError};
 pub use entries::TooManyOverlapping;
 pub use model::{
     Grant, GrantProtocol, GrantSpec, InputError, Ports, grant_destination, grant_identity,

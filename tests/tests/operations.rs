@@ -308,6 +308,76 @@ fn the_control_socket_authorises_by_peer_credentials() {
 }
 
 #[test]
+fn a_granter_may_grant_within_its_duration_and_do_nothing_else() {
+    require_privileges!();
+    const GRANTER: u32 = 4545;
+    const NOBODY: u32 = 65534;
+    let cg = Cgroups::new("granter");
+    let agent = Agent::start(
+        &cg,
+        "",
+        &format!("[grants]\n[[grants.granters]]\nuids = [{GRANTER}]\nmax_duration = \"10m\"\n"),
+    );
+    std::fs::set_permissions(&agent.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&agent.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let grant = |uid: u32, minutes: &str| {
+        let args = [
+            "grant",
+            "--identity",
+            WEB,
+            "--to",
+            "10.0.0.0/8",
+            "--for",
+            minutes,
+            "--json",
+        ];
+        cli_as(uid, &agent, &args)
+    };
+    let id_of = |out: &str| -> String {
+        let reply: serde_json::Value = serde_json::from_str(out).expect("grant reply is JSON");
+        reply["grant"]["id"].to_string()
+    };
+
+    let (ok, out) = cli_as(GRANTER, &agent, &["status"]);
+    assert!(!ok && out.contains("uid 4545 may only grant"), "{out}");
+    let (ok, out) = cli_as(GRANTER, &agent, &["revoke", WEB]);
+    assert!(!ok && out.contains("may only grant"), "{out}");
+    assert!(agent.status()["revoked"].as_array().unwrap().is_empty());
+    let (ok, out) = grant(GRANTER, "1h");
+    assert!(!ok && out.contains("at most 10m"), "{out}");
+    let (ok, out) = grant(NOBODY, "5m");
+    assert!(!ok && out.contains("not an operator"), "{out}");
+
+    let (ok, own) = grant(GRANTER, "5m");
+    assert!(ok, "{own}");
+    let own = id_of(&own);
+    let (ok, theirs) = grant(0, "5m");
+    assert!(ok, "{theirs}");
+    let theirs = id_of(&theirs);
+    let (ok, out) = cli_as(GRANTER, &agent, &["grants"]);
+    assert!(ok, "{out}");
+    let (ok, out) = cli_as(GRANTER, &agent, &["grant", "--revoke", &theirs]);
+    assert!(!ok && out.contains("its own grants"), "{out}");
+    let (ok, out) = cli_as(GRANTER, &agent, &["grant", "--extend", &own, "--for", "9m"]);
+    assert!(ok, "{out}");
+    let (ok, out) = cli_as(GRANTER, &agent, &["grant", "--revoke", &own]);
+    assert!(ok, "{out}");
+    let running = agent.try_cli(&["grants", "--json"]).expect("grants");
+    let running: serde_json::Value = serde_json::from_str(&running).expect("grants is JSON");
+    let ids: Vec<String> = running["grants"]
+        .as_array()
+        .expect("grants")
+        .iter()
+        .map(|g| g["id"].to_string())
+        .collect();
+    assert_eq!(
+        ids,
+        [theirs],
+        "the granter's own grant is revoked, root's runs"
+    );
+}
+
+#[test]
 fn malformed_and_oversized_requests_get_errors_and_the_daemon_keeps_serving() {
     require_privileges!();
     use std::io::{BufRead, BufReader, Write};

@@ -2,6 +2,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -11,6 +12,7 @@ use tokio::sync::broadcast;
 use super::AdminError;
 use super::protocol::{EventLine, MAX_REQUEST_BYTES, Reply, Request, parse};
 use crate::events::Line;
+use crate::grants::Granter;
 
 /// What a handler answers: one reply, or a reply followed by lines.
 pub enum Response {
@@ -36,28 +38,55 @@ impl From<Reply> for Response {
     }
 }
 
-/// The kernel's credentials of a caller (SO_PEERCRED).
+/// The kernel's credentials of a caller (SO_PEERCRED), and what they
+/// allow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Peer {
     pub uid: u32,
     pub gid: u32,
     pub pid: Option<i32>,
+    pub role: Role,
 }
 
-/// Who may use the control socket: root, and the configured operators.
+/// What a caller of the control socket may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Everything.
+    Operator,
+    /// Grant (and list, extend and revoke its own grants), nothing else;
+    /// each grant at most this long (`[[grants.granters]]`).
+    Granter { max_duration: Duration },
+}
+
+/// Who may use the control socket: root and the configured operators, and
+/// the granters for grants only.
 #[derive(Debug, Clone, Default)]
 pub struct Authoriser {
     pub uids: Vec<u32>,
     pub gids: Vec<u32>,
+    pub granters: Vec<Granter>,
+}
+
+/// Whether a caller with `uid`, `gid` and supplementary `groups` is one of
+/// `uids` or in one of `gids`.
+fn member(uids: &[u32], gids: &[u32], (uid, gid, groups): (u32, u32, &[u32])) -> bool {
+    uids.contains(&uid) || gids.contains(&gid) || groups.iter().any(|g| gids.contains(g))
 }
 
 impl Authoriser {
-    /// `groups` are the caller's supplementary groups.
-    fn allows(&self, uid: u32, gid: u32, groups: &[u32]) -> bool {
-        uid == 0
-            || self.uids.contains(&uid)
-            || self.gids.contains(&gid)
-            || groups.iter().any(|g| self.gids.contains(g))
+    /// `groups` are the caller's supplementary groups. A caller that is
+    /// several granters gets the longest of their durations.
+    fn role(&self, uid: u32, gid: u32, groups: &[u32]) -> Option<Role> {
+        let caller = (uid, gid, groups);
+        if uid == 0 || member(&self.uids, &self.gids, caller) {
+            return Some(Role::Operator);
+        }
+        self.granters
+            .iter()
+            .filter(|g| member(&g.uids, &g.gids, caller))
+            .map(|g| g.max_duration)
+            .max()
+            .map(|max_duration| Role::Granter { max_duration })
     }
 }
 
@@ -132,7 +161,7 @@ where
     let (uid, gid, pid) = (cred.uid(), cred.gid(), cred.pid());
     let groups = peer_groups(&stream)?;
     let (read, mut write) = stream.into_split();
-    if !auth.allows(uid, gid, &groups) {
+    let Some(role) = auth.role(uid, gid, &groups) else {
         tracing::warn!(
             uid,
             gid,
@@ -144,7 +173,7 @@ where
             "permission denied: uid {uid} is not an operator of this agent"
         ));
         return send(&mut write, &reply).await;
-    }
+    };
     let mut reader = BufReader::new(read).take(MAX_REQUEST_BYTES as u64 + 1);
     let mut line = Vec::new();
     loop {
@@ -171,7 +200,16 @@ where
         let response = match parse(&line) {
             Ok(request) => {
                 tracing::info!(uid, ?pid, ?request, "control request");
-                handler(Peer { uid, gid, pid }, request).await
+                handler(
+                    Peer {
+                        uid,
+                        gid,
+                        pid,
+                        role,
+                    },
+                    request,
+                )
+                .await
             }
             Err(message) => {
                 tracing::warn!(uid, ?pid, %message, "control socket: bad request");
@@ -237,4 +275,42 @@ async fn send(write: &mut tokio::net::unix::OwnedWriteHalf, reply: &Reply) -> st
     let mut bytes = serde_json::to_vec(reply).map_err(std::io::Error::other)?;
     bytes.push(b'\n');
     write.write_all(&bytes).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operators_come_before_granters_and_a_granter_gets_its_longest_duration() {
+        let minutes = |m: u64| Duration::from_secs(60 * m);
+        let auth = Authoriser {
+            uids: vec![10],
+            gids: vec![20],
+            granters: vec![
+                Granter {
+                    uids: vec![10, 30],
+                    gids: vec![],
+                    max_duration: minutes(5),
+                },
+                Granter {
+                    uids: vec![],
+                    gids: vec![40],
+                    max_duration: minutes(60),
+                },
+            ],
+        };
+        let granter = |m| {
+            Some(Role::Granter {
+                max_duration: minutes(m),
+            })
+        };
+        assert_eq!(auth.role(0, 0, &[]), Some(Role::Operator));
+        assert_eq!(auth.role(10, 99, &[]), Some(Role::Operator));
+        assert_eq!(auth.role(99, 99, &[20]), Some(Role::Operator));
+        assert_eq!(auth.role(30, 99, &[]), granter(5));
+        assert_eq!(auth.role(30, 40, &[]), granter(60));
+        assert_eq!(auth.role(31, 99, &[40]), granter(60));
+        assert_eq!(auth.role(31, 99, &[41]), None);
+    }
 }

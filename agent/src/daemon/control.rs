@@ -15,7 +15,7 @@ use super::state::RunProcess;
 use crate::admin::{
     Answer, DnsIdentity, DnsStatus, EventsOpened, Explained, GrantChanged, GrantShown, GrantsList,
     Identity, LearnedOpen, Peer, PolicyReloaded, PolicyShown, Ports, Protocol, Reply, Request,
-    Response, Restarting, Revocation, Started, Status, Target,
+    Response, Restarting, Revocation, Role, Started, Status, Target,
 };
 use crate::dns::DnsReader;
 use crate::events::{Event, EventFeed, Verdict};
@@ -46,6 +46,12 @@ pub struct Parts {
 
 pub async fn handle(parts: &Parts, peer: Peer, request: Request) -> Response {
     let (owner, feed, dns) = (&parts.owner, &parts.feed, parts.dns.as_ref());
+    if let Role::Granter { max_duration } = peer.role
+        && let Err(e) = granter_may(owner, peer.uid, max_duration, &request).await
+    {
+        tracing::warn!(uid = peer.uid, ?request, "control socket: {e}");
+        return Reply::error(e).into();
+    }
     let answer: Result<Answer, String> = match request {
         Request::Events {
             follow,
@@ -223,6 +229,58 @@ fn grant_spec(
         duration: Duration::from_secs(duration_seconds),
         reason,
     })
+}
+
+/// Whether a granter (uid `uid`, grants up to `max_duration`) may make
+/// `request`: a grant or an extension within its duration, the list, and
+/// a revocation or extension of one of its own grants; nothing else.
+async fn granter_may(
+    owner: &Handle,
+    uid: u32,
+    max_duration: Duration,
+    request: &Request,
+) -> Result<(), String> {
+    let within = |seconds: u64| {
+        if Duration::from_secs(seconds) <= max_duration {
+            Ok(())
+        } else {
+            Err(format!(
+                "uid {uid} may grant for at most {} ([[grants.granters]])",
+                humantime::format_duration(max_duration)
+            ))
+        }
+    };
+    let own = |id: u32| async move {
+        let grants = owner
+            .ask(Command::Grants, ANSWER_WAIT)
+            .await
+            .map_err(|e| e.to_string())?;
+        match grants.iter().find(|g| g.grant.id == id) {
+            Some(g) if g.grant.granted_by != uid => Err(format!(
+                "uid {uid} may only revoke or extend its own grants; grant {id} is uid {}'s",
+                g.grant.granted_by
+            )),
+            // One not running is refused as for anyone.
+            _ => Ok(()),
+        }
+    };
+    match request {
+        Request::Grant {
+            duration_seconds, ..
+        } => within(*duration_seconds),
+        Request::Grants => Ok(()),
+        Request::GrantExtend {
+            id,
+            duration_seconds,
+        } => {
+            within(*duration_seconds)?;
+            own(*id).await
+        }
+        Request::GrantRevoke { id } => own(*id).await,
+        _ => Err(format!(
+            "permission denied: uid {uid} may only grant ([[grants.granters]])"
+        )),
+    }
 }
 
 /// A grant made, revoked or extended by the operator `peer`.
