@@ -178,6 +178,12 @@ impl Grants {
         self.grants.len()
     }
 
+    /// Entries of `IDG_GRANTS` written (one per destination prefix of a
+    /// slot's grants).
+    pub fn entries(&self) -> usize {
+        self.written.len()
+    }
+
     /// Grants `spec` for `uid`: in the file, then in the kernel if the
     /// identity holds a slot, then audited.
     pub fn grant(&mut self, spec: GrantSpec, uid: u32, slots: &Slots) -> Result<Grant, GrantError> {

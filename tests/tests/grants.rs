@@ -295,11 +295,15 @@ fn a_grant_can_be_extended_and_revoked() {
     assert_eq!(listed.len(), 1);
     assert!(listed[0]["seconds_left"].as_u64().unwrap() > 500);
     assert_eq!(live(), Some(1.0));
+    assert_eq!(w.agent.status()["grants"], 1);
+    let entries = metric(&scrape(port), "idgate_map_entries", "map=\"IDG_GRANTS\"");
+    assert_eq!(entries, Some(1.0));
 
     w.grant(&["--revoke", &id.to_string()]);
     assert_eq!(w.tcp(to), DENIED);
     assert!(w.grants().is_empty());
     assert_eq!(live(), Some(0.0));
+    assert_eq!(w.agent.status()["grants"], 0);
     for action in ["granted", "extended", "revoked"] {
         assert_eq!(w.wait_grant_record(action, id)["uid"], 0, "{action}");
     }

@@ -46,6 +46,7 @@ fn human(s: &Status) {
     }
     let revoked: Vec<String> = s.revoked.iter().map(ToString::to_string).collect();
     line("revoked", &list(&revoked));
+    line("grants", &s.grants);
     match &s.dns {
         None => line("dns", &"off"),
         Some(d) => {

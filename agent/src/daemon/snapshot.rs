@@ -46,6 +46,7 @@ impl Snapshot {
             rules: state.applied.compiled.rules.len().saturating_sub(1),
             workloads: state.applied.bound.len(),
             revoked: state.revocations.ids().iter().cloned().collect(),
+            grants: state.grants.live(),
             reloads: state.reloads,
             reload_errors: state.reload_errors,
             pins_restored: state.pins_restored,

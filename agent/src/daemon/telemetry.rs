@@ -7,7 +7,7 @@
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
-use idgate_common::{MAX_SET_DESTS, MAX_SET_PORT_BLOCKS, MAX_SLOTS, maps};
+use idgate_common::{MAX_GRANT_ENTRIES, MAX_SET_DESTS, MAX_SET_PORT_BLOCKS, MAX_SLOTS, maps};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -292,6 +292,7 @@ impl StateMetrics {
                 fullest(|s| s.ports.len()),
                 MAX_SET_PORT_BLOCKS,
             ),
+            (maps::GRANTS, state.grants.entries(), MAX_GRANT_ENTRIES),
         ];
         for (map, entries, capacity) in fill {
             let labels = MapLabels { map };

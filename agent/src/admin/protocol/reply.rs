@@ -40,6 +40,9 @@ pub struct Status {
     /// Cgroups bound in the kernel.
     pub workloads: usize,
     pub revoked: Vec<SpiffeId>,
+    /// Operators' grants running (`idgate grants` lists them).
+    #[serde(default)]
+    pub grants: usize,
     pub reloads: u64,
     pub reload_errors: u64,
     /// Pins found removed by hand, and put back.
@@ -423,6 +426,7 @@ mod tests {
             rules: 3,
             workloads: 4,
             revoked: vec![id("spiffe://example.org/web")],
+            grants: 2,
             reloads: 1,
             reload_errors: 0,
             pins_restored: 0,
