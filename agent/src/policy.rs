@@ -19,7 +19,7 @@ pub use compile::{
     CompiledPolicy, NameEntry, RuleSet, SlotEntry, compile, evaluate, evaluate_learned,
 };
 pub use diagnostic::{Diagnostic, Location, Severity};
-pub use diff::{PolicyDiff, diff};
+pub use diff::{BlockChange, Effect, PolicyDiff, by_block, diff};
 pub use load::load;
 pub use model::{
     Action, Destination, EgressRule, IdentityBlock, IdentityPolicy, Mode, PolicySet, PortSpec,

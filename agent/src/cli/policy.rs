@@ -17,6 +17,16 @@ pub enum PolicyCommand {
         #[arg(long = "trust-domain")]
         trust_domains: Vec<String>,
     },
+    /// Check two policies offline and show, per identity block, what
+    /// going from OLD to NEW would open and close (rules added, taken
+    /// away or rewritten, and changed settings), before it is applied.
+    Diff {
+        old: PathBuf,
+        new: PathBuf,
+        /// A trust domain the identities must belong to (repeatable).
+        #[arg(long = "trust-domain")]
+        trust_domains: Vec<String>,
+    },
     /// Make the agent re-read, check and atomically apply its policy.
     Reload {
         #[command(flatten)]
@@ -41,6 +51,25 @@ pub fn run(cmd: PolicyCommand) -> anyhow::Result<()> {
             }
             print!("{}", idgate::policy::summary(&policy));
             println!("{}: ok", path.display());
+        }
+        PolicyCommand::Diff {
+            old,
+            new,
+            trust_domains,
+        } => {
+            // A load error names the file and the place in it.
+            let load = |path: &PathBuf| idgate::policy::load(path, &trust_domains);
+            let (old, new) = (load(&old)?, load(&new)?);
+            if old.mode != new.mode {
+                println!("mode {:?} -> {:?}", old.mode, new.mode);
+            }
+            let changes = idgate::policy::by_block(&old, &new);
+            for change in &changes {
+                println!("{change}");
+            }
+            if changes.is_empty() && old.mode == new.mode {
+                println!("no change");
+            }
         }
         PolicyCommand::Reload { conn } => {
             let reloaded: PolicyReloaded = conn.request(Request::PolicyReload)?;

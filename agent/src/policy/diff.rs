@@ -5,7 +5,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::model::{IdentityPolicy, PolicySet};
+use super::model::{Action, IdentityPolicy, Keyword, PolicySet};
 use super::summary::describe_rule;
 
 /// The difference between two policies. Rules are named `OWNER: NAME`.
@@ -24,15 +24,26 @@ pub struct PolicyDiff {
 /// Owner -> (settings, rule name -> rule description).
 type Flat = BTreeMap<String, (String, BTreeMap<String, String>)>;
 
+/// A block's settings as one text: what `default`, `audit` and
+/// `raw_sockets` say (unset ones as `-`).
+fn settings_text(p: &IdentityPolicy) -> String {
+    let or_unset = |v: Option<&str>| v.unwrap_or("-").to_owned();
+    format!(
+        "default {}, audit {}, raw_sockets {}",
+        or_unset(p.default.map(|a| a.word())),
+        or_unset(p.audit.map(|a| if a { "true" } else { "false" })),
+        or_unset(p.raw_sockets.map(|r| if r { "true" } else { "false" })),
+    )
+}
+
 fn flatten(policy: &PolicySet) -> Flat {
     let one = |p: &IdentityPolicy| {
-        let settings = format!("{:?}/{:?}/{:?}", p.default, p.audit, p.raw_sockets);
         let rules = p
             .egress
             .iter()
             .map(|r| (r.name.clone(), describe_rule(r)))
             .collect();
-        (settings, rules)
+        (settings_text(p), rules)
     };
     let mut flat = Flat::new();
     flat.insert("unknown".into(), one(&policy.unknown));
@@ -80,6 +91,114 @@ pub fn diff(old: &PolicySet, new: &PolicySet) -> PolicyDiff {
         }
     }
     d
+}
+
+/// What a change does to one block's identities: the rules it adds, takes
+/// away or rewrites, each with what that opens or closes, and its
+/// settings before and after.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BlockChange {
+    /// The block's identity (or pattern, or `unknown`).
+    pub owner: String,
+    /// `(old, new)` settings text, when they differ.
+    pub settings: Option<(String, String)>,
+    /// `(effect, rule name, description)`.
+    pub rules: Vec<(Effect, String, String)>,
+}
+
+/// What one rule's change does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    /// An allow added, or a deny taken away.
+    Opens,
+    /// A deny added, or an allow taken away.
+    Closes,
+    /// A rule of the same name says something else (old -> new).
+    Changes,
+}
+
+impl Effect {
+    fn word(self) -> &'static str {
+        match self {
+            Self::Opens => "opens",
+            Self::Closes => "closes",
+            Self::Changes => "changes",
+        }
+    }
+}
+
+/// What changes from `old` to `new`, per block, for the blocks that
+/// change (a block new or gone has every rule opened or closed).
+pub fn by_block(old: &PolicySet, new: &PolicySet) -> Vec<BlockChange> {
+    let (old_flat, new_flat) = (flatten(old), flatten(new));
+    let empty = (String::new(), BTreeMap::new());
+    let owners: std::collections::BTreeSet<&String> =
+        old_flat.keys().chain(new_flat.keys()).collect();
+    let is_deny = |text: &str| text.starts_with(Action::Deny.word());
+    let mut out = Vec::new();
+    for owner in owners {
+        let (before, after) = (
+            old_flat.get(owner).unwrap_or(&empty),
+            new_flat.get(owner).unwrap_or(&empty),
+        );
+        let mut change = BlockChange {
+            owner: owner.clone(),
+            settings: (before.0 != after.0).then(|| (or_none(&before.0), or_none(&after.0))),
+            rules: Vec::new(),
+        };
+        for (name, text) in &after.1 {
+            match before.1.get(name) {
+                None => {
+                    let effect = if is_deny(text) {
+                        Effect::Closes
+                    } else {
+                        Effect::Opens
+                    };
+                    change.rules.push((effect, name.clone(), text.clone()));
+                }
+                Some(old) if old != text => {
+                    change
+                        .rules
+                        .push((Effect::Changes, name.clone(), format!("{old} -> {text}")));
+                }
+                Some(_) => {}
+            }
+        }
+        for (name, text) in before.1.iter().filter(|(n, _)| !after.1.contains_key(*n)) {
+            let effect = if is_deny(text) {
+                Effect::Opens
+            } else {
+                Effect::Closes
+            };
+            change.rules.push((effect, name.clone(), text.clone()));
+        }
+        if change.settings.is_some() || !change.rules.is_empty() {
+            out.push(change);
+        }
+    }
+    out
+}
+
+/// A block's settings text, or that there is no such block.
+fn or_none(settings: &str) -> String {
+    if settings.is_empty() {
+        "(no block)".to_owned()
+    } else {
+        settings.to_owned()
+    }
+}
+
+impl fmt::Display for BlockChange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.owner)?;
+        if let Some((old, new)) = &self.settings {
+            write!(f, "\n  settings {old} -> {new}")?;
+        }
+        for (effect, name, text) in &self.rules {
+            write!(f, "\n  {:<7} {text} (rule {name})", effect.word())?;
+        }
+        Ok(())
+    }
 }
 
 impl fmt::Display for PolicyDiff {
@@ -161,5 +280,73 @@ mod tests {
         let d = diff(&old, &audited);
         assert!(d.mode_changed);
         assert_eq!(d.identities_changed, vec!["spiffe://example.org/web"]);
+    }
+
+    #[test]
+    fn by_block_says_what_each_change_opens_and_closes() {
+        let deny =
+            "[[identity.egress]]\nname = \"meta\"\nto = [\"169.254.169.254\"]\naction = \"deny\"\n";
+        let old = policy(&format!(
+            "{WEB}{}{}{DB}{}",
+            rule("a", 1),
+            rule("b", 2),
+            rule("x", 5)
+        ));
+        let new = policy(&format!(
+            "{WEB}default = \"deny\"\n{}{}{deny}",
+            rule("b", 3),
+            rule("c", 4)
+        ));
+        let changes = by_block(&old, &new);
+        let owners: Vec<&str> = changes.iter().map(|c| c.owner.as_str()).collect();
+        assert_eq!(
+            owners,
+            ["spiffe://example.org/db", "spiffe://example.org/web"]
+        );
+        let db = &changes[0];
+        assert_eq!(db.rules.len(), 1);
+        assert_eq!(db.rules[0].0, Effect::Closes);
+        assert!(db.settings.as_ref().unwrap().1.contains("no block"));
+        let web = &changes[1];
+        let effects: Vec<(Effect, &str)> =
+            web.rules.iter().map(|(e, n, _)| (*e, n.as_str())).collect();
+        assert_eq!(
+            effects,
+            [
+                (Effect::Changes, "b"),
+                (Effect::Opens, "c"),
+                (Effect::Closes, "meta"),
+                (Effect::Closes, "a"),
+            ]
+        );
+        assert_eq!(
+            web.settings,
+            Some((
+                "default -, audit -, raw_sockets -".into(),
+                "default deny, audit -, raw_sockets -".into()
+            ))
+        );
+        let text = web.to_string();
+        assert!(
+            text.contains("  opens   allow tcp to any port 4 (rule c)"),
+            "{text}"
+        );
+        assert!(by_block(&old, &old).is_empty());
+        // Taking a deny away opens.
+        let back = by_block(&new, &old);
+        assert!(
+            back[1]
+                .rules
+                .contains(&(Effect::Opens, "meta".into(), new_meta(&new)))
+        );
+    }
+
+    fn new_meta(p: &PolicySet) -> String {
+        let web = p
+            .identities
+            .iter()
+            .find(|b| b.subject.to_string().ends_with("web"))
+            .unwrap();
+        describe_rule(web.policy.egress.iter().find(|r| r.name == "meta").unwrap())
     }
 }
