@@ -21,8 +21,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-pub use audit_log::AuditLog;
-pub use feed::{EventFeed, Line};
+pub use audit_log::{AuditLog, files as audit_log_files};
+pub use feed::{EventFeed, Line, RECENT as RECENT_EVENTS};
 pub use kernel::EventMaps;
 pub use metrics::EventMetrics;
 pub use names::Names;
