@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 use ipnet::IpNet;
 
 use super::names::NamePattern;
-use crate::events::{Event, Verdict};
+use crate::events::{Event, LostRecord, Verdict};
 use crate::identity::SpiffeId;
 
 pub use input::{SuggestError, parse_since, read_audit_log};
@@ -147,6 +147,13 @@ pub struct BadTime {
     source: humantime::TimestampError,
 }
 
+fn parse_time(time: &str) -> Result<SystemTime, BadTime> {
+    humantime::parse_rfc3339_weak(time).map_err(|source| BadTime {
+        time: time.to_owned(),
+        source,
+    })
+}
+
 impl Suggester {
     pub fn new(options: SuggestOptions) -> Self {
         Self {
@@ -166,14 +173,21 @@ impl Suggester {
         self.missed
     }
 
+    /// Takes a record of records lost (`kind` `lost` in the audit log):
+    /// counted when it is in the window.
+    pub fn lost(&mut self, r: &LostRecord) -> Result<(), BadTime> {
+        let time = parse_time(&r.time)?;
+        if self.options.since.is_none_or(|since| time >= since) {
+            self.missed(r.records);
+        }
+        Ok(())
+    }
+
     /// Takes one decision record. Records of other identities, before
     /// `since`, or of decisions an allow rule would not change are
     /// counted in the window or left out.
     pub fn add(&mut self, e: &Event) -> Result<(), BadTime> {
-        let time = humantime::parse_rfc3339_weak(&e.time).map_err(|source| BadTime {
-            time: e.time.clone(),
-            source,
-        })?;
+        let time = parse_time(&e.time)?;
         if self.options.since.is_some_and(|since| time < since) {
             return Ok(());
         }

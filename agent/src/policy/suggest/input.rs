@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use super::Suggester;
-use crate::events::{Event, audit_log_files};
+use crate::events::{Event, LostRecord, audit_log_files};
 
 /// Why `suggest` cannot go on.
 #[derive(Debug, thiserror::Error)]
@@ -67,16 +67,23 @@ pub fn read_audit_log(path: &Path, into: &mut Suggester) -> Result<Vec<String>, 
     Ok(warnings)
 }
 
-/// One line of the log: a decision record is taken; a record of another
-/// kind (a grant's) and an empty line are passed over.
+/// One line of the log: a decision record is taken, and so is a record of
+/// records lost; a record of another kind (a grant's) and an empty line
+/// are passed over.
 fn add_line(line: &str, into: &mut Suggester) -> Result<(), String> {
     if line.trim().is_empty() {
         return Ok(());
     }
     let value: serde_json::Value = serde_json::from_str(line).map_err(|e| e.to_string())?;
-    if value.get("kind").is_some() {
-        return Ok(());
+    match value.get("kind").and_then(|k| k.as_str()) {
+        None => {
+            let event: Event = serde_json::from_value(value).map_err(|e| e.to_string())?;
+            into.add(&event).map_err(|e| e.to_string())
+        }
+        Some("lost") => {
+            let lost: LostRecord = serde_json::from_value(value).map_err(|e| e.to_string())?;
+            into.lost(&lost).map_err(|e| e.to_string())
+        }
+        Some(_) => Ok(()),
     }
-    let event: Event = serde_json::from_value(value).map_err(|e| e.to_string())?;
-    into.add(&event).map_err(|e| e.to_string())
 }

@@ -277,9 +277,13 @@ fn since_takes_a_time_or_a_duration_back() {
 fn reads_rotated_logs_oldest_first_and_skips_bad_lines() {
     let line = |addr: &str, sec| serde_json::to_string(&event(addr, 443, sec)).unwrap();
     let grant = r#"{"version":1,"time":"2026-11-23T08:32:01.011532004Z","kind":"grant","action":"granted","grant_id":12,"identity":"spiffe://example.org/web","to":"10.20.0.0/16","ports":"443","protocol":"tcp","uid":1000,"granted_by":1000,"reason":null,"expiry_boot_ns":5}"#;
+    let lost = r#"{"version":1,"time":"2026-11-23T08:00:05.000000000Z","kind":"lost","source":"ring_buffer","records":7}"#;
     let dir = PolicyDir::new(&[
         ("audit.log.2", &format!("{}\n", line("10.0.0.1", 1))),
-        ("audit.log.1", &format!("{grant}\n{{\"version\":1\n")),
+        (
+            "audit.log.1",
+            &format!("{grant}\n{{\"version\":1\n{lost}\n"),
+        ),
         ("audit.log", &format!("{}\n", line("10.0.0.2", 9))),
     ]);
     let mut s = Suggester::new(SuggestOptions::default());
@@ -293,6 +297,15 @@ fn reads_rotated_logs_oldest_first_and_skips_bad_lines() {
     let text = s.render();
     assert_eq!(to(&rules(&text, WEB)[0]), ["10.0.0.1/32", "10.0.0.2/32"]);
     assert!(text.contains("2026-11-23T08:00:01Z to 2026-11-23T08:00:09Z"));
+    assert_eq!(s.missed_records(), 7);
+    // Lost before the window: not counted.
+    let mut s = Suggester::new(SuggestOptions {
+        since: Some(humantime::parse_rfc3339("2026-11-23T08:00:06Z").unwrap()),
+        ..Default::default()
+    });
+    read_audit_log(&dir.file("audit.log"), &mut s).unwrap();
+    assert_eq!(s.missed_records(), 0);
+    assert_eq!(to(&rules(&s.render(), WEB)[0]), ["10.0.0.2/32"]);
 
     let e = read_audit_log(&dir.file("nothing.log"), &mut s).unwrap_err();
     assert!(
