@@ -493,6 +493,14 @@ fn a_full_ring_buffer_counts_drops_and_loses_nothing_silently() {
         .map(|e| e["records"].as_u64().unwrap())
         .sum();
     assert_eq!(lost, drops);
+    // So a policy suggested from it says it cannot be complete.
+    let suggested = agent
+        .try_cli(&["policy", "suggest", "--from", log.to_str().unwrap()])
+        .unwrap();
+    assert!(
+        suggested.contains(&format!("# INCOMPLETE: {drops} decision records were lost")),
+        "{suggested}"
+    );
     eprintln!(
         "flood: {FLOOD} denied connects in {flood_time:?} ({:.0}/s); {records} records, {drops} dropped; backlog written in {drain_time:?} ({:.0} records/s)",
         f64::from(FLOOD) / flood_time.as_secs_f64(),

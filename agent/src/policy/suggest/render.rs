@@ -19,9 +19,30 @@ pub(super) fn policy(s: &Suggester) -> String {
         identity(s, id, connects, &mut out);
     }
     for (who, connects) in &s.unnamed {
-        unnamed(who, connects, &mut out);
+        unnamed(s, who, connects, &mut out);
+    }
+    // Those whose every connect was one no rule can allow.
+    let mut others: Vec<&String> = s
+        .unusable
+        .keys()
+        .map(|(who, _)| who)
+        .filter(|who| !s.identities.contains_key(*who) && !s.unnamed.contains_key(*who))
+        .collect();
+    others.dedup();
+    for who in others {
+        let _ = writeln!(out, "\n# {who}:");
+        unusable_lines(s, who, &mut out);
     }
     out
+}
+
+/// What no rule can allow of `who`, one comment line per kind.
+fn unusable_lines(s: &Suggester, who: &str, out: &mut String) {
+    for ((of, why), n) in &s.unusable {
+        if of == who {
+            let _ = writeln!(out, "# no rule can allow {n} {}", unusable(why, *n));
+        }
+    }
 }
 
 fn header(s: &Suggester, out: &mut String) {
@@ -91,11 +112,7 @@ fn identity(s: &Suggester, id: &str, connects: &BTreeMap<Connect, Seen>, out: &m
         when(total.first),
         when(total.last),
     );
-    for ((who, why), n) in &s.unusable {
-        if who == id {
-            let _ = writeln!(out, "# no rule can allow {n} {}", unusable(why, *n));
-        }
-    }
+    unusable_lines(s, id, out);
     for ((transport, ports), dests) in rules {
         let dests = merge(dests, s.options.prefix_v4, s.options.prefix_v6);
         rule(transport, &ports, &dests, out);
@@ -156,23 +173,24 @@ fn rule(transport: Transport, ports: &[u16], dests: &[(Dest, Seen, usize)], out:
 }
 
 /// Workloads no rule can be written for: a comment only.
-fn unnamed(who: &str, connects: &BTreeMap<Connect, Seen>, out: &mut String) {
+fn unnamed(s: &Suggester, who: &str, connects: &BTreeMap<Connect, Seen>, out: &mut String) {
     let _ = writeln!(
         out,
         "\n# No rule for {who}: an identity's connects only. Seen:"
     );
-    for ((transport, dest, port), s) in connects {
+    for ((transport, dest, port), seen) in connects {
         let _ = writeln!(
             out,
             "#   {} {} port {port}: {} {}, {} to {}",
             transport.word(),
             dest_text(dest),
-            s.count,
-            plural(s.count, "connect", "connects"),
-            when(s.first),
-            when(s.last),
+            seen.count,
+            plural(seen.count, "connect", "connects"),
+            when(seen.first),
+            when(seen.last),
         );
     }
+    unusable_lines(s, who, out);
 }
 
 fn unusable(why: &Unusable, n: u64) -> String {

@@ -204,6 +204,9 @@ fn unknown_workloads_are_a_comment_never_a_rule() {
          #   tcp 10.0.0.1 port 443: 1 connect"
     ));
     assert!(text.contains("# No rule for slot 7"));
+    assert!(text.contains(&format!(
+        "# {WEB}:\n# no rule can allow 1 connect over IP protocol 132\n"
+    )));
     assert!(text.contains("# No connect of an identity to suggest a rule for."));
 }
 
