@@ -10,6 +10,7 @@
 mod audit_log;
 mod feed;
 mod kernel;
+mod lost;
 mod metrics;
 mod names;
 mod reader;
@@ -21,9 +22,10 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-pub use audit_log::AuditLog;
-pub use feed::{EventFeed, Line};
+pub use audit_log::{AuditLog, files as audit_log_files};
+pub use feed::{EventFeed, Line, RECENT as RECENT_EVENTS};
 pub use kernel::EventMaps;
+pub use lost::{LostRecord, LostSource};
 pub use metrics::EventMetrics;
 pub use names::Names;
 pub use reader::Feeds;

@@ -12,6 +12,7 @@ mod parse;
 mod ports;
 mod precedence;
 mod subject;
+mod suggest;
 mod summary;
 mod warnings;
 
@@ -29,6 +30,7 @@ pub use names::{ClassId, NameError, NameIndex, NameMatch, NamePattern};
 pub(crate) use parse::looks_like_an_address;
 pub use precedence::RuleInfo;
 pub use subject::{Specificity, Subject};
+pub use suggest::{SuggestError, SuggestOptions, Suggester, parse_since, read_audit_log};
 pub use summary::{describe_rule, summary};
 
 /// Why a policy was refused: every problem found, sorted by file, line

@@ -80,6 +80,15 @@ fn events(log: &Path, n: usize) -> Vec<Value> {
     json_lines(log)
 }
 
+/// Decision records in the log: its lines but those of other kinds.
+fn decision_lines(log: &Path) -> u64 {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.contains("\"kind\":"))
+        .count() as u64
+}
+
 fn cgroup_id(dir: &Path) -> u64 {
     std::fs::metadata(dir).unwrap().ino()
 }
@@ -461,10 +470,7 @@ fn a_full_ring_buffer_counts_drops_and_loses_nothing_silently() {
     // was written.)
     let mut last = (0, resumed);
     let (records, drops) = wait_for("records + drops to add up", Duration::from_secs(30), || {
-        let records = std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .lines()
-            .count() as u64;
+        let records = decision_lines(&log);
         if records != last.0 {
             last = (records, Instant::now());
         }
@@ -479,6 +485,22 @@ fn a_full_ring_buffer_counts_drops_and_loses_nothing_silently() {
         "{}",
         agent.log()
     );
+    // And the log says how many it lost.
+    let lost: u64 = json_lines(&log)
+        .iter()
+        .filter(|e| e["kind"] == "lost")
+        .inspect(|e| assert_schema(&events_schema(), e))
+        .map(|e| e["records"].as_u64().unwrap())
+        .sum();
+    assert_eq!(lost, drops);
+    // So a policy suggested from it says it cannot be complete.
+    let suggested = agent
+        .try_cli(&["policy", "suggest", "--from", log.to_str().unwrap()])
+        .unwrap();
+    assert!(
+        suggested.contains(&format!("# INCOMPLETE: {drops} decision records were lost")),
+        "{suggested}"
+    );
     eprintln!(
         "flood: {FLOOD} denied connects in {flood_time:?} ({:.0}/s); {records} records, {drops} dropped; backlog written in {drain_time:?} ({:.0} records/s)",
         f64::from(FLOOD) / flood_time.as_secs_f64(),
@@ -492,11 +514,7 @@ fn a_full_ring_buffer_counts_drops_and_loses_nothing_silently() {
     assert_eq!(counts.get("EPERM"), Some(&LIVE), "{counts:?}");
     let want = records + u64::from(LIVE);
     wait_for("the live flood's records", Duration::from_secs(30), || {
-        let n = std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .lines()
-            .count() as u64;
-        (n >= want).then_some(())
+        (decision_lines(&log) >= want).then_some(())
     });
     let live_time = started.elapsed();
     let text = scrape(port);
@@ -567,7 +585,14 @@ fn the_documented_examples_follow_the_events_schema() {
         let e: Value = serde_json::from_str(text).unwrap_or_else(|err| panic!("{err}:\n{text}"));
         assert_schema(&validator, &e);
         let what = match e["kind"].as_str() {
-            Some(kind) => format!("{kind} {}", e["action"].as_str().unwrap()),
+            Some(kind) => format!(
+                "{kind} {}",
+                e.get("action")
+                    .or(e.get("source"))
+                    .unwrap()
+                    .as_str()
+                    .unwrap()
+            ),
             None => e["reason"].as_str().unwrap().to_owned(),
         };
         reasons.push(what);
@@ -581,6 +606,7 @@ fn the_documented_examples_follow_the_events_schema() {
             "grant",
             "grant expired",
             "grant granted",
+            "lost ring_buffer",
             "no_policy",
             "revoked",
             "rule",

@@ -138,6 +138,20 @@ impl AuditLog {
     }
 }
 
+/// The files of the log at `path` that exist, oldest first: the rotated
+/// `audit.log.<n>` down to `audit.log.1`, then `audit.log`.
+pub fn files(path: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = (1..)
+        .map(|n| numbered(path, n))
+        .take_while(|p| p.exists())
+        .collect();
+    files.reverse();
+    if path.exists() {
+        files.push(path.to_owned());
+    }
+    files
+}
+
 /// `audit.log` -> `audit.log.<n>`.
 fn numbered(path: &Path, n: u32) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
@@ -203,6 +217,22 @@ mod tests {
         for n in 1..=2 {
             assert!(std::fs::metadata(numbered(&path, n)).unwrap().len() <= 33);
         }
+    }
+
+    #[test]
+    fn lists_the_files_oldest_first() {
+        let dir = TempDir::new("files");
+        let path = dir.0.join("audit.log");
+        assert!(files(&path).is_empty());
+        let mut log = AuditLog::open(&path, 11, 3).unwrap();
+        for i in 0..3 {
+            log.push(&line(i)).unwrap();
+        }
+        log.flush().unwrap();
+        assert_eq!(
+            files(&path),
+            [numbered(&path, 2), numbered(&path, 1), path.clone()]
+        );
     }
 
     #[test]

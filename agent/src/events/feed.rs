@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::broadcast;
 
 /// Events kept for a request without `--follow`.
-const RECENT: usize = 1000;
+pub const RECENT: usize = 1000;
 /// Events a follower may fall behind by before it misses some.
 const FOLLOW_BUFFER: usize = 4096;
 

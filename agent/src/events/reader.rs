@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use super::EventsError;
 use super::audit_log::AuditLogError;
 use super::kernel::EventMaps;
+use super::lost::{LostRecord, LostSource};
 use super::metrics::EventMetrics;
 use super::names::Names;
 use super::record::{self, Enricher};
@@ -155,6 +156,7 @@ impl Reader {
                 Ok(()) => {
                     if let Some(lost) = self.lost_while_failing.take() {
                         tracing::warn!(lost, "audit log writable again");
+                        self.lost(LostSource::AuditLog, lost);
                     }
                 }
                 Err(e) => self.write_failed(e),
@@ -194,6 +196,19 @@ impl Reader {
         }
     }
 
+    /// Writes that `records` were lost to the audit log (and standard
+    /// output), for readers of the log.
+    fn lost(&mut self, source: LostSource, records: u64) {
+        let record = LostRecord::new(source, records, std::time::SystemTime::now());
+        if let Err(e) = self
+            .sinks
+            .push_record(&record)
+            .and_then(|()| self.sinks.flush())
+        {
+            self.write_failed(e);
+        }
+    }
+
     /// Counts a failed write, and logs it once per spell of failures (the
     /// end of the spell is logged by `drain`).
     fn write_failed(&mut self, e: AuditLogError) {
@@ -215,15 +230,17 @@ impl Reader {
     fn check_drops(&mut self, maps: &EventMaps) {
         match maps.drops() {
             Ok(total) => {
+                self.metrics.ring_drops_total(total);
                 if total > self.drops_seen {
+                    let dropped = total - self.drops_seen;
                     tracing::warn!(
-                        dropped = total - self.drops_seen,
+                        dropped,
                         total,
                         "events ring buffer was full: decision records dropped by the kernel"
                     );
+                    self.drops_seen = total;
+                    self.lost(LostSource::RingBuffer, dropped);
                 }
-                self.metrics.ring_drops_total(total);
-                self.drops_seen = total;
             }
             Err(e) => tracing::warn!(error = %e, "cannot read the ring buffer drop count"),
         }
