@@ -92,7 +92,7 @@ pub struct LearnedAddress {
 pub struct Learned {
     maps: LearnedMaps,
     per_identity: u32,
-    entries: HashMap<LearnedKey, LearnedValue>,
+    entries: HashMap<LearnedKey, KeptNames>,
     per_slot: HashMap<u32, u32>,
     ids: HashMap<Arc<str>, u32>,
     book: Arc<NameBook>,
@@ -113,30 +113,69 @@ fn suspended_ns() -> u64 {
     boot_ns().saturating_sub(monotonic_ns())
 }
 
+/// What the agent keeps of one name of an entry: the kernel's
+/// [`LearnedName`] but for its copy of the class's tables, which is taken
+/// from the view whenever the entry is written, so it is not held twice
+/// (112 bytes a name).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Kept {
+    expiry_ns: u64,
+    class: ClassId,
+    name_id: u32,
+    /// The stamp the kernel's copy has.
+    generation: u32,
+}
+
+type KeptNames = [Kept; LEARNED_INLINE];
+
+fn kept_of(value: &LearnedValue) -> KeptNames {
+    value.names.map(|n| Kept {
+        expiry_ns: n.expiry_ns,
+        class: n.class,
+        name_id: n.name_id,
+        generation: n.generation,
+    })
+}
+
 /// The tables to stamp a name of `class` learned for `slot` with: the
 /// class's in `view`'s generation, or none (0: the programs look the class
-/// up) when the view has no such class or no generation yet.
-pub fn stamp_of(view: &DnsView, slot: u32, class: &ClassId) -> (u32, DestTables) {
-    match view.class_tables(slot, class) {
-        Some(tables) if view.stamp != 0 => (view.stamp, tables),
+/// up) when there is no view, the view has no such class, or no
+/// generation yet.
+fn stamp_of(view: Option<&DnsView>, slot: u32, class: &ClassId) -> (u32, DestTables) {
+    match view.and_then(|v| Some((v.stamp, v.class_tables(slot, class)?))) {
+        Some((stamp, tables)) if stamp != 0 => (stamp, tables),
         _ => (0, DestTables::default()),
     }
 }
 
-/// `value` with every name's stamp taken from `stamp` (its slot, class).
-fn stamped(mut value: LearnedValue, stamp: impl Fn(&ClassId) -> (u32, DestTables)) -> LearnedValue {
-    for n in value.names.iter_mut().filter(|n| n.expiry_ns != 0) {
-        (n.generation, n.tables) = stamp(&n.class);
+/// The kernel's value of `names`, learned for `slot`, each name stamped
+/// from `view`; and the names with the stamps written.
+fn written(slot: u32, mut names: KeptNames, view: Option<&DnsView>) -> (KeptNames, LearnedValue) {
+    let mut value = LearnedValue::default();
+    for (kept, out) in names.iter_mut().zip(value.names.iter_mut()) {
+        let (generation, tables) = if kept.expiry_ns == 0 {
+            (0, DestTables::default())
+        } else {
+            stamp_of(view, slot, &kept.class)
+        };
+        kept.generation = generation;
+        *out = LearnedName {
+            expiry_ns: kept.expiry_ns,
+            class: kept.class,
+            name_id: kept.name_id,
+            generation,
+            tables,
+        };
     }
-    value
+    (names, value)
 }
 
-/// `value`'s expiries moved `by` earlier.
-fn moved_earlier(mut value: LearnedValue, by: u64) -> LearnedValue {
-    for n in value.names.iter_mut() {
+/// `names`' expiries moved `by` earlier.
+fn moved_earlier(mut names: KeptNames, by: u64) -> KeptNames {
+    for n in names.iter_mut() {
         n.expiry_ns = n.expiry_ns.saturating_sub(by);
     }
-    value
+    names
 }
 
 impl Learned {
@@ -167,9 +206,10 @@ impl Learned {
             // Stamps of an earlier agent's may name a generation value
             // that the kernel's count gives again (its map made anew):
             // none is trusted until stamped again with this agent's view.
-            let unstamped = stamped(value, |_| (0, DestTables::default()));
-            if unstamped != value {
-                me.maps.put(&key, &unstamped)?;
+            let names = kept_of(&value);
+            let (unstamped, value) = written(key.slot, names, None);
+            if unstamped != names {
+                me.maps.put(&key, &value)?;
             }
             me.entries.insert(key, unstamped);
         }
@@ -208,14 +248,13 @@ impl Learned {
     }
 
     /// Puts `addrs` (each with the TTL handed to the workload) in the
-    /// kernel for `slot` under `class`, open until that TTL plus `grace`.
-    /// All of them, or none: on an error nothing changed.
-    /// `stamp` is what the class allows in the generation the caller's
-    /// view is of ([`stamp_of`]).
+    /// kernel for `slot` under `class`, open until that TTL plus `grace`,
+    /// each entry stamped with what its classes allow in `view`'s
+    /// generation. All of them, or none: on an error nothing changed.
     pub fn learn(
         &mut self,
-        slot: u32,
-        (class, stamp): (ClassId, (u32, DestTables)),
+        view: &DnsView,
+        (slot, class): (u32, ClassId),
         name: &str,
         addrs: &[(IpAddr, u32)],
         grace: Duration,
@@ -223,10 +262,10 @@ impl Learned {
         if addrs.is_empty() {
             return Ok(());
         }
-        self.follow_suspend();
+        self.follow_suspend(view);
         let now = monotonic_ns();
         let name_id = self.intern(name)?;
-        let mut plan: Vec<(LearnedKey, LearnedValue, bool)> = Vec::new();
+        let mut plan: Vec<(LearnedKey, KeptNames, Option<KeptNames>)> = Vec::new();
         for &(addr, ttl) in addrs {
             let key = key_of(slot, addr);
             if plan.iter().any(|(k, _, _)| *k == key) {
@@ -234,16 +273,15 @@ impl Learned {
             }
             let expiry = now + (Duration::from_secs(ttl.into()) + grace).as_nanos() as u64;
             let old = self.entries.get(&key).copied();
-            let mut value = old.unwrap_or_default();
-            let place = value
-                .names
+            let mut names = old.unwrap_or_default();
+            let place = names
                 .iter()
                 .position(|n| n.expiry_ns > now && n.class == class)
-                .or_else(|| value.names.iter().position(|n| n.expiry_ns <= now))
+                .or_else(|| names.iter().position(|n| n.expiry_ns <= now))
                 .ok_or(LearnError::TooManyNames { addr })?;
-            let entry = &mut value.names[place];
+            let entry = &mut names[place];
             let keep = entry.class == class && entry.expiry_ns > now;
-            *entry = LearnedName {
+            *entry = Kept {
                 expiry_ns: if keep {
                     entry.expiry_ns.max(expiry)
                 } else {
@@ -251,12 +289,11 @@ impl Learned {
                 },
                 class,
                 name_id,
-                generation: stamp.0,
-                tables: stamp.1,
+                generation: 0,
             };
-            plan.push((key, value, old.is_none()));
+            plan.push((key, names, old));
         }
-        let added = plan.iter().filter(|(_, _, new)| *new).count();
+        let added = plan.iter().filter(|(_, _, old)| old.is_none()).count();
         if self.count(slot) as usize + added > self.per_identity as usize {
             return Err(LearnError::IdentityFull {
                 limit: self.per_identity,
@@ -265,15 +302,18 @@ impl Learned {
         if self.entries.len() + added > MAX_LEARNED as usize {
             return Err(LearnError::TableFull);
         }
-        for (done, (key, value, _)) in plan.iter().enumerate() {
-            if let Err(e) = self.maps.put(key, value) {
-                self.undo(&plan[..done]);
+        for done in 0..plan.len() {
+            let (key, names, _) = plan[done];
+            let (names, value) = written(slot, names, Some(view));
+            if let Err(e) = self.maps.put(&key, &value) {
+                self.undo(&plan[..done], view);
                 return Err(e.into());
             }
+            plan[done].1 = names;
         }
         *self.per_slot.entry(slot).or_default() += added as u32;
-        for (key, value, _) in plan {
-            self.entries.insert(key, value);
+        for (key, names, _) in plan {
+            self.entries.insert(key, names);
         }
         Ok(())
     }
@@ -284,7 +324,7 @@ impl Learned {
     /// clock, as if the host had not slept. Called before every answer is
     /// learned and at every sweep, so an entry written after a resume is
     /// never moved. A suspend while no agent runs is not followed.
-    pub fn follow_suspend(&mut self) {
+    pub fn follow_suspend(&mut self, view: &DnsView) {
         let now = suspended_ns();
         let slept = now.saturating_sub(self.suspended);
         if slept < SUSPEND_FOLLOWED.as_nanos() as u64 {
@@ -292,9 +332,10 @@ impl Learned {
         }
         self.suspended = now;
         let mut failed = 0;
-        for (key, value) in self.entries.iter_mut() {
-            *value = moved_earlier(*value, slept);
-            if self.maps.put(key, value).is_err() {
+        for (key, names) in self.entries.iter_mut() {
+            let value;
+            (*names, value) = written(key.slot, moved_earlier(*names, slept), Some(view));
+            if self.maps.put(key, &value).is_err() {
                 failed += 1;
             }
         }
@@ -332,13 +373,13 @@ impl Learned {
             let Some(old) = self.entries.get(key).copied() else {
                 continue;
             };
-            let value = stamped(old, |class| stamp_of(view, key.slot, class));
-            if value == old {
+            let (names, value) = written(key.slot, old, Some(view));
+            if names == old {
                 continue;
             }
             match self.maps.put(key, &value) {
                 Ok(()) => {
-                    self.entries.insert(*key, value);
+                    self.entries.insert(*key, names);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, addr = %addr_of(key), "a learned address keeps its old stamp (judged by the class's trie entry) until the next switch")
@@ -352,12 +393,12 @@ impl Learned {
         self.stamped_for = stamp;
     }
 
-    /// Puts back what `written` replaced.
-    fn undo(&mut self, written: &[(LearnedKey, LearnedValue, bool)]) {
-        for (key, _, new) in written {
-            let restored = match self.entries.get(key) {
-                Some(old) if !*new => self.maps.put(key, old),
-                _ => self.maps.remove(key),
+    /// Puts back what the entries of `done` replaced.
+    fn undo(&mut self, done: &[(LearnedKey, KeptNames, Option<KeptNames>)], view: &DnsView) {
+        for (key, _, old) in done {
+            let restored = match old {
+                Some(old) => self.maps.put(key, &written(key.slot, *old, Some(view)).1),
+                None => self.maps.remove(key),
             };
             if let Err(e) = restored {
                 tracing::error!(error = %e, addr = %addr_of(key), slot = key.slot, "a learned address written for an answer that failed could not be taken back; it expires with its TTL");
@@ -397,7 +438,7 @@ impl Learned {
         let now = monotonic_ns();
         self.entries
             .iter()
-            .filter(|(_, v)| v.names.iter().all(|n| n.expiry_ns <= now))
+            .filter(|(_, v)| v.iter().all(|n| n.expiry_ns <= now))
             .map(|(k, _)| *k)
             .collect()
     }
@@ -411,7 +452,7 @@ impl Learned {
             let still = self
                 .entries
                 .get(key)
-                .is_some_and(|v| v.names.iter().all(|n| n.expiry_ns <= now));
+                .is_some_and(|v| v.iter().all(|n| n.expiry_ns <= now));
             if !still {
                 continue;
             }
@@ -438,12 +479,7 @@ impl Learned {
         let used: HashSet<u32> = self
             .entries
             .values()
-            .flat_map(|v| {
-                v.names
-                    .iter()
-                    .filter(|n| n.expiry_ns > now)
-                    .map(|n| n.name_id)
-            })
+            .flat_map(|v| v.iter().filter(|n| n.expiry_ns > now).map(|n| n.name_id))
             .collect();
         let unused: Vec<(Arc<str>, u32)> = self
             .ids
@@ -466,7 +502,7 @@ impl Learned {
         let now = monotonic_ns();
         let mut out: HashMap<u32, Vec<Arc<str>>> = HashMap::new();
         for (k, v) in &self.entries {
-            for n in v.names.iter().filter(|n| n.expiry_ns > now) {
+            for n in v.iter().filter(|n| n.expiry_ns > now) {
                 if let Some(name) = self.book.get(n.name_id) {
                     out.entry(k.slot).or_default().push(name);
                 }
@@ -487,8 +523,7 @@ impl Learned {
             .iter()
             .filter(|(k, _)| k.slot == slot)
             .flat_map(|(k, v)| {
-                v.names
-                    .iter()
+                v.iter()
                     .filter(|n| n.expiry_ns > now)
                     .map(|n| LearnedAddress {
                         addr: addr_of(k),
@@ -509,13 +544,13 @@ mod tests {
 
     #[test]
     fn a_suspend_moves_every_expiry_earlier_and_past_ones_stay_closed() {
-        let mut value = LearnedValue::default();
-        value.names[0].expiry_ns = 10_000;
-        value.names[1].expiry_ns = 3_000;
-        let moved = moved_earlier(value, 5_000);
-        assert_eq!(moved.names[0].expiry_ns, 5_000);
+        let mut names = KeptNames::default();
+        names[0].expiry_ns = 10_000;
+        names[1].expiry_ns = 3_000;
+        let moved = moved_earlier(names, 5_000);
+        assert_eq!(moved[0].expiry_ns, 5_000);
         // Expired by the suspend: closed (0 is before every clock reading).
-        assert_eq!(moved.names[1].expiry_ns, 0);
-        assert_eq!(moved.names[2].expiry_ns, 0);
+        assert_eq!(moved[1].expiry_ns, 0);
+        assert_eq!(moved[2].expiry_ns, 0);
     }
 }

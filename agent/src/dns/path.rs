@@ -358,7 +358,7 @@ async fn sweep(learned: Arc<Mutex<Learned>>, reader: DnsReader) {
                 learned.lock().expect("not poisoned").restamp(&view, step);
             }
             learned.lock().expect("not poisoned").restamped(view.stamp);
-            learned.lock().expect("not poisoned").follow_suspend();
+            learned.lock().expect("not poisoned").follow_suspend(&view);
             let expired = learned.lock().expect("not poisoned").expired();
             let mut removed = 0;
             for step in expired.chunks(SWEEP_STEP) {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 
-use super::learned::{Learned, stamp_of};
+use super::learned::Learned;
 use super::message::{self, FilterOptions, Query};
 use super::metrics::DnsMetrics;
 use super::upstream::Upstream;
@@ -181,9 +181,13 @@ impl Resolver {
             .collect();
         let learned = {
             let mut table = self.learned.lock().expect("not poisoned");
-            let stamp = stamp_of(view, slot, &class);
-            let class = (class, stamp);
-            table.learn(slot, class, query.name(), &filtered.learned, self.grace)
+            table.learn(
+                view,
+                (slot, class),
+                query.name(),
+                &filtered.learned,
+                self.grace,
+            )
         };
         if let Err(e) = learned {
             record.detail = Some(e.to_string());
