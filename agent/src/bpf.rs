@@ -13,9 +13,7 @@ mod upgrade;
 
 pub use grant_map::{GrantEntryKey, GrantMap};
 pub use loader::{Attachment, Enforcer, ExecNotices, Uninstalled, install, uninstall};
-pub use maps::{
-    BindingMaps, GenerationMaps, RetiredSets, SlotTable, Switched, Written, key_was_missing,
-};
+pub use maps::{BindingMaps, GenerationMaps, RetiredSets, SlotTable, Written, key_was_missing};
 pub use pins::Pins;
 
 /// Errors from the kernel side.

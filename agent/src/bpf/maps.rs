@@ -352,7 +352,7 @@ impl GenerationMaps {
     /// Returns the new active generation.
     pub fn apply(&mut self, policy: &CompiledPolicy) -> Result<u32, BpfError> {
         let written = self.write(policy)?;
-        Ok(self.switch(written)?.0.buffer)
+        Ok(self.switch(written)?.0 & 1)
     }
 
     /// Writes `policy` into the inactive generation, which no program
@@ -409,10 +409,13 @@ impl GenerationMaps {
 
     /// Makes a written generation the one every decision reads, with one
     /// map update. A program reads the generation once per decision, so
-    /// every decision sees the old rule set or the new one. Returns the new
-    /// active generation, and the old generation's rule sets (a copy of
-    /// every rule, for the caller to free where it costs nothing).
-    pub fn switch(&mut self, written: Written) -> Result<(Switched, RetiredSets), BpfError> {
+    /// every decision sees the old rule set or the new one. Returns the
+    /// whole `IDG_GENERATION` value written (the new active buffer in its
+    /// lowest bit, the count of switches above it: learned entries are
+    /// stamped with it, see idgate-common, step 7), and the old
+    /// generation's rule sets (a copy of every rule, for the caller to
+    /// free where it costs nothing).
+    pub fn switch(&mut self, written: Written) -> Result<(u32, RetiredSets), BpfError> {
         let before = self
             .generation
             .get(&0, 0)
@@ -426,11 +429,7 @@ impl GenerationMaps {
             .map_err(map_err(maps::GENERATION))?;
         self.written[written.next as usize] = Some(written.slots);
         let old = std::mem::replace(&mut self.published, written.published);
-        let switched = Switched {
-            buffer: written.next,
-            stamp,
-        };
-        Ok((switched, RetiredSets { _sets: old }))
+        Ok((stamp, RetiredSets { _sets: old }))
     }
 
     /// The tries the entries at `index` hold.
@@ -491,17 +490,6 @@ impl GenerationMaps {
         let empty = self.empty.as_ref().expect("built above");
         self.point([(empty, indices.as_slice())])
     }
-}
-
-/// The generation a switch made active.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Switched {
-    /// Its buffer, 0 or 1.
-    pub buffer: u32,
-    /// The whole `IDG_GENERATION` value: the buffer in the lowest bit and
-    /// the count of switches above it, which learned entries are stamped
-    /// with (see idgate-common, step 7).
-    pub stamp: u32,
 }
 
 /// Which SPIFFE ID holds which slot, kept in the pinned `IDG_SLOT_IDS` map

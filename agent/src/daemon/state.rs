@@ -35,16 +35,21 @@ pub struct Applied {
     pub slots: Arc<HashMap<SpiffeId, u32>>,
     /// Bound cgroup ids and their slots (the identities map, mirrored).
     pub bound: BTreeMap<u64, u32>,
-    /// The kernel's active buffer (0 or 1).
-    pub buffer: u32,
     /// The whole generation value the kernel holds since the last switch
-    /// ([`crate::bpf::Switched::stamp`]); 0 before the first.
+    /// ([`crate::bpf::GenerationMaps::switch`]); 0 before the first.
     pub stamp: u32,
     /// The generation as operators see it: grows with every switch, across
     /// restarts.
     pub generation: u64,
     /// The compiled policy now active.
     pub compiled: Arc<CompiledPolicy>,
+}
+
+impl Applied {
+    /// The kernel's active buffer (0 or 1).
+    pub fn buffer(&self) -> u32 {
+        self.stamp & 1
+    }
 }
 
 /// The running agent.
@@ -158,7 +163,6 @@ impl State {
                 identities: Arc::default(),
                 slots: Arc::default(),
                 bound,
-                buffer: 0,
                 stamp: 0,
                 generation: generation_number.current(),
                 compiled: Arc::default(),
@@ -545,9 +549,8 @@ impl State {
         self.generations = Some(done.maps);
         let (compiled, written) = done.written?;
         let maps = self.generations.as_mut().expect("just put back");
-        let (switched, sets) = maps.switch(written)?;
-        self.applied.buffer = switched.buffer;
-        self.applied.stamp = switched.stamp;
+        let (stamp, sets) = maps.switch(written)?;
+        self.applied.stamp = stamp;
         self.applied.generation = self.generation_number.advance();
         let slots: HashMap<SpiffeId, u32> =
             done.slots.iter().map(|(s, id)| (id.clone(), *s)).collect();

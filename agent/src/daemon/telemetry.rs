@@ -85,7 +85,7 @@ impl Telemetry {
     pub fn publish(&self, state: &State) {
         let applied = &state.applied;
         self.names.publish(
-            applied.buffer,
+            applied.buffer(),
             applied.generation,
             &applied.identities,
             &applied.compiled.rules,
