@@ -8,11 +8,16 @@ use nix::time::{ClockId, clock_gettime};
 /// Where the kernel names the current boot.
 const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
 
+/// Nanoseconds of `clock`, one the kernel has.
+pub fn clock_ns(clock: ClockId) -> u64 {
+    let t = clock_gettime(clock).expect("clock_gettime of a clock the kernel has");
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
+
 /// Nanoseconds of `CLOCK_BOOTTIME` (`bpf_ktime_get_boot_ns` in the
 /// programs): it does not jump and counts suspend.
 pub fn boot_ns() -> u64 {
-    let t = clock_gettime(ClockId::CLOCK_BOOTTIME).expect("CLOCK_BOOTTIME is there");
-    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+    clock_ns(ClockId::CLOCK_BOOTTIME)
 }
 
 /// Nanoseconds of `CLOCK_MONOTONIC`, the clock of learned addresses'
@@ -21,8 +26,7 @@ pub fn boot_ns() -> u64 {
 /// It does not jump; unlike `CLOCK_BOOTTIME` it stops while the host is
 /// suspended.
 pub fn monotonic_ns() -> u64 {
-    let t = clock_gettime(ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC is there");
-    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+    clock_ns(ClockId::CLOCK_MONOTONIC)
 }
 
 /// The current boot's id: boot-time instants of another boot mean nothing.

@@ -7,12 +7,13 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, UNIX_EPOCH};
 
 use idgate_common::{DecisionRecord, RECORD_LAYOUT, hook, reason, record_flags, verdict};
-use nix::time::{ClockId, clock_gettime};
+use nix::time::ClockId;
 use serde::{Deserialize, Serialize};
 
 use super::Verdict;
 use super::names::{SlotName, Snapshot};
 use crate::bpf::ring::SizeError;
+use crate::clock::{boot_ns, clock_ns, monotonic_ns};
 use crate::dns::{DnsRecord, NameBook};
 
 /// `version` of the JSON events this agent writes (`docs/events.md`).
@@ -138,11 +139,6 @@ pub struct Enricher {
     exes: HashMap<(u32, u32, [u8; 16]), Result<String, ExeUnknown>>,
 }
 
-fn clock_ns(clock: ClockId) -> i128 {
-    let t = clock_gettime(clock).expect("clock_gettime of a clock the kernel has");
-    i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec())
-}
-
 impl Enricher {
     pub fn new() -> Self {
         let mut me = Self {
@@ -158,7 +154,7 @@ impl Enricher {
     /// forgets the executables looked up (processes come and go).
     pub fn begin_batch(&mut self) {
         self.boot_to_wall_ns =
-            clock_ns(ClockId::CLOCK_REALTIME) - clock_ns(ClockId::CLOCK_BOOTTIME);
+            i128::from(clock_ns(ClockId::CLOCK_REALTIME)) - i128::from(boot_ns());
         self.exes.clear();
     }
 
@@ -234,7 +230,7 @@ impl Enricher {
         Event {
             version: SCHEMA_VERSION,
             time: humantime::format_rfc3339_nanos(time).to_string(),
-            ktime_ns: u64::try_from(clock_ns(ClockId::CLOCK_MONOTONIC)).unwrap_or(0),
+            ktime_ns: monotonic_ns(),
             verdict: if r.outcome.allowed() {
                 Verdict::Allow
             } else {
@@ -354,7 +350,7 @@ mod tests {
         let tid = nix::unistd::gettid().as_raw() as u64;
         DecisionRecord {
             ktime_ns: 5,
-            boot_ns: clock_ns(ClockId::CLOCK_BOOTTIME) as u64,
+            boot_ns: crate::clock::boot_ns(),
             cgroup_id: 77,
             pid_tgid: (u64::from(std::process::id()) << 32) | tid,
             uid_gid: (1002 << 32) | 1001,
