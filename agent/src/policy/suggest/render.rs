@@ -105,12 +105,9 @@ fn identity(s: &Suggester, id: &str, connects: &BTreeMap<Connect, Seen>, out: &m
     let total = total.expect("an identity has connects");
     let _ = writeln!(
         out,
-        "\n[[identity]]\nid = {}\n# {} {}, {} to {}.\ndefault = \"deny\"",
+        "\n[[identity]]\nid = {}\n# {}.\ndefault = \"deny\"",
         quote(id),
-        total.count,
-        plural(total.count, "connect", "connects"),
-        when(total.first),
-        when(total.last),
+        seen_text(&total),
     );
     unusable_lines(s, id, out);
     for ((transport, ports), dests) in rules {
@@ -141,15 +138,7 @@ fn rule(transport: Transport, ports: &[u16], dests: &[(Dest, Seen, usize)], out:
         } else {
             String::new()
         };
-        let _ = writeln!(
-            out,
-            "#   {}{merged}: {} {}, {} to {}",
-            dest_text(dest),
-            s.count,
-            plural(s.count, "connect", "connects"),
-            when(s.first),
-            when(s.last),
-        );
+        let _ = writeln!(out, "#   {}{merged}: {}", dest_text(dest), seen_text(s),);
     }
     let to: Vec<String> = dests.iter().map(|(d, _, _)| quote(&dest_text(d))).collect();
     let ports: Vec<String> = ranges
@@ -181,13 +170,10 @@ fn unnamed(s: &Suggester, who: &str, connects: &BTreeMap<Connect, Seen>, out: &m
     for ((transport, dest, port), seen) in connects {
         let _ = writeln!(
             out,
-            "#   {} {} port {port}: {} {}, {} to {}",
+            "#   {} {} port {port}: {}",
             transport.word(),
             dest_text(dest),
-            seen.count,
-            plural(seen.count, "connect", "connects"),
-            when(seen.first),
-            when(seen.last),
+            seen_text(seen),
         );
     }
     unusable_lines(s, who, out);
@@ -279,6 +265,17 @@ fn range_text((a, b): (u16, u16)) -> String {
     } else {
         format!("{a}-{b}")
     }
+}
+
+/// `N connect(s), FIRST to LAST`.
+fn seen_text(seen: &Seen) -> String {
+    format!(
+        "{} {}, {} to {}",
+        seen.count,
+        plural(seen.count, "connect", "connects"),
+        when(seen.first),
+        when(seen.last),
+    )
 }
 
 fn plural(n: u64, one: &'static str, many: &'static str) -> &'static str {
