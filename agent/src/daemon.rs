@@ -235,11 +235,13 @@ async fn start(config_path: &Path, handover: crate::dns::Handover) -> Result<Sta
         telemetry.dns.clone(),
     )?;
     let (hand_over, hand_over_asked) = mpsc::channel(1);
+    let rescan = namespaces::Rescan::default();
     let dns = dns.map(|dns| {
         let reader = dns.reader();
         tokio::spawn(namespaces::watch(
             dns,
             state.scope_dir.clone(),
+            rescan.clone(),
             hand_over_asked,
         ));
         reader
@@ -290,6 +292,7 @@ async fn start(config_path: &Path, handover: crate::dns::Handover) -> Result<Sta
         commands,
         queue_depth,
         found,
+        rescan,
         kubelet: kubelet_rx,
     }
     .spawn(done_tx)?;

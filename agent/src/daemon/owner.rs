@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::discovery::Found;
 use super::kubelet::Outcome;
+use super::namespaces::Rescan;
 use super::snapshot::Snapshot;
 use super::state::{GenerationDone, Reloaded, Retired, Run, RunProcess, State, load_entries};
 use super::{DaemonError, Observers};
@@ -147,6 +148,9 @@ pub struct Owner {
     /// Requests queued for the owner (the handles count them in).
     pub queue_depth: Gauge,
     pub found: mpsc::UnboundedReceiver<Found>,
+    /// Told of whatever discovery finds: the DNS path's namespaces may
+    /// have changed with it.
+    pub rescan: Rescan,
     pub kubelet: mpsc::UnboundedReceiver<Outcome>,
 }
 
@@ -230,6 +234,7 @@ impl Owner {
                     while let Ok(more) = o.found.try_recv() {
                         dirs.insert(more);
                     }
+                    o.rescan.ask();
                     Event::Found(dirs)
                 }
                 Some(outcome) = o.kubelet.recv() => Event::Kubelet(outcome),
