@@ -17,11 +17,11 @@ mod summary;
 mod warnings;
 
 pub use compile::{
-    CompiledPolicy, NameEntry, RuleSet, SlotEntry, compile, evaluate, evaluate_learned,
+    CompiledPolicy, Compiler, NameEntry, RuleSet, SlotEntry, compile, evaluate, evaluate_learned,
 };
 pub use diagnostic::{Diagnostic, Location, Severity};
 pub use diff::{BlockChange, Effect, PolicyDiff, by_block, diff};
-pub use load::load;
+pub use load::{Reader, load};
 pub use model::{
     Action, Destination, EgressRule, IdentityBlock, IdentityPolicy, Mode, PolicySet, PortSpec,
     Protocol,

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap as StdHashMap};
 use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::Arc;
 
 use aya::Pod;
 use aya::maps::{Array, ArrayOfMaps, HashMap, LpmTrie, Map, MapData, MapError, lpm_trie::Key};
@@ -19,7 +20,7 @@ use sha2::{Digest, Sha256};
 use super::identity_index::IdentityIndex;
 use super::{BpfError, syscall};
 use crate::identity::SpiffeId;
-use crate::policy::{CompiledPolicy, RuleSet, SlotEntry};
+use crate::policy::{CompiledPolicy, RuleSet};
 
 type SlotHash = [u8; 32];
 
@@ -299,17 +300,27 @@ pub struct GenerationMaps {
     /// Empty tries, which the entries of slots without a policy point at
     /// (so that no old tries are kept alive by them).
     empty: Option<Tries>,
-    /// Slots that may have entries in each generation; `None` when not
-    /// known (maps adopted from an earlier agent).
-    written: [Option<BTreeSet<u32>>; 2],
-    /// Each rule set of the active generation, with a slot whose entries
-    /// hold its tries: a reload reuses them for a set that did not change.
-    published: StdHashMap<RuleSet, u32>,
+    /// What each generation's entries hold, by slot; `None` when not
+    /// known (maps adopted from an earlier agent, or a write that failed
+    /// part way).
+    held: [Option<StdHashMap<u32, Held>>; 2],
+    /// Each rule set of the active generation (by its address, which the
+    /// `Arc` held keeps its own), with a slot whose entries hold its
+    /// tries: a write reuses them for a set that did not change.
+    published: StdHashMap<usize, (Arc<RuleSet>, u32)>,
+}
+
+/// What one slot's entries of a generation hold.
+#[derive(Clone)]
+struct Held {
+    /// The rule set whose tries they point at.
+    set: Arc<RuleSet>,
+    policy: SlotPolicy,
 }
 
 /// The rule sets a switch retired, held only to be dropped.
 pub struct RetiredSets {
-    _sets: StdHashMap<RuleSet, u32>,
+    _sets: StdHashMap<usize, (Arc<RuleSet>, u32)>,
 }
 
 /// A generation written in full and not yet switched to: the only way to
@@ -317,8 +328,13 @@ pub struct RetiredSets {
 #[must_use = "a written generation is judged by nothing until switched to"]
 pub struct Written {
     next: u32,
-    slots: BTreeSet<u32>,
-    published: StdHashMap<RuleSet, u32>,
+    held: StdHashMap<u32, Held>,
+    published: StdHashMap<usize, (Arc<RuleSet>, u32)>,
+}
+
+/// The key of a rule set in [`GenerationMaps::published`].
+fn address(set: &Arc<RuleSet>) -> usize {
+    Arc::as_ptr(set) as usize
 }
 
 impl GenerationMaps {
@@ -333,7 +349,7 @@ impl GenerationMaps {
             slot_dests: Outer::new(maps::SLOT_DESTS, get(maps::SLOT_DESTS)?)?,
             slot_ports: Outer::new(maps::SLOT_PORTS, get(maps::SLOT_PORTS)?)?,
             empty: None,
-            written: [None, None],
+            held: [None, None],
             published: StdHashMap::new(),
         })
     }
@@ -358,51 +374,73 @@ impl GenerationMaps {
     /// Writes `policy` into the inactive generation, which no program
     /// reads, and returns it to be switched to.
     ///
-    /// Each rule set gets new tries, unless the active generation has the
-    /// same set: its tries (never changed once published) serve both.
+    /// Only the entries that differ from what the inactive generation
+    /// holds are written (a rule set is the same when it is the same
+    /// `Arc`: the compiler shares unchanged ones). A set new to the slot
+    /// gets the tries that another slot of either generation has for it
+    /// (never changed once published), or else new ones.
     pub fn write(&mut self, policy: &CompiledPolicy) -> Result<Written, BpfError> {
         let active = self.active_generation()?;
         let next = active ^ 1;
         // Until this write is whole, nobody knows what the inactive
         // generation holds: a failed write leaves it to be cleared in full.
-        let before = self.written[next as usize].take();
-        let mut slots_of: Vec<Vec<&SlotEntry>> = vec![Vec::new(); policy.rule_sets.len()];
-        for entry in &policy.slots {
-            slots_of[entry.rule_set].push(entry);
+        let before = self.held[next as usize].take();
+        // A slot of the inactive generation that holds each set.
+        let mut in_next: StdHashMap<usize, u32> = StdHashMap::new();
+        for (slot, h) in before.iter().flatten() {
+            in_next.entry(address(&h.set)).or_insert(*slot);
         }
-        let mut written = BTreeSet::new();
+        let mut held = StdHashMap::with_capacity(policy.slots.len());
         let mut published = StdHashMap::with_capacity(policy.rule_sets.len());
-        let mut batch: Vec<(Tries, Vec<u32>)> = Vec::with_capacity(BATCH_SETS);
-        for (set, entries) in policy.rule_sets.iter().zip(&slots_of) {
-            let Some(first) = entries.first() else {
-                continue;
-            };
-            let tries = match self.published.get(set) {
-                Some(&slot) => self.tries_at(slot_policy_index(active, slot))?,
-                None => Tries::build(set)?,
-            };
-            let mut indices = Vec::with_capacity(entries.len());
-            for entry in entries {
-                let index = slot_policy_index(next, entry.slot);
+        // Slots to point at each set's tries, in the order first seen.
+        let mut to_point: Vec<(Arc<RuleSet>, Vec<u32>)> = Vec::new();
+        let mut pointing: StdHashMap<usize, usize> = StdHashMap::new();
+        for entry in &policy.slots {
+            let set = &policy.rule_sets[entry.rule_set];
+            published
+                .entry(address(set))
+                .or_insert_with(|| (set.clone(), entry.slot));
+            let was = before.as_ref().and_then(|b| b.get(&entry.slot));
+            let index = slot_policy_index(next, entry.slot);
+            if was.is_none_or(|w| w.policy != entry.policy) {
                 self.slot_policy
                     .set(index, entry.policy, 0)
                     .map_err(map_err(maps::SLOT_POLICY))?;
-                indices.push(index);
-                written.insert(entry.slot);
             }
-            published.insert(set.clone(), first.slot);
-            batch.push((tries, indices));
-            if batch.len() == BATCH_SETS {
-                self.point(batch.iter().map(|(t, i)| (t, i.as_slice())))?;
-                batch.clear();
+            if was.is_none_or(|w| !Arc::ptr_eq(&w.set, set)) {
+                let at = *pointing.entry(address(set)).or_insert_with(|| {
+                    to_point.push((set.clone(), Vec::new()));
+                    to_point.len() - 1
+                });
+                to_point[at].1.push(index);
             }
+            held.insert(
+                entry.slot,
+                Held {
+                    set: set.clone(),
+                    policy: entry.policy,
+                },
+            );
         }
-        self.point(batch.iter().map(|(t, i)| (t, i.as_slice())))?;
-        drop(batch);
-        self.clear_generation(next, before.as_ref(), &written)?;
+        for chunk in to_point.chunks(BATCH_SETS) {
+            let mut batch = Vec::with_capacity(chunk.len());
+            for (set, indices) in chunk {
+                let key = address(set);
+                let tries = if let Some((_, slot)) = self.published.get(&key) {
+                    self.tries_at(slot_policy_index(active, *slot))?
+                } else if let Some(slot) = in_next.get(&key) {
+                    self.tries_at(slot_policy_index(next, *slot))?
+                } else {
+                    Tries::build(set)?
+                };
+                batch.push((tries, indices.as_slice()));
+            }
+            self.point(batch.iter().map(|(t, i)| (t, *i)))?;
+        }
+        self.clear_generation(next, before.as_ref(), &held)?;
         Ok(Written {
             next,
-            slots: written,
+            held,
             published,
         })
     }
@@ -413,8 +451,8 @@ impl GenerationMaps {
     /// whole `IDG_GENERATION` value written (the new active buffer in its
     /// lowest bit, the count of switches above it: learned entries are
     /// stamped with it, see idgate-common, step 7), and the old
-    /// generation's rule sets (a copy of every rule, for the caller to
-    /// free where it costs nothing).
+    /// generation's rule sets (for the caller to free where it costs
+    /// nothing).
     pub fn switch(&mut self, written: Written) -> Result<(u32, RetiredSets), BpfError> {
         let before = self
             .generation
@@ -427,7 +465,7 @@ impl GenerationMaps {
         self.generation
             .set(0, stamp, 0)
             .map_err(map_err(maps::GENERATION))?;
-        self.written[written.next as usize] = Some(written.slots);
+        self.held[written.next as usize] = Some(written.held);
         let old = std::mem::replace(&mut self.published, written.published);
         Ok((stamp, RetiredSets { _sets: old }))
     }
@@ -456,6 +494,9 @@ impl GenerationMaps {
                 ports.push(tries.ports.fd().as_fd());
             }
         }
+        if keys.is_empty() {
+            return Ok(());
+        }
         self.slot_dests.set_all(&keys, &dests)?;
         self.slot_ports.set_all(&keys, &ports)
     }
@@ -466,12 +507,16 @@ impl GenerationMaps {
     fn clear_generation(
         &mut self,
         generation: u32,
-        before: Option<&BTreeSet<u32>>,
-        keep: &BTreeSet<u32>,
+        before: Option<&StdHashMap<u32, Held>>,
+        keep: &StdHashMap<u32, Held>,
     ) -> Result<(), BpfError> {
         let stale: Vec<u32> = match before {
-            Some(s) => s.difference(keep).copied().collect(),
-            None => (0..MAX_SLOTS).filter(|s| !keep.contains(s)).collect(),
+            Some(s) => s
+                .keys()
+                .filter(|s| !keep.contains_key(s))
+                .copied()
+                .collect(),
+            None => (0..MAX_SLOTS).filter(|s| !keep.contains_key(s)).collect(),
         };
         if stale.is_empty() {
             return Ok(());

@@ -363,8 +363,11 @@ impl Running {
             let waiters = std::mem::take(&mut self.reloads_asked);
             let config = state.config.clone();
             let running = state.policy.clone();
+            let reader = state.policy_reader.clone();
             self.work = Work::Loading {
-                done: off_owner("reload", move || load(&config, &running).map(Box::new)),
+                done: off_owner("reload", move || {
+                    load(&config, &running, &reader).map(Box::new)
+                }),
                 waiters,
             };
             return;
@@ -538,8 +541,15 @@ impl Running {
 
 /// Reads and checks a reload's policy and entries, and what changes
 /// against the running policy. Runs off the owner.
-fn load(config: &Config, running: &PolicySet) -> Result<Loaded, ReloadError> {
-    let policy = policy::load(&config.policy, &config.trust_domains)?;
+fn load(
+    config: &Config,
+    running: &PolicySet,
+    reader: &std::sync::Mutex<policy::Reader>,
+) -> Result<Loaded, ReloadError> {
+    let policy = reader
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .load(&config.policy, &config.trust_domains)?;
     super::state::log_warnings(&policy);
     let entries = load_entries(config)?;
     let diff = policy::diff(running, &policy);

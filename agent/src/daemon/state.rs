@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use idgate_common::MAX_SLOTS;
@@ -59,8 +59,11 @@ pub struct State {
     pub scope_dir: PathBuf,
     pub enforcer: Enforcer,
     /// The policy generations; `None` while lent to a [`GenerationJob`].
-    generations: Option<GenerationMaps>,
+    generations: Option<Generations>,
     pub policy: Arc<PolicySet>,
+    /// What reads the policy files: kept, so that a reload parses only
+    /// the files that changed (used by one reload at a time).
+    pub policy_reader: Arc<Mutex<policy::Reader>>,
     pub entries: EntrySet,
     /// The kubelet's pods (empty off Kubernetes, and while the kubelet
     /// cannot be reached).
@@ -110,7 +113,8 @@ impl State {
         kubelet: Option<(KubeletState, Outcome)>,
         grant_records: tokio::sync::mpsc::UnboundedSender<GrantRecord>,
     ) -> Result<Self, DaemonError> {
-        let policy = policy::load(&config.policy, &config.trust_domains)?;
+        let mut reader = policy::Reader::default();
+        let policy = reader.load(&config.policy, &config.trust_domains)?;
         log_warnings(&policy);
         let entries = load_entries(&config)?;
         let revocations = Revocations::load(&config.state_dir)?;
@@ -152,8 +156,12 @@ impl State {
             root,
             scope_dir,
             enforcer,
-            generations: Some(generations),
+            generations: Some(Generations {
+                maps: generations,
+                compiler: policy::Compiler::default(),
+            }),
             policy: Arc::new(policy),
+            policy_reader: Arc::new(Mutex::new(reader)),
             entries,
             pods,
             kubelet,
@@ -548,7 +556,7 @@ impl State {
     ) -> Result<Retired, DaemonError> {
         self.generations = Some(done.maps);
         let (compiled, written) = done.written?;
-        let maps = self.generations.as_mut().expect("just put back");
+        let maps = &mut self.generations.as_mut().expect("just put back").maps;
         let (stamp, sets) = maps.switch(written)?;
         self.applied.stamp = stamp;
         self.applied.generation = self.generation_number.advance();
@@ -733,12 +741,20 @@ pub fn log_warnings(policy: &PolicySet) {
     }
 }
 
+/// The policy generations in the kernel, and the compiler that keeps
+/// what their entries were compiled from: lent together to a
+/// [`GenerationJob`].
+pub struct Generations {
+    maps: GenerationMaps,
+    compiler: policy::Compiler,
+}
+
 /// A new policy generation to compile and write off the daemon's owner,
 /// with the generation maps lent to it.
 pub struct GenerationJob {
     policy: Arc<PolicySet>,
     slots: Vec<(u32, SpiffeId)>,
-    maps: GenerationMaps,
+    maps: Generations,
     /// Identities whose DNS the kernel leaves alone (`[dns] direct`).
     dns_direct: Vec<SpiffeId>,
 }
@@ -748,7 +764,7 @@ impl GenerationJob {
     /// generation, which no program reads: seconds for a large policy, so
     /// run it on a thread of its own.
     pub fn run(mut self) -> GenerationDone {
-        let mut compiled = policy::compile(&self.policy, &self.slots);
+        let mut compiled = self.maps.compiler.compile(&self.policy, &self.slots);
         let direct: Vec<u32> = self
             .slots
             .iter()
@@ -756,7 +772,7 @@ impl GenerationJob {
             .map(|(slot, _)| *slot)
             .collect();
         compiled.add_flag(&direct, idgate_common::slot_policy::DNS_DIRECT);
-        let written = self.maps.write(&compiled).map(|w| (compiled, w));
+        let written = self.maps.maps.write(&compiled).map(|w| (compiled, w));
         GenerationDone {
             policy: self.policy,
             slots: self.slots,
@@ -798,7 +814,7 @@ impl Retired {
 pub struct GenerationDone {
     policy: Arc<PolicySet>,
     slots: Vec<(u32, SpiffeId)>,
-    maps: GenerationMaps,
+    maps: Generations,
     written: Result<(CompiledPolicy, Written), BpfError>,
 }
 

@@ -271,8 +271,9 @@ impl StateMetrics {
         self.grants.set(state.grants.live() as i64);
         // The inner tries are one pair per rule set: what nears a limit is
         // the fullest of them.
-        let fullest =
-            |len: fn(&RuleSet) -> usize| compiled.rule_sets.iter().map(len).max().unwrap_or(0);
+        let fullest = |len: fn(&RuleSet) -> usize| {
+            compiled.rule_sets.iter().map(|s| len(s)).max().unwrap_or(0)
+        };
         let fill = [
             (
                 maps::IDENTITIES,

@@ -11,6 +11,7 @@
 //! the same way but for the prefix, as one port table per protocol.
 
 use std::collections::{BTreeSet, HashMap};
+use std::hash::{BuildHasher, RandomState};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -19,7 +20,7 @@ use idgate_common::{
 };
 use ipnet::IpNet;
 
-use super::model::{Action, PolicySet};
+use super::model::{Action, Mode, PolicySet, Serial};
 use super::names::{ClassId, NameIndex, NamePattern};
 use super::ports;
 use super::precedence::{
@@ -89,8 +90,9 @@ pub struct SlotEntry {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CompiledPolicy {
     pub slots: Vec<SlotEntry>,
-    /// Each distinct rule set once.
-    pub rule_sets: Vec<RuleSet>,
+    /// Each distinct rule set once (shared with the policies compiled
+    /// before and after it that have the same set).
+    pub rule_sets: Vec<Arc<RuleSet>>,
     /// The name classes of each rule set, indexed like `rule_sets`.
     pub names: Vec<Arc<NameIndex>>,
     /// Indexed by rule id: id 0 is the default, then every rule of the
@@ -123,50 +125,129 @@ impl CompiledPolicy {
 /// unknown-workload policy goes to [`UNKNOWN_SLOT`]. An identity that no
 /// block matches gets deny-all.
 pub fn compile(policy: &PolicySet, slots: &[(u32, SpiffeId)]) -> CompiledPolicy {
-    let blocks = Blocks::new(policy);
-    let mut out = CompiledPolicy {
-        rules: blocks.rule_infos().into(),
-        ..Default::default()
-    };
-    // Identities matched by the same blocks get the same entries; blocks
-    // that come to the same entries share one rule set.
-    let mut done: HashMap<Vec<usize>, (SlotPolicy, usize)> = HashMap::new();
-    let mut sets: HashMap<RuleSet, usize> = HashMap::new();
-    let targets = std::iter::once((UNKNOWN_SLOT, vec![UNKNOWN_BLOCK])).chain(
-        slots
-            .iter()
-            .map(|(slot, id)| (*slot, blocks.for_identity(id))),
-    );
-    for (slot, which) in targets {
-        let &mut (policy, rule_set) = done.entry(which).or_insert_with_key(|which| {
-            let settings = blocks.settings(which);
-            let flag = |set: bool, flag: u32| if set { flag } else { 0 };
-            let names = blocks.name_rules(which);
-            let set = rule_set(decide(&blocks.rules(which)), &names);
-            let policy = SlotPolicy {
-                default_verdict: verdict_of(settings.default),
-                default_rule: DEFAULT_RULE_ID,
-                flags: slot_policy::PRESENT
-                    | flag(settings.audit, slot_policy::AUDIT)
-                    | flag(settings.raw_sockets, slot_policy::RAW_SOCKETS)
-                    | flag(set.dests.is_empty(), slot_policy::NO_ADDRESS_RULES),
+    Compiler::default().compile(policy, slots)
+}
+
+/// Compiles policies one after another, keeping what each identity's
+/// blocks came to: an identity whose blocks are the same parses (see
+/// [`Serial`]) with the same rule ids as in the last policy it compiled
+/// gets the same entries without compiling them again, so a policy where
+/// one block changed compiles that block's identities only.
+#[derive(Default)]
+pub struct Compiler {
+    /// The mode the kept entries were compiled in (it sets the audit
+    /// default of every identity).
+    mode: Option<Mode>,
+    /// By [`Blocks::key`] of the blocks an identity gets.
+    kept: HashMap<Vec<(Serial, u32)>, Compiled>,
+    /// Every rule set in use, by a hash of its entries: a new set equal
+    /// to one of them is shared with it.
+    interned: HashMap<u64, Vec<Arc<RuleSet>>>,
+    hasher: RandomState,
+}
+
+/// The entries of the identities one list of blocks applies to.
+#[derive(Clone)]
+struct Compiled {
+    policy: SlotPolicy,
+    set: Arc<RuleSet>,
+    names: Arc<NameIndex>,
+}
+
+impl Compiler {
+    /// [`compile`], taking from the last policy compiled what has not
+    /// changed.
+    pub fn compile(&mut self, policy: &PolicySet, slots: &[(u32, SpiffeId)]) -> CompiledPolicy {
+        let blocks = Blocks::new(policy);
+        if self.mode != Some(policy.mode) {
+            self.kept.clear();
+            self.mode = Some(policy.mode);
+        }
+        let mut out = CompiledPolicy {
+            rules: blocks.rule_infos().into(),
+            ..Default::default()
+        };
+        // Identities matched by the same blocks get the same entries;
+        // blocks that come to the same entries share one rule set.
+        let mut done: HashMap<Vec<usize>, (SlotPolicy, usize)> = HashMap::new();
+        let mut index_of: HashMap<*const RuleSet, usize> = HashMap::new();
+        let mut kept = HashMap::with_capacity(self.kept.len());
+        let targets = std::iter::once((UNKNOWN_SLOT, vec![UNKNOWN_BLOCK])).chain(
+            slots
+                .iter()
+                .map(|(slot, id)| (*slot, blocks.for_identity(id))),
+        );
+        for (slot, which) in targets {
+            let (policy, rule_set) = match done.get(&which) {
+                Some(&entry) => entry,
+                None => {
+                    let key = blocks.key(&which);
+                    let compiled = match key.as_ref().and_then(|k| self.kept.get(k)) {
+                        Some(c) => c.clone(),
+                        None => self.compile_blocks(&blocks, &which),
+                    };
+                    let next = out.rule_sets.len();
+                    let index = *index_of
+                        .entry(Arc::as_ptr(&compiled.set))
+                        .or_insert_with(|| {
+                            out.rule_sets.push(compiled.set.clone());
+                            out.names.push(compiled.names.clone());
+                            next
+                        });
+                    let entry = (compiled.policy, index);
+                    if let Some(key) = key {
+                        kept.insert(key, compiled);
+                    }
+                    done.insert(which, entry);
+                    entry
+                }
             };
-            let next = out.rule_sets.len();
-            let index = *sets.entry(set).or_insert_with_key(|set| {
-                out.rule_sets.push(set.clone());
-                let patterns = names.iter().map(|(p, _)| *p);
-                out.names.push(Arc::new(NameIndex::new(patterns)));
-                next
+            out.slots.push(SlotEntry {
+                slot,
+                policy,
+                rule_set,
             });
-            (policy, index)
+        }
+        self.kept = kept;
+        self.interned.retain(|_, sets| {
+            sets.retain(|s| index_of.contains_key(&Arc::as_ptr(s)));
+            !sets.is_empty()
         });
-        out.slots.push(SlotEntry {
-            slot,
-            policy,
-            rule_set,
-        });
+        out
     }
-    out
+
+    /// The entries of an identity the blocks `which` apply to.
+    fn compile_blocks(&mut self, blocks: &Blocks, which: &[usize]) -> Compiled {
+        let settings = blocks.settings(which);
+        let flag = |set: bool, flag: u32| if set { flag } else { 0 };
+        let names = blocks.name_rules(which);
+        let set = rule_set(decide(&blocks.rules(which)), &names);
+        let policy = SlotPolicy {
+            default_verdict: verdict_of(settings.default),
+            default_rule: DEFAULT_RULE_ID,
+            flags: slot_policy::PRESENT
+                | flag(settings.audit, slot_policy::AUDIT)
+                | flag(settings.raw_sockets, slot_policy::RAW_SOCKETS)
+                | flag(set.dests.is_empty(), slot_policy::NO_ADDRESS_RULES),
+        };
+        let patterns = names.iter().map(|(p, _)| *p);
+        Compiled {
+            policy,
+            set: self.intern(set),
+            names: Arc::new(NameIndex::new(patterns)),
+        }
+    }
+
+    /// `set`, or the equal one in use.
+    fn intern(&mut self, set: RuleSet) -> Arc<RuleSet> {
+        let sets = self.interned.entry(self.hasher.hash_one(&set)).or_default();
+        if let Some(same) = sets.iter().find(|s| ***s == set) {
+            return same.clone();
+        }
+        let set = Arc::new(set);
+        sets.push(set.clone());
+        set
+    }
 }
 
 /// The trie entries of one identity's decided prefixes and of its name
@@ -637,8 +718,8 @@ mod tests {
                 ],
                 names: vec![Arc::default(), Arc::default()],
                 rule_sets: vec![
-                    RuleSet::default(),
-                    RuleSet {
+                    Arc::default(),
+                    Arc::new(RuleSet {
                         names: vec![],
                         dests: vec![DestEntry {
                             net: "10.0.0.0/8".parse().unwrap(),
@@ -660,7 +741,7 @@ mod tests {
                             udp: PortTable::default(),
                         }],
                         ports: vec![],
-                    },
+                    }),
                 ],
                 rules: Arc::from([
                     RuleInfo {
@@ -875,5 +956,47 @@ mod tests {
             (v, both.rules[rule as usize].name.as_str()),
             (verdict::ALLOW, "dns")
         );
+    }
+
+    #[test]
+    fn a_compiler_keeps_the_rule_sets_of_blocks_that_did_not_change() {
+        const DB: &str = "spiffe://example.org/db";
+        const HTTP: &str = "[[identity.egress]]\nname = \"http\"\nto = [\"10.0.0.0/8\"]\nprotocol = \"tcp\"\naction = \"allow\"\n";
+        let dir = crate::policy::testing::PolicyDir::new(&[
+            ("a.toml", &format!("[[identity]]\nid = \"{WEB}\"\n{HTTP}")),
+            (
+                "b.toml",
+                &format!("[[identity]]\nid = \"{DB}\"\n{HTTP}ports = [81]\n"),
+            ),
+        ]);
+        let mut reader = crate::policy::Reader::default();
+        let slots = [
+            (1, WEB.parse().unwrap()),
+            (2, DB.parse().unwrap()),
+            (3, "spiffe://example.org/none".parse().unwrap()),
+        ];
+        let mut compiler = Compiler::default();
+        let set_of = |c: &CompiledPolicy, slot| c.rule_sets[c.slot(slot).unwrap().rule_set].clone();
+        let first = compiler.compile(&reader.load(&dir.path, &[]).unwrap(), &slots);
+        let again = compiler.compile(&reader.load(&dir.path, &[]).unwrap(), &slots);
+        assert!(Arc::ptr_eq(&set_of(&first, 1), &set_of(&again, 1)));
+        assert!(Arc::ptr_eq(&set_of(&first, 2), &set_of(&again, 2)));
+        std::fs::write(
+            dir.file("b.toml"),
+            format!("[[identity]]\nid = \"{DB}\"\n{HTTP}ports = [82]\n"),
+        )
+        .unwrap();
+        let changed = compiler.compile(&reader.load(&dir.path, &[]).unwrap(), &slots);
+        assert!(Arc::ptr_eq(&set_of(&first, 1), &set_of(&changed, 1)));
+        assert!(!Arc::ptr_eq(&set_of(&first, 2), &set_of(&changed, 2)));
+        // The same entries as compiling from nothing.
+        let fresh = compile(&reader.load(&dir.path, &[]).unwrap(), &slots);
+        assert_eq!(changed, fresh);
+        // A set equal to one in use is shared, compiled anew or not: a
+        // block without rules and an identity no block names.
+        std::fs::write(dir.file("b.toml"), format!("[[identity]]\nid = \"{DB}\"\n")).unwrap();
+        let equal = compiler.compile(&reader.load(&dir.path, &[]).unwrap(), &slots);
+        assert!(Arc::ptr_eq(&set_of(&equal, 2), &set_of(&equal, 3)));
+        assert!(Arc::ptr_eq(&set_of(&first, 3), &set_of(&equal, 3)));
     }
 }

@@ -1,11 +1,11 @@
 //! What a reload changes: identities and rules added, removed, changed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::model::{Action, IdentityPolicy, Keyword, PolicySet};
+use super::model::{Action, IdentityPolicy, Keyword, PolicySet, Serial};
 use super::summary::describe_rule;
 
 /// The difference between two policies. Rules are named `OWNER: NAME`.
@@ -36,7 +36,9 @@ fn settings_text(p: &IdentityPolicy) -> String {
     )
 }
 
-fn flatten(policy: &PolicySet) -> Flat {
+/// Every block of `policy` but those in `same` (parsed once, so
+/// unchanged: see [`Serial`]).
+fn flatten(policy: &PolicySet, same: &HashSet<Serial>) -> Flat {
     let one = |p: &IdentityPolicy| {
         let rules = p
             .egress
@@ -47,15 +49,30 @@ fn flatten(policy: &PolicySet) -> Flat {
     };
     let mut flat = Flat::new();
     flat.insert("unknown".into(), one(&policy.unknown));
-    for block in &policy.identities {
+    for block in policy
+        .identities
+        .iter()
+        .filter(|b| !same.contains(&b.serial))
+    {
         flat.insert(block.subject.to_string(), one(&block.policy));
     }
     flat
 }
 
+/// The blocks both policies have from one parse.
+fn same_blocks(old: &PolicySet, new: &PolicySet) -> HashSet<Serial> {
+    let old: HashSet<Serial> = old.identities.iter().map(|b| b.serial).collect();
+    new.identities
+        .iter()
+        .map(|b| b.serial)
+        .filter(|s| old.contains(s))
+        .collect()
+}
+
 /// What changes from `old` to `new`.
 pub fn diff(old: &PolicySet, new: &PolicySet) -> PolicyDiff {
-    let (old_flat, new_flat) = (flatten(old), flatten(new));
+    let same = same_blocks(old, new);
+    let (old_flat, new_flat) = (flatten(old, &same), flatten(new, &same));
     let mut d = PolicyDiff {
         mode_changed: old.mode != new.mode,
         ..Default::default()
@@ -130,7 +147,8 @@ impl Effect {
 /// What changes from `old` to `new`, per block, for the blocks that
 /// change (a block new or gone has every rule opened or closed).
 pub fn by_block(old: &PolicySet, new: &PolicySet) -> Vec<BlockChange> {
-    let (old_flat, new_flat) = (flatten(old), flatten(new));
+    let same = same_blocks(old, new);
+    let (old_flat, new_flat) = (flatten(old, &same), flatten(new, &same));
     let empty = (String::new(), BTreeMap::new());
     let owners: std::collections::BTreeSet<&String> =
         old_flat.keys().chain(new_flat.keys()).collect();

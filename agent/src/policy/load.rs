@@ -4,6 +4,8 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use sha2::{Digest, Sha256};
+
 use super::diagnostic::{Diagnostic, Location, Source};
 use super::model::PolicySet;
 use super::parse::{FileContents, parse};
@@ -14,32 +16,69 @@ use super::{PolicyError, overlap, warnings};
 /// order, not recursive), and checks it. Fails with every error found in
 /// any of the files; a good policy carries its warnings.
 pub fn load(path: &Path, trust_domains: &[String]) -> Result<PolicySet, PolicyError> {
-    let mut diagnostics = Vec::new();
-    let mut merged = Merged {
-        trust_domains,
-        ..Default::default()
-    };
-    for file in files(path, &mut diagnostics) {
-        match std::fs::read_to_string(&file) {
-            Ok(text) => {
-                let contents = parse(&Source::new(&file, text), &mut diagnostics);
-                merged.add(contents, &mut diagnostics);
+    Reader::default().load(path, trust_domains)
+}
+
+/// Reads policies as [`load`] does, keeping what each file that parsed
+/// cleanly came to: a file whose text has not changed since is not
+/// parsed again (its blocks, and their serials, are the same), so a
+/// reload of many files where one changed parses one.
+#[derive(Default)]
+pub struct Reader {
+    /// By path: the SHA-256 of the text last read, and what it came to.
+    files: HashMap<PathBuf, ([u8; 32], FileContents)>,
+}
+
+impl Reader {
+    /// [`load`], parsing only the files whose text changed since this
+    /// reader last read them.
+    pub fn load(
+        &mut self,
+        path: &Path,
+        trust_domains: &[String],
+    ) -> Result<PolicySet, PolicyError> {
+        let mut diagnostics = Vec::new();
+        let mut merged = Merged {
+            trust_domains,
+            ..Default::default()
+        };
+        let mut kept = HashMap::new();
+        for file in files(path, &mut diagnostics) {
+            match std::fs::read_to_string(&file) {
+                Ok(text) => {
+                    let digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();
+                    let contents = match self.files.remove(&file) {
+                        Some((d, contents)) if d == digest => contents,
+                        _ => {
+                            let before = diagnostics.len();
+                            let contents = parse(&Source::new(&file, text), &mut diagnostics);
+                            if diagnostics.len() > before {
+                                merged.add(contents, &mut diagnostics);
+                                continue;
+                            }
+                            contents
+                        }
+                    };
+                    kept.insert(file, (digest, contents.clone()));
+                    merged.add(contents, &mut diagnostics);
+                }
+                Err(e) => diagnostics.push(Diagnostic::whole_file(
+                    &file,
+                    format!("cannot read this policy file: {e}"),
+                )),
             }
-            Err(e) => diagnostics.push(Diagnostic::whole_file(
-                &file,
-                format!("cannot read this policy file: {e}"),
-            )),
         }
+        self.files = kept;
+        overlap::check(&merged.set, &mut diagnostics);
+        if diagnostics.is_empty() {
+            let mut set = merged.set;
+            set.warnings = warnings::check(&set);
+            sort(&mut set.warnings);
+            return Ok(set);
+        }
+        sort(&mut diagnostics);
+        Err(PolicyError { diagnostics })
     }
-    overlap::check(&merged.set, &mut diagnostics);
-    if diagnostics.is_empty() {
-        let mut set = merged.set;
-        set.warnings = warnings::check(&set);
-        sort(&mut set.warnings);
-        return Ok(set);
-    }
-    sort(&mut diagnostics);
-    Err(PolicyError { diagnostics })
 }
 
 /// By file, then line and column.
@@ -143,7 +182,7 @@ impl Merged<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::model::Mode;
+    use crate::policy::model::{Action, Mode};
     use crate::policy::testing::PolicyDir;
 
     const WEB: &str = "[[identity]]\nid = \"spiffe://example.org/web\"\n";
@@ -284,6 +323,34 @@ mod tests {
             missing
                 .to_string()
                 .contains("none.toml: error: cannot read this policy file: No such file")
+        );
+    }
+
+    #[test]
+    fn a_reader_parses_again_only_the_files_whose_text_changed() {
+        let dir = PolicyDir::new(&[("1.toml", WEB), ("2.toml", AGENTS)]);
+        let mut reader = Reader::default();
+        let serials = |p: &PolicySet| -> Vec<_> { p.identities.iter().map(|b| b.serial).collect() };
+        let first = serials(&reader.load(&dir.path, &[]).unwrap());
+        assert_eq!(serials(&reader.load(&dir.path, &[]).unwrap()), first);
+        std::fs::write(dir.file("2.toml"), format!("{AGENTS}default = \"allow\"\n")).unwrap();
+        let changed = reader.load(&dir.path, &[]).unwrap();
+        assert_eq!(serials(&changed)[0], first[0]);
+        assert_ne!(serials(&changed)[1], first[1]);
+        assert_eq!(changed.identities[1].policy.default, Some(Action::Allow));
+        // A file that does not parse is refused every time, not kept.
+        std::fs::write(dir.file("1.toml"), "[[identity]]\nid = 3\n").unwrap();
+        assert!(reader.load(&dir.path, &[]).is_err());
+        assert!(reader.load(&dir.path, &[]).is_err());
+        // Another reader parses everything itself: new serials.
+        std::fs::write(dir.file("1.toml"), WEB).unwrap();
+        let again = serials(&reader.load(&dir.path, &[]).unwrap());
+        assert_ne!(again[0], first[0]);
+        assert_eq!(again[1], serials(&changed)[1]);
+        assert!(
+            serials(&load(&dir.path, &[]).unwrap())
+                .iter()
+                .all(|s| !again.contains(s))
         );
     }
 }

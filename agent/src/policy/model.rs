@@ -1,5 +1,8 @@
 //! The policy as checked and merged from its files. See `docs/policy.md`.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::diagnostic::{Diagnostic, Location};
@@ -12,8 +15,10 @@ pub struct PolicySet {
     pub mode: Mode,
     /// The policy of workloads that have no identity.
     pub unknown: IdentityPolicy,
-    /// Identity blocks, exact and patterns, in file order.
-    pub identities: Vec<IdentityBlock>,
+    /// Identity blocks, exact and patterns, in file order. Shared with
+    /// the reader's cache of unchanged files and with later policies read
+    /// from them.
+    pub identities: Vec<Arc<IdentityBlock>>,
     /// What the checks found worth saying that does not refuse the
     /// policy, sorted by file and position.
     pub warnings: Vec<Diagnostic>,
@@ -26,6 +31,22 @@ pub struct IdentityBlock {
     /// Where its `id` is written.
     pub at: Location,
     pub policy: IdentityPolicy,
+    /// Names this block as parsed: blocks with the same serial are one
+    /// parse of the same text, so what was derived from one (its
+    /// compiled entries, its checks) holds for the other.
+    pub serial: Serial,
+}
+
+/// A number given to each parsed block, never given again in the
+/// process's life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Serial(u64);
+
+impl Serial {
+    pub fn next() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Self(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
 }
 
 /// What one block (or the unknown workload) says. Unset settings come from

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use toml::Spanned;
@@ -12,18 +13,18 @@ use toml::de::{DeTable, DeValue};
 use super::diagnostic::{Diagnostic, Location, Source};
 use super::model::{
     Action, Destination, EgressRule, IdentityBlock, IdentityPolicy, Keyword, Mode, PortSpec,
-    Protocol,
+    Protocol, Serial,
 };
 use super::names::NamePattern;
 use super::subject::Subject;
 
 /// What one file sets.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct FileContents {
     pub mode: Option<(Mode, Location)>,
     /// `[unknown]`, and where its header is.
     pub unknown: Option<(IdentityPolicy, Location)>,
-    pub identities: Vec<IdentityBlock>,
+    pub identities: Vec<Arc<IdentityBlock>>,
 }
 
 /// Reads one file, adding every problem it finds to `diagnostics`. A file
@@ -89,7 +90,7 @@ impl Reader<'_> {
             let want = "`identity` must be an array of tables ([[identity]])";
             for (block, t) in self.tables(v, want) {
                 if let Some(b) = self.identity(block, t) {
-                    out.identities.push(b);
+                    out.identities.push(Arc::new(b));
                 }
             }
         }
@@ -115,6 +116,7 @@ impl Reader<'_> {
                 subject,
                 at: self.source.locate(id.span().start),
                 policy,
+                serial: Serial::next(),
             }),
             Err(e) => {
                 self.error(

@@ -25,7 +25,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use ipnet::{IpNet, Ipv4Net};
 
-use super::model::{Action, EgressRule, IdentityPolicy, Mode, PolicySet, Protocol};
+use super::model::{Action, EgressRule, IdentityPolicy, Mode, PolicySet, Protocol, Serial};
 use super::names::NamePattern;
 use super::subject::{Specificity, Subject, pattern_bases};
 use crate::identity::SpiffeId;
@@ -54,6 +54,8 @@ pub struct Block<'a> {
     pub specificity: Specificity,
     /// The id of its first rule; the others follow in order.
     pub first_rule: u32,
+    /// Its parse, for the unknown-workload policy `None`.
+    pub serial: Option<Serial>,
 }
 
 /// Every block of a policy (the unknown-workload policy first), its rule
@@ -131,6 +133,7 @@ impl<'a> Blocks<'a> {
             policy: &policy.unknown,
             specificity: Specificity::Exact,
             first_rule: DEFAULT_RULE_ID + 1,
+            serial: None,
         }];
         let (mut exact, mut patterns) = (HashMap::new(), HashMap::new());
         for block in &policy.identities {
@@ -147,6 +150,7 @@ impl<'a> Blocks<'a> {
                 policy: &block.policy,
                 specificity: block.subject.specificity(),
                 first_rule,
+                serial: Some(block.serial),
             });
         }
         Self {
@@ -174,6 +178,17 @@ impl<'a> Blocks<'a> {
     pub fn for_identity(&self, id: &SpiffeId) -> Vec<usize> {
         self.patterns_over(id)
             .chain(self.exact.get(id.as_str()).copied())
+            .collect()
+    }
+
+    /// What the entries of an identity the blocks `which` apply to are
+    /// made of, whatever policy the blocks are in: each block's parse and
+    /// its first rule id. `None` for the unknown-workload policy's, which
+    /// has no parse of its own.
+    pub fn key(&self, which: &[usize]) -> Option<Vec<(Serial, u32)>> {
+        which
+            .iter()
+            .map(|&b| Some((self.list[b].serial?, self.list[b].first_rule)))
             .collect()
     }
 
