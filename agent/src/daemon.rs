@@ -217,6 +217,7 @@ async fn start(config_path: &Path, handover: crate::dns::Handover) -> Result<Sta
     let (view, identities, dns_view) = ViewPublisher::new(&state);
     let book = Arc::new(crate::dns::NameBook::default());
     let (records_tx, records) = mpsc::channel(DNS_RECORDS);
+    let (grant_addresses_tx, grant_addresses) = mpsc::channel(handle::QUEUE);
     let telemetry = telemetry.start(
         &state,
         crate::events::Feeds {
@@ -233,6 +234,7 @@ async fn start(config_path: &Path, handover: crate::dns::Handover) -> Result<Sta
         book,
         handover,
         telemetry.dns.clone(),
+        grant_addresses_tx,
     )?;
     let (hand_over, hand_over_asked) = mpsc::channel(1);
     let rescan = namespaces::Rescan::default();
@@ -294,6 +296,7 @@ async fn start(config_path: &Path, handover: crate::dns::Handover) -> Result<Sta
         found,
         rescan,
         kubelet: kubelet_rx,
+        grant_addresses,
     }
     .spawn(done_tx)?;
     Ok(Started {

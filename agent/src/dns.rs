@@ -57,6 +57,6 @@ pub use message::{
 };
 pub use metrics::DnsMetrics;
 pub use path::{DnsPath, DnsPathError};
-pub use resolver::{DnsRecord, Outcome};
+pub use resolver::{DnsRecord, GrantAddresses, Outcome};
 pub use upstream::{ExchangeError, Upstream, UpstreamError};
-pub use view::{Asker, DnsView};
+pub use view::{Asker, DnsView, GrantedName};

@@ -20,7 +20,7 @@ use super::learned::{Learned, NameBook};
 use super::listener;
 use super::message::FilterOptions;
 use super::metrics::DnsMetrics;
-use super::resolver::{DnsRecord, Resolver};
+use super::resolver::{DnsRecord, GrantAddresses, Resolver};
 use super::server::{self, IN_FLIGHT, Serving};
 use super::upstream::Upstream;
 use super::view::DnsView;
@@ -77,6 +77,7 @@ impl DnsPath {
         book: Arc<NameBook>,
         handover: Handover,
         metrics: DnsMetrics,
+        grants: mpsc::Sender<GrantAddresses>,
     ) -> Result<Option<Self>, DnsPathError> {
         let mut redirect = RedirectMaps::open(pin_dir)?;
         if !config.enabled {
@@ -103,6 +104,7 @@ impl DnsPath {
             grace: config.grace,
             records,
             metrics,
+            grants,
         });
         let listening = Arc::new(AtomicUsize::new(0));
         let reader = DnsReader {
