@@ -110,6 +110,8 @@ pub struct Running {
     /// The identity's slot, when it holds one: only then is it in the
     /// kernel.
     pub slot: Option<u32>,
+    /// For a grant by name: the addresses learned for it that it opens.
+    pub learned: usize,
 }
 
 /// The grants file as read at start.
@@ -301,6 +303,10 @@ impl Grants {
             expires_at: wall_time(grant.expiry_boot_ns, now, now_boot),
             left: Duration::from_nanos(grant.expiry_boot_ns.saturating_sub(now_boot)),
             slot: slots.get(&grant.identity).copied(),
+            learned: self
+                .learned
+                .get(&grant.id)
+                .map_or(0, |a| a.values().filter(|e| **e > now_boot).count()),
             grant,
         }
     }
