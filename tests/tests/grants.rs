@@ -10,14 +10,14 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use idgate_tests::{
-    Agent, Cgroups, Fixture, WEB, assert_schema, events_schema, free_loopback_port, json_lines,
-    metric, probe, require_privileges, scrape, wait_for,
-};
 use idgate_tests::dns::{
     DigQuery, DnsServer, NOWHERE, Resolver, Zone, audit, connect, dns_config, loopback_ip,
 };
 use idgate_tests::require_tools;
+use idgate_tests::{
+    Agent, Cgroups, Fixture, WEB, assert_schema, events_schema, free_loopback_port, json_lines,
+    metric, probe, require_privileges, scrape, wait_for,
+};
 use nix::sys::signal::Signal;
 
 const ALLOWED: &str = "ECONNREFUSED";
@@ -572,8 +572,7 @@ fn a_grant_by_name_answers_its_lookups_and_opens_their_addresses_until_it_ends()
 
     // `idgate grants` lists them by name, with the addresses they opened.
     let list: serde_json::Value =
-        serde_json::from_str(&agent.try_cli(&["grants", "--json"]).expect("grants"))
-            .expect("JSON");
+        serde_json::from_str(&agent.try_cli(&["grants", "--json"]).expect("grants")).expect("JSON");
     let shown = list["grants"]
         .as_array()
         .expect("grants")
@@ -595,13 +594,17 @@ fn a_grant_by_name_answers_its_lookups_and_opens_their_addresses_until_it_ends()
     // The DNS records name the grant, and the grants' expiries are
     // audited.
     let schema = events_schema();
-    let answered = wait_for("the DNS record of the granted lookup", Duration::from_secs(10), || {
-        audit(&log).into_iter().find(|r| {
-            r["hook"] == "dns"
-                && r["dst_name"] == "granted.test.example"
-                && r["reason"] == "answered"
-        })
-    });
+    let answered = wait_for(
+        "the DNS record of the granted lookup",
+        Duration::from_secs(10),
+        || {
+            audit(&log).into_iter().find(|r| {
+                r["hook"] == "dns"
+                    && r["dst_name"] == "granted.test.example"
+                    && r["reason"] == "answered"
+            })
+        },
+    );
     assert_schema(&schema, &answered);
     assert_eq!(answered["rule"], format!("grant:{id}"));
     assert_eq!(answered["dns"]["grants"][0], format!("grant:{id}"));
@@ -613,5 +616,86 @@ fn a_grant_by_name_answers_its_lookups_and_opens_their_addresses_until_it_ends()
         });
         assert_schema(&schema, &expired);
     }
+    let _ = std::fs::remove_file(&log);
+}
+
+/// A grant by name survives a restart (the file), and so do the addresses
+/// its lookups opened (the pinned map), which the new agent takes back
+/// without extending them; a revocation closes them and its lookups get
+/// NXDOMAIN again.
+#[test]
+fn a_grant_by_name_survives_a_restart_and_a_revocation_ends_it() {
+    require_privileges!();
+    require_tools!("dnsmasq", "dig");
+    let zone = Zone::new()
+        .host("kept.test.example", &[IpAddr::from([127, 0, 0, 31])], 300)
+        .nxdomain("test.example");
+    let upstream = DnsServer::start(SocketAddr::new(loopback_ip(), 53), &zone);
+    let mut cg = Cgroups::new("grant-name-restart");
+    let web = cg.inside("web");
+    let log = std::env::temp_dir().join(format!("{}-audit.jsonl", cg.name()));
+    let _ = std::fs::remove_file(&log);
+    let policy = format!("[[identity]]\nid = \"{WEB}\"\ndefault = \"deny\"\n");
+    let mut agent = Agent::start(
+        &cg,
+        &policy,
+        &format!(
+            "[[workload]]\ncgroup = \"web\"\nidentity = \"{WEB}\"\n{}",
+            dns_config(upstream.addr(), &log, "private_answers = \"allow\"")
+        ),
+    );
+    let dig = |name: &str| {
+        Resolver::new(&[NOWHERE])
+            .in_cgroup(&web)
+            .dig(&DigQuery::new(name))
+    };
+    let port = free_loopback_port();
+    let ip = "127.0.0.31";
+    let out = agent
+        .try_cli(&[
+            "grant",
+            "--identity",
+            WEB,
+            "--to",
+            "kept.test.example",
+            "--ports",
+            &port.to_string(),
+            "--for",
+            "10m",
+            "--json",
+        ])
+        .expect("idgate grant");
+    let reply: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let id = reply["grant"]["id"].as_u64().expect("grant id");
+    assert_eq!(
+        dig("kept.test.example").addrs,
+        vec![IpAddr::from([127, 0, 0, 31])]
+    );
+    assert_eq!(connect(&web, ip, port), "allowed");
+
+    assert!(agent.stop(Signal::SIGTERM).success());
+    assert_eq!(
+        connect(&web, ip, port),
+        "allowed",
+        "pinned: no agent needed"
+    );
+    agent.spawn();
+    agent.wait_ready();
+    assert_eq!(connect(&web, ip, port), "allowed");
+    let list: serde_json::Value =
+        serde_json::from_str(&agent.try_cli(&["grants", "--json"]).expect("grants")).expect("JSON");
+    let shown = &list["grants"][0];
+    assert_eq!(shown["id"], id);
+    assert_eq!(shown["to"], "kept.test.example");
+    assert_eq!(shown["learned_addresses"], 1, "taken back from the map");
+    let again = dig("kept.test.example");
+    assert_eq!(again.status.as_deref(), Some("NOERROR"), "{again:?}");
+
+    agent
+        .try_cli(&["grant", "--revoke", &id.to_string()])
+        .expect("idgate grant --revoke");
+    assert_eq!(connect(&web, ip, port), "EPERM");
+    let after = dig("kept.test.example");
+    assert_eq!(after.status.as_deref(), Some("NXDOMAIN"), "{after:?}");
     let _ = std::fs::remove_file(&log);
 }

@@ -158,3 +158,45 @@ impl DnsView {
         self.by_slot.iter().find(|(_, i)| *i == id).map(|(s, _)| *s)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slot_s_grants_by_name_cover_their_names_until_they_end() {
+        let g = |id, pattern: &str, expiry_boot_ns| GrantedName {
+            id,
+            pattern: pattern.parse().unwrap(),
+            expiry_boot_ns,
+        };
+        let view = DnsView::default().with_grants(
+            7,
+            [
+                (5, g(1, "api.example.com", 100)),
+                (5, g(2, "*.example.com", 200)),
+                (6, g(3, "api.example.com", 100)),
+                // Unknown workloads get no grants.
+                (UNKNOWN_SLOT, g(4, "api.example.com", 100)),
+            ],
+        );
+        assert_eq!(view.grants_version, 7);
+        let ids = |slot, name, now| -> Vec<u32> {
+            view.grants_for(slot, name, now)
+                .iter()
+                .map(|g| g.id)
+                .collect()
+        };
+        assert_eq!(ids(5, "api.example.com", 10), [1, 2]);
+        assert_eq!(ids(5, "www.example.com", 10), [2]);
+        assert!(ids(5, "example.com", 10).is_empty());
+        assert!(ids(5, "api.example.org", 10).is_empty());
+        // Ended: at its expiry it covers nothing.
+        assert_eq!(ids(5, "api.example.com", 100), [2]);
+        assert!(ids(5, "api.example.com", 200).is_empty());
+        // Per slot.
+        assert_eq!(ids(6, "api.example.com", 10), [3]);
+        assert!(ids(UNKNOWN_SLOT, "api.example.com", 10).is_empty());
+        assert!(ids(9, "api.example.com", 10).is_empty());
+    }
+}
