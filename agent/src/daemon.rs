@@ -230,11 +230,13 @@ async fn start(config_path: &Path, handover: crate::dns::Handover) -> Result<Sta
         &state.config.dns,
         &state.config.pin_dir,
         dns_view,
-        records_tx,
+        crate::dns::DnsSenders {
+            records: records_tx,
+            grants: grant_addresses_tx,
+        },
         book,
         handover,
         telemetry.dns.clone(),
-        grant_addresses_tx,
     )?;
     let (hand_over, hand_over_asked) = mpsc::channel(1);
     let rescan = namespaces::Rescan::default();

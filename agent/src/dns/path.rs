@@ -36,6 +36,14 @@ pub enum DnsPathError {
     Config(#[from] super::config::DnsConfigError),
 }
 
+/// Where the DNS path sends what it does not own.
+pub struct DnsSenders {
+    /// Its decision records, to the events reader.
+    pub records: mpsc::Sender<DnsRecord>,
+    /// Answers to lookups grants by name cover, to the grants' owner.
+    pub grants: mpsc::Sender<GrantAddresses>,
+}
+
 /// How often expired learned addresses are removed.
 const SWEEP: Duration = Duration::from_secs(5);
 
@@ -73,12 +81,12 @@ impl DnsPath {
         config: &DnsConfig,
         pin_dir: &Path,
         view: watch::Receiver<Arc<DnsView>>,
-        records: mpsc::Sender<DnsRecord>,
+        senders: DnsSenders,
         book: Arc<NameBook>,
         handover: Handover,
         metrics: DnsMetrics,
-        grants: mpsc::Sender<GrantAddresses>,
     ) -> Result<Option<Self>, DnsPathError> {
+        let DnsSenders { records, grants } = senders;
         let mut redirect = RedirectMaps::open(pin_dir)?;
         if !config.enabled {
             redirect.set(DnsSettings::default())?;
