@@ -217,6 +217,7 @@ async fn start(config_path: &Path, handover: crate::dns::Handover) -> Result<Sta
     let (view, identities, dns_view) = ViewPublisher::new(&state);
     let book = Arc::new(crate::dns::NameBook::default());
     let (records_tx, records) = mpsc::channel(DNS_RECORDS);
+    let (grant_addresses_tx, grant_addresses) = mpsc::channel(handle::QUEUE);
     let telemetry = telemetry.start(
         &state,
         crate::events::Feeds {
@@ -229,7 +230,10 @@ async fn start(config_path: &Path, handover: crate::dns::Handover) -> Result<Sta
         &state.config.dns,
         &state.config.pin_dir,
         dns_view,
-        records_tx,
+        crate::dns::DnsSenders {
+            records: records_tx,
+            grants: grant_addresses_tx,
+        },
         book,
         handover,
         telemetry.dns.clone(),
@@ -294,6 +298,7 @@ async fn start(config_path: &Path, handover: crate::dns::Handover) -> Result<Sta
         found,
         rescan,
         kubelet: kubelet_rx,
+        grant_addresses,
     }
     .spawn(done_tx)?;
     Ok(Started {

@@ -56,7 +56,7 @@ pub use message::{
     udp_limit,
 };
 pub use metrics::DnsMetrics;
-pub use path::{DnsPath, DnsPathError};
-pub use resolver::{DnsRecord, Outcome};
+pub use path::{DnsPath, DnsPathError, DnsSenders};
+pub use resolver::{DnsRecord, GrantAddresses, Outcome};
 pub use upstream::{ExchangeError, Upstream, UpstreamError};
-pub use view::{Asker, DnsView};
+pub use view::{Asker, DnsView, GrantedName};

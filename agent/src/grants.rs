@@ -13,6 +13,14 @@
 //! every decision, so a grant ends on time with no agent running; the
 //! agent's one-second tick only removes what expired from the map and the
 //! file, and audits it.
+//!
+//! A grant by name is in the kernel as the addresses its identity's
+//! lookups of the name were answered: the DNS path hands each answer's
+//! addresses to [`Grants::learn`] (through the daemon's owner) before the
+//! workload gets it, and each becomes a host entry of the grant until the
+//! earlier of the grant's end and the answer's TTL. They are not kept in
+//! the file: an agent that starts takes them back from the map as they
+//! are, never longer.
 
 mod audit;
 mod config;
@@ -21,6 +29,7 @@ mod model;
 mod store;
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
@@ -30,15 +39,20 @@ use tokio::sync::mpsc;
 use crate::bpf::{BpfError, GrantMap};
 use crate::clock::{boot_id, boot_ns, wall_time};
 use crate::identity::SpiffeId;
-use entries::EntryKey;
+use entries::{EntryKey, LearnedAddresses};
 use store::Store;
 
 pub use audit::{GrantAction, GrantRecord};
 pub use config::{Granter, GrantsConfig, GrantsConfigError};
 pub use entries::TooManyOverlapping;
 pub use model::{
-    Grant, GrantProtocol, GrantSpec, InputError, Ports, grant_destination, grant_identity,
+    Grant, GrantProtocol, GrantSpec, GrantTo, InputError, Ports, grant_destination, grant_identity,
 };
+
+/// The most addresses one grant by name holds learned at once (a
+/// wildcard's lookups of many names): past that an answer is refused
+/// (SERVFAIL) until some expire.
+pub const MAX_LEARNED_PER_GRANT: usize = 256;
 pub use store::StoreError;
 
 /// Why a grant request was refused (nothing changed), or why grant state
@@ -67,6 +81,23 @@ pub enum GrantError {
     Bpf(#[from] BpfError),
     #[error("cannot read the boot id: {0}")]
     BootId(std::io::Error),
+    #[error(
+        "no grant by name of the identity of slot {slot} runs among {ids:?} (expired, revoked, or the slot changed hands)"
+    )]
+    NotGranted { slot: u32, ids: Vec<u32> },
+    #[error(
+        "grant {id} already holds {MAX_LEARNED_PER_GRANT} addresses learned for its names; more are opened as those expire"
+    )]
+    TooManyLearned { id: u32 },
+}
+
+/// A running grant by name, for the DNS path: whose lookups it answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NameGrant {
+    pub slot: u32,
+    pub id: u32,
+    pub pattern: crate::policy::NamePattern,
+    pub expiry_boot_ns: u64,
 }
 
 /// A running grant, as listed.
@@ -79,6 +110,8 @@ pub struct Running {
     /// The identity's slot, when it holds one: only then is it in the
     /// kernel.
     pub slot: Option<u32>,
+    /// For a grant by name: the addresses learned for it that it opens.
+    pub learned: usize,
 }
 
 /// The grants file as read at start.
@@ -98,8 +131,13 @@ pub struct Grants {
     map: GrantMap,
     grants: BTreeMap<u32, Grant>,
     next_id: u32,
+    /// The addresses learned for grants by name, by grant.
+    learned: LearnedAddresses,
     /// What the map holds.
     written: BTreeMap<EntryKey, GrantValue>,
+    /// Counts changes of the grants (not of learned addresses): the DNS
+    /// path's view of the grants by name is taken again when it moves.
+    version: u64,
     /// A change the map has not taken yet: tried again every tick.
     behind: bool,
     audit: mpsc::UnboundedSender<GrantRecord>,
@@ -135,13 +173,17 @@ impl Grants {
         } = read;
         let map = GrantMap::open(pin_dir)?;
         let written = map.read()?;
+        let grants: BTreeMap<u32, Grant> = loaded.live.into_iter().map(|g| (g.id, g)).collect();
+        let learned = learned_in(&written, &grants);
         let me = Self {
             config,
             store,
             map,
-            grants: loaded.live.into_iter().map(|g| (g.id, g)).collect(),
+            grants,
             next_id: loaded.next_id,
+            learned,
             written,
+            version: 0,
             behind: true,
             audit,
         };
@@ -165,6 +207,7 @@ impl Grants {
         }
         tracing::info!(
             live = me.grants.len(),
+            learned = me.learned.values().map(BTreeMap::len).sum::<usize>(),
             dropped = loaded.other_boot.len(),
             expired = loaded.expired.len(),
             file = %me.store.path().display(),
@@ -260,6 +303,10 @@ impl Grants {
             expires_at: wall_time(grant.expiry_boot_ns, now, now_boot),
             left: Duration::from_nanos(grant.expiry_boot_ns.saturating_sub(now_boot)),
             slot: slots.get(&grant.identity).copied(),
+            learned: self
+                .learned
+                .get(&grant.id)
+                .map_or(0, |a| a.values().filter(|e| **e > now_boot).count()),
             grant,
         }
     }
@@ -281,6 +328,7 @@ impl Grants {
                 tracing::error!(error = %e, "cannot write the grants file without the expired grants");
             }
             self.grants = live;
+            self.version += 1;
             self.behind = true;
             for g in expired.values() {
                 tracing::info!(grant = g.id, identity = %g.identity, "grant expired");
@@ -291,6 +339,9 @@ impl Grants {
                     wall_time(g.expiry_boot_ns, now, now_boot),
                 );
             }
+        }
+        if self.forget_learned(now_boot) {
+            self.behind = true;
         }
         if self.behind
             && let Err(e) = self.follow(slots)
@@ -305,7 +356,7 @@ impl Grants {
     /// no running grant is missing in between.
     pub fn follow(&mut self, slots: &Slots) -> Result<(), GrantError> {
         self.behind = true;
-        let wanted = desired(&self.grants, slots)?;
+        let wanted = desired(&self.grants, &self.learned, slots)?;
         for (key, value) in &wanted {
             if self.written.get(key) != Some(value) {
                 self.map.put(key, value)?;
@@ -335,12 +386,13 @@ impl Grants {
         slots: &Slots,
     ) -> Result<(), GrantError> {
         // Refused before anything is written: too many overlapping.
-        desired(&next, &Slots::new())?;
+        desired(&next, &self.learned, &Slots::new())?;
         self.save(next_id, &next)?;
         let before = std::mem::replace(&mut self.grants, next);
         // An id stays used even if the change is taken back: a grant id is
         // never given twice.
         self.next_id = next_id;
+        self.version += 1;
         if let Err(e) = self.follow(slots) {
             self.grants = before;
             if let Err(undo) = self.save(self.next_id, &self.grants) {
@@ -352,7 +404,104 @@ impl Grants {
             }
             return Err(e);
         }
+        self.forget_learned(boot_ns());
         Ok(())
+    }
+
+    /// Learns `addresses` (each with the end of its answer's TTL on the
+    /// boot-time clock), the answer to a lookup from `slot`, for those of
+    /// grants `ids` that still run for the identity holding `slot`: in the
+    /// kernel before this returns, so a connect made as soon as the
+    /// answer is out is judged with them. Returns the grants they were
+    /// learned for. An answer that would hold more than an entry can (too
+    /// many grants over one address) or than a grant may, or that the map
+    /// refuses, changes nothing.
+    pub fn learn(
+        &mut self,
+        slot: u32,
+        ids: &[u32],
+        addresses: &[(IpAddr, u64)],
+        slots: &Slots,
+    ) -> Result<Vec<u32>, GrantError> {
+        let now_boot = boot_ns();
+        let running: Vec<u32> = ids
+            .iter()
+            .copied()
+            .filter(|id| {
+                self.grants.get(id).is_some_and(|g| {
+                    g.to.name().is_some()
+                        && g.expiry_boot_ns > now_boot
+                        && slots.get(&g.identity) == Some(&slot)
+                })
+            })
+            .collect();
+        if running.is_empty() {
+            return Err(GrantError::NotGranted {
+                slot,
+                ids: ids.to_vec(),
+            });
+        }
+        self.forget_learned(now_boot);
+        let mut next = self.learned.clone();
+        for id in &running {
+            let held = next.entry(*id).or_default();
+            for (addr, expiry) in addresses {
+                let addr = canonical(*addr);
+                let at = held.entry(addr).or_insert(0);
+                // A shorter TTL now than before: the later holds (the
+                // answer given before still counts on it).
+                *at = (*at).max(*expiry);
+            }
+            if held.len() > MAX_LEARNED_PER_GRANT {
+                return Err(GrantError::TooManyLearned { id: *id });
+            }
+        }
+        let before = std::mem::replace(&mut self.learned, next);
+        if let Err(e) = self.follow(slots) {
+            self.learned = before;
+            if let Err(undo) = self.follow(slots) {
+                tracing::error!(error = %undo, "cannot take back the grants map's change; tried again in a second");
+            }
+            return Err(e);
+        }
+        Ok(running)
+    }
+
+    /// The running grants by name of identities that hold a slot.
+    pub fn names(&self, slots: &Slots) -> Vec<NameGrant> {
+        self.grants
+            .values()
+            .filter_map(|g| {
+                Some(NameGrant {
+                    slot: *slots.get(&g.identity)?,
+                    id: g.id,
+                    pattern: g.to.name()?.clone(),
+                    expiry_boot_ns: g.expiry_boot_ns,
+                })
+            })
+            .collect()
+    }
+
+    /// Counts changes of the grants themselves.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Addresses learned for grants by name now in the kernel.
+    pub fn learned(&self) -> usize {
+        self.learned.values().map(BTreeMap::len).sum()
+    }
+
+    /// Drops learned addresses whose TTL is over and those of grants that
+    /// no longer run; whether any went.
+    fn forget_learned(&mut self, now_boot: u64) -> bool {
+        let before = self.learned();
+        let grants = &self.grants;
+        self.learned.retain(|id, addrs| {
+            addrs.retain(|_, expiry| *expiry > now_boot);
+            grants.contains_key(id) && !addrs.is_empty()
+        });
+        self.learned() != before
     }
 
     fn check_duration(&self, asked: Duration) -> Result<(), GrantError> {
@@ -378,11 +527,12 @@ impl Grants {
     }
 }
 
-/// The map's entries for `grants`: each identity's under its slot, if it
-/// holds one. Without slots, it only checks that every identity's grants
-/// fit their entries.
+/// The map's entries for `grants` and the addresses `learned` for those by
+/// name: each identity's under its slot, if it holds one. Without slots,
+/// it only checks that every identity's grants fit their entries.
 fn desired(
     grants: &BTreeMap<u32, Grant>,
+    learned: &LearnedAddresses,
     slots: &Slots,
 ) -> Result<BTreeMap<EntryKey, GrantValue>, TooManyOverlapping> {
     let mut by_identity: HashMap<&SpiffeId, Vec<&Grant>> = HashMap::new();
@@ -392,12 +542,46 @@ fn desired(
     let mut out = BTreeMap::new();
     for (id, grants) in by_identity {
         let slot = slots.get(id).copied();
-        let entries = entries::entries(slot.unwrap_or(0), grants)?;
+        let entries = entries::entries(slot.unwrap_or(0), grants, learned)?;
         if slot.is_some() {
             out.extend(entries);
         }
     }
     Ok(out)
+}
+
+/// An IPv4-mapped IPv6 address as the IPv4 one: connects to it are
+/// judged as IPv4.
+fn canonical(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// The learned addresses the map holds for `grants` by name (after a
+/// restart): each host entry's inline grant that is a running grant by
+/// name, with the expiry the entry holds, which is never later than what
+/// the answer gave.
+fn learned_in(
+    written: &BTreeMap<EntryKey, GrantValue>,
+    grants: &BTreeMap<u32, Grant>,
+) -> LearnedAddresses {
+    let mut learned = LearnedAddresses::new();
+    for (key, value) in written {
+        let Some(addr) = entries::host_of(key) else {
+            continue;
+        };
+        for e in &value.grants {
+            if e.expiry_boot_ns != 0 && grants.get(&e.id).is_some_and(|g| g.to.name().is_some()) {
+                learned
+                    .entry(e.id)
+                    .or_default()
+                    .insert(addr, e.expiry_boot_ns);
+            }
+        }
+    }
+    learned
 }
 
 #[cfg(test)]
@@ -436,20 +620,29 @@ mod tests {
                 .collect()
         };
         // No slot: nothing in the kernel, but the overlap is still checked.
-        assert!(desired(&grants, &Slots::new()).unwrap().is_empty());
+        assert!(
+            desired(&grants, &LearnedAddresses::new(), &Slots::new())
+                .unwrap()
+                .is_empty()
+        );
         // Only `a` holds one: its two entries, under its slot.
-        let only_a = desired(&grants, &slots_of(&[(a, 5)])).unwrap();
+        let only_a = desired(&grants, &LearnedAddresses::new(), &slots_of(&[(a, 5)])).unwrap();
         assert_eq!(only_a.len(), 2);
         assert!(only_a.keys().all(|(_, k)| k.slot == 5));
         // Both: `b`'s /8 is an entry of its own slot, never in `a`'s.
-        let both = desired(&grants, &slots_of(&[(a, 5), (b, 6)])).unwrap();
+        let both = desired(
+            &grants,
+            &LearnedAddresses::new(),
+            &slots_of(&[(a, 5), (b, 6)]),
+        )
+        .unwrap();
         assert_eq!(both.len(), 3);
         let of_b: Vec<_> = both.iter().filter(|((_, k), _)| k.slot == 6).collect();
         assert_eq!(of_b.len(), 1);
         assert_eq!(of_b[0].1.grants[0].id, 3);
         assert_eq!(of_b[0].1.grants[1].expiry_boot_ns, 0, "only b's grant");
         // A slot that changes hands takes the new holder's entries only.
-        let moved = desired(&grants, &slots_of(&[(b, 5)])).unwrap();
+        let moved = desired(&grants, &LearnedAddresses::new(), &slots_of(&[(b, 5)])).unwrap();
         assert_eq!(moved.len(), 1);
         assert_eq!(moved.values().next().unwrap().grants[0].id, 3);
     }

@@ -6,9 +6,14 @@
 //! "Allowed" is `ECONNREFUSED` (nothing listens on 127.1.x.y: the kernel
 //! let the connect through), "denied" is `EPERM`.
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use idgate_tests::dns::{
+    DigQuery, DnsServer, NOWHERE, Resolver, Zone, audit, connect, dns_config, loopback_ip,
+};
+use idgate_tests::require_tools;
 use idgate_tests::{
     Agent, Cgroups, Fixture, WEB, assert_schema, events_schema, free_loopback_port, json_lines,
     metric, probe, require_privileges, scrape, wait_for,
@@ -409,8 +414,8 @@ fn bad_grants_are_refused_with_what_is_wrong_and_change_nothing() {
             "cannot be granted",
         ),
         (
-            vec!["--identity", WEB, "--to", "api.example.com", "--for", "1m"],
-            "grants by name are not supported yet",
+            vec!["--identity", WEB, "--to", "api..example.com", "--for", "1m"],
+            "is not a DNS name: it has an empty label",
         ),
         (
             vec!["--identity", WEB, "--to", "10.0.0.1/8", "--for", "1m"],
@@ -472,4 +477,225 @@ fn a_corrupt_grants_file_stops_the_agent_before_anything_is_attached() {
     assert!(log.contains("grants.json is corrupt"), "{log}");
     assert!(agent.pinned_links().is_empty(), "something was attached");
     assert!(!agent.pin_dir.exists(), "pin dir was created");
+}
+
+/// A grant by name: before it, the name's lookups get NXDOMAIN and its
+/// address is denied; while it runs, lookups of the name (and of names
+/// under a wildcard) are answered, and the answered addresses are open on
+/// the grant's port only, in the kernel before the answer arrives; when
+/// it ends, the kernel denies again and the lookups get NXDOMAIN.
+#[test]
+fn a_grant_by_name_answers_its_lookups_and_opens_their_addresses_until_it_ends() {
+    require_privileges!();
+    require_tools!("dnsmasq", "dig");
+    let lo = |d: u8| IpAddr::from([127, 0, 0, d]);
+    let zone = Zone::new()
+        .host("granted.test.example", &[lo(21)], 300)
+        .host("a.wild.test.example", &[lo(23)], 300)
+        .host("other.test.example", &[lo(22)], 300)
+        .nxdomain("test.example");
+    let upstream = DnsServer::start(SocketAddr::new(loopback_ip(), 53), &zone);
+    let mut cg = Cgroups::new("grant-name");
+    let web = cg.inside("web");
+    let log = std::env::temp_dir().join(format!("{}-audit.jsonl", cg.name()));
+    let _ = std::fs::remove_file(&log);
+    let policy = format!("[[identity]]\nid = \"{WEB}\"\ndefault = \"deny\"\n");
+    let agent = Agent::start(
+        &cg,
+        &policy,
+        &format!(
+            "[[workload]]\ncgroup = \"web\"\nidentity = \"{WEB}\"\n{}",
+            dns_config(upstream.addr(), &log, "private_answers = \"allow\"")
+        ),
+    );
+    let dig = |name: &str| {
+        Resolver::new(&[NOWHERE])
+            .in_cgroup(&web)
+            .dig(&DigQuery::new(name))
+    };
+    let port = free_loopback_port();
+    let ip = "127.0.0.21";
+
+    // No rule names it: NXDOMAIN, never forwarded, and the address is
+    // denied.
+    let before = dig("granted.test.example");
+    assert_eq!(before.status.as_deref(), Some("NXDOMAIN"), "{before:?}");
+    assert!(!upstream.was_queried("granted.test.example"));
+    assert_eq!(connect(&web, ip, port), "EPERM");
+
+    let granted = Instant::now();
+    let grant = |to: &str| {
+        let out = agent
+            .try_cli(&[
+                "grant",
+                "--identity",
+                WEB,
+                "--to",
+                to,
+                "--ports",
+                &port.to_string(),
+                "--protocol",
+                "tcp",
+                "--for",
+                "3s",
+                "--json",
+            ])
+            .unwrap_or_else(|e| panic!("idgate grant --to {to}: {e}"));
+        let reply: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+        reply["grant"]["id"].as_u64().expect("grant id")
+    };
+    let id = grant("granted.test.example");
+    let wild = grant("*.wild.test.example");
+    let returned = Instant::now();
+
+    // Answered, with a TTL no longer than the grant has left; a connect
+    // at once after the answer is allowed on the grant's port only, and
+    // only to the address answered.
+    let during = dig("granted.test.example");
+    assert_eq!(during.status.as_deref(), Some("NOERROR"), "{during:?}");
+    assert_eq!(during.addrs, vec![lo(21)], "{during:?}");
+    assert!(during.records.iter().all(|r| r.ttl <= 3), "{during:?}");
+    assert_eq!(connect(&web, ip, port), "allowed");
+    assert_eq!(connect(&web, ip, port + 1), "EPERM");
+    assert_eq!(connect(&web, "127.0.0.22", port), "EPERM");
+    // A wildcard grant answers the names under its domain.
+    let under = dig("a.wild.test.example");
+    assert_eq!(under.addrs, vec![lo(23)], "{under:?}");
+    assert_eq!(connect(&web, "127.0.0.23", port), "allowed");
+    // A name no grant covers stays NXDOMAIN.
+    let other = dig("other.test.example");
+    assert_eq!(other.status.as_deref(), Some("NXDOMAIN"), "{other:?}");
+    assert!(
+        Instant::now() < granted + Duration::from_secs(3),
+        "the checks while the grant runs took too long to mean anything"
+    );
+
+    // `idgate grants` lists them by name, with the addresses they opened.
+    let list: serde_json::Value =
+        serde_json::from_str(&agent.try_cli(&["grants", "--json"]).expect("grants")).expect("JSON");
+    let shown = list["grants"]
+        .as_array()
+        .expect("grants")
+        .iter()
+        .find(|g| g["id"] == id)
+        .cloned()
+        .expect("the grant listed");
+    assert_eq!(shown["to"], "granted.test.example");
+    assert_eq!(shown["learned_addresses"], 1);
+
+    // After its end: the kernel denies (with or without the agent's
+    // sweep), and the lookups get NXDOMAIN again.
+    sleep_until(returned + Duration::from_secs(3) + Duration::from_millis(50));
+    assert_eq!(connect(&web, ip, port), "EPERM");
+    assert_eq!(connect(&web, "127.0.0.23", port), "EPERM");
+    let after = dig("granted.test.example");
+    assert_eq!(after.status.as_deref(), Some("NXDOMAIN"), "{after:?}");
+
+    // The DNS records name the grant, and the grants' expiries are
+    // audited.
+    let schema = events_schema();
+    let answered = wait_for(
+        "the DNS record of the granted lookup",
+        Duration::from_secs(10),
+        || {
+            audit(&log).into_iter().find(|r| {
+                r["hook"] == "dns"
+                    && r["dst_name"] == "granted.test.example"
+                    && r["reason"] == "answered"
+            })
+        },
+    );
+    assert_schema(&schema, &answered);
+    assert_eq!(answered["rule"], format!("grant:{id}"));
+    assert_eq!(answered["dns"]["grants"][0], format!("grant:{id}"));
+    for g in [id, wild] {
+        let expired = wait_for("the grant's expiry record", Duration::from_secs(10), || {
+            audit(&log)
+                .into_iter()
+                .find(|r| r["kind"] == "grant" && r["action"] == "expired" && r["grant_id"] == g)
+        });
+        assert_schema(&schema, &expired);
+    }
+    let _ = std::fs::remove_file(&log);
+}
+
+/// A grant by name survives a restart (the file), and so do the addresses
+/// its lookups opened (the pinned map), which the new agent takes back
+/// without extending them; a revocation closes them and its lookups get
+/// NXDOMAIN again.
+#[test]
+fn a_grant_by_name_survives_a_restart_and_a_revocation_ends_it() {
+    require_privileges!();
+    require_tools!("dnsmasq", "dig");
+    let zone = Zone::new()
+        .host("kept.test.example", &[IpAddr::from([127, 0, 0, 31])], 300)
+        .nxdomain("test.example");
+    let upstream = DnsServer::start(SocketAddr::new(loopback_ip(), 53), &zone);
+    let mut cg = Cgroups::new("grant-name-restart");
+    let web = cg.inside("web");
+    let log = std::env::temp_dir().join(format!("{}-audit.jsonl", cg.name()));
+    let _ = std::fs::remove_file(&log);
+    let policy = format!("[[identity]]\nid = \"{WEB}\"\ndefault = \"deny\"\n");
+    let mut agent = Agent::start(
+        &cg,
+        &policy,
+        &format!(
+            "[[workload]]\ncgroup = \"web\"\nidentity = \"{WEB}\"\n{}",
+            dns_config(upstream.addr(), &log, "private_answers = \"allow\"")
+        ),
+    );
+    let dig = |name: &str| {
+        Resolver::new(&[NOWHERE])
+            .in_cgroup(&web)
+            .dig(&DigQuery::new(name))
+    };
+    let port = free_loopback_port();
+    let ip = "127.0.0.31";
+    let out = agent
+        .try_cli(&[
+            "grant",
+            "--identity",
+            WEB,
+            "--to",
+            "kept.test.example",
+            "--ports",
+            &port.to_string(),
+            "--for",
+            "10m",
+            "--json",
+        ])
+        .expect("idgate grant");
+    let reply: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let id = reply["grant"]["id"].as_u64().expect("grant id");
+    assert_eq!(
+        dig("kept.test.example").addrs,
+        vec![IpAddr::from([127, 0, 0, 31])]
+    );
+    assert_eq!(connect(&web, ip, port), "allowed");
+
+    assert!(agent.stop(Signal::SIGTERM).success());
+    assert_eq!(
+        connect(&web, ip, port),
+        "allowed",
+        "pinned: no agent needed"
+    );
+    agent.spawn();
+    agent.wait_ready();
+    assert_eq!(connect(&web, ip, port), "allowed");
+    let list: serde_json::Value =
+        serde_json::from_str(&agent.try_cli(&["grants", "--json"]).expect("grants")).expect("JSON");
+    let shown = &list["grants"][0];
+    assert_eq!(shown["id"], id);
+    assert_eq!(shown["to"], "kept.test.example");
+    assert_eq!(shown["learned_addresses"], 1, "taken back from the map");
+    let again = dig("kept.test.example");
+    assert_eq!(again.status.as_deref(), Some("NOERROR"), "{again:?}");
+
+    agent
+        .try_cli(&["grant", "--revoke", &id.to_string()])
+        .expect("idgate grant --revoke");
+    assert_eq!(connect(&web, ip, port), "EPERM");
+    let after = dig("kept.test.example");
+    assert_eq!(after.status.as_deref(), Some("NXDOMAIN"), "{after:?}");
+    let _ = std::fs::remove_file(&log);
 }

@@ -45,7 +45,17 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<()> {
             (Verdict::Allow, _, true) => "allow (audit: would deny)".to_owned(),
             (v, _, _) => v.to_string(),
         };
+        let grants = r
+            .grants
+            .iter()
+            .map(|g| format!("grant:{g}"))
+            .collect::<Vec<_>>()
+            .join(", ");
         match (&r.to, &r.pattern) {
+            (Target::Name { .. }, None) if !r.grants.is_empty() => println!(
+                "{} -> {}/{}: no rule names it, but {grants} covers it: its lookups are answered, and the answers' addresses are open on the grant's ports and protocol until its end; other connects to them are judged by the policy ({verdict} by rule {rule}), policy generation {}",
+                r.identity, r.to, r.protocol, r.generation
+            ),
             (Target::Name { .. }, None) => println!(
                 "{} -> {}/{}: no rule names it: its lookups are answered NXDOMAIN, and its addresses are judged as any other ({verdict} by rule {rule}), policy generation {}",
                 r.identity, r.to, r.protocol, r.generation
@@ -58,6 +68,11 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<()> {
                 "{} -> {}/{}: {verdict} by rule {rule}, policy generation {}",
                 r.identity, r.to, r.protocol, r.generation
             ),
+        }
+        if r.pattern.is_some() && !r.grants.is_empty() {
+            println!(
+                "  also covered by {grants}: the answers' addresses are open on its ports and protocol too"
+            );
         }
         for l in &r.learned {
             println!(

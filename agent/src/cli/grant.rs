@@ -18,7 +18,9 @@ pub struct GrantArgs {
     /// `unknown`).
     #[arg(long, requires_all = ["to", "duration"])]
     identity: Option<String>,
-    /// The destination: an address or a CIDR.
+    /// The destination, as a rule's `to`: an address, a CIDR, or a name
+    /// (api.example.com, *.example.com: the addresses this identity's
+    /// lookups of it are answered, each for its TTL).
     #[arg(long, requires = "identity")]
     to: Option<String>,
     /// A port or an inclusive range (8000-8080); every port when left out.
@@ -121,6 +123,12 @@ fn describe(g: &GrantShown) {
         humantime::format_duration(Duration::from_secs(g.seconds_left)),
         humantime::format_rfc3339_seconds(g.expires_at)
     );
+    if grant.to.name().is_some() {
+        println!(
+            "  by name     its lookups are answered; {} address(es) they were answered open now",
+            g.learned_addresses
+        );
+    }
     if let Some(reason) = &grant.reason {
         println!("  reason      {reason}");
     }

@@ -448,6 +448,10 @@ fn explain(
         Target::Addr(a) => a.port(),
         Target::Name { port, .. } => *port,
     };
+    let grants = match (&to, dns, id) {
+        (Target::Name { name, .. }, Some(dns), Some(id)) => dns.grants_covering(id, name),
+        _ => Vec::new(),
+    };
     let learned = learned
         .into_iter()
         .map(|(l, left)| {
@@ -483,6 +487,7 @@ fn explain(
         rule_owner: rule.owner.clone(),
         generation: s.status.generation,
         pattern,
+        grants,
         learned,
     }
 }

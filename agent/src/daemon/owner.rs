@@ -26,6 +26,7 @@ use super::state::{GenerationDone, Reloaded, Retired, Run, RunProcess, State, lo
 use super::{DaemonError, Observers};
 use crate::admin::WorkloadsList;
 use crate::config::Config;
+use crate::dns::GrantAddresses;
 use crate::grants::{GrantError, GrantSpec, Running as RunningGrant};
 use crate::identity::{EntriesError, EntrySet, SpiffeId};
 use crate::policy::{self, PolicyDiff, PolicyError, PolicySet};
@@ -152,6 +153,9 @@ pub struct Owner {
     /// have changed with it.
     pub rescan: Rescan,
     pub kubelet: mpsc::UnboundedReceiver<Outcome>,
+    /// The DNS path's answers to grants by name, whose addresses wait for
+    /// the kernel.
+    pub grant_addresses: mpsc::Receiver<GrantAddresses>,
 }
 
 /// An `idgate run` waiting for its binding to be in the kernel.
@@ -228,6 +232,7 @@ impl Owner {
                     Some(command) => Event::Command(command),
                     None => return Ok(()),
                 },
+                Some(request) = o.grant_addresses.recv() => Event::GrantAddresses(request),
                 finished = finished(&mut running.work) => Event::Finished(finished),
                 Some(dir) = o.found.recv() => {
                     let mut dirs = BTreeSet::from([dir]);
@@ -258,6 +263,8 @@ impl Owner {
 /// What woke the owner.
 enum Event {
     Command(Command),
+    /// An answer to a lookup a grant by name covers.
+    GrantAddresses(GrantAddresses),
     Finished(Finished),
     Found(BTreeSet<Found>),
     Kubelet(Outcome),
@@ -287,6 +294,35 @@ impl Running {
                 return Ok(());
             }
             Event::Finished(finished) => return self.finished(finished),
+            Event::GrantAddresses(request) => {
+                let GrantAddresses {
+                    slot,
+                    grants,
+                    name,
+                    addresses,
+                    reply,
+                } = request;
+                let outcome = state
+                    .grants
+                    .learn(slot, &grants, &addresses, &state.applied.slots)
+                    .map_err(|e| e.to_string());
+                match &outcome {
+                    Ok(opened) => {
+                        tracing::debug!(
+                            slot,
+                            name,
+                            ?opened,
+                            addresses = addresses.len(),
+                            "addresses opened by grants by name"
+                        )
+                    }
+                    Err(e) => {
+                        tracing::warn!(slot, name, error = %e, "addresses of a grant by name not opened; the lookup gets SERVFAIL")
+                    }
+                }
+                let _ = reply.send(outcome);
+                return Ok(());
+            }
             Event::Found(dirs) => (state.attest(&dirs), "attestation pass failed"),
             Event::Kubelet(outcome) => (
                 state.kubelet_fetched(outcome),

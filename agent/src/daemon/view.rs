@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use super::state::State;
-use crate::dns::DnsView;
+use crate::dns::{DnsView, GrantedName};
 use crate::identity_view::IdentityView;
 
 /// Publishes a new view when the state's differs from the last one.
@@ -28,12 +28,31 @@ fn view_of(state: &State) -> IdentityView {
 }
 
 fn dns_view_of(state: &State) -> Arc<DnsView> {
-    Arc::new(DnsView::new(
-        (state.applied.generation, state.applied.stamp),
-        &state.applied.identities,
-        state.revocations.ids().clone(),
-        state.applied.compiled.clone(),
-    ))
+    Arc::new(
+        DnsView::new(
+            (state.applied.generation, state.applied.stamp),
+            &state.applied.identities,
+            state.revocations.ids().clone(),
+            state.applied.compiled.clone(),
+        )
+        .with_grants(
+            state.grants.version(),
+            state
+                .grants
+                .names(&state.applied.slots)
+                .into_iter()
+                .map(|g| {
+                    (
+                        g.slot,
+                        GrantedName {
+                            id: g.id,
+                            pattern: g.pattern,
+                            expiry_boot_ns: g.expiry_boot_ns,
+                        },
+                    )
+                }),
+        ),
+    )
 }
 
 impl ViewPublisher {
@@ -50,11 +69,13 @@ impl ViewPublisher {
         (Self { tx, dns, seen }, rx, dns_rx)
     }
 
-    /// Call after anything that may have changed bindings or revocations.
-    /// Takes a new view only when the bindings (in the table or in the
-    /// kernel), the generation or the revocations changed: the owner calls this after every event, and
-    /// a view is a copy of every binding.
+    /// Call after anything that may have changed bindings, revocations
+    /// or grants. Takes a new view only when the bindings (in the table or
+    /// in the kernel), the generation, the revocations or (for the DNS
+    /// path) the grants changed: the owner calls this after every event,
+    /// and a view is a copy of every binding.
     pub fn publish(&mut self, state: &State) {
+        let grants_stale = self.dns.borrow().grants_version != state.grants.version();
         let now = (state.workloads.version(), state.applied.bound.len());
         let bindings_seen = std::mem::replace(&mut self.seen, now) == now;
         let rest_seen = {
@@ -62,10 +83,10 @@ impl ViewPublisher {
             current.generation == state.applied.generation
                 && current.revoked == *state.revocations.ids()
         };
-        if bindings_seen && rest_seen {
+        if bindings_seen && rest_seen && !grants_stale {
             return;
         }
-        let dns_stale = {
+        let dns_stale = grants_stale || {
             let current = self.dns.borrow();
             current.generation != state.applied.generation
                 || !current.revoked_are(state.revocations.ids())

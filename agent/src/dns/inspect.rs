@@ -35,6 +35,19 @@ pub struct Figures {
 }
 
 impl DnsReader {
+    /// The running grants by name of `id` that cover `name` (its lookups
+    /// are answered, their addresses opened by the grants).
+    pub fn grants_covering(&self, id: &SpiffeId, name: &str) -> Vec<u32> {
+        let view = self.view.borrow().clone();
+        let Some(slot) = view.slot_of(id) else {
+            return Vec::new();
+        };
+        view.grants_for(slot, name, crate::clock::boot_ns())
+            .iter()
+            .map(|g| g.id)
+            .collect()
+    }
+
     /// The figures now. Walks the table: call off the runtime's workers.
     pub fn figures(&self) -> Figures {
         let view = self.view.borrow().clone();

@@ -20,7 +20,7 @@ use super::learned::{Learned, NameBook};
 use super::listener;
 use super::message::FilterOptions;
 use super::metrics::DnsMetrics;
-use super::resolver::{DnsRecord, Resolver};
+use super::resolver::{DnsRecord, GrantAddresses, Resolver};
 use super::server::{self, IN_FLIGHT, Serving};
 use super::upstream::Upstream;
 use super::view::DnsView;
@@ -34,6 +34,14 @@ pub enum DnsPathError {
     Listen { port: u16, source: std::io::Error },
     #[error(transparent)]
     Config(#[from] super::config::DnsConfigError),
+}
+
+/// Where the DNS path sends what it does not own.
+pub struct DnsSenders {
+    /// Its decision records, to the events reader.
+    pub records: mpsc::Sender<DnsRecord>,
+    /// Answers to lookups grants by name cover, to the grants' owner.
+    pub grants: mpsc::Sender<GrantAddresses>,
 }
 
 /// How often expired learned addresses are removed.
@@ -73,11 +81,12 @@ impl DnsPath {
         config: &DnsConfig,
         pin_dir: &Path,
         view: watch::Receiver<Arc<DnsView>>,
-        records: mpsc::Sender<DnsRecord>,
+        senders: DnsSenders,
         book: Arc<NameBook>,
         handover: Handover,
         metrics: DnsMetrics,
     ) -> Result<Option<Self>, DnsPathError> {
+        let DnsSenders { records, grants } = senders;
         let mut redirect = RedirectMaps::open(pin_dir)?;
         if !config.enabled {
             redirect.set(DnsSettings::default())?;
@@ -103,6 +112,7 @@ impl DnsPath {
             grace: config.grace,
             records,
             metrics,
+            grants,
         });
         let listening = Arc::new(AtomicUsize::new(0));
         let reader = DnsReader {

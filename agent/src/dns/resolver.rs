@@ -1,19 +1,25 @@
 //! One query, from the workload's bytes to the answer it gets: who asks
-//! (from the slot the kernel wrote), whether its policy names what it
-//! asks for, the upstream's answer, and the learned addresses in the
-//! kernel before the answer leaves.
+//! (from the slot the kernel wrote), whether its policy or a grant by
+//! name covers what it asks for, the upstream's answer, and the learned
+//! addresses in the kernel before the answer leaves.
+//!
+//! A grant's addresses go to the grants' owner (the daemon's owner
+//! holds them) as a [`GrantAddresses`] request; the answer waits for its
+//! reply, which comes once they are in the kernel.
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::clock::boot_ns;
 
 use super::learned::Learned;
 use super::message::{self, FilterOptions, Query};
 use super::metrics::DnsMetrics;
 use super::upstream::Upstream;
-use super::view::{Asker, DnsView};
+use super::view::{Asker, DnsView, GrantedName};
 
 /// What became of a query, for the decision record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +39,25 @@ pub enum Outcome {
     /// SERVFAIL: the addresses could not be put in the kernel.
     NotLearned,
 }
+
+/// A request to the grants' owner: open `addresses` (each with the end
+/// of its TTL on the boot-time clock), the answer to `slot`'s lookup of
+/// `name`, for those of `grants` that still run for the identity holding
+/// `slot`. The reply comes once they are in the kernel: the grants they
+/// were opened for, or why they were not.
+#[derive(Debug)]
+pub struct GrantAddresses {
+    pub slot: u32,
+    pub grants: Vec<u32>,
+    pub name: String,
+    pub addresses: Vec<(IpAddr, u64)>,
+    pub reply: oneshot::Sender<Result<Vec<u32>, String>>,
+}
+
+/// How long an answer waits for the grants' owner to take and apply its
+/// addresses before the workload gets SERVFAIL (about a client's own
+/// timeout: the owner answers within a map update unless it is stuck).
+const GRANT_WAIT: Duration = Duration::from_secs(4);
 
 impl Outcome {
     pub fn as_str(self) -> &'static str {
@@ -65,8 +90,10 @@ pub struct DnsRecord {
     pub over_tcp: bool,
     pub outcome: Outcome,
     /// The name pattern of the policy that covers the query, when one
-    /// does.
+    /// does; else `grant:ID` of the grant by name that does.
     pub pattern: Option<String>,
+    /// The grants by name the answer's addresses were opened for.
+    pub grants: Vec<u32>,
     /// Addresses learned, with the TTL handed to the workload.
     pub learned: Vec<(IpAddr, u32)>,
     /// Addresses removed from the answer, and why.
@@ -84,6 +111,8 @@ pub struct Resolver {
     pub grace: Duration,
     pub records: mpsc::Sender<DnsRecord>,
     pub metrics: DnsMetrics,
+    /// To the grants' owner.
+    pub grants: mpsc::Sender<GrantAddresses>,
 }
 
 impl Resolver {
@@ -114,6 +143,7 @@ impl Resolver {
             over_tcp,
             outcome: Outcome::Answered,
             pattern: None,
+            grants: Vec::new(),
             learned: Vec::new(),
             dropped: Vec::new(),
             detail: None,
@@ -145,7 +175,13 @@ impl Resolver {
             } => (*slot, names, *audit),
         };
         let matched = names.and_then(|n| n.class_of(query.name()));
+        let now_boot = boot_ns();
+        let granted = view.grants_for(slot, query.name(), now_boot);
         let Some(matched) = matched else {
+            if !granted.is_empty() {
+                record.pattern = Some(format!("grant:{}", granted[0].id));
+                return self.granted(query, slot, &granted, now_boot, record).await;
+            }
             if !audit {
                 return (message::not_found(query), Outcome::NotInPolicy);
             }
@@ -193,8 +229,121 @@ impl Resolver {
             record.detail = Some(e.to_string());
             return (message::servfail(query), Outcome::NotLearned);
         }
+        // A grant by name over the same name opens its own ports to the
+        // addresses too (where the name rule's do not decide).
+        if !granted.is_empty()
+            && let Err(e) = self
+                .open_granted(slot, &granted, query.name(), &filtered.learned, record)
+                .await
+        {
+            record.detail = Some(e);
+            return (message::servfail(query), Outcome::NotLearned);
+        }
         self.metrics.learned(answered.elapsed());
         record.learned = filtered.learned;
         (filtered.bytes, Outcome::Answered)
+    }
+
+    /// A name no rule covers but grants by name do: forwarded and
+    /// filtered as a rule's name, its TTLs capped to the longest of the
+    /// grants' time left, and its addresses opened by the grants before
+    /// the answer goes.
+    async fn granted(
+        &self,
+        query: &Query,
+        slot: u32,
+        granted: &[&GrantedName],
+        now_boot: u64,
+        record: &mut DnsRecord,
+    ) -> (Vec<u8>, Outcome) {
+        let upstream = match self.upstream.exchange(query, record.over_tcp).await {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                record.detail = Some(e.to_string());
+                return (message::servfail(query), Outcome::UpstreamFailed);
+            }
+        };
+        let answered = Instant::now();
+        let left = granted
+            .iter()
+            .map(|g| g.expiry_boot_ns.saturating_sub(now_boot))
+            .max()
+            .unwrap_or(0);
+        let filter = FilterOptions {
+            max_ttl: self
+                .filter
+                .max_ttl
+                .min(Duration::from_secs(left / 1_000_000_000)),
+            ..self.filter
+        };
+        let filtered = match message::filter_answer(query, &upstream, filter) {
+            Ok(f) => f,
+            Err(e) => {
+                record.detail = Some(e.to_string());
+                return (message::servfail(query), Outcome::UpstreamFailed);
+            }
+        };
+        record.dropped = filtered
+            .dropped
+            .iter()
+            .map(|(a, why)| (*a, why.as_str()))
+            .collect();
+        if let Err(e) = self
+            .open_granted(slot, granted, query.name(), &filtered.learned, record)
+            .await
+        {
+            record.detail = Some(e);
+            return (message::servfail(query), Outcome::NotLearned);
+        }
+        self.metrics.learned(answered.elapsed());
+        record.learned = filtered.learned;
+        (filtered.bytes, Outcome::Answered)
+    }
+
+    /// Has the grants' owner open `addrs` (with the TTL handed to the
+    /// workload) for `granted`, and waits until they are in the kernel.
+    async fn open_granted(
+        &self,
+        slot: u32,
+        granted: &[&GrantedName],
+        name: &str,
+        addrs: &[(IpAddr, u32)],
+        record: &mut DnsRecord,
+    ) -> Result<(), String> {
+        if addrs.is_empty() {
+            return Ok(());
+        }
+        let now_boot = boot_ns();
+        let addresses = addrs
+            .iter()
+            .map(|(a, ttl)| {
+                let open = Duration::from_secs((*ttl).into()) + self.grace;
+                (*a, now_boot.saturating_add(open.as_nanos() as u64))
+            })
+            .collect();
+        let (reply, answer) = oneshot::channel();
+        let request = GrantAddresses {
+            slot,
+            grants: granted.iter().map(|g| g.id).collect(),
+            name: name.to_owned(),
+            addresses,
+            reply,
+        };
+        let asked = async {
+            self.grants
+                .send(request)
+                .await
+                .map_err(|_| "the agent's state owner is gone".to_owned())?;
+            answer
+                .await
+                .map_err(|_| "the agent's state owner gave no answer".to_owned())?
+        };
+        let opened = tokio::time::timeout(GRANT_WAIT, asked)
+            .await
+            .map_err(|_| {
+                format!("the grants' addresses were not in the kernel within {GRANT_WAIT:?}")
+            })??;
+        record.grants = opened;
+        Ok(())
     }
 }

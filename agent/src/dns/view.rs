@@ -1,7 +1,8 @@
 //! What the DNS path reads of the owner's state: which identity holds
-//! each slot, whether it is revoked or in audit mode, and the name
-//! classes of its policy in the active generation. The owner publishes a
-//! new view with every generation switch and revocation.
+//! each slot, whether it is revoked or in audit mode, the name classes of
+//! its policy in the active generation, and the running grants by name of
+//! each slot. The owner publishes a new view with every generation
+//! switch, revocation and change of the grants.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -9,7 +10,18 @@ use std::sync::Arc;
 use idgate_common::{DestTables, UNKNOWN_SLOT, slot_policy};
 
 use crate::identity::SpiffeId;
-use crate::policy::{ClassId, CompiledPolicy, NameIndex, SlotEntry};
+use crate::policy::{ClassId, CompiledPolicy, NameIndex, NamePattern, SlotEntry};
+
+/// An operator's grant by name, as the DNS path needs it: a lookup from
+/// its slot of a name it covers is answered, and the answer's addresses
+/// are opened by the grant until it ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantedName {
+    pub id: u32,
+    pub pattern: NamePattern,
+    /// `CLOCK_BOOTTIME` nanoseconds from which it answers nothing.
+    pub expiry_boot_ns: u64,
+}
 
 /// The view at one generation.
 #[derive(Debug, Clone, Default)]
@@ -24,6 +36,10 @@ pub struct DnsView {
     compiled: Arc<CompiledPolicy>,
     /// Each slot's entry of `compiled`, by slot.
     entries: HashMap<u32, SlotEntry>,
+    /// The grants by name of each slot.
+    granted: HashMap<u32, Vec<GrantedName>>,
+    /// The version of the grants it was taken at.
+    pub grants_version: u64,
 }
 
 /// Who asks.
@@ -63,7 +79,36 @@ impl DnsView {
             revoked,
             entries: compiled.slots.iter().map(|e| (e.slot, *e)).collect(),
             compiled,
+            granted: HashMap::new(),
+            grants_version: 0,
         }
+    }
+
+    /// With the running grants by name, each with its slot, at `version`.
+    pub fn with_grants(
+        mut self,
+        version: u64,
+        grants: impl IntoIterator<Item = (u32, GrantedName)>,
+    ) -> Self {
+        self.granted.clear();
+        for (slot, g) in grants {
+            if slot != UNKNOWN_SLOT {
+                self.granted.entry(slot).or_default().push(g);
+            }
+        }
+        self.grants_version = version;
+        self
+    }
+
+    /// The grants by name of `slot` that cover `name` and run at
+    /// `now_boot` (`CLOCK_BOOTTIME` nanoseconds).
+    pub fn grants_for(&self, slot: u32, name: &str, now_boot: u64) -> Vec<&GrantedName> {
+        self.granted
+            .get(&slot)
+            .into_iter()
+            .flatten()
+            .filter(|g| g.expiry_boot_ns > now_boot && g.pattern.covers(name))
+            .collect()
     }
 
     /// What `class` allows `slot` in this generation, as its tries hold
@@ -111,5 +156,47 @@ impl DnsView {
     /// The slot of `id`, if it holds one.
     pub fn slot_of(&self, id: &SpiffeId) -> Option<u32> {
         self.by_slot.iter().find(|(_, i)| *i == id).map(|(s, _)| *s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slot_s_grants_by_name_cover_their_names_until_they_end() {
+        let g = |id, pattern: &str, expiry_boot_ns| GrantedName {
+            id,
+            pattern: pattern.parse().unwrap(),
+            expiry_boot_ns,
+        };
+        let view = DnsView::default().with_grants(
+            7,
+            [
+                (5, g(1, "api.example.com", 100)),
+                (5, g(2, "*.example.com", 200)),
+                (6, g(3, "api.example.com", 100)),
+                // Unknown workloads get no grants.
+                (UNKNOWN_SLOT, g(4, "api.example.com", 100)),
+            ],
+        );
+        assert_eq!(view.grants_version, 7);
+        let ids = |slot, name, now| -> Vec<u32> {
+            view.grants_for(slot, name, now)
+                .iter()
+                .map(|g| g.id)
+                .collect()
+        };
+        assert_eq!(ids(5, "api.example.com", 10), [1, 2]);
+        assert_eq!(ids(5, "www.example.com", 10), [2]);
+        assert!(ids(5, "example.com", 10).is_empty());
+        assert!(ids(5, "api.example.org", 10).is_empty());
+        // Ended: at its expiry it covers nothing.
+        assert_eq!(ids(5, "api.example.com", 100), [2]);
+        assert!(ids(5, "api.example.com", 200).is_empty());
+        // Per slot.
+        assert_eq!(ids(6, "api.example.com", 10), [3]);
+        assert!(ids(UNKNOWN_SLOT, "api.example.com", 10).is_empty());
+        assert!(ids(9, "api.example.com", 10).is_empty());
     }
 }

@@ -105,6 +105,10 @@ pub struct DnsDetail {
     /// What went wrong, when the answer was SERVFAIL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// The grants by name (`grant:ID`) the answer's addresses were
+    /// opened for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub grants: Vec<String>,
 }
 
 /// Why a decision's executable is not named.
@@ -269,6 +273,7 @@ impl Enricher {
                     .map(|(a, why)| format!("{a} ({why})"))
                     .collect(),
                 detail: r.detail.clone(),
+                grants: r.grants.iter().map(|g| format!("grant:{g}")).collect(),
             }),
         }
     }

@@ -4,10 +4,9 @@
 
 use std::time::SystemTime;
 
-use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use super::model::{Grant, GrantProtocol, Ports};
+use super::model::{Grant, GrantProtocol, GrantTo, Ports};
 use crate::identity::SpiffeId;
 
 /// What happened to the grant.
@@ -35,7 +34,7 @@ pub struct GrantRecord {
     pub action: GrantAction,
     pub grant_id: u32,
     pub identity: SpiffeId,
-    pub to: IpNet,
+    pub to: GrantTo,
     pub ports: Ports,
     pub protocol: GrantProtocol,
     /// The operator who acted (SO_PEERCRED); null for an expiry or a drop.
@@ -56,7 +55,7 @@ impl GrantRecord {
             action,
             grant_id: grant.id,
             identity: grant.identity.clone(),
-            to: grant.to,
+            to: grant.to.clone(),
             ports: grant.ports,
             protocol: grant.protocol,
             uid,

@@ -1,6 +1,6 @@
 //! What a grant is, and how an operator's words become one: the identity,
-//! the destination, ports and protocol, checked with errors that name
-//! what is wrong.
+//! the destination (an address, a CIDR or a name, as a rule's `to`),
+//! ports and protocol, checked with errors that name what is wrong.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -11,6 +11,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::identity::SpiffeId;
+use crate::policy::{NameError, NamePattern};
 
 /// An operator's input that cannot be a grant.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -25,11 +26,11 @@ pub enum InputError {
     Pattern(String),
     #[error("identity {id:?}: {error}")]
     Identity { id: String, error: String },
+    #[error("destination {given:?} is not a DNS name: {error}")]
+    Name { given: String, error: NameError },
     #[error(
-        "destination {0:?}: grants by name are not supported yet; give an address or a CIDR (like 192.0.2.10 or 10.0.0.0/8)"
+        "destination {0:?} is not an address, a CIDR or a DNS name (like 192.0.2.10, 10.0.0.0/8 or api.example.com)"
     )]
-    Name(String),
-    #[error("destination {0:?} is not an address or a CIDR (like 192.0.2.10 or 10.0.0.0/8)")]
     Destination(String),
     #[error(
         "destination {given:?} has host bits set beyond its /{len} prefix; did you mean {net}?"
@@ -158,15 +159,89 @@ pub fn grant_identity(s: &str) -> Result<SpiffeId, InputError> {
         })
 }
 
-/// A grant's destination: an address (a /32 or /128) or a CIDR without
-/// host bits. A name is refused: grants by name are not there yet.
-pub fn grant_destination(s: &str) -> Result<IpNet, InputError> {
+/// What a grant opens: what a rule's `to` takes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum GrantTo {
+    /// An address (a /32 or /128) or a CIDR.
+    Net(IpNet),
+    /// A name or `*.` and a domain: the addresses the identity's own
+    /// lookups of it are answered, each for its TTL.
+    Name(NamePattern),
+}
+
+impl GrantTo {
+    /// The network, for a grant by address.
+    pub fn net(&self) -> Option<IpNet> {
+        match self {
+            Self::Net(n) => Some(*n),
+            Self::Name(_) => None,
+        }
+    }
+
+    /// The name pattern, for a grant by name.
+    pub fn name(&self) -> Option<&NamePattern> {
+        match self {
+            Self::Net(_) => None,
+            Self::Name(n) => Some(n),
+        }
+    }
+}
+
+impl FromStr for GrantTo {
+    type Err = InputError;
+
+    fn from_str(s: &str) -> Result<Self, InputError> {
+        grant_destination(s)
+    }
+}
+
+impl TryFrom<String> for GrantTo {
+    type Error = InputError;
+
+    fn try_from(s: String) -> Result<Self, InputError> {
+        grant_destination(&s)
+    }
+}
+
+impl From<GrantTo> for String {
+    fn from(t: GrantTo) -> Self {
+        t.to_string()
+    }
+}
+
+impl From<IpNet> for GrantTo {
+    fn from(n: IpNet) -> Self {
+        Self::Net(n)
+    }
+}
+
+impl fmt::Display for GrantTo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Net(n) => n.fmt(f),
+            Self::Name(n) => n.fmt(f),
+        }
+    }
+}
+
+/// A grant's destination, read as the policy reads a rule's `to`: an
+/// address (a /32 or /128) or a CIDR without host bits; else, when it does
+/// not look like an address, a DNS name checked by the policy's own name
+/// syntax ([`NamePattern`]).
+pub fn grant_destination(s: &str) -> Result<GrantTo, InputError> {
     let net = match s.parse::<IpNet>() {
         Ok(net) => net,
         Err(_) => match s.parse::<IpAddr>() {
             Ok(addr) => IpNet::from(addr),
             Err(_) if !crate::policy::looks_like_an_address(s) => {
-                return Err(InputError::Name(s.to_owned()));
+                return s
+                    .parse::<NamePattern>()
+                    .map(GrantTo::Name)
+                    .map_err(|error| InputError::Name {
+                        given: s.to_owned(),
+                        error,
+                    });
             }
             Err(_) => return Err(InputError::Destination(s.to_owned())),
         },
@@ -184,7 +259,7 @@ pub fn grant_destination(s: &str) -> Result<IpNet, InputError> {
     {
         return Err(InputError::Mapped(s.to_owned()));
     }
-    Ok(net)
+    Ok(GrantTo::Net(net))
 }
 
 /// One grant, as kept in `state_dir` and listed.
@@ -192,7 +267,7 @@ pub fn grant_destination(s: &str) -> Result<IpNet, InputError> {
 pub struct Grant {
     pub id: u32,
     pub identity: SpiffeId,
-    pub to: IpNet,
+    pub to: GrantTo,
     pub ports: Ports,
     pub protocol: GrantProtocol,
     /// The operator who granted it (SO_PEERCRED).
@@ -207,7 +282,7 @@ pub struct Grant {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GrantSpec {
     pub identity: SpiffeId,
-    pub to: IpNet,
+    pub to: GrantTo,
     pub ports: Ports,
     pub protocol: GrantProtocol,
     pub duration: std::time::Duration,
@@ -245,12 +320,45 @@ mod tests {
             grant_destination("2001:db8::/32").unwrap().to_string(),
             "2001:db8::/32"
         );
-        let e = grant_destination("api.example.com").unwrap_err();
+        // Names, exactly as a rule's `to` takes them.
+        assert_eq!(
+            grant_destination("API.Example.com.").unwrap(),
+            GrantTo::Name("api.example.com".parse().unwrap())
+        );
+        let wild = grant_destination("*.example.com").unwrap();
+        assert_eq!(wild.to_string(), "*.example.com");
+        assert!(wild.name().unwrap().is_wildcard() && wild.net().is_none());
+        let e = grant_destination("a..example.com").unwrap_err();
         assert!(
-            e.to_string()
-                .contains("grants by name are not supported yet"),
+            matches!(
+                &e,
+                InputError::Name {
+                    error: NameError::EmptyLabel,
+                    ..
+                }
+            ),
             "{e}"
         );
+        assert!(
+            e.to_string().contains("is not a DNS name") && e.to_string().contains("empty label"),
+            "{e}"
+        );
+        let e = grant_destination("api.*.example.com").unwrap_err();
+        assert!(e.to_string().contains("`*` may only be"), "{e}");
+        let e = grant_destination("bücher.de").unwrap_err();
+        assert!(e.to_string().contains("xn--bcher-kva.de"), "{e}");
+        // An address's typo is an address error, not a name one.
+        assert!(matches!(
+            grant_destination("10.0.0"),
+            Err(InputError::Destination(_))
+        ));
+        // Kept in the file as its text, and read back the same.
+        for to in ["10.0.0.0/8", "*.example.com", "api.example.com"] {
+            let parsed = grant_destination(to).unwrap();
+            let json = serde_json::to_string(&parsed).unwrap();
+            assert_eq!(json, format!("{to:?}"));
+            assert_eq!(serde_json::from_str::<GrantTo>(&json).unwrap(), parsed);
+        }
         assert!(matches!(
             grant_destination("10.0.0.1/8"),
             Err(InputError::HostBits { .. })

@@ -89,6 +89,18 @@ impl NamePattern {
         std::iter::once(Cow::Borrowed(self.as_str())).chain(above)
     }
 
+    /// Whether it covers `name` (lowercase, without a final dot, as the
+    /// DNS path reads a query): the name itself, or for `*.T` a name one
+    /// or more labels below `T`.
+    pub fn covers(&self, name: &str) -> bool {
+        match self.text.strip_prefix("*.") {
+            Some(domain) => name
+                .strip_suffix(domain)
+                .is_some_and(|below| below.len() > 1 && below.ends_with('.')),
+            None => self.text == name,
+        }
+    }
+
     /// The id of the class this pattern stands for.
     pub fn class_id(&self) -> ClassId {
         let digest = Sha256::new()
@@ -308,6 +320,19 @@ mod tests {
         assert_eq!(covering("*.eu.x.com"), ["*.eu.x.com", "*.x.com", "*.com"]);
         assert_eq!(covering("*.com"), ["*.com"]);
         assert_eq!(covering("localhost"), ["localhost"]);
+    }
+
+    #[test]
+    fn a_pattern_covers_its_name_or_the_names_below_its_domain() {
+        assert!(p("api.x.com").covers("api.x.com"));
+        assert!(!p("api.x.com").covers("a.api.x.com"));
+        assert!(!p("api.x.com").covers("x.com"));
+        let wild = p("*.x.com");
+        assert!(wild.covers("a.x.com") && wild.covers("b.a.x.com"));
+        assert!(!wild.covers("x.com"));
+        assert!(!wild.covers("ax.com"));
+        assert!(!wild.covers(".x.com"));
+        assert!(!wild.covers("a.x.co"));
     }
 
     #[test]

@@ -170,6 +170,11 @@ pub struct Explained {
     /// (`None`: no rule names it, and its lookups are answered NXDOMAIN).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pattern: Option<String>,
+    /// For a name: the running grants by name of the identity that cover
+    /// it (its lookups are answered, and each grant opens the answers'
+    /// addresses on its own ports).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub grants: Vec<u32>,
     /// The addresses the identity's own lookups learned that this
     /// question is about (a name's, or the address asked): each with what
     /// the kernel does with the connect to it now, and until when.
@@ -314,6 +319,10 @@ pub struct GrantShown {
     /// The identity's slot: only with one is the grant in the kernel (it
     /// is written when the identity gets one).
     pub slot: Option<u32>,
+    /// For a grant by name: how many addresses its identity's lookups
+    /// were answered that it opens now.
+    #[serde(default)]
+    pub learned_addresses: usize,
 }
 
 impl From<crate::grants::Running> for GrantShown {
@@ -323,6 +332,7 @@ impl From<crate::grants::Running> for GrantShown {
             expires_at: r.expires_at,
             seconds_left: r.left.as_secs(),
             slot: r.slot,
+            learned_addresses: r.learned,
         }
     }
 }
@@ -469,6 +479,7 @@ mod tests {
             bound: false,
             generation: 2,
             pattern: None,
+            grants: vec![3],
             learned: Vec::new(),
         });
         round_trip(Revocation {
