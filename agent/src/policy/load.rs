@@ -27,6 +27,8 @@ pub fn load(path: &Path, trust_domains: &[String]) -> Result<PolicySet, PolicyEr
 pub struct Reader {
     /// By path: the SHA-256 of the text last read, and what it came to.
     files: HashMap<PathBuf, ([u8; 32], FileContents)>,
+    /// What the overlap checks found clean last time.
+    clean: overlap::Clean,
 }
 
 impl Reader {
@@ -69,7 +71,7 @@ impl Reader {
             }
         }
         self.files = kept;
-        overlap::check(&merged.set, &mut diagnostics);
+        self.clean = overlap::check(&merged.set, &self.clean, &mut diagnostics);
         if diagnostics.is_empty() {
             let mut set = merged.set;
             set.warnings = warnings::check(&set);
@@ -351,6 +353,40 @@ mod tests {
             serials(&load(&dir.path, &[]).unwrap())
                 .iter()
                 .all(|s| !again.contains(s))
+        );
+    }
+
+    #[test]
+    fn a_reader_checks_again_a_block_whose_context_changed() {
+        let rule = |name: &str, to: &str, action: &str| {
+            format!(
+                "[[identity.egress]]\nname = \"{name}\"\nto = [{to}]\nports = [80]\nprotocol = \"tcp\"\naction = \"{action}\"\n"
+            )
+        };
+        let exact = format!(
+            "[[identity]]\nid = \"spiffe://example.org/agents/a\"\n{}",
+            rule("wide", "\"10.0.0.0/8\"", "allow")
+        );
+        let dir = PolicyDir::new(&[("1.toml", AGENTS), ("2.toml", &exact)]);
+        let mut reader = Reader::default();
+        reader.load(&dir.path, &[]).unwrap();
+        // The exact block's file is the same, but the pattern over it now
+        // decides everything its rule covers.
+        std::fs::write(
+            dir.file("1.toml"),
+            format!(
+                "{AGENTS}{}",
+                rule("halves", "\"10.0.0.0/9\", \"10.128.0.0/9\"", "deny")
+            ),
+        )
+        .unwrap();
+        let e = reader.load(&dir.path, &[]).unwrap_err();
+        let found = problems(&e);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].0, "2.toml");
+        assert!(
+            found[0].2.contains("rule \"wide\" can never match"),
+            "{found:?}"
         );
     }
 }

@@ -7,25 +7,52 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use ipnet::IpNet;
 
 use super::diagnostic::Diagnostic;
-use super::model::{Action, EgressRule, PolicySet, Protocol};
+use super::model::{Action, EgressRule, PolicySet, Protocol, Serial};
 use super::precedence::{Blocks, Decided, decide};
 use super::summary::{describe_ports, protocol_text};
 
 /// How many deciding rules a "never matches" report names.
 const NAMED: usize = 3;
 
+/// The blocks (by [`Serial`], least specific first) whose rules were
+/// checked together and found neither conflicting nor never matching.
+pub type Clean = HashSet<Vec<Serial>>;
+
 /// Adds a diagnostic for every conflict and every rule that can never
 /// match. A rule named in a conflict is not reported again as never
 /// matching.
-pub fn check(policy: &PolicySet, diagnostics: &mut Vec<Diagnostic>) {
+///
+/// A block is checked against the blocks that rank with it (its
+/// context); a context in `clean` (found clean by an earlier check of the
+/// same parses) is not checked again. Returns the contexts found clean
+/// now.
+pub fn check(policy: &PolicySet, clean: &Clean, diagnostics: &mut Vec<Diagnostic>) -> Clean {
     let blocks = Blocks::new(policy);
+    let mut now = Clean::new();
     for b in 0..blocks.len() {
         let rules = &blocks.get(b).policy.egress;
-        if !rules.is_empty() {
-            let conflicting = conflicts(rules, diagnostics);
-            never_matching(&blocks, b, &conflicting, diagnostics);
+        if rules.is_empty() {
+            continue;
+        }
+        let key: Option<Vec<Serial>> = blocks
+            .key(&blocks.context(b))
+            .map(|k| k.into_iter().map(|(s, _)| s).collect());
+        if let Some(key) = &key
+            && clean.contains(key)
+        {
+            now.insert(key.clone());
+            continue;
+        }
+        let before = diagnostics.len();
+        let conflicting = conflicts(rules, diagnostics);
+        never_matching(&blocks, b, &conflicting, diagnostics);
+        if let Some(key) = key
+            && diagnostics.len() == before
+        {
+            now.insert(key);
         }
     }
+    now
 }
 
 /// Reports each rule of block `b` that wins nowhere against the rules
