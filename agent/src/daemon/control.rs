@@ -464,7 +464,7 @@ fn explain(
                 } else {
                     Verdict::Deny
                 },
-                rule: compiled.rules[rule as usize].name.clone(),
+                rule: compiled.rules[rule as usize].name.to_string(),
                 expires_in_seconds: left,
             }
         })
@@ -483,8 +483,8 @@ fn explain(
         },
         revoked,
         audit_allowed,
-        rule: rule.name.clone(),
-        rule_owner: rule.owner.clone(),
+        rule: rule.name.to_string(),
+        rule_owner: rule.owner.to_string(),
         generation: s.status.generation,
         pattern,
         grants,

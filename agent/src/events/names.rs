@@ -120,8 +120,8 @@ mod tests {
         assert_eq!(g1.slot(3), SlotName::Identity(&a));
         assert_eq!(g0.slot(3), SlotName::Unresolved);
         assert_eq!(g0.slot(UNKNOWN_SLOT), SlotName::Unknown);
-        assert_eq!(g1.rule(1).unwrap().name, "old");
-        assert_eq!(g0.rule(1).unwrap().name, "new");
+        assert_eq!(&*g1.rule(1).unwrap().name, "old");
+        assert_eq!(&*g0.rule(1).unwrap().name, "new");
         assert!(g0.rule(2).is_none());
     }
 
@@ -136,7 +136,7 @@ mod tests {
         names.publish(1, 2, &[], &Arc::from([rule("other")]));
         names.publish(0, 3, &[], &Arc::from([rule("second")]));
         assert_eq!(
-            names.snapshot()[0].as_ref().unwrap().rule(0).unwrap().name,
+            &*names.snapshot()[0].as_ref().unwrap().rule(0).unwrap().name,
             "second"
         );
     }

@@ -178,7 +178,7 @@ impl Enricher {
             reason::REVOKED | reason::NO_POLICY => None,
             _ => table
                 .and_then(|t| t.rule(r.rule_id))
-                .map(|rule| rule.name.clone()),
+                .map(|rule| rule.name.to_string()),
         };
         let (pid, tid) = ((r.pid_tgid >> 32) as u32, r.pid_tgid as u32);
         let comm = comm(&r.comm);
@@ -380,7 +380,7 @@ mod tests {
         let names = Names::default();
         let rules = std::sync::Arc::from([
             RuleInfo {
-                owner: String::new(),
+                owner: "".into(),
                 name: "default".into(),
             },
             RuleInfo {

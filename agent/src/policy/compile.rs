@@ -144,6 +144,8 @@ pub struct Compiler {
     /// to one of them is shared with it.
     interned: HashMap<u64, Vec<Arc<RuleSet>>>,
     hasher: RandomState,
+    /// What each block's rule ids stand for, by its parse.
+    rule_infos: HashMap<Serial, Arc<[RuleInfo]>>,
 }
 
 /// The entries of the identities one list of blocks applies to.
@@ -164,7 +166,7 @@ impl Compiler {
             self.mode = Some(policy.mode);
         }
         let mut out = CompiledPolicy {
-            rules: blocks.rule_infos().into(),
+            rules: self.rule_infos(&blocks).into(),
             ..Default::default()
         };
         // Identities matched by the same blocks get the same entries;
@@ -214,6 +216,27 @@ impl Compiler {
             !sets.is_empty()
         });
         out
+    }
+
+    /// What every rule id stands for (see [`Blocks::rule_infos`]), taking
+    /// each block's from the last policy compiled where it is the same
+    /// parse.
+    fn rule_infos(&mut self, blocks: &Blocks) -> Vec<RuleInfo> {
+        let mut all = vec![RuleInfo::default_rule()];
+        let mut kept = HashMap::with_capacity(blocks.len());
+        for b in 0..blocks.len() {
+            let serial = blocks.get(b).serial;
+            let infos = match serial.and_then(|s| self.rule_infos.get(&s)) {
+                Some(infos) => infos.clone(),
+                None => blocks.block_rule_infos(b).into(),
+            };
+            all.extend(infos.iter().cloned());
+            if let Some(serial) = serial {
+                kept.insert(serial, infos);
+            }
+        }
+        self.rule_infos = kept;
+        all
     }
 
     /// The entries of an identity the blocks `which` apply to.
@@ -428,7 +451,7 @@ mod tests {
 
     fn decide(c: &CompiledPolicy, addr: &str, port: u16, tcp: bool) -> (u32, String) {
         let (v, rule) = evaluate(c, 1, addr.parse().unwrap(), port, tcp);
-        (v, c.rules[rule as usize].name.clone())
+        (v, c.rules[rule as usize].name.to_string())
     }
 
     #[test]
@@ -567,7 +590,7 @@ mod tests {
         let at = |slot: u32, name: &str, port: u16, tcp: bool| {
             let addr = "192.0.2.1".parse().unwrap();
             let (v, rule) = evaluate_learned(&c, slot, addr, &[class(name)], port, tcp);
-            (v, c.rules[rule as usize].name.as_str())
+            (v, &*c.rules[rule as usize].name)
         };
         let api: NamePattern = "api.x.com".parse().unwrap();
         assert_eq!(class("api.x.com"), api.class_id());
@@ -632,7 +655,7 @@ mod tests {
         let at = |addr: &str, port: u16| {
             let (v, rule) =
                 evaluate_learned(&c, 1, addr.parse().unwrap(), &[[7; 16], api], port, true);
-            (v, c.rules[rule as usize].name.as_str())
+            (v, &*c.rules[rule as usize].name)
         };
         // A deny whose CIDR covers the address beats the name.
         assert_eq!(at("169.254.169.254", 443), (verdict::DENY, "no-metadata"));
@@ -745,7 +768,7 @@ mod tests {
                 ],
                 rules: Arc::from([
                     RuleInfo {
-                        owner: String::new(),
+                        owner: "".into(),
                         name: "default".into(),
                     },
                     RuleInfo {
@@ -933,8 +956,8 @@ mod tests {
         let none = compile(&p, &[]);
         let both = compile(&p, &[(1, a.clone()), (2, b)]);
         assert_eq!(none.rules, both.rules);
-        assert_eq!(both.rules[1].owner, "unknown");
-        assert_eq!(both.rules[2].owner, "spiffe://example.org/agents/*");
+        assert_eq!(&*both.rules[1].owner, "unknown");
+        assert_eq!(&*both.rules[2].owner, "spiffe://example.org/agents/*");
         let set = both.slot(1).unwrap().rule_set;
         assert_eq!(both.slot(2).unwrap().rule_set, set);
         assert_eq!(both.rule_sets[set].dests.len(), 2);
@@ -942,7 +965,7 @@ mod tests {
         assert_eq!(both.rule_sets, compile(&p, &[(1, a)]).rule_sets);
         let (v, rule) = evaluate(&both, 2, "fd00::1".parse().unwrap(), 443, false);
         assert_eq!(
-            (v, both.rules[rule as usize].name.as_str()),
+            (v, &*both.rules[rule as usize].name),
             (verdict::ALLOW, "api")
         );
         let (v, rule) = evaluate(
@@ -953,7 +976,7 @@ mod tests {
             false,
         );
         assert_eq!(
-            (v, both.rules[rule as usize].name.as_str()),
+            (v, &*both.rules[rule as usize].name),
             (verdict::ALLOW, "dns")
         );
     }

@@ -22,6 +22,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use ipnet::{IpNet, Ipv4Net};
 
@@ -34,8 +35,18 @@ use crate::identity::SpiffeId;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuleInfo {
     /// The block whose rule it is: its `id` as written, or `unknown`.
-    pub owner: String,
-    pub name: String,
+    pub owner: Arc<str>,
+    pub name: Arc<str>,
+}
+
+impl RuleInfo {
+    /// What [`DEFAULT_RULE_ID`] stands for.
+    pub fn default_rule() -> Self {
+        Self {
+            owner: "".into(),
+            name: "default".into(),
+        }
+    }
 }
 
 /// Rule id reported for a decision by an identity's default.
@@ -213,17 +224,25 @@ impl<'a> Blocks<'a> {
 
     /// What every rule id stands for, indexed by id.
     pub fn rule_infos(&self) -> Vec<RuleInfo> {
-        let default = RuleInfo {
-            owner: String::new(),
-            name: "default".into(),
-        };
-        std::iter::once(default)
-            .chain(self.list.iter().flat_map(|b| {
-                b.policy.egress.iter().map(|r| RuleInfo {
-                    owner: b.owner.clone(),
-                    name: r.name.clone(),
-                })
-            }))
+        let mut all = vec![RuleInfo::default_rule()];
+        for b in 0..self.list.len() {
+            all.extend(self.block_rule_infos(b));
+        }
+        all
+    }
+
+    /// What the rule ids of block `b` stand for, in order from its first.
+    pub fn block_rule_infos(&self, b: usize) -> Vec<RuleInfo> {
+        let block = &self.list[b];
+        let owner: Arc<str> = block.owner.as_str().into();
+        block
+            .policy
+            .egress
+            .iter()
+            .map(|r| RuleInfo {
+                owner: owner.clone(),
+                name: r.name.as_str().into(),
+            })
             .collect()
     }
 
@@ -465,10 +484,7 @@ mod tests {
         );
         let blocks = Blocks::new(&p);
         let infos = blocks.rule_infos();
-        let names: Vec<(&str, &str)> = infos
-            .iter()
-            .map(|r| (r.owner.as_str(), r.name.as_str()))
-            .collect();
+        let names: Vec<(&str, &str)> = infos.iter().map(|r| (&*r.owner, &*r.name)).collect();
         assert_eq!(
             names,
             [
@@ -480,7 +496,10 @@ mod tests {
         );
         for (id, info) in infos.iter().enumerate().skip(1) {
             let (block, rule) = blocks.rule(id as u32);
-            assert_eq!((&block.owner, &rule.name), (&info.owner, &info.name));
+            assert_eq!(
+                (block.owner.as_str(), rule.name.as_str()),
+                (&*info.owner, &*info.name)
+            );
         }
     }
 }
