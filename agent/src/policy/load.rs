@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
@@ -51,12 +52,15 @@ impl Reader {
                     let digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();
                     let contents = match self.files.remove(&file) {
                         Some((d, contents)) if d == digest => contents,
-                        _ => {
+                        earlier => {
                             let before = diagnostics.len();
-                            let contents = parse(&Source::new(&file, text), &mut diagnostics);
+                            let mut contents = parse(&Source::new(&file, text), &mut diagnostics);
                             if diagnostics.len() > before {
                                 merged.add(contents, &mut diagnostics);
                                 continue;
+                            }
+                            if let Some((_, earlier)) = earlier {
+                                keep_unchanged(&mut contents, &earlier);
                             }
                             contents
                         }
@@ -80,6 +84,18 @@ impl Reader {
         }
         sort(&mut diagnostics);
         Err(PolicyError { diagnostics })
+    }
+}
+
+/// Puts back the blocks of an earlier parse of the same file that say the
+/// same in the same place, so that only the blocks that changed are new
+/// parses (and compiled and checked again).
+fn keep_unchanged(contents: &mut FileContents, earlier: &FileContents) {
+    let by_subject: HashMap<_, _> = earlier.identities.iter().map(|b| (&b.subject, b)).collect();
+    for block in &mut contents.identities {
+        if let Some(same) = by_subject.get(&block.subject).filter(|e| e.same_as(block)) {
+            *block = Arc::clone(same);
+        }
     }
 }
 
@@ -339,6 +355,16 @@ mod tests {
         let changed = reader.load(&dir.path, &[]).unwrap();
         assert_eq!(serials(&changed)[0], first[0]);
         assert_ne!(serials(&changed)[1], first[1]);
+        // In a file that changed, a block that says the same in the same
+        // place stays the same parse.
+        std::fs::write(
+            dir.file("2.toml"),
+            format!("{AGENTS}default = \"allow\"\n{}", WEB.replace("web", "db")),
+        )
+        .unwrap();
+        let added = reader.load(&dir.path, &[]).unwrap();
+        assert_eq!(serials(&added)[..2], serials(&changed)[..]);
+        assert_eq!(added.identities.len(), 3);
         assert_eq!(changed.identities[1].policy.default, Some(Action::Allow));
         // A file that does not parse is refused every time, not kept.
         std::fs::write(dir.file("1.toml"), "[[identity]]\nid = 3\n").unwrap();

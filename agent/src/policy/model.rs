@@ -37,6 +37,14 @@ pub struct IdentityBlock {
     pub serial: Serial,
 }
 
+impl IdentityBlock {
+    /// Whether it says the same as `other`, in the same place: the same
+    /// block, whether or not the same parse.
+    pub fn same_as(&self, other: &IdentityBlock) -> bool {
+        self.subject == other.subject && self.at == other.at && self.policy == other.policy
+    }
+}
+
 /// A number given to each parsed block, never given again in the
 /// process's life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -51,7 +59,7 @@ impl Serial {
 
 /// What one block (or the unknown workload) says. Unset settings come from
 /// a less specific block, or else the defaults: `deny`, the global mode.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IdentityPolicy {
     /// The verdict when no rule matches.
     pub default: Option<Action>,
@@ -65,7 +73,7 @@ pub struct IdentityPolicy {
 }
 
 /// One egress rule.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EgressRule {
     pub name: String,
     pub to: Vec<Destination>,
