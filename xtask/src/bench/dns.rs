@@ -30,6 +30,7 @@ use super::agent::Agent;
 use super::cost::{self, MapMemory, ProcSample};
 use super::interrupt;
 use super::loops::{Loop, Op};
+use super::monotonic_ns;
 use super::overhead::{self, Config, Judge, Overhead};
 use super::rules::{self, Identity};
 
@@ -475,17 +476,6 @@ pub fn measure(
         planned,
         crashes,
     })
-}
-
-/// `CLOCK_MONOTONIC` in nanoseconds, as the `gaps` client reads it.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec to write.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// `rounds` planned restarts, then `rounds` crashes, each with the names
