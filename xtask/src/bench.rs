@@ -286,7 +286,8 @@ fn put_section(
     let old = std::fs::read_to_string(&out).unwrap_or_default();
     std::fs::write(&out, report::replace_section(&old, title, section))?;
     eprintln!(
-        "bench: put section{title} into {} in {:.0} s",
+        "bench: put section {:?} into {} in {:.0} s",
+        title.trim(),
         out.display(),
         started.elapsed().as_secs_f64()
     );

@@ -1309,7 +1309,7 @@ fn updates_section(out: &mut String, args: &BenchArgs, u: &Updates, alone: Optio
         pattern = updates::PATTERN,
         pattern_rules = u.pattern_rules,
         exact = u.exact,
-        per_file = thousands(super::rules::PER_FILE),
+        per_file = thousands(super::rules::PER_FILE.min(args.identities)),
         runs = s.runs,
         full = s.full_reloads,
     );
@@ -1434,9 +1434,10 @@ fn updates_section(out: &mut String, args: &BenchArgs, u: &Updates, alone: Optio
     let _ = write!(
         out,
         "\nOver the churn alone (just before its first grant to none listed): VmRSS {change}, \
-         {each} bytes a grant; VmHWM {hwm} to {hwm_after}.\n",
+         {sign}{each} bytes a grant; VmHWM {hwm} to {hwm_after}.\n",
         change = signed_size(grown / 1024),
-        each = grown / c.issued.max(1) as i64,
+        sign = if grown < 0 { "−" } else { "+" },
+        each = thousands((grown.unsigned_abs() / c.issued.max(1) as u64) as usize),
         hwm = size(c.before.hwm_kib * 1024),
         hwm_after = size(c.after.hwm_kib * 1024),
     );
