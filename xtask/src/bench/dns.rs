@@ -592,7 +592,8 @@ impl Crash {
 }
 
 /// The 1, 5 and 15 minute load averages.
-fn load_average() -> String {
+/// `/proc/loadavg`'s first three figures: how busy the machine is.
+pub fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()
         .split_whitespace()

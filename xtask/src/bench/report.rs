@@ -1280,7 +1280,8 @@ fn updates_section(out: &mut String, args: &BenchArgs, u: &Updates, alone: Optio
          beside reloads of its whole policy, and whether its memory grows with the number of \
          updates. Every update is made with the real CLI, one after another, and timed from \
          its spawn to its reply; the agent replies once the change is in the kernel. The agent \
-         re-attests its whole scope every 10 s, and those passes fall within the runs. \
+         re-attests its whole scope every 10 s, and those passes fall within the runs. Load \
+         average (1, 5, 15 min) at the section's start: {load0}; at its end: {load1}. \
          The issue's targets (issue 17): a one-rule change in force within {t1}, a grant \
          within {tg} (to the first allowed connect), a full reload within {tf}.\n\n\
          ### Policy reloads\n\n\
@@ -1303,6 +1304,8 @@ fn updates_section(out: &mut String, args: &BenchArgs, u: &Updates, alone: Optio
         ids = thousands(args.identities),
         rules = thousands(args.rules),
         start = seconds(u.start_time),
+        load0 = u.load.0,
+        load1 = u.load.1,
         t1 = latency(TARGET_ONE_RULE),
         tg = latency(TARGET_GRANT),
         tf = latency(TARGET_FULL_RELOAD),

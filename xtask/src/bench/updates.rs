@@ -28,6 +28,7 @@ use super::loops::Loop;
 use super::monotonic_ns;
 use super::reload;
 use super::rules::{self, Identity, Protocol, Rule};
+use super::thousands;
 
 /// The pattern block's ID: it matches none of the bench's identities
 /// (`spiffe://bench.test/id/N`).
@@ -81,6 +82,9 @@ pub struct Updates {
     /// The agent's memory at the start and after each step, with what
     /// the step was.
     pub memory: Vec<(String, ProcSample)>,
+    /// `/proc/loadavg`'s first three figures at the section's start and
+    /// end: how busy the machine was.
+    pub load: (String, String),
 }
 
 pub struct Grants {
@@ -127,6 +131,7 @@ pub fn measure(
     if identities.len() < 2 {
         bail!("the updates section needs two identities");
     }
+    let load = super::dns::load_average();
     let pid = agent.pid();
     let mut memory = vec![("start".to_owned(), cost::sample(pid)?)];
     let mut note = |what: String| -> Result<()> {
@@ -136,7 +141,10 @@ pub fn measure(
 
     eprintln!("bench: updates: {} timed grants", sizes.runs);
     let grants = time_grants(agent, &identities[0], lp, denied, sizes.runs)?;
-    note(format!("{} timed grants, each revoked", sizes.runs))?;
+    note(format!(
+        "{} timed grants, each revoked",
+        thousands(sizes.runs)
+    ))?;
     eprintln!(
         "bench: updates: {} grants for {CHURN_FOR} each, left to expire",
         sizes.churn
@@ -144,7 +152,7 @@ pub fn measure(
     let churn = churn(agent, &identities[1..], sizes.churn)?;
     note(format!(
         "{} grants for {CHURN_FOR}, and their expiries",
-        churn.issued
+        thousands(churn.issued)
     ))?;
 
     eprintln!(
@@ -214,6 +222,7 @@ pub fn measure(
         grants,
         churn,
         memory,
+        load: (load, super::dns::load_average()),
     })
 }
 
