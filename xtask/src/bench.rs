@@ -12,7 +12,10 @@
 //! latency (new cgroup, and exec, to identity) and the event path's
 //! throughput. Then the DNS path: lookups through idgate beside the
 //! same lookups straight to the upstream, and what names in policy cost
-//! (`--only-dns` runs that section alone).
+//! (`--only-dns` runs that section alone). Then updates in
+//! milliseconds on agent (c): one-rule reloads, grants, full reloads,
+//! and its memory over many updates (`--only-updates` runs that section
+//! alone, with agent (c)).
 //! Everything made here (cgroups, agents and their pins, the nft table,
 //! files) is removed at the end, on failure and on Ctrl-C too.
 
@@ -33,6 +36,7 @@ mod reload;
 mod report;
 mod responsiveness;
 mod rules;
+mod updates;
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket};
 use std::path::Path;
@@ -90,6 +94,25 @@ pub struct BenchArgs {
     /// place of the one there; the other sections stay as they are.
     #[arg(long)]
     only_dns: bool,
+    /// Run only agent (c) and the updates section (8), and put that
+    /// section into the report in place of the one there; the other
+    /// sections stay as they are.
+    #[arg(long, conflicts_with = "only_dns")]
+    only_updates: bool,
+    /// Timed runs of each small update in the updates section: a reload
+    /// after one rule of an exact-ID block changed, the same for a
+    /// pattern block, and a grant (each revoked once timed).
+    #[arg(long, default_value_t = 50)]
+    update_runs: usize,
+    /// Timed full reloads of each kind in the updates section (the same
+    /// policy again, every rule changed), and as many `idgate policy
+    /// check`s.
+    #[arg(long, default_value_t = 10)]
+    full_reloads: usize,
+    /// Grants issued one after another in the updates section, each for
+    /// a second, and left to expire: the agent's memory before and after.
+    #[arg(long, default_value_t = 1_000)]
+    grant_churn: usize,
     /// Names in the DNS upstream's zone, one address each: all looked up
     /// once through idgate first (and so learned), then the latency runs
     /// cycle through them.
@@ -150,6 +173,8 @@ pub struct Results {
     pub binding: Vec<binding::Latencies>,
     pub events: events::EventPath,
     pub dns: dns::DnsBench,
+    /// Agent (c)'s updates.
+    pub updates: updates::Updates,
 }
 
 pub fn run(args: BenchArgs, root: &Path) -> Result<()> {
@@ -165,6 +190,9 @@ pub fn run(args: BenchArgs, root: &Path) -> Result<()> {
     machine::ensure_tool("bpftool", &["version"], "bpftool")?;
     if args.only_dns {
         return run_dns_only(&args, root, &machine, started);
+    }
+    if args.only_updates {
+        return run_updates_only(&args, root, &machine, started);
     }
     let results = measure(&args, root, nft_version)?;
     let text = report::render(&args, &machine, &results, started.elapsed());
@@ -204,16 +232,104 @@ fn run_dns_only(args: &BenchArgs, root: &Path, machine: &Machine, started: Insta
         ports.denied[0],
     )?;
     drop(tree);
+    let section = report::dns_alone(args, machine, &results, started.elapsed());
+    put_section(args, root, report::DNS_TITLE, &section, started)
+}
+
+/// `--only-updates`: agent (c) alone and the updates section, put into
+/// the report in place of the one there (or after the others).
+fn run_updates_only(
+    args: &BenchArgs,
+    root: &Path,
+    machine: &Machine,
+    started: Instant,
+) -> Result<()> {
+    check_sizes(args)?;
+    let bins = crate::target_dir(root).join("release");
+    let lp = Loop {
+        bin: bins.join("idgate-bench-loop"),
+        count: args.count,
+        seconds: args.seconds,
+    };
+    let ports = Ports::pick()?;
+    let mut large_ids = rules::generate(
+        args.identities,
+        args.rules,
+        rules::loopback_rule(ports.tcp, ports.udp),
+    );
+    let tag = format!("idgate-bench-{}", std::process::id());
+    let tree = cgroups::Tree::new(&cgroups::cgroup2_root()?, &tag)?;
+    let large = start_agent(&bins.join("idgate"), &tag, "large", &large_ids, "")?;
+    let results = updates::measure(
+        &large,
+        &mut large_ids,
+        &lp,
+        ports.denied[0],
+        update_sizes(args),
+    )?;
+    drop(large);
+    drop(tree);
+    let section = report::updates_alone(args, machine, &results, started.elapsed());
+    put_section(args, root, report::UPDATES_TITLE, &section, started)
+}
+
+/// Puts `section` (titled `title`) into the report in place of the one
+/// there.
+fn put_section(
+    args: &BenchArgs,
+    root: &Path,
+    title: &str,
+    section: &str,
+    started: Instant,
+) -> Result<()> {
     let out = root.join(&args.out);
     let old = std::fs::read_to_string(&out).unwrap_or_default();
-    let section = report::dns_alone(args, machine, &results, started.elapsed());
-    std::fs::write(&out, report::replace_section(&old, &section))?;
+    std::fs::write(&out, report::replace_section(&old, title, section))?;
     eprintln!(
-        "bench: put the DNS section into {} in {:.0} s",
+        "bench: put section {:?} into {} in {:.0} s",
+        title.trim(),
         out.display(),
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+fn update_sizes(args: &BenchArgs) -> updates::Sizes {
+    updates::Sizes {
+        runs: args.update_runs,
+        full_reloads: args.full_reloads,
+        churn: args.grant_churn,
+    }
+}
+
+/// Starts agent `name` of this run (`tag`): a directory, a scope below
+/// the run's cgroup tree and pins of its own, every identity's cgroup
+/// bound, its DNS path on (as by default) with listeners on a port of
+/// its own (two agents cannot share one; their workloads make no
+/// lookups, so the upstream is never asked), then `tables`.
+fn start_agent(
+    idgate: &Path,
+    tag: &str,
+    name: &str,
+    identities: &[rules::Identity],
+    tables: &str,
+) -> Result<Agent> {
+    eprintln!(
+        "bench: starting agent {name} ({} identities)",
+        identities.len()
+    );
+    let tables = format!(
+        "{tables}\n[dns]\nlisten_port = {}\nupstreams = [\"127.0.0.1:53\"]\n",
+        dns::free_dual_port()?
+    );
+    Agent::start(
+        idgate,
+        std::env::temp_dir().join(format!("{tag}-{name}")),
+        &format!("{tag}/{name}"),
+        Path::new("/sys/fs/bpf").join(format!("{tag}-{name}")),
+        identities,
+        &tables,
+    )
 }
 
 fn dns_sizes(args: &BenchArgs) -> dns::Sizes {
@@ -227,6 +343,18 @@ fn dns_sizes(args: &BenchArgs) -> dns::Sizes {
     }
 }
 
+/// `CLOCK_MONOTONIC` in nanoseconds, as the benchmark's clients read it
+/// (the same clock in every process).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// Whether this process runs as root.
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -236,9 +364,7 @@ pub fn is_root() -> bool {
 /// Sets everything up, measures, and tears it down (the guards are
 /// dropped in reverse order: agents, nft table, cgroups).
 fn measure(args: &BenchArgs, root: &Path, nft_version: String) -> Result<Results> {
-    if args.identities < 2 || args.rules < args.identities {
-        bail!("--rules must be at least --identities, and --identities at least 2");
-    }
+    check_sizes(args)?;
     if args.probes == 0 || args.probe_seconds <= 0.0 {
         bail!("--probes and --probe-seconds must be above 0");
     }
@@ -274,26 +400,8 @@ fn measure(args: &BenchArgs, root: &Path, nft_version: String) -> Result<Results
     let nft_excerpt = nft::excerpt(&nft_name, &cgroup_root, nft_workloads[0].clone())?;
     drop(nft_workloads);
 
-    // Each agent's DNS path is on, as by default, with listeners on a
-    // port of its own (two agents cannot share one); their workloads
-    // make no lookups, so the upstream is never asked.
     let start_agent = |name: &str, identities: &[rules::Identity], tables: &str| {
-        eprintln!(
-            "bench: starting agent {name} ({} identities)",
-            identities.len()
-        );
-        let tables = format!(
-            "{tables}\n[dns]\nlisten_port = {}\nupstreams = [\"127.0.0.1:53\"]\n",
-            dns::free_dual_port()?
-        );
-        Agent::start(
-            &idgate,
-            std::env::temp_dir().join(format!("{tag}-{name}")),
-            &format!("{tag}/{name}"),
-            Path::new("/sys/fs/bpf").join(format!("{tag}-{name}")),
-            identities,
-            &tables,
-        )
+        start_agent(&idgate, &tag, name, identities, tables)
     };
     let small = start_agent("small", &small_ids, "")?;
     let large = start_agent("large", &large_ids, "")?;
@@ -366,6 +474,13 @@ fn measure(args: &BenchArgs, root: &Path, nft_version: String) -> Result<Results
     );
     let responsiveness =
         responsiveness::measure(&large, &mut large_ids, args.probes, args.probe_seconds)?;
+    let updates = updates::measure(
+        &large,
+        &mut large_ids,
+        &lp,
+        ports.denied[0],
+        update_sizes(args),
+    )?;
 
     let udp: SocketAddr = (Ipv4Addr::LOCALHOST, ports.udp).into();
     let binding = [("(b)", &small), ("(c)", &large)]
@@ -421,7 +536,19 @@ fn measure(args: &BenchArgs, root: &Path, nft_version: String) -> Result<Results
         binding,
         events,
         dns,
+        updates,
     })
+}
+
+/// Checks the sizes agent (c) and the updates section need.
+fn check_sizes(args: &BenchArgs) -> Result<()> {
+    if args.identities < 2 || args.rules < args.identities {
+        bail!("--rules must be at least --identities, and --identities at least 2");
+    }
+    if args.update_runs == 0 || args.full_reloads == 0 {
+        bail!("--update-runs and --full-reloads must be above 0");
+    }
+    Ok(())
 }
 
 /// Proof that each configuration judges its workload: a UDP send to a

@@ -33,6 +33,12 @@
 //!   clock and execs `PROGRAM` (a copy of this program) as `bind-probe`.
 //! - `bind-probe --since NS`: polls; prints the nanoseconds from `NS`
 //!   (`CLOCK_MONOTONIC`) to the first allowed connect (`bound_ns`).
+//! - `wait-allowed --cgroup DIR`: moves itself into `DIR` (a bound
+//!   workload's cgroup), makes its socket, and its first `connect()` must
+//!   be denied (EPERM); prints `denied`, then polls. Prints the
+//!   `CLOCK_MONOTONIC` nanoseconds of the first allowed connect
+//!   (`allowed_at_ns`): the caller reads the same clock just before it
+//!   opens the destination (a grant).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -78,6 +84,7 @@ fn run() -> Result<(), String> {
         "bind-create" => return bind_create(&args),
         "exec-wait" => return exec_wait(&args),
         "bind-probe" => return bind_probe(&args),
+        "wait-allowed" => return wait_allowed_op(&args),
         _ => {}
     }
     // Before any socket exists: a socket belongs to the cgroup it is
@@ -150,12 +157,26 @@ fn tight_timers() {
 /// process's cgroup now) until the kernel allows it; the polls it took,
 /// and the nanoseconds from the first to the last.
 fn wait_allowed(addr: SocketAddr, timeout: Duration) -> Result<(u64, u64), String> {
-    let deadline = Instant::now() + timeout;
+    poll_allowed(&udp_socket(addr)?, addr, timeout)
+}
+
+/// An unconnected UDP socket of `addr`'s family, in this process's cgroup
+/// now.
+fn udp_socket(addr: SocketAddr) -> Result<UdpSocket, String> {
     let any_port: SocketAddr = match addr {
         SocketAddr::V4(_) => "0.0.0.0:0".parse().expect("address"),
         SocketAddr::V6(_) => "[::]:0".parse().expect("address"),
     };
-    let socket = UdpSocket::bind(any_port).map_err(|e| format!("udp socket: {e}"))?;
+    UdpSocket::bind(any_port).map_err(|e| format!("udp socket: {e}"))
+}
+
+/// [`wait_allowed`] with a socket made beforehand.
+fn poll_allowed(
+    socket: &UdpSocket,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<(u64, u64), String> {
+    let deadline = Instant::now() + timeout;
     let first = Instant::now();
     let mut polls = 0;
     loop {
@@ -260,6 +281,29 @@ fn bind_probe(args: &Args) -> Result<(), String> {
     println!(
         "{}",
         serde_json::json!({ "bound_ns": bound, "polls": polls, "polling_ns": polling })
+    );
+    Ok(())
+}
+
+/// `wait-allowed`: see the module documentation.
+fn wait_allowed_op(args: &Args) -> Result<(), String> {
+    tight_timers();
+    join(&args.cgroup)?;
+    let socket = udp_socket(args.addr)?;
+    match socket.connect(args.addr) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
+        Ok(()) => return Err(format!("udp connect {}: allowed already", args.addr)),
+        Err(e) => return Err(format!("udp connect {}: {e}", args.addr)),
+    }
+    let mut stdout = std::io::stdout();
+    writeln!(stdout, "denied")
+        .and_then(|()| stdout.flush())
+        .map_err(|e| format!("stdout: {e}"))?;
+    let (polls, polling) = poll_allowed(&socket, args.addr, Duration::from_secs_f64(args.seconds))?;
+    let allowed_at = monotonic_ns();
+    println!(
+        "{}",
+        serde_json::json!({ "allowed_at_ns": allowed_at, "polls": polls, "polling_ns": polling })
     );
     Ok(())
 }

@@ -30,6 +30,7 @@ use super::agent::Agent;
 use super::cost::{self, MapMemory, ProcSample};
 use super::interrupt;
 use super::loops::{Loop, Op};
+use super::monotonic_ns;
 use super::overhead::{self, Config, Judge, Overhead};
 use super::rules::{self, Identity};
 
@@ -477,17 +478,6 @@ pub fn measure(
     })
 }
 
-/// `CLOCK_MONOTONIC` in nanoseconds, as the `gaps` client reads it.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec to write.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// `rounds` planned restarts, then `rounds` crashes, each with the names
 /// identity's client looking names up one at a time through idgate.
 fn restarts(
@@ -602,7 +592,8 @@ impl Crash {
 }
 
 /// The 1, 5 and 15 minute load averages.
-fn load_average() -> String {
+/// `/proc/loadavg`'s first three figures: how busy the machine is.
+pub fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()
         .split_whitespace()

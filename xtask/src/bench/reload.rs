@@ -20,6 +20,19 @@ pub struct Reloads {
 }
 
 pub fn measure(agent: &Agent, identities: &mut [Identity], times: usize) -> Result<Reloads> {
+    Ok(Reloads {
+        check: checks(agent, times)?,
+        unchanged: changed(times, |_| Ok(()), || reload(agent))?,
+        one_rule: changed(
+            times,
+            |step| change_one_rule(agent, identities, step),
+            || reload(agent),
+        )?,
+    })
+}
+
+/// `times` timed `idgate policy check`s of the agent's policy files.
+pub fn checks(agent: &Agent, times: usize) -> Result<Vec<Duration>> {
     let mut check = Vec::with_capacity(times);
     for _ in 0..times {
         interrupt::check()?;
@@ -27,20 +40,22 @@ pub fn measure(agent: &Agent, identities: &mut [Identity], times: usize) -> Resu
         agent.check_policy()?;
         check.push(started.elapsed());
     }
-    let mut unchanged = Vec::with_capacity(times);
-    for _ in 0..times {
-        unchanged.push(reload(agent)?);
-    }
-    let mut one_rule = Vec::with_capacity(times);
+    Ok(check)
+}
+
+/// `times` steps of `change` (untimed, given the step's number), each
+/// followed by a timed `apply` (a reload).
+pub fn changed(
+    times: usize,
+    mut change: impl FnMut(usize) -> Result<()>,
+    mut apply: impl FnMut() -> Result<Duration>,
+) -> Result<Vec<Duration>> {
+    let mut took = Vec::with_capacity(times);
     for step in 0..times {
-        change_one_rule(agent, identities, step)?;
-        one_rule.push(reload(agent)?);
+        change(step)?;
+        took.push(apply()?);
     }
-    Ok(Reloads {
-        check,
-        unchanged,
-        one_rule,
-    })
+    Ok(took)
 }
 
 /// Changes the port of the last identity's last rule in the agent's
@@ -52,14 +67,33 @@ pub fn change_one_rule(agent: &Agent, identities: &mut [Identity], step: usize) 
         .rules
         .last_mut()
         .expect("every identity has a rule");
-    let ports = &mut rule.ports[0];
+    shift_ports(&mut rule.ports[0], step);
+    let (name, text) = rules::idgate_policy_file_of(identities, index);
+    agent.write_policy(&name, &text)
+}
+
+/// Changes the port of every rule but the loopback one (which the
+/// connect loops and probes need as it is) in every policy file, one up
+/// on even steps and back down on odd ones, and writes every file again.
+pub fn change_every_rule(agent: &Agent, identities: &mut [Identity], step: usize) -> Result<()> {
+    for rule in identities.iter_mut().flat_map(|i| i.rules.iter_mut()) {
+        if rule.name != rules::LOOPBACK_RULE {
+            shift_ports(&mut rule.ports[0], step);
+        }
+    }
+    for (name, text) in rules::idgate_policy(identities) {
+        agent.write_policy(&name, &text)?;
+    }
+    Ok(())
+}
+
+/// A port range one up on even steps, back down on odd ones.
+pub fn shift_ports(ports: &mut (u16, u16), step: usize) {
     if step.is_multiple_of(2) {
         *ports = (ports.0 + 1, ports.1 + 1);
     } else {
         *ports = (ports.0 - 1, ports.1 - 1);
     }
-    let (name, text) = rules::idgate_policy_file_of(identities, index);
-    agent.write_policy(&name, &text)
 }
 
 /// One timed `idgate policy reload`; the generation must have switched.

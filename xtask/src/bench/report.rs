@@ -10,6 +10,7 @@ use super::loops::Op;
 use super::machine::Machine;
 use super::overhead::{AgentUnderLoad, HooksOff};
 use super::responsiveness::{self, Probe};
+use super::updates::{self, Updates};
 use super::{AgentCost, BenchArgs, Results, thousands};
 
 /// The issue's targets for (c) over (a): TCP, UDP.
@@ -28,42 +29,59 @@ pub fn render(args: &BenchArgs, machine: &Machine, r: &Results, runtime: Duratio
     events(&mut out, args, machine, r);
     responsiveness(&mut out, args, r);
     dns(&mut out, &r.dns, None);
+    updates_section(&mut out, args, &r.updates, None);
     out
 }
 
 /// The DNS section of a `--only-dns` run, saying when and where it ran.
 pub fn dns_alone(args: &BenchArgs, m: &Machine, d: &DnsBench, runtime: Duration) -> String {
     let mut out = String::new();
+    dns(&mut out, d, Some(&alone(args, m, runtime, "--only-dns")));
+    out
+}
+
+/// The updates section of a `--only-updates` run, saying when and where
+/// it ran.
+pub fn updates_alone(args: &BenchArgs, m: &Machine, u: &Updates, runtime: Duration) -> String {
+    let mut out = String::new();
+    let when = alone(args, m, runtime, "--only-updates");
+    updates_section(&mut out, args, u, Some(&when));
+    out
+}
+
+/// When and where a section measured on its own (`flag`) ran.
+fn alone(args: &BenchArgs, m: &Machine, runtime: Duration, flag: &str) -> String {
     let note = args
         .note
         .as_ref()
         .map(|n| format!(" Its note: {n}"))
         .unwrap_or_default();
-    let when = format!(
-        "This section was measured on its own (`cargo xtask bench --only-dns`) on {date} from \
+    format!(
+        "This section was measured on its own (`cargo xtask bench {flag}`) on {date} from \
          commit {commit}, in {runtime:.0} s, on {cpus} logical CPUs of {cpu}, Linux \
-         {kernel}; the sections above come from the run named at the top.{note}",
+         {kernel}; the other sections come from the run named at the top, unless they say \
+         otherwise.{note}",
         date = m.date,
         commit = m.commit,
         runtime = runtime.as_secs_f64(),
         cpus = m.cpus,
         cpu = m.cpu,
         kernel = m.kernel,
-    );
-    dns(&mut out, d, Some(&when));
-    out
+    )
 }
 
-/// The title of the DNS section, by which `--only-dns` finds it.
-const DNS_TITLE: &str = "\n## 7. DNS path";
+/// The titles of the sections a run can put in alone, by which it finds
+/// them.
+pub const DNS_TITLE: &str = "\n## 7. DNS path";
+pub const UPDATES_TITLE: &str = "\n## 8. Updates in milliseconds";
 
-/// `report` with its DNS section (up to the next section) replaced by
-/// `section`, or `section` appended when it has none.
-pub fn replace_section(report: &str, section: &str) -> String {
-    let Some(start) = report.find(DNS_TITLE) else {
+/// `report` with its section titled `title` (up to the next section)
+/// replaced by `section`, or `section` appended when it has none.
+pub fn replace_section(report: &str, title: &str, section: &str) -> String {
+    let Some(start) = report.find(title) else {
         return format!("{}\n{section}", report.trim_end_matches('\n'));
     };
-    let after = start + DNS_TITLE.len();
+    let after = start + title.len();
     let end = report[after..]
         .find("\n## ")
         .map_or(report.len(), |i| after + i);
@@ -1238,6 +1256,202 @@ fn restarts(out: &mut String, d: &DnsBench) {
     );
 }
 
+/// Issue 17's targets, nanoseconds: a one-rule reload to its reply, a
+/// grant to the first allowed connect, a full reload to its reply.
+const TARGET_ONE_RULE: u64 = 20_000_000;
+const TARGET_GRANT: u64 = 5_000_000;
+const TARGET_FULL_RELOAD: u64 = 500_000_000;
+
+fn updates_section(out: &mut String, args: &BenchArgs, u: &Updates, alone: Option<&str>) {
+    let s = &u.sizes;
+    let g = &u.grants;
+    let _ = write!(out, "{}\n\n", UPDATES_TITLE);
+    if let Some(when) = alone {
+        let _ = write!(out, "> {when}\n\n");
+    }
+    let poll = match g.polling_ns.checked_div(g.repolls) {
+        Some(each) => format!("measured: one every {} on average", latency(each)),
+        None => "no probe needed a second poll".to_owned(),
+    };
+    let _ = write!(
+        out,
+        "How long agent (c) ({ids} identities, {rules} rules, {ids} bound cgroups; it took \
+         {start} from its start to its first answer) takes to put a small change in force, \
+         beside reloads of its whole policy, and whether its memory grows with the number of \
+         updates. Every update is made with the real CLI, one after another, and timed from \
+         its spawn to its reply; the agent replies once the change is in the kernel. The agent \
+         re-attests its whole scope every 10 s, and those passes fall within the runs. Load \
+         average (1, 5, 15 min) at the section's start: {load0}; at its end: {load1}. \
+         The issue's targets (issue 17): a one-rule change in force within {t1}, a grant \
+         within {tg} (to the first allowed connect), a full reload within {tf}.\n\n\
+         ### Policy reloads\n\n\
+         `idgate policy reload` after the bench has rewritten what changed (not timed). The \
+         policy has one more file for these runs, holding a pattern block: `id = \"{pattern}\"` \
+         with {pattern_rules} rules (TCP to an IPv4 and an IPv6 network), which matches none \
+         of the bound identities; it is added with one reload before the runs.\n\n\
+         - **one rule of an exact-ID block**: the port of `{exact}`'s last rule, one up, and \
+         back down on the next run (its file holds {per_file} identities, as in section 2);\n\
+         - **one rule of the pattern block**: the same, in the pattern block's file;\n\
+         - **the same policy again**: nothing changed;\n\
+         - **every identity's rules changed**: the port of every rule (but the loopback rule \
+         of section 1's workload) one up, and back down on the next run; every file \
+         rewritten;\n\
+         - for comparison, `idgate policy check` of the same files: read and validated by the \
+         CLI, no agent.\n\n\
+         {runs} runs of each one-rule kind, {full} of each full kind, in this order: exact, \
+         pattern, check, same, every.\n\n\
+         | update | n | p50 | p99 | max | target | met |\n|---|---:|---:|---:|---:|---:|---|\n",
+        ids = thousands(args.identities),
+        rules = thousands(args.rules),
+        start = seconds(u.start_time),
+        load0 = u.load.0,
+        load1 = u.load.1,
+        t1 = latency(TARGET_ONE_RULE),
+        tg = latency(TARGET_GRANT),
+        tf = latency(TARGET_FULL_RELOAD),
+        pattern = updates::PATTERN,
+        pattern_rules = u.pattern_rules,
+        exact = u.exact,
+        per_file = thousands(super::rules::PER_FILE.min(args.identities)),
+        runs = s.runs,
+        full = s.full_reloads,
+    );
+    let row = |out: &mut String, what: &str, ns: &[u64], target: Option<u64>| {
+        let (target, met) = match target {
+            Some(t) => (
+                latency(t),
+                yes_no(!ns.is_empty() && percentile(ns, 0.99) <= t).to_owned(),
+            ),
+            None => ("–".to_owned(), "–".to_owned()),
+        };
+        let _ = writeln!(
+            out,
+            "| {what} | {} | {} | {} | {} | {target} | {met} |",
+            thousands(ns.len()),
+            latency(percentile(ns, 0.50)),
+            latency(percentile(ns, 0.99)),
+            latency(ns.iter().copied().max().unwrap_or(0)),
+        );
+    };
+    row(
+        out,
+        "one rule of an exact-ID block",
+        &u.one_rule,
+        Some(TARGET_ONE_RULE),
+    );
+    row(
+        out,
+        "one rule of the pattern block",
+        &u.pattern_rule,
+        Some(TARGET_ONE_RULE),
+    );
+    row(
+        out,
+        "full: the same policy again",
+        &u.unchanged,
+        Some(TARGET_FULL_RELOAD),
+    );
+    row(
+        out,
+        "full: every identity's rules changed",
+        &u.every_rule,
+        Some(TARGET_FULL_RELOAD),
+    );
+    row(
+        out,
+        "for comparison: `idgate policy check` of the same files",
+        &u.check,
+        None,
+    );
+    let _ = write!(
+        out,
+        "\nMet: p99 at most the target.\n\n\
+         ### Grants\n\n\
+         From just before the bench spawns `idgate grant --identity {identity} --to {ip} \
+         --ports {port} --protocol udp --for {grant_for} --json` to the first UDP `connect()` \
+         to `{addr}` the kernel allows from the cgroup bound to that identity. The probe \
+         (`idgate-bench-loop`, as in section 4) is started in that cgroup before the grant is \
+         asked for: it makes its socket there, its first `connect()` must fail with EPERM (no \
+         rule of the identity covers the port: denied by its default), then it polls every \
+         50 µs ({poll}) and reads `CLOCK_MONOTONIC` at the first allowed connect, the clock the \
+         bench read before the spawn. Each grant is revoked (`idgate grant --revoke ID`) once \
+         timed, and a UDP send from the cgroup to the port is checked to fail with EPERM again \
+         before the next probe starts (all {n} were). {n} grants.\n\n\
+         | | n | p50 | p99 | max | target | met |\n|---|---:|---:|---:|---:|---:|---|\n",
+        identity = g.identity,
+        ip = g.addr.ip(),
+        port = g.addr.port(),
+        addr = g.addr,
+        grant_for = updates::GRANT_FOR,
+        n = g.first_allowed.len(),
+    );
+    row(
+        out,
+        "grant: spawn of `idgate grant` to the first allowed connect",
+        &g.first_allowed,
+        Some(TARGET_GRANT),
+    );
+    row(out, "`idgate grant`: spawn to reply", &g.cli, None);
+    row(
+        out,
+        "`idgate grant --revoke`: spawn to reply",
+        &g.revoke,
+        None,
+    );
+
+    let c = &u.churn;
+    let _ = write!(
+        out,
+        "\n### Memory over many updates\n\n\
+         Agent (c)'s VmRSS and VmHWM (`/proc/PID/status`) at the section's start and after \
+         each step, in order. The churn: {churn} grants issued one after another for \
+         {churn_for} each (`idgate grant`, each to the next identity, to `192.0.2.N` port \
+         {churn_port} TCP), in {issuing}; then the bench polled `idgate grants --json` until \
+         it listed none, {drained} after the last grant's reply.\n\n\
+         | after | VmRSS | VmHWM | VmRSS change |\n|---|---:|---:|---:|\n",
+        churn = thousands(c.issued),
+        churn_for = updates::CHURN_FOR,
+        churn_port = updates::CHURN_PORT,
+        issuing = seconds(c.issuing),
+        drained = seconds(c.drained),
+    );
+    let mut previous: Option<&ProcSample> = None;
+    for (what, sample) in &u.memory {
+        let change = previous.map_or("–".to_owned(), |p| {
+            signed_size(sample.rss_kib as i64 - p.rss_kib as i64)
+        });
+        let what = if what == "start" {
+            "the section's start"
+        } else {
+            what
+        };
+        let _ = writeln!(
+            out,
+            "| {what} | {} | {} | {change} |",
+            size(sample.rss_kib * 1024),
+            size(sample.hwm_kib * 1024),
+        );
+        previous = Some(sample);
+    }
+    let grown = (c.after.rss_kib as i64 - c.before.rss_kib as i64) * 1024;
+    let _ = write!(
+        out,
+        "\nOver the churn alone (just before its first grant to none listed): VmRSS {change}, \
+         {sign}{each} bytes a grant; VmHWM {hwm} to {hwm_after}.\n",
+        change = signed_size(grown / 1024),
+        sign = if grown < 0 { "−" } else { "+" },
+        each = thousands((grown.unsigned_abs() / c.issued.max(1) as u64) as usize),
+        hwm = size(c.before.hwm_kib * 1024),
+        hwm_after = size(c.after.hwm_kib * 1024),
+    );
+}
+
+/// A change of KiB, with its sign.
+fn signed_size(kib: i64) -> String {
+    let sign = if kib < 0 { "−" } else { "+" };
+    format!("{sign}{}", size(kib.unsigned_abs() * 1024))
+}
+
 fn failures(run: &dns::Sequential) -> String {
     if run.failures.is_empty() {
         return "0".into();
@@ -1330,18 +1544,30 @@ mod tests {
     #[test]
     fn the_dns_section_is_replaced_or_appended() {
         let report = "# B\n\n## 6. Six\n\nsix\n";
-        let first = replace_section(report, "\n## 7. DNS path\n\nold\n");
+        let first = replace_section(report, DNS_TITLE, "\n## 7. DNS path\n\nold\n");
         assert_eq!(first, "# B\n\n## 6. Six\n\nsix\n\n## 7. DNS path\n\nold\n");
-        let again = replace_section(&first, "\n## 7. DNS path\n\nnew\n");
+        let again = replace_section(&first, DNS_TITLE, "\n## 7. DNS path\n\nnew\n");
         assert_eq!(again, "# B\n\n## 6. Six\n\nsix\n\n## 7. DNS path\n\nnew\n");
         // A section after it stays.
         let later = format!("{first}\n## 8. Eight\n\neight\n");
-        let replaced = replace_section(&later, "\n## 7. DNS path\n\nnew\n");
+        let replaced = replace_section(&later, DNS_TITLE, "\n## 7. DNS path\n\nnew\n");
         assert!(
             replaced.contains("new\n\n## 8. Eight\n\neight\n"),
             "{replaced}"
         );
         assert!(!replaced.contains("old"));
+        // The updates section is appended after it, then replaced by its
+        // own title, the DNS section before it staying as it is.
+        let title = "\n## 8. Updates in milliseconds";
+        let eight = replace_section(&again, UPDATES_TITLE, &format!("{title}\n\nold\n"));
+        assert!(
+            eight.ends_with(&format!("new\n{title}\n\nold\n")),
+            "{eight}"
+        );
+        let eight = replace_section(&eight, UPDATES_TITLE, &format!("{title}\n\n8\n"));
+        assert_eq!(eight, format!("{again}{title}\n\n8\n"));
+        let dns = replace_section(&eight, DNS_TITLE, "\n## 7. DNS path\n\nnewer\n");
+        assert!(dns.ends_with(&format!("newer\n{title}\n\n8\n")), "{dns}");
     }
 
     #[test]

@@ -9,6 +9,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 pub const TRUST_DOMAIN: &str = "bench.test";
 /// Identities per policy file.
 pub const PER_FILE: usize = 1_000;
+/// The name of [`loopback_rule`]'s rule.
+pub const LOOPBACK_RULE: &str = "bench-loopback";
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
@@ -58,7 +60,7 @@ pub struct Identity {
 /// (TCP and UDP, IPv4 and IPv6).
 pub fn loopback_rule(tcp_port: u16, udp_port: u16) -> Rule {
     Rule {
-        name: "bench-loopback".into(),
+        name: LOOPBACK_RULE.into(),
         to: vec![
             (IpAddr::V4(Ipv4Addr::LOCALHOST), 32),
             (IpAddr::V6(Ipv6Addr::LOCALHOST), 128),
@@ -242,8 +244,8 @@ mod tests {
         let ids = generate(3, 10, loopback_rule(1, 2));
         let counts: Vec<usize> = ids.iter().map(|i| i.rules.len()).collect();
         assert_eq!(counts, [4, 3, 3]);
-        assert_eq!(ids[0].rules[0].name, "bench-loopback");
-        assert!(ids[1].rules.iter().all(|r| r.name != "bench-loopback"));
+        assert_eq!(ids[0].rules[0].name, LOOPBACK_RULE);
+        assert!(ids[1].rules.iter().all(|r| r.name != LOOPBACK_RULE));
     }
 
     #[test]
