@@ -218,7 +218,7 @@ impl Compiler {
         out
     }
 
-    /// What every rule id stands for (see [`Blocks::rule_infos`]), taking
+    /// What every rule id stands for (indexed by id; see [`Blocks::block_rule_infos`]), taking
     /// each block's from the last policy compiled where it is the same
     /// parse.
     fn rule_infos(&mut self, blocks: &Blocks) -> Vec<RuleInfo> {

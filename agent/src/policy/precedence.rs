@@ -222,15 +222,6 @@ impl<'a> Blocks<'a> {
         )
     }
 
-    /// What every rule id stands for, indexed by id.
-    pub fn rule_infos(&self) -> Vec<RuleInfo> {
-        let mut all = vec![RuleInfo::default_rule()];
-        for b in 0..self.list.len() {
-            all.extend(self.block_rule_infos(b));
-        }
-        all
-    }
-
     /// What the rule ids of block `b` stand for, in order from its first.
     pub fn block_rule_infos(&self, b: usize) -> Vec<RuleInfo> {
         let block = &self.list[b];
@@ -483,7 +474,7 @@ mod tests {
             "#,
         );
         let blocks = Blocks::new(&p);
-        let infos = blocks.rule_infos();
+        let infos = crate::policy::compile(&p, &[]).rules;
         let names: Vec<(&str, &str)> = infos.iter().map(|r| (&*r.owner, &*r.name)).collect();
         assert_eq!(
             names,
