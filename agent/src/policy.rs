@@ -11,6 +11,7 @@ mod overlap;
 mod parse;
 mod ports;
 mod precedence;
+mod segments;
 mod subject;
 mod suggest;
 mod summary;

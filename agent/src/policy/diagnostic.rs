@@ -93,14 +93,22 @@ pub struct Source {
     pub file: Arc<Path>,
     pub text: String,
     lines: LineIndex,
+    /// Lines of the file before the text (when the text is a part of it).
+    lines_before: u32,
 }
 
 impl Source {
     pub fn new(file: &Path, text: String) -> Self {
+        Self::part(file, text, 0)
+    }
+
+    /// A part of a file's text that starts after `lines_before` lines.
+    pub fn part(file: &Path, text: String, lines_before: u32) -> Self {
         Self {
             file: file.into(),
             lines: LineIndex::new(&text),
             text,
+            lines_before,
         }
     }
 
@@ -109,7 +117,7 @@ impl Source {
         let (line, column) = self.lines.position(&self.text, offset);
         Location {
             file: self.file.clone(),
-            line: line as u32,
+            line: line as u32 + self.lines_before,
             column: column as u32,
         }
     }

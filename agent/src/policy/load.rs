@@ -10,6 +10,7 @@ use sha2::{Digest, Sha256};
 use super::diagnostic::{Diagnostic, Location, Source};
 use super::model::PolicySet;
 use super::parse::{FileContents, parse};
+use super::segments::{Part, parse_parts};
 use super::subject::Subject;
 use super::{PolicyError, overlap, warnings};
 
@@ -22,14 +23,24 @@ pub fn load(path: &Path, trust_domains: &[String]) -> Result<PolicySet, PolicyEr
 
 /// Reads policies as [`load`] does, keeping what each file that parsed
 /// cleanly came to: a file whose text has not changed since is not
-/// parsed again (its blocks, and their serials, are the same), so a
-/// reload of many files where one changed parses one.
+/// parsed again (its blocks, and their serials, are the same), and in a
+/// file that changed only the blocks that changed are (see
+/// `segments.rs`).
 #[derive(Default)]
 pub struct Reader {
-    /// By path: the SHA-256 of the text last read, and what it came to.
-    files: HashMap<PathBuf, ([u8; 32], FileContents)>,
+    /// By path: what the text last read came to.
+    files: HashMap<PathBuf, Read>,
     /// What the overlap checks found clean last time.
     clean: overlap::Clean,
+}
+
+/// One file as last read.
+struct Read {
+    /// The SHA-256 of its text.
+    digest: [u8; 32],
+    contents: FileContents,
+    /// Its parts as parsed apart (none when it was parsed whole).
+    parts: Vec<Part>,
 }
 
 impl Reader {
@@ -50,22 +61,37 @@ impl Reader {
             match std::fs::read_to_string(&file) {
                 Ok(text) => {
                     let digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();
-                    let contents = match self.files.remove(&file) {
-                        Some((d, contents)) if d == digest => contents,
+                    let earlier = self.files.remove(&file);
+                    let (contents, parts) = match earlier {
+                        Some(read) if read.digest == digest => (read.contents, read.parts),
                         earlier => {
-                            let before = diagnostics.len();
-                            let mut contents = parse(&Source::new(&file, text), &mut diagnostics);
-                            if diagnostics.len() > before {
-                                merged.add(contents, &mut diagnostics);
-                                continue;
+                            let earlier_parts = earlier.as_ref().map_or(&[][..], |r| &r.parts);
+                            match parse_parts(&file, &text, earlier_parts) {
+                                Some(parsed) => parsed,
+                                None => {
+                                    let before = diagnostics.len();
+                                    let mut contents =
+                                        parse(&Source::new(&file, text), &mut diagnostics);
+                                    if diagnostics.len() > before {
+                                        merged.add(contents, &mut diagnostics);
+                                        continue;
+                                    }
+                                    if let Some(earlier) = &earlier {
+                                        keep_unchanged(&mut contents, &earlier.contents);
+                                    }
+                                    (contents, Vec::new())
+                                }
                             }
-                            if let Some((_, earlier)) = earlier {
-                                keep_unchanged(&mut contents, &earlier);
-                            }
-                            contents
                         }
                     };
-                    kept.insert(file, (digest, contents.clone()));
+                    kept.insert(
+                        file,
+                        Read {
+                            digest,
+                            contents: contents.clone(),
+                            parts,
+                        },
+                    );
                     merged.add(contents, &mut diagnostics);
                 }
                 Err(e) => diagnostics.push(Diagnostic::whole_file(
