@@ -445,6 +445,20 @@ impl GenerationMaps {
         })
     }
 
+    /// Writes `policy`, the active generation's, into the inactive
+    /// generation too (without a switch) when what that one holds is not
+    /// known: after a start on maps an earlier agent wrote, so that the
+    /// first reload writes only what it changes, not every slot.
+    pub fn prime(&mut self, policy: &CompiledPolicy) -> Result<(), BpfError> {
+        let next = self.active_generation()? ^ 1;
+        if self.held[next as usize].is_some() {
+            return Ok(());
+        }
+        let written = self.write(policy)?;
+        self.held[written.next as usize] = Some(written.held);
+        Ok(())
+    }
+
     /// Makes a written generation the one every decision reads, with one
     /// map update. A program reads the generation once per decision, so
     /// every decision sees the old rule set or the new one. Returns the

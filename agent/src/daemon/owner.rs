@@ -22,7 +22,9 @@ use super::discovery::Found;
 use super::kubelet::Outcome;
 use super::namespaces::Rescan;
 use super::snapshot::Snapshot;
-use super::state::{GenerationDone, Reloaded, Retired, Run, RunProcess, State, load_entries};
+use super::state::{
+    GenerationDone, Reloaded, Retired, Run, RunProcess, State, load_changed_entries,
+};
 use super::{DaemonError, Observers};
 use crate::admin::WorkloadsList;
 use crate::config::Config;
@@ -123,7 +125,8 @@ enum Work {
 
 /// A reload whose generation is being written.
 struct Reloading {
-    entries: EntrySet,
+    /// The reload's entries, when they are not the running ones.
+    entries: Option<EntrySet>,
     diff: PolicyDiff,
     waiters: Vec<oneshot::Sender<ReloadOutcome>>,
 }
@@ -131,7 +134,8 @@ struct Reloading {
 /// A reload's files, read and checked.
 struct Loaded {
     policy: PolicySet,
-    entries: EntrySet,
+    /// `None` when they are the running ones.
+    entries: Option<EntrySet>,
     diff: PolicyDiff,
 }
 
@@ -399,10 +403,11 @@ impl Running {
             let waiters = std::mem::take(&mut self.reloads_asked);
             let config = state.config.clone();
             let running = state.policy.clone();
+            let running_entries = state.entries.clone();
             let reader = state.policy_reader.clone();
             self.work = Work::Loading {
                 done: off_owner("reload", move || {
-                    load(&config, &running, &reader).map(Box::new)
+                    load(&config, &running, &running_entries, &reader).map(Box::new)
                 }),
                 waiters,
             };
@@ -437,7 +442,7 @@ impl Running {
                         entries,
                         diff,
                     } = *l;
-                    let job = state.generation_job(Arc::new(policy), Some(&entries))?;
+                    let job = state.generation_job(Arc::new(policy), entries.as_ref())?;
                     Ok((job, entries, diff))
                 });
                 match job {
@@ -464,7 +469,7 @@ impl Running {
                     Some(r) => {
                         let r = *r;
                         let outcome = state
-                            .finish_generation(done, Some(r.entries))
+                            .finish_generation(done, r.entries)
                             .map(|retired| self.retired.push(retired))
                             .map(|()| Reloaded {
                                 previous,
@@ -580,6 +585,7 @@ impl Running {
 fn load(
     config: &Config,
     running: &PolicySet,
+    running_entries: &EntrySet,
     reader: &std::sync::Mutex<policy::Reader>,
 ) -> Result<Loaded, ReloadError> {
     let policy = reader
@@ -587,7 +593,7 @@ fn load(
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .load(&config.policy, &config.trust_domains)?;
     super::state::log_warnings(&policy);
-    let entries = load_entries(config)?;
+    let entries = load_changed_entries(config, running_entries)?;
     let diff = policy::diff(running, &policy);
     Ok(Loaded {
         policy,

@@ -64,7 +64,7 @@ pub struct State {
     /// What reads the policy files: kept, so that a reload parses only
     /// the files that changed (used by one reload at a time).
     pub policy_reader: Arc<Mutex<policy::Reader>>,
-    pub entries: EntrySet,
+    pub entries: Arc<EntrySet>,
     /// The kubelet's pods (empty off Kubernetes, and while the kubelet
     /// cannot be reached).
     pub pods: Pods,
@@ -162,7 +162,7 @@ impl State {
             }),
             policy: Arc::new(policy),
             policy_reader: Arc::new(Mutex::new(reader)),
-            entries,
+            entries: Arc::new(entries),
             pods,
             kubelet,
             revocations,
@@ -193,6 +193,7 @@ impl State {
         // from the file.
         let job = state.generation_job(state.policy.clone(), None)?;
         drop(state.finish_generation(job.run(), None)?);
+        state.prime_inactive()?;
         release_free_memory();
         tracing::info!(
             generation = state.applied.generation,
@@ -498,7 +499,7 @@ impl State {
         let mut attestable = ids.clone();
         attestable.extend(
             entries
-                .unwrap_or(&self.entries)
+                .unwrap_or(&*self.entries)
                 .iter()
                 .map(|e| e.id.clone()),
         );
@@ -537,6 +538,15 @@ impl State {
             }
         }
         Ok(slots)
+    }
+
+    /// Brings the inactive generation to the active one's policy when
+    /// what it holds is not known (see [`GenerationMaps::prime`]).
+    fn prime_inactive(&mut self) -> Result<(), DaemonError> {
+        let Some(generations) = self.generations.as_mut() else {
+            return Ok(());
+        };
+        Ok(generations.maps.prime(&self.applied.compiled)?)
     }
 
     /// Takes back the generation maps from a finished job and, if it
@@ -578,7 +588,7 @@ impl State {
         if let Some(entries) = entries
             && !entries.same_entries(&self.entries)
         {
-            retired.entries = Some(std::mem::replace(&mut self.entries, entries));
+            retired.entries = Some(std::mem::replace(&mut self.entries, Arc::new(entries)));
             self.start_pass();
         }
         // A cgroup bound while the job ran may be bound to an identity it
@@ -791,7 +801,7 @@ pub struct Retired {
     _compiled: Arc<CompiledPolicy>,
     _policy: Arc<PolicySet>,
     _sets: RetiredSets,
-    entries: Option<EntrySet>,
+    entries: Option<Arc<EntrySet>>,
 }
 
 impl Retired {
@@ -825,9 +835,28 @@ const RESYNC_STEP: usize = 256;
 /// The entries files' entries and those the configuration's
 /// `[[workload]]` tables stand for.
 pub fn load_entries(config: &Config) -> Result<EntrySet, identity::EntriesError> {
-    let mut entries = identity::load_entries(&config.entries, &config.trust_domains)?;
+    let entries = identity::load_entries(&config.entries, &config.trust_domains)?;
+    Ok(with_workloads(entries, config))
+}
+
+/// The entries files' `entries` and then the configuration's.
+fn with_workloads(mut entries: Vec<identity::Entry>, config: &Config) -> EntrySet {
     entries.extend(config.workload_entries.iter().cloned());
-    Ok(EntrySet::new(entries))
+    EntrySet::new(entries)
+}
+
+/// [`load_entries`], or `None` when they are those of `running` (then
+/// nothing is built: with thousands of entries, building the set and its
+/// index costs more than the rest of a small reload).
+pub fn load_changed_entries(
+    config: &Config,
+    running: &EntrySet,
+) -> Result<Option<EntrySet>, identity::EntriesError> {
+    let entries = identity::load_entries(&config.entries, &config.trust_domains)?;
+    if running.holds(&entries, &config.workload_entries) {
+        return Ok(None);
+    }
+    Ok(Some(with_workloads(entries, config)))
 }
 
 /// Attestation passes, for the metrics.

@@ -57,6 +57,12 @@ impl EntrySet {
     }
 
     /// Whether `other` holds the same entries, in the same order.
+    /// Whether it holds exactly `entries` and then `more`, in order.
+    pub fn holds(&self, entries: &[Entry], more: &[Entry]) -> bool {
+        self.entries.len() == entries.len() + more.len()
+            && self.entries.iter().eq(entries.iter().chain(more))
+    }
+
     pub fn same_entries(&self, other: &EntrySet) -> bool {
         self.entries == other.entries
     }
