@@ -195,26 +195,10 @@ impl Resolver {
         };
         let class = matched.class;
         record.pattern = Some(matched.pattern.to_owned());
-        let upstream = match self.upstream.exchange(query, record.over_tcp).await {
-            Ok(bytes) => bytes,
-            Err(e) => {
-                record.detail = Some(e.to_string());
-                return (message::servfail(query), Outcome::UpstreamFailed);
-            }
+        let (filtered, answered) = match self.forward(query, self.filter, record).await {
+            Ok(answer) => answer,
+            Err(failed) => return failed,
         };
-        let answered = Instant::now();
-        let filtered = match message::filter_answer(query, &upstream, self.filter) {
-            Ok(f) => f,
-            Err(e) => {
-                record.detail = Some(e.to_string());
-                return (message::servfail(query), Outcome::UpstreamFailed);
-            }
-        };
-        record.dropped = filtered
-            .dropped
-            .iter()
-            .map(|(a, why)| (*a, why.as_str()))
-            .collect();
         let learned = {
             let mut table = self.learned.lock().expect("not poisoned");
             table.learn(
@@ -256,14 +240,6 @@ impl Resolver {
         now_boot: u64,
         record: &mut DnsRecord,
     ) -> (Vec<u8>, Outcome) {
-        let upstream = match self.upstream.exchange(query, record.over_tcp).await {
-            Ok(bytes) => bytes,
-            Err(e) => {
-                record.detail = Some(e.to_string());
-                return (message::servfail(query), Outcome::UpstreamFailed);
-            }
-        };
-        let answered = Instant::now();
         let left = granted
             .iter()
             .map(|g| g.expiry_boot_ns.saturating_sub(now_boot))
@@ -276,18 +252,10 @@ impl Resolver {
                 .min(Duration::from_secs(left / 1_000_000_000)),
             ..self.filter
         };
-        let filtered = match message::filter_answer(query, &upstream, filter) {
-            Ok(f) => f,
-            Err(e) => {
-                record.detail = Some(e.to_string());
-                return (message::servfail(query), Outcome::UpstreamFailed);
-            }
+        let (filtered, answered) = match self.forward(query, filter, record).await {
+            Ok(answer) => answer,
+            Err(failed) => return failed,
         };
-        record.dropped = filtered
-            .dropped
-            .iter()
-            .map(|(a, why)| (*a, why.as_str()))
-            .collect();
         if let Err(e) = self
             .open_granted(slot, granted, query.name(), &filtered.learned, record)
             .await
@@ -298,6 +266,36 @@ impl Resolver {
         self.metrics.learned(answered.elapsed());
         record.learned = filtered.learned;
         (filtered.bytes, Outcome::Answered)
+    }
+
+    /// The upstream's answer to `query`, filtered with `filter` (what it
+    /// dropped recorded), and when it came; or the SERVFAIL to give when
+    /// there is no usable answer.
+    async fn forward(
+        &self,
+        query: &Query,
+        filter: FilterOptions,
+        record: &mut DnsRecord,
+    ) -> Result<(message::Filtered, Instant), (Vec<u8>, Outcome)> {
+        let mut failed = |e: String| {
+            record.detail = Some(e);
+            (message::servfail(query), Outcome::UpstreamFailed)
+        };
+        let upstream = match self.upstream.exchange(query, record.over_tcp).await {
+            Ok(bytes) => bytes,
+            Err(e) => return Err(failed(e.to_string())),
+        };
+        let answered = Instant::now();
+        let filtered = match message::filter_answer(query, &upstream, filter) {
+            Ok(f) => f,
+            Err(e) => return Err(failed(e.to_string())),
+        };
+        record.dropped = filtered
+            .dropped
+            .iter()
+            .map(|(a, why)| (*a, why.as_str()))
+            .collect();
+        Ok((filtered, answered))
     }
 
     /// Has the grants' owner open `addrs` (with the TTL handed to the
