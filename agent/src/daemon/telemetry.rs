@@ -119,6 +119,9 @@ struct StateMetrics {
     workloads: Family<StateLabels, Gauge>,
     /// Every workload state reported so far: one that empties shows 0.
     workload_states: Mutex<BTreeSet<&'static str>>,
+    /// The entries of the fullest destination and port tries of the
+    /// generation (by its number) they were counted for.
+    fullest: Mutex<Option<(u64, usize, usize)>>,
     attested_cgroups: Counter,
     attestation_passes: Counter,
     attestation_seconds: Histogram,
@@ -142,6 +145,7 @@ impl StateMetrics {
             map_capacity: Family::default(),
             workloads: Family::default(),
             workload_states: Mutex::default(),
+            fullest: Mutex::default(),
             attested_cgroups: Counter::default(),
             attestation_passes: Counter::default(),
             attestation_seconds: Histogram::new(exponential_buckets(0.0001, 4.0, 10)),
@@ -270,9 +274,22 @@ impl StateMetrics {
         self.revoked.set(state.revocations.ids().len() as i64);
         self.grants.set(state.grants.live() as i64);
         // The inner tries are one pair per rule set: what nears a limit is
-        // the fullest of them.
-        let fullest = |len: fn(&RuleSet) -> usize| {
-            compiled.rule_sets.iter().map(|s| len(s)).max().unwrap_or(0)
+        // the fullest of them (counted once per generation).
+        let (fullest_dests, fullest_ports) = {
+            let mut fullest = self.fullest.lock().expect("fullest lock");
+            match *fullest {
+                Some((generation, dests, ports)) if generation == applied.generation => {
+                    (dests, ports)
+                }
+                _ => {
+                    let most = |len: fn(&RuleSet) -> usize| {
+                        compiled.rule_sets.iter().map(|s| len(s)).max().unwrap_or(0)
+                    };
+                    let counted = (most(RuleSet::dest_trie_len), most(|s| s.ports.len()));
+                    *fullest = Some((applied.generation, counted.0, counted.1));
+                    counted
+                }
+            }
         };
         let fill = [
             (
@@ -283,16 +300,8 @@ impl StateMetrics {
             // Slot 0 is the unknown workload's, never handed out.
             (maps::SLOT_IDS, applied.identities.len(), MAX_SLOTS - 1),
             (maps::SLOT_POLICY, compiled.slots.len(), MAX_SLOTS),
-            (
-                maps::SLOT_DESTS,
-                fullest(RuleSet::dest_trie_len),
-                MAX_SET_DESTS,
-            ),
-            (
-                maps::SLOT_PORTS,
-                fullest(|s| s.ports.len()),
-                MAX_SET_PORT_BLOCKS,
-            ),
+            (maps::SLOT_DESTS, fullest_dests, MAX_SET_DESTS),
+            (maps::SLOT_PORTS, fullest_ports, MAX_SET_PORT_BLOCKS),
             (maps::GRANTS, state.grants.entries(), MAX_GRANT_ENTRIES),
         ];
         for (map, entries, capacity) in fill {

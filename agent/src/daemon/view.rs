@@ -28,30 +28,35 @@ fn view_of(state: &State) -> IdentityView {
 }
 
 fn dns_view_of(state: &State) -> Arc<DnsView> {
-    Arc::new(
+    Arc::new(with_grants_of(
+        state,
         DnsView::new(
             (state.applied.generation, state.applied.stamp),
             &state.applied.identities,
             state.revocations.ids().clone(),
             state.applied.compiled.clone(),
-        )
-        .with_grants(
-            state.grants.version(),
-            state
-                .grants
-                .names(&state.applied.slots)
-                .into_iter()
-                .map(|g| {
-                    (
-                        g.slot,
-                        GrantedName {
-                            id: g.id,
-                            pattern: g.pattern,
-                            expiry_boot_ns: g.expiry_boot_ns,
-                        },
-                    )
-                }),
         ),
+    ))
+}
+
+/// `view` with the state's running grants by name.
+fn with_grants_of(state: &State, view: DnsView) -> DnsView {
+    view.with_grants(
+        state.grants.version(),
+        state
+            .grants
+            .names(&state.applied.slots)
+            .into_iter()
+            .map(|g| {
+                (
+                    g.slot,
+                    GrantedName {
+                        id: g.id,
+                        pattern: g.pattern,
+                        expiry_boot_ns: g.expiry_boot_ns,
+                    },
+                )
+            }),
     )
 }
 
@@ -73,7 +78,8 @@ impl ViewPublisher {
     /// or grants. Takes a new view only when the bindings (in the table or
     /// in the kernel), the generation, the revocations or (for the DNS
     /// path) the grants changed: the owner calls this after every event,
-    /// and a view is a copy of every binding.
+    /// and a view is a copy of every binding. A change of the grants alone
+    /// makes a DNS view that shares everything else with the last one.
     pub fn publish(&mut self, state: &State) {
         let grants_stale = self.dns.borrow().grants_version != state.grants.version();
         let now = (state.workloads.version(), state.applied.bound.len());
@@ -83,16 +89,20 @@ impl ViewPublisher {
             current.generation == state.applied.generation
                 && current.revoked == *state.revocations.ids()
         };
-        if bindings_seen && rest_seen && !grants_stale {
-            return;
-        }
-        let dns_stale = grants_stale || {
+        let dns_stale = {
             let current = self.dns.borrow();
             current.generation != state.applied.generation
                 || !current.revoked_are(state.revocations.ids())
         };
         if dns_stale {
             self.dns.send_replace(dns_view_of(state));
+        } else if grants_stale {
+            // Only the grants changed: the rest of the view is shared.
+            let view = with_grants_of(state, DnsView::clone(&self.dns.borrow()));
+            self.dns.send_replace(Arc::new(view));
+        }
+        if bindings_seen && rest_seen {
+            return;
         }
         let view = view_of(state);
         self.tx.send_if_modified(|old| {

@@ -31,11 +31,11 @@ pub struct DnsView {
     /// The kernel's whole generation value for it, which learned entries
     /// are stamped with; 0 before the first switch (stamps nothing).
     pub stamp: u32,
-    by_slot: HashMap<u32, SpiffeId>,
+    by_slot: Arc<HashMap<u32, SpiffeId>>,
     revoked: BTreeSet<SpiffeId>,
     compiled: Arc<CompiledPolicy>,
     /// Each slot's entry of `compiled`, by slot.
-    entries: HashMap<u32, SlotEntry>,
+    entries: Arc<HashMap<u32, SlotEntry>>,
     /// The grants by name of each slot.
     granted: HashMap<u32, Vec<GrantedName>>,
     /// The version of the grants it was taken at.
@@ -75,16 +75,18 @@ impl DnsView {
         Self {
             generation,
             stamp,
-            by_slot: identities.iter().cloned().collect(),
+            by_slot: Arc::new(identities.iter().cloned().collect()),
             revoked,
-            entries: compiled.slots.iter().map(|e| (e.slot, *e)).collect(),
+            entries: Arc::new(compiled.slots.iter().map(|e| (e.slot, *e)).collect()),
             compiled,
             granted: HashMap::new(),
             grants_version: 0,
         }
     }
 
-    /// With the running grants by name, each with its slot, at `version`.
+    /// With the running grants by name, each with its slot, at `version`
+    /// (a view that differs from another only in its grants shares the
+    /// rest with it: see [`DnsView::clone`]).
     pub fn with_grants(
         mut self,
         version: u64,
