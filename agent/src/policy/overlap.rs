@@ -87,7 +87,7 @@ fn never_matching(
                 if std::ptr::eq(owner, block) {
                     format!("{:?} ({})", other.name, other.at)
                 } else {
-                    format!("{:?} of {} ({})", other.name, owner.owner, other.at)
+                    format!("{:?} of {} ({})", other.name, owner.owner(), other.at)
                 }
             })
             .collect();

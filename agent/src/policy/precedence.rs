@@ -57,8 +57,6 @@ pub const UNKNOWN_BLOCK: usize = 0;
 
 /// One block of the policy, as the precedence sees it.
 pub struct Block<'a> {
-    /// `unknown`, or the block's `id` as written.
-    pub owner: String,
     /// `None` for the unknown-workload policy.
     pub subject: Option<&'a Subject>,
     pub policy: &'a IdentityPolicy,
@@ -136,10 +134,17 @@ pub struct Decided {
     pub udp: Vec<Interval>,
 }
 
+impl Block<'_> {
+    /// `unknown`, or the block's `id` as written.
+    pub fn owner(&self) -> String {
+        self.subject
+            .map_or_else(|| "unknown".to_owned(), Subject::to_string)
+    }
+}
+
 impl<'a> Blocks<'a> {
     pub fn new(policy: &'a PolicySet) -> Self {
         let mut list = vec![Block {
-            owner: "unknown".into(),
             subject: None,
             policy: &policy.unknown,
             specificity: Specificity::Exact,
@@ -156,7 +161,6 @@ impl<'a> Blocks<'a> {
             };
             index.entry(key).or_insert(list.len());
             list.push(Block {
-                owner: block.subject.to_string(),
                 subject: Some(&block.subject),
                 policy: &block.policy,
                 specificity: block.subject.specificity(),
@@ -225,7 +229,7 @@ impl<'a> Blocks<'a> {
     /// What the rule ids of block `b` stand for, in order from its first.
     pub fn block_rule_infos(&self, b: usize) -> Vec<RuleInfo> {
         let block = &self.list[b];
-        let owner: Arc<str> = block.owner.as_str().into();
+        let owner: Arc<str> = block.owner().into();
         block
             .policy
             .egress
@@ -488,7 +492,7 @@ mod tests {
         for (id, info) in infos.iter().enumerate().skip(1) {
             let (block, rule) = blocks.rule(id as u32);
             assert_eq!(
-                (block.owner.as_str(), rule.name.as_str()),
+                (block.owner().as_str(), rule.name.as_str()),
                 (&*info.owner, &*info.name)
             );
         }

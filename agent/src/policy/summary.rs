@@ -72,9 +72,9 @@ pub fn summary(policy: &PolicySet) -> String {
         let context = blocks.context(b);
         let settings = blocks.settings(&context);
         let who = if b == UNKNOWN_BLOCK {
-            "unknown workloads"
+            "unknown workloads".to_owned()
         } else {
-            &block.owner
+            block.owner()
         };
         let audit = if settings.audit {
             "audit only"
@@ -85,9 +85,9 @@ pub fn summary(policy: &PolicySet) -> String {
         if settings.raw_sockets {
             out.push_str(", raw sockets allowed (no egress rule judges them)");
         }
-        let also: Vec<&str> = context[..context.len() - 1]
+        let also: Vec<String> = context[..context.len() - 1]
             .iter()
-            .map(|&o| blocks.get(o).owner.as_str())
+            .map(|&o| blocks.get(o).owner())
             .collect();
         if !also.is_empty() {
             let _ = write!(out, "; also the rules of {}", also.join(", "));
