@@ -51,9 +51,9 @@ pub use handover::{Handover, HandoverError};
 pub use inspect::{DnsReader, Figures};
 pub use learned::{LearnError, Learned, LearnedAddress, NameBook};
 pub use message::{
-    AnswerError, DropReason, FilterOptions, Filtered, MAX_MESSAGE, Query, QueryError,
-    check_answers, filter_answer, formerr, not_found, parse_query, refused, servfail, truncated,
-    udp_limit,
+    AnswerError, Answered, DropReason, FilterOptions, Filtered, MAX_MESSAGE, Query, QueryError,
+    answered_addresses, check_answers, filter_answer, formerr, not_found, parse_query, refused,
+    servfail, truncated, udp_limit,
 };
 pub use metrics::DnsMetrics;
 pub use path::{DnsPath, DnsPathError, DnsSenders};

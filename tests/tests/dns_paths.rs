@@ -545,6 +545,13 @@ fn audit_mode_forwards_names_no_rule_covers_and_records_them() {
     });
     assert_eq!(r["identity"], WEB, "{r}");
     assert_eq!(r["verdict"], "allow", "{r}");
+    // What the answer gave, for `policy suggest`; nothing learned.
+    assert_eq!(
+        r["dns"]["answered"],
+        serde_json::json!([{"addr": "127.0.0.9", "ttl": 300}]),
+        "{r}"
+    );
+    assert_eq!(r["dns"]["learned"], serde_json::json!([]), "{r}");
     let enforced = w.asks(&w.other).dig(&DigQuery::new("secret.test.example"));
     assert_eq!(enforced.status.as_deref(), Some("NXDOMAIN"), "{enforced:?}");
 }

@@ -602,6 +602,7 @@ fn the_documented_examples_follow_the_events_schema() {
         reasons,
         [
             "audit_allowed",
+            "audit_allowed",
             "default",
             "grant",
             "grant expired",

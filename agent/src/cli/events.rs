@@ -58,7 +58,20 @@ fn human(e: &Event) -> String {
     let who = e.identity.as_deref().unwrap_or("unknown");
     let addr = std::net::SocketAddr::new(e.dst_addr, e.dst_port);
     let dest = match (&e.dst_name, &e.dns) {
-        (Some(name), Some(dns)) => format!("dns {name} {}", dns.qtype),
+        (Some(name), Some(dns)) => {
+            // What the answer gave: learned, or (audit mode) forwarded.
+            let addrs: Vec<String> = dns
+                .learned
+                .iter()
+                .filter_map(|l| l.split(' ').next().map(str::to_owned))
+                .chain(dns.answered.iter().map(|a| a.addr.to_string()))
+                .collect();
+            if addrs.is_empty() {
+                format!("dns {name} {}", dns.qtype)
+            } else {
+                format!("dns {name} {} [{}]", dns.qtype, addrs.join(" "))
+            }
+        }
         (Some(name), None) => format!("{name} ({}):{}", e.dst_addr, e.dst_port),
         _ => addr.to_string(),
     };

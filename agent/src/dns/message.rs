@@ -436,6 +436,48 @@ pub fn filter_answer(
     })
 }
 
+/// An address an answer gave the question name, for the record of a
+/// query forwarded as it is (audit mode): what the workload got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Answered {
+    pub addr: IpAddr,
+    /// The TTL (seconds) the upstream gave it (at most 2^31 - 1).
+    pub ttl: u32,
+    /// Why a name rule's answer would have dropped it, with the given
+    /// `private_answers`; `None` when a name rule would learn it.
+    pub would_drop: Option<DropReason>,
+}
+
+/// The addresses the upstream's answer to `query` gives the question
+/// name: the A/AAAA records on its CNAME chain, as [`filter_answer`]
+/// finds them (it is called with nothing dropped and no TTL cap, and
+/// the text it makes is not used), each marked with what `private`
+/// would do to it in a name rule's answer. For the record of a query
+/// whose answer goes to the workload unchanged.
+pub fn answered_addresses(
+    query: &Query,
+    upstream: &[u8],
+    private: PrivateAnswers,
+) -> Result<Vec<Answered>, AnswerError> {
+    let everything = FilterOptions {
+        private_answers: PrivateAnswers::Allow,
+        max_ttl: Duration::MAX,
+    };
+    let filtered = filter_answer(query, upstream, everything)?;
+    Ok(filtered
+        .learned
+        .into_iter()
+        .map(|(addr, ttl)| Answered {
+            addr,
+            ttl,
+            would_drop: match private {
+                PrivateAnswers::Deny => DropReason::of(addr),
+                PrivateAnswers::Allow => None,
+            },
+        })
+        .collect())
+}
+
 /// The names `qname` reaches through the CNAME records of `answers`
 /// (itself first), and the indices of the CNAME records on that chain.
 /// Bounded by the number of records; a CNAME back to a name already on
@@ -759,6 +801,42 @@ pub(super) mod tests {
         assert_eq!(out.answers().len(), 4);
         assert_eq!(out.id(), 0x1234);
         assert_eq!(out.queries()[0].name().to_ascii(), "WWW.example.com.");
+    }
+
+    #[test]
+    fn answered_addresses_are_the_chain_s_uncapped_and_marked() {
+        let q = query("www.example.com", RecordType::A);
+        let m = response(
+            &q,
+            0x1234,
+            vec![
+                cname("www.example.com.", "edge.example.org.", 60),
+                a("edge.example.org.", "93.184.216.34", 86_400),
+                a("edge.example.org.", "10.1.2.3", 30),
+                a("other.example.", "1.2.3.4", 300),
+            ],
+        );
+        let bytes = m.to_vec().unwrap();
+        let deny = answered_addresses(&q, &bytes, PrivateAnswers::Deny).unwrap();
+        assert_eq!(
+            deny,
+            [
+                Answered {
+                    addr: ip("93.184.216.34"),
+                    ttl: 86_400,
+                    would_drop: None
+                },
+                Answered {
+                    addr: ip("10.1.2.3"),
+                    ttl: 30,
+                    would_drop: Some(DropReason::Private)
+                },
+            ]
+        );
+        let allow = answered_addresses(&q, &bytes, PrivateAnswers::Allow).unwrap();
+        assert!(allow.iter().all(|a| a.would_drop.is_none()));
+        let other = query("other.example", RecordType::A);
+        assert!(answered_addresses(&other, &bytes, PrivateAnswers::Deny).is_err());
     }
 
     #[test]

@@ -9,14 +9,14 @@
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::clock::boot_ns;
+use crate::clock::{boot_ns, monotonic_ns};
 
 use super::learned::Learned;
-use super::message::{self, FilterOptions, Query};
+use super::message::{self, Answered, FilterOptions, Query};
 use super::metrics::DnsMetrics;
 use super::upstream::Upstream;
 use super::view::{Asker, DnsView, GrantedName};
@@ -98,8 +98,17 @@ pub struct DnsRecord {
     pub learned: Vec<(IpAddr, u32)>,
     /// Addresses removed from the answer, and why.
     pub dropped: Vec<(IpAddr, &'static str)>,
-    /// What went wrong, for SERVFAIL.
+    /// For a name forwarded as it is (audit mode): the addresses the
+    /// answer gave it, which the workload got and nothing learned.
+    pub answered: Vec<Answered>,
+    /// What went wrong, for SERVFAIL; for `AuditAllowed`, why the
+    /// answer's addresses could not be read.
     pub detail: Option<String>,
+    /// When the answer was decided (wall clock), and the monotonic clock
+    /// then: before the workload has it, so before any connect it makes
+    /// to what it says.
+    pub time: SystemTime,
+    pub ktime_ns: u64,
 }
 
 /// The resolver: shared by every listener.
@@ -146,10 +155,14 @@ impl Resolver {
             grants: Vec::new(),
             learned: Vec::new(),
             dropped: Vec::new(),
+            answered: Vec::new(),
             detail: None,
+            time: SystemTime::now(),
+            ktime_ns: monotonic_ns(),
         };
         let (mut reply, outcome) = self.decide(&query, &view, &asker, &mut record).await;
         record.outcome = outcome;
+        (record.time, record.ktime_ns) = (SystemTime::now(), monotonic_ns());
         if !over_tcp && reply.len() > message::udp_limit(&query) {
             reply = message::truncated(&query);
         }
@@ -186,7 +199,16 @@ impl Resolver {
                 return (message::not_found(query), Outcome::NotInPolicy);
             }
             return match self.upstream.exchange(query, record.over_tcp).await {
-                Ok(bytes) => (bytes, Outcome::AuditAllowed),
+                Ok(bytes) => {
+                    // The workload gets the upstream's bytes; the record
+                    // gets the addresses they give, for `policy suggest`.
+                    let private = self.filter.private_answers;
+                    match message::answered_addresses(query, &bytes, private) {
+                        Ok(answered) => record.answered = answered,
+                        Err(e) => record.detail = Some(e.to_string()),
+                    }
+                    (bytes, Outcome::AuditAllowed)
+                }
                 Err(e) => {
                     record.detail = Some(e.to_string());
                     (message::servfail(query), Outcome::UpstreamFailed)

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::Verdict;
 use super::names::{SlotName, Snapshot};
 use crate::bpf::ring::SizeError;
-use crate::clock::{boot_ns, clock_ns, monotonic_ns};
+use crate::clock::{boot_ns, clock_ns};
 use crate::dns::{DnsRecord, NameBook};
 
 /// `version` of the JSON events this agent writes (`docs/events.md`).
@@ -102,13 +102,31 @@ pub struct DnsDetail {
     /// Addresses removed from the answer, as `ADDR (why)`.
     #[serde(default)]
     pub dropped: Vec<String>,
-    /// What went wrong, when the answer was SERVFAIL.
+    /// For a name no rule covers, forwarded in audit mode: the addresses
+    /// the answer gave the workload (nothing was learned).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub answered: Vec<AnsweredAddress>,
+    /// What went wrong, when the answer was SERVFAIL; for
+    /// `audit_allowed`, why the answer's addresses could not be read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
     /// The grants by name (`grant:ID`) the answer's addresses were
     /// opened for.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub grants: Vec<String>,
+}
+
+/// An address an answer forwarded in audit mode gave the name asked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AnsweredAddress {
+    pub addr: IpAddr,
+    /// The answer's TTL for it, in seconds.
+    pub ttl: u32,
+    /// Why a name rule's answer would drop it on this agent
+    /// (`private_answers = "deny"`: `private`, `loopback`, ...); left
+    /// out when a name rule would learn it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub would_drop: Option<String>,
 }
 
 /// Why a decision's executable is not named.
@@ -230,11 +248,10 @@ impl Enricher {
     /// Its kernel fields are zero: a query over UDP carries no
     /// credentials, and the kernel made no decision (`generation` 0).
     pub fn dns_event(&self, r: &DnsRecord) -> Event {
-        let time = std::time::SystemTime::now();
         Event {
             version: SCHEMA_VERSION,
-            time: humantime::format_rfc3339_nanos(time).to_string(),
-            ktime_ns: monotonic_ns(),
+            time: humantime::format_rfc3339_nanos(r.time).to_string(),
+            ktime_ns: r.ktime_ns,
             verdict: if r.outcome.allowed() {
                 Verdict::Allow
             } else {
@@ -271,6 +288,15 @@ impl Enricher {
                     .dropped
                     .iter()
                     .map(|(a, why)| format!("{a} ({why})"))
+                    .collect(),
+                answered: r
+                    .answered
+                    .iter()
+                    .map(|a| AnsweredAddress {
+                        addr: a.addr,
+                        ttl: a.ttl,
+                        would_drop: a.would_drop.map(|why| why.as_str().to_owned()),
+                    })
                     .collect(),
                 detail: r.detail.clone(),
                 grants: r.grants.iter().map(|g| format!("grant:{g}")).collect(),

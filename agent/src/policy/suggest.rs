@@ -2,12 +2,17 @@
 //! that would have allowed exactly the connects the records show were let
 //! through only by audit mode, or denied by a default. Records in, TOML
 //! out; `suggest/input.rs` reads them from audit log files.
-//! See docs/policy.md, "Suggesting a policy".
+//!
+//! A connect to an address is written as a name when the record says so
+//! (`dst_name`: a name rule's learned address), or when a lookup of that
+//! name by the same identity answered the address shortly before (the
+//! DNS path's records: `answered` in audit mode, `learned` otherwise):
+//! see [`Suggester::resolve`]. See docs/policy.md, "Suggesting a policy".
 
 mod input;
 mod render;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
@@ -101,6 +106,36 @@ fn merge_into(into: &mut Option<Seen>, seen: Seen) {
 /// One connect seen: over which transport, where to, which port.
 type Connect = (Transport, Dest, u16);
 
+/// A connect to an address not known to be a name's yet: over which
+/// transport, where to, which port.
+type AddressConnect = (Transport, IpAddr, u16);
+
+/// How long past a lookup's TTL a connect to an address it answered is
+/// still taken as made through its name: the default `[dns] grace`, for
+/// which a name rule keeps a learned address open past its TTL.
+pub const TTL_MARGIN: Duration = Duration::from_secs(5);
+
+/// One address one lookup answered: when, until when a connect to it
+/// is taken as made through the name (TTL plus [`TTL_MARGIN`]), and the
+/// name asked. Ordered by time first.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Lookup {
+    time: SystemTime,
+    until: SystemTime,
+    name: NamePattern,
+}
+
+/// An identity's connects as the policy writes them, with what the
+/// comments say of the names that stand for addresses.
+#[derive(Debug, Default)]
+struct Book {
+    connects: BTreeMap<Connect, Seen>,
+    /// Per name chosen from lookups (with transport and port): the
+    /// addresses it stands for, each with the other names whose lookups
+    /// answered it too (at the time of a connect the name was chosen for).
+    via: BTreeMap<(Transport, NamePattern, u16), BTreeMap<IpAddr, BTreeSet<NamePattern>>>,
+}
+
 /// Why a record was not taken, when that says something about the output.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Unusable {
@@ -114,8 +149,15 @@ enum Unusable {
 #[derive(Debug, Default)]
 pub struct Suggester {
     options: SuggestOptions,
-    /// Per SPIFFE ID, every connect seen.
+    /// Per SPIFFE ID, every connect seen whose record named its name.
     identities: BTreeMap<String, BTreeMap<Connect, Seen>>,
+    /// Per SPIFFE ID, every connect to an address without a name, by
+    /// time (how many at each): [`Suggester::resolve`] names those a
+    /// lookup answered.
+    addressed: BTreeMap<String, BTreeMap<AddressConnect, BTreeMap<SystemTime, u64>>>,
+    /// Per SPIFFE ID and address (IPv4-mapped ones as IPv4), the lookups
+    /// that answered it.
+    lookups: BTreeMap<String, BTreeMap<IpAddr, BTreeSet<Lookup>>>,
     /// Connects of workloads no rule can be written for, by who they
     /// were: unknown workloads, and slots the agent could not name.
     unnamed: BTreeMap<String, BTreeMap<Connect, Seen>>,
@@ -197,6 +239,9 @@ impl Suggester {
             return Ok(());
         }
         merge_into(&mut self.window, Seen::at(time));
+        if e.hook == "dns" {
+            self.lookup(e, time);
+        }
         if !wanted(e) {
             return Ok(());
         }
@@ -226,9 +271,10 @@ impl Suggester {
         }
         // An IPv6 socket's connect to `::ffff:a.b.c.d` is judged by the
         // IPv4 rules.
-        let addr = match e.dst_addr {
-            IpAddr::V6(v6) if e.v4_mapped => v6.to_ipv4_mapped().map_or(e.dst_addr, IpAddr::V4),
-            a => a,
+        let addr = if e.v4_mapped {
+            unmapped(e.dst_addr)
+        } else {
+            e.dst_addr
         };
         // Names only for identities: `[unknown]` refuses them.
         let name = e
@@ -237,6 +283,17 @@ impl Suggester {
             .filter(|_| who.is_ok())
             .and_then(|n| n.parse::<NamePattern>().ok())
             .filter(|n| !n.is_wildcard());
+        if let (Ok(id), None) = (&who, &name) {
+            *self
+                .addressed
+                .entry(id.clone())
+                .or_default()
+                .entry((transport, addr, e.dst_port))
+                .or_default()
+                .entry(time)
+                .or_default() += 1;
+            return Ok(());
+        }
         let dest = name.map_or(Dest::Net(IpNet::from(addr)), Dest::Name);
         let book = match who {
             Ok(id) => self.identities.entry(id).or_default(),
@@ -248,9 +305,135 @@ impl Suggester {
         Ok(())
     }
 
+    /// Takes a DNS-path record: an identity's lookup that was answered
+    /// (audit mode: `answered`, the addresses a name rule would learn;
+    /// else `learned`) is kept per address it gave.
+    fn lookup(&mut self, e: &Event, time: SystemTime) {
+        let (Some(id), Some(dns), Verdict::Allow) = (&e.identity, &e.dns, e.verdict) else {
+            return;
+        };
+        let Some(name) = e
+            .dst_name
+            .as_deref()
+            .and_then(|n| n.parse::<NamePattern>().ok())
+            .filter(|n| !n.is_wildcard())
+        else {
+            return;
+        };
+        let learned = dns.learned.iter().filter_map(|l| {
+            // `ADDR ttl=SECONDS`
+            let (addr, ttl) = l.split_once(" ttl=")?;
+            Some((addr.parse::<IpAddr>().ok()?, ttl.parse::<u32>().ok()?))
+        });
+        let answered = dns
+            .answered
+            .iter()
+            .filter(|a| a.would_drop.is_none())
+            .map(|a| (a.addr, a.ttl));
+        for (addr, ttl) in learned.chain(answered) {
+            let until = time + Duration::from_secs(ttl.into()) + TTL_MARGIN;
+            self.lookups
+                .entry(id.clone())
+                .or_default()
+                .entry(unmapped(addr))
+                .or_default()
+                .insert(Lookup {
+                    time,
+                    until,
+                    name: name.clone(),
+                });
+        }
+    }
+
+    /// Every identity's connects as the policy writes them. A connect to
+    /// an address is written as a name when a lookup of the name by the
+    /// same identity answered the address at or before the connect, and
+    /// the answer's TTL plus [`TTL_MARGIN`] had not run out; of several
+    /// such lookups, the last one's name (on a tie in time, the first
+    /// name in order). Else it stays the address.
+    fn resolve(&self) -> BTreeMap<String, Book> {
+        let mut out: BTreeMap<String, Book> = BTreeMap::new();
+        for (id, connects) in &self.identities {
+            out.entry(id.clone()).or_default().connects = connects.clone();
+        }
+        let none = BTreeMap::new();
+        for (id, connects) in &self.addressed {
+            let book = out.entry(id.clone()).or_default();
+            let lookups = self.lookups.get(id).unwrap_or(&none);
+            for (&(transport, addr, port), times) in connects {
+                let answers = lookups.get(&addr);
+                // The longest a lookup of this address covers: older
+                // lookups cannot cover a connect.
+                let span = answers
+                    .into_iter()
+                    .flatten()
+                    .map(|l| l.until.duration_since(l.time).unwrap_or_default())
+                    .max()
+                    .unwrap_or_default();
+                for (&time, &count) in times {
+                    let covering: Vec<&Lookup> = answers
+                        .into_iter()
+                        .flatten()
+                        .rev()
+                        .skip_while(|l| l.time > time)
+                        .take_while(|l| l.time + span >= time)
+                        .filter(|l| time <= l.until)
+                        .collect();
+                    // The last lookup; of those at its time, the first
+                    // name (the set is ordered by time, then name).
+                    let chosen = covering.first().map(|last| {
+                        covering
+                            .iter()
+                            .filter(|l| l.time == last.time)
+                            .map(|l| &l.name)
+                            .min()
+                            .expect("the last lookup is one")
+                    });
+                    let dest = match chosen {
+                        Some(name) => {
+                            let others = book
+                                .via
+                                .entry((transport, name.clone(), port))
+                                .or_default()
+                                .entry(addr)
+                                .or_default();
+                            others.extend(
+                                covering
+                                    .iter()
+                                    .map(|l| &l.name)
+                                    .filter(|n| *n != name)
+                                    .cloned(),
+                            );
+                            Dest::Name(name.clone())
+                        }
+                        None => Dest::Net(IpNet::from(addr)),
+                    };
+                    let seen = Seen {
+                        count,
+                        first: time,
+                        last: time,
+                    };
+                    book.connects
+                        .entry((transport, dest, port))
+                        .and_modify(|s| s.add(seen))
+                        .or_insert(seen);
+                }
+            }
+        }
+        out
+    }
+
     /// The suggested policy, as TOML with comments.
     pub fn render(&self) -> String {
-        render::policy(self)
+        render::policy(self, &self.resolve())
+    }
+}
+
+/// An IPv4-mapped IPv6 address as the IPv4 address; any other as it is.
+fn unmapped(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr, IpAddr::V4),
+        a => a,
     }
 }
 

@@ -10,13 +10,15 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use super::{Connect, Dest, Seen, Suggester, Transport, Unusable, merge_into, quote, when};
+use super::{Book, Connect, Dest, Seen, Suggester, Transport, Unusable, merge_into, quote, when};
 
-pub(super) fn policy(s: &Suggester) -> String {
+/// The policy of what `s` collected, its connects as `books` writes them
+/// ([`Suggester::resolve`]).
+pub(super) fn policy(s: &Suggester, books: &BTreeMap<String, Book>) -> String {
     let mut out = String::new();
-    header(s, &mut out);
-    for (id, connects) in &s.identities {
-        identity(s, id, connects, &mut out);
+    header(s, books, &mut out);
+    for (id, book) in books {
+        identity(s, id, book, &mut out);
     }
     for (who, connects) in &s.unnamed {
         unnamed(s, who, connects, &mut out);
@@ -26,7 +28,7 @@ pub(super) fn policy(s: &Suggester) -> String {
         .unusable
         .keys()
         .map(|(who, _)| who)
-        .filter(|who| !s.identities.contains_key(*who) && !s.unnamed.contains_key(*who))
+        .filter(|who| !books.contains_key(*who) && !s.unnamed.contains_key(*who))
         .collect();
     others.dedup();
     for who in others {
@@ -45,7 +47,7 @@ fn unusable_lines(s: &Suggester, who: &str, out: &mut String) {
     }
 }
 
-fn header(s: &Suggester, out: &mut String) {
+fn header(s: &Suggester, books: &BTreeMap<String, Book>, out: &mut String) {
     out.push_str("# Suggested by `idgate policy suggest`");
     match s.window {
         Some(w) => {
@@ -73,7 +75,7 @@ fn header(s: &Suggester, out: &mut String) {
             plural(s.missed, "record was", "records were"),
         );
     }
-    if s.identities.is_empty() {
+    if books.is_empty() {
         out.push_str("# No connect of an identity to suggest a rule for.\n");
     }
 }
@@ -83,11 +85,11 @@ type ByDest<'a> = BTreeMap<(Transport, &'a Dest), (BTreeSet<u16>, Option<Seen>)>
 /// Per transport and set of ports: the destinations reached on them.
 type ByPorts = BTreeMap<(Transport, Vec<u16>), Vec<(Dest, Seen)>>;
 
-fn identity(s: &Suggester, id: &str, connects: &BTreeMap<Connect, Seen>, out: &mut String) {
+fn identity(s: &Suggester, id: &str, book: &Book, out: &mut String) {
     let mut total = None;
     // Per destination: its ports, and what was seen of it.
     let mut dests: ByDest = BTreeMap::new();
-    for ((transport, dest, port), seen) in connects {
+    for ((transport, dest, port), seen) in &book.connects {
         let d = dests.entry((*transport, dest)).or_default();
         d.0.insert(*port);
         merge_into(&mut d.1, *seen);
@@ -112,11 +114,17 @@ fn identity(s: &Suggester, id: &str, connects: &BTreeMap<Connect, Seen>, out: &m
     unusable_lines(s, id, out);
     for ((transport, ports), dests) in rules {
         let dests = merge(dests, s.options.prefix_v4, s.options.prefix_v6);
-        rule(transport, &ports, &dests, out);
+        rule(transport, &ports, &dests, book, out);
     }
 }
 
-fn rule(transport: Transport, ports: &[u16], dests: &[(Dest, Seen, usize)], out: &mut String) {
+fn rule(
+    transport: Transport,
+    ports: &[u16],
+    dests: &[(Dest, Seen, usize)],
+    book: &Book,
+    out: &mut String,
+) {
     let mut seen = None;
     for (_, s, _) in dests {
         merge_into(&mut seen, *s);
@@ -139,6 +147,9 @@ fn rule(transport: Transport, ports: &[u16], dests: &[(Dest, Seen, usize)], out:
             String::new()
         };
         let _ = writeln!(out, "#   {}{merged}: {}", dest_text(dest), seen_text(s),);
+        if let Dest::Name(name) = dest {
+            via_lines(book, transport, ports, name, out);
+        }
     }
     let to: Vec<String> = dests.iter().map(|(d, _, _)| quote(&dest_text(d))).collect();
     let ports: Vec<String> = ranges
@@ -159,6 +170,40 @@ fn rule(transport: Transport, ports: &[u16], dests: &[(Dest, Seen, usize)], out:
         ports.join(", "),
         transport.word(),
     );
+}
+
+/// For a name chosen from lookups: the addresses it stands for, and the
+/// other names whose lookups answered them too.
+fn via_lines(
+    book: &Book,
+    transport: Transport,
+    ports: &[u16],
+    name: &super::NamePattern,
+    out: &mut String,
+) {
+    let mut addrs: BTreeMap<IpAddr, BTreeSet<&super::NamePattern>> = BTreeMap::new();
+    for port in ports {
+        for (addr, others) in book
+            .via
+            .get(&(transport, name.clone(), *port))
+            .into_iter()
+            .flatten()
+        {
+            addrs.entry(*addr).or_default().extend(others);
+        }
+    }
+    for (addr, others) in addrs {
+        let _ = write!(out, "#     for {addr}, which its lookup answered");
+        if !others.is_empty() {
+            let others: Vec<&str> = others.iter().map(|n| n.as_str()).collect();
+            let _ = write!(
+                out,
+                " (and lookups of {}: the name of the last lookup before each connect is used)",
+                others.join(", ")
+            );
+        }
+        out.push('\n');
+    }
 }
 
 /// Workloads no rule can be written for: a comment only.

@@ -316,3 +316,187 @@ fn reads_rotated_logs_oldest_first_and_skips_bad_lines() {
         "{e}"
     );
 }
+
+/// `who`'s audit-mode lookup of `name`, `sec` seconds into the day,
+/// forwarded as it is with `answered` (address, TTL) in its record.
+fn lookup(who: &str, name: &str, answered: &[(&str, u32)], sec: u64) -> Event {
+    let answered: Vec<String> = answered
+        .iter()
+        .map(|(a, ttl)| format!(r#"{{"addr":"{a}","ttl":{ttl}}}"#))
+        .collect();
+    let line = format!(
+        r#"{{"version":1,"time":"2026-11-23T08:00:{sec:02}.000000000Z","ktime_ns":1,"verdict":"allow","reason":"audit_allowed","identity":"{who}","slot":2,"generation":0,"rule_id":0,"rule":null,"hook":"dns","protocol":"udp","dst_addr":"127.53.0.2","dst_port":53,"v4_mapped":false,"pid":0,"tid":0,"uid":0,"gid":0,"comm":"","exe":null,"exe_unknown":null,"cgroup_id":0,"dst_name":"{name}","dns":{{"qtype":"A","learned":[],"dropped":[],"answered":[{}]}}}}"#,
+        answered.join(",")
+    );
+    serde_json::from_str(&line).unwrap()
+}
+
+#[test]
+fn a_name_from_an_audit_lookup_stands_for_the_address_it_answered() {
+    let mut mapped = event("::ffff:192.0.2.10", 443, 3);
+    mapped.v4_mapped = true;
+    mapped.hook = "connect6".into();
+    let mut udp = event("192.0.2.10", 8443, 4);
+    udp.protocol = "udp".into();
+    let text = suggest(
+        SuggestOptions::default(),
+        &[
+            // Log order is not time order: the lookup comes later in it.
+            event("192.0.2.10", 443, 2),
+            lookup(
+                WEB,
+                "API.example.com",
+                &[("192.0.2.10", 300), ("192.0.2.11", 300)],
+                1,
+            ),
+            mapped,
+            udp,
+            // Past the TTL (10 s) and the margin (5 s): the address.
+            event("192.0.2.12", 443, 30),
+            lookup(WEB, "short.example.com", &[("192.0.2.12", 10)], 10),
+        ],
+    );
+    let rules = rules(&text, WEB);
+    let got: Vec<_> = rules.iter().map(|r| (r.name.as_str(), to(r))).collect();
+    assert_eq!(
+        got,
+        [
+            (
+                "tcp-443",
+                vec!["192.0.2.12/32".to_owned(), "api.example.com".into()]
+            ),
+            ("udp-8443", vec!["api.example.com".into()]),
+        ],
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "#   api.example.com: 2 connects, 2026-11-23T08:00:02Z to 2026-11-23T08:00:03Z\n\
+             #     for 192.0.2.10, which its lookup answered\n"
+        ),
+        "{text}"
+    );
+    assert!(!text.contains("192.0.2.11"), "{text}");
+    assert!(!text.contains("short.example.com"), "{text}");
+}
+
+#[test]
+fn an_address_answered_for_two_names_takes_the_last_lookup_s() {
+    let events = [
+        lookup(WEB, "a.example.com", &[("198.51.100.7", 300)], 1),
+        event("198.51.100.7", 443, 2),
+        lookup(WEB, "b.example.com", &[("198.51.100.7", 300)], 3),
+        event("198.51.100.7", 443, 4),
+        event("198.51.100.7", 443, 5),
+    ];
+    let text = suggest(SuggestOptions::default(), &events);
+    assert_eq!(
+        to(&rules(&text, WEB)[0]),
+        ["a.example.com", "b.example.com"],
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "#   b.example.com: 2 connects, 2026-11-23T08:00:04Z to 2026-11-23T08:00:05Z\n\
+             #     for 198.51.100.7, which its lookup answered (and lookups of a.example.com: \
+             the name of the last lookup before each connect is used)\n"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "#   a.example.com: 1 connect, 2026-11-23T08:00:02Z to 2026-11-23T08:00:02Z\n\
+             #     for 198.51.100.7, which its lookup answered\n"
+        ),
+        "{text}"
+    );
+    // Two lookups at the same time: the first name in order, every time.
+    let tie = [
+        lookup(WEB, "z.example.com", &[("198.51.100.7", 300)], 1),
+        lookup(WEB, "m.example.com", &[("198.51.100.7", 300)], 1),
+        event("198.51.100.7", 443, 2),
+    ];
+    let text = suggest(SuggestOptions::default(), &tie);
+    assert_eq!(to(&rules(&text, WEB)[0]), ["m.example.com"], "{text}");
+    let mut reversed = tie.clone();
+    reversed.reverse();
+    assert_eq!(suggest(SuggestOptions::default(), &reversed), text);
+}
+
+#[test]
+fn a_connect_before_any_lookup_stays_an_address() {
+    let text = suggest(
+        SuggestOptions::default(),
+        &[
+            event("203.0.113.9", 443, 1),
+            lookup(WEB, "late.example.com", &[("203.0.113.9", 300)], 2),
+            event("203.0.113.9", 443, 3),
+        ],
+    );
+    assert_eq!(
+        to(&rules(&text, WEB)[0]),
+        ["203.0.113.9/32", "late.example.com"],
+        "{text}"
+    );
+    assert!(
+        text.contains("#   203.0.113.9: 1 connect, 2026-11-23T08:00:01Z to 2026-11-23T08:00:01Z\n"),
+        "{text}"
+    );
+}
+
+#[test]
+fn another_identity_s_lookup_names_nothing() {
+    let mut private = lookup(WEB, "inside.example.com", &[], 1);
+    private.dns.as_mut().unwrap().answered = vec![crate::events::AnsweredAddress {
+        addr: "10.1.2.3".parse().unwrap(),
+        ttl: 300,
+        would_drop: Some("private".into()),
+    }];
+    let mut learned = lookup(WEB, "rule.example.com", &[], 1);
+    learned.reason = "answered".into();
+    learned.dns.as_mut().unwrap().learned = vec!["192.0.2.40 ttl=60".into()];
+    let mut denied = lookup(WEB, "refused.example.com", &[("192.0.2.50", 300)], 1);
+    (denied.verdict, denied.reason) = (Verdict::Deny, "name_not_in_policy".into());
+    let text = suggest(
+        SuggestOptions::default(),
+        &[
+            lookup(DB, "db-only.example.com", &[("192.0.2.30", 300)], 1),
+            event("192.0.2.30", 443, 2),
+            // A name a rule of this agent would drop the address of stays
+            // an address; a name rule's learned one is a name.
+            private,
+            event("10.1.2.3", 443, 2),
+            learned,
+            event("192.0.2.40", 443, 2),
+            denied,
+            event("192.0.2.50", 443, 2),
+        ],
+    );
+    assert_eq!(
+        to(&rules(&text, WEB)[0]),
+        [
+            "10.1.2.3/32",
+            "192.0.2.30/32",
+            "192.0.2.50/32",
+            "rule.example.com"
+        ],
+        "{text}"
+    );
+    assert!(!text.contains("db-only"), "{text}");
+    // With --identity, the other identity's records are not even read.
+    let text = suggest(
+        SuggestOptions {
+            identity: Some(DB.parse().unwrap()),
+            ..Default::default()
+        },
+        &[
+            lookup(WEB, "web-only.example.com", &[("192.0.2.30", 300)], 1),
+            {
+                let mut e = event("192.0.2.30", 443, 2);
+                e.identity = Some(DB.into());
+                e
+            },
+        ],
+    );
+    assert_eq!(to(&rules(&text, DB)[0]), ["192.0.2.30/32"], "{text}");
+}
