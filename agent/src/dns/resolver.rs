@@ -237,17 +237,8 @@ impl Resolver {
         }
         // A grant by name over the same name opens its own ports to the
         // addresses too (where the name rule's do not decide).
-        if !granted.is_empty()
-            && let Err(e) = self
-                .open_granted(slot, &granted, query.name(), &filtered.learned, record)
-                .await
-        {
-            record.detail = Some(e);
-            return (message::servfail(query), Outcome::NotLearned);
-        }
-        self.metrics.learned(answered.elapsed());
-        record.learned = filtered.learned;
-        (filtered.bytes, Outcome::Answered)
+        self.deliver(query, slot, &granted, (filtered, answered), record)
+            .await
     }
 
     /// A name no rule covers but grants by name do: forwarded and
@@ -274,13 +265,26 @@ impl Resolver {
                 .min(Duration::from_secs(left / 1_000_000_000)),
             ..self.filter
         };
-        let (filtered, answered) = match self.forward(query, filter, record).await {
-            Ok(answer) => answer,
-            Err(failed) => return failed,
-        };
-        if let Err(e) = self
-            .open_granted(slot, granted, query.name(), &filtered.learned, record)
-            .await
+        match self.forward(query, filter, record).await {
+            Ok(answer) => self.deliver(query, slot, granted, answer, record).await,
+            Err(failed) => failed,
+        }
+    }
+
+    /// The answer to give, once `granted` (if any) have opened its
+    /// addresses: SERVFAIL when they could not be.
+    async fn deliver(
+        &self,
+        query: &Query,
+        slot: u32,
+        granted: &[&GrantedName],
+        (filtered, answered): (message::Filtered, Instant),
+        record: &mut DnsRecord,
+    ) -> (Vec<u8>, Outcome) {
+        if !granted.is_empty()
+            && let Err(e) = self
+                .open_granted(slot, granted, query.name(), &filtered.learned, record)
+                .await
         {
             record.detail = Some(e);
             return (message::servfail(query), Outcome::NotLearned);
