@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::identity::SpiffeId;
 use crate::policy::{NameError, NamePattern};
+use crate::policy::{PortError, port_range};
 
 /// An operator's input that cannot be a grant.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -40,8 +41,8 @@ pub enum InputError {
         "destination {0:?} is an IPv4-mapped IPv6 network; write it as IPv4 (connects to mapped addresses are judged as IPv4)"
     )]
     Mapped(String),
-    #[error("ports {0:?} are not a port (443) or an inclusive range (8000-8080) of 1-65535")]
-    Ports(String),
+    #[error("ports {given:?}: {error}")]
+    Ports { given: String, error: PortError },
 }
 
 /// Inclusive ports of a grant, host order.
@@ -64,21 +65,10 @@ impl FromStr for Ports {
     type Err = InputError;
 
     fn from_str(s: &str) -> Result<Self, InputError> {
-        let bad = || InputError::Ports(s.to_owned());
-        let port = |p: &str| {
-            p.trim()
-                .parse::<u16>()
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(bad)
-        };
-        let (first, last) = match s.split_once('-') {
-            Some((a, b)) => (port(a)?, port(b)?),
-            None => (port(s)?, port(s)?),
-        };
-        if first > last {
-            return Err(bad());
-        }
+        let (first, last) = port_range(s).map_err(|error| InputError::Ports {
+            given: s.to_owned(),
+            error,
+        })?;
         Ok(Self { first, last })
     }
 }

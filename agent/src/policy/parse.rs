@@ -16,6 +16,7 @@ use super::model::{
     Protocol, Serial,
 };
 use super::names::NamePattern;
+use super::ports::{self, PortError};
 use super::subject::Subject;
 
 /// What one file sets.
@@ -313,18 +314,9 @@ impl Reader<'_> {
 
     /// `443`, or `"8000-8080"` (a range, inclusive) or `"443"`.
     fn port_spec(&mut self, v: &Value) -> Option<PortSpec> {
-        let (first, last) = match v.get_ref() {
-            DeValue::Integer(i) => {
-                let p = self.port(v, i.as_str(), i.radix())?;
-                (p, p)
-            }
-            DeValue::String(s) => match s.split_once('-') {
-                Some((a, b)) => (self.port(v, a.trim(), 10)?, self.port(v, b.trim(), 10)?),
-                None => {
-                    let p = self.port(v, s.trim(), 10)?;
-                    (p, p)
-                }
-            },
+        let read = match v.get_ref() {
+            DeValue::Integer(i) => ports::port(i.as_str(), i.radix()).map(|p| (p, p)),
+            DeValue::String(s) => ports::range(s),
             other => {
                 self.error(
                     &v.span(),
@@ -336,40 +328,15 @@ impl Reader<'_> {
                 return None;
             }
         };
-        if first > last {
-            self.error(
-                &v.span(),
-                format!("port range \"{first}-{last}\" is reversed; write \"{last}-{first}\""),
-            );
-            return None;
-        }
-        Some(PortSpec { first, last })
-    }
-
-    fn port(&mut self, v: &Value, digits: &str, radix: u32) -> Option<u16> {
-        match i64::from_str_radix(digits, radix) {
-            Ok(p) if (1..=65535).contains(&p) => Some(p as u16),
-            Ok(0) => {
-                self.error(
-                    &v.span(),
-                    "port 0 is not a destination port; ports are 1-65535 (leave `ports` out for every port)",
-                );
-                None
-            }
-            Ok(p) => {
-                self.error(
-                    &v.span(),
-                    format!("port {p} is out of range: ports are 1-65535"),
-                );
-                None
-            }
-            Err(_) => {
-                self.error(
-                    &v.span(),
-                    format!(
-                        "{digits:?} is not a port number (1-65535) or a range like \"8000-8080\""
-                    ),
-                );
+        match read {
+            Ok((first, last)) => Some(PortSpec { first, last }),
+            Err(e) => {
+                let hint = if e == PortError::Zero {
+                    " (leave `ports` out for every port)"
+                } else {
+                    ""
+                };
+                self.error(&v.span(), format!("{e}{hint}"));
                 None
             }
         }
