@@ -392,8 +392,9 @@ impl GenerationMaps {
         }
         let mut held = StdHashMap::with_capacity(policy.slots.len());
         let mut published = StdHashMap::with_capacity(policy.rule_sets.len());
-        // Slots to point at each set's tries, in the order first seen.
-        let mut to_point: Vec<(Arc<RuleSet>, Vec<u32>)> = Vec::new();
+        // Slots to point at each set's tries, in the order first seen, and
+        // those of them whose port trie must change too.
+        let mut to_point: Vec<(Arc<RuleSet>, Vec<u32>, Vec<u32>)> = Vec::new();
         let mut pointing: StdHashMap<usize, usize> = StdHashMap::new();
         for entry in &policy.slots {
             let set = &policy.rule_sets[entry.rule_set];
@@ -409,10 +410,17 @@ impl GenerationMaps {
             }
             if was.is_none_or(|w| !Arc::ptr_eq(&w.set, set)) {
                 let at = *pointing.entry(address(set)).or_insert_with(|| {
-                    to_point.push((set.clone(), Vec::new()));
+                    to_point.push((set.clone(), Vec::new(), Vec::new()));
                     to_point.len() - 1
                 });
                 to_point[at].1.push(index);
+                // A set without port blocks never reads its port trie, so
+                // a slot going from one such set to another keeps the
+                // empty trie it has: one outer update (and the kernel's
+                // wait for an RCU grace period) fewer.
+                if was.is_none_or(|w| !(w.set.ports.is_empty() && set.ports.is_empty())) {
+                    to_point[at].2.push(index);
+                }
             }
             held.insert(
                 entry.slot,
@@ -424,7 +432,7 @@ impl GenerationMaps {
         }
         for chunk in to_point.chunks(BATCH_SETS) {
             let mut batch = Vec::with_capacity(chunk.len());
-            for (set, indices) in chunk {
+            for (set, indices, port_indices) in chunk {
                 let key = address(set);
                 let tries = if let Some((_, slot)) = self.published.get(&key) {
                     self.tries_at(slot_policy_index(active, *slot))?
@@ -433,9 +441,9 @@ impl GenerationMaps {
                 } else {
                     Tries::build(set)?
                 };
-                batch.push((tries, indices.as_slice()));
+                batch.push((tries, indices.as_slice(), port_indices.as_slice()));
             }
-            self.point(batch.iter().map(|(t, i)| (t, *i)))?;
+            self.point(batch.iter().map(|(t, i, p)| (t, *i, *p)))?;
         }
         self.clear_generation(next, before.as_ref(), &held)?;
         Ok(Written {
@@ -492,27 +500,32 @@ impl GenerationMaps {
         })
     }
 
-    /// Points the outer entries at each `indices` at their `tries`, with
-    /// one batch update per outer array.
+    /// Points the destination entries at each `indices`, and the port
+    /// entries at each `port_indices`, at their `tries`, with one batch
+    /// update per outer array (none for an array with nothing to point).
     fn point<'a>(
         &self,
-        batch: impl IntoIterator<Item = (&'a Tries, &'a [u32])>,
+        batch: impl IntoIterator<Item = (&'a Tries, &'a [u32], &'a [u32])>,
     ) -> Result<(), BpfError> {
-        let mut keys = Vec::new();
-        let mut dests = Vec::new();
-        let mut ports = Vec::new();
-        for (tries, indices) in batch {
+        let (mut dest_keys, mut dests) = (Vec::new(), Vec::new());
+        let (mut port_keys, mut ports) = (Vec::new(), Vec::new());
+        for (tries, indices, port_indices) in batch {
             for &index in indices {
-                keys.push(index);
+                dest_keys.push(index);
                 dests.push(tries.dests.fd().as_fd());
+            }
+            for &index in port_indices {
+                port_keys.push(index);
                 ports.push(tries.ports.fd().as_fd());
             }
         }
-        if keys.is_empty() {
-            return Ok(());
+        if !dest_keys.is_empty() {
+            self.slot_dests.set_all(&dest_keys, &dests)?;
         }
-        self.slot_dests.set_all(&keys, &dests)?;
-        self.slot_ports.set_all(&keys, &ports)
+        if !port_keys.is_empty() {
+            self.slot_ports.set_all(&port_keys, &ports)?;
+        }
+        Ok(())
     }
 
     /// Clears the entries of every slot of one (inactive) generation that
@@ -547,7 +560,7 @@ impl GenerationMaps {
             self.empty = Some(Tries::build(&RuleSet::default())?);
         }
         let empty = self.empty.as_ref().expect("built above");
-        self.point([(empty, indices.as_slice())])
+        self.point([(empty, indices.as_slice(), indices.as_slice())])
     }
 }
 
