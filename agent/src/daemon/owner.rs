@@ -470,18 +470,29 @@ impl Running {
                         let r = *r;
                         let outcome = state
                             .finish_generation(done, r.entries)
-                            .map(|retired| self.retired.push(retired))
-                            .map(|()| Reloaded {
-                                previous,
-                                generation: state.applied.generation,
-                                diff: r.diff,
+                            .map(|retired| {
+                                let new_entries = retired.new_entries();
+                                self.retired.push(retired);
+                                new_entries
+                            })
+                            .map(|new_entries| {
+                                let reloaded = Reloaded {
+                                    previous,
+                                    generation: state.applied.generation,
+                                    diff: r.diff,
+                                };
+                                (new_entries, reloaded)
                             })
                             .map_err(ReloadError::from);
                         match outcome {
-                            Ok(reloaded) if state.resyncing() => {
+                            // New entries start a pass over the scope: the
+                            // reload is answered once every cgroup is bound
+                            // by them. (A periodic pass under way does not
+                            // hold up a reload whose entries are the same.)
+                            Ok((true, reloaded)) if state.resyncing() => {
                                 self.settling.push((r.waiters, reloaded));
                             }
-                            outcome => self.reload_done(r.waiters, outcome),
+                            outcome => self.reload_done(r.waiters, outcome.map(|(_, r)| r)),
                         }
                     }
                     None => match state.finish_generation(done, None) {

@@ -805,6 +805,12 @@ pub struct Retired {
 }
 
 impl Retired {
+    /// Whether the switch replaced the entries (and so started a pass
+    /// over the scope).
+    pub fn new_entries(&self) -> bool {
+        self.entries.is_some()
+    }
+
     /// Drops it all off the caller's thread, then gives the freed pages
     /// back to the system.
     pub fn reclaim(self) {
