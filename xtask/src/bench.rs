@@ -31,6 +31,7 @@ mod loops;
 mod machine;
 mod nft;
 mod overhead;
+mod probe;
 mod prog_time;
 mod reload;
 mod report;

@@ -13,16 +13,17 @@
 //! `sched_process_exec`). The work is done by `idgate-bench-loop`: its
 //! `bind-create`, `exec-wait` and `bind-probe` ops.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
 use super::agent::Agent;
 use super::interrupt;
+use super::probe::ProbeProcess;
 use super::rules::{self, Identity, Rule};
 
 /// The longest one workload may wait for its identity before the
@@ -159,9 +160,8 @@ struct Waiting {
     dir: PathBuf,
     /// As the agent lists it: relative to the cgroup v2 root.
     path: String,
-    child: Child,
+    process: ProbeProcess,
     stdin: Option<ChildStdin>,
-    stdout: BufReader<std::process::ChildStdout>,
 }
 
 impl Waiting {
@@ -174,41 +174,28 @@ impl Waiting {
     ) -> Result<Self> {
         interrupt::check()?;
         std::fs::create_dir(dir).with_context(|| format!("mkdir {}", dir.display()))?;
-        let mut child = Command::new(loop_bin)
-            .args(["--op", "exec-wait", "--cgroup"])
-            .arg(dir)
-            .arg("--exec")
-            .arg(copy)
-            .args(["--addr", &addr.to_string()])
-            .args(["--seconds", &TIMEOUT.as_secs_f64().to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {}", loop_bin.display()))?;
-        let stdin = child.stdin.take();
-        let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
-        let mut line = String::new();
-        stdout.read_line(&mut line)?;
-        let mut waiting = Self {
+        let mut process = ProbeProcess::start(
+            Command::new(loop_bin)
+                .args(["--op", "exec-wait", "--cgroup"])
+                .arg(dir)
+                .arg("--exec")
+                .arg(copy)
+                .args(["--addr", &addr.to_string()])
+                .args(["--seconds", &TIMEOUT.as_secs_f64().to_string()])
+                .stdin(Stdio::piped()),
+            "joined",
+            &format!("exec-wait in {}", dir.display()),
+        )?;
+        Ok(Self {
             dir: dir.to_owned(),
             path,
-            child,
-            stdin,
-            stdout,
-        };
-        if line.trim() != "joined" {
-            bail!(
-                "exec-wait in {}: {}",
-                dir.display(),
-                waiting.stderr_and_status()
-            );
-        }
-        Ok(waiting)
+            stdin: process.take_stdin(),
+            process,
+        })
     }
 
     fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.id()
     }
 
     /// Lets it exec; its latency, polls and time polling.
@@ -219,42 +206,12 @@ impl Waiting {
             .expect("not told yet")
             .write_all(b"x")
             .context("telling the waiting process to exec")?;
-        let mut text = String::new();
-        self.stdout.read_to_string(&mut text)?;
-        let status = self.child.wait()?;
-        if !status.success() {
-            let why = self.stderr_and_status();
-            bail!("bind-probe in {}: {why}", self.dir.display());
-        }
-        let reply: serde_json::Value =
-            serde_json::from_str(&text).context("the probe's answer is not JSON")?;
-        let field = |key: &str| {
-            reply[key]
-                .as_u64()
-                .with_context(|| format!("no {key} in {reply}"))
-        };
-        let measured = (field("bound_ns")?, field("polls")?, field("polling_ns")?);
+        let what = format!("bind-probe in {}", self.dir.display());
+        let [bound, polls, polling] = self
+            .process
+            .answer(&what, ["bound_ns", "polls", "polling_ns"])?;
         remove_cgroup(&self.dir)?;
-        Ok(measured)
-    }
-
-    fn stderr_and_status(&mut self) -> String {
-        let _ = self.child.kill();
-        let status = self.child.wait();
-        let mut err = String::new();
-        if let Some(mut e) = self.child.stderr.take() {
-            let _ = e.read_to_string(&mut err);
-        }
-        format!("{status:?}: {}", err.trim())
-    }
-}
-
-impl Drop for Waiting {
-    fn drop(&mut self) {
-        // Killed unless it has ended already (the cgroup tree's removal
-        // would kill it too).
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        Ok((bound, polls, polling))
     }
 }
 

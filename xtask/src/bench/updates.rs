@@ -13,10 +13,9 @@
 //! pattern block, `idgate policy check`s, full reloads; the agent's
 //! memory is read before and after each.
 
-use std::io::{BufRead, BufReader, Read};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -26,6 +25,7 @@ use super::cost::{self, ProcSample};
 use super::interrupt;
 use super::loops::Loop;
 use super::monotonic_ns;
+use super::probe::ProbeProcess;
 use super::reload;
 use super::rules::{self, Identity, Protocol, Rule};
 use super::thousands;
@@ -318,80 +318,34 @@ fn time_grants(
 
 /// A probe waiting in a bound cgroup, denied, until a connect is allowed.
 struct Probe {
-    child: Child,
-    stdout: BufReader<ChildStdout>,
-    cgroup: PathBuf,
+    process: ProbeProcess,
+    what: String,
 }
 
 impl Probe {
     /// Starts it and waits until it has been denied once.
     fn start(bin: &Path, cgroup: &Path, addr: SocketAddr) -> Result<Self> {
-        let mut child = Command::new(bin)
-            .args(["--op", "wait-allowed", "--cgroup"])
-            .arg(cgroup)
-            .args(["--addr", &addr.to_string()])
-            .args(["--seconds", &TIMEOUT.as_secs_f64().to_string()])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let stdout = BufReader::new(child.stdout.take().expect("piped"));
-        let mut probe = Self {
-            child,
-            stdout,
-            cgroup: cgroup.to_owned(),
-        };
-        let mut line = String::new();
-        probe.stdout.read_line(&mut line)?;
-        if line.trim() != "denied" {
-            let why = probe.stderr_and_status();
-            bail!("wait-allowed in {}: {why}", cgroup.display());
-        }
-        Ok(probe)
+        let what = format!("wait-allowed in {}", cgroup.display());
+        let process = ProbeProcess::start(
+            Command::new(bin)
+                .args(["--op", "wait-allowed", "--cgroup"])
+                .arg(cgroup)
+                .args(["--addr", &addr.to_string()])
+                .args(["--seconds", &TIMEOUT.as_secs_f64().to_string()]),
+            "denied",
+            &what,
+        )?;
+        Ok(Self { process, what })
     }
 
     /// Waits for its answer (it ends within its own timeout): the
     /// `CLOCK_MONOTONIC` ns of the first allowed connect, the polls, and
     /// the ns from the first poll to the last.
     fn finish(mut self) -> Result<(u64, u64, u64)> {
-        let mut text = String::new();
-        self.stdout.read_to_string(&mut text)?;
-        let status = self.child.wait()?;
-        if !status.success() {
-            interrupt::check()?;
-            let why = self.stderr_and_status();
-            bail!("wait-allowed in {}: {why}", self.cgroup.display());
-        }
-        let reply: serde_json::Value =
-            serde_json::from_str(&text).context("the probe's answer is not JSON")?;
-        let field = |key: &str| {
-            reply[key]
-                .as_u64()
-                .with_context(|| format!("no {key} in {reply}"))
-        };
-        Ok((
-            field("allowed_at_ns")?,
-            field("polls")?,
-            field("polling_ns")?,
-        ))
-    }
-
-    fn stderr_and_status(&mut self) -> String {
-        let _ = self.child.kill();
-        let status = self.child.wait();
-        let mut err = String::new();
-        if let Some(mut e) = self.child.stderr.take() {
-            let _ = e.read_to_string(&mut err);
-        }
-        format!("{status:?}: {}", err.trim())
-    }
-}
-
-impl Drop for Probe {
-    fn drop(&mut self) {
-        // Killed unless it has ended already.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let [allowed_at, polls, polling] = self
+            .process
+            .answer(&self.what, ["allowed_at_ns", "polls", "polling_ns"])?;
+        Ok((allowed_at, polls, polling))
     }
 }
 
