@@ -160,10 +160,13 @@ pub fn measure(
         sizes.runs
     );
     let mut pattern = pattern_block();
-    agent.write_policy(
-        PATTERN_FILE,
-        &rules::extra_policy_file(std::slice::from_ref(&pattern)),
-    )?;
+    let write_pattern = |pattern: &Identity| {
+        agent.write_policy(
+            PATTERN_FILE,
+            &rules::extra_policy_file(std::slice::from_ref(pattern)),
+        )
+    };
+    write_pattern(&pattern)?;
     reload::reload(agent).context("adding the pattern block")?;
     let one_rule = reload::changed(
         sizes.runs,
@@ -182,10 +185,7 @@ pub fn measure(
                 .last_mut()
                 .expect("the pattern block has rules");
             reload::shift_ports(&mut rule.ports[0], step);
-            agent.write_policy(
-                PATTERN_FILE,
-                &rules::extra_policy_file(std::slice::from_ref(&pattern)),
-            )
+            write_pattern(&pattern)
         },
         || reload::reload(agent),
     )?;
