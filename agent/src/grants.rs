@@ -38,6 +38,7 @@ use tokio::sync::mpsc;
 
 use crate::bpf::{BpfError, GrantMap};
 use crate::clock::{boot_id, boot_ns, wall_time};
+use crate::hashing::FastMap;
 use crate::identity::SpiffeId;
 use entries::{EntryKey, LearnedAddresses};
 use store::Store;
@@ -122,7 +123,7 @@ pub struct Read {
 }
 
 /// The slot each identity holds.
-pub type Slots = HashMap<SpiffeId, u32>;
+pub type Slots = FastMap<SpiffeId, u32>;
 
 /// The grants, their file and their map.
 pub struct Grants {
@@ -386,7 +387,7 @@ impl Grants {
         slots: &Slots,
     ) -> Result<(), GrantError> {
         // Refused before anything is written: too many overlapping.
-        desired(&next, &self.learned, &Slots::new())?;
+        desired(&next, &self.learned, &Slots::default())?;
         self.save(next_id, &next)?;
         let before = std::mem::replace(&mut self.grants, next);
         // An id stays used even if the change is taken back: a grant id is
@@ -621,7 +622,7 @@ mod tests {
         };
         // No slot: nothing in the kernel, but the overlap is still checked.
         assert!(
-            desired(&grants, &LearnedAddresses::new(), &Slots::new())
+            desired(&grants, &LearnedAddresses::new(), &Slots::default())
                 .unwrap()
                 .is_empty()
         );

@@ -12,6 +12,7 @@ pub mod events;
 pub mod federation;
 pub mod files;
 pub mod grants;
+pub mod hashing;
 pub mod identity;
 pub mod identity_view;
 pub mod line_index;

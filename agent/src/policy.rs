@@ -30,7 +30,7 @@ pub use model::{
 pub use names::{ClassId, NameError, NameIndex, NameMatch, NamePattern};
 pub(crate) use parse::looks_like_an_address;
 pub use ports::{PortError, range as port_range};
-pub use precedence::RuleInfo;
+pub use precedence::{RuleInfo, RuleTable};
 pub use subject::{Specificity, Subject};
 pub use suggest::{SuggestError, SuggestOptions, Suggester, parse_since, read_audit_log};
 pub use summary::{describe_rule, summary};

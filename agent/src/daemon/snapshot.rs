@@ -4,14 +4,13 @@
 //! owner's view of its workload table for `idgate workloads`, which is
 //! too large to publish after every change.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use super::state::State;
 use crate::admin::{Status, WorkloadRow, WorkloadsList};
-use crate::identity::SpiffeId;
+use crate::grants::Slots;
 use crate::policy::PolicySet;
 
 /// The agent as it stood after the owner's last change.
@@ -25,7 +24,7 @@ pub struct Snapshot {
     /// The running policy.
     pub policy: Arc<PolicySet>,
     /// Slots held, by identity.
-    pub slots: Arc<HashMap<SpiffeId, u32>>,
+    pub slots: Arc<Slots>,
 }
 
 impl Snapshot {

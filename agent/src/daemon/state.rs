@@ -5,7 +5,7 @@
 //! operation checks its input in full before it touches the kernel, and
 //! policy switches in the kernel atomically.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -15,7 +15,7 @@ use idgate_common::MAX_SLOTS;
 use crate::bpf::{self, BpfError, Enforcer, GenerationMaps, RetiredSets, Written};
 use crate::cgroup;
 use crate::config::Config;
-use crate::grants::{GrantRecord, Grants};
+use crate::grants::{GrantRecord, Grants, Slots};
 use crate::identity::{self, EntrySet, SpiffeId, k8s::Pods};
 use crate::policy::{self, CompiledPolicy, PolicySet};
 use crate::revocations::Revocations;
@@ -32,7 +32,7 @@ pub struct Applied {
     /// bound cgroup, the revoked ones, and those the entries can give.
     pub identities: Arc<Vec<(u32, SpiffeId)>>,
     /// The same, by identity.
-    pub slots: Arc<HashMap<SpiffeId, u32>>,
+    pub slots: Arc<Slots>,
     /// Bound cgroup ids and their slots (the identities map, mirrored).
     pub bound: BTreeMap<u64, u32>,
     /// The whole generation value the kernel holds since the last switch
@@ -570,8 +570,7 @@ impl State {
         let (stamp, sets) = maps.switch(written)?;
         self.applied.stamp = stamp;
         self.applied.generation = self.generation_number.advance();
-        let slots: HashMap<SpiffeId, u32> =
-            done.slots.iter().map(|(s, id)| (id.clone(), *s)).collect();
+        let slots: Slots = done.slots.iter().map(|(s, id)| (id.clone(), *s)).collect();
         let mut retired = Retired {
             _slots: std::mem::replace(&mut self.applied.slots, Arc::new(slots)),
             _identities: std::mem::replace(&mut self.applied.identities, Arc::new(done.slots)),
@@ -796,7 +795,7 @@ impl GenerationJob {
 /// a thread of its own once nothing published refers to it.
 /// (Its fields are held only to be dropped.)
 pub struct Retired {
-    _slots: Arc<HashMap<SpiffeId, u32>>,
+    _slots: Arc<Slots>,
     _identities: Arc<Vec<(u32, SpiffeId)>>,
     _compiled: Arc<CompiledPolicy>,
     _policy: Arc<PolicySet>,
@@ -859,7 +858,8 @@ pub fn load_changed_entries(
     running: &EntrySet,
 ) -> Result<Option<EntrySet>, identity::EntriesError> {
     let entries = identity::load_entries(&config.entries, &config.trust_domains)?;
-    if running.holds(&entries, &config.workload_entries) {
+    // The running set ends with the same configuration's workloads.
+    if running.starts_with(&entries, config.workload_entries.len()) {
         return Ok(None);
     }
     Ok(Some(with_workloads(entries, config)))

@@ -15,7 +15,7 @@ use std::sync::{Arc, RwLock};
 use idgate_common::UNKNOWN_SLOT;
 
 use crate::identity::SpiffeId;
-use crate::policy::RuleInfo;
+use crate::policy::{RuleInfo, RuleTable};
 
 /// The names of one applied policy generation.
 #[derive(Debug, Default)]
@@ -24,7 +24,7 @@ pub struct GenerationNames {
     applied: u64,
     identities: HashMap<u32, SpiffeId>,
     /// Indexed by rule id; shared with the compiled policy.
-    rules: Arc<[RuleInfo]>,
+    rules: RuleTable,
 }
 
 /// How a record's slot is named.
@@ -73,7 +73,7 @@ impl Names {
         generation: u32,
         applied: u64,
         identities: &[(u32, SpiffeId)],
-        rules: &Arc<[RuleInfo]>,
+        rules: &RuleTable,
     ) {
         let index = (generation & 1) as usize;
         let held = |tables: &Snapshot| tables[index].as_ref().is_some_and(|t| t.applied == applied);
@@ -112,9 +112,14 @@ mod tests {
             1,
             1,
             &[(3, a.clone())],
-            &Arc::from([rule("default"), rule("old")]),
+            &RuleTable::from(vec![rule("default"), rule("old")]),
         );
-        names.publish(0, 2, &[], &Arc::from([rule("default"), rule("new")]));
+        names.publish(
+            0,
+            2,
+            &[],
+            &RuleTable::from(vec![rule("default"), rule("new")]),
+        );
         let snap = names.snapshot();
         let (g0, g1) = (snap[0].as_ref().unwrap(), snap[1].as_ref().unwrap());
         assert_eq!(g1.slot(3), SlotName::Identity(&a));
@@ -128,13 +133,13 @@ mod tests {
     #[test]
     fn publishing_the_generation_held_changes_nothing() {
         let names = Names::default();
-        names.publish(0, 1, &[], &Arc::from([rule("first")]));
+        names.publish(0, 1, &[], &RuleTable::from(vec![rule("first")]));
         let before = names.snapshot()[0].clone().unwrap();
-        names.publish(0, 1, &[], &Arc::from([rule("first")]));
+        names.publish(0, 1, &[], &RuleTable::from(vec![rule("first")]));
         assert!(Arc::ptr_eq(&before, names.snapshot()[0].as_ref().unwrap()));
         // The policy applied after the next one has the same generation.
-        names.publish(1, 2, &[], &Arc::from([rule("other")]));
-        names.publish(0, 3, &[], &Arc::from([rule("second")]));
+        names.publish(1, 2, &[], &RuleTable::from(vec![rule("other")]));
+        names.publish(0, 3, &[], &RuleTable::from(vec![rule("second")]));
         assert_eq!(
             &*names.snapshot()[0].as_ref().unwrap().rule(0).unwrap().name,
             "second"

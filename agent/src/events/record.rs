@@ -364,7 +364,7 @@ mod tests {
 
     use super::*;
     use crate::events::names::Names;
-    use crate::policy::RuleInfo;
+    use crate::policy::{RuleInfo, RuleTable};
 
     fn bytes(r: &DecisionRecord) -> Vec<u8> {
         // SAFETY: a plain `repr(C)` record without padding.
@@ -404,7 +404,7 @@ mod tests {
 
     fn names() -> Names {
         let names = Names::default();
-        let rules = std::sync::Arc::from([
+        let rules = RuleTable::from(vec![
             RuleInfo {
                 owner: "".into(),
                 name: "default".into(),

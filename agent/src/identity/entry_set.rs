@@ -56,13 +56,14 @@ impl EntrySet {
         }
     }
 
-    /// Whether `other` holds the same entries, in the same order.
-    /// Whether it holds exactly `entries` and then `more`, in order.
-    pub fn holds(&self, entries: &[Entry], more: &[Entry]) -> bool {
-        self.entries.len() == entries.len() + more.len()
-            && self.entries.iter().eq(entries.iter().chain(more))
+    /// Whether it holds exactly `entries` and then `tail` more entries
+    /// (the caller knows those are the same: the agent's configuration,
+    /// which does not change while it runs, puts them last in every set).
+    pub fn starts_with(&self, entries: &[Entry], tail: usize) -> bool {
+        self.entries.len() == entries.len() + tail && self.entries[..entries.len()] == *entries
     }
 
+    /// Whether `other` holds the same entries, in the same order.
     pub fn same_entries(&self, other: &EntrySet) -> bool {
         self.entries == other.entries
     }

@@ -11,7 +11,7 @@
 //! the same way but for the prefix, as one port table per protocol.
 
 use std::collections::{BTreeSet, HashMap};
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -24,8 +24,10 @@ use super::model::{Action, Mode, PolicySet, Serial};
 use super::names::{ClassId, NameIndex, NamePattern};
 use super::ports;
 use super::precedence::{
-    Blocks, DEFAULT_RULE_ID, Decided, FlatRule, Interval, RuleInfo, UNKNOWN_BLOCK, decide,
+    Blocks, DEFAULT_RULE_ID, Decided, FlatRule, Interval, RuleInfo, RuleTable, UNKNOWN_BLOCK,
+    decide,
 };
+use crate::hashing::FastMap;
 use crate::identity::SpiffeId;
 
 /// A destination-trie entry: address prefix -> the port table of each
@@ -98,7 +100,7 @@ pub struct CompiledPolicy {
     /// Indexed by rule id: id 0 is the default, then every rule of the
     /// policy in order (the unknown-workload policy's first), so a rule
     /// keeps its id whichever identities are bound.
-    pub rules: Arc<[RuleInfo]>,
+    pub rules: RuleTable,
 }
 
 impl CompiledPolicy {
@@ -139,13 +141,13 @@ pub struct Compiler {
     /// default of every identity).
     mode: Option<Mode>,
     /// By [`Blocks::key`] of the blocks an identity gets.
-    kept: HashMap<Vec<(Serial, u32)>, Compiled>,
+    kept: FastMap<Vec<(Serial, u32)>, Compiled>,
     /// Every rule set in use, by a hash of its entries: a new set equal
     /// to one of them is shared with it.
-    interned: HashMap<u64, Vec<Arc<RuleSet>>>,
-    hasher: RandomState,
+    interned: FastMap<u64, Vec<Arc<RuleSet>>>,
+    hasher: foldhash::fast::RandomState,
     /// What each block's rule ids stand for, by its parse.
-    rule_infos: HashMap<Serial, Arc<[RuleInfo]>>,
+    rule_infos: FastMap<Serial, Arc<[RuleInfo]>>,
 }
 
 /// The entries of the identities one list of blocks applies to.
@@ -166,14 +168,14 @@ impl Compiler {
             self.mode = Some(policy.mode);
         }
         let mut out = CompiledPolicy {
-            rules: self.rule_infos(&blocks).into(),
+            rules: self.rule_infos(&blocks),
             ..Default::default()
         };
         // Identities matched by the same blocks get the same entries;
         // blocks that come to the same entries share one rule set.
-        let mut done: HashMap<Vec<usize>, (SlotPolicy, usize)> = HashMap::new();
-        let mut index_of: HashMap<*const RuleSet, usize> = HashMap::new();
-        let mut kept = HashMap::with_capacity(self.kept.len());
+        let mut done: FastMap<Vec<usize>, (SlotPolicy, usize)> = FastMap::default();
+        let mut index_of: FastMap<*const RuleSet, usize> = FastMap::default();
+        let mut kept = FastMap::with_capacity_and_hasher(self.kept.len(), Default::default());
         let targets = std::iter::once((UNKNOWN_SLOT, vec![UNKNOWN_BLOCK])).chain(
             slots
                 .iter()
@@ -221,22 +223,23 @@ impl Compiler {
     /// What every rule id stands for (indexed by id; see [`Blocks::block_rule_infos`]), taking
     /// each block's from the last policy compiled where it is the same
     /// parse.
-    fn rule_infos(&mut self, blocks: &Blocks) -> Vec<RuleInfo> {
-        let mut all = vec![RuleInfo::default_rule()];
-        let mut kept = HashMap::with_capacity(blocks.len());
+    fn rule_infos(&mut self, blocks: &Blocks) -> RuleTable {
+        let mut parts = Vec::with_capacity(blocks.len() + 1);
+        parts.push((DEFAULT_RULE_ID, Arc::from([RuleInfo::default_rule()])));
+        let mut kept = FastMap::with_capacity_and_hasher(blocks.len(), Default::default());
         for b in 0..blocks.len() {
-            let serial = blocks.get(b).serial;
-            let infos = match serial.and_then(|s| self.rule_infos.get(&s)) {
+            let block = blocks.get(b);
+            let infos: Arc<[RuleInfo]> = match block.serial.and_then(|s| self.rule_infos.get(&s)) {
                 Some(infos) => infos.clone(),
                 None => blocks.block_rule_infos(b).into(),
             };
-            all.extend(infos.iter().cloned());
-            if let Some(serial) = serial {
-                kept.insert(serial, infos);
+            if let Some(serial) = block.serial {
+                kept.insert(serial, infos.clone());
             }
+            parts.push((block.first_rule, infos));
         }
         self.rule_infos = kept;
-        all
+        RuleTable::new(parts)
     }
 
     /// The entries of an identity the blocks `which` apply to.
@@ -766,7 +769,7 @@ mod tests {
                         ports: vec![],
                     }),
                 ],
-                rules: Arc::from([
+                rules: RuleTable::from(vec![
                     RuleInfo {
                         owner: "".into(),
                         name: "default".into(),

@@ -1,12 +1,13 @@
 //! What a reload changes: identities and rules added, removed, changed.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
 use super::model::{Action, IdentityPolicy, Keyword, PolicySet, Serial};
 use super::summary::describe_rule;
+use crate::hashing::FastSet;
 
 /// The difference between two policies. Rules are named `OWNER: NAME`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,7 +39,7 @@ fn settings_text(p: &IdentityPolicy) -> String {
 
 /// Every block of `policy` but those in `same` (parsed once, so
 /// unchanged: see [`Serial`]).
-fn flatten(policy: &PolicySet, same: &HashSet<Serial>) -> Flat {
+fn flatten(policy: &PolicySet, same: &FastSet<Serial>) -> Flat {
     let one = |p: &IdentityPolicy| {
         let rules = p
             .egress
@@ -60,8 +61,8 @@ fn flatten(policy: &PolicySet, same: &HashSet<Serial>) -> Flat {
 }
 
 /// The blocks both policies have from one parse.
-fn same_blocks(old: &PolicySet, new: &PolicySet) -> HashSet<Serial> {
-    let old: HashSet<Serial> = old.identities.iter().map(|b| b.serial).collect();
+fn same_blocks(old: &PolicySet, new: &PolicySet) -> FastSet<Serial> {
+    let old: FastSet<Serial> = old.identities.iter().map(|b| b.serial).collect();
     new.identities
         .iter()
         .map(|b| b.serial)

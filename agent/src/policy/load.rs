@@ -1,11 +1,9 @@
 //! Reading a policy file or directory: every file parsed, the files
 //! merged, and the whole checked, with every problem reported at once.
 
-use std::collections::HashMap;
+use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-
-use sha2::{Digest, Sha256};
 
 use super::diagnostic::{Diagnostic, Location, Source};
 use super::model::PolicySet;
@@ -13,6 +11,7 @@ use super::parse::{FileContents, parse};
 use super::segments::{Part, parse_parts};
 use super::subject::Subject;
 use super::{PolicyError, overlap, warnings};
+use crate::hashing::{FastMap, TextDigest, text_digest};
 
 /// Reads a policy file, or every `*.toml` file of a directory (in name
 /// order, not recursive), and checks it. Fails with every error found in
@@ -29,15 +28,15 @@ pub fn load(path: &Path, trust_domains: &[String]) -> Result<PolicySet, PolicyEr
 #[derive(Default)]
 pub struct Reader {
     /// By path: what the text last read came to.
-    files: HashMap<PathBuf, Read>,
+    files: FastMap<PathBuf, Read>,
     /// What the overlap checks found clean last time.
     clean: overlap::Clean,
 }
 
 /// One file as last read.
 struct Read {
-    /// The SHA-256 of its text.
-    digest: [u8; 32],
+    /// The digest of its text.
+    digest: TextDigest,
     contents: FileContents,
     /// Its parts as parsed apart (none when it was parsed whole).
     parts: Vec<Part>,
@@ -56,11 +55,15 @@ impl Reader {
             trust_domains,
             ..Default::default()
         };
-        let mut kept = HashMap::new();
+        let mut kept = FastMap::default();
+        // One buffer for every file's text: a file that did not change is
+        // read and compared without a fresh allocation.
+        let mut text = String::new();
         for file in files(path, &mut diagnostics) {
-            match std::fs::read_to_string(&file) {
-                Ok(text) => {
-                    let digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();
+            text.clear();
+            match std::fs::File::open(&file).and_then(|mut f| f.read_to_string(&mut text)) {
+                Ok(_) => {
+                    let digest = text_digest(text.as_bytes());
                     let earlier = self.files.remove(&file);
                     let (contents, parts) = match earlier {
                         Some(read) if read.digest == digest => (read.contents, read.parts),
@@ -71,7 +74,7 @@ impl Reader {
                                 None => {
                                     let before = diagnostics.len();
                                     let mut contents =
-                                        parse(&Source::new(&file, text), &mut diagnostics);
+                                        parse(&Source::new(&file, text.clone()), &mut diagnostics);
                                     if diagnostics.len() > before {
                                         merged.add(contents, &mut diagnostics);
                                         continue;
@@ -101,9 +104,9 @@ impl Reader {
             }
         }
         self.files = kept;
-        self.clean = overlap::check(&merged.set, &self.clean, &mut diagnostics);
+        let mut set = merged.finish(&mut diagnostics);
+        self.clean = overlap::check(&set, &self.clean, &mut diagnostics);
         if diagnostics.is_empty() {
-            let mut set = merged.set;
             set.warnings = warnings::check(&set);
             sort(&mut set.warnings);
             return Ok(set);
@@ -117,7 +120,7 @@ impl Reader {
 /// same in the same place, so that only the blocks that changed are new
 /// parses (and compiled and checked again).
 fn keep_unchanged(contents: &mut FileContents, earlier: &FileContents) {
-    let by_subject: HashMap<_, _> = earlier.identities.iter().map(|b| (&b.subject, b)).collect();
+    let by_subject: FastMap<_, _> = earlier.identities.iter().map(|b| (&b.subject, b)).collect();
     for block in &mut contents.identities {
         if let Some(same) = by_subject.get(&block.subject).filter(|e| e.same_as(block)) {
             *block = Arc::clone(same);
@@ -164,7 +167,6 @@ struct Merged<'t> {
     set: PolicySet,
     mode_at: Option<Location>,
     unknown_at: Option<Location>,
-    blocks_at: HashMap<Subject, Location>,
 }
 
 impl Merged<'_> {
@@ -206,20 +208,36 @@ impl Merged<'_> {
                 ));
                 continue;
             }
-            if let Some(first) = self.blocks_at.get(&block.subject) {
+            self.set.identities.push(block);
+        }
+    }
+
+    /// The merged policy, each identity or pattern with its first block
+    /// only: every later one is reported (checked once over every file,
+    /// without copying a subject).
+    fn finish(mut self, diagnostics: &mut Vec<Diagnostic>) -> PolicySet {
+        let blocks = &self.set.identities;
+        let mut first: FastMap<&Subject, &Location> =
+            FastMap::with_capacity_and_hasher(blocks.len(), Default::default());
+        let mut later = Vec::new();
+        for (i, block) in blocks.iter().enumerate() {
+            if let Some(at) = first.get(&block.subject) {
                 diagnostics.push(Diagnostic::at(
                     &block.at,
                     format!(
-                        "{} already has a block at {first}; merge the two blocks into one",
+                        "{} already has a block at {at}; merge the two blocks into one",
                         block.subject
                     ),
                 ));
-                continue;
+                later.push(i);
+            } else {
+                first.insert(&block.subject, &block.at);
             }
-            self.blocks_at
-                .insert(block.subject.clone(), block.at.clone());
-            self.set.identities.push(block);
         }
+        for i in later.into_iter().rev() {
+            self.set.identities.remove(i);
+        }
+        self.set
     }
 }
 

@@ -10,13 +10,14 @@ use super::diagnostic::Diagnostic;
 use super::model::{Action, EgressRule, PolicySet, Protocol, Serial};
 use super::precedence::{Blocks, Decided, decide};
 use super::summary::{describe_ports, protocol_text};
+use crate::hashing::FastSet;
 
 /// How many deciding rules a "never matches" report names.
 const NAMED: usize = 3;
 
 /// The blocks (by [`Serial`], least specific first) whose rules were
 /// checked together and found neither conflicting nor never matching.
-pub type Clean = HashSet<Vec<Serial>>;
+pub type Clean = FastSet<Vec<Serial>>;
 
 /// Adds a diagnostic for every conflict and every rule that can never
 /// match. A rule named in a conflict is not reported again as never
@@ -28,21 +29,24 @@ pub type Clean = HashSet<Vec<Serial>>;
 /// now.
 pub fn check(policy: &PolicySet, clean: &Clean, diagnostics: &mut Vec<Diagnostic>) -> Clean {
     let blocks = Blocks::new(policy);
-    let mut now = Clean::new();
+    let mut now = Clean::default();
     for b in 0..blocks.len() {
         let rules = &blocks.get(b).policy.egress;
         if rules.is_empty() {
             continue;
         }
         let key: Option<Vec<Serial>> = blocks
-            .key(&blocks.context(b))
-            .map(|k| k.into_iter().map(|(s, _)| s).collect());
-        if let Some(key) = &key
-            && clean.contains(key)
-        {
-            now.insert(key.clone());
-            continue;
-        }
+            .context(b)
+            .into_iter()
+            .map(|c| blocks.get(c).serial)
+            .collect();
+        let key = match key {
+            Some(key) if clean.contains(&key) => {
+                now.insert(key);
+                continue;
+            }
+            key => key,
+        };
         let before = diagnostics.len();
         let conflicting = conflicts(rules, diagnostics);
         never_matching(&blocks, b, &conflicting, diagnostics);

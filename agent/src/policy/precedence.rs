@@ -21,7 +21,7 @@
 //! them; unset, they are `deny`, the global mode and `false`.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use ipnet::{IpNet, Ipv4Net};
@@ -29,6 +29,7 @@ use ipnet::{IpNet, Ipv4Net};
 use super::model::{Action, EgressRule, IdentityPolicy, Mode, PolicySet, Protocol, Serial};
 use super::names::NamePattern;
 use super::subject::{Specificity, Subject, pattern_bases};
+use crate::hashing::FastMap;
 use crate::identity::SpiffeId;
 
 /// What a rule id stands for, for events and `explain`.
@@ -48,6 +49,83 @@ impl RuleInfo {
         }
     }
 }
+
+/// What every rule id of a compiled policy stands for. Kept as each
+/// block's own list, shared with the compiler and with the next policy's
+/// table wherever the block is the same parse: a new table costs one
+/// entry per block, not one per rule.
+#[derive(Debug, Clone, Default)]
+pub struct RuleTable {
+    /// The first rule id of each list, ascending, and the list: each
+    /// starts where the one before ends, none is empty.
+    parts: Arc<[(u32, Arc<[RuleInfo]>)]>,
+}
+
+impl RuleTable {
+    /// The table of `parts` (first rule id, infos from it on), in order;
+    /// empty parts are left out.
+    pub fn new(parts: impl IntoIterator<Item = (u32, Arc<[RuleInfo]>)>) -> Self {
+        let parts: Vec<_> = parts.into_iter().filter(|(_, i)| !i.is_empty()).collect();
+        debug_assert!(
+            parts
+                .windows(2)
+                .all(|w| w[0].0 + w[0].1.len() as u32 == w[1].0)
+        );
+        Self {
+            parts: parts.into(),
+        }
+    }
+
+    /// What rule id `id` stands for.
+    pub fn get(&self, id: usize) -> Option<&RuleInfo> {
+        let id = u32::try_from(id).ok()?;
+        let part = self.parts.partition_point(|(first, _)| *first <= id);
+        let (first, infos) = &self.parts[part.checked_sub(1)?];
+        infos.get((id - first) as usize)
+    }
+
+    /// How many rule ids it names, the default's included.
+    pub fn len(&self) -> usize {
+        self.parts
+            .last()
+            .map_or(0, |(first, infos)| *first as usize + infos.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.parts.is_empty()
+    }
+
+    /// Every rule id's info, in id order.
+    pub fn iter(&self) -> impl Iterator<Item = &RuleInfo> {
+        self.parts.iter().flat_map(|(_, infos)| infos.iter())
+    }
+}
+
+impl From<Vec<RuleInfo>> for RuleTable {
+    /// A table of rule ids from 0, in order.
+    fn from(infos: Vec<RuleInfo>) -> Self {
+        Self::new([(0, infos.into())])
+    }
+}
+
+impl std::ops::Index<usize> for RuleTable {
+    type Output = RuleInfo;
+
+    fn index(&self, id: usize) -> &RuleInfo {
+        self.get(id)
+            .unwrap_or_else(|| panic!("rule id {id} is not in the table"))
+    }
+}
+
+/// Tables are equal when every id stands for the same, however they are
+/// split.
+impl PartialEq for RuleTable {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for RuleTable {}
 
 /// Rule id reported for a decision by an identity's default.
 pub const DEFAULT_RULE_ID: u32 = 0;
@@ -72,9 +150,9 @@ pub struct Block<'a> {
 pub struct Blocks<'a> {
     mode: Mode,
     list: Vec<Block<'a>>,
-    exact: HashMap<&'a str, usize>,
+    exact: FastMap<&'a str, usize>,
     /// Patterns by the ID before their `/*`.
-    patterns: HashMap<&'a str, usize>,
+    patterns: FastMap<&'a str, usize>,
 }
 
 /// The settings an identity ends up with.
@@ -151,7 +229,7 @@ impl<'a> Blocks<'a> {
             first_rule: DEFAULT_RULE_ID + 1,
             serial: None,
         }];
-        let (mut exact, mut patterns) = (HashMap::new(), HashMap::new());
+        let (mut exact, mut patterns) = (FastMap::default(), FastMap::default());
         for block in &policy.identities {
             let last = &list[list.len() - 1];
             let first_rule = last.first_rule + last.policy.egress.len() as u32;
@@ -401,6 +479,31 @@ fn resolve(rules: &[&FlatRule], transport: Protocol) -> Vec<Interval> {
 mod tests {
     use super::*;
     use crate::policy::testing::policy;
+
+    #[test]
+    fn a_rule_table_finds_each_id_in_its_part_however_it_is_split() {
+        let info = |name: &str| RuleInfo {
+            owner: "o".into(),
+            name: name.into(),
+        };
+        let part = |first: u32, names: &[&str]| -> (u32, Arc<[RuleInfo]>) {
+            (first, names.iter().map(|n| info(n)).collect())
+        };
+        let split = RuleTable::new([
+            part(0, &["default"]),
+            part(1, &[]),
+            part(1, &["a", "b"]),
+            part(3, &["c"]),
+        ]);
+        let whole = RuleTable::from(vec![info("default"), info("a"), info("b"), info("c")]);
+        assert_eq!(split, whole);
+        assert_eq!(split.len(), 4);
+        let names: Vec<&str> = (0..4).map(|id| &*split[id].name).collect();
+        assert_eq!(names, ["default", "a", "b", "c"]);
+        assert!(split.get(4).is_none());
+        assert!(RuleTable::default().get(0).is_none());
+        assert_ne!(split, RuleTable::from(vec![info("default"), info("a")]));
+    }
 
     fn rule(id: u32, ports: (u16, u16), protocol: Protocol, action: Action) -> FlatRule {
         FlatRule {

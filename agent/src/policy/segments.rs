@@ -11,21 +11,19 @@
 //! reports every problem as before. A split inside a multi-line string
 //! leaves the part before it unterminated, so it never parses cleanly.
 
-use std::collections::HashMap;
 use std::ops::Range;
 use std::path::Path;
 
-use sha2::{Digest, Sha256};
-
 use super::diagnostic::Source;
 use super::parse::{FileContents, parse};
+use crate::hashing::{FastMap, TextDigest, text_digest};
 
 /// One part of a file, as parsed.
 #[derive(Clone)]
 pub struct Part {
     /// Lines of the file before it.
     lines_before: u32,
-    digest: [u8; 32],
+    digest: TextDigest,
     contents: FileContents,
 }
 
@@ -34,7 +32,7 @@ pub struct Part {
 /// `None` when the whole file must be parsed instead.
 pub fn parse_parts(file: &Path, text: &str, earlier: &[Part]) -> Option<(FileContents, Vec<Part>)> {
     let split = split(text);
-    let earlier: HashMap<(u32, [u8; 32]), &Part> = earlier
+    let earlier: FastMap<(u32, TextDigest), &Part> = earlier
         .iter()
         .map(|p| ((p.lines_before, p.digest), p))
         .collect();
@@ -49,7 +47,7 @@ pub fn parse_parts(file: &Path, text: &str, earlier: &[Part]) -> Option<(FileCon
         if head && split.len() > 1 && piece.contains("identity") {
             return None;
         }
-        let digest: [u8; 32] = Sha256::digest(piece.as_bytes()).into();
+        let digest = text_digest(piece.as_bytes());
         let contents = match earlier.get(&(*lines_before, digest)) {
             Some(part) => part.contents.clone(),
             None => {
