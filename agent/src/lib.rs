@@ -18,6 +18,7 @@ pub mod identity_view;
 pub mod line_index;
 pub mod metrics;
 pub mod oidc;
+pub mod parallel;
 pub mod policy;
 pub mod privileges;
 pub mod revocations;

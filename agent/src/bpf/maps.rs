@@ -6,7 +6,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 
 use aya::Pod;
-use aya::maps::{Array, ArrayOfMaps, HashMap, LpmTrie, Map, MapData, MapError, lpm_trie::Key};
+use aya::maps::{Array, ArrayOfMaps, HashMap, Map, MapData, MapError, lpm_trie::Key};
 use aya::sys::SyscallError;
 use aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_LPM_TRIE;
 use idgate_common::{
@@ -20,6 +20,7 @@ use sha2::{Digest, Sha256};
 use super::identity_index::IdentityIndex;
 use super::{BpfError, syscall};
 use crate::identity::SpiffeId;
+use crate::parallel;
 use crate::policy::{CompiledPolicy, RuleSet};
 
 type SlotHash = [u8; 32];
@@ -84,28 +85,24 @@ fn new_trie<K: Pod, V: Pod>(
         max_entries,
         NO_PREALLOC,
     );
-    let mut map = Map::LpmTrie(MapData::create(obj, name, None).map_err(map_err(outer))?);
-    let mut trie: LpmTrie<&mut MapData, K, V> =
-        LpmTrie::try_from(&mut map).map_err(map_err(outer))?;
-    for (key, value) in entries {
-        trie.insert(&key, value, 0).map_err(map_err(outer))?;
-    }
-    let Map::LpmTrie(data) = map else {
-        unreachable!("made as an LPM trie")
-    };
+    let data = MapData::create(obj, name, None).map_err(map_err(outer))?;
+    let (keys, values): (Vec<Key<K>>, Vec<V>) = entries.into_iter().unzip();
+    syscall::update_batch(data.fd().as_fd(), &keys, &values).map_err(batch_err(outer))?;
     Ok(data)
 }
 
 /// The two tries of one rule set.
 struct Tries {
     dests: MapData,
-    ports: MapData,
+    /// `None` for a set without port blocks, whose programs never read
+    /// their port trie: its slots point at the generation maps' one empty
+    /// trie (a full reload of such sets makes half as many maps).
+    ports: Option<MapData>,
 }
 
 impl Tries {
     /// New tries holding `set`.
     fn build(set: &RuleSet) -> Result<Self, BpfError> {
-        let dests = dest_entries(set);
         let ports = set.ports.iter().map(|p| {
             let key = PortKey {
                 table: p.table,
@@ -119,10 +116,32 @@ impl Tries {
             (Key::new(PORT_FIXED_BITS + p.prefix_len, key), value)
         });
         Ok(Self {
-            dests: new_trie(maps::SLOT_DESTS, "idg_dests", MAX_SET_DESTS, dests)?,
-            ports: new_trie(maps::SLOT_PORTS, "idg_ports", MAX_SET_PORT_BLOCKS, ports)?,
+            dests: dest_trie(dest_entries(set))?,
+            ports: (!set.ports.is_empty())
+                .then(|| port_trie(ports))
+                .transpose()?,
         })
     }
+
+    /// Empty tries, both made.
+    fn empty() -> Result<Self, BpfError> {
+        Ok(Self {
+            dests: dest_trie([])?,
+            ports: Some(port_trie([])?),
+        })
+    }
+}
+
+fn dest_trie(
+    entries: impl IntoIterator<Item = (Key<DestKey>, DestTables)>,
+) -> Result<MapData, BpfError> {
+    new_trie(maps::SLOT_DESTS, "idg_dests", MAX_SET_DESTS, entries)
+}
+
+fn port_trie(
+    entries: impl IntoIterator<Item = (Key<PortKey>, RuleVerdict)>,
+) -> Result<MapData, BpfError> {
+    new_trie(maps::SLOT_PORTS, "idg_ports", MAX_SET_PORT_BLOCKS, entries)
 }
 
 /// The destination-trie entries of `set`: its address prefixes, and its
@@ -161,6 +180,16 @@ fn dest_entries(set: &RuleSet) -> impl Iterator<Item = (Key<DestKey>, DestTables
     addresses.chain(names)
 }
 
+/// A failed batch update of the map `name` (or of a map for it).
+fn batch_err(name: &'static str) -> impl Fn(std::io::Error) -> BpfError {
+    move |io_error| {
+        map_err(name)(MapError::SyscallError(SyscallError {
+            call: "bpf_map_update_batch",
+            io_error,
+        }))
+    }
+}
+
 /// One of the outer arrays of maps.
 pub(super) struct Outer {
     name: &'static str,
@@ -185,12 +214,7 @@ impl Outer {
         let Map::ArrayOfMaps(data) = &self.map else {
             unreachable!("checked in Outer::new")
         };
-        syscall::set_inner_maps(data.fd().as_fd(), keys, inner).map_err(|io_error| {
-            map_err(self.name)(MapError::SyscallError(SyscallError {
-                call: "bpf_map_update_batch",
-                io_error,
-            }))
-        })
+        syscall::set_inner_maps(data.fd().as_fd(), keys, inner).map_err(batch_err(self.name))
     }
 }
 
@@ -380,6 +404,9 @@ impl GenerationMaps {
     /// gets the tries that another slot of either generation has for it
     /// (never changed once published), or else new ones.
     pub fn write(&mut self, policy: &CompiledPolicy) -> Result<Written, BpfError> {
+        if self.empty.is_none() {
+            self.empty = Some(Tries::empty()?);
+        }
         let active = self.active_generation()?;
         let next = active ^ 1;
         // Until this write is whole, nobody knows what the inactive
@@ -431,15 +458,30 @@ impl GenerationMaps {
             );
         }
         for chunk in to_point.chunks(BATCH_SETS) {
-            let mut batch = Vec::with_capacity(chunk.len());
-            for (set, indices, port_indices) in chunk {
+            // The tries of a set that either generation holds are reused;
+            // the others are built, side by side (a full reload builds
+            // thousands).
+            let mut found = Vec::with_capacity(chunk.len());
+            let mut to_build = Vec::new();
+            for (set, _, _) in chunk {
                 let key = address(set);
-                let tries = if let Some((_, slot)) = self.published.get(&key) {
-                    self.tries_at(slot_policy_index(active, *slot))?
+                let held = if let Some((_, slot)) = self.published.get(&key) {
+                    Some(self.tries_at(slot_policy_index(active, *slot))?)
                 } else if let Some(slot) = in_next.get(&key) {
-                    self.tries_at(slot_policy_index(next, *slot))?
+                    Some(self.tries_at(slot_policy_index(next, *slot))?)
                 } else {
-                    Tries::build(set)?
+                    to_build.push(set);
+                    None
+                };
+                found.push(held);
+            }
+            let mut built =
+                parallel::map(to_build, |set, (): &mut ()| Tries::build(set)).into_iter();
+            let mut batch = Vec::with_capacity(chunk.len());
+            for ((_, indices, port_indices), held) in chunk.iter().zip(found) {
+                let tries = match held {
+                    Some(tries) => tries,
+                    None => built.next().expect("one built per set not held")?,
                 };
                 batch.push((tries, indices.as_slice(), port_indices.as_slice()));
             }
@@ -496,7 +538,7 @@ impl GenerationMaps {
     fn tries_at(&self, index: u32) -> Result<Tries, BpfError> {
         Ok(Tries {
             dests: self.slot_dests.get(index)?,
-            ports: self.slot_ports.get(index)?,
+            ports: Some(self.slot_ports.get(index)?),
         })
     }
 
@@ -507,6 +549,11 @@ impl GenerationMaps {
         &self,
         batch: impl IntoIterator<Item = (&'a Tries, &'a [u32], &'a [u32])>,
     ) -> Result<(), BpfError> {
+        let empty = self
+            .empty
+            .as_ref()
+            .and_then(|e| e.ports.as_ref())
+            .expect("made by the write before it points");
         let (mut dest_keys, mut dests) = (Vec::new(), Vec::new());
         let (mut port_keys, mut ports) = (Vec::new(), Vec::new());
         for (tries, indices, port_indices) in batch {
@@ -516,7 +563,7 @@ impl GenerationMaps {
             }
             for &index in port_indices {
                 port_keys.push(index);
-                ports.push(tries.ports.fd().as_fd());
+                ports.push(tries.ports.as_ref().unwrap_or(empty).fd().as_fd());
             }
         }
         if !dest_keys.is_empty() {
@@ -556,10 +603,7 @@ impl GenerationMaps {
                 .map_err(map_err(maps::SLOT_POLICY))?;
             indices.push(index);
         }
-        if self.empty.is_none() {
-            self.empty = Some(Tries::build(&RuleSet::default())?);
-        }
-        let empty = self.empty.as_ref().expect("built above");
+        let empty = self.empty.as_ref().expect("made by the write");
         self.point([(empty, indices.as_slice(), indices.as_slice())])
     }
 }

@@ -7,7 +7,8 @@
 //!   whoever else still holds it.
 //! - `BPF_MAP_UPDATE_BATCH`: every update of a map of maps waits for an RCU
 //!   grace period (milliseconds) so that no program still sees the old
-//!   inner map; a batch waits once for all its entries.
+//!   inner map; a batch waits once for all its entries. A new trie is
+//!   filled with one batch too (aya has no batch updates).
 
 use std::ffi::CString;
 use std::io;
@@ -111,24 +112,43 @@ pub fn set_inner_maps(
     keys: &[u32],
     values: &[BorrowedFd<'_>],
 ) -> io::Result<()> {
-    assert_eq!(keys.len(), values.len(), "one map per key");
+    let fds: Vec<u32> = values.iter().map(|fd| fd.as_raw_fd() as u32).collect();
+    update_batch(map, keys, &fds)
+}
+
+/// Sets `keys[i]` to `values[i]` in `map`, in one call: the kernel goes
+/// over them itself, so filling a map with thousands of entries costs one
+/// system call, not thousands. `K` and `V` are the map's key and value
+/// layouts (`repr(C)`, of its key and value sizes).
+pub fn update_batch<K: Copy, V: Copy>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> io::Result<()> {
+    assert_eq!(keys.len(), values.len(), "one value per key");
     if keys.is_empty() {
         return Ok(());
     }
-    let fds: Vec<u32> = values.iter().map(|fd| fd.as_raw_fd() as u32).collect();
-    // `keys` and `fds` outlive the call, and hold `count` entries each.
+    let count = u32::try_from(keys.len()).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "too many entries for one batch",
+        )
+    })?;
+    // `keys` and `values` outlive the call, and hold `count` entries each;
+    // the kernel only reads them.
     let mut attr = BatchAttr {
         in_batch: 0,
         out_batch: 0,
         keys: keys.as_ptr() as u64,
-        values: fds.as_ptr() as u64,
-        count: keys.len() as u32,
+        values: values.as_ptr() as u64,
+        count,
         map_fd: map.as_raw_fd() as u32,
         elem_flags: 0,
         flags: 0,
     };
     bpf(BPF_MAP_UPDATE_BATCH, &mut attr)?;
-    if attr.count as usize != keys.len() {
+    if attr.count != count {
         return Err(io::Error::other(format!(
             "the kernel set {} of {} entries",
             attr.count,

@@ -23,7 +23,7 @@ use super::kubelet::Outcome;
 use super::namespaces::Rescan;
 use super::snapshot::Snapshot;
 use super::state::{
-    GenerationDone, Reloaded, Retired, Run, RunProcess, State, load_changed_entries,
+    GenerationDone, ReloadTimes, Reloaded, Retired, Run, RunProcess, State, load_changed_entries,
 };
 use super::{DaemonError, Observers};
 use crate::admin::WorkloadsList;
@@ -115,6 +115,7 @@ enum Work {
     Loading {
         done: oneshot::Receiver<Result<Box<Loaded>, ReloadError>>,
         waiters: Vec<oneshot::Sender<ReloadOutcome>>,
+        started: Instant,
     },
     /// A generation being compiled and written.
     Writing {
@@ -129,6 +130,8 @@ struct Reloading {
     entries: Option<EntrySet>,
     diff: PolicyDiff,
     waiters: Vec<oneshot::Sender<ReloadOutcome>>,
+    started: Instant,
+    read: Duration,
 }
 
 /// A reload's files, read and checked.
@@ -410,6 +413,7 @@ impl Running {
                     load(&config, &running, &running_entries, &reader).map(Box::new)
                 }),
                 waiters,
+                started: Instant::now(),
             };
             return;
         }
@@ -434,7 +438,13 @@ impl Running {
         let work = std::mem::replace(&mut self.work, Work::Idle);
         let state = &mut self.owner.state;
         match (finished, work) {
-            (Finished::Loaded(loaded), Work::Loading { waiters, .. }) => {
+            (
+                Finished::Loaded(loaded),
+                Work::Loading {
+                    waiters, started, ..
+                },
+            ) => {
+                let read = started.elapsed();
                 let loaded = loaded.unwrap_or(Err(ReloadError::Lost));
                 let job = loaded.and_then(|l| {
                     let Loaded {
@@ -453,6 +463,8 @@ impl Running {
                                 entries,
                                 diff,
                                 waiters,
+                                started,
+                                read,
                             })),
                         };
                     }
@@ -465,6 +477,7 @@ impl Running {
                 // programs and pins stay; a new agent takes over).
                 let done = *done.map_err(|_| DaemonError::GenerationLost)?;
                 let previous = state.applied.generation;
+                let (compile, write) = (done.compile, done.write);
                 match reload {
                     Some(r) => {
                         let r = *r;
@@ -480,6 +493,12 @@ impl Running {
                                     previous,
                                     generation: state.applied.generation,
                                     diff: r.diff,
+                                    took: ReloadTimes {
+                                        read: r.read,
+                                        compile,
+                                        write,
+                                        total: r.started.elapsed(),
+                                    },
                                 };
                                 (new_entries, reloaded)
                             })
@@ -531,7 +550,18 @@ impl Running {
         let outcome = match outcome {
             Ok(r) => {
                 state.reloads += 1;
-                tracing::info!(previous = r.previous, generation = r.generation, diff = %r.diff, "policy reloaded");
+                let ms = |d: Duration| d.as_secs_f64() * 1e3;
+                let took = r.took;
+                tracing::info!(
+                    previous = r.previous,
+                    generation = r.generation,
+                    diff = %r.diff,
+                    read_ms = ms(took.read),
+                    compile_ms = ms(took.compile),
+                    write_ms = ms(took.write),
+                    total_ms = ms(took.total),
+                    "policy reloaded"
+                );
                 Ok(Arc::new(r))
             }
             Err(e) => {

@@ -773,6 +773,7 @@ impl GenerationJob {
     /// generation, which no program reads: seconds for a large policy, so
     /// run it on a thread of its own.
     pub fn run(mut self) -> GenerationDone {
+        let started = Instant::now();
         let mut compiled = self.maps.compiler.compile(&self.policy, &self.slots);
         let direct: Vec<u32> = self
             .slots
@@ -781,12 +782,15 @@ impl GenerationJob {
             .map(|(slot, _)| *slot)
             .collect();
         compiled.add_flag(&direct, idgate_common::slot_policy::DNS_DIRECT);
+        let compiled_at = Instant::now();
         let written = self.maps.maps.write(&compiled).map(|w| (compiled, w));
         GenerationDone {
             policy: self.policy,
             slots: self.slots,
             maps: self.maps,
             written,
+            compile: compiled_at - started,
+            write: compiled_at.elapsed(),
         }
     }
 }
@@ -831,6 +835,8 @@ pub struct GenerationDone {
     slots: Vec<(u32, SpiffeId)>,
     maps: Generations,
     written: Result<(CompiledPolicy, Written), BpfError>,
+    pub compile: Duration,
+    pub write: Duration,
 }
 
 /// Cgroups attested in one step of a pass over the scope (measured with
@@ -881,6 +887,19 @@ pub struct Reloaded {
     pub previous: u64,
     pub generation: u64,
     pub diff: policy::PolicyDiff,
+    pub took: ReloadTimes,
+}
+
+/// Where a reload's time went, for its log line.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReloadTimes {
+    /// Reading and checking the files.
+    pub read: Duration,
+    /// Compiling the generation, and writing it into the kernel's maps.
+    pub compile: Duration,
+    pub write: Duration,
+    /// From the start of the reading to the switch.
+    pub total: Duration,
 }
 
 /// Gives the heap's free pages back to the system after a start or a

@@ -12,6 +12,7 @@ use super::segments::{Part, parse_parts};
 use super::subject::Subject;
 use super::{PolicyError, overlap, warnings};
 use crate::hashing::{FastMap, TextDigest, text_digest};
+use crate::parallel;
 
 /// Reads a policy file, or every `*.toml` file of a directory (in name
 /// order, not recursive), and checks it. Fails with every error found in
@@ -55,52 +56,29 @@ impl Reader {
             trust_domains,
             ..Default::default()
         };
+        let mut earlier = std::mem::take(&mut self.files);
+        let files: Vec<(PathBuf, Option<Read>)> = files(path, &mut diagnostics)
+            .into_iter()
+            .map(|f| {
+                let read = earlier.remove(&f);
+                (f, read)
+            })
+            .collect();
         let mut kept = FastMap::default();
-        // One buffer for every file's text: a file that did not change is
-        // read and compared without a fresh allocation.
-        let mut text = String::new();
-        for file in files(path, &mut diagnostics) {
-            text.clear();
-            match std::fs::File::open(&file).and_then(|mut f| f.read_to_string(&mut text)) {
-                Ok(_) => {
-                    let digest = text_digest(text.as_bytes());
-                    let earlier = self.files.remove(&file);
-                    let (contents, parts) = match earlier {
-                        Some(read) if read.digest == digest => (read.contents, read.parts),
-                        earlier => {
-                            let earlier_parts = earlier.as_ref().map_or(&[][..], |r| &r.parts);
-                            match parse_parts(&file, &text, earlier_parts) {
-                                Some(parsed) => parsed,
-                                None => {
-                                    let before = diagnostics.len();
-                                    let mut contents =
-                                        parse(&Source::new(&file, text.clone()), &mut diagnostics);
-                                    if diagnostics.len() > before {
-                                        merged.add(contents, &mut diagnostics);
-                                        continue;
-                                    }
-                                    if let Some(earlier) = &earlier {
-                                        keep_unchanged(&mut contents, &earlier.contents);
-                                    }
-                                    (contents, Vec::new())
-                                }
-                            }
-                        }
-                    };
-                    kept.insert(
-                        file,
-                        Read {
-                            digest,
-                            contents: contents.clone(),
-                            parts,
-                        },
-                    );
+        for (file, outcome) in parallel::map(files, |(file, earlier), text: &mut String| {
+            let outcome = read_file(&file, earlier, text);
+            (file, outcome)
+        }) {
+            match outcome {
+                FileRead::Clean(read) => {
+                    merged.add(read.contents.clone(), &mut diagnostics);
+                    kept.insert(file, read);
+                }
+                FileRead::Faulty(contents, problems) => {
+                    diagnostics.extend(problems);
                     merged.add(contents, &mut diagnostics);
                 }
-                Err(e) => diagnostics.push(Diagnostic::whole_file(
-                    &file,
-                    format!("cannot read this policy file: {e}"),
-                )),
+                FileRead::Unreadable(problem) => diagnostics.push(problem),
             }
         }
         self.files = kept;
@@ -114,6 +92,54 @@ impl Reader {
         sort(&mut diagnostics);
         Err(PolicyError { diagnostics })
     }
+}
+
+/// What reading one policy file came to.
+enum FileRead {
+    /// Parsed cleanly (or taken whole from its earlier read).
+    Clean(Read),
+    /// Parsed with problems: what it holds still goes into the merge, so
+    /// every problem of every file is reported at once.
+    Faulty(FileContents, Vec<Diagnostic>),
+    Unreadable(Diagnostic),
+}
+
+/// Reads and parses `file`, taking from `earlier` (its last clean read)
+/// what did not change; `text` is a buffer to read into.
+fn read_file(file: &Path, earlier: Option<Read>, text: &mut String) -> FileRead {
+    text.clear();
+    if let Err(e) = std::fs::File::open(file).and_then(|mut f| f.read_to_string(text)) {
+        return FileRead::Unreadable(Diagnostic::whole_file(
+            file,
+            format!("cannot read this policy file: {e}"),
+        ));
+    }
+    let digest = text_digest(text.as_bytes());
+    let earlier = match earlier {
+        Some(read) if read.digest == digest => return FileRead::Clean(read),
+        earlier => earlier,
+    };
+    let earlier_parts = earlier.as_ref().map_or(&[][..], |r| &r.parts);
+    if let Some((contents, parts)) = parse_parts(file, text, earlier_parts) {
+        return FileRead::Clean(Read {
+            digest,
+            contents,
+            parts,
+        });
+    }
+    let mut problems = Vec::new();
+    let mut contents = parse(&Source::new(file, text.clone()), &mut problems);
+    if !problems.is_empty() {
+        return FileRead::Faulty(contents, problems);
+    }
+    if let Some(earlier) = &earlier {
+        keep_unchanged(&mut contents, &earlier.contents);
+    }
+    FileRead::Clean(Read {
+        digest,
+        contents,
+        parts: Vec::new(),
+    })
 }
 
 /// Puts back the blocks of an earlier parse of the same file that say the
