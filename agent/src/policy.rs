@@ -18,7 +18,8 @@ mod summary;
 mod warnings;
 
 pub use compile::{
-    CompiledPolicy, Compiler, NameEntry, RuleSet, SlotEntry, compile, evaluate, evaluate_learned,
+    CompiledPolicy, Compiler, DestEntry, NameEntry, RuleSet, SlotEntry, compile, evaluate,
+    evaluate_learned,
 };
 pub use diagnostic::{Diagnostic, Location, Severity};
 pub use diff::{BlockChange, Effect, PolicyDiff, by_block, diff};

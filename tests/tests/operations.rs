@@ -115,6 +115,64 @@ fn reloads_switch_atomically_under_a_connect_loop() {
     );
 }
 
+/// Reloads that change one identity's rule, one after another, are each
+/// in force when answered: its tries are changed in place in the
+/// generation switched to (no new tries), so each reload must leave both
+/// generations right, with rules changed, added and removed.
+#[test]
+fn one_rule_changes_are_each_in_force_when_the_reload_answers() {
+    require_privileges!();
+    // The extra rule's address is one no other rule covers, so an entry
+    // left behind by its removal would still allow it.
+    let listeners: Vec<TcpListener> = ["127.0.0.1:0", "127.0.0.1:0", "127.0.0.2:0"]
+        .iter()
+        .map(|a| TcpListener::bind(a).unwrap())
+        .collect();
+    let dests: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().to_string())
+        .collect();
+    let ports: Vec<u16> = listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect();
+    let mut cg = Cgroups::new("inplace");
+    let web = cg.inside("web");
+    // Port `ports[i]` allowed, and with `extra` another rule for the
+    // third listener.
+    let policy_of = |i: usize, extra: bool| {
+        let mut text = policy(ports[i], true);
+        if extra {
+            text.push_str(&format!(
+                "[[identity.egress]]\nname = \"extra\"\nto = [\"127.0.0.2/32\"]\nports = [{}]\nprotocol = \"tcp\"\naction = \"allow\"\n",
+                ports[2]
+            ));
+        }
+        text
+    };
+    let agent = Agent::start(&cg, &policy_of(0, false), &binding());
+    for round in 0..12 {
+        let (i, extra) = (round % 2, round % 3 == 1);
+        agent.write_policy(&policy_of(i, extra));
+        agent.try_cli(&["policy", "reload"]).expect("reload");
+        let seen: Vec<String> = dests.iter().map(|d| probe(Some(&web), "tcp", d)).collect();
+        let want: Vec<&str> = (0..3)
+            .map(|p| {
+                if p == i || (p == 2 && extra) {
+                    "ok"
+                } else {
+                    "EPERM"
+                }
+            })
+            .collect();
+        assert_eq!(
+            seen, want,
+            "round {round}: port {i} allowed, extra rule {extra}"
+        );
+    }
+    drop(listeners);
+}
+
 /// `policy(port, true)` and `identities` more identity blocks of four
 /// rules each: a policy that takes the agent seconds to compile and write.
 fn large_policy(port: u16, identities: usize) -> String {

@@ -6,7 +6,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 
 use aya::Pod;
-use aya::maps::{Array, ArrayOfMaps, HashMap, Map, MapData, MapError, lpm_trie::Key};
+use aya::maps::{Array, ArrayOfMaps, HashMap, LpmTrie, Map, MapData, MapError, lpm_trie::Key};
 use aya::sys::SyscallError;
 use aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_LPM_TRIE;
 use idgate_common::{
@@ -19,9 +19,10 @@ use sha2::{Digest, Sha256};
 
 use super::identity_index::IdentityIndex;
 use super::{BpfError, syscall};
+use crate::hashing::{FastMap, FastSet};
 use crate::identity::SpiffeId;
 use crate::parallel;
-use crate::policy::{CompiledPolicy, RuleSet};
+use crate::policy::{CompiledPolicy, DestEntry, NameEntry, RuleSet};
 
 type SlotHash = [u8; 32];
 
@@ -145,39 +146,45 @@ fn port_trie(
 }
 
 /// The destination-trie entries of `set`: its address prefixes, and its
-/// name classes under [`FAMILY_NAME`] keys of full length. Every key's
-/// prefix covers the family ([`DEST_FIXED_BITS`]), which is matched in
-/// full, so an address entry never matches a name key nor the reverse.
+/// name classes (see [`address_entry`] and [`name_entry`]).
 fn dest_entries(set: &RuleSet) -> impl Iterator<Item = (Key<DestKey>, DestTables)> + '_ {
-    let addresses = set.dests.iter().map(|d| {
-        let (family, addr) = match d.net {
-            IpNet::V4(n) => {
-                let mut addr = [0; 16];
-                addr[..4].copy_from_slice(&n.network().octets());
-                (FAMILY_V4, addr)
-            }
-            IpNet::V6(n) => (FAMILY_V6, n.network().octets()),
-        };
-        let plen = DEST_FIXED_BITS + u32::from(d.net.prefix_len());
-        let tables = DestTables {
-            tcp: d.tcp,
-            udp: d.udp,
-        };
-        (Key::new(plen, DestKey { family, addr }), tables)
-    });
-    let names = set.names.iter().map(|n| {
-        let key = DestKey {
-            family: FAMILY_NAME,
-            addr: n.class,
-        };
-        let plen = DEST_FIXED_BITS + 8 * NAME_CLASS_BYTES as u32;
-        let tables = DestTables {
-            tcp: n.tcp,
-            udp: n.udp,
-        };
-        (Key::new(plen, key), tables)
-    });
-    addresses.chain(names)
+    let addresses = set.dests.iter().map(address_entry);
+    addresses.chain(set.names.iter().map(name_entry))
+}
+
+/// The destination-trie entry of an address prefix. Every key's prefix
+/// covers the family ([`DEST_FIXED_BITS`]), which is matched in full, so
+/// an address entry never matches a name key nor the reverse.
+fn address_entry(d: &DestEntry) -> (Key<DestKey>, DestTables) {
+    let (family, addr) = match d.net {
+        IpNet::V4(n) => {
+            let mut addr = [0; 16];
+            addr[..4].copy_from_slice(&n.network().octets());
+            (FAMILY_V4, addr)
+        }
+        IpNet::V6(n) => (FAMILY_V6, n.network().octets()),
+    };
+    let plen = DEST_FIXED_BITS + u32::from(d.net.prefix_len());
+    let tables = DestTables {
+        tcp: d.tcp,
+        udp: d.udp,
+    };
+    (Key::new(plen, DestKey { family, addr }), tables)
+}
+
+/// The destination-trie entry of a name class: a [`FAMILY_NAME`] key of
+/// full length.
+fn name_entry(n: &NameEntry) -> (Key<DestKey>, DestTables) {
+    let key = DestKey {
+        family: FAMILY_NAME,
+        addr: n.class,
+    };
+    let plen = DEST_FIXED_BITS + 8 * NAME_CLASS_BYTES as u32;
+    let tables = DestTables {
+        tcp: n.tcp,
+        udp: n.udp,
+    };
+    (Key::new(plen, key), tables)
 }
 
 /// A failed batch update of the map `name` (or of a map for it).
@@ -332,6 +339,38 @@ pub struct GenerationMaps {
     /// `Arc` held keeps its own), with a slot whose entries hold its
     /// tries: a write reuses them for a set that did not change.
     published: StdHashMap<usize, (Arc<RuleSet>, u32)>,
+    /// Waits out an RCU grace period after the last switch (see
+    /// [`Grace`]).
+    grace: Option<Grace>,
+}
+
+/// An RCU grace period, waited out on a thread of its own from a switch
+/// on. Programs read a generation's tries under the RCU read lock, so
+/// once it is over no program still reads the generation switched away
+/// from: its tries can be changed in place (see
+/// [`GenerationMaps::write`]). `membarrier(MEMBARRIER_CMD_GLOBAL)` is the
+/// same wait the kernel makes for an update of a map of maps.
+struct Grace(std::thread::JoinHandle<bool>);
+
+impl Grace {
+    fn start() -> Option<Self> {
+        std::thread::Builder::new()
+            .name("idgate-grace".into())
+            .spawn(|| {
+                const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+                // SAFETY: membarrier takes no pointers; GLOBAL only waits.
+                let r = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+                r == 0
+            })
+            .ok()
+            .map(Self)
+    }
+
+    /// Whether it is over (waiting for it if it is not); `false` when it
+    /// could not be waited for (then nothing is changed in place).
+    fn wait(self) -> bool {
+        self.0.join().unwrap_or(false)
+    }
 }
 
 /// What one slot's entries of a generation hold.
@@ -375,6 +414,7 @@ impl GenerationMaps {
             empty: None,
             held: [None, None],
             published: StdHashMap::new(),
+            grace: None,
         })
     }
 
@@ -401,8 +441,14 @@ impl GenerationMaps {
     /// Only the entries that differ from what the inactive generation
     /// holds are written (a rule set is the same when it is the same
     /// `Arc`: the compiler shares unchanged ones). A set new to the slot
-    /// gets the tries that another slot of either generation has for it
-    /// (never changed once published), or else new ones.
+    /// gets, in this order:
+    /// - the slot's own tries, changed in place, when no other entry of
+    ///   either generation holds them nor is given them, the port entries
+    ///   are the same, and a grace period has passed since the switch
+    ///   away from this generation (a changed rule of one identity: no
+    ///   outer update, so no wait for the kernel's grace period);
+    /// - the tries that another slot of either generation has for it;
+    /// - new tries.
     pub fn write(&mut self, policy: &CompiledPolicy) -> Result<Written, BpfError> {
         if self.empty.is_none() {
             self.empty = Some(Tries::empty()?);
@@ -412,11 +458,20 @@ impl GenerationMaps {
         // Until this write is whole, nobody knows what the inactive
         // generation holds: a failed write leaves it to be cleared in full.
         let before = self.held[next as usize].take();
-        // A slot of the inactive generation that holds each set.
-        let mut in_next: StdHashMap<usize, u32> = StdHashMap::new();
+        // A slot of the inactive generation that holds each set, and how
+        // many hold it.
+        let mut in_next: StdHashMap<usize, (u32, usize)> = StdHashMap::new();
         for (slot, h) in before.iter().flatten() {
-            in_next.entry(address(&h.set)).or_insert(*slot);
+            in_next.entry(address(&h.set)).or_insert((*slot, 0)).1 += 1;
         }
+        // Tries of the inactive generation may be changed in place only
+        // once no program reads them: after a grace period from the
+        // switch away from it, waited for when first needed. (Without a
+        // switch by this agent, what it holds was written with the
+        // kernel's own waits, or is unknown.)
+        let mut grace = self.grace.take();
+        let mut settled = None;
+        let sets_now: FastSet<usize> = policy.rule_sets.iter().map(address).collect();
         let mut held = StdHashMap::with_capacity(policy.slots.len());
         let mut published = StdHashMap::with_capacity(policy.rule_sets.len());
         // Slots to point at each set's tries, in the order first seen, and
@@ -435,18 +490,39 @@ impl GenerationMaps {
                     .set(index, entry.policy, 0)
                     .map_err(map_err(maps::SLOT_POLICY))?;
             }
-            if was.is_none_or(|w| !Arc::ptr_eq(&w.set, set)) {
-                let at = *pointing.entry(address(set)).or_insert_with(|| {
-                    to_point.push((set.clone(), Vec::new(), Vec::new()));
-                    to_point.len() - 1
-                });
-                to_point[at].1.push(index);
-                // A set without port blocks never reads its port trie, so
-                // a slot going from one such set to another keeps the
-                // empty trie it has: one outer update (and the kernel's
-                // wait for an RCU grace period) fewer.
-                if was.is_none_or(|w| !(w.set.ports.is_empty() && set.ports.is_empty())) {
-                    to_point[at].2.push(index);
+            let editable = |w: &Held| {
+                let old = address(&w.set);
+                // The old set's tries are this entry's alone: no other
+                // entry of either generation points at them, and no entry
+                // is given them by this write. Port tries are shared
+                // (see `Tries::ports`), so they must not change.
+                in_next.get(&old).is_some_and(|(_, n)| *n == 1)
+                    && !self.published.contains_key(&old)
+                    && !sets_now.contains(&old)
+                    && w.set.ports == set.ports
+            };
+            match was {
+                Some(w)
+                    if !Arc::ptr_eq(&w.set, set)
+                        && editable(w)
+                        && *settled.get_or_insert_with(|| grace.take().is_none_or(Grace::wait)) =>
+                {
+                    self.edit_in_place(index, &w.set, set)?;
+                }
+                Some(w) if Arc::ptr_eq(&w.set, set) => {}
+                _ => {
+                    let at = *pointing.entry(address(set)).or_insert_with(|| {
+                        to_point.push((set.clone(), Vec::new(), Vec::new()));
+                        to_point.len() - 1
+                    });
+                    to_point[at].1.push(index);
+                    // A set without port blocks never reads its port trie, so
+                    // a slot going from one such set to another keeps the
+                    // empty trie it has: one outer update (and the kernel's
+                    // wait for an RCU grace period) fewer.
+                    if was.is_none_or(|w| !(w.set.ports.is_empty() && set.ports.is_empty())) {
+                        to_point[at].2.push(index);
+                    }
                 }
             }
             held.insert(
@@ -467,7 +543,7 @@ impl GenerationMaps {
                 let key = address(set);
                 let held = if let Some((_, slot)) = self.published.get(&key) {
                     Some(self.tries_at(slot_policy_index(active, *slot))?)
-                } else if let Some(slot) = in_next.get(&key) {
+                } else if let Some((slot, _)) = in_next.get(&key) {
                     Some(self.tries_at(slot_policy_index(next, *slot))?)
                 } else {
                     to_build.push(set);
@@ -488,6 +564,10 @@ impl GenerationMaps {
             self.point(batch.iter().map(|(t, i, p)| (t, *i, *p)))?;
         }
         self.clear_generation(next, before.as_ref(), &held)?;
+        // Not waited for: still owed by a later write of this generation.
+        if settled.is_none() {
+            self.grace = grace;
+        }
         Ok(Written {
             next,
             held,
@@ -530,8 +610,40 @@ impl GenerationMaps {
             .set(0, stamp, 0)
             .map_err(map_err(maps::GENERATION))?;
         self.held[written.next as usize] = Some(written.held);
+        self.grace = Grace::start();
         let old = std::mem::replace(&mut self.published, written.published);
         Ok((stamp, RetiredSets { _sets: old }))
+    }
+
+    /// Changes the destination trie at `index` (of the inactive
+    /// generation, held by that entry alone) from `old`'s entries to
+    /// `new`'s, a key at a time: no new tries, and no update of the outer
+    /// array, which the kernel makes wait for an RCU grace period. Their
+    /// port entries are the same.
+    fn edit_in_place(&self, index: u32, old: &RuleSet, new: &RuleSet) -> Result<(), BpfError> {
+        let mut map = Map::LpmTrie(self.slot_dests.get(index)?);
+        let mut trie: LpmTrie<&mut MapData, DestKey, DestTables> =
+            LpmTrie::try_from(&mut map).map_err(map_err(maps::SLOT_DESTS))?;
+        let mut nets: FastMap<IpNet, &DestEntry> = old.dests.iter().map(|d| (d.net, d)).collect();
+        let mut classes: FastMap<_, &NameEntry> = old.names.iter().map(|n| (n.class, n)).collect();
+        let changed = (new.dests.iter())
+            .filter(|d| nets.remove(&d.net) != Some(*d))
+            .map(address_entry)
+            .chain(
+                (new.names.iter())
+                    .filter(|n| classes.remove(&n.class) != Some(*n))
+                    .map(name_entry),
+            );
+        for (key, tables) in changed {
+            trie.insert(&key, tables, 0)
+                .map_err(map_err(maps::SLOT_DESTS))?;
+        }
+        let gone = (nets.values().map(|d| address_entry(d)))
+            .chain(classes.values().map(|n| name_entry(n)));
+        for (key, _) in gone {
+            trie.remove(&key).map_err(map_err(maps::SLOT_DESTS))?;
+        }
+        Ok(())
     }
 
     /// The tries the entries at `index` hold.
