@@ -140,8 +140,11 @@ pub struct Compiler {
     /// The mode the kept entries were compiled in (it sets the audit
     /// default of every identity).
     mode: Option<Mode>,
-    /// By [`Blocks::key`] of the blocks an identity gets.
-    kept: FastMap<Vec<(Serial, u32)>, Compiled>,
+    /// By [`Blocks::key`] of the blocks an identity gets, with the count
+    /// of the last compile that used it.
+    kept: FastMap<Vec<(Serial, u32)>, (Compiled, u64)>,
+    /// Compiles so far.
+    round: u64,
     /// Every rule set in use, by a hash of its entries: a new set equal
     /// to one of them is shared with it.
     interned: FastMap<u64, Vec<Arc<RuleSet>>>,
@@ -172,47 +175,51 @@ impl Compiler {
             ..Default::default()
         };
         // Identities matched by the same blocks get the same entries;
-        // blocks that come to the same entries share one rule set.
-        let mut done: FastMap<Vec<usize>, (SlotPolicy, usize)> = FastMap::default();
+        // blocks that come to the same entries share one rule set. One
+        // buffer each for an identity's blocks and their key, so that an
+        // identity whose entries are kept costs two lookups.
+        self.round += 1;
         let mut index_of: FastMap<*const RuleSet, usize> = FastMap::default();
-        let mut kept = FastMap::with_capacity_and_hasher(self.kept.len(), Default::default());
-        let targets = std::iter::once((UNKNOWN_SLOT, vec![UNKNOWN_BLOCK])).chain(
-            slots
-                .iter()
-                .map(|(slot, id)| (*slot, blocks.for_identity(id))),
-        );
-        for (slot, which) in targets {
-            let (policy, rule_set) = match done.get(&which) {
-                Some(&entry) => entry,
+        let (mut which, mut key) = (Vec::new(), Vec::new());
+        let targets = std::iter::once((UNKNOWN_SLOT, None))
+            .chain(slots.iter().map(|(slot, id)| (*slot, Some(id))));
+        for (slot, id) in targets {
+            which.clear();
+            match id {
+                Some(id) => blocks.for_identity_into(id, &mut which),
+                None => which.push(UNKNOWN_BLOCK),
+            }
+            let keyed = blocks.key_into(&which, &mut key);
+            let compiled = match keyed.then(|| self.kept.get_mut(key.as_slice())).flatten() {
+                Some((compiled, used)) => {
+                    *used = self.round;
+                    compiled.clone()
+                }
                 None => {
-                    let key = blocks.key(&which);
-                    let compiled = match key.as_ref().and_then(|k| self.kept.get(k)) {
-                        Some(c) => c.clone(),
-                        None => self.compile_blocks(&blocks, &which),
-                    };
-                    let next = out.rule_sets.len();
-                    let index = *index_of
-                        .entry(Arc::as_ptr(&compiled.set))
-                        .or_insert_with(|| {
-                            out.rule_sets.push(compiled.set.clone());
-                            out.names.push(compiled.names.clone());
-                            next
-                        });
-                    let entry = (compiled.policy, index);
-                    if let Some(key) = key {
-                        kept.insert(key, compiled);
+                    let compiled = self.compile_blocks(&blocks, &which);
+                    if keyed {
+                        self.kept
+                            .insert(key.clone(), (compiled.clone(), self.round));
                     }
-                    done.insert(which, entry);
-                    entry
+                    compiled
                 }
             };
+            let next = out.rule_sets.len();
+            let rule_set = *index_of
+                .entry(Arc::as_ptr(&compiled.set))
+                .or_insert_with(|| {
+                    out.rule_sets.push(compiled.set);
+                    out.names.push(compiled.names);
+                    next
+                });
             out.slots.push(SlotEntry {
                 slot,
-                policy,
+                policy: compiled.policy,
                 rule_set,
             });
         }
-        self.kept = kept;
+        let round = self.round;
+        self.kept.retain(|_, (_, used)| *used == round);
         self.interned.retain(|_, sets| {
             sets.retain(|s| index_of.contains_key(&Arc::as_ptr(s)));
             !sets.is_empty()

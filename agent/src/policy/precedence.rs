@@ -267,22 +267,27 @@ impl<'a> Blocks<'a> {
         pattern_bases(id).filter_map(|base| self.patterns.get(base).copied())
     }
 
-    /// The blocks that apply to `id`, least specific first.
-    pub fn for_identity(&self, id: &SpiffeId) -> Vec<usize> {
-        self.patterns_over(id)
-            .chain(self.exact.get(id.as_str()).copied())
-            .collect()
+    /// Puts the blocks that apply to `id` in `out`, least specific
+    /// first.
+    pub fn for_identity_into(&self, id: &SpiffeId, out: &mut Vec<usize>) {
+        out.extend(self.patterns_over(id));
+        out.extend(self.exact.get(id.as_str()).copied());
     }
 
-    /// What the entries of an identity the blocks `which` apply to are
-    /// made of, whatever policy the blocks are in: each block's parse and
-    /// its first rule id. `None` for the unknown-workload policy's, which
-    /// has no parse of its own.
-    pub fn key(&self, which: &[usize]) -> Option<Vec<(Serial, u32)>> {
-        which
-            .iter()
-            .map(|&b| Some((self.list[b].serial?, self.list[b].first_rule)))
-            .collect()
+    /// Puts in `out` what the entries of an identity the blocks `which`
+    /// apply to are made of, whatever policy the blocks are in: each
+    /// block's parse and its first rule id. `false` (and `out` cleared)
+    /// for the unknown-workload policy's, which has no parse of its own.
+    pub fn key_into(&self, which: &[usize], out: &mut Vec<(Serial, u32)>) -> bool {
+        out.clear();
+        for &b in which {
+            let Some(serial) = self.list[b].serial else {
+                out.clear();
+                return false;
+            };
+            out.push((serial, self.list[b].first_rule));
+        }
+        true
     }
 
     /// `block` and the blocks that apply to every identity it applies to,
