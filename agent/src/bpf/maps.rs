@@ -350,26 +350,26 @@ pub struct GenerationMaps {
 /// from: its tries can be changed in place (see
 /// [`GenerationMaps::write`]). `membarrier(MEMBARRIER_CMD_GLOBAL)` is the
 /// same wait the kernel makes for an update of a map of maps.
-struct Grace(std::thread::JoinHandle<bool>);
+/// (`None`: no thread could be started to wait, so it is never over.)
+struct Grace(Option<std::thread::JoinHandle<bool>>);
 
 impl Grace {
-    fn start() -> Option<Self> {
-        std::thread::Builder::new()
+    fn start() -> Self {
+        let waiting = std::thread::Builder::new()
             .name("idgate-grace".into())
             .spawn(|| {
                 const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
                 // SAFETY: membarrier takes no pointers; GLOBAL only waits.
                 let r = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
                 r == 0
-            })
-            .ok()
-            .map(Self)
+            });
+        Self(waiting.ok())
     }
 
     /// Whether it is over (waiting for it if it is not); `false` when it
     /// could not be waited for (then nothing is changed in place).
     fn wait(self) -> bool {
-        self.0.join().unwrap_or(false)
+        self.0.is_some_and(|t| t.join().unwrap_or(false))
     }
 }
 
@@ -610,7 +610,7 @@ impl GenerationMaps {
             .set(0, stamp, 0)
             .map_err(map_err(maps::GENERATION))?;
         self.held[written.next as usize] = Some(written.held);
-        self.grace = Grace::start();
+        self.grace = Some(Grace::start());
         let old = std::mem::replace(&mut self.published, written.published);
         Ok((stamp, RetiredSets { _sets: old }))
     }
