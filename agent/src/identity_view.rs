@@ -4,6 +4,7 @@
 //! connects are judged by.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use crate::identity::SpiffeId;
 use crate::revocations::Revocations;
@@ -15,8 +16,9 @@ pub struct IdentityView {
     /// The policy generation this snapshot was taken at.
     pub generation: u64,
     /// Bound cgroup id -> its identity. A revoked identity's cgroups are
-    /// left out: nothing may be issued for them.
-    pub by_cgroup: BTreeMap<u64, SpiffeId>,
+    /// left out: nothing may be issued for them. Shared by the views of
+    /// generations between which no binding changed.
+    pub by_cgroup: Arc<BTreeMap<u64, SpiffeId>>,
     /// Revoked identities.
     pub revoked: BTreeSet<SpiffeId>,
 }
@@ -40,8 +42,16 @@ impl IdentityView {
             .collect();
         Self {
             generation,
-            by_cgroup,
+            by_cgroup: Arc::new(by_cgroup),
             revoked,
+        }
+    }
+
+    /// The same bindings and revocations, at `generation`.
+    pub fn at_generation(&self, generation: u64) -> Self {
+        Self {
+            generation,
+            ..self.clone()
         }
     }
 

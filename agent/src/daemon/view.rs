@@ -84,10 +84,12 @@ impl ViewPublisher {
         let grants_stale = self.dns.borrow().grants_version != state.grants.version();
         let now = (state.workloads.version(), state.applied.bound.len());
         let bindings_seen = std::mem::replace(&mut self.seen, now) == now;
-        let rest_seen = {
+        let (generation_seen, revoked_seen) = {
             let current = self.tx.borrow();
-            current.generation == state.applied.generation
-                && current.revoked == *state.revocations.ids()
+            (
+                current.generation == state.applied.generation,
+                current.revoked == *state.revocations.ids(),
+            )
         };
         let dns_stale = {
             let current = self.dns.borrow();
@@ -101,10 +103,15 @@ impl ViewPublisher {
             let view = with_grants_of(state, DnsView::clone(&self.dns.borrow()));
             self.dns.send_replace(Arc::new(view));
         }
-        if bindings_seen && rest_seen {
+        if bindings_seen && generation_seen && revoked_seen {
             return;
         }
-        let view = view_of(state);
+        let view = if bindings_seen && revoked_seen {
+            // A new generation alone: the bindings are shared, not copied.
+            self.tx.borrow().at_generation(state.applied.generation)
+        } else {
+            view_of(state)
+        };
         self.tx.send_if_modified(|old| {
             if *old == view {
                 false

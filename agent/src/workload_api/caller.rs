@@ -208,7 +208,7 @@ mod tests {
         let id: SpiffeId = "spiffe://example.org/me".parse().unwrap();
         let mut view = IdentityView::default();
         assert_eq!(caller.identity(&view), Err(Unidentified::Unbound));
-        view.by_cgroup.insert(mine, id.clone());
+        Arc::make_mut(&mut view.by_cgroup).insert(mine, id.clone());
         assert_eq!(caller.identity(&view), Ok(id));
 
         // A child that exits: its pidfd says so.
