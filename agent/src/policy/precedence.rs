@@ -150,7 +150,9 @@ pub struct Block<'a> {
 pub struct Blocks<'a> {
     mode: Mode,
     list: Vec<Block<'a>>,
-    exact: FastMap<&'a str, usize>,
+    /// Exact IDs, made when first asked for: checking a policy needs only
+    /// the patterns.
+    exact: std::cell::OnceCell<FastMap<&'a str, usize>>,
     /// Patterns by the ID before their `/*`.
     patterns: FastMap<&'a str, usize>,
 }
@@ -229,15 +231,13 @@ impl<'a> Blocks<'a> {
             first_rule: DEFAULT_RULE_ID + 1,
             serial: None,
         }];
-        let (mut exact, mut patterns) = (FastMap::default(), FastMap::default());
+        let mut patterns = FastMap::default();
         for block in &policy.identities {
             let last = &list[list.len() - 1];
             let first_rule = last.first_rule + last.policy.egress.len() as u32;
-            let (index, key) = match &block.subject {
-                Subject::Exact(id) => (&mut exact, id.as_str()),
-                Subject::Pattern(base) => (&mut patterns, base.as_str()),
-            };
-            index.entry(key).or_insert(list.len());
+            if let Subject::Pattern(base) = &block.subject {
+                patterns.entry(base.as_str()).or_insert(list.len());
+            }
             list.push(Block {
                 subject: Some(&block.subject),
                 policy: &block.policy,
@@ -249,9 +249,22 @@ impl<'a> Blocks<'a> {
         Self {
             mode: policy.mode,
             list,
-            exact,
+            exact: std::cell::OnceCell::new(),
             patterns,
         }
+    }
+
+    /// The block of each exact ID (the first, if one has two).
+    fn exact(&self) -> &FastMap<&'a str, usize> {
+        self.exact.get_or_init(|| {
+            let mut exact = FastMap::with_capacity_and_hasher(self.list.len(), Default::default());
+            for (i, block) in self.list.iter().enumerate() {
+                if let Some(Subject::Exact(id)) = block.subject {
+                    exact.entry(id.as_str()).or_insert(i);
+                }
+            }
+            exact
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -271,7 +284,7 @@ impl<'a> Blocks<'a> {
     /// first.
     pub fn for_identity_into(&self, id: &SpiffeId, out: &mut Vec<usize>) {
         out.extend(self.patterns_over(id));
-        out.extend(self.exact.get(id.as_str()).copied());
+        out.extend(self.exact().get(id.as_str()).copied());
     }
 
     /// Puts in `out` what the entries of an identity the blocks `which`
