@@ -36,6 +36,9 @@ pub struct Reader {
 
 /// One file as last read.
 struct Read {
+    /// What its metadata said just before it was read, when that tells
+    /// any later change (see [`Stamp`]).
+    stamp: Option<Stamp>,
     /// The digest of its text.
     digest: TextDigest,
     contents: FileContents,
@@ -107,6 +110,13 @@ enum FileRead {
 /// Reads and parses `file`, taking from `earlier` (its last clean read)
 /// what did not change; `text` is a buffer to read into.
 fn read_file(file: &Path, earlier: Option<Read>, text: &mut String) -> FileRead {
+    let stamp = std::fs::metadata(file)
+        .ok()
+        .and_then(|m| Stamp::settled(&m));
+    let earlier = match earlier {
+        Some(read) if stamp.is_some() && read.stamp == stamp => return FileRead::Clean(read),
+        earlier => earlier,
+    };
     text.clear();
     if let Err(e) = std::fs::File::open(file).and_then(|mut f| f.read_to_string(text)) {
         return FileRead::Unreadable(Diagnostic::whole_file(
@@ -116,12 +126,13 @@ fn read_file(file: &Path, earlier: Option<Read>, text: &mut String) -> FileRead 
     }
     let digest = text_digest(text.as_bytes());
     let earlier = match earlier {
-        Some(read) if read.digest == digest => return FileRead::Clean(read),
+        Some(read) if read.digest == digest => return FileRead::Clean(Read { stamp, ..read }),
         earlier => earlier,
     };
     let earlier_parts = earlier.as_ref().map_or(&[][..], |r| &r.parts);
     if let Some((contents, parts)) = parse_parts(file, text, earlier_parts) {
         return FileRead::Clean(Read {
+            stamp,
             digest,
             contents,
             parts,
@@ -136,10 +147,51 @@ fn read_file(file: &Path, earlier: Option<Read>, text: &mut String) -> FileRead 
         keep_unchanged(&mut contents, &earlier.contents);
     }
     FileRead::Clean(Read {
+        stamp,
         digest,
         contents,
         parts: Vec::new(),
     })
+}
+
+/// A file's device, inode, size and change times: while they stay the
+/// same, its text does (the kernel sets the change time on every write,
+/// and it cannot be set back from user space). A stamp is kept only for
+/// a file whose last change was at least [`SETTLED`] before it was
+/// taken: a write in the same clock tick as the read before it would
+/// leave the times as they were (git's "racy" files). A file replaced by
+/// a rename, or a symlink pointed elsewhere (a Kubernetes ConfigMap
+/// update), has another inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+/// How long ago a file's last change must be for its stamp to be kept.
+const SETTLED: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl Stamp {
+    /// The stamp of `meta`, taken now, if the file has settled.
+    fn settled(meta: &std::fs::Metadata) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let changed = std::time::UNIX_EPOCH
+            + std::time::Duration::new(
+                u64::try_from(meta.ctime()).ok()?,
+                u32::try_from(meta.ctime_nsec()).ok()?,
+            );
+        let age = std::time::SystemTime::now().duration_since(changed).ok()?;
+        (age >= SETTLED).then(|| Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        })
+    }
 }
 
 /// Puts back the blocks of an earlier parse of the same file that say the
@@ -449,6 +501,42 @@ mod tests {
             serials(&load(&dir.path, &[]).unwrap())
                 .iter()
                 .all(|s| !again.contains(s))
+        );
+    }
+
+    #[test]
+    fn a_settled_file_is_not_read_again_and_any_write_to_it_is_seen() {
+        let dir = PolicyDir::new(&[("1.toml", WEB)]);
+        let mut reader = Reader::default();
+        let subjects = |p: &PolicySet| -> Vec<String> {
+            p.identities.iter().map(|b| b.subject.to_string()).collect()
+        };
+        // Written just now: not settled, so read (and parsed) again each
+        // time it changes, however fast.
+        std::fs::write(dir.file("1.toml"), WEB.replace("web", "wab")).unwrap();
+        assert_eq!(
+            subjects(&reader.load(&dir.path, &[]).unwrap()),
+            ["spiffe://example.org/wab"]
+        );
+        std::thread::sleep(SETTLED + std::time::Duration::from_millis(100));
+        let settled = reader.load(&dir.path, &[]).unwrap();
+        assert!(reader.files.values().all(|r| r.stamp.is_some()));
+        // Kept by its stamp: the same parse.
+        let again = reader.load(&dir.path, &[]).unwrap();
+        assert_eq!(again.identities[0].serial, settled.identities[0].serial);
+        // A write of the same size, at once, is read.
+        std::fs::write(dir.file("1.toml"), WEB.replace("web", "wob")).unwrap();
+        assert_eq!(
+            subjects(&reader.load(&dir.path, &[]).unwrap()),
+            ["spiffe://example.org/wob"]
+        );
+        // And so is a file replaced by a rename.
+        let next = dir.file("next");
+        std::fs::write(&next, WEB.replace("web", "wib")).unwrap();
+        std::fs::rename(&next, dir.file("1.toml")).unwrap();
+        assert_eq!(
+            subjects(&reader.load(&dir.path, &[]).unwrap()),
+            ["spiffe://example.org/wib"]
         );
     }
 
