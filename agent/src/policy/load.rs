@@ -110,19 +110,26 @@ enum FileRead {
 /// Reads and parses `file`, taking from `earlier` (its last clean read)
 /// what did not change; `text` is a buffer to read into.
 fn read_file(file: &Path, earlier: Option<Read>, text: &mut String) -> FileRead {
-    let stamp = std::fs::metadata(file)
-        .ok()
-        .and_then(|m| Stamp::settled(&m));
+    let unreadable = |e: std::io::Error| {
+        FileRead::Unreadable(Diagnostic::whole_file(
+            file,
+            format!("cannot read this policy file: {e}"),
+        ))
+    };
+    // The stamp of the open file (an open makes network file systems
+    // check their cached attributes).
+    let mut opened = match std::fs::File::open(file) {
+        Ok(f) => f,
+        Err(e) => return unreadable(e),
+    };
+    let stamp = opened.metadata().ok().and_then(|m| Stamp::settled(&m));
     let earlier = match earlier {
         Some(read) if stamp.is_some() && read.stamp == stamp => return FileRead::Clean(read),
         earlier => earlier,
     };
     text.clear();
-    if let Err(e) = std::fs::File::open(file).and_then(|mut f| f.read_to_string(text)) {
-        return FileRead::Unreadable(Diagnostic::whole_file(
-            file,
-            format!("cannot read this policy file: {e}"),
-        ));
+    if let Err(e) = opened.read_to_string(text) {
+        return unreadable(e);
     }
     let digest = text_digest(text.as_bytes());
     let earlier = match earlier {
