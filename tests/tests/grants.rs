@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use idgate_tests::dns::{
-    DigQuery, DnsServer, NOWHERE, Resolver, Zone, audit, connect, dns_config, loopback_ip,
+    DigAnswer, DigQuery, DnsServer, NOWHERE, Resolver, Zone, audit, connect, dns_config,
+    loopback_ip,
 };
 use idgate_tests::require_tools;
 use idgate_tests::{
@@ -63,27 +64,12 @@ impl World {
         self.probe("tcp", addr)
     }
 
-    /// `idgate grant ARGS --json`: the grant's id.
     fn grant(&self, args: &[&str]) -> u32 {
-        let mut all = vec!["grant"];
-        all.extend_from_slice(args);
-        all.push("--json");
-        let out = self
-            .agent
-            .try_cli(&all)
-            .unwrap_or_else(|e| panic!("idgate {all:?}: {e}"));
-        let reply: serde_json::Value = serde_json::from_str(&out).expect("grant reply is JSON");
-        reply["grant"]["id"].as_u64().expect("grant id") as u32
+        grant(&self.agent, args)
     }
 
-    /// `idgate grants --json`: the running grants.
     fn grants(&self) -> Vec<serde_json::Value> {
-        let out = self
-            .agent
-            .try_cli(&["grants", "--json"])
-            .expect("idgate grants");
-        let list: serde_json::Value = serde_json::from_str(&out).expect("grants is JSON");
-        list["grants"].as_array().expect("grants").clone()
+        grants(&self.agent)
     }
 
     fn audit_log(&self) -> PathBuf {
@@ -105,6 +91,77 @@ impl World {
         );
         assert_schema(&events_schema(), &record);
         record
+    }
+}
+
+/// `idgate grant ARGS --json` on `agent`: the grant's id.
+fn grant(agent: &Agent, args: &[&str]) -> u32 {
+    let mut all = vec!["grant"];
+    all.extend_from_slice(args);
+    all.push("--json");
+    let out = agent
+        .try_cli(&all)
+        .unwrap_or_else(|e| panic!("idgate {all:?}: {e}"));
+    let reply: serde_json::Value = serde_json::from_str(&out).expect("grant reply is JSON");
+    reply["grant"]["id"].as_u64().expect("grant id") as u32
+}
+
+/// `idgate grants --json` on `agent`: the running grants.
+fn grants(agent: &Agent) -> Vec<serde_json::Value> {
+    let out = agent.try_cli(&["grants", "--json"]).expect("idgate grants");
+    let list: serde_json::Value = serde_json::from_str(&out).expect("grants is JSON");
+    list["grants"].as_array().expect("grants").clone()
+}
+
+/// An agent whose `web` cgroup holds the `web` identity (no rules,
+/// default deny), with its DNS path forwarding to a dnsmasq serving
+/// `zone` (loopback answers allowed), and an audit log that is removed
+/// with it, whatever the test's outcome.
+struct NameWorld {
+    agent: Agent,
+    web: PathBuf,
+    log: PathBuf,
+    _cg: Cgroups,
+    upstream: DnsServer,
+}
+
+impl NameWorld {
+    fn start(tag: &str, zone: &Zone) -> Self {
+        let upstream = DnsServer::start(SocketAddr::new(loopback_ip(), 53), zone);
+        let mut cg = Cgroups::new(tag);
+        let web = cg.inside("web");
+        let log = std::env::temp_dir().join(format!("{}-audit.jsonl", cg.name()));
+        let _ = std::fs::remove_file(&log);
+        let policy = format!("[[identity]]\nid = \"{WEB}\"\ndefault = \"deny\"\n");
+        let agent = Agent::start(
+            &cg,
+            &policy,
+            &format!(
+                "[[workload]]\ncgroup = \"web\"\nidentity = \"{WEB}\"\n{}",
+                dns_config(upstream.addr(), &log, "private_answers = \"allow\"")
+            ),
+        );
+        Self {
+            agent,
+            web,
+            log,
+            _cg: cg,
+            upstream,
+        }
+    }
+
+    /// `dig NAME` from the `web` cgroup, at a server that does not exist:
+    /// the kernel sends it to the agent.
+    fn dig(&self, name: &str) -> DigAnswer {
+        Resolver::new(&[NOWHERE])
+            .in_cgroup(&self.web)
+            .dig(&DigQuery::new(name))
+    }
+}
+
+impl Drop for NameWorld {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.log);
     }
 }
 
@@ -494,25 +551,9 @@ fn a_grant_by_name_answers_its_lookups_and_opens_their_addresses_until_it_ends()
         .host("a.wild.test.example", &[lo(23)], 300)
         .host("other.test.example", &[lo(22)], 300)
         .nxdomain("test.example");
-    let upstream = DnsServer::start(SocketAddr::new(loopback_ip(), 53), &zone);
-    let mut cg = Cgroups::new("grant-name");
-    let web = cg.inside("web");
-    let log = std::env::temp_dir().join(format!("{}-audit.jsonl", cg.name()));
-    let _ = std::fs::remove_file(&log);
-    let policy = format!("[[identity]]\nid = \"{WEB}\"\ndefault = \"deny\"\n");
-    let agent = Agent::start(
-        &cg,
-        &policy,
-        &format!(
-            "[[workload]]\ncgroup = \"web\"\nidentity = \"{WEB}\"\n{}",
-            dns_config(upstream.addr(), &log, "private_answers = \"allow\"")
-        ),
-    );
-    let dig = |name: &str| {
-        Resolver::new(&[NOWHERE])
-            .in_cgroup(&web)
-            .dig(&DigQuery::new(name))
-    };
+    let w = NameWorld::start("grant-name", &zone);
+    let (web, log, upstream) = (&w.web, &w.log, &w.upstream);
+    let dig = |name: &str| w.dig(name);
     let port = free_loopback_port();
     let ip = "127.0.0.21";
 
@@ -521,13 +562,13 @@ fn a_grant_by_name_answers_its_lookups_and_opens_their_addresses_until_it_ends()
     let before = dig("granted.test.example");
     assert_eq!(before.status.as_deref(), Some("NXDOMAIN"), "{before:?}");
     assert!(!upstream.was_queried("granted.test.example"));
-    assert_eq!(connect(&web, ip, port), "EPERM");
+    assert_eq!(connect(web, ip, port), "EPERM");
 
     let granted = Instant::now();
     let grant = |to: &str| {
-        let out = agent
-            .try_cli(&[
-                "grant",
+        grant(
+            &w.agent,
+            &[
                 "--identity",
                 WEB,
                 "--to",
@@ -538,11 +579,8 @@ fn a_grant_by_name_answers_its_lookups_and_opens_their_addresses_until_it_ends()
                 "tcp",
                 "--for",
                 "3s",
-                "--json",
-            ])
-            .unwrap_or_else(|e| panic!("idgate grant --to {to}: {e}"));
-        let reply: serde_json::Value = serde_json::from_str(&out).expect("JSON");
-        reply["grant"]["id"].as_u64().expect("grant id")
+            ],
+        )
     };
     let id = grant("granted.test.example");
     let wild = grant("*.wild.test.example");
@@ -555,13 +593,13 @@ fn a_grant_by_name_answers_its_lookups_and_opens_their_addresses_until_it_ends()
     assert_eq!(during.status.as_deref(), Some("NOERROR"), "{during:?}");
     assert_eq!(during.addrs, vec![lo(21)], "{during:?}");
     assert!(during.records.iter().all(|r| r.ttl <= 3), "{during:?}");
-    assert_eq!(connect(&web, ip, port), "allowed");
-    assert_eq!(connect(&web, ip, port + 1), "EPERM");
-    assert_eq!(connect(&web, "127.0.0.22", port), "EPERM");
+    assert_eq!(connect(web, ip, port), "allowed");
+    assert_eq!(connect(web, ip, port + 1), "EPERM");
+    assert_eq!(connect(web, "127.0.0.22", port), "EPERM");
     // A wildcard grant answers the names under its domain.
     let under = dig("a.wild.test.example");
     assert_eq!(under.addrs, vec![lo(23)], "{under:?}");
-    assert_eq!(connect(&web, "127.0.0.23", port), "allowed");
+    assert_eq!(connect(web, "127.0.0.23", port), "allowed");
     // A name no grant covers stays NXDOMAIN.
     let other = dig("other.test.example");
     assert_eq!(other.status.as_deref(), Some("NXDOMAIN"), "{other:?}");
@@ -571,14 +609,9 @@ fn a_grant_by_name_answers_its_lookups_and_opens_their_addresses_until_it_ends()
     );
 
     // `idgate grants` lists them by name, with the addresses they opened.
-    let list: serde_json::Value =
-        serde_json::from_str(&agent.try_cli(&["grants", "--json"]).expect("grants")).expect("JSON");
-    let shown = list["grants"]
-        .as_array()
-        .expect("grants")
-        .iter()
+    let shown = grants(&w.agent)
+        .into_iter()
         .find(|g| g["id"] == id)
-        .cloned()
         .expect("the grant listed");
     assert_eq!(shown["to"], "granted.test.example");
     assert_eq!(shown["learned_addresses"], 1);
@@ -586,8 +619,8 @@ fn a_grant_by_name_answers_its_lookups_and_opens_their_addresses_until_it_ends()
     // After its end: the kernel denies (with or without the agent's
     // sweep), and the lookups get NXDOMAIN again.
     sleep_until(returned + Duration::from_secs(3) + Duration::from_millis(50));
-    assert_eq!(connect(&web, ip, port), "EPERM");
-    assert_eq!(connect(&web, "127.0.0.23", port), "EPERM");
+    assert_eq!(connect(web, ip, port), "EPERM");
+    assert_eq!(connect(web, "127.0.0.23", port), "EPERM");
     let after = dig("granted.test.example");
     assert_eq!(after.status.as_deref(), Some("NXDOMAIN"), "{after:?}");
 
@@ -598,7 +631,7 @@ fn a_grant_by_name_answers_its_lookups_and_opens_their_addresses_until_it_ends()
         "the DNS record of the granted lookup",
         Duration::from_secs(10),
         || {
-            audit(&log).into_iter().find(|r| {
+            audit(log).into_iter().find(|r| {
                 r["hook"] == "dns"
                     && r["dst_name"] == "granted.test.example"
                     && r["reason"] == "answered"
@@ -610,13 +643,12 @@ fn a_grant_by_name_answers_its_lookups_and_opens_their_addresses_until_it_ends()
     assert_eq!(answered["dns"]["grants"][0], format!("grant:{id}"));
     for g in [id, wild] {
         let expired = wait_for("the grant's expiry record", Duration::from_secs(10), || {
-            audit(&log)
+            audit(log)
                 .into_iter()
                 .find(|r| r["kind"] == "grant" && r["action"] == "expired" && r["grant_id"] == g)
         });
         assert_schema(&schema, &expired);
     }
-    let _ = std::fs::remove_file(&log);
 }
 
 /// A grant by name survives a restart (the file), and so do the addresses
@@ -630,30 +662,12 @@ fn a_grant_by_name_survives_a_restart_and_a_revocation_ends_it() {
     let zone = Zone::new()
         .host("kept.test.example", &[IpAddr::from([127, 0, 0, 31])], 300)
         .nxdomain("test.example");
-    let upstream = DnsServer::start(SocketAddr::new(loopback_ip(), 53), &zone);
-    let mut cg = Cgroups::new("grant-name-restart");
-    let web = cg.inside("web");
-    let log = std::env::temp_dir().join(format!("{}-audit.jsonl", cg.name()));
-    let _ = std::fs::remove_file(&log);
-    let policy = format!("[[identity]]\nid = \"{WEB}\"\ndefault = \"deny\"\n");
-    let mut agent = Agent::start(
-        &cg,
-        &policy,
-        &format!(
-            "[[workload]]\ncgroup = \"web\"\nidentity = \"{WEB}\"\n{}",
-            dns_config(upstream.addr(), &log, "private_answers = \"allow\"")
-        ),
-    );
-    let dig = |name: &str| {
-        Resolver::new(&[NOWHERE])
-            .in_cgroup(&web)
-            .dig(&DigQuery::new(name))
-    };
+    let mut w = NameWorld::start("grant-name-restart", &zone);
     let port = free_loopback_port();
     let ip = "127.0.0.31";
-    let out = agent
-        .try_cli(&[
-            "grant",
+    let id = grant(
+        &w.agent,
+        &[
             "--identity",
             WEB,
             "--to",
@@ -662,40 +676,36 @@ fn a_grant_by_name_survives_a_restart_and_a_revocation_ends_it() {
             &port.to_string(),
             "--for",
             "10m",
-            "--json",
-        ])
-        .expect("idgate grant");
-    let reply: serde_json::Value = serde_json::from_str(&out).expect("JSON");
-    let id = reply["grant"]["id"].as_u64().expect("grant id");
+        ],
+    );
+    let web = w.web.clone();
     assert_eq!(
-        dig("kept.test.example").addrs,
+        w.dig("kept.test.example").addrs,
         vec![IpAddr::from([127, 0, 0, 31])]
     );
     assert_eq!(connect(&web, ip, port), "allowed");
 
-    assert!(agent.stop(Signal::SIGTERM).success());
+    assert!(w.agent.stop(Signal::SIGTERM).success());
     assert_eq!(
         connect(&web, ip, port),
         "allowed",
         "pinned: no agent needed"
     );
-    agent.spawn();
-    agent.wait_ready();
+    w.agent.spawn();
+    w.agent.wait_ready();
     assert_eq!(connect(&web, ip, port), "allowed");
-    let list: serde_json::Value =
-        serde_json::from_str(&agent.try_cli(&["grants", "--json"]).expect("grants")).expect("JSON");
-    let shown = &list["grants"][0];
+    let listed = grants(&w.agent);
+    let shown = &listed[0];
     assert_eq!(shown["id"], id);
     assert_eq!(shown["to"], "kept.test.example");
     assert_eq!(shown["learned_addresses"], 1, "taken back from the map");
-    let again = dig("kept.test.example");
+    let again = w.dig("kept.test.example");
     assert_eq!(again.status.as_deref(), Some("NOERROR"), "{again:?}");
 
-    agent
+    w.agent
         .try_cli(&["grant", "--revoke", &id.to_string()])
         .expect("idgate grant --revoke");
     assert_eq!(connect(&web, ip, port), "EPERM");
-    let after = dig("kept.test.example");
+    let after = w.dig("kept.test.example");
     assert_eq!(after.status.as_deref(), Some("NXDOMAIN"), "{after:?}");
-    let _ = std::fs::remove_file(&log);
 }
