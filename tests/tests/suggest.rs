@@ -37,6 +37,21 @@ fn run(dir: &Path, script: &[(&str, String)]) -> Vec<String> {
         .collect()
 }
 
+/// The policy both tests start from: the coder in audit mode, denying by
+/// default (so every connect is recorded).
+fn audit_policy() -> String {
+    format!(
+        "[unknown]\ndefault = \"deny\"\n\n[[identity]]\nid = \"{CODER}\"\ndefault = \"deny\"\naudit = true\n"
+    )
+}
+
+/// The audit log of a test's agent, in a directory of its own under the
+/// temporary directory, removed when the test ends (see [`Cleanup`]).
+fn audit_log(cg: &Cgroups) -> (PathBuf, Cleanup) {
+    let log = std::env::temp_dir().join(format!("{}-audit/audit.log", cg.scope_rel()));
+    (log.clone(), Cleanup(log))
+}
+
 /// Removes the audit log's directory when the test ends.
 struct Cleanup(PathBuf);
 
@@ -54,11 +69,8 @@ fn a_suggested_policy_allows_the_script_it_saw_and_nothing_else() {
     let f = Fixture::new();
     let mut cg = Cgroups::new("suggest");
     let coder = cg.inside("coder");
-    let log = std::env::temp_dir().join(format!("{}-audit/audit.log", cg.scope_rel()));
-    let _cleanup = Cleanup(log.clone());
-    let audit = format!(
-        "[unknown]\ndefault = \"deny\"\n\n[[identity]]\nid = \"{CODER}\"\ndefault = \"deny\"\naudit = true\n"
-    );
+    let (log, _cleanup) = audit_log(&cg);
+    let audit = audit_policy();
     let config = format!(
         "[[workload]]\ncgroup = \"coder\"\nidentity = \"{CODER}\"\n\
          [events]\naudit_log = {log:?}\n"
@@ -153,11 +165,8 @@ fn a_suggested_policy_names_what_audit_mode_lookups_answered() {
     let upstream = DnsServer::start(SocketAddr::new(loopback_ip(), 53), &zone);
     let mut cg = Cgroups::new("suggest-dns");
     let coder = cg.inside("coder");
-    let log = std::env::temp_dir().join(format!("{}-audit/audit.log", cg.scope_rel()));
-    let _cleanup = Cleanup(log.clone());
-    let audit = format!(
-        "[unknown]\ndefault = \"deny\"\n\n[[identity]]\nid = \"{CODER}\"\ndefault = \"deny\"\naudit = true\n"
-    );
+    let (log, _cleanup) = audit_log(&cg);
+    let audit = audit_policy();
     // The test zone's addresses are loopback ones: learned only when
     // `private_answers` allows (else the record marks them, and suggest
     // keeps them as addresses).
