@@ -501,9 +501,7 @@ impl State {
                 dns_direct: self.dns_direct(),
             });
         }
-        let mut ids: BTreeSet<SpiffeId> =
-            self.workloads.bound().map(|(_, id)| id.clone()).collect();
-        ids.extend(self.revocations.ids().iter().cloned());
+        let mut ids: BTreeSet<SpiffeId> = self.slot_holders().cloned().collect();
         // Every identity an entry can give gets its slot (and policy)
         // now, when they all fit: then the first cgroup attested to one is
         // bound at once, without a new generation.
@@ -526,6 +524,12 @@ impl State {
         }
     }
 
+    /// The identities that hold a slot whether or not all fit: those with
+    /// a bound cgroup, and the revoked ones.
+    fn slot_holders(&self) -> impl Iterator<Item = &SpiffeId> {
+        (self.workloads.bound().map(|(_, id)| id)).chain(self.revocations.ids())
+    }
+
     /// The identities of `[dns] direct`.
     fn dns_direct(&self) -> Vec<SpiffeId> {
         // Checked when the configuration was loaded.
@@ -543,9 +547,7 @@ impl State {
     fn needs_the_applied_slots(&self, entries: &EntrySet) -> bool {
         let slots = &self.applied.slots;
         let mut seen: FastSet<u32> = FastSet::default();
-        let wanted = (self.workloads.bound().map(|(_, id)| id))
-            .chain(self.revocations.ids())
-            .chain(entries.iter().map(|e| &e.id));
+        let wanted = self.slot_holders().chain(entries.iter().map(|e| &e.id));
         for id in wanted {
             match slots.get(id) {
                 Some(slot) => {
