@@ -8,6 +8,7 @@ pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod dns;
+pub mod egress;
 pub mod events;
 pub mod federation;
 pub mod files;
