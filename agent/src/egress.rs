@@ -40,6 +40,9 @@ mod secrets;
 mod upstream;
 mod view;
 
+#[cfg(test)]
+mod tests;
+
 pub use broker::{Broker, Serving};
 pub use ca::{BUNDLE, EgressCa, EgressCaError, system_roots};
 pub use config::{EgressConfig, EgressConfigError};

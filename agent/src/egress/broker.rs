@@ -28,7 +28,7 @@ use super::rules::same_host;
 use super::secrets::SecretFiles;
 use super::upstream::{Upstreams, one_line};
 use super::view::Directory;
-use super::{EgressError, TLS_PORT};
+use super::{EgressError, HTTP_PORT, TLS_PORT};
 use crate::identity::SpiffeId;
 
 /// The credential broker: serves the listeners of every workload network
@@ -41,6 +41,9 @@ pub struct Broker {
     pub(super) upstreams: Upstreams,
     pub(super) secrets: SecretFiles,
     pub(super) upstream_timeout: Duration,
+    /// The upstream ports: 443 for TLS, 80 for plain HTTP (others only
+    /// in tests).
+    pub(super) upstream_ports: Ports,
     idle_timeout: Duration,
     /// Cloned per terminated connection, with a resolver for its name.
     tls: ServerConfig,
@@ -58,6 +61,13 @@ impl Drop for Serving {
             t.abort();
         }
     }
+}
+
+/// A port for TLS and one for plain HTTP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Ports {
+    pub(super) tls: u16,
+    pub(super) http: u16,
 }
 
 /// Which listener a connection came to.
@@ -105,6 +115,10 @@ impl Broker {
             upstreams,
             secrets: SecretFiles::default(),
             upstream_timeout: config.upstream_timeout,
+            upstream_ports: Ports {
+                tls: TLS_PORT,
+                http: HTTP_PORT,
+            },
             idle_timeout: config.idle_timeout,
             tls,
         }))
@@ -256,7 +270,7 @@ impl Broker {
         sni: String,
         start: Instant,
     ) {
-        let connect = self.upstreams.connect(&sni, TLS_PORT);
+        let connect = self.upstreams.connect(&sni, self.upstream_ports.tls);
         let mut upstream = match tokio::time::timeout(self.upstream_timeout, connect).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {

@@ -166,13 +166,21 @@ async fn forward(
     parts
         .headers
         .insert(credential.source.header().clone(), value);
-    let scheme = if conn.sni.is_some() { "https" } else { "http" };
+    let (scheme, port) = match conn.sni {
+        Some(_) => ("https", broker.upstream_ports.tls),
+        None => ("http", broker.upstream_ports.http),
+    };
+    let port = if port == default_port {
+        String::new()
+    } else {
+        format!(":{port}")
+    };
     let path = parts
         .uri
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_owned();
-    parts.uri = match format!("{scheme}://{}{path}", credential.host).parse() {
+    parts.uri = match format!("{scheme}://{}{port}{path}", credential.host).parse() {
         Ok(uri) => uri,
         Err(e) => {
             let reason = format!("the request's path does not make a URI: {e}");

@@ -221,9 +221,11 @@ mod tests {
         write(&tmp, b"sk-two\r\n", 0o600);
         std::fs::rename(&tmp, &path).unwrap();
         assert_eq!(value(&files.get(&path).unwrap()), b"sk-two");
-        // Only one newline is trimmed.
+        // Only one newline is trimmed: the other stays, and is no header
+        // value.
         write(&path, b"sk-three\n\n", 0o600);
-        assert_eq!(value(&files.get(&path).unwrap()), b"sk-three\n");
+        let e = files.get(&path).unwrap().header_value("", &path);
+        assert!(matches!(e, Err(SecretError::NotHeaderValue { .. })), "{e:?}");
         std::fs::remove_dir_all(&d).unwrap();
     }
 
