@@ -225,7 +225,10 @@ mod tests {
         // value.
         write(&path, b"sk-three\n\n", 0o600);
         let e = files.get(&path).unwrap().header_value("", &path);
-        assert!(matches!(e, Err(SecretError::NotHeaderValue { .. })), "{e:?}");
+        assert!(
+            matches!(e, Err(SecretError::NotHeaderValue { .. })),
+            "{e:?}"
+        );
         std::fs::remove_dir_all(&d).unwrap();
     }
 

@@ -32,6 +32,7 @@ const BOUND: Duration = Duration::from_secs(5);
 const API: &str = "api.test";
 const DOWN: &str = "down.test";
 const OTHER: &str = "other.test";
+const JWT: &str = "jwt.test";
 
 struct Stub {
     id: SpiffeId,
@@ -60,10 +61,15 @@ impl Directory for Stub {
 
     fn jwt_svid(
         &self,
-        _: &SpiffeId,
-        _: &[String],
+        id: &SpiffeId,
+        audience: &[String],
     ) -> BoxFuture<'static, Result<String, DirectoryError>> {
-        Box::pin(async { Err("not in this test".into()) })
+        let jwt = format!(
+            "jwt.{}.{}",
+            id.path().trim_start_matches('/'),
+            audience.join(",")
+        );
+        Box::pin(async move { Ok(jwt) })
     }
 }
 
@@ -114,10 +120,11 @@ impl World {
         let issuer = rcgen::Issuer::from_ca_cert_der(ca_cert.der(), ca_key).unwrap();
         std::fs::write(dir.join("test-ca.pem"), ca_cert.pem()).unwrap();
         let leaf_key = rcgen::KeyPair::generate().unwrap();
-        let leaf = rcgen::CertificateParams::new(vec![API.into(), OTHER.into(), DOWN.into()])
-            .unwrap()
-            .signed_by(&leaf_key, &issuer)
-            .unwrap();
+        let leaf =
+            rcgen::CertificateParams::new(vec![API.into(), OTHER.into(), DOWN.into(), JWT.into()])
+                .unwrap()
+                .signed_by(&leaf_key, &issuer)
+                .unwrap();
         let upstream = serve_upstream(leaf.der().to_vec(), leaf_key.serialize_der()).await;
 
         let secret = dir.join("key");
@@ -137,11 +144,18 @@ impl World {
             credentials: vec![
                 credential("api", API, &secret),
                 credential("down", DOWN, &secret),
+                Credential {
+                    source: CredentialSource::JwtSvid {
+                        audience: vec!["aud1".into()],
+                    },
+                    ..credential("jwt", JWT, &secret)
+                },
             ]
             .into(),
             addrs: HashMap::from([
                 (API, upstream.addr.ip()),
                 (OTHER, upstream.addr.ip()),
+                (JWT, upstream.addr.ip()),
                 // Nothing listens there.
                 (DOWN, IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2))),
             ]),
@@ -309,6 +323,15 @@ async fn answer(
         *r.status_mut() = status;
         Ok(r)
     };
+    let bearer = request
+        .headers()
+        .get_all("authorization")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect::<Vec<_>>();
+    if bearer == ["Bearer jwt.agent.aud1"] && keys.is_empty() {
+        return full(StatusCode::OK, "bearer ok".into());
+    }
     if keys != [SECRET] {
         return full(StatusCode::UNAUTHORIZED, format!("keys {keys:?}"));
     }
@@ -602,4 +625,21 @@ async fn a_connection_to_no_slot_address_is_refused() {
     let rec = w.record().await;
     assert_eq!(rec.slot, None);
     assert!(matches!(rec.outcome, Outcome::Refused(_)));
+}
+
+#[tokio::test]
+async fn a_jwt_svid_credential_replaces_the_authorization() {
+    let mut w = World::new("jwt", 0o600).await;
+    let mut request = get("/v1/echo", JWT);
+    request.headers_mut().remove("x-api-key");
+    request
+        .headers_mut()
+        .insert("authorization", "Bearer placeholder".parse().unwrap());
+    let r = w.h2(JWT, request).await;
+    let status = r.status();
+    assert_eq!(
+        (status, text(r).await.as_str()),
+        (StatusCode::OK, "bearer ok")
+    );
+    assert_eq!(w.record().await.credential.as_deref(), Some("jwt"));
 }
