@@ -49,6 +49,7 @@ pub use config::{
 };
 pub use handover::{Handover, HandoverError};
 pub use inspect::{DnsReader, Figures};
+pub use kernel::{EgressMaps, KernelError};
 pub use learned::{LearnError, Learned, LearnedAddress, NameBook};
 pub use message::{
     AnswerError, Answered, DropReason, FilterOptions, Filtered, MAX_MESSAGE, Query, QueryError,

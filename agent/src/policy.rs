@@ -11,6 +11,7 @@ mod overlap;
 mod parse;
 mod ports;
 mod precedence;
+mod secrets;
 mod segments;
 mod subject;
 mod suggest;
@@ -25,8 +26,8 @@ pub use diagnostic::{Diagnostic, Location, Severity};
 pub use diff::{BlockChange, Effect, PolicyDiff, by_block, diff};
 pub use load::{Reader, load};
 pub use model::{
-    Action, Destination, EgressRule, IdentityBlock, IdentityPolicy, Mode, PolicySet, PortSpec,
-    Protocol,
+    Action, CredentialKind, CredentialRule, Destination, EgressRule, HTTP, HTTPS, IdentityBlock,
+    IdentityPolicy, Mode, PolicySet, PortSpec, Protocol,
 };
 pub use names::{ClassId, NameError, NameIndex, NameMatch, NamePattern};
 pub(crate) use parse::looks_like_an_address;

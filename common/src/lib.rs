@@ -58,7 +58,16 @@
 //!    id, full length). Either way they are judged as in step 6. A rule
 //!    found that way decides. A deny rule of any prefix
 //!    that covers the address has already decided in step 5, so it beats
-//!    every name.
+//!    every name. A rule found with [`verdict::BROKER`] (a credential
+//!    rule) sends a TCP connect to the agent's egress broker: when
+//!    [`maps::EGRESS_SETTINGS`] is enabled and [`maps::EGRESS_NETNS`] has
+//!    the broker's listener in the caller's network namespace, the
+//!    destination is rewritten to [`dns_address::of_slot`] (the range of
+//!    [`DnsSettings::net`]) and the broker's port for the port asked
+//!    (443 or 80), and the connect is allowed (reason
+//!    [`reason::BROKERED`]); else it is denied
+//!    ([`reason::EGRESS_NOT_READY`], [`reason::EGRESS_V6`]). A broker
+//!    verdict for UDP, or from an address rule, is a deny.
 //!
 //! 8. Grants: when the decision so far is the slot's default (reason
 //!    `DEFAULT`, not an allow) and the slot is not the unknown
@@ -148,9 +157,19 @@ pub mod maps {
     /// Hash of cgroup id (`u64`) -> `bpf_ktime_get_boot_ns` at which its
     /// binding ends, for bindings with [`binding::EXPIRES`](super::binding::EXPIRES).
     pub const BINDING_EXPIRY: &str = "IDG_BINDING_EXPIRY";
+    /// One [`EgressSettings`](super::EgressSettings), written by the
+    /// agent: whether, and to which ports, connects of credential rules
+    /// are sent to its egress broker.
+    pub const EGRESS_SETTINGS: &str = "IDG_EGRESS_SETTINGS";
+    /// Socket hash of network-namespace cookie (`u64`) -> the broker's
+    /// listening TCP socket there. The kernel drops an entry when its
+    /// socket closes, so a namespace has an entry exactly while the
+    /// broker listens there: a brokered connect with none is denied at
+    /// once.
+    pub const EGRESS_NETNS: &str = "IDG_EGRESS_NETNS";
 
     /// Every map, for pinning, adoption and uninstall.
-    pub const ALL: [&str; 20] = [
+    pub const ALL: [&str; 22] = [
         IDENTITIES,
         IDENTITY_INDEX,
         SLOT_STATE,
@@ -171,6 +190,8 @@ pub mod maps {
         NAMES,
         GRANTS,
         BINDING_EXPIRY,
+        EGRESS_SETTINGS,
+        EGRESS_NETNS,
     ];
 }
 
@@ -326,6 +347,12 @@ pub const NO_TABLE: u32 = 0;
 pub mod verdict {
     pub const DENY: u32 = 0;
     pub const ALLOW: u32 = 1;
+    /// Only in a name class's port table (a credential rule): a TCP
+    /// connect goes to the agent's egress broker (see
+    /// [`EgressSettings`](super::EgressSettings)); anything else is denied.
+    /// Never a decision record's verdict: a brokered connect is an allow
+    /// with reason [`BROKERED`](super::reason::BROKERED).
+    pub const BROKER: u32 = 2;
 }
 
 /// Flags in [`maps::SLOT_STATE`].
@@ -588,6 +615,22 @@ pub struct DnsSettings {
     pub _pad: u32,
 }
 
+/// Value of [`maps::EGRESS_SETTINGS`]. While `enabled` is 0 (the agent
+/// has not written it, or has no broker), a connect a credential rule
+/// decides is denied. The broker listens on the addresses of the DNS
+/// path's range ([`DnsSettings::net`], see [`dns_address`]), so it is
+/// reached only while that range is reserved (`[dns]` on).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EgressSettings {
+    pub enabled: u32,
+    /// The broker's port for connects to port 443, host order.
+    pub tls_port: u32,
+    /// The broker's port for connects to port 80, host order.
+    pub http_port: u32,
+    pub _pad: u32,
+}
+
 /// The loopback address a query of `slot` is sent to, in network order,
 /// and the slot such an address stands for.
 pub mod dns_address {
@@ -672,6 +715,17 @@ pub mod reason {
     /// operator's grant of the identity allows the connect; the rule id
     /// is the grant's id.
     pub const GRANT: u32 = 10;
+    /// A credential rule decided: the connect was sent to the agent's
+    /// egress broker (its destination rewritten) and let through.
+    pub const BROKERED: u32 = 11;
+    /// A credential rule decided, but the broker is not listening in the
+    /// caller's network namespace (yet), or the redirect is off: denied,
+    /// so it fails at once.
+    pub const EGRESS_NOT_READY: u32 = 12;
+    /// A credential rule decided a connect to an IPv6 address: the
+    /// broker listens on IPv4 loopback addresses only, so it is denied
+    /// (clients try the host's IPv4 addresses next).
+    pub const EGRESS_V6: u32 = 13;
 
     /// The reason's name in events, or `None` for an unknown code.
     pub const fn name(code: u32) -> Option<&'static str> {
@@ -686,6 +740,9 @@ pub mod reason {
             RESERVED => Some("reserved"),
             DNS_V6 => Some("dns_v6"),
             GRANT => Some("grant"),
+            BROKERED => Some("brokered"),
+            EGRESS_NOT_READY => Some("egress_not_ready"),
+            EGRESS_V6 => Some("egress_v6"),
             _ => None,
         }
     }
@@ -783,6 +840,7 @@ mod pod {
     unsafe impl aya::Pod for super::LearnedValue {}
     unsafe impl aya::Pod for super::NameText {}
     unsafe impl aya::Pod for super::DnsSettings {}
+    unsafe impl aya::Pod for super::EgressSettings {}
     unsafe impl aya::Pod for super::DnsOrigin {}
     unsafe impl aya::Pod for super::GrantKey {}
     unsafe impl aya::Pod for super::GrantValue {}
@@ -813,6 +871,7 @@ mod tests {
         );
         assert_eq!(size_of::<NameText>(), NAME_TEXT_BYTES);
         assert_eq!(size_of::<DnsSettings>(), 16);
+        assert_eq!(size_of::<EgressSettings>(), 16);
         assert_eq!(size_of::<DnsOrigin>(), 24);
         assert_eq!(size_of::<EventSettings>(), 8);
         assert_eq!(size_of::<GrantKey>(), 24);
@@ -839,6 +898,9 @@ mod tests {
             reason::RESERVED,
             reason::DNS_V6,
             reason::GRANT,
+            reason::BROKERED,
+            reason::EGRESS_NOT_READY,
+            reason::EGRESS_V6,
         ];
         for (i, h) in hooks.iter().enumerate() {
             let name = hook::name(*h).unwrap();

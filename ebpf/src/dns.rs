@@ -21,7 +21,7 @@ use idgate_common::{
 use crate::{Dest, GENERATION, SLOT_POLICY};
 
 #[map(name = "IDG_DNS_SETTINGS")]
-static DNS_SETTINGS: Array<DnsSettings> = Array::pinned(1, 0);
+pub(crate) static DNS_SETTINGS: Array<DnsSettings> = Array::pinned(1, 0);
 
 /// Network-namespace cookie -> the resolver's UDP socket there. The
 /// kernel removes an entry when its socket closes, so while no agent
@@ -31,7 +31,7 @@ static DNS_SETTINGS: Array<DnsSettings> = Array::pinned(1, 0);
 static DNS_NETNS: SockHash<u64> = SockHash::pinned(MAX_NAMESPACES, 0);
 
 /// Namespaces with listeners at once.
-const MAX_NAMESPACES: u32 = 16_384;
+pub(crate) const MAX_NAMESPACES: u32 = 16_384;
 
 /// Sockets whose query origin is remembered. An entry pushed out only
 /// means a reply whose source is not restored, which the client drops:
@@ -79,7 +79,7 @@ pub fn redirect(
     }
     // SAFETY: the hook's context, valid for the call.
     let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr as *mut c_void) };
-    if !listening(netns) {
+    if !listening(&DNS_NETNS, netns) {
         return Redirect::Deny(reason::DNS_NOT_READY);
     }
     // SAFETY: as above.
@@ -112,15 +112,15 @@ pub fn redirect(
     Redirect::Done
 }
 
-/// Whether the agent's resolver has a socket open in the namespace with
-/// `netns`.
+/// Whether `sockets` (a socket hash by network-namespace cookie: the
+/// agent's listeners) has a socket open in the namespace with `netns`.
 #[inline(always)]
-fn listening(netns: u64) -> bool {
+pub(crate) fn listening(sockets: &SockHash<u64>, netns: u64) -> bool {
     // SAFETY: the map is a SOCKHASH, whose lookup takes a reference on
     // the socket found; it is released at once.
     unsafe {
         let sk = bpf_map_lookup_elem(
-            addr_of!(DNS_NETNS) as *mut c_void,
+            sockets as *const SockHash<u64> as *mut c_void,
             addr_of!(netns) as *const c_void,
         );
         if sk.is_null() {

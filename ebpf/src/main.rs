@@ -4,6 +4,7 @@
 #![no_main]
 
 mod dns;
+mod egress;
 mod exec;
 mod raw_sockets;
 
@@ -240,7 +241,7 @@ fn judge(ctx: &SockAddrContext, hook: u32, dest: Dest) -> i32 {
             flags: 0,
             name_id: 0,
         },
-        dns::Redirect::No => decide(slot, protocol, port, &dest),
+        dns::Redirect::No => decide(ctx, slot, protocol, port, &dest),
     };
     // An operator's grant is an exception to policy: every use of one is
     // recorded, as every audit-mode allow is.
@@ -255,9 +256,10 @@ fn judge(ctx: &SockAddrContext, hook: u32, dest: Dest) -> i32 {
 }
 
 /// The verdict and why. Every miss on the way falls to a deny or to a
-/// default that user space chose; nothing falls open.
+/// default that user space chose; nothing falls open. A connect sent to
+/// the egress broker has its destination rewritten in `ctx`.
 #[inline(always)]
-fn decide(slot: u32, protocol: u32, port: u16, dest: &Dest) -> Decision {
+fn decide(ctx: &SockAddrContext, slot: u32, protocol: u32, port: u16, dest: &Dest) -> Decision {
     let stamp = GENERATION.get(0).copied().unwrap_or(0);
     let generation = stamp & 1;
     let mut d = Decision {
@@ -339,10 +341,20 @@ fn decide(slot: u32, protocol: u32, port: u16, dest: &Dest) -> Decision {
     if d.reason == reason::DEFAULT && d.verdict != verdict::ALLOW {
         grant_rule(slot, &key, bits, protocol, port, &mut d);
     }
+    if d.verdict == verdict::BROKER {
+        if d.flags & record_flags::LEARNED != 0 {
+            egress::redirect(ctx, protocol, port, dest, &mut d);
+        } else {
+            // Only name classes are compiled with it: fail closed.
+            d.verdict = verdict::DENY;
+        }
+    }
     if d.verdict != verdict::ALLOW {
-        // Anything but allow is a deny.
+        // Anything but allow is a deny. A broker that cannot take the
+        // connect is no policy decision: audit mode does not lift it.
         d.verdict = verdict::DENY;
-        if policy.flags & slot_policy::AUDIT != 0 {
+        let broker_failed = d.reason == reason::EGRESS_NOT_READY || d.reason == reason::EGRESS_V6;
+        if policy.flags & slot_policy::AUDIT != 0 && !broker_failed {
             d.verdict = verdict::ALLOW;
             d.reason = reason::AUDIT_ALLOWED;
         }

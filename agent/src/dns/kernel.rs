@@ -1,13 +1,14 @@
 //! The DNS path's pinned maps: the settings the programs read, the
 //! namespaces where the listeners are open, the learned addresses and the
-//! names they were learned for.
+//! names they were learned for; and the egress broker's, whose listeners
+//! share the DNS path's namespaces and address range.
 
 use std::path::Path;
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, SockHash};
-use idgate_common::{DnsSettings, LearnedKey, LearnedValue, NameText, maps};
+use idgate_common::{DnsSettings, EgressSettings, LearnedKey, LearnedValue, NameText, maps};
 
 use crate::bpf::key_was_missing;
 
@@ -64,6 +65,49 @@ impl RedirectMaps {
     pub fn closed(&mut self, cookie: u64) -> Result<(), KernelError> {
         match self.netns.remove(&cookie) {
             Err(e) if !key_was_missing(&e) => Err(err(maps::DNS_NETNS)(e)),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `IDG_EGRESS_SETTINGS` and `IDG_EGRESS_NETNS`: where connects of
+/// credential rules are sent.
+pub struct EgressMaps {
+    settings: Array<MapData, EgressSettings>,
+    netns: SockHash<MapData, u64>,
+}
+
+impl EgressMaps {
+    pub fn open(pin_dir: &Path) -> Result<Self, KernelError> {
+        Ok(Self {
+            settings: Array::try_from(open(pin_dir, maps::EGRESS_SETTINGS)?)
+                .map_err(err(maps::EGRESS_SETTINGS))?,
+            netns: SockHash::try_from(open(pin_dir, maps::EGRESS_NETNS)?)
+                .map_err(err(maps::EGRESS_NETNS))?,
+        })
+    }
+
+    /// Turns the redirect on (with the broker's ports) or off.
+    pub fn set(&mut self, settings: EgressSettings) -> Result<(), KernelError> {
+        self.settings
+            .set(0, settings, 0)
+            .map_err(err(maps::EGRESS_SETTINGS))
+    }
+
+    /// Brokered connects from the namespace with `cookie` go to the
+    /// broker there now, for as long as `listener` (its listening TCP
+    /// socket) is open.
+    pub fn listening(&mut self, cookie: u64, listener: &impl AsFd) -> Result<(), KernelError> {
+        self.netns
+            .insert(cookie, listener.as_fd().as_raw_fd(), 0)
+            .map_err(err(maps::EGRESS_NETNS))
+    }
+
+    /// The namespace's broker listener is closed: its brokered connects
+    /// are denied at once.
+    pub fn closed(&mut self, cookie: u64) -> Result<(), KernelError> {
+        match self.netns.remove(&cookie) {
+            Err(e) if !key_was_missing(&e) => Err(err(maps::EGRESS_NETNS)(e)),
             _ => Ok(()),
         }
     }

@@ -9,6 +9,9 @@
 //! Names compile to one entry per name class (each name pattern of the
 //! identity): the rules of every pattern that covers the class, ranked
 //! the same way but for the prefix, as one port table per protocol.
+//! A credential rule is a name rule for its host, on 443 (and 80), with
+//! the verdict [`verdict::BROKER`]: the kernel sends those TCP connects
+//! to the agent's egress broker, and denies UDP.
 
 use std::collections::{BTreeSet, HashMap};
 use std::hash::BuildHasher;
@@ -20,12 +23,12 @@ use idgate_common::{
 };
 use ipnet::IpNet;
 
-use super::model::{Action, Mode, PolicySet, Serial};
+use super::model::{CredentialRule, Mode, PolicySet, Serial};
 use super::names::{ClassId, NameIndex, NamePattern};
 use super::ports;
 use super::precedence::{
-    Blocks, DEFAULT_RULE_ID, Decided, FlatRule, Interval, RuleInfo, RuleTable, UNKNOWN_BLOCK,
-    decide,
+    Blocks, DEFAULT_RULE_ID, Decided, FlatRule, Interval, Outcome, RuleInfo, RuleTable,
+    UNKNOWN_BLOCK, decide,
 };
 use crate::hashing::FastMap;
 use crate::identity::SpiffeId;
@@ -97,6 +100,9 @@ pub struct CompiledPolicy {
     pub rule_sets: Vec<Arc<RuleSet>>,
     /// The name classes of each rule set, indexed like `rule_sets`.
     pub names: Vec<Arc<NameIndex>>,
+    /// The credential rules of each rule set's identities, indexed like
+    /// `rule_sets` (a rule set names the rule id of each).
+    pub credentials: Vec<Arc<[CredentialRule]>>,
     /// Indexed by rule id: id 0 is the default, then every rule of the
     /// policy in order (the unknown-workload policy's first), so a rule
     /// keeps its id whichever identities are bound.
@@ -120,6 +126,15 @@ impl CompiledPolicy {
     /// slot: which class a name looked up by its identity falls in.
     pub fn names(&self, slot: u32) -> Option<&Arc<NameIndex>> {
         self.slot(slot).map(|e| &self.names[e.rule_set])
+    }
+
+    /// The credential rules of `slot`'s identity, if the generation has
+    /// the slot: at most one per host, each the most specific block's
+    /// (see `precedence.rs`), in rule id order. Shared by every slot of
+    /// the same rule set, and with earlier compiles where the identity's
+    /// blocks did not change.
+    pub fn credentials(&self, slot: u32) -> Option<&Arc<[CredentialRule]>> {
+        self.slot(slot).map(|e| &self.credentials[e.rule_set])
     }
 }
 
@@ -159,6 +174,7 @@ struct Compiled {
     policy: SlotPolicy,
     set: Arc<RuleSet>,
     names: Arc<NameIndex>,
+    credentials: Arc<[CredentialRule]>,
 }
 
 impl Compiler {
@@ -210,6 +226,7 @@ impl Compiler {
                 .or_insert_with(|| {
                     out.rule_sets.push(compiled.set);
                     out.names.push(compiled.names);
+                    out.credentials.push(compiled.credentials);
                     next
                 });
             out.slots.push(SlotEntry {
@@ -253,10 +270,12 @@ impl Compiler {
     fn compile_blocks(&mut self, blocks: &Blocks, which: &[usize]) -> Compiled {
         let settings = blocks.settings(which);
         let flag = |set: bool, flag: u32| if set { flag } else { 0 };
-        let names = blocks.name_rules(which);
+        let credentials = blocks.credentials(which);
+        let mut names = blocks.name_rules(which);
+        names.extend(credentials.iter().map(|c| c.name_rule()));
         let set = rule_set(decide(&blocks.rules(which)), &names);
         let policy = SlotPolicy {
-            default_verdict: verdict_of(settings.default),
+            default_verdict: verdict_of(settings.default.into()),
             default_rule: DEFAULT_RULE_ID,
             flags: slot_policy::PRESENT
                 | flag(settings.audit, slot_policy::AUDIT)
@@ -268,6 +287,7 @@ impl Compiler {
             policy,
             set: self.intern(set),
             names: Arc::new(NameIndex::new(patterns)),
+            credentials: credentials.iter().map(|c| c.rule.clone()).collect(),
         }
     }
 
@@ -298,7 +318,7 @@ fn rule_set(decided: Vec<Decided>, names: &[(&NamePattern, FlatRule)]) -> RuleSe
                 *range = PortRange {
                     first: i.first,
                     last: i.last,
-                    verdict: verdict_of(i.action),
+                    verdict: verdict_of(i.outcome),
                     rule_id: i.rule,
                 };
             }
@@ -312,7 +332,7 @@ fn rule_set(decided: Vec<Decided>, names: &[(&NamePattern, FlatRule)]) -> RuleSe
                         table: next,
                         port,
                         prefix_len,
-                        verdict: verdict_of(i.action),
+                        verdict: verdict_of(i.outcome),
                         rule_id: i.rule,
                     });
                 }
@@ -362,10 +382,11 @@ fn name_classes(names: &[(&NamePattern, FlatRule)]) -> Vec<(ClassId, Decided)> {
         .collect()
 }
 
-fn verdict_of(a: Action) -> u32 {
-    match a {
-        Action::Allow => verdict::ALLOW,
-        Action::Deny => verdict::DENY,
+fn verdict_of(o: Outcome) -> u32 {
+    match o {
+        Outcome::Allow => verdict::ALLOW,
+        Outcome::Deny => verdict::DENY,
+        Outcome::Broker => verdict::BROKER,
     }
 }
 
@@ -750,6 +771,7 @@ mod tests {
                     },
                 ],
                 names: vec![Arc::default(), Arc::default()],
+                credentials: vec![Arc::from([]), Arc::from([])],
                 rule_sets: vec![
                     Arc::default(),
                     Arc::new(RuleSet {
@@ -1031,5 +1053,150 @@ mod tests {
         let equal = compiler.compile(&reader.load(&dir.path, &[]).unwrap(), &slots);
         assert!(Arc::ptr_eq(&set_of(&equal, 2), &set_of(&equal, 3)));
         assert!(Arc::ptr_eq(&set_of(&first, 3), &set_of(&equal, 3)));
+    }
+
+    /// A credential rule is a name rule for its host, on 443 (and 80
+    /// with `http`), to the broker: it beats every other name rule of the
+    /// identity there, even one of a more specific block, and the host is
+    /// a name the identity may look up.
+    #[test]
+    fn credential_rules_send_their_host_s_https_to_the_broker() {
+        let secret = crate::policy::testing::secret_file().display();
+        let p = policy(&format!(
+            r#"
+            [[identity]]
+            id = "spiffe://example.org/*"
+            [[identity.egress]]
+            name = "anthropic-all"
+            to = ["*.anthropic.com"]
+            action = "allow"
+            [[identity.credential]]
+            name = "anthropic"
+            host = "api.anthropic.com"
+            header = "x-api-key"
+            secret_file = "{secret}"
+            [[identity.credential]]
+            name = "openai-td"
+            host = "api.openai.com"
+            header = "authorization"
+            secret_file = "{secret}"
+            [[identity]]
+            id = "{WEB}"
+            [[identity.egress]]
+            name = "direct"
+            to = ["api.anthropic.com"]
+            ports = [443]
+            protocol = "tcp"
+            action = "allow"
+            [[identity.credential]]
+            name = "openai"
+            host = "api.openai.com"
+            kind = "jwt_svid"
+            audience = ["openai"]
+            http = true
+            "#
+        ));
+        let db = id("spiffe://example.org/db");
+        let c = compile(&p, &[(1, id(WEB)), (2, db)]);
+        let at = |slot: u32, name: &str, port: u16, tcp: bool| {
+            let index = c.names(slot).unwrap();
+            let class = index.class_of(name).unwrap();
+            let addr = "192.0.2.1".parse().unwrap();
+            let (v, rule) = evaluate_learned(&c, slot, addr, &[class.class], port, tcp);
+            let r = &c.rules[rule as usize];
+            (
+                v,
+                format!("{}#{}", r.owner, r.name),
+                class.pattern.to_owned(),
+            )
+        };
+        let td = "spiffe://example.org/*";
+        // The host is a class of its own: its lookups are answered.
+        assert_eq!(
+            at(1, "api.anthropic.com", 443, true),
+            (
+                verdict::BROKER,
+                format!("{td}#anthropic"),
+                "api.anthropic.com".into()
+            )
+        );
+        // UDP to its ports too, which the kernel denies (QUIC falls
+        // back to TCP); its other ports are the other rules'.
+        assert_eq!(
+            at(1, "api.anthropic.com", 443, false),
+            (
+                verdict::BROKER,
+                format!("{td}#anthropic"),
+                "api.anthropic.com".into()
+            )
+        );
+        assert_eq!(at(1, "api.anthropic.com", 8443, true).0, verdict::ALLOW);
+        assert_eq!(at(1, "api.anthropic.com", 8443, false).0, verdict::ALLOW);
+        // Plain HTTP is not brokered without `http`.
+        assert_eq!(
+            at(1, "api.anthropic.com", 80, true).1,
+            format!("{td}#anthropic-all")
+        );
+        // The exact block's credential for a host beats the pattern's;
+        // with `http`, port 80 is brokered too.
+        assert_eq!(
+            at(1, "api.openai.com", 443, true).1,
+            format!("{WEB}#openai")
+        );
+        assert_eq!(at(1, "api.openai.com", 80, true).0, verdict::BROKER);
+        assert_eq!(at(1, "api.openai.com", 81, true).0, verdict::DENY);
+        assert_eq!(
+            at(2, "api.openai.com", 443, true).1,
+            format!("{td}#openai-td")
+        );
+        assert_eq!(at(2, "api.openai.com", 80, true).0, verdict::DENY);
+        let names = |slot: u32| -> Vec<String> {
+            c.credentials(slot)
+                .unwrap()
+                .iter()
+                .map(|r| r.name.clone())
+                .collect()
+        };
+        assert_eq!(names(1), ["anthropic", "openai"]);
+        assert_eq!(names(2), ["anthropic", "openai-td"]);
+        assert!(names(UNKNOWN_SLOT).is_empty());
+        // Rule ids: a block's egress rules, then its credential rules.
+        let rules: Vec<&str> = c.rules.iter().map(|r| &*r.name).collect();
+        assert_eq!(
+            rules,
+            [
+                "default",
+                "anthropic-all",
+                "anthropic",
+                "openai-td",
+                "direct",
+                "openai"
+            ]
+        );
+        // A credential rule is never an address rule.
+        assert_ne!(
+            c.slot(1).unwrap().policy.flags & slot_policy::NO_ADDRESS_RULES,
+            0
+        );
+    }
+
+    #[test]
+    fn the_credential_rules_of_identities_with_the_same_blocks_are_shared() {
+        let secret = crate::policy::testing::secret_file().display();
+        let p = policy(&format!(
+            "[[identity]]\nid = \"spiffe://example.org/agents/*\"\n[[identity.credential]]\nname = \"api\"\nhost = \"api.x.com\"\nheader = \"x-key\"\nsecret_file = \"{secret}\"\n"
+        ));
+        let slots = [
+            (1, id("spiffe://example.org/agents/a")),
+            (2, id("spiffe://example.org/agents/b")),
+        ];
+        let mut compiler = Compiler::default();
+        let first = compiler.compile(&p, &slots);
+        let (a, b) = (first.credentials(1).unwrap(), first.credentials(2).unwrap());
+        assert!(Arc::ptr_eq(a, b));
+        assert_eq!(a[0].host.as_str(), "api.x.com");
+        let again = compiler.compile(&p, &slots);
+        assert!(Arc::ptr_eq(a, again.credentials(1).unwrap()));
+        assert!(first.credentials(3).is_none());
     }
 }

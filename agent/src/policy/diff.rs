@@ -6,7 +6,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use super::model::{Action, IdentityPolicy, Keyword, PolicySet, Serial};
-use super::summary::describe_rule;
+use super::summary::{describe_credential, describe_rule};
 use crate::hashing::FastSet;
 
 /// The difference between two policies. Rules are named `OWNER: NAME`.
@@ -41,11 +41,12 @@ fn settings_text(p: &IdentityPolicy) -> String {
 /// unchanged: see [`Serial`]).
 fn flatten(policy: &PolicySet, same: &FastSet<Serial>) -> Flat {
     let one = |p: &IdentityPolicy| {
-        let rules = p
-            .egress
+        let egress = p.egress.iter().map(|r| (r.name.clone(), describe_rule(r)));
+        let credentials = p
+            .credentials
             .iter()
-            .map(|r| (r.name.clone(), describe_rule(r)))
-            .collect();
+            .map(|r| (r.name.clone(), describe_credential(r)));
+        let rules = egress.chain(credentials).collect();
         (settings_text(p), rules)
     };
     let mut flat = Flat::new();

@@ -10,7 +10,7 @@ use super::model::PolicySet;
 use super::parse::{FileContents, parse};
 use super::segments::{Part, parse_parts};
 use super::subject::Subject;
-use super::{PolicyError, overlap, warnings};
+use super::{PolicyError, overlap, secrets, warnings};
 use crate::hashing::{FastMap, TextDigest, text_digest};
 use crate::parallel;
 
@@ -86,6 +86,7 @@ impl Reader {
         }
         self.files = kept;
         let mut set = merged.finish(&mut diagnostics);
+        secrets::check(&set, &mut diagnostics);
         self.clean = overlap::check(&set, &self.clean, &mut diagnostics);
         if diagnostics.is_empty() {
             set.warnings = warnings::check(&set);

@@ -1,5 +1,6 @@
 //! The policy as checked and merged from its files. See `docs/policy.md`.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -70,6 +71,71 @@ pub struct IdentityPolicy {
     /// rule can judge. Only in identity blocks; unset, `false`.
     pub raw_sockets: Option<bool>,
     pub egress: Vec<EgressRule>,
+    /// Credentials the agent adds to this identity's requests to a host.
+    /// Only in identity blocks.
+    pub credentials: Vec<CredentialRule>,
+}
+
+/// One credential rule: the identity's TCP connects to `host` (port 443,
+/// and 80 with `http`) go to the agent's egress broker, which adds the
+/// credential to each request it lets through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialRule {
+    /// Names the rule in records, as an egress rule's name does.
+    pub name: String,
+    /// One exact DNS name, canonical (never a wildcard).
+    pub host: NamePattern,
+    pub kind: CredentialKind,
+    /// HTTP methods allowed, uppercase; empty allows any.
+    pub methods: Vec<String>,
+    /// Path prefixes allowed, each starting with `/`; empty allows any.
+    pub paths: Vec<String>,
+    /// Plain HTTP on port 80 is brokered too, not only port 443.
+    pub http: bool,
+    /// Where the rule's table starts.
+    pub at: Location,
+}
+
+impl CredentialRule {
+    /// The ports whose TCP connects to the host it sends to the broker:
+    /// 443, and 80 with `http`.
+    pub fn ports(&self) -> Vec<(u16, u16)> {
+        let mut ports = vec![(HTTPS, HTTPS)];
+        if self.http {
+            ports.insert(0, (HTTP, HTTP));
+        }
+        ports
+    }
+}
+
+/// The port of HTTPS, which every credential rule brokers.
+pub const HTTPS: u16 = 443;
+/// The port of plain HTTP, brokered where a rule says `http = true`.
+pub const HTTP: u16 = 80;
+
+/// What a credential rule adds to a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CredentialKind {
+    /// A header whose value is `prefix` and the text of `secret_file`.
+    Header {
+        /// Lowercase.
+        header: String,
+        secret_file: PathBuf,
+        prefix: String,
+    },
+    /// `authorization: Bearer` and a JWT-SVID of the identity for
+    /// `audience`.
+    JwtSvid { audience: Vec<String> },
+}
+
+impl CredentialKind {
+    /// The header it sets, lowercase.
+    pub fn header(&self) -> &str {
+        match self {
+            Self::Header { header, .. } => header,
+            Self::JwtSvid { .. } => "authorization",
+        }
+    }
 }
 
 /// One egress rule.

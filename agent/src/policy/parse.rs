@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use ipnet::IpNet;
@@ -12,8 +13,8 @@ use toml::de::{DeTable, DeValue};
 
 use super::diagnostic::{Diagnostic, Location, Source};
 use super::model::{
-    Action, Destination, EgressRule, IdentityBlock, IdentityPolicy, Keyword, Mode, PortSpec,
-    Protocol, Serial,
+    Action, CredentialKind, CredentialRule, Destination, EgressRule, IdentityBlock, IdentityPolicy,
+    Keyword, Mode, PortSpec, Protocol, Serial,
 };
 use super::names::NamePattern;
 use super::ports::{self, PortError};
@@ -50,8 +51,41 @@ type Value<'i> = Spanned<DeValue<'i>>;
 
 const TOP_KEYS: &[&str] = &["mode", "unknown", "identity"];
 const UNKNOWN_KEYS: &[&str] = &["default", "audit", "egress"];
-const IDENTITY_KEYS: &[&str] = &["id", "default", "audit", "raw_sockets", "egress"];
+const IDENTITY_KEYS: &[&str] = &[
+    "id",
+    "default",
+    "audit",
+    "raw_sockets",
+    "egress",
+    "credential",
+];
 const RULE_KEYS: &[&str] = &["name", "to", "ports", "protocol", "action"];
+const CREDENTIAL_KEYS: &[&str] = &[
+    "name",
+    "host",
+    "kind",
+    "header",
+    "secret_file",
+    "prefix",
+    "audience",
+    "methods",
+    "paths",
+    "http",
+];
+/// The keys of a credential rule of kind `header` only.
+const HEADER_KEYS: &[&str] = &["header", "secret_file", "prefix"];
+/// Headers the broker itself sets or that frame the request: never a
+/// credential's.
+const RESERVED_HEADERS: &[&str] = &[
+    "host",
+    "connection",
+    "content-length",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+    "keep-alive",
+    "proxy-connection",
+];
 
 const WANT_TO: &str = "`to` must be an array of CIDRs, addresses, DNS names or \"any\" (like to = [\"10.0.0.0/8\", \"api.example.com\"])";
 const WANT_PORTS: &str =
@@ -78,7 +112,7 @@ impl Reader<'_> {
         if let Some(v) = root.get("unknown") {
             match v.get_ref() {
                 DeValue::Table(t) => {
-                    let policy = self.policy(t, Owner::Unknown);
+                    let policy = self.policy(t, Owner::Unknown, &mut HashMap::new());
                     out.unknown = Some((policy, self.source.locate(v.span().start)));
                 }
                 other => self.error(
@@ -100,10 +134,14 @@ impl Reader<'_> {
 
     /// One `[[identity]]` table.
     fn identity(&mut self, block: &Value, t: &DeTable) -> Option<IdentityBlock> {
-        let mut policy = self.policy(t, Owner::Identity);
+        let mut names = HashMap::new();
+        let mut policy = self.policy(t, Owner::Identity, &mut names);
         policy.raw_sockets = t
             .get("raw_sockets")
             .and_then(|v| self.boolean("raw_sockets", v));
+        if let Some(credentials) = t.get("credential") {
+            policy.credentials = self.credentials(credentials, &mut names);
+        }
         let Some(id) = t.get("id") else {
             self.error(
                 &block.span(),
@@ -129,8 +167,14 @@ impl Reader<'_> {
         }
     }
 
-    /// The settings and rules that `[unknown]` and identity blocks share.
-    fn policy(&mut self, t: &DeTable, owner: Owner) -> IdentityPolicy {
+    /// The settings and rules that `[unknown]` and identity blocks share;
+    /// `names` gets the rule names used, with where.
+    fn policy(
+        &mut self,
+        t: &DeTable,
+        owner: Owner,
+        names: &mut HashMap<String, Location>,
+    ) -> IdentityPolicy {
         let (what, keys, header) = match owner {
             Owner::Unknown => ("[unknown]", UNKNOWN_KEYS, "[[unknown.egress]]"),
             Owner::Identity => (
@@ -145,30 +189,16 @@ impl Reader<'_> {
             audit: t.get("audit").and_then(|v| self.boolean("audit", v)),
             raw_sockets: None,
             egress: Vec::new(),
+            credentials: Vec::new(),
         };
         let Some(egress) = t.get("egress") else {
             return policy;
         };
-        let mut names: HashMap<String, Location> = HashMap::new();
         let want = format!("`egress` must be an array of tables ({header})");
         for (rule, table) in self.tables(egress, &want) {
             let before = self.diagnostics.len();
             let parsed = self.rule(rule, table, owner);
-            if let Some(name) = table.get("name")
-                && let DeValue::String(n) = name.get_ref()
-            {
-                let here = self.source.locate(name.span().start);
-                if let Some(first) = names.get(n.as_ref()) {
-                    self.error(
-                        &name.span(),
-                        format!(
-                            "rule name {n:?} is already used in this block at {first}; rule names identify rules in events and must be unique per block"
-                        ),
-                    );
-                } else {
-                    names.insert(n.to_string(), here);
-                }
-            }
+            self.unique_name(table, names);
             if self.diagnostics.len() == before {
                 policy.egress.extend(parsed);
             }
@@ -176,18 +206,40 @@ impl Reader<'_> {
         policy
     }
 
+    /// Reports a rule's name that an earlier rule of the block (egress or
+    /// credential) has, else adds it to `names`.
+    fn unique_name(&mut self, t: &DeTable, names: &mut HashMap<String, Location>) {
+        let Some(name) = t.get("name") else { return };
+        let DeValue::String(n) = name.get_ref() else {
+            return;
+        };
+        if let Some(first) = names.get(n.as_ref()) {
+            self.error(
+                &name.span(),
+                format!(
+                    "rule name {n:?} is already used in this block at {first}; rule names identify rules in events and must be unique per block"
+                ),
+            );
+        } else {
+            names.insert(n.to_string(), self.source.locate(name.span().start));
+        }
+    }
+
+    /// A rule's `name`: a string, not empty.
+    fn rule_name(&mut self, rule: &Value, t: &DeTable) -> Option<String> {
+        let v = self.rule_key(t, rule, "name", "one (it names the rule in events)")?;
+        let n = self.string("`name`", v)?;
+        if n.trim().is_empty() {
+            self.error(&v.span(), "a rule's `name` must not be empty");
+            return None;
+        }
+        Some(n.to_owned())
+    }
+
     /// One egress rule table.
     fn rule(&mut self, rule: &Value, t: &DeTable, owner: Owner) -> Option<EgressRule> {
         self.known_keys(t, "an egress rule", RULE_KEYS);
-        let name = self.rule_key(t, rule, "name", "one (it names the rule in events)");
-        let name = name.and_then(|v| {
-            let n = self.string("`name`", v)?;
-            if n.trim().is_empty() {
-                self.error(&v.span(), "a rule's `name` must not be empty");
-                return None;
-            }
-            Some(n.to_owned())
-        });
+        let name = self.rule_name(rule, t);
         let action = self
             .rule_key(t, rule, "action", "one (\"allow\" or \"deny\")")
             .and_then(|v| self.keyword("action", v));
@@ -234,6 +286,302 @@ impl Reader<'_> {
             action: action?,
             at: self.source.locate(rule.span().start),
         })
+    }
+
+    /// The `[[identity.credential]]` tables of a block. Two rules of a
+    /// block for one host are refused: which would apply is not said.
+    fn credentials(
+        &mut self,
+        v: &Value,
+        names: &mut HashMap<String, Location>,
+    ) -> Vec<CredentialRule> {
+        let want = "`credential` must be an array of tables ([[identity.credential]])";
+        let mut out: Vec<CredentialRule> = Vec::new();
+        for (rule, table) in self.tables(v, want) {
+            let before = self.diagnostics.len();
+            let parsed = self.credential(rule, table);
+            self.unique_name(table, names);
+            if let Some(c) = &parsed
+                && let Some(first) = out.iter().find(|o| o.host == c.host)
+            {
+                let span = table.get("host").map_or_else(|| rule.span(), |h| h.span());
+                self.error(
+                    &span,
+                    format!(
+                        "host {} already has a credential rule in this block at {} ({:?}); a host has one credential rule per block",
+                        c.host, first.at, first.name
+                    ),
+                );
+            }
+            if self.diagnostics.len() == before {
+                out.extend(parsed);
+            }
+        }
+        out
+    }
+
+    /// One credential rule table.
+    fn credential(&mut self, rule: &Value, t: &DeTable) -> Option<CredentialRule> {
+        self.known_keys(t, "a credential rule", CREDENTIAL_KEYS);
+        let name = self.rule_name(rule, t);
+        let host = self
+            .rule_key(
+                t,
+                rule,
+                "host",
+                "one (the DNS name whose requests get the credential)",
+            )
+            .and_then(|v| self.host(v));
+        let kind = match t.get("kind") {
+            None => Some(Kind::Header),
+            Some(v) => self.keyword("kind", v),
+        };
+        let kind = match kind? {
+            Kind::Header => self.header_credential(rule, t),
+            Kind::JwtSvid => self.jwt_svid_credential(rule, t),
+        };
+        let methods = match t.get("methods") {
+            None => Some(Vec::new()),
+            Some(v) => self.methods(v),
+        };
+        let paths = match t.get("paths") {
+            None => Some(Vec::new()),
+            Some(v) => self.paths(v),
+        };
+        let http = match t.get("http") {
+            None => Some(false),
+            Some(v) => self.boolean("http", v),
+        };
+        Some(CredentialRule {
+            name: name?,
+            host: host?,
+            kind: kind?,
+            methods: methods?,
+            paths: paths?,
+            http: http?,
+            at: self.source.locate(rule.span().start),
+        })
+    }
+
+    /// A credential rule's `host`: one exact DNS name.
+    fn host(&mut self, v: &Value) -> Option<NamePattern> {
+        let s = self.string("`host`", v)?;
+        let hint = "`host` is one DNS name the workload connects to (like \"api.example.com\")";
+        if looks_like_an_address(s) {
+            self.error(
+                &v.span(),
+                format!(
+                    "{s:?} is not a DNS name: {hint}, with no address, port or path; the port is 443 (and 80 with `http = true`)"
+                ),
+            );
+            return None;
+        }
+        match s.parse::<NamePattern>() {
+            Ok(host) if host.is_wildcard() => {
+                self.error(
+                    &v.span(),
+                    format!(
+                        "{s:?}: {hint}, not a pattern: the broker needs the exact name to check and to connect to; write one rule per host"
+                    ),
+                );
+                None
+            }
+            Ok(host) => Some(host),
+            Err(e) => {
+                self.error(&v.span(), format!("{s:?} is not a DNS name: {e}"));
+                None
+            }
+        }
+    }
+
+    /// What a rule of kind `header` adds: `header`, `secret_file` and
+    /// `prefix`.
+    fn header_credential(&mut self, rule: &Value, t: &DeTable) -> Option<CredentialKind> {
+        if let Some((key, _)) = t.get_key_value("audience") {
+            self.error(
+                &key.span(),
+                "`audience` is a key of credential rules of kind = \"jwt_svid\"; this rule's kind is \"header\"",
+            );
+        }
+        let needs = |key: &str, like: &str| {
+            format!(
+                "this credential rule has no `{key}`; a rule of kind \"header\" (the default) needs {like}"
+            )
+        };
+        let header = match t.get("header") {
+            None => {
+                self.error(
+                    &rule.span(),
+                    needs("header", "the header's name (like header = \"x-api-key\")"),
+                );
+                None
+            }
+            Some(v) => self.header_name(v),
+        };
+        let secret_file = match t.get("secret_file") {
+            None => {
+                self.error(
+                    &rule.span(),
+                    needs(
+                        "secret_file",
+                        "the file holding the secret (like secret_file = \"/etc/idgate/secrets/api-key\")",
+                    ),
+                );
+                None
+            }
+            Some(v) => self.string("`secret_file`", v).and_then(|s| {
+                let path = PathBuf::from(s);
+                if path.is_absolute() {
+                    return Some(path);
+                }
+                self.error(
+                    &v.span(),
+                    format!("`secret_file` {s:?} must be an absolute path"),
+                );
+                None
+            }),
+        };
+        let prefix = match t.get("prefix") {
+            None => Some(String::new()),
+            Some(v) => self.string("`prefix`", v).and_then(|s| {
+                if s.chars().all(|c| c == ' ' || c == '\t' || !c.is_control()) {
+                    return Some(s.to_owned());
+                }
+                self.error(
+                    &v.span(),
+                    "`prefix` must not hold control characters: it goes into a header value",
+                );
+                None
+            }),
+        };
+        Some(CredentialKind::Header {
+            header: header?,
+            secret_file: secret_file?,
+            prefix: prefix?,
+        })
+    }
+
+    /// A header name, lowercase; not one the broker sets itself.
+    fn header_name(&mut self, v: &Value) -> Option<String> {
+        let s = self.string("`header`", v)?;
+        let Ok(name) = http::HeaderName::from_bytes(s.as_bytes()) else {
+            self.error(
+                &v.span(),
+                format!(
+                    "`header` {s:?} is not an HTTP header name (letters, digits and !#$%&'*+-.^_`|~)"
+                ),
+            );
+            return None;
+        };
+        if RESERVED_HEADERS.contains(&name.as_str()) {
+            self.error(
+                &v.span(),
+                format!(
+                    "`header` {s:?} frames the request and cannot carry a credential; the broker sets it itself"
+                ),
+            );
+            return None;
+        }
+        Some(name.as_str().to_owned())
+    }
+
+    /// What a rule of kind `jwt_svid` adds: the identity's JWT-SVID for
+    /// `audience`.
+    fn jwt_svid_credential(&mut self, rule: &Value, t: &DeTable) -> Option<CredentialKind> {
+        for key in HEADER_KEYS {
+            if let Some((k, _)) = t.get_key_value(*key) {
+                self.error(
+                    &k.span(),
+                    format!(
+                        "`{key}` is not a key of credential rules of kind = \"jwt_svid\": they set `authorization: Bearer` and the identity's JWT-SVID"
+                    ),
+                );
+            }
+        }
+        let want = "`audience` must be an array of strings (like audience = [\"https://api.example.com\"])";
+        let v = match t.get("audience") {
+            Some(v) => v,
+            None => {
+                self.error(
+                    &rule.span(),
+                    format!(
+                        "this credential rule has no `audience`; a rule of kind \"jwt_svid\" needs the JWT-SVID's audience ({want})"
+                    ),
+                );
+                return None;
+            }
+        };
+        let items = self.array(v, want)?;
+        if items.is_empty() {
+            self.error(
+                &v.span(),
+                "`audience` is empty; a JWT-SVID names at least one audience",
+            );
+            return None;
+        }
+        let audience: Vec<Option<String>> = items
+            .iter()
+            .map(|a| {
+                let s = self.string("an audience", a)?;
+                if s.is_empty() {
+                    self.error(&a.span(), "an audience must not be empty");
+                    return None;
+                }
+                Some(s.to_owned())
+            })
+            .collect();
+        Some(CredentialKind::JwtSvid {
+            audience: audience.into_iter().collect::<Option<_>>()?,
+        })
+    }
+
+    /// `methods`: HTTP method tokens, uppercase.
+    fn methods(&mut self, v: &Value) -> Option<Vec<String>> {
+        let want =
+            "`methods` must be an array of HTTP methods (like methods = [\"GET\", \"POST\"])";
+        let items = self.array(v, want)?;
+        let methods: Vec<Option<String>> = items
+            .iter()
+            .map(|m| {
+                let s = self.string("a method", m)?.to_ascii_uppercase();
+                if !s.is_empty() && http::Method::from_bytes(s.as_bytes()).is_ok() {
+                    return Some(s);
+                }
+                self.error(&m.span(), format!("{s:?} is not an HTTP method"));
+                None
+            })
+            .collect();
+        methods.into_iter().collect()
+    }
+
+    /// `paths`: path prefixes, each starting with `/`.
+    fn paths(&mut self, v: &Value) -> Option<Vec<String>> {
+        let want = "`paths` must be an array of path prefixes (like paths = [\"/v1/messages\"])";
+        let items = self.array(v, want)?;
+        let paths: Vec<Option<String>> = items
+            .iter()
+            .map(|p| {
+                let s = self.string("a path", p)?;
+                if !s.starts_with('/') {
+                    self.error(&p.span(), format!("path {s:?} must start with `/`"));
+                    return None;
+                }
+                if let Some(c) = s
+                    .chars()
+                    .find(|c| c.is_whitespace() || c.is_control() || *c == '?' || *c == '#')
+                {
+                    self.error(
+                        &p.span(),
+                        format!(
+                            "path {s:?} has {c:?}; a path prefix has no spaces, query or fragment"
+                        ),
+                    );
+                    return None;
+                }
+                Some(s.to_owned())
+            })
+            .collect();
+        paths.into_iter().collect()
     }
 
     /// One item of `to`, in a rule of `owner` with `action` (if valid).
@@ -452,6 +800,18 @@ impl Reader<'_> {
         }
         found
     }
+}
+
+/// What a credential rule adds, as its `kind` is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Header,
+    JwtSvid,
+}
+
+impl Keyword for Kind {
+    const WORDS: &'static [(&'static str, Self)] =
+        &[("header", Self::Header), ("jwt_svid", Self::JwtSvid)];
 }
 
 /// Whose rules are read: the unknown workload's may not name hosts.
@@ -852,5 +1212,239 @@ action = "deny"
                 .starts_with("rule name \"a\" is already used in this block at ")
         );
         assert!(got[0].1.contains("p.toml:4:8;"), "{}", got[0].1);
+    }
+
+    #[test]
+    fn parses_credential_rules() {
+        let secret = crate::policy::testing::secret_file().display().to_string();
+        let p = policy(&format!(
+            r#"[[identity]]
+id = "spiffe://example.org/agent"
+[[identity.egress]]
+name = "docs"
+to = ["docs.example.com"]
+action = "allow"
+[[identity.credential]]
+name = "anthropic"
+host = "API.Anthropic.com."
+header = "X-Api-Key"
+secret_file = "{secret}"
+[[identity.credential]]
+name = "internal"
+host = "internal.example.com"
+kind = "jwt_svid"
+audience = ["https://internal.example.com", "other"]
+methods = ["get", "POST", "PROPFIND"]
+paths = ["/v1/", "/"]
+http = true
+[[identity.credential]]
+name = "bearer"
+host = "api.openai.com"
+kind = "header"
+header = "authorization"
+secret_file = "{secret}"
+prefix = "Bearer "
+"#
+        ));
+        let c = &p.identities[0].policy.credentials;
+        assert_eq!(c.len(), 3);
+        assert_eq!(c[0].name, "anthropic");
+        assert_eq!(c[0].host.as_str(), "api.anthropic.com");
+        assert_eq!(
+            c[0].kind,
+            CredentialKind::Header {
+                header: "x-api-key".into(),
+                secret_file: secret.clone().into(),
+                prefix: String::new(),
+            }
+        );
+        assert!(c[0].methods.is_empty() && c[0].paths.is_empty() && !c[0].http);
+        assert_eq!(c[0].at.line, 7);
+        assert_eq!(c[0].ports(), [(443, 443)]);
+        assert_eq!(
+            c[1].kind,
+            CredentialKind::JwtSvid {
+                audience: vec!["https://internal.example.com".into(), "other".into()]
+            }
+        );
+        assert_eq!(c[1].kind.header(), "authorization");
+        assert_eq!(c[1].methods, ["GET", "POST", "PROPFIND"]);
+        assert_eq!(c[1].paths, ["/v1/", "/"]);
+        assert!(c[1].http);
+        assert_eq!(c[1].ports(), [(80, 80), (443, 443)]);
+        assert!(matches!(&c[2].kind, CredentialKind::Header { prefix, .. } if prefix == "Bearer "));
+        assert_eq!(p.identities[0].policy.egress.len(), 1);
+    }
+
+    #[test]
+    fn reports_every_credential_problem_with_its_line() {
+        let secret = crate::policy::testing::secret_file().display().to_string();
+        let text = format!(
+            r#"[[unknown.credential]]
+name = "u"
+[[identity]]
+id = "spiffe://example.org/agent"
+[[identity.egress]]
+name = "same"
+to = ["10.0.0.1"]
+action = "allow"
+[[identity.credential]]
+name = "same"
+host = "a.example.com"
+header = "x-key"
+secret_file = "{secret}"
+colour = "red"
+[[identity.credential]]
+name = ""
+[[identity.credential]]
+name = "wild"
+host = "*.example.com"
+header = "x-key"
+secret_file = "{secret}"
+[[identity.credential]]
+name = "addr"
+host = "10.0.0.1"
+header = "x-key"
+secret_file = "{secret}"
+[[identity.credential]]
+name = "port"
+host = "b.example.com:443"
+header = "x-key"
+secret_file = "{secret}"
+[[identity.credential]]
+name = "bad-header"
+host = "c.example.com"
+header = "x key"
+secret_file = "relative/key"
+prefix = "a\u0001"
+[[identity.credential]]
+name = "host-header"
+host = "d.example.com"
+header = "Host"
+secret_file = "{secret}"
+audience = ["x"]
+[[identity.credential]]
+name = "jwt"
+host = "e.example.com"
+kind = "jwt_svid"
+header = "x-key"
+secret_file = "{secret}"
+prefix = "p"
+audience = []
+[[identity.credential]]
+name = "jwt-none"
+host = "f.example.com"
+kind = "jwt_svid"
+[[identity.credential]]
+name = "kind"
+host = "g.example.com"
+kind = "oauth"
+[[identity.credential]]
+name = "filters"
+host = "h.example.com"
+header = "x-key"
+secret_file = "{secret}"
+methods = ["GET", "G T", 3]
+paths = ["v1", "/a b", "/x?y"]
+http = "yes"
+[[identity.credential]]
+name = "first"
+host = "i.example.com"
+header = "x-key"
+secret_file = "{secret}"
+[[identity.credential]]
+name = "dup-host"
+host = "I.example.com"
+header = "x-key"
+secret_file = "{secret}"
+"#
+        );
+        assert_errors(
+            &text,
+            &[
+                (
+                    1,
+                    "unknown key `credential` in [unknown]; expected one of: default, audit, egress",
+                ),
+                (10, "rule name \"same\" is already used in this block at "),
+                (
+                    14,
+                    "unknown key `colour` in a credential rule; expected one of: name, host, kind, header, secret_file, prefix, audience, methods, paths, http",
+                ),
+                (15, "this rule has no `host`"),
+                (
+                    15,
+                    "this credential rule has no `header`; a rule of kind \"header\" (the default) needs the header's name",
+                ),
+                (15, "this credential rule has no `secret_file`"),
+                (16, "a rule's `name` must not be empty"),
+                (
+                    19,
+                    "\"*.example.com\": `host` is one DNS name the workload connects to (like \"api.example.com\"), not a pattern",
+                ),
+                (24, "\"10.0.0.1\" is not a DNS name: `host` is one DNS name"),
+                (
+                    29,
+                    "\"b.example.com:443\" is not a DNS name: `host` is one DNS name the workload connects to (like \"api.example.com\"), with no address, port or path",
+                ),
+                (35, "`header` \"x key\" is not an HTTP header name"),
+                (
+                    36,
+                    "`secret_file` \"relative/key\" must be an absolute path",
+                ),
+                (37, "`prefix` must not hold control characters"),
+                (
+                    41,
+                    "`header` \"Host\" frames the request and cannot carry a credential",
+                ),
+                (
+                    43,
+                    "`audience` is a key of credential rules of kind = \"jwt_svid\"; this rule's kind is \"header\"",
+                ),
+                (
+                    48,
+                    "`header` is not a key of credential rules of kind = \"jwt_svid\"",
+                ),
+                (
+                    49,
+                    "`secret_file` is not a key of credential rules of kind = \"jwt_svid\"",
+                ),
+                (
+                    50,
+                    "`prefix` is not a key of credential rules of kind = \"jwt_svid\"",
+                ),
+                (51, "`audience` is empty"),
+                (
+                    52,
+                    "this credential rule has no `audience`; a rule of kind \"jwt_svid\" needs",
+                ),
+                (
+                    59,
+                    "`kind` \"oauth\" is not one of \"header\", \"jwt_svid\"",
+                ),
+                (65, "\"G T\" is not an HTTP method"),
+                (65, "a method must be a string, not an integer"),
+                (66, "path \"v1\" must start with `/`"),
+                (
+                    66,
+                    "path \"/a b\" has ' '; a path prefix has no spaces, query or fragment",
+                ),
+                (66, "path \"/x?y\" has '?'"),
+                (67, "`http` must be true or false, not a string"),
+                (
+                    75,
+                    "host i.example.com already has a credential rule in this block at ",
+                ),
+            ],
+        );
+        // The rest of the block's rules are kept apart from its problems:
+        // a block without them parses.
+        assert_errors(
+            "[[identity]]\nid = \"spiffe://e.org/a\"\ncredential = 1\n",
+            &[(
+                3,
+                "`credential` must be an array of tables ([[identity.credential]]), not an integer",
+            )],
+        );
     }
 }

@@ -14,7 +14,11 @@
 //!
 //! Rules for DNS names are read only when no address rule covers the
 //! connect; among the name rules that cover one name, the steps are the
-//! same but the first.
+//! same but the first, and before them all a credential rule for the name
+//! (which sends its ports to the broker) beats every other rule.
+//!
+//! An identity's credential rules are, per host, those of the most
+//! specific block that has one for it.
 //!
 //! When no rule covers a connect, the identity's `default` decides. It,
 //! `audit` and `raw_sockets` come from the most specific block that sets
@@ -26,10 +30,12 @@ use std::sync::Arc;
 
 use ipnet::{IpNet, Ipv4Net};
 
-use super::model::{Action, EgressRule, IdentityPolicy, Mode, PolicySet, Protocol, Serial};
+use super::model::{
+    Action, CredentialRule, EgressRule, IdentityPolicy, Mode, PolicySet, Protocol, Serial,
+};
 use super::names::NamePattern;
 use super::subject::{Specificity, Subject, pattern_bases};
-use crate::hashing::FastMap;
+use crate::hashing::{FastMap, FastSet};
 use crate::identity::SpiffeId;
 
 /// What a rule id stands for, for events and `explain`.
@@ -130,6 +136,12 @@ impl Eq for RuleTable {}
 /// Rule id reported for a decision by an identity's default.
 pub const DEFAULT_RULE_ID: u32 = 0;
 
+/// How many rule ids a block's rules take: one per egress rule, then one
+/// per credential rule.
+fn rule_count(policy: &IdentityPolicy) -> u32 {
+    (policy.egress.len() + policy.credentials.len()) as u32
+}
+
 /// Index of the unknown-workload policy among [`Blocks`].
 pub const UNKNOWN_BLOCK: usize = 0;
 
@@ -165,6 +177,24 @@ pub struct Settings {
     pub raw_sockets: bool,
 }
 
+/// What the rule that decides a connect does with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    Allow,
+    Deny,
+    /// Sends it to the agent's egress broker (a credential rule).
+    Broker,
+}
+
+impl From<Action> for Outcome {
+    fn from(a: Action) -> Self {
+        match a {
+            Action::Allow => Self::Allow,
+            Action::Deny => Self::Deny,
+        }
+    }
+}
+
 /// One rule for one destination network, as the precedence ranks it.
 /// A rule for a name has [`NAME_NET`]: the same for every name rule, so
 /// the prefix step ties among them.
@@ -174,8 +204,33 @@ pub struct FlatRule {
     pub net: IpNet,
     pub ports: Vec<(u16, u16)>,
     pub protocol: Protocol,
-    pub action: Action,
+    pub outcome: Outcome,
     pub specificity: Specificity,
+}
+
+/// A credential rule as an identity gets it: with its rule id and its
+/// block's specificity.
+#[derive(Debug, Clone, Copy)]
+pub struct Credential<'a> {
+    pub id: u32,
+    pub rule: &'a CredentialRule,
+    pub specificity: Specificity,
+}
+
+impl<'a> Credential<'a> {
+    /// Its rule for its host: its ports, to the broker. UDP too, which
+    /// the kernel denies for a broker verdict (QUIC falls back to TCP).
+    pub fn name_rule(&self) -> (&'a NamePattern, FlatRule) {
+        let rule = FlatRule {
+            id: self.id,
+            net: NAME_NET,
+            ports: self.rule.ports(),
+            protocol: Protocol::Any,
+            outcome: Outcome::Broker,
+            specificity: self.specificity,
+        };
+        (&self.rule.host, rule)
+    }
 }
 
 /// The net of every name rule's [`FlatRule`].
@@ -188,7 +243,7 @@ impl FlatRule {
             net,
             ports: rule.port_ranges(),
             protocol: rule.protocol,
-            action: rule.action,
+            outcome: rule.action.into(),
             specificity,
         }
     }
@@ -199,7 +254,7 @@ impl FlatRule {
 pub struct Interval {
     pub first: u16,
     pub last: u16,
-    pub action: Action,
+    pub outcome: Outcome,
     pub rule: u32,
 }
 
@@ -234,7 +289,7 @@ impl<'a> Blocks<'a> {
         let mut patterns = FastMap::default();
         for block in &policy.identities {
             let last = &list[list.len() - 1];
-            let first_rule = last.first_rule + last.policy.egress.len() as u32;
+            let first_rule = last.first_rule + rule_count(last.policy);
             if let Subject::Pattern(base) = &block.subject {
                 patterns.entry(base.as_str()).or_insert(list.len());
             }
@@ -313,7 +368,7 @@ impl<'a> Blocks<'a> {
         over.into_iter().chain([block]).collect()
     }
 
-    /// The block of a rule id, and the rule.
+    /// The block of an egress rule's id, and the rule.
     pub fn rule(&self, id: u32) -> (&Block<'a>, &'a EgressRule) {
         let block = &self.list[self.list.partition_point(|b| b.first_rule <= id) - 1];
         (
@@ -322,19 +377,45 @@ impl<'a> Blocks<'a> {
         )
     }
 
-    /// What the rule ids of block `b` stand for, in order from its first.
+    /// What the rule ids of block `b` stand for, in order from its first:
+    /// its egress rules, then its credential rules.
     pub fn block_rule_infos(&self, b: usize) -> Vec<RuleInfo> {
         let block = &self.list[b];
         let owner: Arc<str> = block.owner().into();
-        block
-            .policy
-            .egress
-            .iter()
-            .map(|r| RuleInfo {
+        let policy = block.policy;
+        let egress = policy.egress.iter().map(|r| &r.name);
+        let credentials = policy.credentials.iter().map(|c| &c.name);
+        egress
+            .chain(credentials)
+            .map(|name| RuleInfo {
                 owner: owner.clone(),
-                name: r.name.as_str().into(),
+                name: name.as_str().into(),
             })
             .collect()
+    }
+
+    /// The credential rules of an identity the blocks `which` apply to
+    /// (least specific first): for each host, the rule of the most
+    /// specific block that has one, in the order of the blocks and their
+    /// rules.
+    pub fn credentials(&self, which: &[usize]) -> Vec<Credential<'a>> {
+        let mut hosts: FastSet<&NamePattern> = FastSet::default();
+        let mut out = Vec::new();
+        for &b in which.iter().rev() {
+            let block = &self.list[b];
+            let first = block.first_rule + block.policy.egress.len() as u32;
+            for (id, rule) in (first..).zip(&block.policy.credentials) {
+                if hosts.insert(&rule.host) {
+                    out.push(Credential {
+                        id,
+                        rule,
+                        specificity: block.specificity,
+                    });
+                }
+            }
+        }
+        out.sort_by_key(|c| c.id);
+        out
     }
 
     /// The settings of an identity the blocks `which` apply to (least
@@ -435,12 +516,20 @@ pub fn decide(rules: &[FlatRule]) -> Vec<Decided> {
 /// The winner of every port, as disjoint intervals, among rules that all
 /// cover one destination prefix, for one transport.
 fn resolve(rules: &[&FlatRule], transport: Protocol) -> Vec<Interval> {
-    type Rank = (u8, Reverse<u32>, bool, Specificity, bool, Reverse<u32>);
+    type Rank = (
+        bool,
+        u8,
+        Reverse<u32>,
+        bool,
+        Specificity,
+        bool,
+        Reverse<u32>,
+    );
     struct Candidate {
         first: u32,
         last: u32,
         rank: Rank,
-        action: Action,
+        outcome: Outcome,
         id: u32,
     }
     let mut candidates = Vec::new();
@@ -451,14 +540,15 @@ fn resolve(rules: &[&FlatRule], transport: Protocol) -> Vec<Interval> {
                 first,
                 last,
                 rank: (
+                    r.outcome == Outcome::Broker,
                     r.net.prefix_len(),
                     Reverse(last - first),
                     r.protocol != Protocol::Any,
                     r.specificity,
-                    r.action == Action::Deny,
+                    r.outcome == Outcome::Deny,
                     Reverse(r.id),
                 ),
-                action: r.action,
+                outcome: r.outcome,
                 id: r.id,
             });
         }
@@ -485,7 +575,7 @@ fn resolve(rules: &[&FlatRule], transport: Protocol) -> Vec<Interval> {
             _ => out.push(Interval {
                 first: lo as u16,
                 last: hi as u16,
-                action: win.action,
+                outcome: win.outcome,
                 rule: win.id,
             }),
         }
@@ -529,7 +619,7 @@ mod tests {
             net: "10.0.0.0/8".parse().unwrap(),
             ports: vec![ports],
             protocol,
-            action,
+            outcome: action.into(),
             specificity: Specificity::Exact,
         }
     }

@@ -189,6 +189,19 @@ mod tests {
     }
 
     #[test]
+    fn credential_rules_are_parts_of_their_identity_block() {
+        let text = format!(
+            "# head\n{BLOCK}[[identity.credential]]\nname = \"api\"\nhost = \"api.example.com\"\nheader = \"x-key\"\nsecret_file = \"/k\"\n{}",
+            BLOCK.replace("example.org/a", "example.org/b")
+        );
+        let (parts, kept) = parse_parts(Path::new("p.toml"), &text, &[]).unwrap();
+        assert_eq!(kept.len(), 3);
+        assert!(same(&parts, &whole(&text)));
+        assert_eq!(parts.identities[0].policy.credentials[0].at.line, 8);
+        assert!(parts.identities[1].policy.credentials.is_empty());
+    }
+
+    #[test]
     fn locations_count_the_lines_before_a_part() {
         let text = format!("# head\n\n{BLOCK}{BLOCK}");
         let (parts, _) = parse_parts(Path::new("p.toml"), &text, &[]).unwrap();

@@ -2,7 +2,9 @@
 
 use std::fmt::Write;
 
-use super::model::{Destination, EgressRule, Keyword, Mode, PolicySet, Protocol};
+use super::model::{
+    CredentialKind, CredentialRule, Destination, EgressRule, Keyword, Mode, PolicySet, Protocol,
+};
 use super::precedence::{Blocks, UNKNOWN_BLOCK};
 
 /// `tcp`, `udp` or `tcp+udp`.
@@ -57,6 +59,41 @@ pub fn describe_rule(rule: &EgressRule) -> String {
     )
 }
 
+/// One credential rule in one line, e.g. `broker tcp to api.x.com port
+/// 443: header x-api-key from /etc/idgate/secrets/x`. Two rules with the
+/// same line do the same.
+pub fn describe_credential(rule: &CredentialRule) -> String {
+    let adds = match &rule.kind {
+        CredentialKind::Header {
+            header,
+            secret_file,
+            prefix,
+        } => {
+            let prefix = if prefix.is_empty() {
+                String::new()
+            } else {
+                format!(" after {prefix:?}")
+            };
+            format!("header {header} from {}{prefix}", secret_file.display())
+        }
+        CredentialKind::JwtSvid { audience } => {
+            format!("authorization: Bearer JWT-SVID for {}", audience.join(", "))
+        }
+    };
+    let mut out = format!(
+        "broker tcp to {} {}: {adds}",
+        rule.host,
+        describe_ports(&rule.ports())
+    );
+    if !rule.methods.is_empty() {
+        let _ = write!(out, "; methods {}", rule.methods.join(","));
+    }
+    if !rule.paths.is_empty() {
+        let _ = write!(out, "; paths {}", rule.paths.join(","));
+    }
+    out
+}
+
 /// The whole policy: the mode, then one paragraph per block (the unknown
 /// workload first) with the settings its identities get and its rules.
 pub fn summary(policy: &PolicySet) -> String {
@@ -93,11 +130,15 @@ pub fn summary(policy: &PolicySet) -> String {
             let _ = write!(out, "; also the rules of {}", also.join(", "));
         }
         out.push('\n');
-        if block.policy.egress.is_empty() {
+        let policy = block.policy;
+        if policy.egress.is_empty() && policy.credentials.is_empty() {
             let _ = writeln!(out, "  (no rules)");
         }
-        for rule in &block.policy.egress {
+        for rule in &policy.egress {
             let _ = writeln!(out, "  {}  [{}]", describe_rule(rule), rule.name);
+        }
+        for rule in &policy.credentials {
+            let _ = writeln!(out, "  {}  [{}]", describe_credential(rule), rule.name);
         }
     }
     out
@@ -156,6 +197,42 @@ spiffe://example.org/agents/coder: default allow, enforced, raw sockets allowed 
   deny udp to any all ports  [no-metadata]
   allow tcp to docs.example.com, *.cdn.example.com, 192.0.2.7/32 port 443  [docs]
 "
+        );
+    }
+
+    #[test]
+    fn says_what_each_credential_rule_adds() {
+        let secret = crate::policy::testing::secret_file().display().to_string();
+        let p = policy(&format!(
+            r#"
+            [[identity]]
+            id = "spiffe://example.org/agent"
+            [[identity.credential]]
+            name = "openai"
+            host = "api.openai.com"
+            header = "Authorization"
+            secret_file = "{secret}"
+            prefix = "Bearer "
+            methods = ["post"]
+            paths = ["/v1/chat/", "/v1/models"]
+            [[identity.credential]]
+            name = "internal"
+            host = "internal.example.com"
+            kind = "jwt_svid"
+            audience = ["internal", "x"]
+            http = true
+            "#
+        ));
+        let text = summary(&p);
+        let lines: Vec<&str> = text.lines().skip(4).collect();
+        assert_eq!(
+            lines,
+            [
+                format!(
+                    "  broker tcp to api.openai.com port 443: header authorization from {secret} after \"Bearer \"; methods POST; paths /v1/chat/,/v1/models  [openai]"
+                ),
+                "  broker tcp to internal.example.com ports 80,443: authorization: Bearer JWT-SVID for internal, x  [internal]".to_owned(),
+            ]
         );
     }
 }

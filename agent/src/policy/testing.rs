@@ -61,3 +61,16 @@ pub fn errors(text: &str) -> Vec<(u32, String)> {
         })
         .collect()
 }
+
+/// A secret file fit for credential rules (mode 0600), made once per test
+/// process and left for the system's temporary-file cleanup.
+pub fn secret_file() -> &'static Path {
+    use std::os::unix::fs::PermissionsExt;
+    static FILE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    FILE.get_or_init(|| {
+        let path = std::env::temp_dir().join(format!("idgate-secret-{}", std::process::id()));
+        std::fs::write(&path, "sk-test\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        path
+    })
+}
