@@ -69,6 +69,16 @@ pub enum Invalid {
     Dns(#[from] crate::dns::DnsConfigError),
     #[error(transparent)]
     Grants(#[from] crate::grants::GrantsConfigError),
+    #[error(transparent)]
+    Egress(#[from] crate::egress::EgressConfigError),
+    #[error(
+        "`egress.enabled` needs the DNS path (`dns.enabled`): the broker takes the connects to the addresses that name lookups learned"
+    )]
+    EgressWithoutDns,
+    #[error(
+        "`egress.{what}` ({port}) is `dns.listen_port` too: the listeners of one namespace need ports of their own"
+    )]
+    EgressPortTaken { what: &'static str, port: u16 },
 }
 
 /// The most cgroups `max_workloads` may ask room for.
@@ -140,6 +150,10 @@ pub struct Config {
     /// `[grants]`: the longest grant and the most that run at once; see
     /// `grants::GrantsConfig` for each key and its default.
     pub grants: crate::grants::GrantsConfig,
+    /// `[egress]`: the credential broker (credential rules in policy); off
+    /// by default. See `egress::EgressConfig` for each key and its
+    /// default.
+    pub egress: crate::egress::EgressConfig,
 }
 
 /// A cgroup under the scope bound to an identity by the configuration.
@@ -174,6 +188,7 @@ impl Default for Config {
             kubernetes: None,
             dns: Default::default(),
             grants: Default::default(),
+            egress: Default::default(),
         }
     }
 }
@@ -199,6 +214,11 @@ impl Config {
         ] {
             if p.is_relative() {
                 *p = base.join(&*p);
+            }
+        }
+        for root in &mut config.egress.extra_roots {
+            if root.is_relative() {
+                *root = base.join(&*root);
             }
         }
         config.events.resolve(base);
@@ -237,7 +257,27 @@ impl Config {
         }
         self.dns.check(&self.trust_domains)?;
         self.grants.check()?;
+        self.check_egress()?;
         Ok(self.svid.check(&self.trust_domains)?)
+    }
+
+    fn check_egress(&self) -> Result<(), Invalid> {
+        if !self.egress.enabled {
+            return Ok(());
+        }
+        if !self.dns.enabled {
+            return Err(Invalid::EgressWithoutDns);
+        }
+        self.egress.check()?;
+        for (what, port) in [
+            ("tls_port", self.egress.tls_port),
+            ("http_port", self.egress.http_port),
+        ] {
+            if port == self.dns.listen_port {
+                return Err(Invalid::EgressPortTaken { what, port });
+            }
+        }
+        Ok(())
     }
 }
 

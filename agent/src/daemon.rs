@@ -86,6 +86,12 @@ pub enum DaemonError {
     WorkloadApi(#[from] crate::workload_api::WorkloadApiError),
     #[error(transparent)]
     Dns(#[from] crate::dns::DnsPathError),
+    #[error("the credential broker: {0}")]
+    Egress(#[from] crate::egress::EgressError),
+    #[error("the credential broker's CA: {0}")]
+    EgressCa(#[from] crate::egress::EgressCaError),
+    #[error("the credential broker's kernel settings: {0}")]
+    EgressMaps(#[from] crate::dns::KernelError),
     #[error(transparent)]
     Federation(#[from] crate::federation::FederationError),
     #[error(transparent)]
@@ -121,6 +127,66 @@ pub async fn run(config_path: &Path, handover: crate::dns::Handover) -> Result<(
     let result = agent.serve().await;
     tracing::info!("stopped; programs stay attached and pinned");
     result
+}
+
+/// How often the egress CA is looked at for rotation (it is also at each
+/// certificate it issues).
+const EGRESS_CA_LOOK: Duration = Duration::from_secs(3600);
+
+/// Runs the credential broker beside the DNS path when `[egress]` is on
+/// (the configuration's check makes sure the DNS path runs then); else
+/// tells the kernel it is off, so a connect of a credential rule is
+/// denied (`egress_not_ready`).
+fn start_broker(
+    dns: Option<&mut crate::dns::DnsPath>,
+    ca: Option<crate::egress::EgressCa>,
+    config: &crate::config::Config,
+    view: watch::Receiver<Arc<crate::dns::DnsView>>,
+    credentials: &Arc<crate::svid::Credentials>,
+    records: mpsc::Sender<crate::egress::BrokerRecord>,
+) -> Result<(), DaemonError> {
+    let mut maps = crate::dns::EgressMaps::open(&config.pin_dir)?;
+    let (Some(dns), Some(ca)) = (dns, ca) else {
+        maps.set(idgate_common::EgressSettings::default())?;
+        return Ok(());
+    };
+    let directory =
+        crate::egress::AgentDirectory::new(view, dns.host_lookup(), credentials.clone());
+    let broker = crate::egress::Broker::new(&config.egress, ca, Arc::new(directory), records)?;
+    let rotating = broker.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(EGRESS_CA_LOOK);
+        loop {
+            tick.tick().await;
+            let broker = rotating.clone();
+            let rotated = tokio::task::spawn_blocking(move || {
+                broker.ca().rotate(std::time::SystemTime::now())
+            })
+            .await;
+            match rotated {
+                Ok(Ok(true)) => {
+                    tracing::info!("egress CA rotated: a new CA is in the trust bundle")
+                }
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "egress CA rotation failed; the current CA stays")
+                }
+                Err(_) => return,
+            }
+        }
+    });
+    dns.start_egress(crate::dns::EgressListening {
+        broker,
+        maps,
+        tls_port: config.egress.tls_port,
+        http_port: config.egress.http_port,
+    })?;
+    tracing::info!(
+        tls_port = config.egress.tls_port,
+        http_port = config.egress.http_port,
+        "credential broker listening"
+    );
+    Ok(())
 }
 
 /// An agent whose programs, policy and bindings are in place, whose
@@ -172,6 +238,16 @@ async fn start(config_path: &Path, handover: crate::dns::Handover) -> Result<Sta
     // before anything is put in the kernel.
     let credentials =
         crate::svid::Credentials::load(&config.svid, &config.trust_domains, &config.state_dir)?;
+    // The egress CA and the workloads' trust bundle, checked (or made)
+    // before anything is put in the kernel too.
+    let egress_ca = match config.egress.enabled {
+        true => Some(crate::egress::EgressCa::open(
+            &crate::egress::state_subdir(&config.state_dir),
+            &config.egress,
+            std::time::SystemTime::now(),
+        )?),
+        false => None,
+    };
     let workload_socket = config.svid.socket().to_owned();
     let workload_api = match config.svid.workload_api {
         true => Some(crate::workload_api::bind(&workload_socket)?),
@@ -217,6 +293,7 @@ async fn start(config_path: &Path, handover: crate::dns::Handover) -> Result<Sta
     let (view, identities, dns_view) = ViewPublisher::new(&state);
     let book = Arc::new(crate::dns::NameBook::default());
     let (records_tx, records) = mpsc::channel(DNS_RECORDS);
+    let (broker_records_tx, broker_records) = mpsc::channel(DNS_RECORDS);
     let (grant_addresses_tx, grant_addresses) = mpsc::channel(handle::QUEUE);
     let telemetry = telemetry.start(
         &state,
@@ -224,12 +301,13 @@ async fn start(config_path: &Path, handover: crate::dns::Handover) -> Result<Sta
             book: book.clone(),
             dns: records,
             grants: grant_records,
+            broker: broker_records,
         },
     )?;
     let dns = crate::dns::DnsPath::start(
         &state.config.dns,
         &state.config.pin_dir,
-        dns_view,
+        dns_view.clone(),
         crate::dns::DnsSenders {
             records: records_tx,
             grants: grant_addresses_tx,
@@ -237,6 +315,15 @@ async fn start(config_path: &Path, handover: crate::dns::Handover) -> Result<Sta
         book,
         handover,
         telemetry.dns.clone(),
+    )?;
+    let mut dns = dns;
+    start_broker(
+        dns.as_mut(),
+        egress_ca,
+        &state.config,
+        dns_view,
+        &credentials,
+        broker_records_tx,
     )?;
     let (hand_over, hand_over_asked) = mpsc::channel(1);
     let rescan = namespaces::Rescan::default();

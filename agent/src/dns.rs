@@ -35,6 +35,7 @@ mod inspect;
 mod kernel;
 mod learned;
 mod listener;
+mod lookup;
 mod message;
 mod metrics;
 mod path;
@@ -51,13 +52,15 @@ pub use handover::{Handover, HandoverError};
 pub use inspect::{DnsReader, Figures};
 pub use kernel::{EgressMaps, KernelError};
 pub use learned::{LearnError, Learned, LearnedAddress, NameBook};
+pub use listener::tcp_on_loopback;
+pub use lookup::{HostLookup, LookupError};
 pub use message::{
     AnswerError, Answered, DropReason, FilterOptions, Filtered, MAX_MESSAGE, Query, QueryError,
     answered_addresses, check_answers, filter_answer, formerr, not_found, parse_query, refused,
     servfail, truncated, udp_limit,
 };
 pub use metrics::DnsMetrics;
-pub use path::{DnsPath, DnsPathError, DnsSenders};
+pub use path::{DnsPath, DnsPathError, DnsSenders, EgressListening};
 pub use resolver::{DnsRecord, GrantAddresses, Outcome};
 pub use upstream::{ExchangeError, Upstream, UpstreamError};
 pub use view::{Asker, DnsView, GrantedName};

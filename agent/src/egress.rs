@@ -31,6 +31,7 @@
 mod broker;
 mod ca;
 mod config;
+mod directory;
 mod forward;
 mod hello;
 mod listener;
@@ -46,6 +47,7 @@ mod tests;
 pub use broker::{Broker, Serving};
 pub use ca::{BUNDLE, EgressCa, EgressCaError, system_roots};
 pub use config::{EgressConfig, EgressConfigError};
+pub use directory::AgentDirectory;
 pub use listener::open_listeners;
 pub use record::{BrokerRecord, Outcome};
 pub use secrets::{Secret, SecretError, SecretFiles};
@@ -55,6 +57,17 @@ pub use view::{BoxFuture, Credential, CredentialSource, Directory, DirectoryErro
 const TLS_PORT: u16 = 443;
 /// The port redirected plain HTTP connects were made to.
 const HTTP_PORT: u16 = 80;
+
+/// Where the broker keeps its CA and trust bundle, in `state_dir`.
+pub fn state_subdir(state_dir: &std::path::Path) -> std::path::PathBuf {
+    state_dir.join("egress")
+}
+
+/// The trust bundle workloads are pointed at (the system's roots and the
+/// egress CA), in `state_dir`.
+pub fn bundle_path(state_dir: &std::path::Path) -> std::path::PathBuf {
+    state_subdir(state_dir).join(BUNDLE)
+}
 
 /// Why the broker cannot start.
 #[derive(Debug, thiserror::Error)]

@@ -29,7 +29,7 @@ pub use lost::{LostRecord, LostSource};
 pub use metrics::EventMetrics;
 pub use names::Names;
 pub use reader::Feeds;
-pub use record::{AnsweredAddress, DnsDetail, Event, SCHEMA_VERSION};
+pub use record::{AnsweredAddress, DnsDetail, Event, HttpDetail, SCHEMA_VERSION};
 pub use sinks::Sinks;
 
 /// What the kernel did with a connect.

@@ -20,7 +20,7 @@ mod warnings;
 
 pub use compile::{
     CompiledPolicy, Compiler, DestEntry, NameEntry, RuleSet, SlotEntry, compile, evaluate,
-    evaluate_learned,
+    evaluate_learned, evaluate_name,
 };
 pub use diagnostic::{Diagnostic, Location, Severity};
 pub use diff::{BlockChange, Effect, PolicyDiff, by_block, diff};

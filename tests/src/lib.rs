@@ -7,6 +7,7 @@
 //! pin directory and socket, so tests run in parallel.
 
 pub mod dns;
+pub mod pki;
 pub mod python;
 pub mod raw_h2;
 

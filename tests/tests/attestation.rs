@@ -387,18 +387,9 @@ impl FakeKubelet {
         use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
         use std::sync::{Arc, Mutex};
 
-        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = Issuer::new(ca_params, ca_key);
         // A kubelet's certificate names its node.
-        let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(vec!["node-1".to_owned()])
-            .unwrap()
-            .signed_by(&key, &issuer)
-            .unwrap();
+        let ca = idgate_tests::pki::TestCa::new("test kubelet CA");
+        let leaf = ca.leaf(&["node-1"]);
         let config = Arc::new(
             rustls::ServerConfig::builder_with_provider(Arc::new(
                 rustls::crypto::ring::default_provider(),
@@ -407,8 +398,8 @@ impl FakeKubelet {
             .unwrap()
             .with_no_client_auth()
             .with_single_cert(
-                vec![cert.der().clone()],
-                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+                vec![leaf.der.into()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(leaf.key_der.into()),
             )
             .unwrap(),
         );
@@ -440,7 +431,7 @@ impl FakeKubelet {
         };
         Self {
             port,
-            ca_pem: ca.pem(),
+            ca_pem: ca.pem.clone(),
             answer,
             requests,
             stop,

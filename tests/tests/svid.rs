@@ -1270,31 +1270,17 @@ fn two_agents_federate_over_https_spiffe_and_their_workloads_talk_mutual_tls() {
 /// 127.0.0.1, written as PEM into `dir`: `ca.pem`, `endpoint.pem`,
 /// `endpoint.key` (0600). Another CA's `other-ca.pem` beside them.
 fn web_pki(dir: &Path) {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    use idgate_tests::pki::TestCa;
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir).unwrap();
-    let ca = |name: &str| {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        let cert = params.self_signed(&key).unwrap();
-        (cert, Issuer::new(params, key))
-    };
-    let (ca_cert, issuer) = ca("idgate test web CA");
-    let (other_cert, _) = ca("another test CA");
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
-    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
-    std::fs::write(dir.join("other-ca.pem"), other_cert.pem()).unwrap();
-    std::fs::write(dir.join("endpoint.pem"), cert.pem()).unwrap();
+    let ca = TestCa::new("idgate test web CA");
+    let other = TestCa::new("another test CA");
+    let leaf = ca.leaf(&["127.0.0.1"]);
+    std::fs::write(dir.join("ca.pem"), &ca.pem).unwrap();
+    std::fs::write(dir.join("other-ca.pem"), &other.pem).unwrap();
+    std::fs::write(dir.join("endpoint.pem"), &leaf.pem).unwrap();
     let key_path = dir.join("endpoint.key");
-    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    std::fs::write(&key_path, &leaf.key_pem).unwrap();
     std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 

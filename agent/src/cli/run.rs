@@ -9,6 +9,7 @@
 
 use std::ffi::CString;
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -72,7 +73,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                     started.identity, started.cgroup
                 );
             }
-            write(gate_write.as_fd(), b"go").context("starting the command")?;
+            let mut gate = b"go".to_vec();
+            if let Some(bundle) = &started.egress_bundle {
+                gate.extend_from_slice(bundle.as_bytes());
+            }
+            write_all(&gate_write, &gate).context("starting the command")?;
             drop(gate_write);
             match waitpid(child, None).context("waiting for the command")? {
                 WaitStatus::Exited(_, 0) => Ok(()),
@@ -84,13 +89,48 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     }
 }
 
-/// In the forked child: wait for the agent's go, then exec.
-fn child(gate: OwnedFd, argv: &[CString]) -> ! {
-    let mut buf = [0u8; 2];
-    if !matches!(read(gate.as_fd(), &mut buf), Ok(2)) {
-        std::process::exit(126);
+/// The variables through which TLS clients take a trust bundle: OpenSSL
+/// (and Python's `ssl`, httpx), Python `requests`, Node.js, curl.
+const BUNDLE_VARIABLES: [&str; 4] = [
+    "SSL_CERT_FILE",
+    "REQUESTS_CA_BUNDLE",
+    "NODE_EXTRA_CA_CERTS",
+    "CURL_CA_BUNDLE",
+];
+
+fn write_all(fd: &OwnedFd, mut bytes: &[u8]) -> nix::Result<()> {
+    while !bytes.is_empty() {
+        let n = write(fd.as_fd(), bytes)?;
+        bytes = &bytes[n..];
     }
+    Ok(())
+}
+
+/// In the forked child: wait for the agent's go (`go`, then the egress
+/// trust bundle's path when there is one), point TLS clients at the
+/// bundle, then exec.
+fn child(gate: OwnedFd, argv: &[CString]) -> ! {
+    let mut said = Vec::new();
+    let mut buf = [0u8; 512];
+    loop {
+        match read(gate.as_fd(), &mut buf) {
+            Ok(0) => break,
+            Ok(n) => said.extend_from_slice(&buf[..n]),
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => std::process::exit(126),
+        }
+    }
+    let Some(bundle) = said.strip_prefix(b"go") else {
+        std::process::exit(126);
+    };
     drop(gate);
+    if !bundle.is_empty() {
+        let bundle = std::ffi::OsStr::from_bytes(bundle);
+        for name in BUNDLE_VARIABLES {
+            // SAFETY: the forked child has one thread.
+            unsafe { std::env::set_var(name, bundle) };
+        }
+    }
     let e = execvp(&argv[0], argv).unwrap_err();
     eprintln!("idgate run: cannot run {:?}: {e}", argv[0]);
     std::process::exit(127);

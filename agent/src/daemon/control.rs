@@ -380,6 +380,7 @@ async fn run(
         identity,
         cgroup: started.cgroup,
         slot: started.slot,
+        egress_bundle: started.egress_bundle,
     })
 }
 

@@ -100,6 +100,8 @@ pub struct RunStarted {
     /// The cgroup, relative to the cgroup v2 root.
     pub cgroup: String,
     pub slot: Option<u32>,
+    /// The egress trust bundle the command's TLS clients are given.
+    pub egress_bundle: Option<String>,
 }
 
 /// How long a run may wait for its identity's generation before it is
@@ -601,7 +603,15 @@ impl Running {
             let slot = state.slot_of(&run.id);
             settled_runs.push((
                 pending.reply,
-                settled.map(|cgroup| RunStarted { cgroup, slot }),
+                settled.map(|cgroup| RunStarted {
+                    cgroup,
+                    slot,
+                    egress_bundle: state.config.egress.enabled.then(|| {
+                        crate::egress::bundle_path(&state.config.state_dir)
+                            .display()
+                            .to_string()
+                    }),
+                }),
             ));
         }
         self.runs = waiting;

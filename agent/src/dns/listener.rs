@@ -24,25 +24,30 @@ pub struct Listeners {
     pub cookie: u64,
 }
 
-/// Opens the listeners on `port` in the network namespace `netns` (an
-/// open `/proc/PID/ns/net`), or in the agent's own with `None`. A
-/// namespace is entered on a thread of its own, which ends there.
-pub fn open(netns: Option<OwnedFd>, port: u16) -> io::Result<Listeners> {
+/// Runs `open` in the network namespace `netns` (an open
+/// `/proc/PID/ns/net`), or in the agent's own with `None`. A namespace is
+/// entered on a thread of its own, which ends there; sockets made there
+/// stay in that namespace.
+pub fn in_namespace<T: Send + 'static>(
+    netns: Option<OwnedFd>,
+    open: impl FnOnce() -> T + Send + 'static,
+) -> io::Result<T> {
     let Some(ns) = netns else {
-        return open_here(port);
+        return Ok(open());
     };
     std::thread::Builder::new()
-        .name("idgate-dns-netns".into())
+        .name("idgate-netns".into())
         .spawn(move || {
             nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
                 .map_err(io::Error::from)?;
-            open_here(port)
+            Ok(open())
         })?
         .join()
         .map_err(|_| io::Error::other("the thread opening the listeners panicked"))?
 }
 
-fn open_here(port: u16) -> io::Result<Listeners> {
+/// Opens the DNS listeners on `port` in the calling thread's namespace.
+pub fn open_here(port: u16) -> io::Result<Listeners> {
     let at = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port));
     let udp = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
     udp.bind_device(Some(b"lo"))?;
@@ -50,18 +55,27 @@ fn open_here(port: u16) -> io::Result<Listeners> {
         .map_err(io::Error::from)?;
     udp.set_nonblocking(true)?;
     udp.bind(&at.into())?;
+    let tcp = tcp_on_loopback(port)?;
+    let cookie = netns_cookie(&udp)?;
+    Ok(Listeners {
+        udp: udp.into(),
+        tcp,
+        cookie,
+    })
+}
+
+/// A TCP listener of the calling thread's namespace on the wildcard
+/// address and `port`, bound to device `lo` (so it takes only what the
+/// kernel redirected to `127.N.x.y`), non-blocking, backlog 1024.
+pub fn tcp_on_loopback(port: u16) -> io::Result<TcpListener> {
+    let at = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port));
     let tcp = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
     tcp.bind_device(Some(b"lo"))?;
     tcp.set_reuse_address(true)?;
     tcp.set_nonblocking(true)?;
     tcp.bind(&at.into())?;
     tcp.listen(1024)?;
-    let cookie = netns_cookie(&udp)?;
-    Ok(Listeners {
-        udp: udp.into(),
-        tcp: tcp.into(),
-        cookie,
-    })
+    Ok(tcp.into())
 }
 
 /// The listeners of a namespace handed over by an earlier agent.

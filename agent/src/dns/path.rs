@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use idgate_common::DnsSettings;
+use idgate_common::{DnsSettings, EgressSettings};
 use tokio::sync::{Semaphore, mpsc, watch};
 
 use super::config::DnsConfig;
@@ -34,6 +34,8 @@ pub enum DnsPathError {
     Listen { port: u16, source: std::io::Error },
     #[error(transparent)]
     Config(#[from] super::config::DnsConfigError),
+    #[error("the credential broker's listeners: {0}")]
+    Egress(#[from] std::io::Error),
 }
 
 /// Where the DNS path sends what it does not own.
@@ -55,6 +57,17 @@ struct Namespace {
     udp: OwnedFd,
     tcp: OwnedFd,
     serving: Serving,
+    /// The credential broker's listeners there, when it runs.
+    egress: Option<crate::egress::Serving>,
+}
+
+/// The credential broker as the DNS path serves it: its listeners are
+/// opened beside the DNS listeners of every namespace.
+pub struct EgressListening {
+    pub broker: Arc<crate::egress::Broker>,
+    pub maps: super::EgressMaps,
+    pub tls_port: u16,
+    pub http_port: u16,
 }
 
 /// How long a hand-over waits for the queries being answered.
@@ -72,6 +85,7 @@ pub struct DnsPath {
     /// How many there are, for `status`.
     listening: Arc<AtomicUsize>,
     reader: DnsReader,
+    egress: Option<EgressListening>,
 }
 
 impl DnsPath {
@@ -130,6 +144,7 @@ impl DnsPath {
             namespaces: HashMap::new(),
             listening,
             reader,
+            egress: None,
         };
         let own = own_namespace().map_err(|source| DnsPathError::Listen {
             port: path.port,
@@ -177,12 +192,87 @@ impl DnsPath {
         self.reader.clone()
     }
 
+    /// Lookups for the agent itself, through the same upstreams.
+    pub fn host_lookup(&self) -> super::HostLookup {
+        super::HostLookup {
+            resolver: self.resolver.clone(),
+        }
+    }
+
+    /// Runs the credential broker beside the DNS listeners: tells the
+    /// kernel where its listeners are, and opens them in the agent's own
+    /// namespace now and in every other with its next look
+    /// ([`Self::sync_namespaces`]).
+    pub fn start_egress(&mut self, mut egress: EgressListening) -> Result<(), DnsPathError> {
+        egress.maps.set(EgressSettings {
+            enabled: 1,
+            tls_port: egress.tls_port.into(),
+            http_port: egress.http_port.into(),
+            _pad: 0,
+        })?;
+        self.egress = Some(egress);
+        self.open_egress(None, None)
+    }
+
     /// Opens and serves the listeners of a namespace (`ns`, its
-    /// `/proc/PID/ns/net`, or the agent's own).
+    /// `/proc/PID/ns/net`, or the agent's own): the DNS path's, and the
+    /// broker's when it runs (a namespace whose broker listeners cannot
+    /// be opened keeps its DNS).
     fn listen(&mut self, inode: Option<u64>, ns: Option<OwnedFd>) -> Result<(), DnsPathError> {
         let port = self.port;
-        let l = listener::open(ns, port).map_err(|source| DnsPathError::Listen { port, source })?;
-        self.serve(inode, l)
+        let egress = self.egress.as_ref().map(|e| (e.tls_port, e.http_port));
+        let (dns, egress) = listener::in_namespace(ns, move || {
+            (
+                listener::open_here(port),
+                egress.map(|(tls, http)| crate::egress::open_listeners(tls, http)),
+            )
+        })
+        .map_err(|source| DnsPathError::Listen { port, source })?;
+        let l = dns.map_err(|source| DnsPathError::Listen { port, source })?;
+        self.serve(inode, l)?;
+        if let Some(opened) = egress {
+            self.serve_egress(inode, opened);
+        }
+        Ok(())
+    }
+
+    /// Opens the broker's listeners in a namespace whose DNS listeners are
+    /// served already.
+    fn open_egress(&mut self, inode: Option<u64>, ns: Option<OwnedFd>) -> Result<(), DnsPathError> {
+        let Some(e) = &self.egress else {
+            return Ok(());
+        };
+        let (tls, http) = (e.tls_port, e.http_port);
+        let opened = listener::in_namespace(ns, move || crate::egress::open_listeners(tls, http))
+            .map_err(|source| DnsPathError::Listen { port: tls, source })?;
+        self.serve_egress(inode, opened);
+        Ok(())
+    }
+
+    /// Serves the broker's listeners of a namespace and tells the kernel
+    /// they listen; a failure is logged: that namespace's credential
+    /// connects are denied (`egress_not_ready`) until a later look.
+    fn serve_egress(
+        &mut self,
+        inode: Option<u64>,
+        opened: std::io::Result<(std::net::TcpListener, std::net::TcpListener)>,
+    ) {
+        let (Some(egress), Some(ns)) = (&mut self.egress, self.namespaces.get_mut(&inode)) else {
+            return;
+        };
+        let served = opened.map_err(DnsPathError::from).and_then(|(tls, http)| {
+            egress.maps.listening(ns.cookie, &tls)?;
+            Ok(egress.broker.serve(tls, http, self.net)?)
+        });
+        match served {
+            Ok(serving) => ns.egress = Some(serving),
+            Err(e) => tracing::warn!(
+                netns = inode,
+                tls_port = egress.tls_port,
+                error = %e,
+                "cannot open the credential broker's listeners in a network namespace; its credential connects are denied until they open"
+            ),
+        }
     }
 
     /// Serves a namespace's listeners, and tells the kernel they listen.
@@ -207,6 +297,7 @@ impl DnsPath {
                 udp,
                 tcp,
                 serving,
+                egress: None,
             },
         );
         self.listening
@@ -229,6 +320,11 @@ impl DnsPath {
                 if let Err(e) = self.redirect.closed(ns.cookie) {
                     tracing::warn!(error = %e, "cannot mark a network namespace's DNS listeners closed");
                 }
+                if let Some(egress) = &mut self.egress
+                    && let Err(e) = egress.maps.closed(ns.cookie)
+                {
+                    tracing::warn!(error = %e, "cannot mark a network namespace's broker listeners closed");
+                }
                 tracing::info!(
                     netns = inode,
                     "DNS listeners closed: no workload left in the network namespace"
@@ -236,7 +332,17 @@ impl DnsPath {
             }
         }
         for (inode, fd) in wanted {
-            if inode == own || self.namespaces.contains_key(&Some(inode)) {
+            if inode == own {
+                continue;
+            }
+            if let Some(ns) = self.namespaces.get(&Some(inode)) {
+                // Handed over by an earlier agent: the DNS listeners only.
+                if ns.egress.is_none()
+                    && self.egress.is_some()
+                    && let Err(e) = self.open_egress(Some(inode), Some(fd))
+                {
+                    tracing::warn!(netns = inode, error = %e, "cannot enter a workload network namespace for the broker's listeners");
+                }
                 continue;
             }
             match self.listen(Some(inode), Some(fd)) {

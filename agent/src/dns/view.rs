@@ -10,7 +10,9 @@ use std::sync::Arc;
 use idgate_common::{DestTables, UNKNOWN_SLOT, slot_policy};
 
 use crate::identity::SpiffeId;
-use crate::policy::{ClassId, CompiledPolicy, NameIndex, NamePattern, SlotEntry};
+use crate::policy::{
+    ClassId, CompiledPolicy, CredentialRule, NameIndex, NamePattern, SlotEntry, evaluate_name,
+};
 
 /// An operator's grant by name, as the DNS path needs it: a lookup from
 /// its slot of a name it covers is answered, and the answer's addresses
@@ -61,6 +63,14 @@ impl Asker<'_> {
         match self {
             Self::Unknown => None,
             Self::Revoked(id) | Self::Identity { id, .. } => Some(id),
+        }
+    }
+
+    /// The identity, when it is bound and not revoked.
+    pub fn live_identity(&self) -> Option<&SpiffeId> {
+        match self {
+            Self::Identity { id, .. } => Some(id),
+            Self::Unknown | Self::Revoked(_) => None,
         }
     }
 }
@@ -125,6 +135,28 @@ impl DnsView {
                 tcp: n.tcp,
                 udp: n.udp,
             })
+    }
+
+    /// The credential rules of `slot`'s identity in this generation.
+    pub fn credentials(&self, slot: u32) -> Option<&Arc<[CredentialRule]>> {
+        let entry = self.entries.get(&slot)?;
+        self.compiled.credentials.get(entry.rule_set)
+    }
+
+    /// Whether a name rule of `slot`'s identity (bound, not revoked)
+    /// allows a TCP connect to `port` of an address learned for `host`.
+    pub fn name_allows(&self, slot: u32, host: &str, port: u16) -> bool {
+        let Asker::Identity {
+            names: Some(names), ..
+        } = self.asker(slot)
+        else {
+            return false;
+        };
+        let Some(found) = names.class_of(host) else {
+            return false;
+        };
+        evaluate_name(&self.compiled, slot, &found.class, port, true)
+            .is_some_and(|(verdict, _)| verdict == idgate_common::verdict::ALLOW)
     }
 
     /// Who holds `slot`.

@@ -15,9 +15,10 @@ use super::kernel::EventMaps;
 use super::lost::{LostRecord, LostSource};
 use super::metrics::EventMetrics;
 use super::names::Names;
-use super::record::{self, Enricher};
+use super::record::{self, Enricher, Event};
 use super::sinks::Sinks;
 use crate::dns::{DnsRecord, NameBook};
+use crate::egress::BrokerRecord;
 use crate::grants::GrantRecord;
 
 /// Records handled before the task lets others run.
@@ -47,7 +48,7 @@ pub fn spawn(
         drops_seen: 0,
         book: feeds.book,
     };
-    tokio::spawn(run(fd, reader, feeds.dns, feeds.grants));
+    tokio::spawn(run(fd, reader, feeds.dns, feeds.grants, feeds.broker));
     Ok(())
 }
 
@@ -58,6 +59,8 @@ pub struct Feeds {
     pub book: Arc<NameBook>,
     pub dns: mpsc::Receiver<DnsRecord>,
     pub grants: mpsc::UnboundedReceiver<GrantRecord>,
+    /// The credential broker's records.
+    pub broker: mpsc::Receiver<BrokerRecord>,
 }
 
 async fn run(
@@ -65,6 +68,7 @@ async fn run(
     mut reader: Reader,
     mut dns: mpsc::Receiver<DnsRecord>,
     mut grants: mpsc::UnboundedReceiver<GrantRecord>,
+    mut broker: mpsc::Receiver<BrokerRecord>,
 ) {
     reader.check_drops(fd.get_ref());
     let mut checked = Instant::now();
@@ -72,7 +76,11 @@ async fn run(
         let ready = tokio::select! {
             r = tokio::time::timeout(TICK, fd.readable_mut()) => r,
             Some(first) = dns.recv() => {
-                reader.dns(first, &mut dns);
+                reader.records(first, &mut dns, Enricher::dns_event);
+                continue;
+            }
+            Some(first) = broker.recv() => {
+                reader.records(first, &mut broker, Enricher::broker_event);
                 continue;
             }
             Some(record) = grants.recv() => {
@@ -165,12 +173,18 @@ impl Reader {
         emptied
     }
 
-    /// Writes `first` and whatever other DNS records wait, up to a batch.
-    fn dns(&mut self, first: DnsRecord, more: &mut mpsc::Receiver<DnsRecord>) {
+    /// Writes `first` and whatever other records of its feed (the DNS
+    /// path's, the broker's) wait, up to a batch.
+    fn records<R>(
+        &mut self,
+        first: R,
+        more: &mut mpsc::Receiver<R>,
+        event_of: fn(&Enricher, &R) -> Event,
+    ) {
         let mut next = Some(first);
         let mut handled = 0;
         while let Some(r) = next.take() {
-            let event = self.enricher.dns_event(&r);
+            let event = event_of(&self.enricher, &r);
             self.metrics.decision(&event);
             if let Err(e) = self.sinks.push(&event) {
                 self.write_failed(e);

@@ -6,7 +6,9 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, UNIX_EPOCH};
 
-use idgate_common::{DecisionRecord, RECORD_LAYOUT, hook, reason, record_flags, verdict};
+use idgate_common::{
+    DecisionRecord, RECORD_LAYOUT, UNKNOWN_SLOT, hook, reason, record_flags, verdict,
+};
 use nix::time::ClockId;
 use serde::{Deserialize, Serialize};
 
@@ -15,6 +17,7 @@ use super::names::{SlotName, Snapshot};
 use crate::bpf::ring::SizeError;
 use crate::clock::{boot_ns, clock_ns};
 use crate::dns::{DnsRecord, NameBook};
+use crate::egress::{BrokerRecord, Outcome as BrokerOutcome};
 
 /// `version` of the JSON events this agent writes (`docs/events.md`).
 pub const SCHEMA_VERSION: u32 = 1;
@@ -89,6 +92,36 @@ pub struct Event {
     /// what came of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<DnsDetail>,
+    /// For a decision of the credential broker (`hook` `broker`): the
+    /// request and what came of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpDetail>,
+}
+
+/// What a credential broker record adds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HttpDetail {
+    /// The TLS server name the workload asked for; none for plain HTTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+    /// None for a connection refused or passed through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// The path, without its query.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// The status the workload got.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// Body bytes from the workload (a passthrough: every byte).
+    pub bytes_up: u64,
+    /// Body bytes to the workload (a passthrough: every byte).
+    pub bytes_down: u64,
+    /// From the request's head to the end of its response.
+    pub duration_us: u64,
+    /// Why it was refused or failed, as the workload was told.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 /// What a DNS-path decision record adds.
@@ -241,6 +274,7 @@ impl Enricher {
                 .flatten()
                 .map(|n| n.to_string()),
             dns: None,
+            http: None,
         }
     }
 
@@ -300,6 +334,57 @@ impl Enricher {
                     .collect(),
                 detail: r.detail.clone(),
                 grants: r.grants.iter().map(|g| format!("grant:{g}")).collect(),
+            }),
+            http: None,
+        }
+    }
+
+    /// The event of a request (or connection) of the credential broker.
+    /// The upstream's address is the broker's to choose, not in the
+    /// record: `dst_addr` is the unspecified address, `dst_name` the
+    /// host. Its kernel fields are zero.
+    pub fn broker_event(&self, r: &BrokerRecord) -> Event {
+        let (verdict, reason, detail) = match &r.outcome {
+            BrokerOutcome::Forwarded => (Verdict::Allow, "forwarded", None),
+            BrokerOutcome::Passthrough => (Verdict::Allow, "passthrough", None),
+            BrokerOutcome::Refused(why) => (Verdict::Deny, "refused", Some(why.clone())),
+            BrokerOutcome::Failed(why) => (Verdict::Allow, "failed", Some(why.clone())),
+        };
+        Event {
+            version: SCHEMA_VERSION,
+            time: humantime::format_rfc3339_nanos(r.at).to_string(),
+            ktime_ns: 0,
+            verdict,
+            reason: reason.into(),
+            identity: r.identity.as_ref().map(ToString::to_string),
+            slot: r.slot.unwrap_or(UNKNOWN_SLOT),
+            generation: 0,
+            rule_id: 0,
+            rule: r.credential.as_deref().map(str::to_owned),
+            hook: "broker".into(),
+            protocol: "tcp".into(),
+            dst_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            dst_port: if r.sni.is_some() { 443 } else { 80 },
+            v4_mapped: false,
+            pid: 0,
+            tid: 0,
+            uid: 0,
+            gid: 0,
+            comm: String::new(),
+            exe: None,
+            exe_unknown: None,
+            cgroup_id: 0,
+            dst_name: r.host.clone().or_else(|| r.sni.clone()),
+            dns: None,
+            http: Some(HttpDetail {
+                sni: r.sni.clone(),
+                method: r.method.clone(),
+                path: r.path.clone(),
+                status: r.status,
+                bytes_up: r.bytes_up,
+                bytes_down: r.bytes_down,
+                duration_us: u64::try_from(r.duration.as_micros()).unwrap_or(u64::MAX),
+                detail,
             }),
         }
     }

@@ -430,17 +430,32 @@ pub fn evaluate_learned(
         .max_by_key(|d| d.net.prefix_len())
         .and_then(|d| pick(&d.tcp, &d.udp));
     let by_name = || {
-        if slot == UNKNOWN_SLOT {
-            return None;
-        }
-        classes.iter().find_map(|class| {
-            let n = set.names.iter().find(|n| n.class == *class)?;
-            pick(&n.tcp, &n.udp)
-        })
+        classes
+            .iter()
+            .find_map(|class| evaluate_name(c, slot, class, port, tcp))
     };
     by_address
         .or_else(by_name)
         .unwrap_or((entry.policy.default_verdict, entry.policy.default_rule))
+}
+
+/// The verdict and rule the name `class` of `slot`'s policy has for a
+/// connect to `port` of an address learned for it; `None` when the class
+/// has no rule there (or the slot no such class). The unknown workload's
+/// slot has no names.
+pub fn evaluate_name(
+    c: &CompiledPolicy,
+    slot: u32,
+    class: &ClassId,
+    port: u16,
+    tcp: bool,
+) -> Option<(u32, u32)> {
+    if slot == UNKNOWN_SLOT {
+        return None;
+    }
+    let set = &c.rule_sets[c.slot(slot)?.rule_set];
+    let n = set.names.iter().find(|n| n.class == *class)?;
+    judge(set, if tcp { &n.tcp } else { &n.udp }, port)
 }
 
 /// The verdict and rule `table` has for `port`: the range of its inline

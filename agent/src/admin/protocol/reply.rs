@@ -273,6 +273,11 @@ pub struct Started {
     /// Path relative to the cgroup v2 root.
     pub cgroup: String,
     pub slot: Option<u32>,
+    /// The trust bundle (the system's roots and the egress CA) that the
+    /// command's TLS clients are pointed at, when the credential broker
+    /// runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_bundle: Option<String>,
 }
 
 /// `events`: the reply before the event lines.
@@ -525,6 +530,7 @@ mod tests {
             identity: id("spiffe://example.org/op"),
             cgroup: "/idgate/run-1-1".into(),
             slot: None,
+            egress_bundle: Some("/var/lib/idgate/egress/bundle.pem".into()),
         });
         round_trip(EventsOpened { follow: true });
     }
@@ -577,6 +583,7 @@ mod tests {
             cgroup_id: 42,
             dst_name: None,
             dns: None,
+            http: None,
         };
         let line = serde_json::to_string(&event).unwrap();
         assert_eq!(
