@@ -1,5 +1,6 @@
 //! Files and sockets: operator files that may be one file or a directory
-//! of them, and the Unix sockets the agent serves.
+//! of them, private files (keys, secrets), and the Unix sockets the agent
+//! serves.
 
 use std::path::{Path, PathBuf};
 
@@ -19,6 +20,42 @@ pub fn toml_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
     }
     files.sort();
     Ok(files)
+}
+
+/// Why a file may not hold a key or a secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NotPrivate {
+    #[error("is not a regular file (it is {0})")]
+    NotRegular(&'static str),
+    #[error(
+        "has mode {0:04o}: its group or others have access to it; make it its owner's only (chmod 600)"
+    )]
+    Mode(u32),
+}
+
+/// Checks that a file (by its metadata) may hold a key or a secret: a
+/// regular file that neither its group nor others may read, write or run.
+pub fn check_private(meta: &std::fs::Metadata) -> Result<(), NotPrivate> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let t = meta.file_type();
+    if !t.is_file() {
+        return Err(NotPrivate::NotRegular(if t.is_dir() {
+            "a directory"
+        } else if t.is_socket() {
+            "a socket"
+        } else if t.is_fifo() {
+            "a FIFO"
+        } else if t.is_char_device() || t.is_block_device() {
+            "a device"
+        } else {
+            "not a file"
+        }));
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(NotPrivate::Mode(mode));
+    }
+    Ok(())
 }
 
 /// Binds a Unix socket at `path` with `mode`, making its directory and

@@ -37,10 +37,11 @@ pub enum SvidError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error(
-        "CA key {path} has mode {mode:04o}: a private key must be readable by its owner only (chmod 600 {path})"
-    )]
-    KeyPermissions { path: PathBuf, mode: u32 },
+    #[error("CA key {path} {problem}")]
+    KeyNotPrivate {
+        path: PathBuf,
+        problem: crate::files::NotPrivate,
+    },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
     #[error("{path}: {source}")]

@@ -26,12 +26,11 @@ pub enum SecretError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("secret file {path} is not a regular file")]
-    NotRegular { path: PathBuf },
-    #[error(
-        "secret file {path} has mode {mode:04o}: group and others must not read it (chmod 600 {path})"
-    )]
-    Mode { path: PathBuf, mode: u32 },
+    #[error("secret file {path} {problem}")]
+    NotPrivate {
+        path: PathBuf,
+        problem: crate::files::NotPrivate,
+    },
     #[error("secret file {path} is larger than {MAX_SECRET} bytes")]
     TooLarge { path: PathBuf },
     #[error("secret file {path} is empty")]
@@ -136,18 +135,10 @@ fn open_private(path: &Path) -> Result<(std::fs::File, Stamp), SecretError> {
         .open(path)
         .map_err(err)?;
     let meta = file.metadata().map_err(err)?;
-    if !meta.file_type().is_file() {
-        return Err(SecretError::NotRegular {
-            path: path.to_owned(),
-        });
-    }
-    let mode = meta.mode() & 0o7777;
-    if mode & 0o077 != 0 {
-        return Err(SecretError::Mode {
-            path: path.to_owned(),
-            mode,
-        });
-    }
+    crate::files::check_private(&meta).map_err(|problem| SecretError::NotPrivate {
+        path: path.to_owned(),
+        problem,
+    })?;
     let stamp = Stamp {
         dev: meta.dev(),
         ino: meta.ino(),
@@ -249,11 +240,11 @@ mod tests {
             assert!(!e.contains("sk-secret-value"), "{e}");
         }
         let e = files.get(&d).unwrap_err();
-        assert!(matches!(e, SecretError::NotRegular { .. }), "{e}");
+        assert!(matches!(e, SecretError::NotPrivate { .. }), "{e}");
         let fifo = d.join("fifo");
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
         let e = files.get(&fifo).unwrap_err();
-        assert!(matches!(e, SecretError::NotRegular { .. }), "{e}");
+        assert!(matches!(e, SecretError::NotPrivate { .. }), "{e}");
         let e = files.get(&d.join("missing")).unwrap_err().to_string();
         assert!(e.contains("missing"), "{e}");
         write(&path, b"\n", 0o600);

@@ -4,15 +4,10 @@
 //! point at a secret file that changed), so `idgate policy check` and a
 //! reload both refuse a policy whose secret file is not fit.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use super::diagnostic::Diagnostic;
 use super::model::{CredentialKind, PolicySet};
-
-/// Permission bits that let the file's group or others read, write or
-/// run it.
-const GROUP_OR_OTHER: u32 = 0o077;
 
 /// Adds a diagnostic for every credential rule whose secret file is not
 /// fit to hold a secret.
@@ -37,36 +32,7 @@ pub fn check(policy: &PolicySet, diagnostics: &mut Vec<Diagnostic>) {
 /// Why `path` cannot hold a secret, if it cannot.
 fn fit(path: &Path) -> Result<(), String> {
     let meta = std::fs::metadata(path).map_err(|e| format!("cannot be read: {e}"))?;
-    if !meta.is_file() {
-        return Err(format!(
-            "is not a regular file (it is {})",
-            kind(&meta.file_type())
-        ));
-    }
-    let mode = meta.permissions().mode() & 0o7777;
-    if mode & GROUP_OR_OTHER != 0 {
-        return Err(format!(
-            "has mode {mode:04o}: its group or others have access to it; make it its owner's only (chmod 600 {})",
-            path.display()
-        ));
-    }
-    Ok(())
-}
-
-/// "a directory", "a socket", ...
-fn kind(t: &std::fs::FileType) -> &'static str {
-    use std::os::unix::fs::FileTypeExt;
-    if t.is_dir() {
-        "a directory"
-    } else if t.is_socket() {
-        "a socket"
-    } else if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_char_device() || t.is_block_device() {
-        "a device"
-    } else {
-        "not a file"
-    }
+    crate::files::check_private(&meta).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -106,9 +72,8 @@ mod tests {
             (
                 3,
                 format!(
-                    "secret file {} of credential rule \"open\": has mode 0644: its group or others have access to it; make it its owner's only (chmod 600 {})",
+                    "secret file {} of credential rule \"open\": has mode 0644: its group or others have access to it; make it its owner's only (chmod 600)",
                     dir.file("open").display(),
-                    dir.file("open").display()
                 ),
             ),
             (

@@ -491,13 +491,10 @@ fn check_ca<'a>(
 /// Reads a private key file, refusing one that group or others may read.
 fn read_key(path: &Path) -> Result<Vec<u8>, SvidError> {
     let meta = std::fs::metadata(path).map_err(|e| SvidError::io(path, e))?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(SvidError::KeyPermissions {
-            path: path.to_owned(),
-            mode,
-        });
-    }
+    crate::files::check_private(&meta).map_err(|problem| SvidError::KeyNotPrivate {
+        path: path.to_owned(),
+        problem,
+    })?;
     read(path)
 }
 
