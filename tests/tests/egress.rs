@@ -290,6 +290,23 @@ fn a_workload_calls_the_api_by_name_and_the_agent_adds_the_key() {
     assert_eq!(code, "200 2", "{run:?}");
     assert_eq!(body.matches("data: chunk").count(), 5, "{body}");
 
+    // `explain` says where the connect goes, and the rule that sends it.
+    let explained = w
+        .agent
+        .try_cli(&[
+            "explain",
+            "--json",
+            "--identity",
+            WEB,
+            "--to",
+            "api.test:443",
+        ])
+        .expect("explain");
+    let explained: serde_json::Value = serde_json::from_str(&explained).unwrap();
+    assert_eq!(explained["verdict"], "allow", "{explained}");
+    assert_eq!(explained["brokered"], true, "{explained}");
+    assert_eq!(explained["rule"], "test-api", "{explained}");
+
     let records = w.broker_records(3);
     let first = &records[0];
     assert_eq!(first["identity"], WEB);

@@ -42,6 +42,9 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<()> {
         };
         let verdict = match (r.verdict, r.revoked, r.audit_allowed) {
             (Verdict::Deny, true, _) => "deny (revoked)".to_owned(),
+            (Verdict::Allow, _, _) if r.brokered => {
+                "allow through the credential broker, which adds the credential".to_owned()
+            }
             (Verdict::Allow, _, true) => "allow (audit: would deny)".to_owned(),
             (v, _, _) => v.to_string(),
         };

@@ -406,10 +406,13 @@ fn explain(
     let audit = compiled
         .slot(slot)
         .is_some_and(|e| e.policy.flags & slot_policy::AUDIT != 0);
-    // What the kernel does with a connect the policy decides `decided`.
+    // What the kernel does with a connect the policy decides `decided`: a
+    // credential rule's TCP connect goes to the broker, its UDP is denied.
+    let brokered = |decided: u32| tcp && decided == verdict::BROKER;
     let judge = |decided: u32| {
-        let audit_allowed = !revoked && decided != verdict::ALLOW && audit;
-        let allowed = !revoked && (decided == verdict::ALLOW || audit_allowed);
+        let passes = decided == verdict::ALLOW || brokered(decided);
+        let audit_allowed = !revoked && !passes && audit && decided != verdict::BROKER;
+        let allowed = !revoked && (passes || audit_allowed);
         (allowed, audit_allowed)
     };
     let learned = |addr: Option<IpAddr>| match (dns, id) {
@@ -484,6 +487,7 @@ fn explain(
         },
         revoked,
         audit_allowed,
+        brokered: !revoked && brokered(decided),
         rule: rule.name.to_string(),
         rule_owner: rule.owner.to_string(),
         generation: s.status.generation,

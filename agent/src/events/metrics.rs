@@ -19,10 +19,27 @@ struct DecisionLabels {
     reason: Cow<'static, str>,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BrokerLabels {
+    identity: String,
+    /// The credential rule's name (empty when none was chosen).
+    credential: String,
+    /// `forwarded`, `passthrough`, `refused` or `failed`.
+    outcome: Cow<'static, str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    /// `up` (from the workload) or `down` (to it).
+    direction: &'static str,
+}
+
 /// Counters the events reader keeps. Clones share the counters.
 #[derive(Clone, Debug, Default)]
 pub struct EventMetrics {
     decisions: Family<DecisionLabels, Counter>,
+    broker_requests: Family<BrokerLabels, Counter>,
+    broker_bytes: Family<DirectionLabels, Counter>,
     ring_drops: Counter,
     undecodable: Counter,
     audit_log_lost: Counter,
@@ -35,6 +52,16 @@ impl EventMetrics {
             "decision_events",
             "Decision records read from the kernel, by identity, verdict and reason (allow decisions only as sampled by events.allow_sample_rate)",
             me.decisions.clone(),
+        );
+        registry.register(
+            "broker_requests",
+            "Requests through the credential broker, and connections it refused or passed through, by identity, credential rule and outcome",
+            me.broker_requests.clone(),
+        );
+        registry.register(
+            "broker_body_bytes",
+            "Body bytes through the credential broker, by direction",
+            me.broker_bytes.clone(),
         );
         registry.register(
             "event_ring_drops",
@@ -67,6 +94,20 @@ impl EventMetrics {
                 reason: event.reason.clone(),
             })
             .inc();
+        if let Some(http) = &event.http {
+            self.broker_requests
+                .get_or_create(&BrokerLabels {
+                    identity: event.identity.clone().unwrap_or_default(),
+                    credential: event.rule.clone().unwrap_or_default(),
+                    outcome: event.reason.clone(),
+                })
+                .inc();
+            for (direction, bytes) in [("up", http.bytes_up), ("down", http.bytes_down)] {
+                self.broker_bytes
+                    .get_or_create(&DirectionLabels { direction })
+                    .inc_by(bytes);
+            }
+        }
     }
 
     /// Sets the drop count to the kernel's total, which only grows.

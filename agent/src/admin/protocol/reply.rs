@@ -158,6 +158,10 @@ pub struct Explained {
     /// The policy denies, but the identity is in audit mode: let through
     /// and reported.
     pub audit_allowed: bool,
+    /// A credential rule decides: the connect goes to the credential
+    /// broker, which adds the credential (`rule` names it).
+    #[serde(default)]
+    pub brokered: bool,
     /// The deciding rule (`default` when none matched).
     pub rule: String,
     /// The SPIFFE ID or pattern whose block holds the rule (empty for the
@@ -479,6 +483,7 @@ mod tests {
             verdict: Verdict::Deny,
             revoked: false,
             audit_allowed: false,
+            brokered: false,
             rule: "default".into(),
             rule_owner: String::new(),
             bound: false,
