@@ -16,7 +16,8 @@ use idgate_tests::dns::{
 };
 use idgate_tests::pki::TestCa;
 use idgate_tests::{
-    Agent, Cgroups, WEB, free_port, probe, require_privileges, require_tools, wait_for,
+    Agent, Cgroups, WEB, free_loopback_port, free_port, metric, probe, require_privileges,
+    require_tools, scrape, wait_for,
 };
 
 /// The key the upstream requires; no workload may ever see it.
@@ -83,6 +84,7 @@ impl Drop for KeyApi {
 /// and `other.test` share one address (a CDN's), the upstream's.
 struct EgressWorld {
     agent: Agent,
+    metrics_port: u16,
     web: PathBuf,
     log: PathBuf,
     dir: PathBuf,
@@ -153,8 +155,10 @@ protocol = "tcp"
 action = "allow"
 "#
         );
+        let metrics_port = free_loopback_port();
         let config = format!(
             "[[workload]]\ncgroup = \"web\"\nidentity = \"{WEB}\"\n{}\
+             [metrics]\naddress = \"127.0.0.1:{metrics_port}\"\n\
              [egress]\nenabled = true\ntls_port = {}\nhttp_port = {}\n\
              extra_roots = [{:?}]\nupstream_timeout = \"3s\"\n",
             dns_config(dns.addr(), &log, "private_answers = \"allow\""),
@@ -165,6 +169,7 @@ action = "allow"
         let agent = Agent::start(&cg, &policy, &config);
         Self {
             agent,
+            metrics_port,
             web,
             log,
             dir,
@@ -314,6 +319,13 @@ fn a_workload_calls_the_api_by_name_and_the_agent_adds_the_key() {
     assert_eq!(first["dst_name"], "api.test");
     assert_eq!(first["http"]["method"], "GET");
     assert_eq!(first["http"]["status"], 200);
+
+    let forwarded = metric(
+        &scrape(w.metrics_port),
+        "idgate_broker_requests_total",
+        &format!("identity=\"{WEB}\",credential=\"test-api\",outcome=\"forwarded\""),
+    );
+    assert_eq!(forwarded, Some(3.0));
 
     // The key is nowhere the workload or an operator's log could see it.
     let audit_text = std::fs::read_to_string(&w.log).unwrap();
