@@ -52,7 +52,7 @@ impl KeyApi {
             .arg(&ready)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(std::fs::File::create(dir.join("api.log")).expect("api.log"))
             .spawn()
             .expect("python3 key_api.py");
         let mut api = Self { child };
@@ -209,6 +209,11 @@ action = "allow"
         self.client().run("curl", &all)
     }
 
+    /// What the upstream logged: a line per request, with its status.
+    fn upstream_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("api.log")).unwrap_or_default()
+    }
+
     /// The broker's records in the audit log, once `count` are there.
     fn broker_records(&self, count: usize) -> Vec<serde_json::Value> {
         wait_for("broker records", Duration::from_secs(10), || {
@@ -225,6 +230,7 @@ impl Drop for EgressWorld {
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!("agent log:\n{}", self.agent.log());
+            eprintln!("upstream log:\n{}", self.upstream_log());
             eprintln!(
                 "audit log:\n{}",
                 std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -549,4 +555,84 @@ fn an_unprivileged_workload_cannot_read_the_key_from_the_agent_or_its_file() {
         assert_ne!(run.code(), Some(0), "{path} was readable: {run:?}");
         assert!(!run.stdout.contains(SECRET), "{path}");
     }
+}
+
+#[test]
+fn requests_over_an_agent_restart_and_crash_fail_cleanly_and_never_go_out_without_the_key() {
+    require_privileges!();
+    if !require_egress_tools() {
+        return;
+    }
+    let mut w = EgressWorld::start("egress-restart");
+    let warm = w.curl(&["https://api.test/v1/echo"]);
+    assert!(status(&warm).0.starts_with("200 "), "{warm:?}");
+
+    // Requests one after another while the agent restarts (`idgate
+    // restart`, then a crash and a new start): each either gets its
+    // answer or fails at once; none hangs.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = {
+        let (bundle, web, stop) = (w.bundle(), w.web.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut runs = Vec::new();
+            let started = std::time::Instant::now();
+            while runs.len() < 400
+                && started.elapsed() < Duration::from_secs(60)
+                && !stop.load(std::sync::atomic::Ordering::Relaxed)
+            {
+                let run = Resolver::new(&[NOWHERE]).in_cgroup(&web).run(
+                    "curl",
+                    &[
+                        "-sS",
+                        "--max-time",
+                        "10",
+                        "--cacert",
+                        bundle.to_str().unwrap(),
+                        "-o",
+                        "/dev/null",
+                        "-w",
+                        "%{http_code}",
+                        "https://api.test/v1/echo",
+                    ],
+                );
+                runs.push(run);
+            }
+            runs
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let restarted = w.agent.try_cli(&["restart"]).expect("idgate restart");
+    assert!(restarted.contains("restarted"), "{restarted}");
+    std::thread::sleep(Duration::from_millis(500));
+    w.agent.stop(nix::sys::signal::Signal::SIGKILL);
+    std::thread::sleep(Duration::from_millis(300));
+    w.agent.spawn();
+    w.agent.wait_ready();
+    // Once back, requests go through again.
+    wait_for(
+        "a request through the restarted agent",
+        Duration::from_secs(10),
+        || {
+            let run = w.curl(&["https://api.test/v1/echo"]);
+            status(&run).0.starts_with("200 ").then_some(())
+        },
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let runs = client.join().expect("the client loop");
+    let answered = runs.iter().filter(|r| r.stdout == "200").count();
+    assert!(answered > 0, "no request answered: {runs:?}");
+    // While no agent ran, requests failed: the loop ran across the gap.
+    assert!(answered < runs.len(), "none failed: {} runs", runs.len());
+    for run in &runs {
+        assert!(!run.timed_out(), "a request hung: {run:?}");
+        assert!(
+            run.stdout == "200" || run.code() != Some(0),
+            "neither answered nor failed: {run:?}"
+        );
+        assert!(run.elapsed < Duration::from_secs(10), "{run:?}");
+    }
+    // The upstream never saw a request without the key.
+    let log = w.upstream_log();
+    assert!(!log.contains("\" 401 "), "{log}");
+    assert!(log.contains("\" 200 "), "{log}");
 }
