@@ -132,6 +132,10 @@ impl EgressCa {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&ca_dir, std::fs::Permissions::from_mode(0o700))
                 .map_err(|e| EgressCaError::io(&ca_dir, e))?;
+            // Workloads of any user reach the bundle by its path; nobody
+            // lists the directory.
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+                .map_err(|e| EgressCaError::io(dir, e))?;
         }
         let mut generations = Vec::new();
         for entry in std::fs::read_dir(&ca_dir).map_err(|e| EgressCaError::io(&ca_dir, e))? {
