@@ -16,8 +16,8 @@ use idgate_tests::dns::{
 };
 use idgate_tests::pki::TestCa;
 use idgate_tests::{
-    Agent, Cgroups, WEB, free_loopback_port, free_port, metric, probe, require_privileges,
-    require_tools, scrape, wait_for,
+    Agent, Cgroups, WEB, assert_schema, events_schema, free_loopback_port, free_port, metric,
+    probe, require_privileges, require_tools, scrape, wait_for,
 };
 
 /// The key the upstream requires; no workload may ever see it.
@@ -325,6 +325,14 @@ fn a_workload_calls_the_api_by_name_and_the_agent_adds_the_key() {
     assert_eq!(first["dst_name"], "api.test");
     assert_eq!(first["http"]["method"], "GET");
     assert_eq!(first["http"]["status"], 200);
+    for record in &records {
+        assert_schema(&events_schema(), record);
+    }
+    let shown = w.agent.try_cli(&["events"]).expect("idgate events");
+    assert!(
+        shown.contains("broker api.test GET /v1/echo 200") && shown.contains("rule=test-api"),
+        "{shown}"
+    );
 
     let forwarded = metric(
         &scrape(w.metrics_port),

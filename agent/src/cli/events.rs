@@ -57,8 +57,23 @@ pub fn run(args: EventsArgs) -> anyhow::Result<()> {
 fn human(e: &Event) -> String {
     let who = e.identity.as_deref().unwrap_or("unknown");
     let addr = std::net::SocketAddr::new(e.dst_addr, e.dst_port);
-    let dest = match (&e.dst_name, &e.dns) {
-        (Some(name), Some(dns)) => {
+    let dest = match (&e.dst_name, &e.dns, &e.http) {
+        (name, _, Some(http)) => {
+            // A request through the credential broker.
+            let host = name.as_deref().unwrap_or("?");
+            let request = match (&http.method, &http.path) {
+                (Some(m), Some(p)) => format!(" {m} {p}"),
+                _ => String::new(),
+            };
+            let status = http.status.map(|s| format!(" {s}")).unwrap_or_default();
+            let detail = http
+                .detail
+                .as_ref()
+                .map(|d| format!(" ({d})"))
+                .unwrap_or_default();
+            format!("broker {host}{request}{status}{detail}")
+        }
+        (Some(name), Some(dns), None) => {
             // What the answer gave: learned, or (audit mode) forwarded.
             let addrs: Vec<String> = dns
                 .learned
@@ -72,7 +87,7 @@ fn human(e: &Event) -> String {
                 format!("dns {name} {} [{}]", dns.qtype, addrs.join(" "))
             }
         }
-        (Some(name), None) => format!("{name} ({}):{}", e.dst_addr, e.dst_port),
+        (Some(name), None, None) => format!("{name} ({}):{}", e.dst_addr, e.dst_port),
         _ => addr.to_string(),
     };
     let rule = e
