@@ -42,6 +42,8 @@ mod upstream;
 mod view;
 
 #[cfg(test)]
+mod fuzz;
+#[cfg(test)]
 mod tests;
 
 pub use broker::{Broker, Serving};

@@ -72,9 +72,9 @@ impl Credential {
         if self.paths.is_empty() {
             return Ok(());
         }
-        if has_dot_segment(path) {
+        if let Some(why) = ambiguous(path) {
             return Err(format!(
-                "path {path} has a dot segment; credential {} has path rules",
+                "path {path} has {why}; credential {} has path rules",
                 self.name
             ));
         }
@@ -97,13 +97,19 @@ fn under(path: &str, prefix: &str) -> bool {
     }
 }
 
-/// Whether a segment of `path` is `.` or `..`, also percent-encoded, which
-/// a server may resolve to a path outside a prefix that matched.
-fn has_dot_segment(path: &str) -> bool {
-    path.split('/').any(|segment| {
-        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
+/// What in `path` a server may read as a path other than the one the
+/// prefixes were matched against: a `.` or `..` segment (also
+/// percent-encoded), an encoded `/` or `\`, or a `\`.
+fn ambiguous(path: &str) -> Option<&'static str> {
+    let lower = path.to_ascii_lowercase();
+    if lower.contains("%2f") || lower.contains("%5c") || lower.contains('\\') {
+        return Some("an encoded or backward slash");
+    }
+    let dot = lower.split('/').any(|segment| {
+        let decoded = segment.replace("%2e", ".");
         decoded == "." || decoded == ".."
-    })
+    });
+    dot.then_some("a dot segment")
 }
 
 #[cfg(test)]
