@@ -22,6 +22,47 @@ pub fn toml_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// A file's device, inode, size and change times: while they stay the
+/// same, its text does (the kernel sets the change time on every write,
+/// and it cannot be set back from user space). A stamp is taken only of
+/// a file whose last change was at least [`SETTLED`] before: a write in
+/// the same clock tick as a read before it would leave the times as they
+/// were (git's "racy" files). A file replaced by a rename, or a symlink
+/// pointed elsewhere (a Kubernetes ConfigMap update), has another inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+/// How long ago a file's last change must be for it to be stamped.
+pub const SETTLED: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl FileStamp {
+    /// The stamp of `meta` (take it from the opened file: an open makes
+    /// NFS revalidate its cached attributes), now, if the file has
+    /// settled; `None`: read it again next time.
+    pub fn settled(meta: &std::fs::Metadata) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let changed = std::time::UNIX_EPOCH
+            + std::time::Duration::new(
+                u64::try_from(meta.ctime()).ok()?,
+                u32::try_from(meta.ctime_nsec()).ok()?,
+            );
+        let age = std::time::SystemTime::now().duration_since(changed).ok()?;
+        (age >= SETTLED).then(|| Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        })
+    }
+}
+
 /// Why a file may not hold a key or a secret.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum NotPrivate {

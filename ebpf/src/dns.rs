@@ -96,8 +96,18 @@ pub fn redirect(
     if DNS_ORIGINS.insert(&cookie, &origin, 0).is_err() {
         return Redirect::Deny(reason::DNS_NOT_READY);
     }
-    let to = u32::from_ne_bytes(dns_address::of_slot(settings.net, slot));
-    let to_port = u32::from((settings.port as u16).to_be());
+    to_slot_address(ctx, dest, settings.net, slot, settings.port);
+    Redirect::Done
+}
+
+/// Rewrites the destination of a connect or send of `slot` to the
+/// agent's address for it, `127.net.(slot >> 8).(slot & 255)`, and
+/// `port` (host order); in a mapped IPv4 address (`dest.flags`), its last
+/// word.
+#[inline(always)]
+pub fn to_slot_address(ctx: &SockAddrContext, dest: &Dest, net: u32, slot: u32, port: u32) {
+    let to = u32::from_ne_bytes(dns_address::of_slot(net, slot));
+    let to_port = u32::from((port as u16).to_be());
     // SAFETY: the hook's context; these fields may be written in the
     // connect and sendmsg hooks, one at a time.
     unsafe {
@@ -109,7 +119,6 @@ pub fn redirect(
         }
         write_volatile(addr_of_mut!((*sa).user_port), to_port);
     }
-    Redirect::Done
 }
 
 /// Whether `sockets` (a socket hash by network-namespace cookie: the

@@ -10,10 +10,9 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use core::ffi::c_void;
-use core::ptr::{addr_of_mut, write_volatile};
-use idgate_common::{EgressSettings, dns_address, reason, verdict};
+use idgate_common::{EgressSettings, reason, verdict};
 
-use crate::dns::{DNS_SETTINGS, MAX_NAMESPACES, listening};
+use crate::dns::{DNS_SETTINGS, MAX_NAMESPACES, listening, to_slot_address};
 use crate::{Decision, Dest, IPPROTO_MPTCP, IPPROTO_TCP};
 
 #[map(name = "IDG_EGRESS_SETTINGS")]
@@ -59,19 +58,7 @@ pub fn redirect(ctx: &SockAddrContext, protocol: u32, port: u16, dest: &Dest, d:
     if !listening(&EGRESS_NETNS, netns) {
         return;
     }
-    let to = u32::from_ne_bytes(dns_address::of_slot(dns.net, d.slot));
-    let to_port = u32::from((to_port as u16).to_be());
-    // SAFETY: the hook's context; these fields may be written in the
-    // connect hooks, one at a time.
-    unsafe {
-        let sa = ctx.sock_addr;
-        if dest.flags == 0 {
-            write_volatile(addr_of_mut!((*sa).user_ip4), to);
-        } else {
-            write_volatile(addr_of_mut!((*sa).user_ip6[3]), to);
-        }
-        write_volatile(addr_of_mut!((*sa).user_port), to_port);
-    }
+    to_slot_address(ctx, dest, dns.net, d.slot, to_port);
     d.verdict = verdict::ALLOW;
     d.reason = reason::BROKERED;
 }

@@ -9,11 +9,13 @@
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use http::HeaderValue;
+
+use crate::files::FileStamp;
 
 /// The most a secret file may hold.
 const MAX_SECRET: u64 = 64 * 1024;
@@ -66,34 +68,27 @@ impl Secret {
     }
 }
 
-/// What tells that a file changed without reading it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stamp {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
-}
-
 /// The secret files read so far, each with the stamp it had then.
 #[derive(Default)]
 pub struct SecretFiles {
-    read: Mutex<HashMap<PathBuf, (Stamp, Secret)>>,
+    read: Mutex<HashMap<PathBuf, (FileStamp, Secret)>>,
 }
 
 impl SecretFiles {
     /// The secret `path` holds now, less one trailing newline. The file is
     /// opened and checked every time (a file whose mode was widened is
-    /// refused at once) and read again only when its stamp changed.
+    /// refused at once) and read again unless its stamp is the one it had
+    /// when it was read (see [`FileStamp`]).
     pub fn get(&self, path: &Path) -> Result<Secret, SecretError> {
-        let (file, stamp) = open_private(path)?;
-        if let Some((s, secret)) = self.lock().get(path)
+        let (file, meta) = open_private(path)?;
+        let stamp = FileStamp::settled(&meta);
+        if let Some(stamp) = stamp
+            && let Some((s, secret)) = self.lock().get(path)
             && *s == stamp
         {
             return Ok(secret.clone());
         }
-        let mut bytes = read_all(file, &stamp, path)?;
+        let mut bytes = read_all(file, &meta, path)?;
         if bytes.ends_with(b"\n") {
             bytes.pop();
             if bytes.ends_with(b"\r") {
@@ -106,11 +101,14 @@ impl SecretFiles {
             });
         }
         let secret = Secret(bytes.into());
-        self.lock().insert(path.to_owned(), (stamp, secret.clone()));
+        match stamp {
+            Some(stamp) => self.lock().insert(path.to_owned(), (stamp, secret.clone())),
+            None => self.lock().remove(path),
+        };
         Ok(secret)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, (Stamp, Secret)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, (FileStamp, Secret)>> {
         self.read.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -118,12 +116,12 @@ impl SecretFiles {
 /// The whole of a private file (a regular file neither group nor others
 /// may read), such as a key.
 pub(super) fn read_private(path: &Path) -> Result<Vec<u8>, SecretError> {
-    let (file, stamp) = open_private(path)?;
-    read_all(file, &stamp, path)
+    let (file, meta) = open_private(path)?;
+    read_all(file, &meta, path)
 }
 
 /// Opens `path` and checks that it is a private file.
-fn open_private(path: &Path) -> Result<(std::fs::File, Stamp), SecretError> {
+fn open_private(path: &Path) -> Result<(std::fs::File, std::fs::Metadata), SecretError> {
     let err = |source| SecretError::Read {
         path: path.to_owned(),
         source,
@@ -139,25 +137,22 @@ fn open_private(path: &Path) -> Result<(std::fs::File, Stamp), SecretError> {
         path: path.to_owned(),
         problem,
     })?;
-    let stamp = Stamp {
-        dev: meta.dev(),
-        ino: meta.ino(),
-        size: meta.size(),
-        mtime: (meta.mtime(), meta.mtime_nsec()),
-        ctime: (meta.ctime(), meta.ctime_nsec()),
-    };
-    Ok((file, stamp))
+    Ok((file, meta))
 }
 
 /// Reads an opened private file, at most [`MAX_SECRET`] bytes.
-fn read_all(file: std::fs::File, stamp: &Stamp, path: &Path) -> Result<Vec<u8>, SecretError> {
+fn read_all(
+    file: std::fs::File,
+    meta: &std::fs::Metadata,
+    path: &Path,
+) -> Result<Vec<u8>, SecretError> {
     let too_large = || SecretError::TooLarge {
         path: path.to_owned(),
     };
-    if stamp.size > MAX_SECRET {
+    if meta.len() > MAX_SECRET {
         return Err(too_large());
     }
-    let mut bytes = Vec::with_capacity(stamp.size as usize);
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
     file.take(MAX_SECRET + 1)
         .read_to_end(&mut bytes)
         .map_err(|source| SecretError::Read {

@@ -11,6 +11,7 @@ use super::parse::{FileContents, parse};
 use super::segments::{Part, parse_parts};
 use super::subject::Subject;
 use super::{PolicyError, overlap, secrets, warnings};
+use crate::files::FileStamp;
 use crate::hashing::{FastMap, TextDigest, text_digest};
 use crate::parallel;
 
@@ -37,8 +38,8 @@ pub struct Reader {
 /// One file as last read.
 struct Read {
     /// What its metadata said just before it was read, when that tells
-    /// any later change (see [`Stamp`]).
-    stamp: Option<Stamp>,
+    /// any later change (see [`FileStamp`]).
+    stamp: Option<FileStamp>,
     /// The digest of its text.
     digest: TextDigest,
     contents: FileContents,
@@ -123,7 +124,7 @@ fn read_file(file: &Path, earlier: Option<Read>, text: &mut String) -> FileRead 
         Ok(f) => f,
         Err(e) => return unreadable(e),
     };
-    let stamp = opened.metadata().ok().and_then(|m| Stamp::settled(&m));
+    let stamp = opened.metadata().ok().and_then(|m| FileStamp::settled(&m));
     let earlier = match earlier {
         Some(read) if stamp.is_some() && read.stamp == stamp => return FileRead::Clean(read),
         earlier => earlier,
@@ -160,46 +161,6 @@ fn read_file(file: &Path, earlier: Option<Read>, text: &mut String) -> FileRead 
         contents,
         parts: Vec::new(),
     })
-}
-
-/// A file's device, inode, size and change times: while they stay the
-/// same, its text does (the kernel sets the change time on every write,
-/// and it cannot be set back from user space). A stamp is kept only for
-/// a file whose last change was at least [`SETTLED`] before it was
-/// taken: a write in the same clock tick as the read before it would
-/// leave the times as they were (git's "racy" files). A file replaced by
-/// a rename, or a symlink pointed elsewhere (a Kubernetes ConfigMap
-/// update), has another inode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stamp {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
-}
-
-/// How long ago a file's last change must be for its stamp to be kept.
-const SETTLED: std::time::Duration = std::time::Duration::from_secs(2);
-
-impl Stamp {
-    /// The stamp of `meta`, taken now, if the file has settled.
-    fn settled(meta: &std::fs::Metadata) -> Option<Self> {
-        use std::os::unix::fs::MetadataExt;
-        let changed = std::time::UNIX_EPOCH
-            + std::time::Duration::new(
-                u64::try_from(meta.ctime()).ok()?,
-                u32::try_from(meta.ctime_nsec()).ok()?,
-            );
-        let age = std::time::SystemTime::now().duration_since(changed).ok()?;
-        (age >= SETTLED).then(|| Self {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            size: meta.size(),
-            mtime: (meta.mtime(), meta.mtime_nsec()),
-            ctime: (meta.ctime(), meta.ctime_nsec()),
-        })
-    }
 }
 
 /// Puts back the blocks of an earlier parse of the same file that say the
@@ -526,7 +487,7 @@ mod tests {
             subjects(&reader.load(&dir.path, &[]).unwrap()),
             ["spiffe://example.org/wab"]
         );
-        std::thread::sleep(SETTLED + std::time::Duration::from_millis(100));
+        std::thread::sleep(crate::files::SETTLED + std::time::Duration::from_millis(100));
         let settled = reader.load(&dir.path, &[]).unwrap();
         assert!(reader.files.values().all(|r| r.stamp.is_some()));
         // Kept by its stamp: the same parse.
