@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use idgate_tests::dns::{
-    DnsServer, NOWHERE, Resolver, Run, Zone, audit, dns_config, loopback_ip, run_bounded,
+    DigQuery, DnsServer, NOWHERE, Resolver, Run, Zone, audit, dns_config, loopback_ip, run_bounded,
 };
 use idgate_tests::pki::TestCa;
 use idgate_tests::{
@@ -22,6 +22,10 @@ use idgate_tests::{
 
 /// The key the upstream requires; no workload may ever see it.
 const SECRET: &str = "sk-test-0123456789-never-in-a-workload";
+/// An IPv6 address of `api.test` (nothing listens there): the broker is
+/// reached over IPv4 only, so workloads are never given it.
+const API_V6: IpAddr = IpAddr::V6(std::net::Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x10));
+
 /// What SDKs send when they are given no key.
 const PLACEHOLDER: &str = "placeholder";
 
@@ -115,7 +119,7 @@ impl EgressWorld {
             &key_file,
         );
         let zone = Zone::new()
-            .host("api.test", &[api_ip], 60)
+            .host("api.test", &[api_ip, API_V6], 60)
             .host("limited.test", &[api_ip], 60)
             .host("other.test", &[api_ip], 60)
             .host("down.test", &[down_ip], 60);
@@ -476,6 +480,11 @@ fn every_way_around_the_broker_is_refused_or_stays_inside_the_rule() {
     // Plain HTTP to port 80: no rule says `http`, the kernel denies it.
     let run = w.curl(&["http://api.test/"]);
     assert_eq!(run.code(), Some(7), "curl: could not connect: {run:?}");
+    // A credential host's IPv6 addresses are not handed out (the broker
+    // is reached over IPv4): its AAAA query gets no records.
+    let aaaa = w.client().dig(&DigQuery::new("api.test").qtype("AAAA"));
+    assert_eq!(aaaa.status.as_deref(), Some("NOERROR"), "{aaaa:?}");
+    assert!(aaaa.addrs.is_empty(), "{aaaa:?}");
     // QUIC (UDP 443) to the learned address is denied: clients fall back
     // to TCP.
     let to = format!("{api_ip}:443");
@@ -507,8 +516,8 @@ fn a_connect_to_the_upstream_address_without_the_name_is_denied() {
     let ip = Resolver::new(&[w._dns.addr().ip()])
         .getent("api.test")
         .addrs
-        .first()
-        .copied()
+        .into_iter()
+        .find(IpAddr::is_ipv4)
         .expect("the host resolves outside the scope");
     assert_eq!(probe(Some(&w.web), "tcp", &format!("{ip}:443")), "EPERM");
     wait_for("the denial's record", Duration::from_secs(10), || {

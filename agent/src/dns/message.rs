@@ -152,6 +152,14 @@ pub fn not_found(query: &Query) -> Vec<u8> {
     error_answer(query, ResponseCode::NXDomain)
 }
 
+/// NOERROR with no records for `query`: the name is there, but has no
+/// records of the type asked (NODATA). The answer to an AAAA query for a
+/// credential rule's host: the broker is reached over IPv4 only, so its
+/// clients are given none of its IPv6 addresses.
+pub fn no_data(query: &Query) -> Vec<u8> {
+    error_answer(query, ResponseCode::NoError)
+}
+
 /// The largest answer `query`'s client takes over UDP: its EDNS payload
 /// size, else 512 (RFC 1035).
 pub fn udp_limit(query: &Query) -> usize {

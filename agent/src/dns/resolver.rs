@@ -11,6 +11,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use hickory_proto::rr::RecordType;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::clock::{boot_ns, monotonic_ns};
@@ -217,6 +218,9 @@ impl Resolver {
         };
         let class = matched.class;
         record.pattern = Some(matched.pattern.to_owned());
+        if query.qtype() == RecordType::AAAA && view.brokered(slot, &class) {
+            return (message::no_data(query), Outcome::Answered);
+        }
         let (filtered, answered) = match self.forward(query, self.filter, record).await {
             Ok(answer) => answer,
             Err(failed) => return failed,

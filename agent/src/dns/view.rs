@@ -11,7 +11,8 @@ use idgate_common::{DestTables, UNKNOWN_SLOT, slot_policy};
 
 use crate::identity::SpiffeId;
 use crate::policy::{
-    ClassId, CompiledPolicy, CredentialRule, NameIndex, NamePattern, SlotEntry, evaluate_name,
+    ClassId, CompiledPolicy, CredentialRule, HTTPS, NameIndex, NamePattern, SlotEntry,
+    evaluate_name,
 };
 
 /// An operator's grant by name, as the DNS path needs it: a lookup from
@@ -157,6 +158,13 @@ impl DnsView {
         };
         evaluate_name(&self.compiled, slot, &found.class, port, true)
             .is_some_and(|(verdict, _)| verdict == idgate_common::verdict::ALLOW)
+    }
+
+    /// Whether `class` of `slot`'s policy is a credential rule's host: its
+    /// TCP connects to port 443 go to the credential broker.
+    pub fn brokered(&self, slot: u32, class: &ClassId) -> bool {
+        evaluate_name(&self.compiled, slot, class, HTTPS, true)
+            .is_some_and(|(verdict, _)| verdict == idgate_common::verdict::BROKER)
     }
 
     /// Who holds `slot`.
