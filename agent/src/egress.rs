@@ -38,6 +38,7 @@ mod listener;
 mod record;
 mod rules;
 mod secrets;
+mod tokens;
 mod upstream;
 mod view;
 
