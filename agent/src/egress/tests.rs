@@ -36,6 +36,7 @@ const JWT: &str = "jwt.test";
 /// Hosts of `oauth` credentials, and their token endpoint's host.
 const OAUTH: &str = "oauth.test";
 const OAUTH_DENIED: &str = "oauth-denied.test";
+const OAUTH_SLOW: &str = "oauth-slow.test";
 const STS: &str = "sts.test";
 /// The access token the token endpoint issues.
 const ACCESS_TOKEN: &str = "at-7e11";
@@ -154,7 +155,7 @@ impl World {
         std::fs::write(dir.join("test-ca.pem"), ca_cert.pem()).unwrap();
         let leaf_key = rcgen::KeyPair::generate().unwrap();
         let leaf = rcgen::CertificateParams::new(
-            [API, OTHER, DOWN, JWT, OAUTH, OAUTH_DENIED, STS]
+            [API, OTHER, DOWN, JWT, OAUTH, OAUTH_DENIED, OAUTH_SLOW, STS]
                 .map(Into::into)
                 .to_vec(),
         )
@@ -194,6 +195,13 @@ impl World {
                     upstream.addr.port(),
                     &secret,
                 ),
+                oauth_credential(
+                    "oauth-slow",
+                    OAUTH_SLOW,
+                    "/token-hang",
+                    upstream.addr.port(),
+                    &secret,
+                ),
             ]
             .into(),
             addrs: HashMap::from([
@@ -202,6 +210,7 @@ impl World {
                 (JWT, upstream.addr.ip()),
                 (OAUTH, upstream.addr.ip()),
                 (OAUTH_DENIED, upstream.addr.ip()),
+                (OAUTH_SLOW, upstream.addr.ip()),
                 (STS, upstream.addr.ip()),
                 // Nothing listens there.
                 (DOWN, IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2))),
@@ -434,10 +443,14 @@ async fn answer(
 
 /// The token endpoint stand-in: `/token` takes a token exchange of the
 /// stub's JWT-SVID for `sts` (after a pause, so that requests overlap)
-/// and issues [`ACCESS_TOKEN`]; `/token-denied` refuses every request.
+/// and issues [`ACCESS_TOKEN`]; `/token-hang` never answers; any other
+/// refuses every request.
 async fn token_endpoint(up: Arc<Upstream>, request: Request<Incoming>) -> Response<TestBody> {
     up.token_requests.fetch_add(1, Ordering::SeqCst);
     let path = request.uri().path().to_owned();
+    if path == "/token-hang" {
+        return std::future::pending().await;
+    }
     let form = request.into_body().collect().await.unwrap().to_bytes();
     let form: HashMap<String, String> = form_urlencoded::parse(&form).into_owned().collect();
     let (status, answer) = if path == "/token"
@@ -781,4 +794,24 @@ async fn a_token_endpoint_that_refuses_gives_a_502_that_names_it() {
     // A failure is not kept: each request asked again.
     assert_eq!(w.upstream.token_requests.load(Ordering::SeqCst), 2);
     assert_eq!(w.upstream.requests.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn a_token_endpoint_that_does_not_answer_gives_a_504_in_time() {
+    let mut w = World::new("oauth-slow", 0o600).await;
+    let start = Instant::now();
+    let r = w.h2(OAUTH_SLOW, get("/v1/echo", OAUTH_SLOW)).await;
+    assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert!(start.elapsed() < Duration::from_secs(3));
+    let endpoint = format!("https://{STS}:{}/token-hang", w.upstream.addr.port());
+    assert_eq!(
+        text(r).await,
+        format!(
+            "idgate: credential oauth-slow: token endpoint {endpoint} gave no token within 500ms\n"
+        )
+    );
+    assert!(matches!(w.record().await.outcome, Outcome::Failed(_)));
+    // The broker still serves.
+    let r = w.h2(API, get("/v1/echo", API)).await;
+    assert_eq!(r.status(), StatusCode::OK);
 }
