@@ -19,7 +19,8 @@
 //!    allows plain HTTP), and pass the credential's method and path rules
 //!    (`rules`); CONNECT is refused. The workload's copies of the
 //!    credential's header go, the credential goes in (a secret file's
-//!    contents, [`SecretFiles`], or the identity's JWT-SVID), and the
+//!    contents, [`SecretFiles`], the identity's JWT-SVID, or an OAuth
+//!    access token got with that JWT-SVID, `tokens`), and the
 //!    request goes to the host over TLS verified against the system's
 //!    roots plus `extra_roots` (`upstream`). Responses stream back as
 //!    they come; upgrades (WebSocket) are spliced both ways (`forward`).
@@ -38,6 +39,7 @@ mod listener;
 mod record;
 mod rules;
 mod secrets;
+mod tokens;
 mod upstream;
 mod view;
 

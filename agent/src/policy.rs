@@ -27,7 +27,7 @@ pub use diff::{BlockChange, Effect, PolicyDiff, by_block, diff};
 pub use load::{Reader, load};
 pub use model::{
     Action, CredentialKind, CredentialRule, Destination, EgressRule, HTTP, HTTPS, IdentityBlock,
-    IdentityPolicy, Mode, PolicySet, PortSpec, Protocol,
+    IdentityPolicy, Mode, OAuthClient, OAuthGrant, PolicySet, PortSpec, Protocol,
 };
 pub use names::{ClassId, NameError, NameIndex, NameMatch, NamePattern};
 pub(crate) use parse::looks_like_an_address;

@@ -3,8 +3,13 @@
 //! that requires an API key, a real DNS server (dnsmasq) for its names,
 //! and real clients (curl, Python `requests`, the `anthropic` SDK) in a
 //! workload's cgroup that hold no key. The kernel sends their connects to
-//! the agent, which adds the key; every way around it is refused.
+//! the agent, which adds the key; every way around it is refused. For
+//! OAuth credentials, a real token endpoint stand-in
+//! (tests/python/token_endpoint.py, PyJWT) validates the agent's JWT-SVID
+//! through idgate's OIDC discovery document and issues the access token
+//! a second upstream requires.
 
+use std::ffi::OsString;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -28,57 +33,115 @@ const API_V6: IpAddr = IpAddr::V6(std::net::Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0,
 
 /// What SDKs send when they are given no key.
 const PLACEHOLDER: &str = "placeholder";
+/// The token endpoint of the OAuth credentials.
+const TOKEN_ENDPOINT: &str = "https://sts.test/token";
+/// The audience the token endpoint wants in the JWT-SVIDs it takes.
+const STS_AUDIENCE: &str = "https://sts.test";
 
-/// The upstream "API": key_api.py on `addr:443`, with a certificate of
-/// the test CA for its names.
-struct KeyApi {
+/// A Python HTTPS server of tests/python/ on `ip:443`, with a certificate
+/// of the test CA for its names, until dropped.
+struct PyServer {
     child: Child,
+    /// Its standard error: a line per request, with its status.
+    log: PathBuf,
 }
 
-impl KeyApi {
-    fn start(dir: &Path, ip: IpAddr, ca: &TestCa, names: &[&str], key_file: &Path) -> Self {
+impl PyServer {
+    /// Runs `python SCRIPT IP 443 CERT KEY ARGS... READY` (files named
+    /// after `name` in `dir`) and waits until READY exists.
+    fn start(
+        dir: &Path,
+        name: &str,
+        python: &Path,
+        ip: IpAddr,
+        ca: &TestCa,
+        names: &[&str],
+        args: &[OsString],
+    ) -> Self {
         let leaf = ca.leaf(names);
-        let cert = dir.join("api.pem");
-        let key = dir.join("api.key");
+        let cert = dir.join(format!("{name}.pem"));
+        let key = dir.join(format!("{name}.key"));
         std::fs::write(&cert, &leaf.pem).unwrap();
         std::fs::write(&key, &leaf.key_pem).unwrap();
-        let ready = dir.join("api.ready");
+        let ready = dir.join(format!("{name}.ready"));
         let _ = std::fs::remove_file(&ready);
-        let script = idgate_tests::python::script("key_api.py");
-        let child = Command::new("python3")
+        let log = dir.join(format!("{name}.log"));
+        let script = idgate_tests::python::script(&format!("{name}.py"));
+        let child = Command::new(python)
             .arg(script)
             .arg(ip.to_string())
             .arg("443")
             .arg(&cert)
             .arg(&key)
-            .arg("x-api-key")
-            .arg(key_file)
+            .args(args)
             .arg(&ready)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("api.log")).expect("api.log"))
+            .stderr(std::fs::File::create(&log).expect("the server's log"))
             .spawn()
-            .expect("python3 key_api.py");
-        let mut api = Self { child };
+            .unwrap_or_else(|e| panic!("{} {name}.py: {e}", python.display()));
+        let mut server = Self { child, log };
         wait_for(
-            "the upstream API to listen",
+            &format!("{name}.py to listen"),
             Duration::from_secs(10),
             || {
-                if let Ok(Some(status)) = api.child.try_wait() {
-                    panic!("key_api.py ended: {status}");
+                if let Ok(Some(status)) = server.child.try_wait() {
+                    panic!("{name}.py ended: {status}");
                 }
                 ready.exists().then_some(())
             },
         );
-        api
+        server
+    }
+
+    /// The upstream "API" (key_api.py): every request must carry
+    /// `header` with the contents of `key_file`.
+    fn key_api(
+        dir: &Path,
+        tag: &str,
+        ip: IpAddr,
+        ca: &TestCa,
+        names: &[&str],
+        header: &str,
+        key_file: &Path,
+    ) -> Self {
+        let dir = dir.join(tag);
+        std::fs::create_dir_all(&dir).unwrap();
+        let args = [header.into(), key_file.into()];
+        Self::start(&dir, "key_api", Path::new("python3"), ip, ca, names, &args)
     }
 }
 
-impl Drop for KeyApi {
+impl PyServer {
+    /// What it logged so far.
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for PyServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The parts of an [`EgressWorld`] for OAuth credentials: rules for
+/// `oauth.test` (token exchange) and `client.test` (client credentials)
+/// that present the JWT-SVID for the token endpoint's audience, and
+/// `denied.test` whose rule names another audience; the three on a
+/// second upstream that wants `authorization: Bearer` and the token the
+/// token endpoint issues.
+struct OAuthParts {
+    access_token: String,
+    /// A line per request to the token endpoint.
+    calls: PathBuf,
+    sts_ip: IpAddr,
+    oauth_ip: IpAddr,
+    /// The agent's OIDC discovery listener's port on 127.0.0.1.
+    oidc_port: u16,
+    _endpoint: PyServer,
+    _api: PyServer,
 }
 
 /// An agent with the broker on, whose `web` identity has credential rules
@@ -92,13 +155,24 @@ struct EgressWorld {
     web: PathBuf,
     log: PathBuf,
     dir: PathBuf,
-    _api: KeyApi,
+    oauth: Option<OAuthParts>,
+    api: PyServer,
     _dns: DnsServer,
     _cg: Cgroups,
 }
 
 impl EgressWorld {
     fn start(tag: &str) -> Self {
+        Self::build(tag, None)
+    }
+
+    /// The world with [`OAuthParts`], its token endpoint run by `python`
+    /// (the tests' venv, for PyJWT).
+    fn with_oauth(tag: &str, python: &Path) -> Self {
+        Self::build(tag, Some(python))
+    }
+
+    fn build(tag: &str, oauth_python: Option<&Path>) -> Self {
         let mut cg = Cgroups::new(tag);
         let web = cg.inside("web");
         let dir = std::env::temp_dir().join(format!("{}-egress", cg.name()));
@@ -111,18 +185,24 @@ impl EgressWorld {
         std::fs::write(dir.join("upstream-ca.pem"), &ca.pem).unwrap();
         let api_ip = loopback_ip();
         let down_ip = loopback_ip();
-        let api = KeyApi::start(
+        let api = PyServer::key_api(
             &dir,
+            "api",
             api_ip,
             &ca,
             &["api.test", "limited.test", "other.test"],
+            "x-api-key",
             &key_file,
         );
-        let zone = Zone::new()
+        let mut zone = Zone::new()
             .host("api.test", &[api_ip, API_V6], 60)
             .host("limited.test", &[api_ip], 60)
             .host("other.test", &[api_ip], 60)
             .host("down.test", &[down_ip], 60);
+        let oauth = oauth_python.map(|python| OAuthParts::start(&dir, python, &ca));
+        if let Some(o) = &oauth {
+            zone = o.hosts(zone);
+        }
         let dns = DnsServer::start(SocketAddr::new(loopback_ip(), 53), &zone);
         let log = dir.join("audit.jsonl");
         let key = key_file.display();
@@ -157,18 +237,21 @@ to = ["other.test"]
 ports = [443]
 protocol = "tcp"
 action = "allow"
-"#
+{}"#,
+            oauth.as_ref().map_or_else(String::new, OAuthParts::policy)
         );
         let metrics_port = free_loopback_port();
         let config = format!(
-            "[[workload]]\ncgroup = \"web\"\nidentity = \"{WEB}\"\n{}\
+            "trust_domains = [\"example.org\"]\n\
+             [[workload]]\ncgroup = \"web\"\nidentity = \"{WEB}\"\n{}\
              [metrics]\naddress = \"127.0.0.1:{metrics_port}\"\n\
              [egress]\nenabled = true\ntls_port = {}\nhttp_port = {}\n\
-             extra_roots = [{:?}]\nupstream_timeout = \"3s\"\n",
+             extra_roots = [{:?}]\nupstream_timeout = \"3s\"\n{}",
             dns_config(dns.addr(), &log, "private_answers = \"allow\""),
             free_port(),
             free_port(),
             dir.join("upstream-ca.pem"),
+            oauth.as_ref().map_or_else(String::new, OAuthParts::config),
         );
         let agent = Agent::start(&cg, &policy, &config);
         Self {
@@ -177,7 +260,8 @@ action = "allow"
             web,
             log,
             dir,
-            _api: api,
+            oauth,
+            api,
             _dns: dns,
             _cg: cg,
         }
@@ -215,7 +299,7 @@ action = "allow"
 
     /// What the upstream logged: a line per request, with its status.
     fn upstream_log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("api.log")).unwrap_or_default()
+        self.api.log()
     }
 
     /// The broker's records in the audit log, once `count` are there.
@@ -241,6 +325,119 @@ impl Drop for EgressWorld {
             );
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl OAuthParts {
+    /// The token endpoint on an address of its own (validating JWT-SVIDs
+    /// of `web` for [`STS_AUDIENCE`] by the agent's OIDC discovery
+    /// document, read at its first request) and the API that wants its
+    /// token on another.
+    fn start(dir: &Path, python: &Path, ca: &TestCa) -> Self {
+        let (sts_ip, oauth_ip) = (loopback_ip(), loopback_ip());
+        let oidc_port = idgate_tests::free_loopback_port();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let access_token = format!("at-e2e-{}-{nanos:x}", std::process::id());
+        let token_file = dir.join("access-token");
+        std::fs::write(&token_file, format!("{access_token}\n")).unwrap();
+        let bearer_file = dir.join("bearer-key");
+        std::fs::write(&bearer_file, format!("Bearer {access_token}\n")).unwrap();
+        let calls = dir.join("token-calls");
+        let discovery = format!("http://127.0.0.1:{oidc_port}/.well-known/openid-configuration");
+        let args: Vec<OsString> = vec![
+            discovery.into(),
+            STS_AUDIENCE.into(),
+            WEB.into(),
+            token_file.into(),
+            calls.clone().into(),
+        ];
+        let endpoint = PyServer::start(
+            dir,
+            "token_endpoint",
+            python,
+            sts_ip,
+            ca,
+            &["sts.test"],
+            &args,
+        );
+        let api = PyServer::key_api(
+            dir,
+            "oauth-api",
+            oauth_ip,
+            ca,
+            &["oauth.test", "client.test", "denied.test"],
+            "authorization",
+            &bearer_file,
+        );
+        Self {
+            access_token,
+            calls,
+            sts_ip,
+            oauth_ip,
+            oidc_port,
+            _endpoint: endpoint,
+            _api: api,
+        }
+    }
+
+    /// `zone` with the names of the token endpoint and the API.
+    fn hosts(&self, zone: Zone) -> Zone {
+        zone.host("sts.test", &[self.sts_ip], 60)
+            .host("oauth.test", &[self.oauth_ip], 60)
+            .host("client.test", &[self.oauth_ip], 60)
+            .host("denied.test", &[self.oauth_ip], 60)
+    }
+
+    /// The agent's OIDC discovery provider (`[svid.oidc]`), whose
+    /// documents the token endpoint reads.
+    fn config(&self) -> String {
+        let port = self.oidc_port;
+        format!(
+            "[svid]\n[svid.oidc]\nissuer = \"http://127.0.0.1:{port}\"\naddress = \"127.0.0.1:{port}\"\n"
+        )
+    }
+
+    /// The credential rules of `web` for the three hosts.
+    fn policy(&self) -> String {
+        format!(
+            r#"
+[[identity.credential]]
+name = "oauth"
+host = "oauth.test"
+kind = "oauth"
+token_endpoint = "{TOKEN_ENDPOINT}"
+audience = ["{STS_AUDIENCE}"]
+scope = "api"
+
+[[identity.credential]]
+name = "client"
+host = "client.test"
+kind = "oauth"
+token_endpoint = "{TOKEN_ENDPOINT}"
+grant = "client_credentials"
+audience = ["{STS_AUDIENCE}"]
+client_id = "idgate-e2e"
+
+[[identity.credential]]
+name = "denied"
+host = "denied.test"
+kind = "oauth"
+token_endpoint = "{TOKEN_ENDPOINT}"
+audience = ["not-the-token-endpoint"]
+"#
+        )
+    }
+
+    /// The lines the token endpoint wrote, one per request.
+    fn calls(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.calls)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
     }
 }
 
@@ -652,4 +849,76 @@ fn requests_over_an_agent_restart_and_crash_fail_cleanly_and_never_go_out_withou
     let log = w.upstream_log();
     assert!(!log.contains("\" 401 "), "{log}");
     assert!(log.contains("\" 200 "), "{log}");
+}
+
+#[test]
+fn an_oauth_credential_gets_a_token_with_the_jwt_svid_and_keeps_it() {
+    require_privileges!();
+    if !require_egress_tools() {
+        return;
+    }
+    let Some(python) = idgate_tests::python::env() else {
+        return;
+    };
+    let w = EgressWorld::with_oauth("egress-oauth", &python);
+    let oauth = w.oauth.as_ref().unwrap();
+    let token = oauth.access_token.as_str();
+
+    // Two requests per rule (a token exchange, a client assertion), the
+    // workload's own authorization replaced: one token each, kept.
+    for host in ["oauth.test", "client.test"] {
+        for version in ["--http1.1", "--http2"] {
+            let url = format!("https://{host}/v1/echo");
+            let run = w.curl(&[version, "-H", "authorization: Bearer placeholder", &url]);
+            let (code, body) = status(&run);
+            assert!(code.starts_with("200 "), "{host} {version}: {run:?}");
+            let echoed: serde_json::Value = serde_json::from_str(body).expect("JSON echo");
+            assert_eq!(echoed["headers"]["host"], host);
+            assert!(!body.contains(token), "{body}");
+        }
+    }
+    let issued = format!("issued {WEB}");
+    assert_eq!(oauth.calls(), [issued.as_str(), issued.as_str()]);
+
+    // A rule whose JWT-SVID is for another audience: the token endpoint
+    // refuses it, and the workload learns which endpoint said what.
+    let run = w.curl(&["https://denied.test/v1/echo"]);
+    let (code, body) = status(&run);
+    assert!(code.starts_with("502 "), "{run:?}");
+    assert_eq!(
+        body.trim_end(),
+        format!(
+            "idgate: credential denied: token endpoint {TOKEN_ENDPOINT} answered 401: invalid_grant: the JWT was refused: InvalidAudienceError"
+        )
+    );
+    assert!(!body.contains(token) && !body.contains("eyJ"), "{body}");
+    assert_eq!(
+        oauth.calls().last().map(String::as_str),
+        Some("refused invalid_grant the JWT was refused: InvalidAudienceError")
+    );
+
+    let records = w.broker_records(5);
+    let of = |rule: &str| -> Vec<&serde_json::Value> {
+        records.iter().filter(|r| r["rule"] == rule).collect()
+    };
+    assert_eq!(of("oauth").len(), 2, "{records:#?}");
+    assert!(
+        of("client")
+            .iter()
+            .all(|r| r["reason"] != "failed" && r["http"]["status"] == 200),
+        "{records:#?}"
+    );
+    let denied = of("denied");
+    assert_eq!(denied.len(), 1, "{records:#?}");
+    assert_eq!(denied[0]["reason"], "failed");
+    assert_eq!(denied[0]["http"]["status"], 502);
+
+    // Neither the access token nor a JWT (base64url JSON: `eyJ`) is in
+    // the audit log or the agent's log.
+    let audit_text = std::fs::read_to_string(&w.log).unwrap();
+    let agent_log = w.agent.log();
+    for (name, text) in [("audit log", &audit_text), ("agent log", &agent_log)] {
+        assert!(!text.contains(token), "the {name} holds the access token");
+        assert!(!text.contains("eyJ"), "the {name} holds a JWT");
+    }
 }

@@ -26,6 +26,7 @@ use super::hello::{Prefixed, read_hello};
 use super::record::{BrokerRecord, Outcome, Records};
 use super::rules::same_host;
 use super::secrets::SecretFiles;
+use super::tokens::Tokens;
 use super::upstream::{Upstreams, one_line};
 use super::view::Directory;
 use super::{EgressError, HTTP_PORT, TLS_PORT};
@@ -40,6 +41,7 @@ pub struct Broker {
     pub(super) records: Records,
     pub(super) upstreams: Upstreams,
     pub(super) secrets: SecretFiles,
+    pub(super) tokens: Tokens,
     pub(super) upstream_timeout: Duration,
     /// The upstream ports: 443 for TLS, 80 for plain HTTP (others only
     /// in tests).
@@ -114,6 +116,7 @@ impl Broker {
             records: Records::new(records),
             upstreams,
             secrets: SecretFiles::default(),
+            tokens: Tokens::default(),
             upstream_timeout: config.upstream_timeout,
             upstream_ports: Ports {
                 tls: TLS_PORT,

@@ -46,8 +46,9 @@ pub struct EgressConfig {
     /// system's (e.g. a company or test CA). Default none.
     pub extra_roots: Vec<PathBuf>,
     /// The longest the broker waits for an upstream: to connect, finish
-    /// TLS and send a response's head; past it the workload gets 504.
-    /// Default 10s.
+    /// TLS and send a response's head (or, for an `oauth` credential, for
+    /// its token endpoint to give a token); past it the workload gets
+    /// 504. Default 10s.
     #[serde(deserialize_with = "crate::clock::deserialize_duration")]
     pub upstream_timeout: Duration,
     /// How long the broker waits for a workload: for its TLS ClientHello

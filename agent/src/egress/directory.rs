@@ -103,6 +103,7 @@ fn credential(rule: &CredentialRule) -> Option<Credential> {
         CredentialKind::JwtSvid { audience } => CredentialSource::JwtSvid {
             audience: audience.clone(),
         },
+        CredentialKind::OAuth(client) => CredentialSource::OAuth(Arc::new(client.clone())),
     };
     let methods = rule
         .methods

@@ -280,6 +280,11 @@ async fn credential_value(
             value.set_sensitive(true);
             Ok(value)
         }
+        CredentialSource::OAuth(client) => broker
+            .tokens
+            .bearer(broker, id, client)
+            .await
+            .map_err(|e| (e.status(), format!("credential {}: {e}", credential.name))),
     }
 }
 

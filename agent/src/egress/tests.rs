@@ -33,6 +33,13 @@ const API: &str = "api.test";
 const DOWN: &str = "down.test";
 const OTHER: &str = "other.test";
 const JWT: &str = "jwt.test";
+/// Hosts of `oauth` credentials, and their token endpoint's host.
+const OAUTH: &str = "oauth.test";
+const OAUTH_DENIED: &str = "oauth-denied.test";
+const OAUTH_SLOW: &str = "oauth-slow.test";
+const STS: &str = "sts.test";
+/// The access token the token endpoint issues.
+const ACCESS_TOKEN: &str = "at-7e11";
 
 struct Stub {
     id: SpiffeId,
@@ -76,7 +83,10 @@ impl Directory for Stub {
 /// What the upstream was sent: its requests count.
 struct Upstream {
     addr: SocketAddr,
+    /// Requests to the API (not to the token endpoint).
     requests: AtomicU64,
+    /// Requests to the token endpoint.
+    token_requests: AtomicU64,
     /// `/sse` sends its second event when notified.
     sse_next: Notify,
 }
@@ -107,6 +117,30 @@ fn credential(name: &str, host: &str, secret_file: &std::path::Path) -> Credenti
     }
 }
 
+/// A credential of kind `oauth` whose token endpoint is `path` on
+/// `sts.test:port` (the upstream), presenting a JWT-SVID for `sts`.
+fn oauth_credential(
+    name: &str,
+    host: &str,
+    path: &str,
+    port: u16,
+    secret_file: &std::path::Path,
+) -> Credential {
+    let client = crate::policy::OAuthClient {
+        token_endpoint: format!("https://{STS}:{port}{path}").parse().unwrap(),
+        grant: crate::policy::OAuthGrant::TokenExchange,
+        audience: vec!["sts".into()],
+        scope: Some("api".into()),
+        resource: None,
+        token_audience: None,
+        client_id: None,
+    };
+    Credential {
+        source: CredentialSource::OAuth(Arc::new(client)),
+        ..credential(name, host, secret_file)
+    }
+}
+
 impl World {
     async fn new(name: &str, secret_mode: u32) -> Self {
         let dir = std::env::temp_dir().join(format!("idgate-egress-{name}-{}", std::process::id()));
@@ -120,11 +154,14 @@ impl World {
         let issuer = rcgen::Issuer::from_ca_cert_der(ca_cert.der(), ca_key).unwrap();
         std::fs::write(dir.join("test-ca.pem"), ca_cert.pem()).unwrap();
         let leaf_key = rcgen::KeyPair::generate().unwrap();
-        let leaf =
-            rcgen::CertificateParams::new(vec![API.into(), OTHER.into(), DOWN.into(), JWT.into()])
-                .unwrap()
-                .signed_by(&leaf_key, &issuer)
-                .unwrap();
+        let leaf = rcgen::CertificateParams::new(
+            [API, OTHER, DOWN, JWT, OAUTH, OAUTH_DENIED, OAUTH_SLOW, STS]
+                .map(Into::into)
+                .to_vec(),
+        )
+        .unwrap()
+        .signed_by(&leaf_key, &issuer)
+        .unwrap();
         let upstream = serve_upstream(leaf.der().to_vec(), leaf_key.serialize_der()).await;
 
         let secret = dir.join("key");
@@ -150,12 +187,31 @@ impl World {
                     },
                     ..credential("jwt", JWT, &secret)
                 },
+                oauth_credential("oauth", OAUTH, "/token", upstream.addr.port(), &secret),
+                oauth_credential(
+                    "oauth-denied",
+                    OAUTH_DENIED,
+                    "/token-denied",
+                    upstream.addr.port(),
+                    &secret,
+                ),
+                oauth_credential(
+                    "oauth-slow",
+                    OAUTH_SLOW,
+                    "/token-hang",
+                    upstream.addr.port(),
+                    &secret,
+                ),
             ]
             .into(),
             addrs: HashMap::from([
                 (API, upstream.addr.ip()),
                 (OTHER, upstream.addr.ip()),
                 (JWT, upstream.addr.ip()),
+                (OAUTH, upstream.addr.ip()),
+                (OAUTH_DENIED, upstream.addr.ip()),
+                (OAUTH_SLOW, upstream.addr.ip()),
+                (STS, upstream.addr.ip()),
                 // Nothing listens there.
                 (DOWN, IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2))),
             ]),
@@ -273,6 +329,7 @@ async fn serve_upstream(cert: Vec<u8>, key: Vec<u8>) -> Arc<Upstream> {
     let upstream = Arc::new(Upstream {
         addr: listener.local_addr().unwrap(),
         requests: AtomicU64::new(0),
+        token_requests: AtomicU64::new(0),
         sse_next: Notify::new(),
     });
     let mut config = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
@@ -311,6 +368,9 @@ async fn answer(
     up: Arc<Upstream>,
     mut request: Request<Incoming>,
 ) -> Result<Response<TestBody>, std::convert::Infallible> {
+    if request.uri().path().starts_with("/token") {
+        return Ok(token_endpoint(up, request).await);
+    }
     up.requests.fetch_add(1, Ordering::SeqCst);
     let keys: Vec<_> = request
         .headers()
@@ -331,6 +391,9 @@ async fn answer(
         .collect::<Vec<_>>();
     if bearer == ["Bearer jwt.agent.aud1"] && keys.is_empty() {
         return full(StatusCode::OK, "bearer ok".into());
+    }
+    if bearer == [format!("Bearer {ACCESS_TOKEN}")] && keys.is_empty() {
+        return full(StatusCode::OK, "access token ok".into());
     }
     if keys != [SECRET] {
         return full(StatusCode::UNAUTHORIZED, format!("keys {keys:?}"));
@@ -376,6 +439,38 @@ async fn answer(
         }
         _ => full(StatusCode::NOT_FOUND, String::new()),
     }
+}
+
+/// The token endpoint stand-in: `/token` takes a token exchange of the
+/// stub's JWT-SVID for `sts` (after a pause, so that requests overlap)
+/// and issues [`ACCESS_TOKEN`]; `/token-hang` never answers; any other
+/// refuses every request.
+async fn token_endpoint(up: Arc<Upstream>, request: Request<Incoming>) -> Response<TestBody> {
+    up.token_requests.fetch_add(1, Ordering::SeqCst);
+    let path = request.uri().path().to_owned();
+    if path == "/token-hang" {
+        return std::future::pending().await;
+    }
+    let form = request.into_body().collect().await.unwrap().to_bytes();
+    let form: HashMap<String, String> = form_urlencoded::parse(&form).into_owned().collect();
+    let (status, answer) = if path == "/token"
+        && form["grant_type"] == "urn:ietf:params:oauth:grant-type:token-exchange"
+        && form["subject_token"] == "jwt.agent.sts"
+        && form["subject_token_type"] == "urn:ietf:params:oauth:token-type:jwt"
+        && form["scope"] == "api"
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let answer = format!(
+            r#"{{"access_token":"{ACCESS_TOKEN}","token_type":"Bearer","expires_in":300}}"#
+        );
+        (StatusCode::OK, answer)
+    } else {
+        let answer = r#"{"error":"invalid_client","error_description":"wrong audience"}"#;
+        (StatusCode::UNAUTHORIZED, answer.to_owned())
+    };
+    let mut r = Response::new(http_body_util::Full::new(Bytes::from(answer)).boxed());
+    *r.status_mut() = status;
+    r
 }
 
 #[tokio::test]
@@ -642,4 +737,81 @@ async fn a_jwt_svid_credential_replaces_the_authorization() {
         (StatusCode::OK, "bearer ok")
     );
     assert_eq!(w.record().await.credential.as_deref(), Some("jwt"));
+}
+
+#[tokio::test]
+async fn an_oauth_credential_gets_one_token_and_keeps_it() {
+    let mut w = World::new("oauth", 0o600).await;
+    let request = || {
+        let mut r = get("/v1/echo", OAUTH);
+        r.headers_mut().remove("x-api-key");
+        r.headers_mut()
+            .insert("authorization", "Bearer placeholder".parse().unwrap());
+        r
+    };
+    // Three requests at once wait for one fetch.
+    let (a, b, c) = tokio::join!(
+        w.h2(OAUTH, request()),
+        w.h2(OAUTH, request()),
+        w.h1(OAUTH, request())
+    );
+    for r in [a, b, c] {
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(text(r).await, "access token ok");
+    }
+    // A later one uses the kept token.
+    let r = w.h1(OAUTH, request()).await;
+    assert_eq!(text(r).await, "access token ok");
+    assert_eq!(w.upstream.token_requests.load(Ordering::SeqCst), 1);
+    assert_eq!(w.upstream.requests.load(Ordering::SeqCst), 4);
+    for _ in 0..4 {
+        let rec = w.record().await;
+        assert_eq!(rec.outcome, Outcome::Forwarded);
+        assert_eq!(rec.credential.as_deref(), Some("oauth"));
+        assert!(!format!("{rec:?}").contains(ACCESS_TOKEN));
+    }
+}
+
+#[tokio::test]
+async fn a_token_endpoint_that_refuses_gives_a_502_that_names_it() {
+    let mut w = World::new("oauth-denied", 0o600).await;
+    for _ in 0..2 {
+        let r = w.h1(OAUTH_DENIED, get("/v1/echo", OAUTH_DENIED)).await;
+        assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+        let reason = text(r).await;
+        let endpoint = format!("https://{STS}:{}/token-denied", w.upstream.addr.port());
+        assert_eq!(
+            reason,
+            format!(
+                "idgate: credential oauth-denied: token endpoint {endpoint} answered 401: invalid_client: wrong audience\n"
+            )
+        );
+        assert!(!reason.contains("jwt."), "{reason}");
+        let rec = w.record().await;
+        assert!(matches!(rec.outcome, Outcome::Failed(_)), "{rec:?}");
+        assert_eq!(rec.status, Some(502));
+    }
+    // A failure is not kept: each request asked again.
+    assert_eq!(w.upstream.token_requests.load(Ordering::SeqCst), 2);
+    assert_eq!(w.upstream.requests.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn a_token_endpoint_that_does_not_answer_gives_a_504_in_time() {
+    let mut w = World::new("oauth-slow", 0o600).await;
+    let start = Instant::now();
+    let r = w.h2(OAUTH_SLOW, get("/v1/echo", OAUTH_SLOW)).await;
+    assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert!(start.elapsed() < Duration::from_secs(3));
+    let endpoint = format!("https://{STS}:{}/token-hang", w.upstream.addr.port());
+    assert_eq!(
+        text(r).await,
+        format!(
+            "idgate: credential oauth-slow: token endpoint {endpoint} gave no token within 500ms\n"
+        )
+    );
+    assert!(matches!(w.record().await.outcome, Outcome::Failed(_)));
+    // The broker still serves.
+    let r = w.h2(API, get("/v1/echo", API)).await;
+    assert_eq!(r.status(), StatusCode::OK);
 }

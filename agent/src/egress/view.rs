@@ -10,6 +10,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use crate::identity::SpiffeId;
+use crate::policy::OAuthClient;
 
 /// A future the [`Directory`] returns: boxed, so the trait is
 /// object-safe.
@@ -51,6 +52,10 @@ pub enum CredentialSource {
     },
     /// `authorization: Bearer <JWT-SVID>` of the identity, for `audience`.
     JwtSvid { audience: Vec<String> },
+    /// `authorization: Bearer <access token>`, the token got from the
+    /// client's token endpoint with the identity's JWT-SVID (see the
+    /// `tokens` module).
+    OAuth(Arc<OAuthClient>),
 }
 
 impl CredentialSource {
@@ -58,7 +63,7 @@ impl CredentialSource {
     pub fn header(&self) -> &http::HeaderName {
         match self {
             Self::Header { header, .. } => header,
-            Self::JwtSvid { .. } => &http::header::AUTHORIZATION,
+            Self::JwtSvid { .. } | Self::OAuth(_) => &http::header::AUTHORIZATION,
         }
     }
 }

@@ -126,6 +126,9 @@ pub enum CredentialKind {
     /// `authorization: Bearer` and a JWT-SVID of the identity for
     /// `audience`.
     JwtSvid { audience: Vec<String> },
+    /// `authorization: Bearer` and an OAuth 2.0 access token the agent
+    /// gets from a token endpoint with the identity's JWT-SVID.
+    OAuth(OAuthClient),
 }
 
 impl CredentialKind {
@@ -133,9 +136,50 @@ impl CredentialKind {
     pub fn header(&self) -> &str {
         match self {
             Self::Header { header, .. } => header,
-            Self::JwtSvid { .. } => "authorization",
+            Self::JwtSvid { .. } | Self::OAuth(_) => "authorization",
         }
     }
+}
+
+/// How the agent, as an OAuth 2.0 client, gets an access token for an
+/// identity: a POST to `token_endpoint` that presents the identity's
+/// JWT-SVID for `audience` as `grant` says.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct OAuthClient {
+    /// An `https` URL (`http` only for a loopback host), with no fragment
+    /// or user name.
+    pub token_endpoint: http::Uri,
+    pub grant: OAuthGrant,
+    /// The JWT-SVID's audiences (normally the token endpoint's issuer).
+    pub audience: Vec<String>,
+    /// The `scope` parameter, sent when set.
+    pub scope: Option<String>,
+    /// The `resource` parameter (RFC 8707, RFC 8693): an absolute URI,
+    /// sent when set.
+    pub resource: Option<String>,
+    /// The `audience` parameter of the request (RFC 8693): where the
+    /// access token is meant to be used, sent when set. (Not the
+    /// JWT-SVID's `audience`.)
+    pub token_audience: Option<String>,
+    /// The `client_id` parameter, sent when set.
+    pub client_id: Option<String>,
+}
+
+/// How the JWT-SVID is presented to the token endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OAuthGrant {
+    /// RFC 8693 token exchange: the JWT-SVID is the `subject_token`.
+    TokenExchange,
+    /// The client credentials grant, the client authenticating with the
+    /// JWT-SVID as its `client_assertion` (RFC 7523).
+    ClientCredentials,
+}
+
+impl Keyword for OAuthGrant {
+    const WORDS: &'static [(&'static str, Self)] = &[
+        ("token_exchange", Self::TokenExchange),
+        ("client_credentials", Self::ClientCredentials),
+    ];
 }
 
 /// One egress rule.

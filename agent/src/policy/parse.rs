@@ -14,7 +14,7 @@ use toml::de::{DeTable, DeValue};
 use super::diagnostic::{Diagnostic, Location, Source};
 use super::model::{
     Action, CredentialKind, CredentialRule, Destination, EgressRule, IdentityBlock, IdentityPolicy,
-    Keyword, Mode, PortSpec, Protocol, Serial,
+    Keyword, Mode, OAuthClient, OAuthGrant, PortSpec, Protocol, Serial,
 };
 use super::names::NamePattern;
 use super::ports::{self, PortError};
@@ -68,12 +68,30 @@ const CREDENTIAL_KEYS: &[&str] = &[
     "secret_file",
     "prefix",
     "audience",
+    "token_endpoint",
+    "grant",
+    "scope",
+    "resource",
+    "token_audience",
+    "client_id",
     "methods",
     "paths",
     "http",
 ];
-/// The keys of a credential rule of kind `header` only.
+/// The keys of credential rules of kind `header`.
 const HEADER_KEYS: &[&str] = &["header", "secret_file", "prefix"];
+/// The keys of credential rules of kind `jwt_svid`.
+const JWT_SVID_KEYS: &[&str] = &["audience"];
+/// The keys of credential rules of kind `oauth`.
+const OAUTH_KEYS: &[&str] = &[
+    "token_endpoint",
+    "grant",
+    "audience",
+    "scope",
+    "resource",
+    "token_audience",
+    "client_id",
+];
 /// Headers the broker itself sets or that frame the request: never a
 /// credential's.
 const RESERVED_HEADERS: &[&str] = &[
@@ -336,9 +354,14 @@ impl Reader<'_> {
             None => Some(Kind::Header),
             Some(v) => self.keyword("kind", v),
         };
-        let kind = match kind? {
+        let kind = kind?;
+        self.keys_of_other_kinds(t, kind);
+        let kind = match kind {
             Kind::Header => self.header_credential(rule, t),
-            Kind::JwtSvid => self.jwt_svid_credential(rule, t),
+            Kind::JwtSvid => self
+                .audience(rule, t, kind)
+                .map(|audience| CredentialKind::JwtSvid { audience }),
+            Kind::OAuth => self.oauth_credential(rule, t),
         };
         let methods = match t.get("methods") {
             None => Some(Vec::new()),
@@ -394,15 +417,34 @@ impl Reader<'_> {
         }
     }
 
+    /// Reports every key of `t` that belongs to other kinds of credential
+    /// rules than `kind`.
+    fn keys_of_other_kinds(&mut self, t: &DeTable, kind: Kind) {
+        for (key, _) in t.iter() {
+            let key_name: &str = key.get_ref().as_ref();
+            let owners: Vec<String> = Kind::WORDS
+                .iter()
+                .filter(|(_, k)| k.keys().contains(&key_name))
+                .map(|(w, _)| format!("{w:?}"))
+                .collect();
+            if owners.is_empty() || kind.keys().contains(&key_name) {
+                continue;
+            }
+            self.error(
+                &key.span(),
+                format!(
+                    "`{key_name}` is a key of credential rules of kind = {}; this rule's kind is {:?}: it {}",
+                    owners.join(" or "),
+                    kind.word(),
+                    kind.adds()
+                ),
+            );
+        }
+    }
+
     /// What a rule of kind `header` adds: `header`, `secret_file` and
     /// `prefix`.
     fn header_credential(&mut self, rule: &Value, t: &DeTable) -> Option<CredentialKind> {
-        if let Some((key, _)) = t.get_key_value("audience") {
-            self.error(
-                &key.span(),
-                "`audience` is a key of credential rules of kind = \"jwt_svid\"; this rule's kind is \"header\"",
-            );
-        }
         let needs = |key: &str, like: &str| {
             format!(
                 "this credential rule has no `{key}`; a rule of kind \"header\" (the default) needs {like}"
@@ -485,19 +527,9 @@ impl Reader<'_> {
         Some(name.as_str().to_owned())
     }
 
-    /// What a rule of kind `jwt_svid` adds: the identity's JWT-SVID for
-    /// `audience`.
-    fn jwt_svid_credential(&mut self, rule: &Value, t: &DeTable) -> Option<CredentialKind> {
-        for key in HEADER_KEYS {
-            if let Some((k, _)) = t.get_key_value(*key) {
-                self.error(
-                    &k.span(),
-                    format!(
-                        "`{key}` is not a key of credential rules of kind = \"jwt_svid\": they set `authorization: Bearer` and the identity's JWT-SVID"
-                    ),
-                );
-            }
-        }
+    /// The JWT-SVID's `audience` of a rule of `kind` (`jwt_svid` or
+    /// `oauth`): required, not empty.
+    fn audience(&mut self, rule: &Value, t: &DeTable, kind: Kind) -> Option<Vec<String>> {
         let want = "`audience` must be an array of strings (like audience = [\"https://api.example.com\"])";
         let v = match t.get("audience") {
             Some(v) => v,
@@ -505,7 +537,8 @@ impl Reader<'_> {
                 self.error(
                     &rule.span(),
                     format!(
-                        "this credential rule has no `audience`; a rule of kind \"jwt_svid\" needs the JWT-SVID's audience ({want})"
+                        "this credential rule has no `audience`; a rule of kind {:?} needs the JWT-SVID's audience ({want})",
+                        kind.word()
                     ),
                 );
                 return None;
@@ -530,9 +563,93 @@ impl Reader<'_> {
                 Some(s.to_owned())
             })
             .collect();
-        Some(CredentialKind::JwtSvid {
-            audience: audience.into_iter().collect::<Option<_>>()?,
-        })
+        audience.into_iter().collect()
+    }
+
+    /// What a rule of kind `oauth` adds: an access token from
+    /// `token_endpoint`, got with the JWT-SVID for `audience` as `grant`
+    /// says, with the optional parameters.
+    fn oauth_credential(&mut self, rule: &Value, t: &DeTable) -> Option<CredentialKind> {
+        let token_endpoint = match t.get("token_endpoint") {
+            None => {
+                self.error(
+                    &rule.span(),
+                    "this credential rule has no `token_endpoint`; a rule of kind \"oauth\" needs the token endpoint's URL (like token_endpoint = \"https://sts.example.com/oauth2/token\")",
+                );
+                None
+            }
+            Some(v) => self.token_endpoint(v),
+        };
+        let grant = match t.get("grant") {
+            None => Some(OAuthGrant::TokenExchange),
+            Some(v) => self.keyword("grant", v),
+        };
+        let audience = self.audience(rule, t, Kind::OAuth);
+        let scope = self.parameter(t, "scope");
+        let resource = self.parameter(t, "resource");
+        let token_audience = self.parameter(t, "token_audience");
+        let client_id = self.parameter(t, "client_id");
+        if let (Some(Some(r)), Some(v)) = (&resource, t.get("resource"))
+            && !is_absolute_uri(r)
+        {
+            self.error(
+                &v.span(),
+                format!(
+                    "`resource` {r:?} is not an absolute URI without a fragment (like \"https://api.example.com/\"), as RFC 8707 wants"
+                ),
+            );
+            return None;
+        }
+        Some(CredentialKind::OAuth(OAuthClient {
+            token_endpoint: token_endpoint?,
+            grant: grant?,
+            audience: audience?,
+            scope: scope?,
+            resource: resource?,
+            token_audience: token_audience?,
+            client_id: client_id?,
+        }))
+    }
+
+    /// `token_endpoint`: an `https` URL, or an `http` one for a loopback
+    /// host; no user name or fragment.
+    fn token_endpoint(&mut self, v: &Value) -> Option<http::Uri> {
+        let s = self.string("`token_endpoint`", v)?;
+        let problem = match s.parse::<http::Uri>() {
+            // The parser drops a fragment: refuse it instead.
+            _ if s.contains('#') => "must not hold a fragment (`#`)".to_owned(),
+            Err(e) => format!("is not a URL: {e}"),
+            Ok(uri) => match endpoint_problem(&uri) {
+                None => return Some(uri),
+                Some(p) => p,
+            },
+        };
+        self.error(&v.span(), format!("`token_endpoint` {s:?} {problem}"));
+        None
+    }
+
+    /// An optional string parameter of a token request: not empty, no
+    /// control characters. `Some(None)` when it is not set.
+    fn parameter(&mut self, t: &DeTable, key: &str) -> Option<Option<String>> {
+        let Some(v) = t.get(key) else {
+            return Some(None);
+        };
+        let s = self.string(&format!("`{key}`"), v)?;
+        if s.trim().is_empty() {
+            self.error(
+                &v.span(),
+                format!("`{key}` is empty; leave it out to send none"),
+            );
+            return None;
+        }
+        if s.chars().any(char::is_control) {
+            self.error(
+                &v.span(),
+                format!("`{key}` must not hold control characters"),
+            );
+            return None;
+        }
+        Some(Some(s.to_owned()))
     }
 
     /// `methods`: HTTP method tokens, uppercase.
@@ -807,11 +924,83 @@ impl Reader<'_> {
 enum Kind {
     Header,
     JwtSvid,
+    OAuth,
 }
 
 impl Keyword for Kind {
-    const WORDS: &'static [(&'static str, Self)] =
-        &[("header", Self::Header), ("jwt_svid", Self::JwtSvid)];
+    const WORDS: &'static [(&'static str, Self)] = &[
+        ("header", Self::Header),
+        ("jwt_svid", Self::JwtSvid),
+        ("oauth", Self::OAuth),
+    ];
+}
+
+impl Kind {
+    /// The keys of rules of this kind only (or of a few kinds).
+    fn keys(self) -> &'static [&'static str] {
+        match self {
+            Self::Header => HEADER_KEYS,
+            Self::JwtSvid => JWT_SVID_KEYS,
+            Self::OAuth => OAUTH_KEYS,
+        }
+    }
+
+    /// What rules of this kind add, after "it".
+    fn adds(self) -> &'static str {
+        match self {
+            Self::Header => "adds `header` with the secret read from `secret_file`",
+            Self::JwtSvid => "sets `authorization: Bearer` and the identity's JWT-SVID",
+            Self::OAuth => "sets `authorization: Bearer` and an access token from `token_endpoint`",
+        }
+    }
+}
+
+/// What makes `uri` unfit as a token endpoint, if anything: it must be
+/// an absolute `https` URL (`http` only for a loopback host) without a
+/// user name.
+fn endpoint_problem(uri: &http::Uri) -> Option<String> {
+    let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+        return Some(
+            "is not an absolute URL (like \"https://sts.example.com/oauth2/token\")".into(),
+        );
+    };
+    if authority.as_str().contains('@') {
+        return Some("must not hold a user name or password".into());
+    }
+    let host = authority.host();
+    if host.is_empty() {
+        return Some("has no host".into());
+    }
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let ip = bare.parse::<std::net::IpAddr>().ok();
+    if ip.is_none() && !bare.parse::<NamePattern>().is_ok_and(|n| !n.is_wildcard()) {
+        return Some(format!(
+            "has host {host:?}, which is neither an address nor a DNS name"
+        ));
+    }
+    let loopback = ip.is_some_and(|ip| ip.is_loopback()) || bare.eq_ignore_ascii_case("localhost");
+    match scheme {
+        "https" => None,
+        "http" if loopback => None,
+        "http" => Some(
+            "must be https: the JWT-SVID and the access token would cross the network in clear text (http is only for a loopback host)".into(),
+        ),
+        other => Some(format!("has scheme {other:?}; a token endpoint is https")),
+    }
+}
+
+/// Whether `s` is an absolute URI (a scheme, a `:`, more) without a
+/// fragment.
+fn is_absolute_uri(s: &str) -> bool {
+    let Some((scheme, rest)) = s.split_once(':') else {
+        return false;
+    };
+    let mut chars = scheme.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+        && !rest.is_empty()
+        && !s.contains('#')
+        && !s.contains(char::is_whitespace)
 }
 
 /// Whose rules are read: the unknown workload's may not name hosts.
@@ -1277,6 +1466,235 @@ prefix = "Bearer "
     }
 
     #[test]
+    fn parses_oauth_credential_rules() {
+        let p = policy(
+            r#"[[identity]]
+id = "spiffe://example.org/agent"
+[[identity.credential]]
+name = "exchange"
+host = "api.example.com"
+kind = "oauth"
+token_endpoint = "https://sts.example.com:8443/oauth2/token?tenant=t1"
+audience = ["https://sts.example.com"]
+[[identity.credential]]
+name = "client"
+host = "saas.example.com"
+kind = "oauth"
+token_endpoint = "http://127.0.0.1:9000/token"
+grant = "client_credentials"
+audience = ["sts", "other"]
+scope = "read write"
+resource = "https://saas.example.com/"
+token_audience = "saas"
+client_id = "idgate"
+methods = ["GET"]
+[[identity.credential]]
+name = "v6"
+host = "v6.example.com"
+kind = "oauth"
+token_endpoint = "http://[::1]/token"
+grant = "token_exchange"
+audience = ["a"]
+resource = "urn:example:api"
+[[identity.credential]]
+name = "local"
+host = "local.example.com"
+kind = "oauth"
+token_endpoint = "http://LocalHost:8080/token"
+audience = ["a"]
+"#,
+        );
+        let c = &p.identities[0].policy.credentials;
+        assert_eq!(c.len(), 4);
+        assert_eq!(
+            c[0].kind,
+            CredentialKind::OAuth(OAuthClient {
+                token_endpoint: "https://sts.example.com:8443/oauth2/token?tenant=t1"
+                    .parse()
+                    .unwrap(),
+                grant: OAuthGrant::TokenExchange,
+                audience: vec!["https://sts.example.com".into()],
+                scope: None,
+                resource: None,
+                token_audience: None,
+                client_id: None,
+            })
+        );
+        assert_eq!(c[0].kind.header(), "authorization");
+        assert_eq!(c[0].ports(), [(443, 443)]);
+        assert_eq!(
+            c[1].kind,
+            CredentialKind::OAuth(OAuthClient {
+                token_endpoint: "http://127.0.0.1:9000/token".parse().unwrap(),
+                grant: OAuthGrant::ClientCredentials,
+                audience: vec!["sts".into(), "other".into()],
+                scope: Some("read write".into()),
+                resource: Some("https://saas.example.com/".into()),
+                token_audience: Some("saas".into()),
+                client_id: Some("idgate".into()),
+            })
+        );
+        assert_eq!(c[1].methods, ["GET"]);
+        assert!(
+            matches!(&c[2].kind, CredentialKind::OAuth(o) if o.resource.as_deref() == Some("urn:example:api"))
+        );
+    }
+
+    #[test]
+    fn reports_every_oauth_problem_with_its_line() {
+        let secret = crate::policy::testing::secret_file().display().to_string();
+        let text = format!(
+            r#"[[identity]]
+id = "spiffe://example.org/agent"
+[[identity.credential]]
+name = "none"
+host = "a.example.com"
+kind = "oauth"
+[[identity.credential]]
+name = "clear"
+host = "b.example.com"
+kind = "oauth"
+token_endpoint = "http://sts.example.com/token"
+audience = ["sts"]
+[[identity.credential]]
+name = "scheme"
+host = "c.example.com"
+kind = "oauth"
+token_endpoint = "ftp://sts.example.com/token"
+audience = ["sts"]
+[[identity.credential]]
+name = "relative"
+host = "d.example.com"
+kind = "oauth"
+token_endpoint = "/token"
+audience = ["sts"]
+[[identity.credential]]
+name = "user"
+host = "e.example.com"
+kind = "oauth"
+token_endpoint = "https://me:pw@sts.example.com/token"
+audience = ["sts"]
+[[identity.credential]]
+name = "fragment"
+host = "f.example.com"
+kind = "oauth"
+token_endpoint = "https://sts.example.com/token#x"
+audience = ["sts"]
+[[identity.credential]]
+name = "not-a-url"
+host = "g.example.com"
+kind = "oauth"
+token_endpoint = "https://sts example/token"
+audience = []
+[[identity.credential]]
+name = "params"
+host = "h.example.com"
+kind = "oauth"
+token_endpoint = "https://sts.example.com/token"
+audience = ["sts"]
+grant = "password"
+scope = ""
+client_id = 7
+token_audience = "a\u0001"
+[[identity.credential]]
+name = "resource"
+host = "i.example.com"
+kind = "oauth"
+token_endpoint = "https://sts.example.com/token"
+audience = ["sts"]
+resource = "/relative"
+[[identity.credential]]
+name = "mixed"
+host = "j.example.com"
+kind = "oauth"
+token_endpoint = "https://sts.example.com/token"
+audience = ["sts"]
+header = "x-key"
+secret_file = "{secret}"
+[[identity.credential]]
+name = "jwt"
+host = "k.example.com"
+kind = "jwt_svid"
+audience = ["x"]
+token_endpoint = "https://sts.example.com/token"
+scope = "s"
+[[identity.credential]]
+name = "wild"
+host = "l.example.com"
+kind = "oauth"
+token_endpoint = "https://*.example.com/token"
+audience = ["sts"]
+"#
+        );
+        assert_errors(
+            &text,
+            &[
+                (
+                    3,
+                    "this credential rule has no `token_endpoint`; a rule of kind \"oauth\" needs the token endpoint's URL",
+                ),
+                (
+                    3,
+                    "this credential rule has no `audience`; a rule of kind \"oauth\" needs the JWT-SVID's audience",
+                ),
+                (
+                    11,
+                    "`token_endpoint` \"http://sts.example.com/token\" must be https: the JWT-SVID and the access token would cross the network in clear text (http is only for a loopback host)",
+                ),
+                (
+                    17,
+                    "`token_endpoint` \"ftp://sts.example.com/token\" has scheme \"ftp\"",
+                ),
+                (23, "`token_endpoint` \"/token\" is not an absolute URL"),
+                (
+                    29,
+                    "`token_endpoint` \"https://me:pw@sts.example.com/token\" must not hold a user name or password",
+                ),
+                (
+                    35,
+                    "`token_endpoint` \"https://sts.example.com/token#x\" must not hold a fragment",
+                ),
+                (
+                    41,
+                    "`token_endpoint` \"https://sts example/token\" is not a URL",
+                ),
+                (42, "`audience` is empty"),
+                (
+                    49,
+                    "`grant` \"password\" is not one of \"token_exchange\", \"client_credentials\"",
+                ),
+                (50, "`scope` is empty; leave it out to send none"),
+                (51, "`client_id` must be a string, not an integer"),
+                (52, "`token_audience` must not hold control characters"),
+                (
+                    59,
+                    "`resource` \"/relative\" is not an absolute URI without a fragment",
+                ),
+                (
+                    66,
+                    "`header` is a key of credential rules of kind = \"header\"; this rule's kind is \"oauth\": it sets `authorization: Bearer` and an access token from `token_endpoint`",
+                ),
+                (
+                    67,
+                    "`secret_file` is a key of credential rules of kind = \"header\"",
+                ),
+                (
+                    73,
+                    "`token_endpoint` is a key of credential rules of kind = \"oauth\"; this rule's kind is \"jwt_svid\"",
+                ),
+                (
+                    74,
+                    "`scope` is a key of credential rules of kind = \"oauth\"",
+                ),
+                (
+                    79,
+                    "`token_endpoint` \"https://*.example.com/token\" has host \"*.example.com\", which is neither an address nor a DNS name",
+                ),
+            ],
+        );
+    }
+
+    #[test]
     fn reports_every_credential_problem_with_its_line() {
         let secret = crate::policy::testing::secret_file().display().to_string();
         let text = format!(
@@ -1338,7 +1756,7 @@ kind = "jwt_svid"
 [[identity.credential]]
 name = "kind"
 host = "g.example.com"
-kind = "oauth"
+kind = "magic"
 [[identity.credential]]
 name = "filters"
 host = "h.example.com"
@@ -1369,7 +1787,7 @@ secret_file = "{secret}"
                 (10, "rule name \"same\" is already used in this block at "),
                 (
                     14,
-                    "unknown key `colour` in a credential rule; expected one of: name, host, kind, header, secret_file, prefix, audience, methods, paths, http",
+                    "unknown key `colour` in a credential rule; expected one of: name, host, kind, header, secret_file, prefix, audience, token_endpoint, grant, scope, resource, token_audience, client_id, methods, paths, http",
                 ),
                 (15, "this rule has no `host`"),
                 (
@@ -1399,19 +1817,19 @@ secret_file = "{secret}"
                 ),
                 (
                     43,
-                    "`audience` is a key of credential rules of kind = \"jwt_svid\"; this rule's kind is \"header\"",
+                    "`audience` is a key of credential rules of kind = \"jwt_svid\" or \"oauth\"; this rule's kind is \"header\": it adds `header`",
                 ),
                 (
                     48,
-                    "`header` is not a key of credential rules of kind = \"jwt_svid\"",
+                    "`header` is a key of credential rules of kind = \"header\"; this rule's kind is \"jwt_svid\": it sets `authorization: Bearer` and the identity's JWT-SVID",
                 ),
                 (
                     49,
-                    "`secret_file` is not a key of credential rules of kind = \"jwt_svid\"",
+                    "`secret_file` is a key of credential rules of kind = \"header\"; this rule's kind is \"jwt_svid\": it sets `authorization: Bearer` and the identity's JWT-SVID",
                 ),
                 (
                     50,
-                    "`prefix` is not a key of credential rules of kind = \"jwt_svid\"",
+                    "`prefix` is a key of credential rules of kind = \"header\"; this rule's kind is \"jwt_svid\": it sets `authorization: Bearer` and the identity's JWT-SVID",
                 ),
                 (51, "`audience` is empty"),
                 (
@@ -1420,7 +1838,7 @@ secret_file = "{secret}"
                 ),
                 (
                     59,
-                    "`kind` \"oauth\" is not one of \"header\", \"jwt_svid\"",
+                    "`kind` \"magic\" is not one of \"header\", \"jwt_svid\", \"oauth\"",
                 ),
                 (65, "\"G T\" is not an HTTP method"),
                 (65, "a method must be a string, not an integer"),

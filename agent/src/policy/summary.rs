@@ -3,7 +3,8 @@
 use std::fmt::Write;
 
 use super::model::{
-    CredentialKind, CredentialRule, Destination, EgressRule, Keyword, Mode, PolicySet, Protocol,
+    CredentialKind, CredentialRule, Destination, EgressRule, Keyword, Mode, OAuthClient,
+    OAuthGrant, PolicySet, Protocol,
 };
 use super::precedence::{Blocks, UNKNOWN_BLOCK};
 
@@ -79,6 +80,7 @@ pub fn describe_credential(rule: &CredentialRule) -> String {
         CredentialKind::JwtSvid { audience } => {
             format!("authorization: Bearer JWT-SVID for {}", audience.join(", "))
         }
+        CredentialKind::OAuth(client) => describe_oauth(client),
     };
     let mut out = format!(
         "broker tcp to {} {}: {adds}",
@@ -91,6 +93,35 @@ pub fn describe_credential(rule: &CredentialRule) -> String {
     if !rule.paths.is_empty() {
         let _ = write!(out, "; paths {}", rule.paths.join(","));
     }
+    out
+}
+
+/// What an `oauth` credential rule adds, e.g. `authorization: Bearer
+/// token from https://sts.x.com/token (token exchange of a JWT-SVID for
+/// sts.x.com; scope "read")`.
+fn describe_oauth(client: &OAuthClient) -> String {
+    let audience = client.audience.join(", ");
+    let grant = match client.grant {
+        OAuthGrant::TokenExchange => format!("token exchange of a JWT-SVID for {audience}"),
+        OAuthGrant::ClientCredentials => {
+            format!("client credentials, a JWT-SVID for {audience} as client assertion")
+        }
+    };
+    let mut out = format!(
+        "authorization: Bearer token from {} ({grant}",
+        client.token_endpoint
+    );
+    for (name, value) in [
+        ("scope", &client.scope),
+        ("resource", &client.resource),
+        ("token audience", &client.token_audience),
+        ("client id", &client.client_id),
+    ] {
+        if let Some(v) = value {
+            let _ = write!(out, "; {name} {v:?}");
+        }
+    }
+    out.push(')');
     out
 }
 
@@ -221,6 +252,23 @@ spiffe://example.org/agents/coder: default allow, enforced, raw sockets allowed 
             kind = "jwt_svid"
             audience = ["internal", "x"]
             http = true
+            [[identity.credential]]
+            name = "saas"
+            host = "saas.example.com"
+            kind = "oauth"
+            token_endpoint = "https://sts.example.com/token"
+            audience = ["https://sts.example.com"]
+            scope = "read"
+            client_id = "idgate"
+            [[identity.credential]]
+            name = "saas2"
+            host = "saas2.example.com"
+            kind = "oauth"
+            token_endpoint = "https://sts.example.com/token"
+            grant = "client_credentials"
+            audience = ["sts"]
+            resource = "https://saas2.example.com/"
+            token_audience = "saas2"
             "#
         ));
         let text = summary(&p);
@@ -232,6 +280,8 @@ spiffe://example.org/agents/coder: default allow, enforced, raw sockets allowed 
                     "  broker tcp to api.openai.com port 443: header authorization from {secret} after \"Bearer \"; methods POST; paths /v1/chat/,/v1/models  [openai]"
                 ),
                 "  broker tcp to internal.example.com ports 80,443: authorization: Bearer JWT-SVID for internal, x  [internal]".to_owned(),
+                "  broker tcp to saas.example.com port 443: authorization: Bearer token from https://sts.example.com/token (token exchange of a JWT-SVID for https://sts.example.com; scope \"read\"; client id \"idgate\")  [saas]".to_owned(),
+                "  broker tcp to saas2.example.com port 443: authorization: Bearer token from https://sts.example.com/token (client credentials, a JWT-SVID for sts as client assertion; resource \"https://saas2.example.com/\"; token audience \"saas2\")  [saas2]".to_owned(),
             ]
         );
     }
