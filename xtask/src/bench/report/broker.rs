@@ -48,8 +48,8 @@ pub fn section(out: &mut String, b: &BrokerBench, alone: Option<&str>) {
          a new `curl` makes), sets `TCP_NODELAY`, and checks every status (200, or the run \
          fails). CPU is `utime + stime` of each process (`/proc/PID/stat`, all threads, in \
          ticks of 10 ms) read just before and just after a run's timed part, while the \
-         client waits; summed over the rounds. Load average (1, 5, 15 min) at the section's \
-         start: {load0}; at its end: {load1}.\n",
+         client waits; summed over the rounds. {others} Load average (1, 5, 15 min) at the \
+         section's start: {load0}; at its end: {load1}.\n",
         rounds = s.rounds,
         dnsmasq = b.dnsmasq,
         name = broker::NAME,
@@ -60,6 +60,11 @@ pub fn section(out: &mut String, b: &BrokerBench, alone: Option<&str>) {
         d_h2 = thousands(direct.h2 as usize),
         d_h1 = thousands(direct.http1 as usize),
         d_req = thousands(direct.requests as usize),
+        others = if alone.is_some() {
+            "No other agent ran during it."
+        } else {
+            "The agents of the sections above still run (idle) during this one."
+        },
         load0 = b.load.0,
         load1 = b.load.1,
     );
