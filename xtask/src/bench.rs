@@ -15,15 +15,19 @@
 //! (`--only-dns` runs that section alone). Then updates in
 //! milliseconds on agent (c): one-rule reloads, grants, full reloads,
 //! and its memory over many updates (`--only-updates` runs that section
-//! alone, with agent (c)).
+//! alone, with agent (c)). Then the credential broker: HTTPS requests
+//! through it beside the same requests straight to the upstream
+//! (`--only-broker` runs that section alone).
 //! Everything made here (cgroups, agents and their pins, the nft table,
 //! files) is removed at the end, on failure and on Ctrl-C too.
 
 mod agent;
 mod binding;
+mod broker;
 mod cgroups;
 mod cost;
 mod dns;
+mod dnsmasq;
 mod events;
 mod floor;
 mod interrupt;
@@ -100,6 +104,38 @@ pub struct BenchArgs {
     /// sections stay as they are.
     #[arg(long, conflicts_with = "only_dns")]
     only_updates: bool,
+    /// Run only the credential broker's section (9) and put it into the
+    /// report in place of the one there (or after the others).
+    #[arg(long, conflicts_with_all = ["only_dns", "only_updates"])]
+    only_broker: bool,
+    /// Most requests per broker latency run on one connection (HTTP/1.1,
+    /// HTTP/2), each way.
+    #[arg(long, default_value_t = 5_000)]
+    broker_requests: u64,
+    /// Most requests per broker latency run with a new connection each.
+    #[arg(long, default_value_t = 300)]
+    broker_new_requests: u64,
+    /// Most seconds per broker latency run.
+    #[arg(long, default_value_t = 10.0)]
+    broker_seconds: f64,
+    /// Connections held open through the broker for its memory figure.
+    #[arg(long, default_value_t = 200)]
+    broker_connections: usize,
+    /// Server-sent-event streams at once, each way.
+    #[arg(long, default_value_t = 10)]
+    broker_streams: usize,
+    /// Seconds per broker throughput run.
+    #[arg(long, default_value_t = 2.0)]
+    broker_flood_seconds: f64,
+    /// Connections of a broker throughput run of small requests.
+    #[arg(long, default_value_t = 16)]
+    broker_flood_connections: usize,
+    /// Bytes of the large body of the broker throughput runs, and the
+    /// connections fetching it.
+    #[arg(long, default_value_t = 4 << 20)]
+    broker_body_bytes: u64,
+    #[arg(long, default_value_t = 4)]
+    broker_body_connections: usize,
     /// Timed runs of each small update in the updates section: a reload
     /// after one rule of an exact-ID block changed, the same for a
     /// pattern block, and a grant (each revoked once timed).
@@ -176,6 +212,7 @@ pub struct Results {
     pub dns: dns::DnsBench,
     /// Agent (c)'s updates.
     pub updates: updates::Updates,
+    pub broker: broker::BrokerBench,
 }
 
 pub fn run(args: BenchArgs, root: &Path) -> Result<()> {
@@ -194,6 +231,9 @@ pub fn run(args: BenchArgs, root: &Path) -> Result<()> {
     }
     if args.only_updates {
         return run_updates_only(&args, root, &machine, started);
+    }
+    if args.only_broker {
+        return run_broker_only(&args, root, &machine, started);
     }
     let results = measure(&args, root, nft_version)?;
     let text = report::render(&args, &machine, &results, started.elapsed());
@@ -274,6 +314,23 @@ fn run_updates_only(
     put_section(args, root, report::UPDATES_TITLE, &section, started)
 }
 
+/// `--only-broker`: the credential broker's section alone, put into the
+/// report in place of the one there (or after the others).
+fn run_broker_only(
+    args: &BenchArgs,
+    root: &Path,
+    machine: &Machine,
+    started: Instant,
+) -> Result<()> {
+    let bins = crate::target_dir(root).join("release");
+    let tag = format!("idgate-bench-{}", std::process::id());
+    let tree = cgroups::Tree::new(&cgroups::cgroup2_root()?, &tag)?;
+    let results = broker::measure(broker_sizes(args), &bins, &tag, &tree)?;
+    drop(tree);
+    let section = report::broker_alone(args, machine, &results, started.elapsed());
+    put_section(args, root, report::BROKER_TITLE, &section, started)
+}
+
 /// Puts `section` (titled `title`) into the report in place of the one
 /// there.
 fn put_section(
@@ -331,6 +388,21 @@ fn start_agent(
         identities,
         &tables,
     )
+}
+
+fn broker_sizes(args: &BenchArgs) -> broker::Sizes {
+    broker::Sizes {
+        rounds: args.rounds,
+        requests: args.broker_requests,
+        new_requests: args.broker_new_requests,
+        seconds: args.broker_seconds,
+        connections: args.broker_connections,
+        streams: args.broker_streams,
+        flood_seconds: args.broker_flood_seconds,
+        flood_connections: args.broker_flood_connections,
+        body_bytes: args.broker_body_bytes,
+        body_connections: args.broker_body_connections,
+    }
 }
 
 fn dns_sizes(args: &BenchArgs) -> dns::Sizes {
@@ -522,6 +594,7 @@ fn measure(args: &BenchArgs, root: &Path, nft_version: String) -> Result<Results
         first.clone(),
         ports.denied[0],
     )?;
+    let broker = broker::measure(broker_sizes(args), &bins, &tag, &tree)?;
     Ok(Results {
         nft_version,
         nft_load: table.load_time,
@@ -538,6 +611,7 @@ fn measure(args: &BenchArgs, root: &Path, nft_version: String) -> Result<Results
         events,
         dns,
         updates,
+        broker,
     })
 }
 

@@ -44,7 +44,7 @@ enum Task {
         config: PathBuf,
     },
     /// Measure what idgate costs (needs root) and write docs/benchmarks.md.
-    Bench(bench::BenchArgs),
+    Bench(Box<bench::BenchArgs>),
 }
 
 fn main() -> Result<()> {
@@ -93,7 +93,7 @@ fn main() -> Result<()> {
         Task::Bench(args) => {
             setup::run()?;
             build(true)?;
-            bench::run(args, &root)
+            bench::run(*args, &root)
         }
     }
 }

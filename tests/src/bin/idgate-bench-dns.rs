@@ -46,6 +46,7 @@ use std::time::{Duration, Instant};
 use hickory_proto::op::{Header, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
 use hickory_proto::serialize::binary::BinDecodable;
+use idgate_tests::monotonic_ns;
 
 /// How often a flood thread looks for queries past their timeout.
 const TICK: Duration = Duration::from_millis(10);
@@ -242,17 +243,6 @@ fn sequential(args: &Args) -> Result<serde_json::Value, String> {
         "first_denied": first_denied,
         "elapsed_ns": started.elapsed().as_nanos() as u64,
     }))
-}
-
-/// `CLOCK_MONOTONIC` in nanoseconds: the clock the bench reads too.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec to write.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn gaps(args: &Args) -> Result<serde_json::Value, String> {

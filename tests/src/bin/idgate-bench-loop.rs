@@ -46,6 +46,8 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use idgate_tests::monotonic_ns;
+
 /// How often (in operations) the clock is read to enforce `--seconds`.
 const CLOCK_EVERY: u64 = 256;
 /// Sleep between two polls of a workload waiting for its identity.
@@ -133,17 +135,6 @@ fn run() -> Result<(), String> {
 fn join(cgroup: &Path) -> Result<(), String> {
     std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())
         .map_err(|e| format!("joining {}: {e}", cgroup.display()))
-}
-
-/// `CLOCK_MONOTONIC` in nanoseconds (the same clock in every process).
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec to write to.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Sleeps as close to [`POLL`] as the kernel allows (the default timer

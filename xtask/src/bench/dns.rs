@@ -28,6 +28,7 @@ use anyhow::{Context, Result, bail};
 
 use super::agent::Agent;
 use super::cost::{self, MapMemory, ProcSample};
+use super::dnsmasq::Dnsmasq;
 use super::interrupt;
 use super::loops::{Loop, Op};
 use super::monotonic_ns;
@@ -283,13 +284,7 @@ pub fn measure(
     if sizes.outstanding.contains(&0) || sizes.flood_seconds <= 0.0 || sizes.seconds <= 0.0 {
         bail!("--dns-outstanding, --dns-seconds and --dns-flood-seconds must be above 0");
     }
-    let version = super::machine::ensure_tool("dnsmasq", &["--version"], "dnsmasq-base")?;
-    // "Dnsmasq version 2.90  Copyright (c) ..."
-    let first_line = version.lines().next().unwrap_or_default();
-    let dnsmasq = first_line
-        .split_once("  ")
-        .map_or(first_line, |(v, _)| v)
-        .to_owned();
+    let dnsmasq = Dnsmasq::version()?;
     let load_before = load_average();
     let upstream = SocketAddr::new(
         Ipv4Addr::new(127, 55, (std::process::id() % 256) as u8, 1).into(),
@@ -300,7 +295,7 @@ pub fn measure(
         "bench: dns: starting dnsmasq on {upstream} with {} names",
         sizes.names
     );
-    let server = Dnsmasq::start(&dir, upstream, sizes.names)?;
+    let server = Dnsmasq::start(&dir, upstream, &zone_conf(sizes.names))?;
     let c = Client {
         bin: client.to_owned(),
     };
@@ -614,69 +609,23 @@ pub fn free_dual_port() -> Result<u16> {
     bail!("no port free for both UDP and TCP")
 }
 
+/// dnsmasq's configuration for the zone of `names` names and
+/// [`LOOP_NAME`].
+fn zone_conf(names: u64) -> String {
+    let mut conf = String::new();
+    for i in 0..names {
+        conf.push_str(&format!("host-record=h{i}.{ZONE},{},{TTL}\n", zone_addr(i)));
+    }
+    conf.push_str(&format!("host-record={LOOP_NAME},127.0.0.1,{TTL}\n"));
+    conf.push_str(&format!("host-record={LOOP_NAME},::1,{TTL}\n"));
+    // Any other name under the zone: NXDOMAIN, not REFUSED.
+    conf.push_str("address=/bench.test/\n");
+    conf
+}
+
 /// The zone's address of name number `i`.
 fn zone_addr(i: u64) -> Ipv4Addr {
     Ipv4Addr::new(127, 100, (i >> 8) as u8, i as u8)
-}
-
-/// Debian's dnsmasq serving the benchmark's zone; killed on drop and its
-/// directory removed.
-struct Dnsmasq {
-    child: Child,
-    dir: PathBuf,
-}
-
-impl Dnsmasq {
-    fn start(dir: &Path, addr: SocketAddr, names: u64) -> Result<Self> {
-        if dir.exists() {
-            bail!("{} exists already", dir.display());
-        }
-        std::fs::create_dir_all(dir)?;
-        let mut conf = String::new();
-        for i in 0..names {
-            conf.push_str(&format!("host-record=h{i}.{ZONE},{},{TTL}\n", zone_addr(i)));
-        }
-        conf.push_str(&format!("host-record={LOOP_NAME},127.0.0.1,{TTL}\n"));
-        conf.push_str(&format!("host-record={LOOP_NAME},::1,{TTL}\n"));
-        // Any other name under the zone: NXDOMAIN, not REFUSED.
-        conf.push_str("address=/bench.test/\n");
-        let path = dir.join("zone.conf");
-        std::fs::write(&path, conf)?;
-        let stderr = std::fs::File::create(dir.join("stderr"))?;
-        let child = Command::new("dnsmasq")
-            .args([
-                "--keep-in-foreground",
-                "--no-resolv",
-                "--no-hosts",
-                "--bind-interfaces",
-                "--user=root",
-                "--pid-file",
-            ])
-            .arg(format!("--conf-file={}", path.display()))
-            .arg(format!("--listen-address={}", addr.ip()))
-            .arg(format!("--port={}", addr.port()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .context("starting dnsmasq")?;
-        Ok(Self {
-            child,
-            dir: dir.to_owned(),
-        })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Dnsmasq {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 /// A sequential run's bounds.

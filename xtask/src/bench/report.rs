@@ -1,6 +1,8 @@
 //! `docs/benchmarks.md`, written from one run's results: every figure in
 //! it is measured, none typed in.
 
+mod broker;
+
 use std::fmt::Write;
 use std::time::Duration;
 
@@ -30,6 +32,7 @@ pub fn render(args: &BenchArgs, machine: &Machine, r: &Results, runtime: Duratio
     responsiveness(&mut out, args, r);
     dns(&mut out, &r.dns, None);
     updates_section(&mut out, args, &r.updates, None);
+    broker::section(&mut out, &r.broker, None);
     out
 }
 
@@ -46,6 +49,20 @@ pub fn updates_alone(args: &BenchArgs, m: &Machine, u: &Updates, runtime: Durati
     let mut out = String::new();
     let when = alone(args, m, runtime, "--only-updates");
     updates_section(&mut out, args, u, Some(&when));
+    out
+}
+
+/// The credential broker's section of a `--only-broker` run, saying when
+/// and where it ran.
+pub fn broker_alone(
+    args: &BenchArgs,
+    m: &Machine,
+    b: &super::broker::BrokerBench,
+    runtime: Duration,
+) -> String {
+    let mut out = String::new();
+    let when = alone(args, m, runtime, "--only-broker");
+    broker::section(&mut out, b, Some(&when));
     out
 }
 
@@ -74,6 +91,7 @@ fn alone(args: &BenchArgs, m: &Machine, runtime: Duration, flag: &str) -> String
 /// them.
 pub const DNS_TITLE: &str = "\n## 7. DNS path";
 pub const UPDATES_TITLE: &str = "\n## 8. Updates in milliseconds";
+pub const BROKER_TITLE: &str = "\n## 9. Credential broker";
 
 /// `report` with its section titled `title` (up to the next section)
 /// replaced by `section`, or `section` appended when it has none.
@@ -830,15 +848,13 @@ fn dns(out: &mut String, d: &DnsBench, alone: Option<&str>) {
     let added = |p: f64| {
         percentile(&through.latency_ns, p) as i64 - percentile(&direct.latency_ns, p) as i64
     };
-    let signed = |ns: i64| {
-        let sign = if ns < 0 { "−" } else { "+" };
-        format!("{sign}{}", latency(ns.unsigned_abs()))
-    };
     let per_round: Vec<String> = d.latency[0]
         .iter()
         .zip(&d.latency[1])
         .map(|(a, b)| {
-            signed(percentile(&b.latency_ns, 0.5) as i64 - percentile(&a.latency_ns, 0.5) as i64)
+            signed_latency(
+                percentile(&b.latency_ns, 0.5) as i64 - percentile(&a.latency_ns, 0.5) as i64,
+            )
         })
         .collect();
     let _ = write!(
@@ -846,10 +862,10 @@ fn dns(out: &mut String, d: &DnsBench, alone: Option<&str>) {
         "\nAdded by idgate (through − direct): {p50} at p50 (each round's: {rounds}), {p99} \
          at p99, {p999} at p99.9. The issue's targets on loopback: at most {t50} added at p50 \
          (met: {m50}) and {t99} at p99 (met: {m99}).\n",
-        p50 = signed(added(0.5)),
+        p50 = signed_latency(added(0.5)),
         rounds = per_round.join(", "),
-        p99 = signed(added(0.99)),
-        p999 = signed(added(0.999)),
+        p99 = signed_latency(added(0.99)),
+        p999 = signed_latency(added(0.999)),
         t50 = latency(TARGET_DNS_P50_ADDED),
         t99 = latency(TARGET_DNS_P99_ADDED),
         m50 = yes_no(added(0.5) <= TARGET_DNS_P50_ADDED as i64),
@@ -1473,6 +1489,12 @@ fn latency(ns: u64) -> String {
     } else {
         format!("{s:.2} s")
     }
+}
+
+/// Nanoseconds with their sign, as [`latency`] writes them.
+fn signed_latency(ns: i64) -> String {
+    let sign = if ns < 0 { "−" } else { "+" };
+    format!("{sign}{}", latency(ns.unsigned_abs()))
 }
 
 /// The nearest-rank percentile (`p` from 0 to 1) of `values`.
