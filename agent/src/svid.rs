@@ -28,6 +28,7 @@ pub use config::{
 };
 pub use jwt::{JwtError, Validated};
 pub use x509::{Role, VerifyError, X509Svid, leaf_id, verify as verify_x509};
+pub(crate) use x509::random_serial;
 
 /// Errors loading, issuing or reading credentials.
 #[derive(Debug, thiserror::Error)]
