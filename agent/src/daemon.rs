@@ -207,10 +207,9 @@ async fn constrain_egress_ca(
         }
         seen = policy.clone();
         let broker = broker.clone();
-        let constrained = tokio::task::spawn_blocking(move || {
-            broker.ca().constrain(&policy.credential_hosts())
-        })
-        .await;
+        let constrained =
+            tokio::task::spawn_blocking(move || broker.ca().constrain(&policy.credential_hosts()))
+                .await;
         match constrained {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {

@@ -79,10 +79,13 @@ impl Drop for KeyApi {
 /// An agent with the broker on, whose `web` identity has credential rules
 /// for `api.test` (any request) and `limited.test` (GET under
 /// `/v1/models` only) and `down.test` (where nothing listens), and a
-/// plain name rule for `other.test` on 443; `api.test`, `limited.test`
-/// and `other.test` share one address (a CDN's), the upstream's.
+/// plain name rule for `other.test` on 443; `api.test`, `limited.test`,
+/// `other.test` and `new.test` (which no rule names at start) share one
+/// address (a CDN's), the upstream's.
 struct EgressWorld {
     agent: Agent,
+    /// The policy it started with.
+    policy: String,
     web: PathBuf,
     log: PathBuf,
     dir: PathBuf,
@@ -109,11 +112,12 @@ impl EgressWorld {
             &dir,
             api_ip,
             &ca,
-            &["api.test", "limited.test", "other.test"],
+            &["api.test", "limited.test", "other.test", "new.test"],
             &key_file,
         );
         let zone = Zone::new()
             .host("api.test", &[api_ip], 60)
+            .host("new.test", &[api_ip], 60)
             .host("limited.test", &[api_ip], 60)
             .host("other.test", &[api_ip], 60)
             .host("down.test", &[down_ip], 60);
@@ -165,6 +169,7 @@ action = "allow"
         let agent = Agent::start(&cg, &policy, &config);
         Self {
             agent,
+            policy,
             web,
             log,
             dir,
@@ -489,6 +494,64 @@ fn an_upstream_that_fails_gives_a_clear_502_and_the_broker_serves_on() {
     assert!(!body.contains(SECRET));
     let run = w.curl(&["https://api.test/v1/echo"]);
     assert!(status(&run).0.starts_with("200 "), "{run:?}");
+}
+
+#[test]
+fn a_reload_that_adds_a_credential_host_extends_the_egress_ca_to_it() {
+    require_privileges!();
+    if !require_egress_tools() {
+        return;
+    }
+    let w = EgressWorld::start("egress-reload");
+    let before = w.dir.join("bundle-before.pem");
+    std::fs::copy(w.bundle(), &before).unwrap();
+    let key = w.dir.join("api-key");
+    w.agent.write_policy(&format!(
+        "{}\n[[identity.credential]]\nname = \"new\"\nhost = \"new.test\"\n\
+         header = \"x-api-key\"\nsecret_file = \"{}\"\n",
+        w.policy,
+        key.display()
+    ));
+    w.agent.try_cli(&["policy", "reload"]).expect("reload");
+    // The CA is issued again for the new host a moment after the reload.
+    let run = wait_for(
+        "the new credential host through the broker",
+        Duration::from_secs(10),
+        || {
+            let run = w.curl(&["https://new.test/v1/echo"]);
+            status(&run).0.starts_with("200 ").then_some(run)
+        },
+    );
+    let (_, body) = status(&run);
+    let echoed: serde_json::Value = serde_json::from_str(body).expect("JSON echo");
+    assert_eq!(echoed["headers"]["host"], "new.test");
+    // The hosts of before still work.
+    let run = w.curl(&["https://api.test/v1/echo"]);
+    assert!(status(&run).0.starts_with("200 "), "{run:?}");
+    // OpenSSL (curl) enforces the constraint: the bundle of before the
+    // reload, whose CA did not permit the new host, refuses its
+    // certificate (60: the peer's certificate cannot be verified), and
+    // still takes the old hosts'.
+    let old = |url: &str| {
+        w.client().run(
+            "curl",
+            &[
+                "-sS",
+                "--max-time",
+                "15",
+                "--cacert",
+                before.to_str().unwrap(),
+                "-o",
+                "/dev/null",
+                url,
+            ],
+        )
+    };
+    let run = old("https://new.test/v1/echo");
+    assert_eq!(run.code(), Some(60), "{run:?}");
+    assert!(run.stderr.contains("subtree"), "{run:?}");
+    let run = old("https://api.test/v1/echo");
+    assert_eq!(run.code(), Some(0), "{run:?}");
 }
 
 #[test]

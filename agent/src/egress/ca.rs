@@ -405,7 +405,11 @@ impl Generation {
             crate::svid::write_file(&tmp.join(name), bytes, mode).map_err(EgressCaError::Write)
         };
         write(CA_KEY, key.serialize_pem().as_bytes(), 0o600)?;
-        write(CA_CERT, crate::svid::pem("CERTIFICATE", &der).as_bytes(), 0o644)?;
+        write(
+            CA_CERT,
+            crate::svid::pem("CERTIFICATE", &der).as_bytes(),
+            0o644,
+        )?;
         let dir = ca_dir.join(seq.to_string());
         std::fs::rename(&tmp, &dir).map_err(|e| EgressCaError::io(&dir, e))?;
         Self::new(seq, not_before, not_after, der, key)
@@ -422,9 +426,16 @@ impl Generation {
         let der = ca_certificate(self.seq, self.not_before, self.not_after, hosts, key)?;
         let key = KeyPair::try_from(key.serialize_der().as_slice()).map_err(err)?;
         let path = ca_dir.join(self.seq.to_string()).join(CA_CERT);
-        crate::svid::write_file(&path, crate::svid::pem("CERTIFICATE", &der).as_bytes(), 0o644)
-            .map_err(EgressCaError::Write)?;
-        tracing::debug!(generation = self.seq, "egress CA issued again with new name constraints");
+        crate::svid::write_file(
+            &path,
+            crate::svid::pem("CERTIFICATE", &der).as_bytes(),
+            0o644,
+        )
+        .map_err(EgressCaError::Write)?;
+        tracing::debug!(
+            generation = self.seq,
+            "egress CA issued again with new name constraints"
+        );
         Self::new(self.seq, self.not_before, self.not_after, der, key)
     }
 
@@ -517,9 +528,8 @@ fn ca_certificate(
         .push(DnType::CommonName, format!("idgate egress CA {seq}"));
     // Issued again with the same key and subject: a serial of its own
     // each time (rcgen's default is the key's hash).
-    params.serial_number = Some(
-        crate::svid::random_serial().map_err(|source| EgressCaError::Serial { seq, source })?,
-    );
+    params.serial_number =
+        Some(crate::svid::random_serial().map_err(|source| EgressCaError::Serial { seq, source })?);
     params.not_before = not_before.into();
     params.not_after = not_after.into();
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -536,10 +546,12 @@ fn ca_certificate(
         permitted_subtrees: permitted,
         excluded_subtrees: Vec::new(),
     });
-    let cert = params.self_signed(key).map_err(|source| EgressCaError::Sign {
-        what: format!("egress CA {seq}"),
-        source,
-    })?;
+    let cert = params
+        .self_signed(key)
+        .map_err(|source| EgressCaError::Sign {
+            what: format!("egress CA {seq}"),
+            source,
+        })?;
     Ok(cert.der().to_vec())
 }
 
@@ -711,8 +723,14 @@ mod tests {
         let none = ca.leaf("api.example.com", now).unwrap();
         assert!(verifies(&made, &none, now).is_err());
 
-        assert!(ca.constrain(&hosts(&["api.example.com", "b.example.org"])).unwrap());
-        assert!(!ca.constrain(&hosts(&["api.example.com", "b.example.org"])).unwrap());
+        assert!(
+            ca.constrain(&hosts(&["api.example.com", "b.example.org"]))
+                .unwrap()
+        );
+        assert!(
+            !ca.constrain(&hosts(&["api.example.com", "b.example.org"]))
+                .unwrap()
+        );
         let first = ca.certificates()[0].clone();
         let a = ca.leaf("api.example.com", now).unwrap();
         verifies(&first, &a, now).unwrap();
@@ -725,7 +743,10 @@ mod tests {
 
         // A host added (a reload): issued again with the same key and
         // subject; the leaf issued before still chains to it.
-        assert!(ca.constrain(&hosts(&["api.example.com", "new.example.com"])).unwrap());
+        assert!(
+            ca.constrain(&hosts(&["api.example.com", "new.example.com"]))
+                .unwrap()
+        );
         let second = ca.certificates()[0].clone();
         assert_ne!(second, first);
         let (_, c1) = X509Certificate::from_der(&first).unwrap();
@@ -748,7 +769,10 @@ mod tests {
             ca.permitted(),
             Some(hosts(&["api.example.com", "new.example.com"]))
         );
-        assert!(!ca.constrain(&hosts(&["api.example.com", "new.example.com"])).unwrap());
+        assert!(
+            !ca.constrain(&hosts(&["api.example.com", "new.example.com"]))
+                .unwrap()
+        );
         // A new generation takes the constraint of the old.
         let half = now + config.ca_lifetime / 2;
         assert!(ca.rotate(half).unwrap());
