@@ -16,6 +16,7 @@ mod kubelet;
 mod namespaces;
 mod owner;
 mod restart;
+mod root_workloads;
 mod snapshot;
 mod state;
 mod telemetry;
@@ -228,6 +229,8 @@ struct Started {
     feed: crate::events::EventFeed,
     /// The DNS path, for `status` and `explain`, when it runs.
     dns: Option<crate::dns::DnsReader>,
+    /// The bindings, for `status`'s uid 0 warning.
+    bindings: root_workloads::Bindings,
     /// `idgate restart` asks the serve loop here; the receiver is told
     /// when the reply is out.
     restart: mpsc::Sender<oneshot::Receiver<()>>,
@@ -371,6 +374,10 @@ async fn start(config_path: &Path, handover: crate::dns::Handover) -> Result<Sta
     let (restart, restart_asked) = mpsc::channel(1);
     let feed = telemetry.feed.clone();
     let queue_depth = telemetry.owner_queue();
+    let bindings = root_workloads::Bindings {
+        identities: identities.clone(),
+        root: state.root.clone(),
+    };
     if let Some(listener) = workload_api {
         crate::workload_api::spawn(
             listener,
@@ -426,6 +433,7 @@ async fn start(config_path: &Path, handover: crate::dns::Handover) -> Result<Sta
         handle,
         feed,
         dns,
+        bindings,
         restart,
         restart_asked,
         hand_over,
@@ -445,6 +453,7 @@ impl Started {
             handle,
             feed,
             dns,
+            bindings,
             restart,
             mut restart_asked,
             hand_over,
@@ -462,6 +471,7 @@ impl Started {
                 owner: handle,
                 feed,
                 dns,
+                bindings: bindings.clone(),
                 restart,
             };
             async move { control::handle(&parts, peer, request).await }

@@ -564,13 +564,15 @@ fn an_unprivileged_workload_cannot_read_the_key_from_the_agent_or_its_file() {
     let w = EgressWorld::start("egress-secrets");
     let pid = w.agent.pid();
     let key_file = w.dir.join("api-key");
+    // The client's files (its resolv.conf) live as long as it.
+    let client = w.client();
     for path in [
         format!("/proc/{pid}/environ"),
         format!("/proc/{pid}/mem"),
         format!("/proc/{pid}/maps"),
         key_file.display().to_string(),
     ] {
-        let mut cmd = w.client().command("setpriv");
+        let mut cmd = client.command("setpriv");
         cmd.args([
             "--reuid=65534",
             "--regid=65534",
@@ -581,6 +583,99 @@ fn an_unprivileged_workload_cannot_read_the_key_from_the_agent_or_its_file() {
         ]);
         let run = run_bounded(cmd, Duration::from_secs(10));
         assert_ne!(run.code(), Some(0), "{path} was readable: {run:?}");
+        assert!(run.stderr.contains("Permission denied"), "{path}: {run:?}");
         assert!(!run.stdout.contains(SECRET), "{path}");
     }
+}
+
+#[test]
+fn a_workload_running_as_uid_0_is_warned_about_and_owns_roots_files() {
+    require_privileges!();
+    require_tools!("setpriv", "sleep", "cat");
+    if !require_egress_tools() {
+        return;
+    }
+    let w = EgressWorld::start("egress-root");
+    assert_eq!(
+        w.agent.status()["root_workloads"],
+        serde_json::json!([]),
+        "no process of the workload runs yet"
+    );
+    // A process of the `web` workload, whose identity has credential
+    // rules, running as uid 0: `idgate status` names it. (The client's
+    // files live as long as it.)
+    let client = w.client();
+    let mut sleeper = client.command("sleep");
+    sleeper.arg("60").stdin(Stdio::null()).stdout(Stdio::null());
+    let mut sleeper = sleeper.spawn().expect("sleep in the workload");
+    let pid = sleeper.id();
+    let warned = wait_for("the uid 0 warning", Duration::from_secs(10), || {
+        let status = w.agent.status();
+        status["root_workloads"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| {
+                r["pids"]
+                    .as_array()
+                    .is_some_and(|p| p.contains(&pid.into()))
+            })
+            .cloned()
+    });
+    assert_eq!(warned["identity"], WEB);
+    let cgroup = warned["cgroup"].as_str().unwrap();
+    assert!(cgroup.ends_with("/web"), "{warned}");
+    let text = w.agent.try_cli(&["status"]).expect("idgate status");
+    assert!(
+        text.contains(&format!("warning: workload {cgroup} ({WEB})")) && text.contains("uid 0"),
+        "{text}"
+    );
+
+    // What such a workload reads, as uid 0 without CAP_SYS_PTRACE (as in
+    // a container's default capabilities): root's files, the secret file
+    // and the egress CA's key among them; the agent's environment (it
+    // holds no secret); but not the agent's memory: the kernel lets
+    // another process read it only with CAP_SYS_PTRACE or every
+    // capability the agent has. With CAP_SYS_PTRACE (root's default
+    // outside containers), it reads the agent's memory too.
+    let as_root = |ptrace: bool, args: &[&str]| {
+        let mut cmd = client.command("setpriv");
+        cmd.arg("--inh-caps=-all");
+        if !ptrace {
+            cmd.arg("--bounding-set=-sys_ptrace");
+        }
+        cmd.arg("--").args(args);
+        run_bounded(cmd, Duration::from_secs(10))
+    };
+    let key_file = w.dir.join("api-key");
+    let run = as_root(false, &["cat", key_file.to_str().unwrap()]);
+    assert_eq!(run.code(), Some(0), "{run:?}");
+    assert!(run.stdout.contains(SECRET));
+    let ca_key = w.agent.dir.join("state/egress/ca/1/ca.key");
+    let run = as_root(false, &["cat", ca_key.to_str().unwrap()]);
+    assert_eq!(run.code(), Some(0), "{run:?}");
+    assert!(run.stdout.contains("PRIVATE KEY"));
+    let agent = w.agent.pid().to_string();
+    let run = as_root(false, &["cat", &format!("/proc/{agent}/environ")]);
+    assert_eq!(run.code(), Some(0), "{run:?}");
+    assert!(!run.stdout.contains(SECRET));
+    // 16 bytes of the agent's first mapping, through /proc/PID/mem.
+    let read_memory = r#"
+import sys
+pid = sys.argv[1]
+start = int(open(f"/proc/{pid}/maps").readline().split("-")[0], 16)
+try:
+    f = open(f"/proc/{pid}/mem", "rb")
+    f.seek(start)
+    print("read", len(f.read(16)))
+except OSError as e:
+    print(e.strerror)
+"#;
+    let run = as_root(false, &["python3", "-c", read_memory, &agent]);
+    assert_eq!(run.stdout.trim(), "Permission denied", "{run:?}");
+    let run = as_root(true, &["python3", "-c", read_memory, &agent]);
+    assert_eq!(run.stdout.trim(), "read 16", "{run:?}");
+
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
 }
