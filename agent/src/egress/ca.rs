@@ -240,14 +240,6 @@ impl EgressCa {
         Ok(changed)
     }
 
-    /// The DNS names the newest generation's certificate permits.
-    pub fn permitted(&self) -> Option<BTreeSet<String>> {
-        self.lock()
-            .generations
-            .last()
-            .and_then(|g| g.permitted.clone())
-    }
-
     /// Drops expired generations and makes a new one when the newest has
     /// lived half its lifetime; rewrites the bundle when that changed it
     /// (or when a generation's constraint had to be issued again, after
@@ -391,12 +383,7 @@ impl Generation {
         // X.509 times have whole seconds.
         let not_before = round_down(now);
         let not_after = not_before + lifetime;
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|source| {
-            EgressCaError::Sign {
-                what: format!("egress CA {seq}"),
-                source,
-            }
-        })?;
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(sign_error(seq))?;
         let der = ca_certificate(seq, not_before, not_after, hosts, &key)?;
         let tmp = ca_dir.join(format!(".{seq}.new"));
         let _ = std::fs::remove_dir_all(&tmp);
@@ -412,19 +399,16 @@ impl Generation {
         )?;
         let dir = ca_dir.join(seq.to_string());
         std::fs::rename(&tmp, &dir).map_err(|e| EgressCaError::io(&dir, e))?;
-        Self::new(seq, not_before, not_after, der, key)
+        Self::new(seq, (not_before, not_after), hosts, der, key)
     }
 
     /// This generation with a certificate constrained to `hosts`: the same
     /// key, subject and validity, written over its certificate file.
     fn reissue(&self, ca_dir: &Path, hosts: &BTreeSet<String>) -> Result<Self, EgressCaError> {
-        let err = |source| EgressCaError::Sign {
-            what: format!("egress CA {}", self.seq),
-            source,
-        };
         let key = self.issuer.key();
         let der = ca_certificate(self.seq, self.not_before, self.not_after, hosts, key)?;
-        let key = KeyPair::try_from(key.serialize_der().as_slice()).map_err(err)?;
+        let key =
+            KeyPair::try_from(key.serialize_der().as_slice()).map_err(sign_error(self.seq))?;
         let path = ca_dir.join(self.seq.to_string()).join(CA_CERT);
         crate::svid::write_file(
             &path,
@@ -436,28 +420,24 @@ impl Generation {
             generation = self.seq,
             "egress CA issued again with new name constraints"
         );
-        Self::new(self.seq, self.not_before, self.not_after, der, key)
+        Self::new(self.seq, (self.not_before, self.not_after), hosts, der, key)
     }
 
+    /// Generation `seq` with the certificate `der` just made from `key`
+    /// for `hosts`.
     fn new(
         seq: u64,
-        not_before: SystemTime,
-        not_after: SystemTime,
+        (not_before, not_after): (SystemTime, SystemTime),
+        hosts: &BTreeSet<String>,
         der: Vec<u8>,
         key: KeyPair,
     ) -> Result<Self, EgressCaError> {
-        let permitted = permitted_of(&der).ok().flatten();
-        let issuer = Issuer::from_ca_cert_der(&der.clone().into(), key).map_err(|source| {
-            EgressCaError::Sign {
-                what: format!("egress CA {seq}"),
-                source,
-            }
-        })?;
+        let issuer = Issuer::from_ca_cert_der(&der.clone().into(), key).map_err(sign_error(seq))?;
         Ok(Self {
             seq,
             not_before,
             not_after,
-            permitted,
+            permitted: Some(hosts.clone()),
             der,
             issuer,
         })
@@ -546,13 +526,16 @@ fn ca_certificate(
         permitted_subtrees: permitted,
         excluded_subtrees: Vec::new(),
     });
-    let cert = params
-        .self_signed(key)
-        .map_err(|source| EgressCaError::Sign {
-            what: format!("egress CA {seq}"),
-            source,
-        })?;
+    let cert = params.self_signed(key).map_err(sign_error(seq))?;
     Ok(cert.der().to_vec())
+}
+
+/// The error of making or signing egress CA `seq`.
+fn sign_error(seq: u64) -> impl FnOnce(rcgen::Error) -> EgressCaError {
+    move |source| EgressCaError::Sign {
+        what: format!("egress CA {seq}"),
+        source,
+    }
 }
 
 /// The DNS names a CA certificate's name constraints permit (none for
@@ -716,7 +699,10 @@ mod tests {
         let ca = EgressCa::open_with_roots(&d, &config, vec![], now).unwrap();
         // Made with no host: only the reserved name is permitted, so no
         // leaf verifies.
-        assert_eq!(ca.permitted(), Some(BTreeSet::new()));
+        assert_eq!(
+            permitted_of(&ca.certificates()[0]).unwrap(),
+            Some(BTreeSet::new())
+        );
         let made = ca.certificates().remove(0);
         let (_, cert) = X509Certificate::from_der(&made).unwrap();
         assert!(cert.name_constraints().unwrap().unwrap().critical);
@@ -766,7 +752,7 @@ mod tests {
         let ca = EgressCa::open_with_roots(&d, &config, vec![], now).unwrap();
         assert_eq!(ca.certificates(), [second]);
         assert_eq!(
-            ca.permitted(),
+            permitted_of(&ca.certificates()[0]).unwrap(),
             Some(hosts(&["api.example.com", "new.example.com"]))
         );
         assert!(
