@@ -11,7 +11,7 @@ pub use protocol::{
     Answer, Binding, DnsIdentity, DnsStatus, EventLine, EventsOpened, Explained, GrantChanged,
     GrantShown, GrantsList, Identity, KubeletHealth, KubeletStatus, LearnedOpen, PROTOCOL_VERSION,
     PolicyReloaded, PolicyShown, Ports, Programs, Protocol, Reply, Request, Restarting, Revocation,
-    Started, Status, Target, Verdict, WorkloadRow, WorkloadsList,
+    RootWorkload, Started, Status, Target, Verdict, WorkloadRow, WorkloadsList,
 };
 pub use server::{Authoriser, Peer, Response, Role, serve};
 

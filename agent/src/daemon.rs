@@ -16,6 +16,7 @@ mod kubelet;
 mod namespaces;
 mod owner;
 mod restart;
+mod root_workloads;
 mod snapshot;
 mod state;
 mod telemetry;
@@ -134,22 +135,24 @@ pub async fn run(config_path: &Path, handover: crate::dns::Handover) -> Result<(
 const EGRESS_CA_LOOK: Duration = Duration::from_secs(3600);
 
 /// Runs the credential broker beside the DNS path when `[egress]` is on
-/// (the configuration's check makes sure the DNS path runs then); else
-/// tells the kernel it is off, so a connect of a credential rule is
-/// denied (`egress_not_ready`).
+/// (the configuration's check makes sure the DNS path runs then), its CA
+/// constrained to the credential hosts of `policy`; else tells the kernel
+/// it is off, so a connect of a credential rule is denied
+/// (`egress_not_ready`).
 fn start_broker(
     dns: Option<&mut crate::dns::DnsPath>,
     ca: Option<crate::egress::EgressCa>,
-    config: &crate::config::Config,
+    (config, policy): (&crate::config::Config, &crate::policy::PolicySet),
     view: watch::Receiver<Arc<crate::dns::DnsView>>,
     credentials: &Arc<crate::svid::Credentials>,
     records: mpsc::Sender<crate::egress::BrokerRecord>,
-) -> Result<(), DaemonError> {
+) -> Result<Option<Arc<crate::egress::Broker>>, DaemonError> {
     let mut maps = crate::dns::EgressMaps::open(&config.pin_dir)?;
     let (Some(dns), Some(ca)) = (dns, ca) else {
         maps.set(idgate_common::EgressSettings::default())?;
-        return Ok(());
+        return Ok(None);
     };
+    ca.constrain(&policy.credential_hosts())?;
     let directory =
         crate::egress::AgentDirectory::new(view, dns.host_lookup(), credentials.clone());
     let broker = crate::egress::Broker::new(&config.egress, ca, Arc::new(directory), records)?;
@@ -176,7 +179,7 @@ fn start_broker(
         }
     });
     dns.start_egress(crate::dns::EgressListening {
-        broker,
+        broker: broker.clone(),
         maps,
         tls_port: config.egress.tls_port,
         http_port: config.egress.http_port,
@@ -186,7 +189,36 @@ fn start_broker(
         http_port = config.egress.http_port,
         "credential broker listening"
     );
-    Ok(())
+    Ok(Some(broker))
+}
+
+/// Keeps the egress CA constrained to the credential hosts of the running
+/// policy: looks again whenever the owner publishes another policy (a
+/// constraint that could not be written is tried again at the CA's next
+/// rotation look).
+async fn constrain_egress_ca(
+    broker: Arc<crate::egress::Broker>,
+    mut snapshots: watch::Receiver<Arc<Snapshot>>,
+) {
+    let mut seen = snapshots.borrow_and_update().policy.clone();
+    while snapshots.changed().await.is_ok() {
+        let policy = snapshots.borrow_and_update().policy.clone();
+        if Arc::ptr_eq(&policy, &seen) {
+            continue;
+        }
+        seen = policy.clone();
+        let broker = broker.clone();
+        let constrained =
+            tokio::task::spawn_blocking(move || broker.ca().constrain(&policy.credential_hosts()))
+                .await;
+        match constrained {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "egress CA: the new credential hosts could not be put in its name constraints; tried again within the hour")
+            }
+            Err(_) => return,
+        }
+    }
 }
 
 /// An agent whose programs, policy and bindings are in place, whose
@@ -197,6 +229,8 @@ struct Started {
     feed: crate::events::EventFeed,
     /// The DNS path, for `status` and `explain`, when it runs.
     dns: Option<crate::dns::DnsReader>,
+    /// The bindings, for `status`'s uid 0 warning.
+    bindings: root_workloads::Bindings,
     /// `idgate restart` asks the serve loop here; the receiver is told
     /// when the reply is out.
     restart: mpsc::Sender<oneshot::Receiver<()>>,
@@ -317,10 +351,10 @@ async fn start(config_path: &Path, handover: crate::dns::Handover) -> Result<Sta
         telemetry.dns.clone(),
     )?;
     let mut dns = dns;
-    start_broker(
+    let broker = start_broker(
         dns.as_mut(),
         egress_ca,
-        &state.config,
+        (&state.config, &state.policy),
         dns_view,
         &credentials,
         broker_records_tx,
@@ -340,6 +374,10 @@ async fn start(config_path: &Path, handover: crate::dns::Handover) -> Result<Sta
     let (restart, restart_asked) = mpsc::channel(1);
     let feed = telemetry.feed.clone();
     let queue_depth = telemetry.owner_queue();
+    let bindings = root_workloads::Bindings {
+        identities: identities.clone(),
+        root: state.root.clone(),
+    };
     if let Some(listener) = workload_api {
         crate::workload_api::spawn(
             listener,
@@ -373,6 +411,9 @@ async fn start(config_path: &Path, handover: crate::dns::Handover) -> Result<Sta
 
     let (commands_tx, commands) = mpsc::channel(handle::QUEUE);
     let (snapshot_tx, snapshot) = watch::channel(Arc::new(Snapshot::of(&state, false)));
+    if let Some(broker) = broker {
+        tokio::spawn(constrain_egress_ca(broker, snapshot.clone()));
+    }
     let handle = Handle::new(commands_tx, snapshot, queue_depth.clone());
     let (done_tx, owner_done) = oneshot::channel();
     let workload_socket = state.config.svid.workload_api.then_some(workload_socket);
@@ -392,6 +433,7 @@ async fn start(config_path: &Path, handover: crate::dns::Handover) -> Result<Sta
         handle,
         feed,
         dns,
+        bindings,
         restart,
         restart_asked,
         hand_over,
@@ -411,6 +453,7 @@ impl Started {
             handle,
             feed,
             dns,
+            bindings,
             restart,
             mut restart_asked,
             hand_over,
@@ -428,6 +471,7 @@ impl Started {
                 owner: handle,
                 feed,
                 dns,
+                bindings: bindings.clone(),
                 restart,
             };
             async move { control::handle(&parts, peer, request).await }

@@ -147,11 +147,14 @@ struct OAuthParts {
 /// An agent with the broker on, whose `web` identity has credential rules
 /// for `api.test` (any request) and `limited.test` (GET under
 /// `/v1/models` only) and `down.test` (where nothing listens), and a
-/// plain name rule for `other.test` on 443; `api.test`, `limited.test`
-/// and `other.test` share one address (a CDN's), the upstream's.
+/// plain name rule for `other.test` on 443; `api.test`, `limited.test`,
+/// `other.test` and `new.test` (which no rule names at start) share one
+/// address (a CDN's), the upstream's.
 struct EgressWorld {
     agent: Agent,
     metrics_port: u16,
+    /// The policy it started with.
+    policy: String,
     web: PathBuf,
     log: PathBuf,
     dir: PathBuf,
@@ -190,12 +193,13 @@ impl EgressWorld {
             "api",
             api_ip,
             &ca,
-            &["api.test", "limited.test", "other.test"],
+            &["api.test", "limited.test", "other.test", "new.test"],
             "x-api-key",
             &key_file,
         );
         let mut zone = Zone::new()
             .host("api.test", &[api_ip, API_V6], 60)
+            .host("new.test", &[api_ip], 60)
             .host("limited.test", &[api_ip], 60)
             .host("other.test", &[api_ip], 60)
             .host("down.test", &[down_ip], 60);
@@ -257,6 +261,7 @@ action = "allow"
         Self {
             agent,
             metrics_port,
+            policy,
             web,
             log,
             dir,
@@ -741,6 +746,64 @@ fn an_upstream_that_fails_gives_a_clear_502_and_the_broker_serves_on() {
 }
 
 #[test]
+fn a_reload_that_adds_a_credential_host_extends_the_egress_ca_to_it() {
+    require_privileges!();
+    if !require_egress_tools() {
+        return;
+    }
+    let w = EgressWorld::start("egress-reload");
+    let before = w.dir.join("bundle-before.pem");
+    std::fs::copy(w.bundle(), &before).unwrap();
+    let key = w.dir.join("api-key");
+    w.agent.write_policy(&format!(
+        "{}\n[[identity.credential]]\nname = \"new\"\nhost = \"new.test\"\n\
+         header = \"x-api-key\"\nsecret_file = \"{}\"\n",
+        w.policy,
+        key.display()
+    ));
+    w.agent.try_cli(&["policy", "reload"]).expect("reload");
+    // The CA is issued again for the new host a moment after the reload.
+    let run = wait_for(
+        "the new credential host through the broker",
+        Duration::from_secs(10),
+        || {
+            let run = w.curl(&["https://new.test/v1/echo"]);
+            status(&run).0.starts_with("200 ").then_some(run)
+        },
+    );
+    let (_, body) = status(&run);
+    let echoed: serde_json::Value = serde_json::from_str(body).expect("JSON echo");
+    assert_eq!(echoed["headers"]["host"], "new.test");
+    // The hosts of before still work.
+    let run = w.curl(&["https://api.test/v1/echo"]);
+    assert!(status(&run).0.starts_with("200 "), "{run:?}");
+    // OpenSSL (curl) enforces the constraint: the bundle of before the
+    // reload, whose CA did not permit the new host, refuses its
+    // certificate (60: the peer's certificate cannot be verified), and
+    // still takes the old hosts'.
+    let old = |url: &str| {
+        w.client().run(
+            "curl",
+            &[
+                "-sS",
+                "--max-time",
+                "15",
+                "--cacert",
+                before.to_str().unwrap(),
+                "-o",
+                "/dev/null",
+                url,
+            ],
+        )
+    };
+    let run = old("https://new.test/v1/echo");
+    assert_eq!(run.code(), Some(60), "{run:?}");
+    assert!(run.stderr.contains("subtree"), "{run:?}");
+    let run = old("https://api.test/v1/echo");
+    assert_eq!(run.code(), Some(0), "{run:?}");
+}
+
+#[test]
 fn an_unprivileged_workload_cannot_read_the_key_from_the_agent_or_its_file() {
     require_privileges!();
     require_tools!("setpriv");
@@ -750,13 +813,15 @@ fn an_unprivileged_workload_cannot_read_the_key_from_the_agent_or_its_file() {
     let w = EgressWorld::start("egress-secrets");
     let pid = w.agent.pid();
     let key_file = w.dir.join("api-key");
+    // The client's files (its resolv.conf) live as long as it.
+    let client = w.client();
     for path in [
         format!("/proc/{pid}/environ"),
         format!("/proc/{pid}/mem"),
         format!("/proc/{pid}/maps"),
         key_file.display().to_string(),
     ] {
-        let mut cmd = w.client().command("setpriv");
+        let mut cmd = client.command("setpriv");
         cmd.args([
             "--reuid=65534",
             "--regid=65534",
@@ -767,6 +832,7 @@ fn an_unprivileged_workload_cannot_read_the_key_from_the_agent_or_its_file() {
         ]);
         let run = run_bounded(cmd, Duration::from_secs(10));
         assert_ne!(run.code(), Some(0), "{path} was readable: {run:?}");
+        assert!(run.stderr.contains("Permission denied"), "{path}: {run:?}");
         assert!(!run.stdout.contains(SECRET), "{path}");
     }
 }
@@ -921,4 +987,96 @@ fn an_oauth_credential_gets_a_token_with_the_jwt_svid_and_keeps_it() {
         assert!(!text.contains(token), "the {name} holds the access token");
         assert!(!text.contains("eyJ"), "the {name} holds a JWT");
     }
+}
+
+#[test]
+fn a_workload_running_as_uid_0_is_warned_about_and_owns_roots_files() {
+    require_privileges!();
+    require_tools!("setpriv", "sleep", "cat");
+    if !require_egress_tools() {
+        return;
+    }
+    let w = EgressWorld::start("egress-root");
+    assert_eq!(
+        w.agent.status()["root_workloads"],
+        serde_json::json!([]),
+        "no process of the workload runs yet"
+    );
+    // A process of the `web` workload, whose identity has credential
+    // rules, running as uid 0: `idgate status` names it. (The client's
+    // files live as long as it.)
+    let client = w.client();
+    let mut sleeper = client.command("sleep");
+    sleeper.arg("60").stdin(Stdio::null()).stdout(Stdio::null());
+    let mut sleeper = sleeper.spawn().expect("sleep in the workload");
+    let pid = sleeper.id();
+    let warned = wait_for("the uid 0 warning", Duration::from_secs(10), || {
+        let status = w.agent.status();
+        status["root_workloads"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| {
+                r["pids"]
+                    .as_array()
+                    .is_some_and(|p| p.contains(&pid.into()))
+            })
+            .cloned()
+    });
+    assert_eq!(warned["identity"], WEB);
+    let cgroup = warned["cgroup"].as_str().unwrap();
+    assert!(cgroup.ends_with("/web"), "{warned}");
+    let text = w.agent.try_cli(&["status"]).expect("idgate status");
+    assert!(
+        text.contains(&format!("warning: workload {cgroup} ({WEB})")) && text.contains("uid 0"),
+        "{text}"
+    );
+
+    // What such a workload reads, as uid 0 without CAP_SYS_PTRACE (as in
+    // a container's default capabilities): root's files, the secret file
+    // and the egress CA's key among them; the agent's environment (it
+    // holds no secret); but not the agent's memory: the kernel lets
+    // another process read it only with CAP_SYS_PTRACE or every
+    // capability the agent has. With CAP_SYS_PTRACE (root's default
+    // outside containers), it reads the agent's memory too.
+    let as_root = |ptrace: bool, args: &[&str]| {
+        let mut cmd = client.command("setpriv");
+        cmd.arg("--inh-caps=-all");
+        if !ptrace {
+            cmd.arg("--bounding-set=-sys_ptrace");
+        }
+        cmd.arg("--").args(args);
+        run_bounded(cmd, Duration::from_secs(10))
+    };
+    let key_file = w.dir.join("api-key");
+    let run = as_root(false, &["cat", key_file.to_str().unwrap()]);
+    assert_eq!(run.code(), Some(0), "{run:?}");
+    assert!(run.stdout.contains(SECRET));
+    let ca_key = w.agent.dir.join("state/egress/ca/1/ca.key");
+    let run = as_root(false, &["cat", ca_key.to_str().unwrap()]);
+    assert_eq!(run.code(), Some(0), "{run:?}");
+    assert!(run.stdout.contains("PRIVATE KEY"));
+    let agent = w.agent.pid().to_string();
+    let run = as_root(false, &["cat", &format!("/proc/{agent}/environ")]);
+    assert_eq!(run.code(), Some(0), "{run:?}");
+    assert!(!run.stdout.contains(SECRET));
+    // 16 bytes of the agent's first mapping, through /proc/PID/mem.
+    let read_memory = r#"
+import sys
+pid = sys.argv[1]
+start = int(open(f"/proc/{pid}/maps").readline().split("-")[0], 16)
+try:
+    f = open(f"/proc/{pid}/mem", "rb")
+    f.seek(start)
+    print("read", len(f.read(16)))
+except OSError as e:
+    print(e.strerror)
+"#;
+    let run = as_root(false, &["python3", "-c", read_memory, &agent]);
+    assert_eq!(run.stdout.trim(), "Permission denied", "{run:?}");
+    let run = as_root(true, &["python3", "-c", read_memory, &agent]);
+    assert_eq!(run.stdout.trim(), "read 16", "{run:?}");
+
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
 }

@@ -19,7 +19,7 @@ pub use crate::workloads::Binding;
 pub use reply::{
     Answer, DnsIdentity, DnsStatus, EventLine, EventsOpened, Explained, GrantChanged, GrantShown,
     GrantsList, KubeletHealth, KubeletStatus, LearnedOpen, PolicyReloaded, PolicyShown, Programs,
-    Restarting, Revocation, Started, Status, WorkloadRow, WorkloadsList,
+    Restarting, Revocation, RootWorkload, Started, Status, WorkloadRow, WorkloadsList,
 };
 
 /// The protocol version this build speaks. A request of another version is

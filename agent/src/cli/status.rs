@@ -21,6 +21,15 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
 fn human(s: &Status) {
     let line = |key: &str, value: &dyn Display| println!("{key:<15} {value}");
     let list = |items: &[String]| format!("[{}]", items.join(", "));
+    for w in &s.root_workloads {
+        let pids: Vec<String> = w.pids.iter().map(ToString::to_string).collect();
+        println!(
+            "warning: workload {} ({}) has credential rules and runs as uid 0 (pids {}): it owns root's files, the secret files among them; run it as another user",
+            w.cgroup,
+            w.identity,
+            pids.join(", ")
+        );
+    }
     line("version", &s.version);
     line("uptime_seconds", &s.uptime_seconds);
     line("scope", &s.scope.display());

@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::handle::{Handle, OwnerError};
 use super::owner::{Command, GrantChange};
+use super::root_workloads::Bindings;
 use super::snapshot::Snapshot;
 use super::state::RunProcess;
 use crate::admin::{
@@ -39,6 +40,8 @@ pub struct Parts {
     pub feed: EventFeed,
     /// The DNS path, when it runs.
     pub dns: Option<DnsReader>,
+    /// The bindings, for `status`'s uid 0 warning.
+    pub bindings: Bindings,
     /// Asks the agent to execute itself again once the receiver is told
     /// the reply is out.
     pub restart: mpsc::Sender<oneshot::Receiver<()>>,
@@ -60,7 +63,8 @@ pub async fn handle(parts: &Parts, peer: Peer, request: Request) -> Response {
         } => return events(feed, follow, identity, verdict),
         Request::Status => {
             let (snapshot, dns) = (owner.snapshot(), dns.cloned());
-            off_runtime(move || status(&snapshot, dns.as_ref()).into()).await
+            let bindings = parts.bindings.clone();
+            off_runtime(move || status(&snapshot, dns.as_ref(), &bindings).into()).await
         }
         Request::PolicyReload => reload(owner).await.map(Answer::from),
         Request::PolicyShow => {
@@ -143,10 +147,16 @@ async fn off_runtime(work: impl FnOnce() -> Answer + Send + 'static) -> Result<A
         .map_err(|e| format!("the request's work failed: {e}"))
 }
 
-fn status(s: &Snapshot, dns: Option<&DnsReader>) -> Status {
+/// The snapshot's status, with the DNS path's figures and the bound
+/// workloads with credential rules that run as uid 0 (credential rules
+/// need the DNS path).
+fn status(s: &Snapshot, dns: Option<&DnsReader>, bindings: &Bindings) -> Status {
     Status {
         uptime_seconds: s.started.elapsed().as_secs(),
         dns: dns.map(dns_status),
+        root_workloads: dns
+            .map(|d| bindings.root_workloads(&d.credential_identities()))
+            .unwrap_or_default(),
         ..s.status.clone()
     }
 }

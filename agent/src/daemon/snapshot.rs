@@ -54,6 +54,8 @@ impl Snapshot {
             kubernetes: state.kubelet.as_ref().map(|k| k.status(&state.pods)),
             // Filled in when asked, from the DNS path itself.
             dns: None,
+            // Filled in when asked, from /proc.
+            root_workloads: Vec::new(),
         };
         Self {
             started: state.started,

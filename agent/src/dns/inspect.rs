@@ -1,7 +1,7 @@
 //! What `status` and `explain` read of the DNS path: the learned table
 //! (briefly locked), the view of identities, and the listeners.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -46,6 +46,12 @@ impl DnsReader {
             .iter()
             .map(|g| g.id)
             .collect()
+    }
+
+    /// The identities whose credential rules in the running generation
+    /// are not empty.
+    pub fn credential_identities(&self) -> BTreeSet<SpiffeId> {
+        self.view.borrow().credential_identities()
     }
 
     /// The figures now. Walks the table: call off the runtime's workers.

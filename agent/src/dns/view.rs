@@ -144,6 +144,16 @@ impl DnsView {
         self.compiled.credentials.get(entry.rule_set)
     }
 
+    /// The identities holding a slot whose credential rules in this
+    /// generation are not empty.
+    pub fn credential_identities(&self) -> BTreeSet<SpiffeId> {
+        self.by_slot
+            .iter()
+            .filter(|(slot, _)| self.credentials(**slot).is_some_and(|c| !c.is_empty()))
+            .map(|(_, id)| id.clone())
+            .collect()
+    }
+
     /// Whether a name rule of `slot`'s identity (bound, not revoked)
     /// allows a TCP connect to `port` of an address learned for `host`.
     pub fn name_allows(&self, slot: u32, host: &str, port: u16) -> bool {

@@ -21,19 +21,29 @@
 //! Leaves: one per host name (SAN = that name), valid for
 //! `certificate_lifetime` (never past its CA), issued on first use and
 //! again when half its lifetime has passed.
+//!
+//! Name constraints: every generation's certificate carries a critical
+//! NameConstraints extension whose permitted DNS subtrees are the
+//! credential hosts of the running policy ([`EgressCa::constrain`]); with
+//! none, only the reserved name `invalid`. A client that enforces them
+//! (OpenSSL, Go, rustls/webpki) accepts nothing else from this CA, even
+//! if its key leaks. When the hosts change, each generation's certificate
+//! is issued again with the same key, subject and validity, so leaves
+//! already issued chain to it; the certificate file is the record of the
+//! constraint across restarts.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+    GeneralSubtree, IsCa, Issuer, KeyPair, KeyUsagePurpose, NameConstraints, PublicKeyData,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::sign::CertifiedKey;
-use x509_parser::prelude::{FromDer, X509Certificate};
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 use super::config::EgressConfig;
 use super::secrets::{SecretError, read_private};
@@ -59,6 +69,8 @@ pub enum EgressCaError {
     Sign { what: String, source: rcgen::Error },
     #[error("the leaf key for {name}: {source}")]
     LeafKey { name: String, source: rustls::Error },
+    #[error("a serial number for egress CA {seq}: {source}")]
+    Serial { seq: u64, source: SvidError },
 }
 
 impl EgressCaError {
@@ -86,12 +98,17 @@ struct State {
     /// Oldest first; never empty after `rotate`.
     generations: Vec<Generation>,
     leaves: HashMap<String, Leaf>,
+    /// The hosts every generation is to be constrained to.
+    hosts: BTreeSet<String>,
 }
 
 struct Generation {
     seq: u64,
     not_before: SystemTime,
     not_after: SystemTime,
+    /// The DNS names its certificate permits; `None` when it carries no
+    /// name constraints (made before they were).
+    permitted: Option<BTreeSet<String>>,
     der: Vec<u8>,
     issuer: Issuer<'static, KeyPair>,
 }
@@ -106,6 +123,9 @@ const CA_KEY: &str = "ca.key";
 const CA_CERT: &str = "ca.crt";
 /// The trust bundle's file name in the CA's directory.
 pub const BUNDLE: &str = "bundle.pem";
+/// The one name a CA constrained to no host permits: reserved, so that
+/// no real host is under it (RFC 6761).
+const NO_HOST: &str = "invalid";
 /// How far back a leaf's validity starts, for clients whose clock is
 /// slightly behind.
 const BACKDATE: Duration = Duration::from_secs(300);
@@ -146,6 +166,11 @@ impl EgressCa {
             generations.push(Generation::load(&entry.path(), seq)?);
         }
         generations.sort_by_key(|g| g.seq);
+        // Until told, the constraint the newest certificate carries.
+        let hosts = generations
+            .last()
+            .and_then(|g| g.permitted.clone())
+            .unwrap_or_default();
         let ca = Self {
             dir: ca_dir,
             bundle: dir.join(BUNDLE),
@@ -155,6 +180,7 @@ impl EgressCa {
             state: Mutex::new(State {
                 generations,
                 leaves: HashMap::new(),
+                hosts,
             }),
         };
         ca.rotate(now)?;
@@ -182,10 +208,48 @@ impl EgressCa {
             .collect()
     }
 
+    /// Constrains the CA to `hosts` (the credential hosts of the running
+    /// policy): when they differ from the current ones, issues every
+    /// generation's certificate again for them, with the same key,
+    /// subject and validity, and rewrites the bundle. Returns whether it
+    /// did. Leaves issued before still chain to the new certificates;
+    /// those of hosts no longer there are dropped from the cache. Writes
+    /// files: call it off the runtime's workers.
+    pub fn constrain(&self, hosts: &BTreeSet<String>) -> Result<bool, EgressCaError> {
+        let changed = {
+            let mut state = self.lock();
+            state.hosts = hosts.clone();
+            state.leaves.retain(|name, _| hosts.contains(name));
+            self.constrain_locked(&mut state)?
+        };
+        if changed {
+            self.write_bundle()?;
+            tracing::info!(
+                hosts = hosts.len(),
+                "egress CA constrained to the credential hosts of the policy"
+            );
+        }
+        Ok(changed)
+    }
+
+    /// Issues again every generation whose constraint is not `state.hosts`.
+    fn constrain_locked(&self, state: &mut State) -> Result<bool, EgressCaError> {
+        let mut changed = false;
+        for g in &mut state.generations {
+            if g.permitted.as_ref() != Some(&state.hosts) {
+                *g = g.reissue(&self.dir, &state.hosts)?;
+                changed = true;
+            }
+        }
+        Ok(changed)
+    }
+
     /// Drops expired generations and makes a new one when the newest has
-    /// lived half its lifetime; rewrites the bundle when that changed it.
-    /// Returns whether it did. Writes files: call it off the runtime's
-    /// workers (the broker also calls it when it issues a leaf).
+    /// lived half its lifetime; rewrites the bundle when that changed it
+    /// (or when a generation's constraint had to be issued again, after
+    /// a [`EgressCa::constrain`] that failed). Returns whether it did.
+    /// Writes files: call it off the runtime's workers (the broker also
+    /// calls it when it issues a leaf).
     pub fn rotate(&self, now: SystemTime) -> Result<bool, EgressCaError> {
         let changed = {
             let mut state = self.lock();
@@ -219,7 +283,7 @@ impl EgressCa {
             .is_none_or(|g| now >= g.not_before + self.lifetime / 2);
         if due {
             let seq = state.generations.last().map_or(1, |g| g.seq + 1);
-            let g = Generation::create(&self.dir, seq, now, self.lifetime)?;
+            let g = Generation::create(&self.dir, seq, now, self.lifetime, &state.hosts)?;
             tracing::info!(
                 generation = seq,
                 not_after = %humantime::format_rfc3339_seconds(g.not_after),
@@ -228,7 +292,7 @@ impl EgressCa {
             state.generations.push(g);
             changed = true;
         }
-        Ok(changed)
+        Ok(self.constrain_locked(state)? || changed)
     }
 
     fn write_bundle(&self) -> Result<(), EgressCaError> {
@@ -318,32 +382,13 @@ impl Generation {
         seq: u64,
         now: SystemTime,
         lifetime: Duration,
+        hosts: &BTreeSet<String>,
     ) -> Result<Self, EgressCaError> {
-        let err = |source| EgressCaError::Sign {
-            what: format!("egress CA {seq}"),
-            source,
-        };
         // X.509 times have whole seconds.
         let not_before = round_down(now);
         let not_after = not_before + lifetime;
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(err)?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, "idgate");
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("idgate egress CA {seq}"));
-        params.not_before = not_before.into();
-        params.not_after = not_after.into();
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let cert = params.self_signed(&key).map_err(err)?;
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(sign_error(seq))?;
+        let der = ca_certificate(seq, not_before, not_after, hosts, &key)?;
         let tmp = ca_dir.join(format!(".{seq}.new"));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir(&tmp).map_err(|e| EgressCaError::io(&tmp, e))?;
@@ -351,15 +396,52 @@ impl Generation {
             crate::svid::write_file(&tmp.join(name), bytes, mode).map_err(EgressCaError::Write)
         };
         write(CA_KEY, key.serialize_pem().as_bytes(), 0o600)?;
-        write(CA_CERT, cert.pem().as_bytes(), 0o644)?;
+        write(
+            CA_CERT,
+            crate::svid::pem("CERTIFICATE", &der).as_bytes(),
+            0o644,
+        )?;
         let dir = ca_dir.join(seq.to_string());
         std::fs::rename(&tmp, &dir).map_err(|e| EgressCaError::io(&dir, e))?;
-        let der = cert.der().to_vec();
-        let issuer = Issuer::from_ca_cert_der(&der.clone().into(), key).map_err(err)?;
+        Self::new(seq, (not_before, not_after), hosts, der, key)
+    }
+
+    /// This generation with a certificate constrained to `hosts`: the same
+    /// key, subject and validity, written over its certificate file.
+    fn reissue(&self, ca_dir: &Path, hosts: &BTreeSet<String>) -> Result<Self, EgressCaError> {
+        let key = self.issuer.key();
+        let der = ca_certificate(self.seq, self.not_before, self.not_after, hosts, key)?;
+        let key =
+            KeyPair::try_from(key.serialize_der().as_slice()).map_err(sign_error(self.seq))?;
+        let path = ca_dir.join(self.seq.to_string()).join(CA_CERT);
+        crate::svid::write_file(
+            &path,
+            crate::svid::pem("CERTIFICATE", &der).as_bytes(),
+            0o644,
+        )
+        .map_err(EgressCaError::Write)?;
+        tracing::debug!(
+            generation = self.seq,
+            "egress CA issued again with new name constraints"
+        );
+        Self::new(self.seq, (self.not_before, self.not_after), hosts, der, key)
+    }
+
+    /// Generation `seq` with the certificate `der` just made from `key`
+    /// for `hosts`.
+    fn new(
+        seq: u64,
+        (not_before, not_after): (SystemTime, SystemTime),
+        hosts: &BTreeSet<String>,
+        der: Vec<u8>,
+        key: KeyPair,
+    ) -> Result<Self, EgressCaError> {
+        let issuer = Issuer::from_ca_cert_der(&der.clone().into(), key).map_err(sign_error(seq))?;
         Ok(Self {
             seq,
             not_before,
             not_after,
+            permitted: Some(hosts.clone()),
             der,
             issuer,
         })
@@ -393,6 +475,7 @@ impl Generation {
         };
         let not_before = at(cert.validity().not_before);
         let not_after = at(cert.validity().not_after);
+        let permitted = permitted_of(der).map_err(|message| invalid(&cert_path, &message))?;
         let issuer = Issuer::from_ca_cert_der(&der.clone().into(), key).map_err(|source| {
             EgressCaError::Load {
                 path: cert_path.clone(),
@@ -403,10 +486,83 @@ impl Generation {
             seq,
             not_before,
             not_after,
+            permitted,
             der: der.clone(),
             issuer,
         })
     }
+}
+
+/// The certificate (DER) of egress CA `seq`, self-signed by `key`,
+/// constrained to `hosts`.
+fn ca_certificate(
+    seq: u64,
+    not_before: SystemTime,
+    not_after: SystemTime,
+    hosts: &BTreeSet<String>,
+    key: &KeyPair,
+) -> Result<Vec<u8>, EgressCaError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "idgate");
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("idgate egress CA {seq}"));
+    // Issued again with the same key and subject: a serial of its own
+    // each time (rcgen's default is the key's hash).
+    params.serial_number =
+        Some(crate::svid::random_serial().map_err(|source| EgressCaError::Serial { seq, source })?);
+    params.not_before = not_before.into();
+    params.not_after = not_after.into();
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let permitted = match hosts.is_empty() {
+        true => vec![GeneralSubtree::DnsName(NO_HOST.to_owned())],
+        false => hosts.iter().cloned().map(GeneralSubtree::DnsName).collect(),
+    };
+    params.name_constraints = Some(NameConstraints {
+        permitted_subtrees: permitted,
+        excluded_subtrees: Vec::new(),
+    });
+    let cert = params.self_signed(key).map_err(sign_error(seq))?;
+    Ok(cert.der().to_vec())
+}
+
+/// The error of making or signing egress CA `seq`.
+fn sign_error(seq: u64) -> impl FnOnce(rcgen::Error) -> EgressCaError {
+    move |source| EgressCaError::Sign {
+        what: format!("egress CA {seq}"),
+        source,
+    }
+}
+
+/// The DNS names a CA certificate's name constraints permit (none for
+/// [`NO_HOST`] alone); `None` when it has no name constraints.
+fn permitted_of(der: &[u8]) -> Result<Option<BTreeSet<String>>, String> {
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| format!("does not parse: {e}"))?;
+    let Some(constraints) = cert
+        .name_constraints()
+        .map_err(|e| format!("its name constraints do not parse: {e}"))?
+    else {
+        return Ok(None);
+    };
+    let mut names = BTreeSet::new();
+    for subtree in constraints.value.permitted_subtrees.iter().flatten() {
+        match subtree.base {
+            GeneralName::DNSName(name) if name != NO_HOST => {
+                names.insert(name.to_owned());
+            }
+            GeneralName::DNSName(_) => {}
+            ref other => return Err(format!("a name constraint that is not a DNS name: {other}")),
+        }
+    }
+    Ok(Some(names))
 }
 
 /// The system's trusted roots (DER), as rustls-native-certs finds them;
@@ -508,6 +664,120 @@ mod tests {
         assert_eq!(ca.certificates().len(), 2);
         assert_eq!(bundle_certs(&ca).len(), 3);
         assert!(!d.join("ca/1").exists());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// Whether `leaf` chains to `ca` (DER) for a server at `now`, as
+    /// rustls clients (webpki) judge it, name constraints included.
+    fn verifies(ca: &[u8], leaf: &CertifiedKey, now: SystemTime) -> Result<(), webpki::Error> {
+        let ca = CertificateDer::from(ca.to_vec());
+        let anchor = webpki::anchor_from_trusted_cert(&ca)?;
+        let end_entity = webpki::EndEntityCert::try_from(&leaf.cert[0])?;
+        let time = rustls::pki_types::UnixTime::since_unix_epoch(
+            now.duration_since(SystemTime::UNIX_EPOCH).unwrap(),
+        );
+        end_entity
+            .verify_for_usage(
+                rustls::crypto::ring::default_provider()
+                    .signature_verification_algorithms
+                    .all,
+                &[anchor],
+                &[],
+                time,
+                webpki::KeyUsage::server_auth(),
+                None,
+                None,
+            )
+            .map(|_| ())
+    }
+
+    fn hosts(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|n| (*n).to_owned()).collect()
+    }
+
+    #[test]
+    fn constrained_to_the_credential_hosts_and_follows_them() {
+        let d = dir("constrain");
+        let config = EgressConfig::default();
+        let now = SystemTime::now();
+        let ca = EgressCa::open_with_roots(&d, &config, vec![], now).unwrap();
+        // Made with no host: only the reserved name is permitted, so no
+        // leaf verifies.
+        assert_eq!(
+            permitted_of(&ca.certificates()[0]).unwrap(),
+            Some(BTreeSet::new())
+        );
+        let made = ca.certificates().remove(0);
+        let (_, cert) = X509Certificate::from_der(&made).unwrap();
+        assert!(cert.name_constraints().unwrap().unwrap().critical);
+        let none = ca.leaf("api.example.com", now).unwrap();
+        assert!(verifies(&made, &none, now).is_err());
+
+        assert!(
+            ca.constrain(&hosts(&["api.example.com", "b.example.org"]))
+                .unwrap()
+        );
+        assert!(
+            !ca.constrain(&hosts(&["api.example.com", "b.example.org"]))
+                .unwrap()
+        );
+        let first = ca.certificates()[0].clone();
+        let a = ca.leaf("api.example.com", now).unwrap();
+        verifies(&first, &a, now).unwrap();
+        // Outside the constraint: the CA issues it, but it does not verify.
+        let outside = ca.leaf("evil.example.net", now).unwrap();
+        let e = verifies(&first, &outside, now).unwrap_err();
+        assert!(matches!(e, webpki::Error::NameConstraintViolation), "{e:?}");
+        // The bundle holds the constrained certificate.
+        assert_eq!(bundle_certs(&ca), std::slice::from_ref(&first));
+
+        // A host added (a reload): issued again with the same key and
+        // subject; the leaf issued before still chains to it.
+        assert!(
+            ca.constrain(&hosts(&["api.example.com", "new.example.com"]))
+                .unwrap()
+        );
+        let second = ca.certificates()[0].clone();
+        assert_ne!(second, first);
+        let (_, c1) = X509Certificate::from_der(&first).unwrap();
+        let (_, c2) = X509Certificate::from_der(&second).unwrap();
+        assert_eq!(c1.subject(), c2.subject());
+        assert_eq!(c1.public_key().raw, c2.public_key().raw);
+        assert_eq!(c1.validity().not_after, c2.validity().not_after);
+        assert_ne!(c1.serial, c2.serial);
+        verifies(&second, &a, now).unwrap();
+        let new = ca.leaf("new.example.com", now).unwrap();
+        verifies(&second, &new, now).unwrap();
+        assert!(verifies(&first, &new, now).is_err());
+        assert_eq!(bundle_certs(&ca), std::slice::from_ref(&second));
+        drop(ca);
+
+        // Loaded again: the constraint is the certificate's.
+        let ca = EgressCa::open_with_roots(&d, &config, vec![], now).unwrap();
+        assert_eq!(ca.certificates(), [second]);
+        assert_eq!(
+            permitted_of(&ca.certificates()[0]).unwrap(),
+            Some(hosts(&["api.example.com", "new.example.com"]))
+        );
+        assert!(
+            !ca.constrain(&hosts(&["api.example.com", "new.example.com"]))
+                .unwrap()
+        );
+        // A new generation takes the constraint of the old.
+        let half = now + config.ca_lifetime / 2;
+        assert!(ca.rotate(half).unwrap());
+        for der in ca.certificates() {
+            assert_eq!(
+                permitted_of(&der).unwrap(),
+                Some(hosts(&["api.example.com", "new.example.com"]))
+            );
+        }
+        // Back to no host: nothing verifies.
+        assert!(ca.constrain(&BTreeSet::new()).unwrap());
+        let gone = ca.leaf("api.example.com", now).unwrap();
+        for der in ca.certificates() {
+            assert!(verifies(&der, &gone, now).is_err());
+        }
         std::fs::remove_dir_all(&d).unwrap();
     }
 

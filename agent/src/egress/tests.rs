@@ -216,6 +216,15 @@ impl World {
                 (DOWN, IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2))),
             ]),
         };
+        // Constrained to the credential hosts, as the daemon does.
+        ca.constrain(
+            &stub
+                .credentials
+                .iter()
+                .map(|c| c.host.to_string())
+                .collect(),
+        )
+        .unwrap();
         let (tx, records) = mpsc::channel(1000);
         let mut broker = Broker::new(&config, ca, Arc::new(stub), tx).unwrap();
         Arc::get_mut(&mut broker).unwrap().upstream_ports.tls = upstream.addr.port();

@@ -1,5 +1,6 @@
 //! The policy as checked and merged from its files. See `docs/policy.md`.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +24,18 @@ pub struct PolicySet {
     /// What the checks found worth saying that does not refuse the
     /// policy, sorted by file and position.
     pub warnings: Vec<Diagnostic>,
+}
+
+impl PolicySet {
+    /// The host of every credential rule, across every block: what the
+    /// egress CA is constrained to.
+    pub fn credential_hosts(&self) -> BTreeSet<String> {
+        std::iter::once(&self.unknown)
+            .chain(self.identities.iter().map(|b| &b.policy))
+            .flat_map(|p| &p.credentials)
+            .map(|c| c.host.as_str().to_owned())
+            .collect()
+    }
 }
 
 /// The rules for one SPIFFE ID or ID pattern.

@@ -133,7 +133,7 @@ pub(super) fn root_params(
 }
 
 /// A positive 128-bit random serial number.
-fn random_serial() -> Result<SerialNumber, SvidError> {
+pub(crate) fn random_serial() -> Result<SerialNumber, SvidError> {
     let mut bytes = [0u8; 16];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
         .map_err(|_| SvidError::Issue("no randomness".into()))?;

@@ -55,6 +55,22 @@ pub struct Status {
     /// The DNS path, when `[dns]` is on.
     #[serde(default)]
     pub dns: Option<DnsStatus>,
+    /// Bound workloads whose identity has credential rules and that run
+    /// a process as uid 0: a warning each.
+    #[serde(default)]
+    pub root_workloads: Vec<RootWorkload>,
+}
+
+/// A bound workload whose identity has credential rules, running
+/// processes as uid 0 (real or effective): they own root's files, the
+/// secret files and the egress CA's key among them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootWorkload {
+    /// The cgroup, from the cgroup v2 root (`/scope/web`).
+    pub cgroup: String,
+    pub identity: SpiffeId,
+    /// Its processes that run as uid 0.
+    pub pids: Vec<u32>,
 }
 
 /// The programs and what the agent did with each at start.
@@ -462,7 +478,17 @@ mod tests {
                 failures: 1,
             }),
             dns: Some(DnsStatus::default()),
+            root_workloads: vec![RootWorkload {
+                cgroup: "/idgate/web".into(),
+                identity: id("spiffe://example.org/web"),
+                pids: vec![42],
+            }],
         });
+        // An agent from before the uid 0 warning: none.
+        let mut older = serde_json::to_value(Status::default()).unwrap();
+        older.as_object_mut().unwrap().remove("root_workloads");
+        let older: Status = serde_json::from_value(older).unwrap();
+        assert!(older.root_workloads.is_empty());
         round_trip(PolicyReloaded {
             previous_generation: 1,
             generation: 2,
