@@ -1,7 +1,7 @@
 """The upstream "API" of the credential broker's tests: an HTTPS server
 (Python's own http.server and ssl, HTTP/1.1) with a certificate of the
-tests' own CA, which requires an API key in a header, as the model APIs
-do.
+tests' own CA (plain HTTP when CERT is `-`), which requires an API key
+in a header, as the model APIs do.
 
     key_api.py ADDR PORT CERT KEY HEADER KEYFILE READY
 
@@ -102,10 +102,11 @@ def main():
         daemon_threads = True
         allow_reuse_address = True
 
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
     server = Server((addr, int(port)), Handler)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
+    if cert != "-":
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
     with open(ready, "w") as f:
         f.write("ready\n")
     server.serve_forever()

@@ -38,8 +38,9 @@ const TOKEN_ENDPOINT: &str = "https://sts.test/token";
 /// The audience the token endpoint wants in the JWT-SVIDs it takes.
 const STS_AUDIENCE: &str = "https://sts.test";
 
-/// A Python HTTPS server of tests/python/ on `ip:443`, with a certificate
-/// of the test CA for its names, until dropped.
+/// A Python server of tests/python/: HTTPS on `ip:443` with a
+/// certificate of the test CA for its names, or plain HTTP on `ip:80`;
+/// until dropped.
 struct PyServer {
     child: Child,
     /// Its standard error: a line per request, with its status.
@@ -47,22 +48,28 @@ struct PyServer {
 }
 
 impl PyServer {
-    /// Runs `python SCRIPT IP 443 CERT KEY ARGS... READY` (files named
-    /// after `name` in `dir`) and waits until READY exists.
+    /// Runs `python SCRIPT IP PORT CERT KEY ARGS... READY` (files named
+    /// after `name` in `dir`; with no `tls`, port 80 and `-` for the
+    /// certificate and key) and waits until READY exists.
     fn start(
         dir: &Path,
         name: &str,
         python: &Path,
         ip: IpAddr,
-        ca: &TestCa,
-        names: &[&str],
+        tls: Option<(&TestCa, &[&str])>,
         args: &[OsString],
     ) -> Self {
-        let leaf = ca.leaf(names);
-        let cert = dir.join(format!("{name}.pem"));
-        let key = dir.join(format!("{name}.key"));
-        std::fs::write(&cert, &leaf.pem).unwrap();
-        std::fs::write(&key, &leaf.key_pem).unwrap();
+        let (port, cert, key) = match tls {
+            Some((ca, names)) => {
+                let leaf = ca.leaf(names);
+                let cert = dir.join(format!("{name}.pem"));
+                let key = dir.join(format!("{name}.key"));
+                std::fs::write(&cert, &leaf.pem).unwrap();
+                std::fs::write(&key, &leaf.key_pem).unwrap();
+                ("443", cert, key)
+            }
+            None => ("80", PathBuf::from("-"), PathBuf::from("-")),
+        };
         let ready = dir.join(format!("{name}.ready"));
         let _ = std::fs::remove_file(&ready);
         let log = dir.join(format!("{name}.log"));
@@ -70,7 +77,7 @@ impl PyServer {
         let child = Command::new(python)
             .arg(script)
             .arg(ip.to_string())
-            .arg("443")
+            .arg(port)
             .arg(&cert)
             .arg(&key)
             .args(args)
@@ -100,15 +107,14 @@ impl PyServer {
         dir: &Path,
         tag: &str,
         ip: IpAddr,
-        ca: &TestCa,
-        names: &[&str],
+        tls: Option<(&TestCa, &[&str])>,
         header: &str,
         key_file: &Path,
     ) -> Self {
         let dir = dir.join(tag);
         std::fs::create_dir_all(&dir).unwrap();
         let args = [header.into(), key_file.into()];
-        Self::start(&dir, "key_api", Path::new("python3"), ip, ca, names, &args)
+        Self::start(&dir, "key_api", Path::new("python3"), ip, tls, &args)
     }
 }
 
@@ -160,6 +166,7 @@ struct EgressWorld {
     dir: PathBuf,
     oauth: Option<OAuthParts>,
     api: PyServer,
+    _plain: PyServer,
     _dns: DnsServer,
     _cg: Cgroups,
 }
@@ -192,17 +199,20 @@ impl EgressWorld {
             &dir,
             "api",
             api_ip,
-            &ca,
-            &["api.test", "limited.test", "other.test", "new.test"],
+            Some((&ca, &["api.test", "limited.test", "other.test", "new.test"])),
             "x-api-key",
             &key_file,
         );
+        let plain_ip = loopback_ip();
+        let plain = PyServer::key_api(&dir, "plain", plain_ip, None, "x-api-key", &key_file);
         let mut zone = Zone::new()
             .host("api.test", &[api_ip, API_V6], 60)
             .host("new.test", &[api_ip], 60)
             .host("limited.test", &[api_ip], 60)
             .host("other.test", &[api_ip], 60)
-            .host("down.test", &[down_ip], 60);
+            .host("down.test", &[down_ip], 60)
+            .host("untrusted.test", &[api_ip], 60)
+            .host("plain.test", &[plain_ip], 60);
         let oauth = oauth_python.map(|python| OAuthParts::start(&dir, python, &ca));
         if let Some(o) = &oauth {
             zone = o.hosts(zone);
@@ -234,6 +244,19 @@ name = "down"
 host = "down.test"
 header = "x-api-key"
 secret_file = "{key}"
+
+[[identity.credential]]
+name = "untrusted"
+host = "untrusted.test"
+header = "x-api-key"
+secret_file = "{key}"
+
+[[identity.credential]]
+name = "plain"
+host = "plain.test"
+header = "x-api-key"
+secret_file = "{key}"
+http = true
 
 [[identity.egress]]
 name = "other"
@@ -267,6 +290,7 @@ action = "allow"
             dir,
             oauth,
             api,
+            _plain: plain,
             _dns: dns,
             _cg: cg,
         }
@@ -364,16 +388,14 @@ impl OAuthParts {
             "token_endpoint",
             python,
             sts_ip,
-            ca,
-            &["sts.test"],
+            Some((ca, &["sts.test"])),
             &args,
         );
         let api = PyServer::key_api(
             dir,
             "oauth-api",
             oauth_ip,
-            ca,
-            &["oauth.test", "client.test", "denied.test"],
+            Some((ca, &["oauth.test", "client.test", "denied.test"])),
             "authorization",
             &bearer_file,
         );
@@ -679,9 +701,12 @@ fn every_way_around_the_broker_is_refused_or_stays_inside_the_rule() {
             "the reason names the rule: {body}"
         );
     }
-    // Plain HTTP to port 80: no rule says `http`, the kernel denies it.
+    // Plain HTTP to port 80: no rule says `http`, the kernel denies it;
+    // for a rule that says it, the broker adds the key there too.
     let run = w.curl(&["http://api.test/"]);
     assert_eq!(run.code(), Some(7), "curl: could not connect: {run:?}");
+    let run = w.curl(&["http://plain.test/v1/echo"]);
+    assert!(status(&run).0.starts_with("200 "), "{run:?}");
     // A credential host's IPv6 addresses are not handed out (the broker
     // is reached over IPv4): its AAAA query gets no records.
     let aaaa = w.client().dig(&DigQuery::new("api.test").qtype("AAAA"));
@@ -736,11 +761,17 @@ fn an_upstream_that_fails_gives_a_clear_502_and_the_broker_serves_on() {
         return;
     }
     let w = EgressWorld::start("egress-down");
-    let run = w.curl(&["https://down.test/v1/echo"]);
-    let (code, body) = status(&run);
-    assert!(code.starts_with("502 "), "{run:?}");
-    assert!(!body.is_empty(), "a reason: {run:?}");
-    assert!(!body.contains(SECRET));
+    // Nothing listens; a certificate that does not name the host.
+    for url in [
+        "https://down.test/v1/echo",
+        "https://untrusted.test/v1/echo",
+    ] {
+        let run = w.curl(&[url]);
+        let (code, body) = status(&run);
+        assert!(code.starts_with("502 "), "{run:?}");
+        assert!(!body.is_empty(), "a reason: {run:?}");
+        assert!(!body.contains(SECRET));
+    }
     let run = w.curl(&["https://api.test/v1/echo"]);
     assert!(status(&run).0.starts_with("200 "), "{run:?}");
 }
