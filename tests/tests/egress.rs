@@ -717,18 +717,43 @@ fn every_way_around_the_broker_is_refused_or_stays_inside_the_rule() {
     let to = format!("{api_ip}:443");
     assert_eq!(probe(Some(&w.web), "udp-sendto", &to), "EPERM");
 
-    let records = w.broker_records(6);
-    let reasons: Vec<&str> = records
-        .iter()
-        .map(|r| r["reason"].as_str().unwrap())
-        .collect();
-    assert!(reasons.contains(&"passthrough"), "{reasons:?}");
-    let refused_sni = records.iter().any(|r| {
-        r["reason"] == "refused"
-            && r["http"]["sni"] == "evil.test"
-            && r["http"]["detail"].is_string()
+    // Each refusal has its record: the broker's for what reached it, the
+    // kernel's for what it denied.
+    let statuses = |records: &[serde_json::Value], status: u64| {
+        records
+            .iter()
+            .filter(|r| r["reason"] == "refused" && r["http"]["status"] == status)
+            .count()
+    };
+    let records = wait_for("the broker's records", Duration::from_secs(10), || {
+        let records = w.broker_records(1);
+        let refused_sni = records.iter().any(|r| {
+            r["reason"] == "refused"
+                && r["http"]["sni"] == "evil.test"
+                && r["http"]["detail"].is_string()
+        });
+        let passed = records.iter().any(|r| r["reason"] == "passthrough");
+        let all = refused_sni
+            && passed
+            && statuses(&records, 421) >= 2
+            && statuses(&records, 405) >= 1
+            && statuses(&records, 403) >= 2;
+        all.then_some(records)
     });
-    assert!(refused_sni, "{records:#?}");
+    for record in &records {
+        assert_schema(&events_schema(), record);
+    }
+    let denied = |port: u64, protocol: &str| {
+        audit(&w.log).iter().any(|r| {
+            r["verdict"] == "deny"
+                && r["dst_port"] == port
+                && r["protocol"] == protocol
+                && r["dst_addr"] == api_ip.to_string()
+        })
+    };
+    wait_for("the kernel's denials", Duration::from_secs(10), || {
+        (denied(80, "tcp") && denied(443, "udp")).then_some(())
+    });
 }
 
 #[test]
@@ -747,6 +772,13 @@ fn a_connect_to_the_upstream_address_without_the_name_is_denied() {
         .find(IpAddr::is_ipv4)
         .expect("the host resolves outside the scope");
     assert_eq!(probe(Some(&w.web), "tcp", &format!("{ip}:443")), "EPERM");
+    // curl told the address, so it asks no DNS: it cannot connect.
+    let run = w.curl(&[
+        "--resolve",
+        &format!("api.test:443:{ip}"),
+        "https://api.test/",
+    ]);
+    assert_eq!(run.code(), Some(7), "{run:?}");
     wait_for("the denial's record", Duration::from_secs(10), || {
         audit(&w.log).into_iter().find(|r| {
             r["dst_addr"] == ip.to_string() && r["verdict"] == "deny" && r["reason"] == "default"
@@ -844,14 +876,24 @@ fn an_unprivileged_workload_cannot_read_the_key_from_the_agent_or_its_file() {
     let w = EgressWorld::start("egress-secrets");
     let pid = w.agent.pid();
     let key_file = w.dir.join("api-key");
+    let ca_keys = std::fs::read_dir(w.agent.dir.join("state/egress/ca"))
+        .expect("the egress CA's directory")
+        .map(|e| e.unwrap().path().join("ca.key"))
+        .filter(|k| k.exists())
+        .map(|k| k.display().to_string());
     // The client's files (its resolv.conf) live as long as it.
     let client = w.client();
-    for path in [
+    let paths: Vec<String> = [
         format!("/proc/{pid}/environ"),
         format!("/proc/{pid}/mem"),
         format!("/proc/{pid}/maps"),
         key_file.display().to_string(),
-    ] {
+    ]
+    .into_iter()
+    .chain(ca_keys)
+    .collect();
+    assert_eq!(paths.len(), 5, "one egress CA key: {paths:?}");
+    for path in paths {
         let mut cmd = client.command("setpriv");
         cmd.args([
             "--reuid=65534",
