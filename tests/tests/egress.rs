@@ -167,9 +167,28 @@ struct EgressWorld {
     oauth: Option<OAuthParts>,
     api: PyServer,
     _plain: PyServer,
+    _websocket: Option<PyServer>,
     _dns: DnsServer,
     _cg: Cgroups,
 }
+
+/// What a world may have besides its plain parts, run by the tests'
+/// venv.
+#[derive(Clone, Copy)]
+enum Extra {
+    OAuth,
+    WebSocket,
+}
+
+/// The credential rule for the WebSocket upstream (`{key}`: the secret
+/// file).
+const WS_RULE: &str = r#"
+[[identity.credential]]
+name = "ws"
+host = "ws.test"
+header = "x-api-key"
+secret_file = "{key}"
+"#;
 
 impl EgressWorld {
     fn start(tag: &str) -> Self {
@@ -179,10 +198,17 @@ impl EgressWorld {
     /// The world with [`OAuthParts`], its token endpoint run by `python`
     /// (the tests' venv, for PyJWT).
     fn with_oauth(tag: &str, python: &Path) -> Self {
-        Self::build(tag, Some(python))
+        Self::build(tag, Some((python, Extra::OAuth)))
     }
 
-    fn build(tag: &str, oauth_python: Option<&Path>) -> Self {
+    /// The world with a WebSocket upstream (tests/python/ws_api.py, run
+    /// by `python`, the tests' venv, for `websockets`) at `ws.test`, and a
+    /// credential rule `ws` for it.
+    fn with_websocket(tag: &str, python: &Path) -> Self {
+        Self::build(tag, Some((python, Extra::WebSocket)))
+    }
+
+    fn build(tag: &str, extra: Option<(&Path, Extra)>) -> Self {
         let mut cg = Cgroups::new(tag);
         let web = cg.inside("web");
         let dir = std::env::temp_dir().join(format!("{}-egress", cg.name()));
@@ -213,10 +239,23 @@ impl EgressWorld {
             .host("down.test", &[down_ip], 60)
             .host("untrusted.test", &[api_ip], 60)
             .host("plain.test", &[plain_ip], 60);
-        let oauth = oauth_python.map(|python| OAuthParts::start(&dir, python, &ca));
+        let oauth = match extra {
+            Some((python, Extra::OAuth)) => Some(OAuthParts::start(&dir, python, &ca)),
+            _ => None,
+        };
         if let Some(o) = &oauth {
             zone = o.hosts(zone);
         }
+        let websocket = match extra {
+            Some((python, Extra::WebSocket)) => {
+                let ip = loopback_ip();
+                zone = zone.host("ws.test", &[ip], 60);
+                let args = ["x-api-key".into(), key_file.clone().into()];
+                let tls = Some((&ca, &["ws.test"][..]));
+                Some(PyServer::start(&dir, "ws_api", python, ip, tls, &args))
+            }
+            _ => None,
+        };
         let dns = DnsServer::start(SocketAddr::new(loopback_ip(), 53), &zone);
         let log = dir.join("audit.jsonl");
         let key = key_file.display();
@@ -264,8 +303,12 @@ to = ["other.test"]
 ports = [443]
 protocol = "tcp"
 action = "allow"
-{}"#,
-            oauth.as_ref().map_or_else(String::new, OAuthParts::policy)
+{}{}"#,
+            oauth.as_ref().map_or_else(String::new, OAuthParts::policy),
+            websocket
+                .as_ref()
+                .map_or("", |_| WS_RULE)
+                .replace("{key}", &key.to_string()),
         );
         let metrics_port = free_loopback_port();
         let config = format!(
@@ -291,6 +334,7 @@ action = "allow"
             oauth,
             api,
             _plain: plain,
+            _websocket: websocket,
             _dns: dns,
             _cg: cg,
         }
@@ -1152,4 +1196,43 @@ except OSError as e:
 
     let _ = sleeper.kill();
     let _ = sleeper.wait();
+}
+
+#[test]
+fn a_websocket_client_talks_to_the_upstream_through_the_broker() {
+    require_privileges!();
+    if !require_egress_tools() {
+        return;
+    }
+    let Some(python) = idgate_tests::python::env() else {
+        return;
+    };
+    let w = EgressWorld::with_websocket("egress-ws", &python);
+    // The `websockets` package's client, with the placeholder key an SDK
+    // sends and the egress bundle as OpenSSL's trust; the upstream wants
+    // the real key in the opening handshake.
+    let script = r#"
+from websockets.sync.client import connect
+with connect("wss://ws.test/stream", additional_headers={"x-api-key": "placeholder"}, open_timeout=10) as ws:
+    for word in ["one", "two", "three"]:
+        ws.send(word)
+        print(ws.recv(timeout=10))
+"#;
+    // The client's files (its resolv.conf) live as long as it.
+    let client = w.client();
+    let mut cmd = client.command(&python);
+    cmd.args(["-c", script]).env("SSL_CERT_FILE", w.bundle());
+    let run = run_bounded(cmd, Duration::from_secs(30));
+    assert_eq!(run.code(), Some(0), "{run:?}");
+    assert_eq!(run.stdout, "echo: one\necho: two\necho: three\n", "{run:?}");
+    let records = wait_for("the upgrade's record", Duration::from_secs(10), || {
+        let records = w.broker_records(1);
+        records
+            .iter()
+            .any(|r| r["rule"] == "ws" && r["http"]["status"] == 101)
+            .then_some(records)
+    });
+    for record in &records {
+        assert_schema(&events_schema(), record);
+    }
 }
