@@ -919,12 +919,4 @@ pub fn assert_schema(validator: &jsonschema::Validator, event: &serde_json::Valu
 
 /// `CLOCK_MONOTONIC` in nanoseconds: the same clock in every process (the
 /// benchmark's clients and servers stamp with it).
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec to write.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
+pub use idgate::clock::monotonic_ns;
