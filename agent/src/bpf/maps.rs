@@ -334,11 +334,11 @@ pub struct GenerationMaps {
     /// What each generation's entries hold, by slot; `None` when not
     /// known (maps adopted from an earlier agent, or a write that failed
     /// part way).
-    held: [Option<StdHashMap<u32, Held>>; 2],
+    held: [Option<FastMap<u32, Held>>; 2],
     /// Each rule set of the active generation (by its address, which the
     /// `Arc` held keeps its own), with a slot whose entries hold its
     /// tries: a write reuses them for a set that did not change.
-    published: StdHashMap<usize, (Arc<RuleSet>, u32)>,
+    published: FastMap<usize, (Arc<RuleSet>, u32)>,
     /// Waits out an RCU grace period after the last switch (see
     /// [`Grace`]).
     grace: Option<Grace>,
@@ -383,7 +383,7 @@ struct Held {
 
 /// The rule sets a switch retired, held only to be dropped.
 pub struct RetiredSets {
-    _sets: StdHashMap<usize, (Arc<RuleSet>, u32)>,
+    _sets: FastMap<usize, (Arc<RuleSet>, u32)>,
 }
 
 /// A generation written in full and not yet switched to: the only way to
@@ -391,8 +391,8 @@ pub struct RetiredSets {
 #[must_use = "a written generation is judged by nothing until switched to"]
 pub struct Written {
     next: u32,
-    held: StdHashMap<u32, Held>,
-    published: StdHashMap<usize, (Arc<RuleSet>, u32)>,
+    held: FastMap<u32, Held>,
+    published: FastMap<usize, (Arc<RuleSet>, u32)>,
 }
 
 /// The key of a rule set in [`GenerationMaps::published`].
@@ -413,7 +413,7 @@ impl GenerationMaps {
             slot_ports: Outer::new(maps::SLOT_PORTS, get(maps::SLOT_PORTS)?)?,
             empty: None,
             held: [None, None],
-            published: StdHashMap::new(),
+            published: FastMap::default(),
             grace: None,
         })
     }
@@ -460,7 +460,7 @@ impl GenerationMaps {
         let before = self.held[next as usize].take();
         // A slot of the inactive generation that holds each set, and how
         // many hold it.
-        let mut in_next: StdHashMap<usize, (u32, usize)> = StdHashMap::new();
+        let mut in_next: FastMap<usize, (u32, usize)> = FastMap::default();
         for (slot, h) in before.iter().flatten() {
             in_next.entry(address(&h.set)).or_insert((*slot, 0)).1 += 1;
         }
@@ -472,12 +472,13 @@ impl GenerationMaps {
         let mut grace = self.grace.take();
         let mut settled = None;
         let sets_now: FastSet<usize> = policy.rule_sets.iter().map(address).collect();
-        let mut held = StdHashMap::with_capacity(policy.slots.len());
-        let mut published = StdHashMap::with_capacity(policy.rule_sets.len());
+        let mut held = FastMap::with_capacity_and_hasher(policy.slots.len(), Default::default());
+        let mut published =
+            FastMap::with_capacity_and_hasher(policy.rule_sets.len(), Default::default());
         // Slots to point at each set's tries, in the order first seen, and
         // those of them whose port trie must change too.
         let mut to_point: Vec<(Arc<RuleSet>, Vec<u32>, Vec<u32>)> = Vec::new();
-        let mut pointing: StdHashMap<usize, usize> = StdHashMap::new();
+        let mut pointing: FastMap<usize, usize> = FastMap::default();
         for entry in &policy.slots {
             let set = &policy.rule_sets[entry.rule_set];
             published
@@ -693,8 +694,8 @@ impl GenerationMaps {
     fn clear_generation(
         &mut self,
         generation: u32,
-        before: Option<&StdHashMap<u32, Held>>,
-        keep: &StdHashMap<u32, Held>,
+        before: Option<&FastMap<u32, Held>>,
+        keep: &FastMap<u32, Held>,
     ) -> Result<(), BpfError> {
         let stale: Vec<u32> = match before {
             Some(s) => s

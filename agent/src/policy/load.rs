@@ -43,6 +43,8 @@ struct Read {
     /// The digest of its text.
     digest: TextDigest,
     contents: FileContents,
+    /// The warnings of its contents.
+    warnings: Vec<Diagnostic>,
     /// Its parts as parsed apart (none when it was parsed whole).
     parts: Vec<Part>,
 }
@@ -85,15 +87,17 @@ impl Reader {
                 FileRead::Unreadable(problem) => diagnostics.push(problem),
             }
         }
-        self.files = kept;
         let mut set = merged.finish(&mut diagnostics);
         secrets::check(&set, &mut diagnostics);
         self.clean = overlap::check(&set, &self.clean, &mut diagnostics);
         if diagnostics.is_empty() {
-            set.warnings = warnings::check(&set);
+            // Every file read cleanly, and each is kept.
+            set.warnings = kept.values().flat_map(|r| r.warnings.clone()).collect();
+            self.files = kept;
             sort(&mut set.warnings);
             return Ok(set);
         }
+        self.files = kept;
         sort(&mut diagnostics);
         Err(PolicyError { diagnostics })
     }
@@ -143,6 +147,7 @@ fn read_file(file: &Path, earlier: Option<Read>, text: &mut String) -> FileRead 
         return FileRead::Clean(Read {
             stamp,
             digest,
+            warnings: warnings::check(&contents),
             contents,
             parts,
         });
@@ -158,6 +163,7 @@ fn read_file(file: &Path, earlier: Option<Read>, text: &mut String) -> FileRead 
     FileRead::Clean(Read {
         stamp,
         digest,
+        warnings: warnings::check(&contents),
         contents,
         parts: Vec::new(),
     })

@@ -167,6 +167,11 @@ pub struct Blocks<'a> {
     exact: std::cell::OnceCell<FastMap<&'a str, usize>>,
     /// Patterns by the ID before their `/*`.
     patterns: FastMap<&'a str, usize>,
+    /// Whether some pattern has a base of each length (by length): an
+    /// ancestor of an ID whose length no base has is not looked up, so
+    /// finding the blocks of an identity hashes none of its ancestors in
+    /// a policy with few patterns.
+    base_lengths: Vec<bool>,
 }
 
 /// The settings an identity ends up with.
@@ -287,11 +292,17 @@ impl<'a> Blocks<'a> {
             serial: None,
         }];
         let mut patterns = FastMap::default();
+        let mut base_lengths = Vec::new();
         for block in &policy.identities {
             let last = &list[list.len() - 1];
             let first_rule = last.first_rule + rule_count(last.policy);
             if let Subject::Pattern(base) = &block.subject {
                 patterns.entry(base.as_str()).or_insert(list.len());
+                let length = base.as_str().len();
+                if base_lengths.len() <= length {
+                    base_lengths.resize(length + 1, false);
+                }
+                base_lengths[length] = true;
             }
             list.push(Block {
                 subject: Some(&block.subject),
@@ -306,6 +317,7 @@ impl<'a> Blocks<'a> {
             list,
             exact: std::cell::OnceCell::new(),
             patterns,
+            base_lengths,
         }
     }
 
@@ -332,7 +344,9 @@ impl<'a> Blocks<'a> {
 
     /// The patterns that match `id`, least specific first.
     fn patterns_over<'s>(&'s self, id: &'s SpiffeId) -> impl Iterator<Item = usize> + 's {
-        pattern_bases(id).filter_map(|base| self.patterns.get(base).copied())
+        pattern_bases(id)
+            .filter(|base| self.base_lengths.get(base.len()) == Some(&true))
+            .filter_map(|base| self.patterns.get(base).copied())
     }
 
     /// Puts the blocks that apply to `id` in `out`, least specific

@@ -2,7 +2,8 @@
 //! redundant.
 
 use super::diagnostic::Diagnostic;
-use super::model::{Action, PolicySet};
+use super::model::Action;
+use super::parse::FileContents;
 use super::summary::{describe_ports, protocol_text};
 
 /// The DNS port.
@@ -12,10 +13,11 @@ const DNS: u16 = 53;
 /// agent's DNS path takes every workload's queries to its own resolver,
 /// whatever server they name, so such a rule no longer decides them.
 /// Rules without `ports` (every port) are left alone: they are not about
-/// DNS.
-pub fn check(policy: &PolicySet) -> Vec<Diagnostic> {
-    std::iter::once(&policy.unknown)
-        .chain(policy.identities.iter().map(|b| &b.policy))
+/// DNS. Made for one file's contents (warnings are about a rule alone),
+/// so a reader keeps the warnings of the files it does not parse again.
+pub fn check(contents: &FileContents) -> Vec<Diagnostic> {
+    (contents.unknown.iter().map(|(p, _)| p))
+        .chain(contents.identities.iter().map(|b| &b.policy))
         .flat_map(|p| &p.egress)
         .filter(|rule| {
             rule.action == Action::Allow
