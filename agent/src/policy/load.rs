@@ -89,7 +89,7 @@ impl Reader {
         }
         let mut set = merged.finish(&mut diagnostics);
         secrets::check(&set, &mut diagnostics);
-        self.clean = overlap::check(&set, &self.clean, &mut diagnostics);
+        overlap::check(&set, &mut self.clean, &mut diagnostics);
         if diagnostics.is_empty() {
             // Every file read cleanly, and each is kept.
             set.warnings = kept.values().flat_map(|r| r.warnings.clone()).collect();

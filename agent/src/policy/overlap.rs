@@ -10,14 +10,21 @@ use super::diagnostic::Diagnostic;
 use super::model::{Action, EgressRule, PolicySet, Protocol, Serial};
 use super::precedence::{Blocks, Decided, decide};
 use super::summary::{describe_ports, protocol_text};
-use crate::hashing::FastSet;
+use crate::hashing::FastMap;
 
 /// How many deciding rules a "never matches" report names.
 const NAMED: usize = 3;
 
 /// The blocks (by [`Serial`], least specific first) whose rules were
-/// checked together and found neither conflicting nor never matching.
-pub type Clean = FastSet<Vec<Serial>>;
+/// checked together and found neither conflicting nor never matching,
+/// each with the last check that found it: kept from one check to the
+/// next, so a context found clean again costs one lookup, not a copy.
+#[derive(Default)]
+pub struct Clean {
+    contexts: FastMap<Vec<Serial>, u64>,
+    /// Checks so far.
+    round: u64,
+}
 
 /// Adds a diagnostic for every conflict and every rule that can never
 /// match. A rule named in a conflict is not reported again as never
@@ -25,38 +32,32 @@ pub type Clean = FastSet<Vec<Serial>>;
 ///
 /// A block is checked against the blocks that rank with it (its
 /// context); a context in `clean` (found clean by an earlier check of the
-/// same parses) is not checked again. Returns the contexts found clean
-/// now.
-pub fn check(policy: &PolicySet, clean: &Clean, diagnostics: &mut Vec<Diagnostic>) -> Clean {
+/// same parses) is not checked again. Afterwards `clean` holds the
+/// contexts found clean now.
+pub fn check(policy: &PolicySet, clean: &mut Clean, diagnostics: &mut Vec<Diagnostic>) {
     let blocks = Blocks::new(policy);
-    let mut now = Clean::default();
+    clean.round += 1;
+    let round = clean.round;
+    let mut key = Vec::new();
     for b in 0..blocks.len() {
         let rules = &blocks.get(b).policy.egress;
         if rules.is_empty() {
             continue;
         }
-        let key: Option<Vec<Serial>> = blocks
-            .context(b)
-            .into_iter()
-            .map(|c| blocks.get(c).serial)
-            .collect();
-        let key = match key {
-            Some(key) if clean.contains(&key) => {
-                now.insert(key);
-                continue;
-            }
-            key => key,
-        };
+        // The unknown-workload policy has no parse of its own: no key.
+        let keyed = blocks.context_key_into(b, &mut key);
+        if keyed && let Some(used) = clean.contexts.get_mut(key.as_slice()) {
+            *used = round;
+            continue;
+        }
         let before = diagnostics.len();
         let conflicting = conflicts(rules, diagnostics);
         never_matching(&blocks, b, &conflicting, diagnostics);
-        if let Some(key) = key
-            && diagnostics.len() == before
-        {
-            now.insert(key);
+        if keyed && diagnostics.len() == before {
+            clean.contexts.insert(key.clone(), round);
         }
     }
-    now
+    clean.contexts.retain(|_, used| *used == round);
 }
 
 /// Reports each rule of block `b` that wins nowhere against the rules

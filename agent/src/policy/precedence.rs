@@ -382,6 +382,22 @@ impl<'a> Blocks<'a> {
         over.into_iter().chain([block]).collect()
     }
 
+    /// Puts in `out` the parse ([`Serial`]) of each block of
+    /// [`Self::context`]`(block)`, in its order: what the block's overlap
+    /// checks are about. `false` for the unknown-workload policy's, which
+    /// has no parse of its own.
+    pub fn context_key_into(&self, block: usize, out: &mut Vec<Serial>) -> bool {
+        out.clear();
+        let Some(serial) = self.list[block].serial else {
+            return false;
+        };
+        if let Some(Subject::Exact(id) | Subject::Pattern(id)) = self.list[block].subject {
+            out.extend(self.patterns_over(id).filter_map(|p| self.list[p].serial));
+        }
+        out.push(serial);
+        true
+    }
+
     /// The block of an egress rule's id, and the rule.
     pub fn rule(&self, id: u32) -> (&Block<'a>, &'a EgressRule) {
         let block = &self.list[self.list.partition_point(|b| b.first_rule <= id) - 1];
