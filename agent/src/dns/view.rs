@@ -166,14 +166,18 @@ impl DnsView {
         let Some(found) = names.class_of(host) else {
             return false;
         };
-        evaluate_name(&self.compiled, slot, &found.class, port, true)
+        self.entries
+            .get(&slot)
+            .and_then(|entry| evaluate_name(&self.compiled, entry, &found.class, port, true))
             .is_some_and(|(verdict, _)| verdict == idgate_common::verdict::ALLOW)
     }
 
     /// Whether `class` of `slot`'s policy is a credential rule's host: its
     /// TCP connects to port 443 go to the credential broker.
     pub fn brokered(&self, slot: u32, class: &ClassId) -> bool {
-        evaluate_name(&self.compiled, slot, class, HTTPS, true)
+        self.entries
+            .get(&slot)
+            .and_then(|entry| evaluate_name(&self.compiled, entry, class, HTTPS, true))
             .is_some_and(|(verdict, _)| verdict == idgate_common::verdict::BROKER)
     }
 

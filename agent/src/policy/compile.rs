@@ -432,28 +432,28 @@ pub fn evaluate_learned(
     let by_name = || {
         classes
             .iter()
-            .find_map(|class| evaluate_name(c, slot, class, port, tcp))
+            .find_map(|class| evaluate_name(c, entry, class, port, tcp))
     };
     by_address
         .or_else(by_name)
         .unwrap_or((entry.policy.default_verdict, entry.policy.default_rule))
 }
 
-/// The verdict and rule the name `class` of `slot`'s policy has for a
-/// connect to `port` of an address learned for it; `None` when the class
-/// has no rule there (or the slot no such class). The unknown workload's
-/// slot has no names.
+/// The verdict and rule the name `class` of a slot's policy (`entry`, its
+/// entry in `c`) has for a connect to `port` of an address learned for
+/// it; `None` when the class has no rule there (or the slot no such
+/// class). The unknown workload's slot has no names.
 pub fn evaluate_name(
     c: &CompiledPolicy,
-    slot: u32,
+    entry: &SlotEntry,
     class: &ClassId,
     port: u16,
     tcp: bool,
 ) -> Option<(u32, u32)> {
-    if slot == UNKNOWN_SLOT {
+    if entry.slot == UNKNOWN_SLOT {
         return None;
     }
-    let set = &c.rule_sets[c.slot(slot)?.rule_set];
+    let set = &c.rule_sets[entry.rule_set];
     let n = set.names.iter().find(|n| n.class == *class)?;
     judge(set, if tcp { &n.tcp } else { &n.udp }, port)
 }
