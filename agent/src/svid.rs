@@ -27,7 +27,7 @@ pub use config::{
     Profile, SvidConfig, SvidConfigError, TrustDomainError, UpstreamCa, check_trust_domain,
 };
 pub use jwt::{JwtError, Validated};
-pub(crate) use x509::random_serial;
+pub(crate) use x509::ca_params;
 pub use x509::{Role, VerifyError, X509Svid, leaf_id, verify as verify_x509};
 
 /// Errors loading, issuing or reading credentials.

@@ -502,26 +502,15 @@ fn ca_certificate(
     hosts: &BTreeSet<String>,
     key: &KeyPair,
 ) -> Result<Vec<u8>, EgressCaError> {
-    let mut params = CertificateParams::default();
-    params.distinguished_name = DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::OrganizationName, "idgate");
-    params
-        .distinguished_name
-        .push(DnType::CommonName, format!("idgate egress CA {seq}"));
-    // Issued again with the same key and subject: a serial of its own
-    // each time (rcgen's default is the key's hash).
-    params.serial_number =
-        Some(crate::svid::random_serial().map_err(|source| EgressCaError::Serial { seq, source })?);
-    params.not_before = not_before.into();
-    params.not_after = not_after.into();
-    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    // Issued again with the same key and subject when the hosts change:
+    // a serial of its own each time.
+    let mut params = crate::svid::ca_params(
+        &format!("idgate egress CA {seq}"),
+        BasicConstraints::Constrained(0),
+        not_before,
+        not_after,
+    )
+    .map_err(|source| EgressCaError::Serial { seq, source })?;
     let permitted = match hosts.is_empty() {
         true => vec![GeneralSubtree::DnsName(NO_HOST.to_owned())],
         false => hosts.iter().cloned().map(GeneralSubtree::DnsName).collect(),

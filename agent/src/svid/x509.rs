@@ -109,6 +109,28 @@ pub(super) fn root_params(
         what: format!("the CA for {trust_domain}"),
         source,
     };
+    let mut params = ca_params(
+        &format!("idgate CA {trust_domain}"),
+        BasicConstraints::Unconstrained,
+        not_before,
+        not_after,
+    )?;
+    params.subject_alt_names = vec![SanType::URI(
+        format!("spiffe://{trust_domain}").try_into().map_err(err)?,
+    )];
+    Ok(params)
+}
+
+/// Parameters of a CA certificate of idgate's (the SPIFFE CAs, the egress
+/// CA): subject `O=idgate, CN=common_name`, `constraints` on its path,
+/// signing key usages, a random serial (one of its own even when a
+/// certificate is issued again with the same key), and its validity.
+pub(crate) fn ca_params(
+    common_name: &str,
+    constraints: BasicConstraints,
+    not_before: SystemTime,
+    not_after: SystemTime,
+) -> Result<CertificateParams, SvidError> {
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
     params
@@ -116,11 +138,8 @@ pub(super) fn root_params(
         .push(DnType::OrganizationName, "idgate");
     params
         .distinguished_name
-        .push(DnType::CommonName, format!("idgate CA {trust_domain}"));
-    params.subject_alt_names = vec![SanType::URI(
-        format!("spiffe://{trust_domain}").try_into().map_err(err)?,
-    )];
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        .push(DnType::CommonName, common_name);
+    params.is_ca = IsCa::Ca(constraints);
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
         KeyUsagePurpose::CrlSign,
@@ -133,7 +152,7 @@ pub(super) fn root_params(
 }
 
 /// A positive 128-bit random serial number.
-pub(crate) fn random_serial() -> Result<SerialNumber, SvidError> {
+fn random_serial() -> Result<SerialNumber, SvidError> {
     let mut bytes = [0u8; 16];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
         .map_err(|_| SvidError::Issue("no randomness".into()))?;
