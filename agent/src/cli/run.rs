@@ -8,6 +8,7 @@
 //! identity. The agent removes the cgroup once the command has exited.
 
 use std::ffi::CString;
+use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::time::Duration;
@@ -16,7 +17,7 @@ use anyhow::{Context, bail};
 use idgate::admin::{Request, Started};
 use idgate::identity::SpiffeId;
 use nix::sys::wait::{WaitStatus, waitpid};
-use nix::unistd::{ForkResult, execvp, fork, pipe, read, write};
+use nix::unistd::{ForkResult, execvp, fork, pipe, read};
 
 use super::Connection;
 
@@ -77,8 +78,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             if let Some(bundle) = &started.egress_bundle {
                 gate.extend_from_slice(bundle.as_bytes());
             }
-            write_all(&gate_write, &gate).context("starting the command")?;
-            drop(gate_write);
+            std::fs::File::from(gate_write)
+                .write_all(&gate)
+                .context("starting the command")?;
             match waitpid(child, None).context("waiting for the command")? {
                 WaitStatus::Exited(_, 0) => Ok(()),
                 WaitStatus::Exited(_, code) => std::process::exit(code),
@@ -97,14 +99,6 @@ const BUNDLE_VARIABLES: [&str; 4] = [
     "NODE_EXTRA_CA_CERTS",
     "CURL_CA_BUNDLE",
 ];
-
-fn write_all(fd: &OwnedFd, mut bytes: &[u8]) -> nix::Result<()> {
-    while !bytes.is_empty() {
-        let n = write(fd.as_fd(), bytes)?;
-        bytes = &bytes[n..];
-    }
-    Ok(())
-}
 
 /// In the forked child: wait for the agent's go (`go`, then the egress
 /// trust bundle's path when there is one), point TLS clients at the
