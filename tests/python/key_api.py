@@ -15,11 +15,11 @@ listens.
 """
 
 import json
-import socketserver
-import ssl
 import sys
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from serving import serve
 
 
 def main():
@@ -98,20 +98,8 @@ def main():
 
         do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = handle_any
 
-    class Server(ThreadingHTTPServer):
-        daemon_threads = True
-        allow_reuse_address = True
-
-    server = Server((addr, int(port)), Handler)
-    if cert != "-":
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(cert, key)
-        server.socket = context.wrap_socket(server.socket, server_side=True)
-    with open(ready, "w") as f:
-        f.write("ready\n")
-    server.serve_forever()
+    serve(addr, port, cert, key, Handler, ready)
 
 
 if __name__ == "__main__":
-    socketserver.TCPServer.allow_reuse_address = True
     main()

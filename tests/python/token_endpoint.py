@@ -17,15 +17,15 @@ written once the server listens.
 """
 
 import json
-import socketserver
-import ssl
 import sys
 import threading
 import urllib.parse
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import jwt
+
+from serving import serve
 
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"
@@ -129,19 +129,8 @@ def main():
                 {"access_token": access_token, "token_type": "Bearer", "expires_in": 300},
             )
 
-    class Server(ThreadingHTTPServer):
-        daemon_threads = True
-        allow_reuse_address = True
-
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
-    server = Server((addr, int(port)), Handler)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    with open(ready, "w") as f:
-        f.write("ready\n")
-    server.serve_forever()
+    serve(addr, port, cert, key, Handler, ready)
 
 
 if __name__ == "__main__":
-    socketserver.TCPServer.allow_reuse_address = True
     main()
