@@ -544,26 +544,17 @@ impl Reader<'_> {
                 return None;
             }
         };
-        let items = self.array(v, want)?;
-        if items.is_empty() {
+        if self.array(v, want)?.is_empty() {
             self.error(
                 &v.span(),
                 "`audience` is empty; a JWT-SVID names at least one audience",
             );
             return None;
         }
-        let audience: Vec<Option<String>> = items
-            .iter()
-            .map(|a| {
-                let s = self.string("an audience", a)?;
-                if s.is_empty() {
-                    self.error(&a.span(), "an audience must not be empty");
-                    return None;
-                }
-                Some(s.to_owned())
-            })
-            .collect();
-        audience.into_iter().collect()
+        self.strings(v, want, "an audience", |s| match s.is_empty() {
+            true => Err("an audience must not be empty".to_owned()),
+            false => Ok(s.to_owned()),
+        })
     }
 
     /// What a rule of kind `oauth` adds: an access token from
@@ -656,49 +647,57 @@ impl Reader<'_> {
     fn methods(&mut self, v: &Value) -> Option<Vec<String>> {
         let want =
             "`methods` must be an array of HTTP methods (like methods = [\"GET\", \"POST\"])";
-        let items = self.array(v, want)?;
-        let methods: Vec<Option<String>> = items
-            .iter()
-            .map(|m| {
-                let s = self.string("a method", m)?.to_ascii_uppercase();
-                if !s.is_empty() && http::Method::from_bytes(s.as_bytes()).is_ok() {
-                    return Some(s);
-                }
-                self.error(&m.span(), format!("{s:?} is not an HTTP method"));
-                None
-            })
-            .collect();
-        methods.into_iter().collect()
+        self.strings(v, want, "a method", |s| {
+            let s = s.to_ascii_uppercase();
+            if !s.is_empty() && http::Method::from_bytes(s.as_bytes()).is_ok() {
+                return Ok(s);
+            }
+            Err(format!("{s:?} is not an HTTP method"))
+        })
     }
 
     /// `paths`: path prefixes, each starting with `/`.
     fn paths(&mut self, v: &Value) -> Option<Vec<String>> {
         let want = "`paths` must be an array of path prefixes (like paths = [\"/v1/messages\"])";
+        self.strings(v, want, "a path", |s| {
+            if !s.starts_with('/') {
+                return Err(format!("path {s:?} must start with `/`"));
+            }
+            if let Some(c) = s
+                .chars()
+                .find(|c| c.is_whitespace() || c.is_control() || *c == '?' || *c == '#')
+            {
+                return Err(format!(
+                    "path {s:?} has {c:?}; a path prefix has no spaces, query or fragment"
+                ));
+            }
+            Ok(s.to_owned())
+        })
+    }
+
+    /// Every string of the array `v` (`want` says what it must be, `what`
+    /// one item), each as `check` makes it or the error it gives,
+    /// reported at the item; every item is read, so every problem is
+    /// reported. `None` if any is not fit.
+    fn strings(
+        &mut self,
+        v: &Value,
+        want: &str,
+        what: &str,
+        check: impl Fn(&str) -> Result<String, String>,
+    ) -> Option<Vec<String>> {
         let items = self.array(v, want)?;
-        let paths: Vec<Option<String>> = items
+        let checked: Vec<Option<String>> = items
             .iter()
-            .map(|p| {
-                let s = self.string("a path", p)?;
-                if !s.starts_with('/') {
-                    self.error(&p.span(), format!("path {s:?} must start with `/`"));
-                    return None;
+            .map(|item| match check(self.string(what, item)?) {
+                Ok(s) => Some(s),
+                Err(problem) => {
+                    self.error(&item.span(), problem);
+                    None
                 }
-                if let Some(c) = s
-                    .chars()
-                    .find(|c| c.is_whitespace() || c.is_control() || *c == '?' || *c == '#')
-                {
-                    self.error(
-                        &p.span(),
-                        format!(
-                            "path {s:?} has {c:?}; a path prefix has no spaces, query or fragment"
-                        ),
-                    );
-                    return None;
-                }
-                Some(s.to_owned())
             })
             .collect();
-        paths.into_iter().collect()
+        checked.into_iter().collect()
     }
 
     /// One item of `to`, in a rule of `owner` with `action` (if valid).
