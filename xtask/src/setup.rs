@@ -37,14 +37,19 @@ pub fn run() -> Result<()> {
 /// and the DNS tests' real server and clients (tests/src/dns.rs):
 /// `dnsmasq` (`dnsmasq-base`: the binary without the system service),
 /// `dig` (`bind9-dnsutils`) and `musl-gcc` (`musl-tools`, which builds
-/// the musl getaddrinfo client tests/c/musl_lookup.c).
-const TEST_PACKAGES: [(&str, &str); 6] = [
+/// the musl getaddrinfo client tests/c/musl_lookup.c); the credential
+/// broker's tests' client `curl`, and `python3` with its venv module
+/// (`python3-venv`), which runs the tests' HTTPS servers and makes the
+/// venv the PyPI clients are installed into (tests/src/python.rs).
+const TEST_PACKAGES: [(&str, &str); 8] = [
     ("kubectl", "kubectl"),
     ("systemd-analyze", "systemd"),
     ("strace", "strace"),
     ("dnsmasq", "dnsmasq-base"),
     ("dig", "bind9-dnsutils"),
     ("musl-gcc", "musl-tools"),
+    ("curl", "curl"),
+    ("python3", "python3-venv"),
 ];
 
 /// Installs the test run's Debian packages that are missing (as root).
